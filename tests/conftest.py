@@ -1,0 +1,21 @@
+"""Test set-up: Triton kernels run through Triton's interpreter on the CPU.
+
+``TRITON_INTERPRET`` is read when kernels are decorated, so it is set here, before any bevdeploy
+import. On a CUDA machine it stays off (kernels compile for the GPU); set
+``BEVDEPLOY_TEST_INTERPRET=0`` to test the CPU reference paths alone.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("BEVDEPLOY_TEST_INTERPRET", "1") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernels under test run: the GPU if there is one, else the CPU through the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
