@@ -1,0 +1,392 @@
+"""``bevdeploy bench ops``: every op variant at BEVFormer / BEVDet shapes, timed on one GPU in one run.
+
+For each case: the variant's median time per call (CUDA graph replay, see ``timing.py``), the
+plain-PyTorch reference's time on the same inputs (float32, as the oracle runs), the speedup, the
+fp32-kernel time (so a speedup is also stated against our own fp32 kernel, which stands in for the
+mmcv-class CUDA kernels that official BEVFormer users run), and the achieved bandwidth over the
+bytes-moved floor (each input read once, output written once) as a fraction of a device copy
+measured in the same run. MSDA also reports gathered-corner throughput (4 corners x channels per
+sample, the number public MSDA kernels quote).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bevdeploy.eval.timing import copy_bandwidth, gpu_dirname, time_cuda_graph
+from bevdeploy.ops._utils import quantize_int8
+
+
+@dataclass
+class Case:
+    """One (op, shape) benchmark: ``make(variant)`` returns a zero-argument call on fixed inputs."""
+
+    op: str
+    shape: str
+    variants: tuple[str, ...]
+    make: Callable[[str], Callable[[], torch.Tensor]]
+    reference: Callable[[], torch.Tensor]
+    bytes_moved: Callable[[str], int]
+    extra: dict[str, Callable[[str, float], float]] = field(default_factory=dict)
+
+
+_ELT = {"fp32": 4, "fp16": 2, "fp16x2": 2, "int8": 1}
+_OUT_ELT = {"fp32": 4, "fp16": 2, "fp16x2": 2, "int8": 2}
+_FLOAT_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "fp16x2": torch.float16, "int8": torch.float16}
+
+
+def _store(x: torch.Tensor, variant: str) -> tuple[torch.Tensor, float | None]:
+    """The main input in a variant's storage: float cast, or int8 with its per-tensor scale."""
+    if variant == "int8":
+        scale = x.abs().max().item() / 127.0
+        return quantize_int8(x, scale), scale
+    return x.to(_FLOAT_DTYPE[variant]), None
+
+
+# ------------------------------------------------------------------------------------------ MSDA
+
+
+def _msda_case(label: str, B: int, Q: int, shapes: list[tuple[int, int]], P: int, R: int, H: int = 8, D: int = 32) -> Case:
+    from bevdeploy.ops.msda import msda, msda_fused
+    from bevdeploy.ops.msda import reference as msda_reference
+
+    L = len(shapes)
+    S = sum(h * w for h, w in shapes)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    value = torch.randn(B, S, H, D, device="cuda", generator=g)
+    ref_pts = torch.rand(B, Q, R, 2, device="cuda", generator=g)
+    wh = torch.tensor([[w, h] for h, w in shapes], device="cuda", dtype=torch.float32)
+    offsets = torch.randn(B, Q, H, L, P, 2, device="cuda", generator=g) * 0.05 * wh[None, None, None, :, None, :]
+    logits = torch.randn(B, Q, H, L * P, device="cuda", generator=g)
+    # classic-form inputs of the same sampling, for the reference composite
+    anchor = ref_pts[:, :, None, None, torch.arange(P, device="cuda") % R, :]
+    locations = anchor + offsets / wh[None, None, None, :, None, :]
+    weights = logits.softmax(-1).view(B, Q, H, L, P)
+
+    def make(variant: str):
+        v, scale = _store(value, variant)
+        small = torch.float32 if variant == "fp32" else torch.float16
+        r, o, lg = ref_pts.to(small), offsets.to(small), logits.to(small)
+        return lambda: msda_fused(v, shapes, r, o, lg, variant=variant, value_scale=scale)
+
+    def make_classic(variant: str):
+        v, scale = _store(value, variant)
+        small = torch.float32 if variant == "fp32" else torch.float16
+        loc, w = locations.to(small), weights.to(small)
+        return lambda: msda(v, shapes, loc, w, variant=variant, value_scale=scale)
+
+    def reference():
+        return msda_reference(value, shapes, locations, weights)
+
+    def bytes_moved(variant: str) -> int:
+        small = 4 if variant == "fp32" else 2
+        return (B * S * H * D * _ELT[variant] + B * Q * (R * 2 + H * L * P * 3) * small + B * Q * H * D * _OUT_ELT[variant])
+
+    samples = B * Q * H * L * P
+
+    def corner_tbps(variant: str, ms: float) -> float:
+        return samples * 4 * D * _ELT[variant] / (ms * 1e-3) / 1e12
+
+    case = Case("msda_fused", label, ("fp32", "fp16", "fp16x2", "int8"), make, reference, bytes_moved,
+                {"corner_TBps": corner_tbps})
+    classic = Case("msda", label, ("fp32", "fp16"), make_classic, reference, bytes_moved, {"corner_TBps": corner_tbps})
+    return [case, classic]
+
+
+def msda_cases() -> list[Case]:
+    base_levels = [(116, 200), (58, 100), (29, 50), (15, 25)]
+    return [
+        *_msda_case("base SCA 6x10000q 4lvl P8", 6, 10000, base_levels, 8, 4),
+        *_msda_case("base SCA 6x40000q 4lvl P8", 6, 40000, base_levels, 8, 4),
+        *_msda_case("base TSA 2x40000q 200x200 P4", 2, 40000, [(200, 200)], 4, 1),
+        *_msda_case("tiny SCA 6x2500q 15x25 P8", 6, 2500, [(15, 25)], 8, 4),
+        *_msda_case("tiny TSA 2x2500q 50x50 P4", 2, 2500, [(50, 50)], 4, 1),
+        *_msda_case("decoder 900q 200x200 P4", 1, 900, [(200, 200)], 4, 1),
+    ]
+
+
+# ------------------------------------------------------------------------------ grid sample, rotate
+
+
+def grid_sample_cases() -> list[Case]:
+    from bevdeploy.ops.grid_sample import grid_sample
+
+    cases = []
+    for label, (N, C, H, W), (Ho, Wo) in [
+        ("BEV 1x256x200x200 -> 200x200", (1, 256, 200, 200), (200, 200)),
+        ("cams 6x256x58x100 -> 64x176", (6, 256, 58, 100), (64, 176)),
+    ]:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        x = torch.randn(N, C, H, W, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+        theta = torch.tensor([[0.9, -0.2, 0.05], [0.2, 0.9, -0.03]], device="cuda").expand(N, 2, 3)
+        grid = F.affine_grid(theta, (N, C, Ho, Wo), align_corners=False)
+
+        def make(variant, x=x, grid=grid):
+            xs, scale = _store(x, variant)
+            xs = xs.contiguous(memory_format=torch.channels_last)
+            gr = grid.to(torch.float32 if variant == "fp32" else torch.float16)
+            return lambda: grid_sample(xs, gr, variant=variant, input_scale=scale)
+
+        def reference(x=x, grid=grid):
+            return F.grid_sample(x, grid, align_corners=False)
+
+        def bytes_moved(variant, N=N, C=C, H=H, W=W, Ho=Ho, Wo=Wo):
+            return N * C * H * W * _ELT[variant] + N * Ho * Wo * 2 * (4 if variant == "fp32" else 2) + N * C * Ho * Wo * _OUT_ELT[variant]
+
+        cases.append(Case("grid_sample", label, ("fp32", "fp16", "fp16x2", "int8"), make, reference, bytes_moved))
+    return cases
+
+
+def rotate_cases() -> list[Case]:
+    from bevdeploy.ops.rotate import reference as rotate_reference
+    from bevdeploy.ops.rotate import rotate
+
+    cases = []
+    for label, (C, H, W) in [("prev_bev 256x200x200", (256, 200, 200)), ("prev_bev 256x50x50", (256, 50, 50))]:
+        x = torch.randn(C, H, W, device="cuda")
+        angle = torch.tensor([3.7], device="cuda")
+        center = torch.tensor([100.0, 100.0], device="cuda")
+
+        def make(variant, x=x, angle=angle, center=center):
+            xs, scale = _store(x, variant)
+            return lambda: rotate(xs, angle, center, interpolation="bilinear", variant=variant, img_scale=scale)
+
+        def reference(x=x, angle=angle, center=center):
+            return rotate_reference(x, angle, center, interpolation="bilinear")
+
+        def bytes_moved(variant, C=C, H=H, W=W):
+            return C * H * W * (_ELT[variant] + _OUT_ELT[variant])
+
+        cases.append(Case("rotate", label, ("fp32", "fp16", "fp16x2", "int8"), make, reference, bytes_moved))
+    return cases
+
+
+# --------------------------------------------------------------------------------------- inverse
+
+
+def inverse_cases() -> list[Case]:
+    from bevdeploy.ops.inverse import inverse, reference
+
+    cases = []
+    for label, n in [("lidar2img 6x4x4", 6), ("batch 4096x4x4", 4096)]:
+        x = torch.randn(n, 4, 4, device="cuda") + 4 * torch.eye(4, device="cuda")
+        cases.append(Case("inverse", label, ("fp32",), lambda variant, x=x: (lambda: inverse(x)),
+                          lambda x=x: reference(x), lambda variant, n=n: n * 16 * 8))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- DCN
+
+
+def dcn_cases() -> list[Case]:
+    from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, quantize_weight_per_channel
+    from bevdeploy.ops.modulated_deform_conv2d import reference as dcn_reference
+
+    cases = []
+    for label, (N, C, H, W, stride) in [
+        ("R101 stage3 6x256x58x100 3x3", (6, 256, 58, 100, 1)),
+        ("R101 stage4 6x512x29x50 3x3", (6, 512, 29, 50, 1)),
+        ("R101 stage4 entry 6x512x58x100 s2", (6, 512, 58, 100, 2)),
+    ]:
+        g = torch.Generator(device="cuda").manual_seed(2)
+        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+        x = torch.randn(N, C, H, W, device="cuda", generator=g)
+        offset = torch.randn(N, 18, Ho, Wo, device="cuda", generator=g)
+        mask = torch.rand(N, 9, Ho, Wo, device="cuda", generator=g)
+        weight = torch.randn(C, C, 3, 3, device="cuda", generator=g) / math.sqrt(9 * C)
+        bias = torch.randn(C, device="cuda", generator=g)
+
+        def make(variant, x=x, offset=offset, mask=mask, weight=weight, bias=bias, stride=stride):
+            if variant == "int8":
+                xs, scale = _store(x, variant)
+                wq, ws = quantize_weight_per_channel(weight)
+                xs = xs.contiguous(memory_format=torch.channels_last)
+                o, m = offset.half(), mask.half()
+                return lambda: modulated_deform_conv2d(xs, o, m, wq, bias, stride, 1, 1, variant=variant,
+                                                       input_scale=scale, weight_scale=ws)
+            dt = _FLOAT_DTYPE[variant]
+            xs = x.to(dt).contiguous(memory_format=torch.channels_last)
+            o, m, w, b = offset.to(dt), mask.to(dt), weight.to(dt), bias.to(dt)
+            return lambda: modulated_deform_conv2d(xs, o, m, w, b, stride, 1, 1, variant=variant)
+
+        def reference(x=x, offset=offset, mask=mask, weight=weight, bias=bias, stride=stride):
+            return dcn_reference(x, offset, mask, weight, bias, stride, 1, 1)
+
+        def bytes_moved(variant, N=N, C=C, H=H, W=W, Ho=Ho, Wo=Wo):
+            small = 4 if variant == "fp32" else 2
+            return N * C * H * W * _ELT[variant] + N * 27 * Ho * Wo * small + C * C * 9 * _ELT[variant] + N * C * Ho * Wo * _OUT_ELT[variant]
+
+        flops = 2 * N * C * C * 9 * Ho * Wo
+
+        def dense_conv_ms(variant, _ms, x=x, weight=weight, stride=stride):
+            xs = x.half().contiguous(memory_format=torch.channels_last)
+            return time_cuda_graph(lambda: F.conv2d(xs, weight.half(), None, stride, 1))
+
+        def tflops(variant, ms, flops=flops):
+            return flops / (ms * 1e-3) / 1e12
+
+        cases.append(Case("modulated_deform_conv2d", label, ("fp32", "fp16", "fp16x2", "int8"), make, reference, bytes_moved,
+                          {"TFLOPs": tflops, "cudnn_fp16_dense_ms": dense_conv_ms}))
+    return cases
+
+
+# ----------------------------------------------------------------------------------- bev_pool_v2
+
+
+def bev_pool_cases() -> list[Case]:
+    import importlib
+
+    bp = importlib.import_module("bevdeploy.ops.bev_pool_v2")  # the module, not the function of the same name
+
+    geo = bp.bevdet_like_geometry()
+    depth, feat, ranks, shape = geo["depth"].cuda(), geo["feat"].cuda(), [t.cuda() for t in geo["ranks"]], geo["bev_feat_shape"]
+    ranks_bev, ranks_depth, ranks_feat, starts, lengths = ranks
+
+    def make(variant):
+        d, ds = _store(depth, variant)
+        f, fs = _store(feat, variant)
+        return lambda: bp.bev_pool_v2(d, f, ranks_depth, ranks_feat, ranks_bev, shape, starts, lengths,
+                                      variant=variant, depth_scale=ds, feat_scale=fs)
+
+    def reference():
+        return bp.scatter_add_reference(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, starts, lengths)
+
+    n_pts = ranks_bev.numel()
+    n_out = math.prod(shape)
+
+    def bytes_moved(variant):
+        return depth.numel() * _ELT[variant] + feat.numel() * _ELT[variant] + n_pts * 12 + starts.numel() * 8 + n_out * _OUT_ELT[variant]
+
+    return [Case("bev_pool_v2", f"BEVDet-R50 {n_pts} pts {starts.numel()} intervals", ("fp32", "fp16", "fp16x2", "int8"),
+                 make, reference, bytes_moved)]
+
+
+# ------------------------------------------------------------------------------- flash attention
+
+
+def attention_cases() -> list[Case]:
+    from bevdeploy.ops.flash_attention import flash_attention, reference
+
+    cases = []
+    for label, (B, H, L, D) in [("decoder 1x8x900x32", (1, 8, 900, 32)), ("large 4x16x4096x64", (4, 16, 4096, 64))]:
+        g = torch.Generator(device="cuda").manual_seed(3)
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", generator=g) for _ in range(3))
+
+        def make(variant, q=q, k=k, v=v):
+            (qs, qsc), (ks, ksc), (vs, vsc) = _store(q, variant), _store(k, variant), _store(v, variant)
+            return lambda: flash_attention(qs, ks, vs, variant=variant, q_scale=qsc, k_scale=ksc, v_scale=vsc)
+
+        def bytes_moved(variant, B=B, H=H, L=L, D=D):
+            return 3 * B * H * L * D * _ELT[variant] + B * H * L * D * _OUT_ELT[variant]
+
+        flops = 4 * B * H * L * L * D
+
+        def sdpa_fp16_ms(variant, _ms, q=q, k=k, v=v):
+            qh, kh, vh = q.half(), k.half(), v.half()
+            return time_cuda_graph(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+
+        def tflops(variant, ms, flops=flops):
+            return flops / (ms * 1e-3) / 1e12
+
+        cases.append(Case("flash_attention", label, ("fp32", "fp16", "fp16x2", "int8"), make,
+                          lambda q=q, k=k, v=v: reference(q, k, v), bytes_moved, {"TFLOPs": tflops, "sdpa_fp16_ms": sdpa_fp16_ms}))
+    return cases
+
+
+ALL_CASES = {
+    "msda": msda_cases,
+    "grid_sample": grid_sample_cases,
+    "rotate": rotate_cases,
+    "inverse": inverse_cases,
+    "modulated_deform_conv2d": dcn_cases,
+    "bev_pool_v2": bev_pool_cases,
+    "flash_attention": attention_cases,
+}
+
+
+def run(ops: list[str] | None = None, out_dir: str | Path = "bench/results", command: str = "") -> dict:
+    """Run the op benchmark on the current GPU and write ``<out_dir>/<gpu>/ops.{json,md}``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bevdeploy bench ops needs a CUDA GPU (none is visible to PyTorch)")
+    from tqdm import tqdm
+
+    names = ops or list(ALL_CASES)
+    unknown = [n for n in names if n not in ALL_CASES]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; choose from {list(ALL_CASES)}")
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name in names:
+        for case in ALL_CASES[name]():
+            with torch.no_grad():
+                ref_ms = time_cuda_graph(case.reference)
+                fp32_ms = None
+                for variant in tqdm(case.variants, desc=f"{case.op} {case.shape}", file=sys.stderr, leave=False):
+                    ms = time_cuda_graph(case.make(variant))
+                    if variant == "fp32":
+                        fp32_ms = ms
+                    row = {
+                        "op": case.op,
+                        "variant": variant,
+                        "shape": case.shape,
+                        "ms": round(ms, 5),
+                        "reference_ms": round(ref_ms, 5),
+                        "speedup": round(ref_ms / ms, 2),
+                        "speedup_vs_fp32_kernel": round(fp32_ms / ms, 2) if fp32_ms else None,
+                        "bandwidth_fraction": round(case.bytes_moved(variant) / (ms * 1e-3) / bandwidth, 3),
+                    }
+                    for key, fn in case.extra.items():
+                        row[key] = round(fn(variant, ms), 4)
+                    rows.append(row)
+            torch.cuda.empty_cache()
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+        "timing": "CUDA graph of 10 calls, median of 30 replays after warm-up; reference = plain-PyTorch fp32",
+        "rows": rows,
+    }
+    folder = Path(out_dir) / gpu_dirname()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ops.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "ops.md").write_text(to_markdown(result))
+    return result
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def to_markdown(result: dict) -> str:
+    keys = ["op", "variant", "shape", "ms", "reference_ms", "speedup", "speedup_vs_fp32_kernel", "bandwidth_fraction"]
+    extra = sorted({k for r in result["rows"] for k in r} - set(keys))
+    lines = [
+        f"# Op benchmark on {result['gpu']}",
+        "",
+        f"torch {result['torch']}, triton {result['triton']}, {result['date']}; copy bandwidth "
+        f"{result['copy_bandwidth_TBps']} TB/s; {result['timing']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "| " + " | ".join(keys + extra) + " |",
+        "|" + "---|" * (len(keys) + len(extra)),
+    ]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys + extra) + " |")
+    return "\n".join(lines) + "\n"
