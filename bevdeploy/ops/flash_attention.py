@@ -1,6 +1,6 @@
 """Flash multi-head attention (the reference system's ``QKVTRT`` plugin).
 
-``out = softmax(q @ k^T * scale) @ v`` per batch and head, no mask. BEVFormer's decoder
+``out = softmax(q @ k^T * scale) @ v`` per batch and head (scale > 0), no mask. BEVFormer's decoder
 self-attention runs it on 900 queries x 8 heads x 32 channels; at that size the cost is launches,
 so the kernel is sized to fill the GPU rather than to peak on the MMA.
 
@@ -29,11 +29,11 @@ Variants (all compute the logits with fp32 or int32 accumulation and the softmax
   the running max) is quantised to int8 with scale 1/127 (``round(127 p)``) and ``P8 @ v8`` is a
   second int8 -> int32 MMA. The running sum adds the *quantised* P, so the output is an exact
   convex combination of the rows of v: ``out = v_scale * sum_j P8_j v8_j / sum_j P8_j`` (the
-  1/127 cancels). Error bound (per query row, derived in the tests): with ``L = sum_j
-  exp(s_j - max s)`` the exact row sum, ``|out - exact| <= 2 * (Lk / 254) / max(1, L - Lk / 254)
-  * max |v|`` plus fp16 output rounding. Typical relative error is ~1e-2 for diffuse attention
-  (P's 1/127 step is coarse against small probabilities), far less for peaked attention. Output
-  fp16.
+  1/127 cancels). Error bound per query row (derived in the tests), with ``p_j = exp(s_j - max
+  s)``, ``L = sum_j p_j`` and ``E = sum_j min(p_j, 1/254)`` (<= Lk / 254): ``|out - exact| <=
+  2 E / max(1, L - E) * (max v - min v) / 2`` per channel, plus fp32 logit and fp16 output
+  rounding. Typical relative error is ~1e-2 for diffuse attention (P's 1/127 step is coarse
+  against small probabilities), ~2e-4 for peaked attention. Output fp16.
 
 The CPU path (no Triton interpreter) and the autograd formula are the plain-PyTorch math on the
 dequantised inputs (no P quantisation): the exact function the kernels approximate.
@@ -178,7 +178,12 @@ if triton_available():
         offs_d = tl.arange(0, BLOCK_D)
         kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (N, D)
-        if MASK_N:
+        # masks only along the dims that need them: a mask constant along the contiguous dim
+        # keeps the loads vectorised (16-byte cp.async)
+        if MASK_N and EVEN_D:
+            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < Lk, other=0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Lk, other=0)
+        elif MASK_N:
             kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0)
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0)
         elif EVEN_D:
@@ -194,12 +199,12 @@ if triton_available():
             s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32)
         else:
             s = tl.dot(q, kt, out_dtype=tl.float32)
-        s = s * qk_scale
         if MASK_N:
             s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-        # every tile holds >= 1 real key, so m_new is finite and alpha = 0 on the first tile
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # qk_scale > 0, so the scaled row max is the scaled max, and the scaling folds into one
+        # FFMA per logit. Every tile holds >= 1 real key: m_new is finite, alpha = 0 on the first.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
 
         if VARIANT == 0:
@@ -278,7 +283,10 @@ if triton_available():
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+        if EVEN_D:
+            q_mask = offs_m[:, None] < Lq
+        else:
+            q_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -380,7 +388,7 @@ def flash_attention(
         q (Tensor[B, H, Lq, D]): queries; float32, float16 or int8 (variant ``int8``). Any strides.
         k (Tensor[B, H, Lk, D]): keys, dtype of ``q``.
         v (Tensor[B, H, Lk, D]): values, dtype of ``q``.
-        scale: logit scale; default ``1 / sqrt(D)``.
+        scale: logit scale, > 0; default ``1 / sqrt(D)``.
         variant: ``fp32``, ``fp16``, ``fp16x2`` or ``int8`` (see the module docstring); None infers
             it from the dtype (float16 -> ``fp16``).
         q_scale, k_scale, v_scale: per-tensor scales of the int8 inputs (``x = x8 * x_scale``);
@@ -390,16 +398,16 @@ def flash_attention(
         Tensor[B, H, Lq, D]: float32 for ``fp32``, float16 otherwise.
 
     Example:
-        >>> q = torch.randn(1, 8, 900, 32)
+        >>> q = torch.randn(1, 8, 30, 32)  # decoder self-attention: (1, 8, 900, 32)
         >>> flash_attention(q, q, q).shape
-        torch.Size([1, 8, 900, 32])
+        torch.Size([1, 8, 30, 32])
     """
     variant = _check_inputs(q, k, v, variant)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale}")
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
     q_scale = check_int8_scale("q_scale", q_scale, variant)
     k_scale = check_int8_scale("k_scale", k_scale, variant)
     v_scale = check_int8_scale("v_scale", v_scale, variant)
