@@ -1,0 +1,13 @@
+"""INT8 post-training quantization: calibration and the int8 execution layer.
+
+* ``bevdeploy.quant.calib`` / ``bevdeploy.quant.calibrate``: activation-range calibrators
+  (entropy/KL, minmax, percentile) producing per-tensor input scales, saved as a scales table.
+* ``bevdeploy.quant.int8_kernels``: the Triton kernels the int8 layers run on, registered as
+  ``torch.ops.bevdeploy.quantize_per_tensor``, ``int8_linear`` and ``int8_conv2d`` (int8 x int8 ->
+  int32 tensor-core dot on K-contiguous operands, fused dequant/bias/residual/activation epilogue).
+* ``bevdeploy.quant.modules``: the conversion step: ``QuantLinear`` / ``QuantConv2d`` built from
+  float layers and calibrated scales, ``fold_bn``, and ``quantize_modules`` (swap in place and
+  report which precision every layer really runs in).
+
+Nothing is imported here: import the submodule you need.
+"""

@@ -1,0 +1,300 @@
+"""The calibration pass of INT8 PTQ: per-layer input ranges, saved as an inspectable table.
+
+:func:`calibrate` hooks the INPUT of every ``nn.Conv2d`` / ``nn.Linear`` (what the int8 kernels
+quantise, per tensor, with scale ``amax / 127``), runs the caller's forward loop once, and returns a
+:class:`CalibrationTable` {qualified module name -> amax}. Conversion (swapping in
+``QuantConv2d`` / ``QuantLinear``) is a separate step that reads the table
+(``bevdeploy.quant.modules``), as in gpt-fast's two-step flow.
+
+The forward loop owns the data and its order. A temporal model (BEVFormer) must be run in frame
+order, carrying ``prev_bev`` and resetting it at scene boundaries, exactly as at inference, so that
+the temporal-attention layers see realistic inputs (the reference calibrates on 500 train samples,
+batch 1, after an FP32 pass for ``prev_bev``)::
+
+    def forward_loop(model):
+        prev_bev = None
+        for sample in calib_samples:                 # frame order
+            if sample.is_first_frame:
+                prev_bev = None
+            prev_bev = model(sample.img, sample.img_metas, prev_bev=prev_bev)["bev_embed"]
+
+    table = calibrate(model.eval(), forward_loop, "entropy", model_name="bevformer_tiny",
+                      dataset="nuscenes v1.0-trainval train[:500]")
+    table.save("bevformer_tiny.calib.json")
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, make_calibrator
+
+__all__ = ["CalibrationTable", "calibrate"]
+
+logger = logging.getLogger(__name__)
+
+#: int8 symmetric range: scale = amax / INT8_MAX.
+INT8_MAX = 127
+
+_FORMAT = "bevdeploy.calibration_table"
+_VERSION = 1
+
+
+@dataclass
+class CalibrationTable:
+    """Per-tensor activation ranges from one calibration run.
+
+    Attributes:
+        amax: qualified module name -> ``amax`` of that layer's input (``scale = amax / 127``),
+            in module order.
+        method: ``"entropy"``, ``"minmax"`` or ``"percentile"``.
+        num_samples: samples the forward loop ran (what it returned, else the model's forward calls).
+        metadata: free-form JSON-able facts: ``model``, ``dataset``, ``date`` (UTC, ISO 8601),
+            ``percentile``, ``torch``, ``not_run`` (hooked layers that never ran), ...
+    """
+
+    amax: dict[str, float]
+    method: str
+    num_samples: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def scale(self, name: str) -> float:
+        """The int8 scale of layer ``name``'s input: ``amax / 127``."""
+        if name not in self.amax:
+            raise KeyError(f"no calibrated range for layer {name!r} (the table has {len(self.amax)} layers)")
+        return self.amax[name] / INT8_MAX
+
+    def __len__(self) -> int:
+        return len(self.amax)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.amax
+
+    def to_json(self) -> str:
+        """The table as indented JSON (what :meth:`save` writes; engines embed it as is)."""
+        doc = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "method": self.method,
+            "num_samples": self.num_samples,
+            "metadata": self.metadata,
+            "amax": self.amax,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<string>") -> CalibrationTable:
+        """Parse :meth:`to_json` output; ``source`` names the file in error messages.
+
+        Raises:
+            ValueError: not JSON, not a calibration table, another format version, or bad entries.
+        """
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not a calibration table: invalid JSON ({err})") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"{source}: not a calibration table (format {found!r}, expected {_FORMAT!r})")
+        if doc.get("version") != _VERSION:
+            raise ValueError(
+                f"{source}: calibration table version {doc.get('version')!r}, this bevdeploy reads version "
+                f"{_VERSION}: recalibrate"
+            )
+        missing = [key for key in ("method", "num_samples", "metadata", "amax") if key not in doc]
+        if missing:
+            raise ValueError(f"{source}: calibration table lacks {missing}")
+        method, num_samples, metadata, amax = doc["method"], doc["num_samples"], doc["metadata"], doc["amax"]
+        if method not in CALIB_METHODS:
+            raise ValueError(f"{source}: method {method!r} is not one of {CALIB_METHODS}")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
+            raise ValueError(f"{source}: num_samples must be a non-negative integer, got {num_samples!r}")
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{source}: metadata must be an object, got {type(metadata).__name__}")
+        if not isinstance(amax, dict):
+            raise ValueError(f"{source}: amax must be an object {{layer: amax}}, got {type(amax).__name__}")
+        for name, value in amax.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{source}: amax of {name!r} must be a finite number >= 0, got {value!r}")
+        return cls(
+            amax={name: float(value) for name, value in amax.items()},
+            method=method,
+            num_samples=num_samples,
+            metadata=metadata,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table as human-readable JSON."""
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationTable:
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            ValueError: the file is corrupt or of another format version (the message names it).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.fspath(path)}: not a calibration table (not UTF-8 text)") from None
+        return cls.from_json(text, source=os.fspath(path))
+
+    def __str__(self) -> str:
+        return self.format(top=20)
+
+    def format(self, top: int = 20) -> str:
+        """A text table: the header, then the ``top`` layers with the largest ranges."""
+        meta = self.metadata
+        extra = f", percentile {meta['percentile']}" if self.method == "percentile" and "percentile" in meta else ""
+        lines = [
+            f"CalibrationTable: {len(self.amax)} layers, method {self.method}{extra}, {self.num_samples} samples",
+            f"  model {meta.get('model', '?')}, dataset {meta.get('dataset') or '?'}, date {meta.get('date', '?')}",
+        ]
+        if meta.get("not_run"):
+            lines.append(f"  not run (left out): {', '.join(meta['not_run'])}")
+        if not self.amax:
+            return "\n".join(lines)
+        ranked = sorted(self.amax.items(), key=lambda item: item[1], reverse=True)[:top]
+        width = max(len("layer"), *(len(name) for name, _ in ranked))
+        lines.append(f"  {'layer':<{width}}  {'amax':>12}  {'scale':>12}")
+        lines += [f"  {name:<{width}}  {value:>12.6g}  {value / INT8_MAX:>12.6g}" for name, value in ranked]
+        if len(self.amax) > len(ranked):
+            lines.append(f"  ... {len(self.amax) - len(ranked)} more (smaller amax)")
+        return "\n".join(lines)
+
+
+def _layer_input(args: tuple, kwargs: dict) -> Any:
+    """The activation a conv/linear layer reads: its first positional argument (or ``input=``)."""
+    if args:
+        return args[0]
+    return kwargs.get("input")
+
+
+def calibrate(
+    model: nn.Module,
+    forward_loop: Callable[[nn.Module], int | None],
+    method: str = "entropy",
+    *,
+    layer_types: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
+    percentile: float = 99.99,
+    model_name: str | None = None,
+    dataset: str = "",
+) -> CalibrationTable:
+    """Calibrate the input range of every layer of ``layer_types`` in ``model``.
+
+    Attaches a forward pre-hook to each such module (keyed by its qualified name from
+    ``model.named_modules()``; a module called several times per forward collects every call), runs
+    ``forward_loop(model)`` once under ``torch.no_grad()``, removes the hooks (also when the loop
+    raises), and computes one ``amax`` per layer. The loop owns the data: what it feeds, in which
+    order (frame order with ``prev_bev`` for temporal models), and how many samples. Inputs may be
+    fp16/bf16 (collected in fp32) and on any device (histograms are built there; one host sync per
+    layer call). Layers that never ran are logged and left out of the table (listed in
+    ``metadata["not_run"]``). Pass the model in eval mode: the mode is not changed here.
+
+    Args:
+        model: the float model, in eval mode.
+        forward_loop: ``forward_loop(model)`` runs the calibration data through ``model``; it may
+            return the number of samples it ran (else the model's forward calls are counted).
+        method: ``"entropy"`` (TensorRT's KL threshold, the default), ``"minmax"`` or ``"percentile"``.
+        layer_types: module types whose INPUT is calibrated (exact ``isinstance``).
+        percentile: the percentile of ``|x|`` for ``method="percentile"``.
+        model_name: recorded in the metadata (default: the model's class name).
+        dataset: a description of the calibration data, recorded in the metadata.
+
+    Returns:
+        The :class:`CalibrationTable`.
+
+    Raises:
+        ValueError: unknown ``method``, or no module of ``layer_types`` in ``model``.
+        RuntimeError: a layer's input held NaN/inf (the message names the layer).
+    """
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method=}")
+    layer_types = tuple(layer_types)
+    calibrators: dict[str, Calibrator] = {
+        name: make_calibrator(method, percentile=percentile)
+        for name, module in model.named_modules()
+        if isinstance(module, layer_types)
+    }
+    if not calibrators:
+        kinds = ", ".join(t.__name__ for t in layer_types)
+        raise ValueError(f"{type(model).__name__} has no module of the types to calibrate ({kinds})")
+    if model.training:
+        logger.warning("calibrating a model in training mode (BatchNorm batch statistics, dropout): call model.eval()")
+    calls = dict.fromkeys(calibrators, 0)
+
+    def make_hook(name: str, calibrator: Calibrator) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _layer_input(args, kwargs)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"layer {name!r}: expected a Tensor input to calibrate, got {type(x).__name__}")
+            try:
+                calibrator.collect(x)
+            except RuntimeError as err:
+                raise RuntimeError(f"layer {name!r}: {err}") from err
+            calls[name] += 1
+
+        return hook
+
+    modules = dict(model.named_modules())
+    forward_calls = 0
+
+    def count_forward(module: nn.Module, args: tuple) -> None:
+        nonlocal forward_calls
+        forward_calls += 1
+
+    handles = [model.register_forward_pre_hook(count_forward)]
+    try:
+        for name, calibrator in calibrators.items():
+            handles.append(modules[name].register_forward_pre_hook(make_hook(name, calibrator), with_kwargs=True))
+        with torch.no_grad():
+            returned = forward_loop(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    amax: dict[str, float] = {}
+    not_run = [name for name, n in calls.items() if n == 0]
+    for name, calibrator in calibrators.items():
+        if calls[name] == 0:
+            continue
+        try:
+            amax[name] = float(calibrator.compute_amax())
+        except RuntimeError:  # it only ever saw empty tensors
+            not_run.append(name)
+    if not_run:
+        logger.warning(
+            "%d of %d layers never ran during calibration and are left out of the table: %s",
+            len(not_run), len(calibrators), ", ".join(not_run),
+        )
+    zero = [name for name, value in amax.items() if value == 0.0]
+    if zero:
+        logger.warning("layers whose calibration input was all zeros (amax 0, scale 0): %s", ", ".join(zero))
+    if isinstance(returned, int) and not isinstance(returned, bool):
+        num_samples = returned
+    else:
+        num_samples = forward_calls
+    metadata: dict[str, Any] = {
+        "model": model_name or type(model).__name__,
+        "dataset": dataset,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "layer_types": [t.__name__ for t in layer_types],
+        "not_run": not_run,
+    }
+    if method == "percentile":
+        metadata["percentile"] = percentile
+    return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata)

@@ -1,0 +1,797 @@
+"""INT8 execution kernels: per-tensor activation quantization, int8 linear, int8 implicit-GEMM conv2d.
+
+Math (symmetric int8, per-tensor activation scale ``s_x``, per-output-channel weight scale ``s_w[n]``)::
+
+    quantize_per_tensor(x, s)[i] = clamp(round_half_even(x[i] / s), -127, 127)          (int8)
+    int8_linear:  y[m, n] = act( s_x * s_w[n] * sum_k x_q[m, k] * w_q[n, k] + bias[n] + residual[m, n] )
+    int8_conv2d:  y[b, o, ho, wo] = act( s_x * s_w[o] * sum_{i, j, c} x_q[b, c, hi, wi] * w_q[o, i, j, c]
+                                         + bias[o] + residual[b, o, ho, wo] ),
+                  hi = ho * stride_h - pad_h + i * dil_h,  wi = wo * stride_w - pad_w + j * dil_w
+                  (x_q is zero outside the image)
+
+``act`` is ``none``, ``relu`` or ``silu`` (x * sigmoid(x), YOLOX's activation); the residual is added
+before it (ResNet bottleneck: conv3 + identity, then ReLU). Sums run in int32 on the tensor cores;
+everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
+kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32.
+
+Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operands are K-contiguous
+(Hopper's 8-bit wgmma reads both operands K-major); with a row-major [K, N] right operand it measured
+~300 TOPS (``reference/h100-measured.md``). So:
+
+* ``int8_linear``: ``x_q [M, K]`` (rows K-contiguous) and ``w_q [N, K]`` (nn.Linear's own layout).
+  The kernel loads the weight tile as [BLOCK_N, BLOCK_K] and feeds ``tl.trans`` of it to ``tl.dot``.
+* ``int8_conv2d``: ``x_q [N, C, H, W]`` in channels-last memory (NHWC: a pixel's channels are
+  contiguous) and ``w_q [O, kh, kw, C]`` contiguous (= a [O, kh*kw*C] K-contiguous matrix).
+  An implicit GEMM: M = N*Ho*Wo output pixels, N = O, K = kh*kw*C iterated as (kernel point,
+  channel block): each step gathers a [BLOCK_M, BLOCK_K] slab of channel-contiguous int8 rows
+  (masked to zero where the kernel point falls in the padding) and the matching [BLOCK_N, BLOCK_K]
+  weight slab. No im2col buffer. Output [N, O, Ho, Wo] in channels-last memory, so the next int8
+  conv reads it without a relayout. A 1x1, stride-1, unpadded conv is a plain GEMM on the NHWC view
+  and runs through the linear kernel.
+
+Origin: the tiling and grouped program order follow Triton's matrix-multiplication tutorial; the
+implicit-GEMM walk is the standard one of CUTLASS's "analytic" conv iterators. Inference only:
+the ops have no gradient (int8 weights are not trainable here; QAT trains the float model with
+fake quantization).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from bevdeploy.ops._utils import (
+    check_dim,
+    check_same_device,
+    check_tensor,
+    triton_available,
+    use_triton,
+)
+
+ACTIVATIONS = ("none", "relu", "silu")
+_ACT_CODE = {"none": 0, "relu": 1, "silu": 2}
+OUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_DTYPE_NAME = {v: k for k, v in OUT_DTYPES.items()}
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_I32 = 2**31 - 1
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+Config = tuple[int, int, int, int, int, int]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks (shared by the public functions and the fakes)
+
+
+def _check_scale(name: str, scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a python float (a calibrated per-tensor scale), got {type(scale).__name__}")
+    scale = float(scale)
+    if not (0.0 < scale < float("inf")):
+        raise ValueError(f"{name} must be a positive finite float, got {scale}")
+    return scale
+
+
+def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_dtype) -> None:
+    check_tensor("w_scale", w_scale, shape=(n,), dtypes=(torch.float32,))
+    if bias is not None:
+        check_tensor("bias", bias, shape=(n,), dtypes=_FLOAT)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=_FLOAT)
+        if tuple(residual.shape) != tuple(res_shape):
+            raise ValueError(f"residual must have the output's shape {list(res_shape)}, got {list(residual.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)} (torch.float16 / torch.float32), "
+                         f"got {out_dtype!r}")
+
+
+def _check_quantize(x: Tensor, scale: float) -> None:
+    check_tensor("x", x, dtypes=_FLOAT)
+    _check_scale("scale", scale)
+
+
+def _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype) -> list[int]:
+    check_tensor("x_q", x_q, dtypes=(torch.int8,))
+    if x_q.dim() < 1:
+        raise ValueError(f"x_q must have shape [..., K] (at least 1-D), got {list(x_q.shape)}")
+    check_tensor("w_q", w_q, shape=("N", "K"), dtypes=(torch.int8,))
+    check_dim("w_q", w_q.shape[1], x_q.shape[-1], "K (in_features, the last dim of x_q)")
+    _check_scale("x_scale", x_scale)
+    out_shape = [*x_q.shape[:-1], w_q.shape[0]]
+    _check_epilogue(w_q.shape[0], w_scale, bias, residual, out_shape, activation, out_dtype)
+    check_same_device(x_q=x_q, w_q=w_q, w_scale=w_scale, bias=bias, residual=residual)
+    return out_shape
+
+
+def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
+                out_dtype) -> list[int]:
+    if groups != 1:
+        raise NotImplementedError(f"int8_conv2d supports groups=1 only, got {groups=} (keep grouped convs float)")
+    check_tensor("x_q", x_q, shape=("N", "C", "H", "W"), dtypes=(torch.int8,))
+    check_tensor("w_q", w_q, shape=("O", "kh", "kw", "C"), dtypes=(torch.int8,))
+    check_dim("w_q", w_q.shape[3], x_q.shape[1], "C (dim 3 of the [O, kh, kw, C] weight = input channels)")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or any(int(e) < lo for e in v):
+            raise ValueError(f"{name} must be 2 ints >= {lo}, got {list(v)}")
+    _check_scale("x_scale", x_scale)
+    n, _, h, w = x_q.shape
+    o, kh, kw, _ = w_q.shape
+    ho = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x_q: input {h}x{w} is smaller than the dilated kernel with this padding "
+                         f"(output would be {ho}x{wo})")
+    out_shape = [n, o, ho, wo]
+    _check_epilogue(o, w_scale, bias, residual, out_shape, activation, out_dtype)
+    check_same_device(x_q=x_q, w_q=w_q, w_scale=w_scale, bias=bias, residual=residual)
+    return out_shape
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-PyTorch references (the CPU path without Triton's interpreter; CPU and GPU)
+
+
+def _act(y: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    return y
+
+
+def reference_quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
+    """round_half_even(fp32(x) / fp32(scale)) clamped to [-127, 127], memory format kept."""
+    q = torch.clamp(torch.round(x.float() / torch.tensor(scale, dtype=torch.float32, device=x.device)), -127, 127)
+    return q.to(torch.int8)
+
+
+def reference_int8_linear(x_q, w_q, x_scale, w_scale, bias=None, residual=None, activation="none",
+                          out_dtype="float16") -> Tensor:
+    """The int8 codes multiplied in fp32 (products exact; sums exact while |acc| < 2^24, else within
+    6e-8 relative), dequantized, epilogue in fp32."""
+    acc = x_q.float() @ w_q.float().t()
+    y = acc * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return _act(y, activation).to(OUT_DTYPES[out_dtype])
+
+
+def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                          groups=1, residual=None, activation="none", out_dtype="float16") -> Tensor:
+    """F.conv2d on the int8 codes in fp32 (same exactness as the linear), epilogue in fp32,
+    channels-last output."""
+    acc = F.conv2d(x_q.float(), w_q.permute(0, 3, 1, 2).float(), None, list(stride), list(padding), list(dilation))
+    y = acc * (x_scale * w_scale)[None, :, None, None]
+    if bias is not None:
+        y = y + bias.float()[None, :, None, None]
+    if residual is not None:
+        y = y + residual.float()
+    y = _act(y, activation).to(OUT_DTYPES[out_dtype])
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _p2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _pick_block_k(k: int) -> int:
+    """The largest of 128/64/32 dividing k (no masked tail), else the power of two covering k up to 128.
+    int8 wgmma consumes K in steps of 32, so 32 is the floor."""
+    for bk in (128, 64, 32):
+        if k % bk == 0:
+            return bk
+    return min(128, max(32, _p2(k)))
+
+
+def gemm_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    """The launch heuristic of both kernels; ``k`` is the contiguous K run (K for the linear, C for a conv).
+
+    CUDA: BLOCK_M 128 x BLOCK_N 256 x BLOCK_K 128, 8 warps, 4 stages is the configuration that measured
+    1164 TOPS on the H100 (4 stages x 48 KiB of int8 operand tiles = 192 KiB of shared memory, one CTA
+    per SM). BLOCK_N drops to 128 (3 stages, 96 KiB: two CTAs fit an SM) when 256-wide tiles leave the
+    last wave of programs mostly empty (e.g. 272 tiles on 132 SMs = 2.06 waves), and to the next power
+    of two >= N for narrow layers; with fewer tiles than SMs, BLOCK_M drops to 64 and BLOCK_N halves
+    (down to 64) until every SM has a tile (e.g. 900 x 256 decoder linears). GROUP_M 8
+    runs 8 row-tiles against each weight tile back to back for L2 reuse.
+    Interpreter: 32 x 32 x 32 tiles, so the tests' tiny odd shapes still cover several tiles and the
+    masked K tail, at numpy speed.
+    """
+    if device.type != "cuda":
+        return (32, 32, 32, 4, 4, 1)
+    bk = _pick_block_k(k)
+    bn = min(256, max(32, _p2(n)))
+    bm = 128
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+    def tiles(bm_, bn_):
+        return -(-m // bm_) * -(-n // bn_)
+
+    def efficiency(bn_):  # busy fraction of the last wave, one CTA per SM
+        return tiles(bm, bn_) / (-(-tiles(bm, bn_) // sms) * sms)
+
+    if bn == 256 and efficiency(128) > efficiency(256) + 0.1:
+        bn = 128
+    if tiles(bm, bn) < sms:  # small problems: more, smaller tiles until every SM has one
+        bm = 64
+        while tiles(bm, bn) < sms and bn > 64:
+            bn //= 2
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    per_stage = (bm + bn) * bk
+    stages = 4 if (bm, bn) == (128, 256) else max(2, min(4, (96 * 1024) // per_stage))
+    return (bm, bn, bk, 8, warps, stages)
+
+
+def candidate_configs() -> list[Config]:
+    """Configurations worth timing on a new GPU (pass one as ``config=`` to the private launchers)."""
+    return [
+        (128, 256, 128, 8, 8, 4),
+        (128, 256, 64, 8, 8, 4),
+        (128, 128, 128, 8, 8, 3),
+        (128, 128, 128, 8, 8, 4),
+        (128, 128, 64, 8, 4, 4),
+        (64, 256, 128, 8, 8, 3),
+        (64, 128, 128, 8, 4, 4),
+        (256, 128, 128, 8, 8, 3),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quantize_per_tensor_kernel(
+        # pointers
+        x_ptr,  # dense float input (any memory order; y has the same strides)
+        y_ptr,  # int8 output
+        # sizes
+        n,
+        scale,
+        # constexpr
+        BLOCK: tl.constexpr,
+    ):
+        """y = clamp(rint(x / scale), -127, 127). The division is IEEE round-to-nearest (``div_rn``;
+        Triton's ``/`` on fp32 may be the approximate ``div.full``), so codes equal torch's bit for bit;
+        rint by the 1.5 * 2^23 trick: for |v| <= 127 the fp32 sum v + 12582912 has ulp 1, so the
+        addition rounds half to even like torch.round."""
+        base = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n - base
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, scale)
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        r = (v + 12582912.0) - 12582912.0
+        tl.store(y_ptr + base + offs, r.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Grouped order: GROUP_M row-tiles sweep the N tiles together, so a weight tile is read
+        from L2 by GROUP_M neighbours in a row (Triton tutorial 03)."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _epilogue(
+        acc, offs_m, offs_n, M, N, x_scale,
+        ws_ptr, b_ptr, r_ptr, y_ptr,
+        stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    ):  # fmt: skip
+        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + residual[m, n]) in fp32, cast on store."""
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
+        out = acc.to(tl.float32) * (ws * x_scale)[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        rows = offs_m.to(tl.int64)
+        if HAS_RESIDUAL:
+            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
+            out = out + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION == 1:
+            out = tl.maximum(out, 0.0)
+        elif ACTIVATION == 2:
+            out = out * tl.sigmoid(out)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _int8_linear_kernel(
+        # pointers
+        x_ptr,  # x_q [M, K] int8, K-contiguous
+        w_ptr,  # w_q [N, K] int8, K-contiguous
+        ws_ptr,  # w_scale [N] fp32
+        b_ptr,  # bias [N] (unused unless HAS_BIAS)
+        r_ptr,  # residual [M, N] (unused unless HAS_RESIDUAL)
+        y_ptr,  # out [M, N] fp16 / fp32
+        # sizes
+        M,
+        N,
+        K,
+        x_scale,
+        # strides (elements)
+        stride_xm,
+        stride_wn,
+        stride_rm,
+        stride_rn,
+        stride_ym,
+        stride_yn,
+        # constexpr
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        ACTIVATION: tl.constexpr,  # 0 none, 1 relu, 2 silu
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the main loop
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """acc[m, n] = sum_k x[m, k] * w[n, k] in int32 (tl.dot of [BM, BK] x trans([BN, BK]): both
+        operands K-major, what 8-bit wgmma wants), then the fused epilogue."""
+        pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Wrapped row indices stay in bounds, so loads need no M/N masks; the epilogue masks the store.
+        rm = (offs_m % M).to(tl.int64)
+        rn = (offs_n % N).to(tl.int64)
+        a_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = offs_k[None, :] < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_mask, other=0)
+                w = tl.load(w_ptrs, mask=k_mask, other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
+                  stride_rm, stride_rn, stride_ym, stride_yn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)  # fmt: skip
+
+    @triton.jit
+    def _int8_conv2d_kernel(
+        # pointers
+        x_ptr,  # x_q, NHWC memory [N, H, W, C] int8
+        w_ptr,  # w_q [O, KH, KW, C] int8 contiguous (= [O, KH*KW*C], K-contiguous)
+        ws_ptr,  # w_scale [O] fp32
+        b_ptr,  # bias [O] (unused unless HAS_BIAS)
+        r_ptr,  # residual as [N*Ho*Wo, O] (unused unless HAS_RESIDUAL)
+        y_ptr,  # out, NHWC memory = [N*Ho*Wo, O]
+        # sizes
+        M,  # N * Ho * Wo
+        O,
+        C,
+        H,
+        W,
+        Ho,
+        Wo,
+        x_scale,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        # strides (elements)
+        stride_xb,  # H * W * C
+        stride_wo,  # KH * KW * C
+        stride_rm,
+        stride_rn,
+        # constexpr
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        EVEN_C: tl.constexpr,  # C % BLOCK_K == 0: only the padding mask (constant along channels)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """Implicit GEMM: one flat loop over (kernel point, channel block) so the software pipeliner
+        prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (zero in
+        the padding) dotted with the [BN, BK] weight slab, transposed (both K-major)."""
+        pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rm = offs_m % M
+        rn = (offs_n % O).to(tl.int64)
+        wo = rm % Wo
+        t = rm // Wo
+        ho = t % Ho
+        b = t // Ho
+        hi0 = ho * stride_h - pad_h
+        wi0 = wo * stride_w - pad_w
+        img = b.to(tl.int64) * stride_xb
+        w_rows = w_ptr + rn[:, None] * stride_wo + offs_k[None, :]
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for it in range(0, KH * KW * c_blocks):
+            kp = it // c_blocks
+            c0 = (it - kp * c_blocks) * BLOCK_K
+            ky = kp // KW
+            kx = kp - ky * KW
+            hi = hi0 + ky * dil_h
+            wi = wi0 + kx * dil_w
+            valid = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = img + (hi * W + wi) * C  # start of each row's channel run
+            a_ptrs = x_ptr + pix[:, None] + (c0 + offs_k)[None, :]
+            w_ptrs = w_rows + (kp * C + c0)
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=valid[:, None], other=0)
+                w = tl.load(w_ptrs)
+            else:
+                c_mask = (c0 + offs_k)[None, :] < C
+                a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=0)
+                w = tl.load(w_ptrs, mask=c_mask, other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
+                  stride_rm, stride_rn, O, 1, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (callable on CPU tensors under the interpreter; ``out`` lets tests poison the output)
+
+
+def _dense_like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``empty_like`` keeps the strides of a dense tensor (so channels-last stays channels-last)."""
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _check_out(out: Tensor | None, ref: Tensor) -> Tensor:
+    if out is None:
+        return ref
+    if out.shape != ref.shape or out.dtype != ref.dtype or out.device != ref.device or out.stride() != ref.stride():
+        raise ValueError(f"out must be a {ref.dtype} tensor of shape {list(ref.shape)} and strides {ref.stride()} "
+                         f"on {ref.device}, got {out.dtype} {list(out.shape)} {out.stride()} on {out.device}")
+    return out
+
+
+def _quantize_per_tensor_triton(x: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """Flat kernel over the dense storage: y gets x's strides (channels-last in, channels-last out)."""
+    y = _check_out(out, _dense_like(x, torch.int8))
+    if y.numel() == 0:
+        return y
+    if x.stride() != y.stride():  # x not dense (a slice): copy it into y's dense layout first
+        x = torch.empty_like(y, dtype=x.dtype).copy_(x)
+    block = 1024 if x.device.type != "cuda" else 4096
+    grid = (triton.cdiv(x.numel(), block),)
+    _quantize_per_tensor_kernel[grid](x, y, x.numel(), float(scale), BLOCK=block, num_warps=8)
+    return y
+
+
+def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config):
+    m, k = x2.shape
+    n = w_q.shape[0]
+    bm, bn, bk, group_m, warps, stages = config or gemm_config(m, n, k, x2.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    dummy = w_scale
+    _int8_linear_kernel[grid](
+        x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
+        m, n, k, float(x_scale),
+        x2.stride(0), w_q.stride(0),
+        0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
+        EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def _k_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _int8_linear_triton(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str = "none",
+    out_dtype: str = "float16",
+    out: Tensor | None = None,
+    *,
+    config: Config | None = None,
+) -> Tensor:
+    """x_q [..., K] -> [..., N]. Operands that are not K-contiguous are copied (the slow layout is
+    never fed to the dot); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)."""
+    k = x_q.shape[-1]
+    n = w_q.shape[0]
+    lead = x_q.shape[:-1]
+    y = _check_out(out, torch.empty((*lead, n), dtype=OUT_DTYPES[out_dtype], device=x_q.device))
+    if y.numel() == 0:
+        return y
+    if k == 0:  # empty sum: the epilogue alone
+        return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype))
+    x2 = _k_contiguous(x_q.reshape(-1, k))
+    r2 = None if residual is None else residual.reshape(-1, n)
+    _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config)
+    return y
+
+
+def _int8_conv2d_triton(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    stride: list[int] = (1, 1),
+    padding: list[int] = (0, 0),
+    dilation: list[int] = (1, 1),
+    groups: int = 1,
+    residual: Tensor | None = None,
+    activation: str = "none",
+    out_dtype: str = "float16",
+    out: Tensor | None = None,
+    *,
+    config: Config | None = None,
+) -> Tensor:
+    """NHWC implicit GEMM (1x1 / stride 1 / no padding: the linear kernel on the NHWC views).
+    An input or residual not in channels-last memory is copied to it first (one int8 relayout)."""
+    n, c, h, w = x_q.shape
+    o, kh, kw, _ = w_q.shape
+    ho = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    y = torch.empty((n, o, ho, wo), dtype=OUT_DTYPES[out_dtype], device=x_q.device, memory_format=torch.channels_last)
+    y = _check_out(out, y)
+    if y.numel() == 0:
+        return y
+    if c == 0:
+        return y.copy_(reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups,
+                                             residual, activation, out_dtype))
+    if not x_q.is_contiguous(memory_format=torch.channels_last):
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    if not w_q.is_contiguous():
+        w_q = w_q.contiguous()
+    if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    if h * w * c > _MAX_I32:
+        raise ValueError(f"x_q: one image spans more than 2^31 elements ({h}x{w}x{c}); split it spatially")
+    m = n * ho * wo
+    y2 = y.permute(0, 2, 3, 1).reshape(m, o)  # views: NHWC memory is [M, O] row-major
+    r2 = None if residual is None else residual.permute(0, 2, 3, 1).reshape(m, o)
+    if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
+        _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config)
+        return y
+    bm, bn, bk, group_m, warps, stages = config or gemm_config(m, o, c, x_q.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
+    dummy = w_scale
+    _int8_conv2d_kernel[grid](
+        x_q, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
+        m, o, c, h, w, ho, wo, float(x_scale),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
+        EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# registration
+
+
+def _inference_only(name: str):
+    def backward(ctx, grad_output):
+        raise RuntimeError(
+            f"bevdeploy::{name} is inference-only: int8 codes have no gradient. Train or fine-tune the float "
+            "model (QAT with fake quantization), then convert it with bevdeploy.quant.modules.quantize_modules."
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    return backward, setup_context
+
+
+@torch.library.custom_op("bevdeploy::quantize_per_tensor", mutates_args=())
+def _quantize_per_tensor_op(x: Tensor, scale: float) -> Tensor:
+    if use_triton(x):
+        return _quantize_per_tensor_triton(x, scale)
+    out = _dense_like(x, torch.int8)
+    return out.copy_(reference_quantize_per_tensor(x, scale))
+
+
+@_quantize_per_tensor_op.register_fake
+def _(x, scale):
+    _check_quantize(x, scale)
+    return _dense_like(x, torch.int8)
+
+
+@torch.library.custom_op("bevdeploy::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation: str,
+    out_dtype: str,
+) -> Tensor:
+    if use_triton(x_q):
+        return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
+    return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype).contiguous()
+
+
+@_int8_linear_op.register_fake
+def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype):
+    shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
+    return x_q.new_empty(shape, dtype=OUT_DTYPES[out_dtype])
+
+
+@torch.library.custom_op("bevdeploy::int8_conv2d", mutates_args=())
+def _int8_conv2d_op(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    residual: Tensor | None,
+    activation: str,
+    out_dtype: str,
+) -> Tensor:
+    if use_triton(x_q):
+        return _int8_conv2d_triton(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
+                                   activation, out_dtype)
+    return reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
+                                 activation, out_dtype)
+
+
+@_int8_conv2d_op.register_fake
+def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype):
+    shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
+                        out_dtype)
+    return torch.empty(shape, dtype=OUT_DTYPES[out_dtype], device=x_q.device, memory_format=torch.channels_last)
+
+
+for _op, _name in ((_quantize_per_tensor_op, "quantize_per_tensor"), (_int8_linear_op, "int8_linear"),
+                   (_int8_conv2d_op, "int8_conv2d")):
+    _bwd, _setup = _inference_only(_name)
+    _op.register_autograd(_bwd, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def _out_dtype_name(out_dtype: torch.dtype | str) -> str:
+    if isinstance(out_dtype, torch.dtype):
+        if out_dtype not in _DTYPE_NAME:
+            raise ValueError(f"out_dtype must be torch.float16 or torch.float32, got {out_dtype}")
+        return _DTYPE_NAME[out_dtype]
+    return out_dtype
+
+
+def quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
+    """Symmetric per-tensor int8 quantization in one fused pass.
+
+    Args:
+        x (Tensor[...]): float32 / float16 / bfloat16, any shape and memory format.
+        scale (float): the calibrated scale (amax / 127); codes are ``round_half_even(x / scale)``
+            in fp32, clamped to [-127, 127] (-128 is never produced, as TensorRT's symmetric int8).
+
+    Returns:
+        Tensor[...]: int8 codes, same shape and strides as ``x`` when it is dense (a channels-last
+        input gives a channels-last output), else contiguous in ``x``'s suggested memory format.
+    """
+    _check_quantize(x, scale)
+    return _quantize_per_tensor_op(x, float(scale))
+
+
+def int8_linear(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    *,
+    residual: Tensor | None = None,
+    activation: str = "none",
+    out_dtype: torch.dtype | str = torch.float16,
+) -> Tensor:
+    """``act(x_scale * w_scale[n] * (x_q @ w_q.T)[.., n] + bias[n] + residual)`` with int8 tensor-core math.
+
+    Args:
+        x_q (Tensor[..., K]): int8 input codes (last dim contiguous is the fast layout).
+        w_q (Tensor[N, K]): int8 weight codes, nn.Linear's layout (K-contiguous).
+        x_scale (float): per-tensor scale of ``x_q``.
+        w_scale (Tensor[N]): float32 per-output-channel weight scales.
+        bias (Tensor[N], optional): float bias, added after dequantization.
+        residual (Tensor[..., N], optional): float tensor added before the activation.
+        activation (str): ``"none"``, ``"relu"`` or ``"silu"``.
+        out_dtype (torch.dtype): torch.float16 (default) or torch.float32.
+
+    Returns:
+        Tensor[..., N]: contiguous, ``out_dtype``.
+    """
+    out_dtype = _out_dtype_name(out_dtype)
+    _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
+    return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype)
+
+
+def int8_conv2d(
+    x_q: Tensor,
+    w_q: Tensor,
+    x_scale: float,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    residual: Tensor | None = None,
+    activation: str = "none",
+    out_dtype: torch.dtype | str = torch.float16,
+) -> Tensor:
+    """2-D convolution on int8 codes with int8 tensor-core math and a fused epilogue.
+
+    Args:
+        x_q (Tensor[N, C, H, W]): int8 input codes in channels-last memory (NHWC); another layout is
+            copied to channels-last first.
+        w_q (Tensor[O, kh, kw, C]): int8 weight codes, K-contiguous (``conv.weight.permute(0, 2, 3, 1)``).
+        x_scale (float): per-tensor scale of ``x_q``.
+        w_scale (Tensor[O]): float32 per-output-channel weight scales.
+        bias (Tensor[O], optional): float bias (BN folded in), added after dequantization.
+        stride, padding, dilation (int or (int, int)): as ``F.conv2d`` (zero padding).
+        groups (int): 1 only (NotImplementedError otherwise).
+        residual (Tensor[N, O, Ho, Wo], optional): float tensor added before the activation
+            (channels-last memory avoids a copy).
+        activation (str): ``"none"``, ``"relu"`` or ``"silu"``.
+        out_dtype (torch.dtype): torch.float16 (default) or torch.float32.
+
+    Returns:
+        Tensor[N, O, Ho, Wo]: ``out_dtype`` in channels-last memory.
+    """
+    out_dtype = _out_dtype_name(out_dtype)
+    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
+    _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype)
+    return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
+                           activation, out_dtype)

@@ -1,0 +1,400 @@
+"""Conversion to int8 layers: ``QuantLinear``, ``QuantConv2d``, ``fold_bn`` and ``quantize_modules``.
+
+The second step of post-training quantization (gpt-fast's ``convert_for_runtime``): calibration
+(``bevdeploy.quant.calibrate``) gives each layer's per-tensor input scale; here the float weights are
+quantized per output channel (symmetric, ``scale = amax / 127``), stored as int8 buffers in the
+K-contiguous layout the int8 kernels read (Linear ``[N, K]``, Conv2d ``[O, kh, kw, C]``), and every
+calibrated ``nn.Linear`` / ``nn.Conv2d`` is swapped for its int8 module. The engine folds BatchNorm
+into the convs first (``fold_bn``), so a conv's bias carries the BN shift.
+
+A converted layer computes (see :mod:`bevdeploy.quant.int8_kernels`)::
+
+    y = act( input_scale * weight_scale[o] * sum(int8(x / input_scale) * weight) + bias[o] [+ residual] )
+
+with int8 x int8 -> int32 tensor-core math and the rest fused in the kernel's epilogue; it returns
+fp16 (or fp32) and, for convs, channels-last 4-D tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from bevdeploy.ops._utils import use_triton
+from bevdeploy.quant.int8_kernels import ACTIVATIONS, int8_conv2d, int8_linear, quantize_per_tensor
+
+__all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
+           "quantize_weight_per_channel"]
+
+_OUT_DTYPES = (torch.float16, torch.float32)
+
+
+def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8 (dim 0): ``scale = amax / 127`` (1 for an all-zero channel).
+
+    Args:
+        weight (Tensor[O, ...]): float weight.
+
+    Returns:
+        (Tensor[O, ...] int8 codes, Tensor[O] float32 scales), codes ``round_half_even(w / scale)``
+        clamped to [-127, 127].
+    """
+    w = weight.detach().float()
+    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))), -127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics).
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    Computed in float64, stored in the conv's dtype; ``conv`` and ``bn`` are left untouched.
+
+    Args:
+        conv (nn.Conv2d): any groups / stride / padding.
+        bn (nn.BatchNorm2d): ``num_features == conv.out_channels``, with running statistics.
+
+    Returns:
+        nn.Conv2d: same geometry as ``conv``, with a bias.
+    """
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"fold_bn takes (nn.Conv2d, nn.BatchNorm2d), got ({type(conv).__name__}, {type(bn).__name__})")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn.num_features must equal conv.out_channels={conv.out_channels}, got {bn.num_features}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn has no running statistics (track_running_stats=False): nothing to fold")
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                               device=w.device)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(b)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(b)
+    inv_std = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    factor = gamma * inv_std
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w * factor[:, None, None, None])
+        fused.bias.copy_((b - bn.running_mean.detach().double()) * factor + beta)
+    fused.train(conv.training)
+    return fused
+
+
+def _check_common(input_scale: float, activation: str, out_dtype: torch.dtype) -> float:
+    if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
+        raise TypeError(f"input_scale must be a python float, got {type(input_scale).__name__}")
+    input_scale = float(input_scale)
+    if not (0.0 < input_scale < math.inf):
+        raise ValueError(f"input_scale must be a positive finite float, got {input_scale}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be torch.float16 or torch.float32, got {out_dtype}")
+    return input_scale
+
+
+class _QuantBase(nn.Module):
+    """Shared: ``input_scale`` is a python float (a constant in exported graphs) mirrored by the float64
+    buffer ``input_scale_tensor`` (saved in state dicts and engine files; loading restores the float)."""
+
+    def _init_common(self, input_scale: float, activation: str, out_dtype: torch.dtype, device) -> None:
+        self._input_scale = _check_common(input_scale, activation, out_dtype)
+        self.register_buffer("input_scale_tensor", torch.tensor(self._input_scale, dtype=torch.float64, device=device))
+        self.activation = activation
+        self.out_dtype = out_dtype
+
+    @property
+    def input_scale(self) -> float:
+        return self._input_scale
+
+    @input_scale.setter
+    def input_scale(self, value: float) -> None:
+        self._input_scale = _check_common(value, self.activation, self.out_dtype)
+        with torch.no_grad():
+            self.input_scale_tensor.fill_(self._input_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "input_scale_tensor" in state_dict:
+            self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
+                                              self.out_dtype)
+
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        return x if x.dtype == torch.int8 else quantize_per_tensor(x, self._input_scale)
+
+    def _precision(self) -> str:
+        try:
+            kernel = "triton int8 tl.dot" if use_triton(self.weight) else "torch reference on int8 codes"
+        except NotImplementedError:
+            kernel = "unavailable (CUDA without Triton)"
+        out = "fp16" if self.out_dtype == torch.float16 else "fp32"
+        return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}"
+
+
+class QuantLinear(_QuantBase):
+    """``nn.Linear`` running int8 x int8 -> int32 (see :func:`bevdeploy.quant.int8_kernels.int8_linear`).
+
+    Buffers: ``weight`` (Tensor[N, K] int8), ``weight_scale`` (Tensor[N] float32), ``bias``
+    (Tensor[N] float32 or None), ``input_scale_tensor`` (float64 scalar). Build with :meth:`from_float`.
+
+    Args:
+        in_features (int): K.
+        out_features (int): N.
+        bias (bool): whether a bias buffer exists.
+        input_scale (float): calibrated per-tensor scale of the input (amax / 127).
+        activation (str): ``"none"``, ``"relu"`` or ``"silu"``, fused in the kernel's epilogue.
+        out_dtype (torch.dtype): torch.float16 (default) or torch.float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_scale: float = 1.0,
+                 activation: str = "none", out_dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_common(input_scale, activation, out_dtype, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: float, activation: str = "none", *,
+                   out_dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """Quantize ``linear``'s weight per output channel; ``input_scale`` comes from calibration."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_float takes an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale=input_scale,
+                activation=activation, out_dtype=out_dtype, device=w.device)
+        wq, ws = quantize_weight_per_channel(w)
+        with torch.no_grad():
+            q.weight.copy_(wq)
+            q.weight_scale.copy_(ws)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach().float())
+        return q
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes -> Tensor[..., N]."""
+        return int8_linear(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
+                           residual=residual, activation=self.activation, out_dtype=self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):  # 'same' (stride 1): symmetric only
+            total = d * (k - 1)
+            if total % 2:
+                raise NotImplementedError(f"padding='same' with an even dilated kernel ({k}, dilation {d}) pads "
+                                          "asymmetrically; int8_conv2d takes symmetric padding only")
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
+
+
+def _conv_unsupported(conv: nn.Conv2d) -> str | None:
+    """Why ``conv`` cannot run as int8 (None when it can)."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (int8_conv2d supports groups=1)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (int8_conv2d pads with zeros)"
+    try:
+        _explicit_padding(conv)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+class QuantConv2d(_QuantBase):
+    """``nn.Conv2d`` (groups=1, zero padding) running int8 implicit GEMM
+    (see :func:`bevdeploy.quant.int8_kernels.int8_conv2d`); outputs are channels-last 4-D.
+
+    Buffers: ``weight`` (Tensor[O, kh, kw, C] int8, K-contiguous), ``weight_scale`` (Tensor[O] float32),
+    ``bias`` (Tensor[O] float32 or None), ``input_scale_tensor``. Build with :meth:`from_float`
+    (fold BatchNorm first with :func:`fold_bn`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",
+                 out_dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        from torch.nn.modules.utils import _pair
+
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.groups = 1
+        self._init_common(input_scale, activation, out_dtype, device)
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, kh, kw, in_channels, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, input_scale: float, activation: str = "none", *,
+                   out_dtype: torch.dtype = torch.float16) -> QuantConv2d:
+        """Quantize ``conv``'s weight per output channel into the [O, kh, kw, C] layout.
+
+        Raises:
+            NotImplementedError: groups != 1, a non-zero padding mode, or asymmetric 'same' padding.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"QuantConv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
+        reason = _conv_unsupported(conv)
+        if reason is not None:
+            raise NotImplementedError(f"QuantConv2d: {reason}")
+        w = conv.weight
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _explicit_padding(conv),
+                conv.dilation, conv.bias is not None, input_scale=input_scale, activation=activation,
+                out_dtype=out_dtype, device=w.device)
+        wq, ws = quantize_weight_per_channel(w)
+        with torch.no_grad():
+            q.weight.copy_(wq.permute(0, 2, 3, 1))
+            q.weight_scale.copy_(ws)
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias.detach().float())
+        return q
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (Tensor[N, C, H, W]) float or int8 codes (channels-last memory avoids a relayout) ->
+        Tensor[N, O, Ho, Wo] channels-last; ``residual`` (same shape) is added before the activation."""
+        return int8_conv2d(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
+                           self.stride, self.padding, self.dilation, residual=residual, activation=self.activation,
+                           out_dtype=self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
+
+
+class LayerReport(NamedTuple):
+    """One row of :func:`quantize_modules`'s report."""
+
+    name: str
+    precision: str  # "int8" or "float"
+    reason: str
+
+
+_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
+
+
+def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] | None:
+    """(name of the activation module, activation) when ``child_name`` is followed in the nn.Sequential
+    ``parent`` by an nn.ReLU / nn.SiLU, with only nn.Identity (e.g. a folded BatchNorm) in between."""
+    if not isinstance(parent, nn.Sequential):
+        return None
+    names = list(parent._modules)
+    for nxt in names[names.index(child_name) + 1:]:
+        mod = parent._modules[nxt]
+        if type(mod) is nn.Identity:
+            continue
+        act = _FUSABLE.get(type(mod))
+        return (nxt, act) if act is not None else None
+    return None
+
+
+def quantize_modules(
+    model: nn.Module,
+    scales: dict[str, float],
+    *,
+    keep_float: set[str] | frozenset[str] = frozenset(),
+    fuse_relu: bool = True,
+    out_dtype: torch.dtype = torch.float16,
+) -> list[LayerReport]:
+    """Swap every calibrated ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for its int8 module, in place.
+
+    A layer is converted when its qualified name (``model.named_modules()``) has an input scale in
+    ``scales`` and is not in ``keep_float``; convs with groups != 1, a non-zero padding mode or
+    asymmetric 'same' padding stay float. Fold BatchNorm into the convs first (:func:`fold_bn`).
+
+    With ``fuse_relu`` (default), an ``nn.ReLU`` (or ``nn.SiLU``: the epilogue has both) that directly
+    follows a converted layer inside an ``nn.Sequential`` (``nn.Identity`` modules in between are
+    skipped) becomes the int8 layer's fused activation and is replaced by ``nn.Identity`` in that
+    Sequential. Activations called from ``forward`` code (torchvision's ``self.relu``) are not
+    fused: the module graph does not say what runs after what.
+
+    Args:
+        model (nn.Module): float model (eval mode), modified in place.
+        scales (dict[str, float]): calibrated per-tensor input scale (amax / 127) per layer name.
+        keep_float (set[str]): layer names to leave float even when calibrated.
+        fuse_relu (bool): fuse following ReLU / SiLU modules into the int8 epilogue.
+        out_dtype (torch.dtype): output dtype of the int8 layers (torch.float16 or torch.float32).
+
+    Only exact ``nn.Linear`` / ``nn.Conv2d`` are swapped: subclasses (``nn.MultiheadAttention``'s
+    ``out_proj``, whose parent reads its weight directly) are reported float and left alone.
+
+    Returns:
+        list[LayerReport]: ``(name, "int8" | "float", reason)`` for every Linear / Conv2d (and subclass)
+        of the model, in module order, plus ``(name, "fused", ...)`` rows for the activations folded into
+        an int8 layer's epilogue.
+    """
+    unknown = set(keep_float) - {n for n, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"keep_float names no module of the model: {sorted(unknown)}")
+    for name, s in scales.items():
+        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 < float(s) < math.inf):
+            raise ValueError(f"scales[{name!r}] must be a positive finite float, got {s!r}")
+    modules = dict(model.named_modules())
+    report: list[LayerReport] = []
+    fused: set[str] = set()
+    for name, mod in list(modules.items()):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, _QuantBase):
+            continue
+        if type(mod) not in (nn.Linear, nn.Conv2d):
+            # e.g. nn.MultiheadAttention's out_proj (its parent reads .weight directly): not swappable
+            report.append(LayerReport(name, "float", f"{type(mod).__name__} is a subclass, not a plain "
+                                                     "nn.Linear / nn.Conv2d: left alone"))
+            continue
+        if name == "":
+            raise ValueError("model is itself a Linear/Conv2d: wrap it in a module (e.g. nn.Sequential) to swap it")
+        if name not in scales:
+            report.append(LayerReport(name, "float", "no calibrated input scale"))
+            continue
+        if name in keep_float:
+            report.append(LayerReport(name, "float", "kept float (keep_float)"))
+            continue
+        if isinstance(mod, nn.Conv2d) and (why := _conv_unsupported(mod)) is not None:
+            report.append(LayerReport(name, "float", why))
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name]
+        activation, act_name = "none", None
+        if fuse_relu and (found := _fusable_activation(parent, child)) is not None:
+            act_child, activation = found
+            act_name = f"{parent_name}.{act_child}" if parent_name else act_child
+        qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+        qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)
+        qmod.train(mod.training)
+        setattr(parent, child, qmod)
+        what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
+            *mod.kernel_size, "x".join(map(str, mod.stride)))
+        fused_txt = f", {activation} fused" if activation != "none" else ""
+        report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}{fused_txt}"))
+        if act_name is not None:
+            setattr(parent, act_name.rpartition(".")[2], nn.Identity())
+            fused.add(act_name)
+            report.append(LayerReport(act_name, "fused", f"{activation} runs in {name}'s int8 epilogue"))
+    return report
+
+
+def format_report(report: list[LayerReport]) -> str:
+    """The report as an aligned text table (one layer a line) with an int8 / float count."""
+    if not report:
+        return "(no Linear / Conv2d layers)"
+    width = max(len(r.name) for r in report)
+    lines = [f"{r.name:<{width}}  {r.precision:<5}  {r.reason}" for r in report]
+    n_int8 = sum(r.precision == "int8" for r in report)
+    n_float = sum(r.precision == "float" for r in report)
+    lines.append(f"{n_int8} int8, {n_float} float")
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""int8 kernels against float64 references computed from the SAME int8 codes and scales, so the only
+error left is the output rounding: relative L2 <= REL_TOL["fp16"] (1e-3) for fp16 outputs and
+REL_TOL["fp32"] (1e-5) for fp32 outputs. quantize_per_tensor must equal torch bit for bit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bevdeploy.quant.int8_kernels import (
+    _int8_conv2d_triton,
+    _int8_linear_triton,
+    _quantize_per_tensor_triton,
+    gemm_config,
+    int8_conv2d,
+    int8_linear,
+    quantize_per_tensor,
+    reference_int8_conv2d,
+    reference_int8_linear,
+)
+from tests._utils import REL_TOL, assert_rel_close, poisoned
+
+# silu's sigmoid of large negative pre-activations: exp overflows to inf in the interpreter's numpy
+# (the result, x * 0, is right; the GPU does the same without a warning).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+_OUT = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _codes(*shape, device):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+
+
+def _scales(n, device):
+    return (torch.rand(n, device=device) * 0.02 + 0.002).float()
+
+
+def _act64(y, activation):
+    return {"none": y, "relu": torch.relu(y), "silu": F.silu(y)}[activation]
+
+
+def _ref_linear(x_q, w_q, xs, ws, bias, residual, activation):
+    y = (x_q.double() * xs) @ (w_q.double() * ws.double()[:, None]).t()
+    if bias is not None:
+        y = y + bias.double()
+    if residual is not None:
+        y = y + residual.double()
+    return _act64(y, activation)
+
+
+def _ref_conv(x_q, w_q, xs, ws, bias, stride, padding, dilation, residual, activation):
+    w = (w_q.double() * ws.double()[:, None, None, None]).permute(0, 3, 1, 2)
+    y = F.conv2d(x_q.double() * xs, w, None if bias is None else bias.double(), stride, padding, dilation)
+    if residual is not None:
+        y = y + residual.double()
+    return _act64(y, activation)
+
+
+# (bias, residual, activation, out_dtype)
+EPILOGUES = [
+    (False, False, "none", "float16"),
+    (True, False, "relu", "float16"),
+    (True, True, "relu", "float32"),
+    (False, True, "silu", "float16"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_per_tensor_exact(device, dtype):
+    scale = 0.25  # a power of two: k/2 * scale divides exactly, so the ties below are real ties
+    ties = torch.arange(-300, 301, dtype=torch.float32) * 0.5 * scale  # ..., -0.5, 0, 0.5, 1.5, ... and clamping
+    x = torch.cat([ties, torch.randn(1237) * 20]).to(dtype).to(device)
+    out = _quantize_per_tensor_triton(x, scale, out=poisoned(x.shape, torch.int8, device))
+    want = torch.clamp(torch.round(x.cpu().float() / scale), -127, 127).to(torch.int8)
+    assert torch.equal(out.cpu(), want)
+    odd = torch.randn(5, 7, 3, device=device).to(dtype) * 3
+    assert torch.equal(quantize_per_tensor(odd, 0.0173).cpu(),
+                       torch.clamp(torch.round(odd.cpu().float() / 0.0173), -127, 127).to(torch.int8))
+
+
+def test_quantize_keeps_channels_last_and_handles_slices(device):
+    x = torch.randn(2, 6, 5, 3, device=device).contiguous(memory_format=torch.channels_last)
+    q = quantize_per_tensor(x, 0.02)
+    assert q.is_contiguous(memory_format=torch.channels_last) and q.stride() == x.stride()
+    assert torch.equal(q.cpu(), torch.clamp(torch.round(x.cpu() / 0.02), -127, 127).to(torch.int8))
+    s = x[:, 1:5, :, ::2]  # not dense
+    want = torch.clamp(torch.round(s.cpu() / 0.02), -127, 127).to(torch.int8)
+    assert torch.equal(quantize_per_tensor(s, 0.02).cpu(), want)
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("mnk", [(37, 19, 45), (1, 5, 32), (70, 48, 96)])
+@pytest.mark.parametrize("bias,residual,activation,out_dtype", EPILOGUES)
+def test_int8_linear_matches_float64(device, mnk, bias, residual, activation, out_dtype):
+    m, n, k = mnk
+    x_q, w_q, ws = _codes(m, k, device=device), _codes(n, k, device=device), _scales(n, device)
+    xs = 0.0137
+    b = torch.randn(n, device=device) if bias else None
+    r = torch.randn(m, n, device=device).half() if residual else None
+    out = _int8_linear_triton(x_q, w_q, xs, ws, b, r, activation, out_dtype,
+                              out=poisoned((m, n), _OUT[out_dtype], device))
+    tol = REL_TOL["fp16" if out_dtype == "float16" else "fp32"]
+    assert_rel_close(out, _ref_linear(x_q, w_q, xs, ws, b, r, activation), tol)
+
+
+def test_int8_linear_many_tiles_grouped_order(device):
+    # 16x16 tiles: 3 row-tiles x 2 column-tiles in groups of 2, K tail masked (45 = 32 + 13).
+    x_q, w_q, ws = _codes(37, 45, device=device), _codes(19, 45, device=device), _scales(19, device)
+    b, r = torch.randn(19, device=device), torch.randn(37, 19, device=device)
+    out = _int8_linear_triton(x_q, w_q, 0.01, ws, b, r, "relu", "float32",
+                              out=poisoned((37, 19), torch.float32, device), config=(16, 16, 32, 2, 4, 1))
+    assert_rel_close(out, _ref_linear(x_q, w_q, 0.01, ws, b, r, "relu"), REL_TOL["fp32"])
+
+
+def test_int8_linear_leading_dims_and_non_contiguous(device):
+    x_q = _codes(2, 3, 40, device=device)[..., ::2]  # [2, 3, 20], K stride 2: copied to K-contiguous
+    w_q = _codes(20, 11, device=device).t()  # [11, 20] with K stride 11
+    ws, r = _scales(11, device), torch.randn(11, 3, 2, device=device).permute(2, 1, 0)  # residual [2, 3, 11]
+    out = int8_linear(x_q, w_q, 0.02, ws, residual=r, out_dtype=torch.float32)
+    assert out.shape == (2, 3, 11) and out.is_contiguous()
+    want = _ref_linear(x_q.reshape(6, 20), w_q, 0.02, ws, None, r.reshape(6, 11), "none").reshape(2, 3, 11)
+    assert_rel_close(out, want, REL_TOL["fp32"])
+
+
+# ---------------------------------------------------------------------------------------------- conv
+
+
+# (N, C, H, W, O, kernel, stride, padding, dilation)
+CONVS = [
+    (2, 5, 7, 9, 19, (3, 3), (1, 1), (1, 1), (1, 1)),  # channel tail masked (C=5 < BLOCK_K)
+    (1, 64, 6, 5, 8, (3, 3), (2, 2), (1, 1), (1, 1)),  # two channel blocks per kernel point, stride 2
+    (1, 33, 9, 8, 6, (1, 3), (2, 1), (0, 2), (2, 2)),  # non-square kernel, dilation, uneven padding
+    (2, 40, 5, 7, 19, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1 stride 1: the linear kernel on NHWC views
+    (2, 40, 5, 7, 19, (1, 1), (2, 2), (0, 0), (1, 1)),  # 1x1 stride 2 (ResNet downsample): implicit GEMM
+    (1, 3, 11, 10, 16, (7, 7), (2, 2), (3, 3), (1, 1)),  # stem-like: 49 kernel points, 3 channels
+]
+
+
+# Half of the conv x epilogue grid keeps the file fast; every conv meets two epilogues, every
+# epilogue three convs.
+CONV_X_EPILOGUE = [(c, e) for c in range(len(CONVS)) for e in range(len(EPILOGUES)) if (c + e) % 2 == 0]
+
+
+@pytest.mark.parametrize("case,epi", CONV_X_EPILOGUE)
+def test_int8_conv2d_matches_float64(device, case, epi):
+    n, c, h, w, o, k, s, p, d = CONVS[case]
+    bias, residual, activation, out_dtype = EPILOGUES[epi]
+    x_q = _codes(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    w_q, ws = _codes(o, *k, c, device=device), _scales(o, device)
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    b = torch.randn(o, device=device) if bias else None
+    r = torch.randn(n, o, ho, wo, device=device).contiguous(memory_format=torch.channels_last) if residual else None
+    out = poisoned((n, o, ho, wo), _OUT[out_dtype], device).contiguous(memory_format=torch.channels_last)
+    _int8_conv2d_triton(x_q, w_q, 0.021, ws, b, list(s), list(p), list(d), 1, r, activation, out_dtype, out=out)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    want = _ref_conv(x_q, w_q, 0.021, ws, b, s, p, d, r, activation)
+    assert_rel_close(out, want, REL_TOL["fp16" if out_dtype == "float16" else "fp32"])
+
+
+def test_int8_conv2d_many_tiles_and_nchw_inputs(device):
+    # NCHW-contiguous input and residual are relaid to channels-last; 16x16 tiles, 2 channel blocks.
+    x_q = _codes(2, 45, 6, 7, device=device)
+    w_q, ws, b = _codes(21, 3, 3, 45, device=device), _scales(21, device), torch.randn(21, device=device)
+    r = torch.randn(2, 21, 6, 7, device=device)
+    out = _int8_conv2d_triton(x_q, w_q, 0.02, ws, b, [1, 1], [1, 1], [1, 1], 1, r, "relu", "float32",
+                              config=(16, 16, 32, 2, 4, 1))
+    assert_rel_close(out, _ref_conv(x_q, w_q, 0.02, ws, b, (1, 1), (1, 1), (1, 1), r, "relu"), REL_TOL["fp32"])
+    out = int8_conv2d(x_q, w_q, 0.02, ws, b, padding=1, residual=r, activation="relu")
+    assert out.dtype == torch.float16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, _ref_conv(x_q, w_q, 0.02, ws, b, (1, 1), (1, 1), (1, 1), r, "relu"), REL_TOL["fp16"])
+
+
+# ---------------------------------------------------------------------------------------------- references / CPU path
+
+
+def test_references_match_float64():
+    x_q, w_q, ws, b = _codes(9, 33, device="cpu"), _codes(7, 33, device="cpu"), _scales(7, "cpu"), torch.randn(7)
+    assert_rel_close(reference_int8_linear(x_q, w_q, 0.03, ws, b, None, "silu", "float32"),
+                     _ref_linear(x_q, w_q, 0.03, ws, b, None, "silu"), REL_TOL["fp32"])
+    xc, wc = _codes(1, 6, 5, 4, device="cpu"), _codes(7, 3, 3, 6, device="cpu")
+    out = reference_int8_conv2d(xc, wc, 0.03, ws, b, (1, 1), (1, 1), (1, 1), 1, None, "relu", "float32")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, _ref_conv(xc, wc, 0.03, ws, b, (1, 1), (1, 1), (1, 1), None, "relu"), REL_TOL["fp32"])
+
+
+def test_op_reference_path_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the plain-torch path
+    x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    q = quantize_per_tensor(x, 0.02)
+    assert q.stride() == x.stride()
+    wc, ws = _codes(7, 3, 3, 6, device="cpu"), _scales(7, "cpu")
+    out = int8_conv2d(q, wc, 0.02, ws, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, _ref_conv(q, wc, 0.02, ws, None, (1, 1), (1, 1), (1, 1), None, "none"), REL_TOL["fp16"])
+
+
+def test_launch_heuristic_on_cpu_is_small():
+    assert gemm_config(34800, 256, 256, torch.device("cpu"))[:3] == (32, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _lin_args(**over):
+    args = dict(x_q=_codes(4, 8, device="cpu"), w_q=_codes(3, 8, device="cpu"), x_scale=0.1,
+                w_scale=torch.ones(3), bias=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(x_q=torch.randn(4, 8)), r"x_q must have dtype"),
+        (dict(w_q=_codes(3, 8, 1, device="cpu")), r"w_q must have shape \[N, K\]"),
+        (dict(w_q=_codes(3, 9, device="cpu")), r"w_q: K"),
+        (dict(w_scale=torch.ones(4)), r"w_scale must have shape \[3\]"),
+        (dict(w_scale=torch.ones(3, dtype=torch.float16)), r"w_scale must have dtype"),
+        (dict(bias=torch.ones(2)), r"bias must have shape \[3\]"),
+        (dict(residual=torch.ones(4, 2)), r"residual must have the output's shape \[4, 3\]"),
+        (dict(activation="gelu"), r"activation must be one of"),
+        (dict(out_dtype=torch.bfloat16), r"out_dtype must be"),
+        (dict(x_scale=0.0), r"x_scale must be a positive finite"),
+        (dict(x_scale=float("nan")), r"x_scale must be a positive finite"),
+    ],
+)
+def test_int8_linear_input_checks(over, match):
+    with pytest.raises(ValueError, match=match):
+        int8_linear(**_lin_args(**over))
+
+
+def _conv_args(**over):
+    args = dict(x_q=_codes(1, 4, 5, 5, device="cpu"), w_q=_codes(3, 3, 3, 4, device="cpu"), x_scale=0.1,
+                w_scale=torch.ones(3), bias=None, padding=1)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(x_q=_codes(4, 5, 5, device="cpu")), r"x_q must have shape \[N, C, H, W\]"),
+        (dict(w_q=_codes(3, 4, 3, 3, device="cpu")), r"w_q: C"),
+        (dict(stride=0), r"stride must be 2 ints >= 1"),
+        (dict(padding=-1), r"padding must be 2 ints >= 0"),
+        (dict(padding=0, dilation=3), r"smaller than the dilated kernel"),
+        (dict(residual=torch.ones(1, 3, 4, 5)), r"residual must have the output's shape \[1, 3, 5, 5\]"),
+        (dict(w_scale=torch.ones(3, 1)), r"w_scale must have shape"),
+    ],
+)
+def test_int8_conv2d_input_checks(over, match):
+    with pytest.raises(ValueError, match=match):
+        int8_conv2d(**_conv_args(**over))
+
+
+def test_unsupported_and_type_errors():
+    with pytest.raises(NotImplementedError, match="groups=1"):
+        int8_conv2d(**_conv_args(groups=2))
+    with pytest.raises(TypeError, match="x_scale must be a python float"):
+        int8_conv2d(**_conv_args(x_scale=torch.tensor(0.1)))
+    with pytest.raises(ValueError, match="x must have dtype"):
+        quantize_per_tensor(torch.ones(3, dtype=torch.int32), 0.1)
+    with pytest.raises(ValueError, match="scale must be a positive finite"):
+        quantize_per_tensor(torch.ones(3), float("inf"))
+
+
+def test_inference_only_backward_raises(device):
+    r = torch.randn(4, 3, device=device, requires_grad=True)
+    out = int8_linear(_codes(4, 8, device=device), _codes(3, 8, device=device), 0.1, torch.ones(3, device=device),
+                      residual=r)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.float().sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.bevdeploy.quantize_per_tensor.default, (x, 0.05))
+    torch.library.opcheck(torch.ops.bevdeploy.int8_linear.default,
+                          (_codes(5, 8, device="cpu"), _codes(3, 8, device="cpu"), 0.1, _scales(3, "cpu"),
+                           torch.randn(3), torch.randn(5, 3), "relu", "float16"))
+    torch.library.opcheck(torch.ops.bevdeploy.int8_conv2d.default,
+                          (_codes(1, 4, 5, 5, device="cpu").contiguous(memory_format=torch.channels_last),
+                           _codes(3, 3, 3, 4, device="cpu"), 0.1, _scales(3, "cpu"), torch.randn(3), [2, 1], [1, 1],
+                           [1, 1], 1, None, "none", "float32"))
