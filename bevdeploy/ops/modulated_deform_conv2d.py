@@ -1,0 +1,956 @@
+"""Modulated deformable convolution 2D, DCNv2 (the reference system's ``ModulatedDeformableConv2dTRT``).
+
+Zhu et al., "Deformable ConvNets v2: More Deformable, Better Results", CVPR 2019. Semantics are
+exactly mmcv's ``ModulatedDeformConv2d`` (``mmcv/ops/modulated_deform_conv.py`` and the im2col kernel
+in ``modulated_deform_conv_cuda_kernel.cuh``), which torchvision's ``deform_conv2d`` shares::
+
+    out[n, o, ho, wo] = bias[o] + sum_{c in group(o), i, j} weight[o, c, i, j] * mask[n, d(c)*K + k, ho, wo]
+                        * bilinear(input[n, c], ho*sh - ph + i*dh + dy, wo*sw - pw + j*dw + dx)
+    k = i*kw + j,  K = kh*kw,  d(c) = c // (Cin / deform_groups),
+    dy = offset[n, d*2K + 2k, ho, wo],  dx = offset[n, d*2K + 2k + 1, ho, wo]
+
+Bilinear sampling reads zero outside the image (a sample at y <= -1 or y >= H is zero as a whole).
+
+Shapes: ``input (Tensor[N, Cin, H, W])``, ``offset (Tensor[N, 2*dg*kh*kw, Ho, Wo])``,
+``mask (Tensor[N, dg*kh*kw, Ho, Wo])`` (already sigmoided), ``weight (Tensor[Cout, Cin/groups, kh, kw])``,
+``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous).
+
+Kernels (no column buffer is ever written):
+
+1. Plan: per (image, deform group, kernel point, output pixel) the int32 offset of the top-left bilinear
+   corner and the four corner weights (bilinear x mask, 0 for corners outside the image), read from
+   offset/mask once; ~12-20 bytes per record, a few MB at ResNet-DCN sizes.
+2. Fused implicit GEMM. A program owns BLOCK_M output pixels of one image x BLOCK_N output channels of
+   one conv group. For each K-chunk (one kernel point x BLOCK_K input channels of one deform group) it
+   loads the pixels' plan, gathers the four corners as [BLOCK_M, BLOCK_K] channel-contiguous loads
+   (channels-last input; any strides work), blends them in registers and feeds ``tl.dot`` with the
+   weight tile (weight K-contiguous: channels-last ``[Cout, Cin/g, kh, kw]`` = memory
+   ``[Cout, kh, kw, Cin/g]``). The weight tile is the MMA's left operand (BLOCK_N up to 512 is its M
+   side, which amortises the sampling) and the pixels are contiguous in the stored NCHW tile. Chunks
+   run channel-block outer, kernel-point inner, so the kernel points of one channel block reuse the
+   input slab from L1.
+
+Variants: ``fp32`` (fp32 blend, IEEE fp32 dot), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
+dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
+a per-tensor ``input_scale``, int8 weight with per-output-channel ``weight_scale``: the int8 codes are
+blended in paired fp16 (exact codes, fp16 weights), the modulated sample is re-quantised to int8 with
+``input_scale`` -- round half to even, clamp to +-127 -- and fed to an int8 x int8 -> int32 dot;
+dequantisation ``input_scale * weight_scale[o]`` and bias in the epilogue; fp16 output).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from bevdeploy.ops._utils import (
+    VARIANT_INPUT_DTYPE,
+    VARIANT_OUTPUT_DTYPE,
+    check_int8_scale,
+    check_same_device,
+    check_tensor,
+    interpreter_enabled,
+    new_output,
+    register_reference_autograd,
+    resolve_variant,
+    triton_available,
+    use_triton,
+)
+
+_FLOAT_AUX = (torch.float32, torch.float16)
+
+
+def _pairs(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    out = []
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        p = tuple(int(x) for x in _pair(v))
+        if len(p) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+        out.append(p)
+    return out[0], out[1], out[2]
+
+
+def _output_hw(h, w, kh, kw, stride, padding, dilation):
+    ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    return ho, wo
+
+
+def _check_inputs(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    deform_groups: int,
+    variant: str | None,
+    input_scale: float | None,
+    weight_scale: Tensor | None,
+) -> tuple[str, tuple[int, int, int, int]]:
+    """Validate everything; return the resolved variant and the output shape [N, Cout, Ho, Wo]."""
+    check_tensor("input", input, shape=("N", "Cin", "H", "W"))
+    variant = resolve_variant(variant, input.dtype, "input")
+    check_int8_scale("input_scale", input_scale, variant)
+    (sh, sw), (ph, pw), (dh, dw) = _pairs(stride, padding, dilation)
+    if sh < 1 or sw < 1 or dh < 1 or dw < 1 or ph < 0 or pw < 0:
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={(sh, sw)}, "
+            f"padding={(ph, pw)}, dilation={(dh, dw)}"
+        )
+    groups, deform_groups = int(groups), int(deform_groups)
+    if groups < 1 or deform_groups < 1:
+        raise ValueError(f"groups and deform_groups must be >= 1, got {groups=}, {deform_groups=}")
+    n, cin, h, w = input.shape
+    if cin % groups != 0:
+        raise ValueError(f"input: in_channels {cin} must be divisible by groups={groups}")
+    if cin % deform_groups != 0:
+        raise ValueError(f"input: in_channels {cin} must be divisible by deform_groups={deform_groups}")
+    check_tensor("weight", weight, shape=("Cout", cin // groups, "kh", "kw"),
+                 dtypes=(VARIANT_INPUT_DTYPE[variant],))
+    cout, _, kh, kw = weight.shape
+    if cout % groups != 0:
+        raise ValueError(f"weight: out_channels {cout} must be divisible by groups={groups}")
+    ho, wo = _output_hw(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input: {h}x{w} is too small for the kernel (output would be {ho}x{wo})")
+    kk = kh * kw
+    check_tensor("offset", offset, shape=(n, 2 * deform_groups * kk, ho, wo), dtypes=_FLOAT_AUX)
+    check_tensor("mask", mask, shape=(n, deform_groups * kk, ho, wo), dtypes=_FLOAT_AUX)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(cout,), dtypes=_FLOAT_AUX)
+    if variant == "int8":
+        if weight_scale is None:
+            raise ValueError("variant 'int8' needs weight_scale (Tensor[Cout] float32, per output channel)")
+        check_tensor("weight_scale", weight_scale, shape=(cout,), dtypes=(torch.float32,))
+    elif weight_scale is not None:
+        raise ValueError(f"weight_scale is only for variant 'int8', got variant {variant!r}")
+    check_same_device(input=input, offset=offset, mask=mask, weight=weight, bias=bias, weight_scale=weight_scale)
+    return variant, (n, cout, ho, wo)
+
+
+def _sample_columns(input, offset, mask, kh, kw, stride, padding, dilation, deform_groups) -> Tensor:
+    """Deformable im2col: the modulated bilinear samples, Tensor[N, Cin, kh*kw, Ho*Wo], in input's dtype."""
+    n, c, h, w = input.shape
+    ho, wo = offset.shape[-2:]
+    kk = kh * kw
+    dg = deform_groups
+    dtype, dev = input.dtype, input.device
+    off = offset.to(dtype).reshape(n, dg, kk, 2, ho, wo)
+    m = mask.to(dtype).reshape(n, dg, kk, ho * wo)
+    ki = torch.arange(kh, device=dev).repeat_interleave(kw)
+    kj = torch.arange(kw, device=dev).repeat(kh)
+    base_y = (torch.arange(ho, device=dev) * stride[0] - padding[0])[None, :, None] + (ki * dilation[0])[:, None, None]
+    base_x = (torch.arange(wo, device=dev) * stride[1] - padding[1])[None, None, :] + (kj * dilation[1])[:, None, None]
+    y = off[:, :, :, 0] + base_y.to(dtype)  # [N, dg, K, Ho, Wo]
+    x = off[:, :, :, 1] + base_x.to(dtype)
+    # mmcv: a sample at y <= -1, y >= H (or x likewise) is zero; NaN offsets land there too.
+    inside = (y > -1) & (y < h) & (x > -1) & (x < w)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x = torch.where(inside, x, torch.zeros_like(x))
+    y0 = torch.floor(y).detach()
+    x0 = torch.floor(x).detach()
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    y0i, x0i = y0.long(), x0.long()
+    src = input.reshape(n, dg, c // dg, h * w)
+    cols = 0
+    for dy, dx, wgt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+        yy, xx = y0i + dy, x0i + dx
+        ok = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(n, dg, 1, kk * ho * wo)
+        v = torch.gather(src, 3, idx.expand(n, dg, c // dg, kk * ho * wo))
+        wgt = torch.where(ok, wgt, torch.zeros_like(wgt)).reshape(n, dg, 1, kk * ho * wo)
+        cols = cols + v * wgt
+    cols = cols.reshape(n, dg, c // dg, kk, ho * wo) * m[:, :, None]
+    return cols.reshape(n, c, kk, ho * wo)
+
+
+def _grouped_gemm(cols: Tensor, weight: Tensor, groups: int, ho: int, wo: int) -> Tensor:
+    """cols [N, Cin, K, L] x weight [Cout, Cin/g, kh, kw] -> [N, Cout, Ho, Wo] (per conv group)."""
+    n, c, kk, l = cols.shape
+    cout = weight.shape[0]
+    a = cols.reshape(n, groups, (c // groups) * kk, l)
+    b = weight.reshape(groups, cout // groups, (c // groups) * kk)
+    return torch.einsum("gok,ngkl->ngol", b, a).reshape(n, cout, ho, wo)
+
+
+def reference(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    deform_groups: int = 1,
+) -> Tensor:
+    """Plain-PyTorch DCNv2 (mmcv's im2col + GEMM) in input's dtype; differentiable; the test oracle."""
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    kh, kw = weight.shape[-2:]
+    ho, wo = offset.shape[-2:]
+    cols = _sample_columns(input, offset, mask, kh, kw, stride, padding, dilation, deform_groups)
+    out = _grouped_gemm(cols, weight.to(input.dtype), groups, ho, wo)
+    if bias is not None:
+        out = out + bias.to(out.dtype)[None, :, None, None]
+    return out.contiguous()
+
+
+def _round_half_even_clamp(x: Tensor) -> Tensor:
+    return torch.clamp(torch.round(x), -127, 127)
+
+
+def _cpu_impl(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    deform_groups: int,
+    variant: str,
+    input_scale: float,
+    weight_scale: Tensor | None,
+) -> Tensor:
+    """The variant's math in plain PyTorch (the op's CPU path and its autograd formula)."""
+    out_dtype = VARIANT_OUTPUT_DTYPE[variant]
+    if variant != "int8":
+        out = reference(input.float(), offset.float(), mask.float(), weight.float(),
+                        None if bias is None else bias.float(), stride, padding, dilation, groups, deform_groups)
+        return out.to(out_dtype).contiguous()
+    # int8: blend the int8 codes, re-quantise the modulated sample with input_scale (i.e. round the
+    # blended code), int8 x int8 GEMM (exact in float64), dequantise per output channel.
+    stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
+    kh, kw = weight.shape[-2:]
+    ho, wo = offset.shape[-2:]
+    cols = _sample_columns(input.float(), offset.float(), mask.float(), kh, kw, stride_, padding_, dilation_,
+                           deform_groups)
+    q = _round_half_even_clamp(cols).double()
+    acc = _grouped_gemm(q, weight.double(), groups, ho, wo)
+    out = acc * (input_scale * weight_scale.double())[None, :, None, None]
+    if bias is not None:
+        out = out + bias.double()[None, :, None, None]
+    return out.to(out_dtype).contiguous()
+
+
+_VARIANT_CODE = {"fp32": 0, "fp16": 1, "fp16x2": 2, "int8": 3}
+_MAX_I32 = 2**31 - 1
+
+
+def _candidate_configs(variant: str) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages) timed on the
+    GPU at the first call of a shape; the first is the untuned default.
+
+    The sampling (gather + blend, CUDA cores) costs per pixel x channel, the MMA per pixel x channel x
+    output channel, so a wide BLOCK_N (the MMA's M side, the whole Cout of a ResNet stage) amortises the
+    sampling. BLOCK_K=32 keeps 4-warp programs under ~240 registers and ~55 KB of shared memory, so two
+    programs share an SM and one's MMA overlaps the other's sampling (the MMA of a program waits for its
+    own freshly blended operand). Counted from the sm_90 SASS of the loop (Triton 3.9): ~1100 warp
+    instructions per MFLOP at (64, 256, 32, 4 warps) in fp16x2, ~1500 in fp16 (fp32 blend)."""
+    if variant == "fp32":  # IEEE fp32 dot runs on FMA units; these do not spill
+        return [(64, 128, 16, 8, 2), (32, 128, 16, 4, 2), (64, 64, 32, 8, 2), (128, 64, 16, 8, 2),
+                (64, 64, 16, 4, 2)]
+    return [(64, 256, 32, 4, 2), (128, 256, 32, 8, 2), (32, 512, 32, 4, 2), (64, 512, 32, 8, 2),
+            (64, 128, 64, 4, 2), (128, 128, 64, 8, 3)]
+
+
+def _fit_configs(configs, variant, m_img, cout_g, seg, n_img, groups=1):
+    """Shrink blocks to the problem (powers of two, >= the MMA minimum); drop duplicates."""
+    k_min = 32 if variant == "int8" else 16
+    p2 = lambda v, lo: max(lo, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
+    fitted = []
+    for bm, bn, bk, warps, stages in configs:
+        bm, bn, bk = min(bm, p2(m_img, 16)), min(bn, p2(cout_g, 16)), min(bk, p2(seg, k_min))
+        # Too few programs to fill the GPU: halve BLOCK_M first (the gather is per pixel).
+        while bm > 32 and n_img * groups * -(-m_img // bm) * -(-cout_g // bn) < 264:
+            bm //= 2
+        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 512)), stages)  # fewer warps only for tiny tiles
+        if cfg not in fitted:
+            fitted.append(cfg)
+    return fitted
+
+
+def _interpreter_config(variant, m_img, cout_g, seg):
+    """Under TRITON_INTERPRET few large blocks run fastest (numpy per op); shapes there are tiny."""
+    k_min = 32 if variant == "int8" else 16
+    p2 = lambda v, lo, hi: min(hi, max(lo, 1 << max(0, int(v) - 1).bit_length()))  # noqa: E731
+    return (p2(m_img, 16, 64), p2(cout_g, 16, 64), p2(seg, k_min, 64), 4, 1)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _modulated_deform_conv2d_plan_kernel(
+        # pointers
+        off_ptr,  # offset [N, 2*DG*KK, Ho, Wo], any strides
+        msk_ptr,  # mask [N, DG*KK, Ho, Wo], any strides
+        pidx_ptr,  # out: int32 [N*DG*KK, Ho*Wo] element offset of the top-left corner inside one image
+        pw_ptr,  # out: [N*DG*KK, 4, Ho*Wo] corner weights (bilinear x mask, 0 for corners outside)
+        # sizes
+        H,
+        W,
+        Wo,
+        HoWo,
+        DG,
+        num_p_blocks,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        # strides (elements)
+        stride_on,
+        stride_oc,
+        stride_oh,
+        stride_ow,
+        stride_mn,
+        stride_mc,
+        stride_mh,
+        stride_mw,
+        stride_xh,
+        stride_xw,
+        # constexpr
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        BLOCK_KK: tl.constexpr,  # next power of two of KH*KW
+        BLOCK: tl.constexpr,
+    ):
+        """Sampling plan of every (image, deform group, kernel point, output pixel), mmcv's rule:
+        y = ho*sh - ph + i*dh + dy (x alike); a sample with y <= -1, y >= H, x <= -1 or x >= W is zero;
+        corners outside the image read zero. A program does all kernel points of BLOCK pixels of one
+        (image, deform group); the result is read by every output-channel tile of the main kernel."""
+        KK: tl.constexpr = KH * KW
+        pid = tl.program_id(0)
+        nd = pid // num_p_blocks  # n*DG + d
+        pb = pid % num_p_blocks
+        nd64 = nd.to(tl.int64)
+        kp = tl.arange(0, BLOCK_KK)[:, None]
+        p = pb * BLOCK + tl.arange(0, BLOCK)[None, :]
+        ok = (kp < KK) & (p < HoWo)
+        ki = kp // KW
+        kj = kp % KW
+        ho = p // Wo
+        wo = p % Wo
+        n = nd64 // DG
+        d = nd % DG
+        o_row = off_ptr + n * stride_on + ho * stride_oh + wo * stride_ow
+        oc = d * (2 * KK) + 2 * kp
+        dy = tl.load(o_row + oc * stride_oc, mask=ok, other=0.0).to(tl.float32)
+        dx = tl.load(o_row + (oc + 1) * stride_oc, mask=ok, other=0.0).to(tl.float32)
+        mk = tl.load(msk_ptr + n * stride_mn + (d * KK + kp) * stride_mc + ho * stride_mh + wo * stride_mw,
+                     mask=ok, other=0.0).to(tl.float32)
+        sy = (ho * stride_h - pad_h + ki * dil_h).to(tl.float32) + dy
+        sx = (wo * stride_w - pad_w + kj * dil_w).to(tl.float32) + dx
+        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
+        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0)
+        sy = tl.where(inside, sy, 0.0)
+        sx = tl.where(inside, sx, 0.0)
+        y0f = tl.floor(sy)
+        x0f = tl.floor(sx)
+        ly = sy - y0f
+        lx = sx - x0f
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        mk = tl.where(inside, mk, 0.0)
+        top = y0 >= 0
+        bottom = y0 < H - 1
+        left = x0 >= 0
+        right = x0 < W - 1
+        w00 = tl.where(top & left, hy * hx * mk, 0.0)
+        w01 = tl.where(top & right, hy * lx * mk, 0.0)
+        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
+        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        r = nd64 * KK + kp  # plan row (n*DG + d)*KK + kp
+        tl.store(pidx_ptr + r * HoWo + p, y0 * stride_xh + x0 * stride_xw, mask=ok)
+        wrow = pw_ptr + r * 4 * HoWo + p
+        tl.store(wrow, w00.to(pw_ptr.dtype.element_ty), mask=ok)
+        tl.store(wrow + HoWo, w01.to(pw_ptr.dtype.element_ty), mask=ok)
+        tl.store(wrow + 2 * HoWo, w10.to(pw_ptr.dtype.element_ty), mask=ok)
+        tl.store(wrow + 3 * HoWo, w11.to(pw_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _blend_f16(v00, v01, v10, v11, w00, w01, w10, w11, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+        """sum_i v_i * w_i[:, None] in fp16. On the GPU as explicit HFMA2 on channel pairs of one pixel
+        (left to itself, LLVM pairs two pixels and shuffles halves); plain fp16 math in the interpreter."""
+        if USE_ASM:
+            shape: tl.constexpr = (BLOCK_M, BLOCK_K)
+            a = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r",
+                                          [v00, tl.broadcast_to(w00[:, None], shape)],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+            a = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [v01, tl.broadcast_to(w01[:, None], shape), a],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+            a = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [v10, tl.broadcast_to(w10[:, None], shape), a],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+            a = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [v11, tl.broadcast_to(w11[:, None], shape), a],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            a = v00 * w00[:, None]
+            a = a + v01 * w01[:, None]
+            a = a + v10 * w10[:, None]
+            a = a + v11 * w11[:, None]
+        return a
+
+    @triton.jit
+    def _i8_to_f16(v, USE_ASM: tl.constexpr):
+        """int8 codes -> fp16 (exact). GPU: 4 codes per 32-bit register become two f16x2 by the
+        0x64xx magic (1024 + byte, then subtract 1152) instead of one I2F per element."""
+        if USE_ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, bias;
+                xor.b32 t, $2, 0x80808080;
+                prmt.b32 $0, t, 0x64646464, 0x4140;
+                prmt.b32 $1, t, 0x64646464, 0x4342;
+                mov.b32 bias, 0x64806480;
+                sub.rn.f16x2 $0, $0, bias;
+                sub.rn.f16x2 $1, $1, bias;
+                }""",
+                "=r,=r,r", [v], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            return v.to(tl.float16)
+
+    @triton.jit
+    def _f16_to_i8(a, USE_ASM: tl.constexpr):
+        """Round fp16 (code units) half to even and clamp to [-127, 127]: t = a + 1536 has ulp 1, so it
+        is the rounded value, and its low byte is the int8 code."""
+        if USE_ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 c, lo, hi, x0, x1;
+                mov.b32 c, 0x66006600;
+                mov.b32 lo, 0x65816581;
+                mov.b32 hi, 0x667F667F;
+                add.rn.f16x2 x0, $1, c;
+                add.rn.f16x2 x1, $2, c;
+                max.f16x2 x0, x0, lo;
+                max.f16x2 x1, x1, lo;
+                min.f16x2 x0, x0, hi;
+                min.f16x2 x1, x1, hi;
+                prmt.b32 $0, x0, x1, 0x6420;
+                }""",
+                "=r,r,r", [a], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            t = tl.minimum(tl.maximum(a + 1536.0, 1409.0), 1663.0)
+            return t.to(tl.int16, bitcast=True).to(tl.int8)
+
+    @triton.jit
+    def _modulated_deform_conv2d_fwd_kernel(
+        # pointers
+        x_ptr,  # input [N, Cin, H, W], any strides (channels-last: vector loads along C)
+        pidx_ptr,  # plan: int32 [N*DG*KK, Ho*Wo]
+        pw_ptr,  # plan: [N*DG*KK, 4, Ho*Wo] corner weights
+        w_ptr,  # weight [Cout, Cin/g, KH, KW] (channels-last memory = K-contiguous)
+        b_ptr,  # bias [Cout] (unused unless HAS_BIAS)
+        ws_ptr,  # weight_scale [Cout] (int8 only)
+        y_ptr,  # out [N, Cout, Ho, Wo] contiguous
+        # sizes
+        HoWo,
+        Cout,
+        Cout_g,
+        Cg,
+        Cd,
+        DG,
+        ND,  # deform groups overlapping one conv group (at most)
+        num_p_tiles,
+        num_n_tiles_g,
+        num_n_tiles,
+        input_scale,
+        # strides (elements)
+        stride_xn,
+        stride_xc,
+        stride_xh,
+        stride_xw,
+        stride_wo,
+        stride_wc,
+        stride_wh,
+        stride_ww,
+        # constexpr
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        VARIANT: tl.constexpr,  # 0 fp32, 1 fp16, 2 fp16x2, 3 int8
+        HAS_BIAS: tl.constexpr,
+        NCB: tl.constexpr,  # channel blocks per (conv group, deform group) segment
+        CH_MASK: tl.constexpr,  # channel blocks may be partial or empty
+        N_MASK: tl.constexpr,  # output-channel tiles may be partial
+        CH_ALIGN: tl.constexpr,  # every channel block starts at a multiple of this
+        BASE_ALIGN: tl.constexpr,  # stride_xh and stride_xw are multiples of this (so are plan offsets)
+        USE_ASM: tl.constexpr,  # inline PTX (GPU); the interpreter runs the plain-Triton twin
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """out[o, p] = sum_t W_t[o, :] @ A_t[p, :]^T; A_t = modulated bilinear samples of BLOCK_K channels at
+        one kernel point for BLOCK_M pixels (gathered and blended in registers from the plan), W_t =
+        weight[o, c, k]. The weight tile is the MMA's left operand, so acc is [BLOCK_N, BLOCK_M]: a wide
+        BLOCK_N amortises the sampling, and pixels are contiguous in the NCHW output."""
+        KK: tl.constexpr = KH * KW
+        pid = tl.program_id(0)
+        pid_m = pid // num_n_tiles
+        pid_n = pid % num_n_tiles
+        n = pid_m // num_p_tiles
+        pt = pid_m % num_p_tiles
+        g = pid_n // num_n_tiles_g
+        nt = pid_n % num_n_tiles_g
+
+        p = pt * BLOCK_M + tl.arange(0, BLOCK_M)
+        p_ok = p < HoWo
+        n64 = n.to(tl.int64)
+        x_img = x_ptr + n64 * stride_xn
+        o_loc = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        o = g * Cout_g + o_loc
+        o_ok = o_loc < Cout_g
+        w_row = w_ptr + o * stride_wo
+        g_lo = g * Cg
+        d_first = g_lo // Cd
+        plan_n = n64 * DG * KK
+
+        if VARIANT == 3:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        # Chunks: deform-group segment, then channel block, then kernel point (innermost, so the KK
+        # points of one channel block hit the same input slab in L1).
+        for t in range(0, ND * (NCB * KK)):
+            kp = t % KK
+            r = t // KK
+            cb = r % NCB
+            d = d_first + r // NCB
+            ki = kp // KW
+            kj = kp % KW
+            seg_lo = tl.maximum(g_lo, d * Cd)
+            seg_hi = tl.minimum(g_lo + Cg, d * Cd + Cd)
+            c = tl.multiple_of(seg_lo + cb * BLOCK_K, CH_ALIGN) + tl.arange(0, BLOCK_K)
+            row_ok = p_ok
+            if CH_MASK:
+                # (compared as a tensor: the interpreter mistypes bool-tensor & bool-scalar)
+                row_ok = row_ok & (p * 0 + seg_lo < seg_hi)
+
+            # The plan of kernel point kp, deform group d, for BLOCK_M pixels.
+            rr = plan_n + d * KK + kp
+            base = tl.multiple_of(tl.load(pidx_ptr + rr * HoWo + p, mask=row_ok, other=0), BASE_ALIGN)
+            wrow = pw_ptr + rr * 4 * HoWo + p
+            w00 = tl.load(wrow, mask=row_ok, other=0.0)
+            w01 = tl.load(wrow + HoWo, mask=row_ok, other=0.0)
+            w10 = tl.load(wrow + 2 * HoWo, mask=row_ok, other=0.0)
+            w11 = tl.load(wrow + 3 * HoWo, mask=row_ok, other=0.0)
+            # A zero weight means the corner is outside (or contributes nothing): skip its load.
+            m00 = (w00 != 0.0)[:, None]
+            m01 = (w01 != 0.0)[:, None]
+            m10 = (w10 != 0.0)[:, None]
+            m11 = (w11 != 0.0)[:, None]
+            if CH_MASK:
+                c_ok = (c < seg_hi)[None, :]
+                m00 = m00 & c_ok
+                m01 = m01 & c_ok
+                m10 = m10 & c_ok
+                m11 = m11 & c_ok
+
+            # Four corners as [BLOCK_M, BLOCK_K] channel-contiguous gathers, blended in registers.
+            pa = x_img + base[:, None] + (c * stride_xc)[None, :]
+            v00 = tl.load(pa, mask=m00, other=0.0)
+            v01 = tl.load(pa + stride_xw, mask=m01, other=0.0)
+            v10 = tl.load(pa + stride_xh, mask=m10, other=0.0)
+            v11 = tl.load(pa + (stride_xh + stride_xw), mask=m11, other=0.0)
+            if VARIANT == 0 or VARIANT == 1:
+                a = v00.to(tl.float32) * w00[:, None]
+                a = a + v01.to(tl.float32) * w01[:, None]
+                a = a + v10.to(tl.float32) * w10[:, None]
+                a = a + v11.to(tl.float32) * w11[:, None]
+                a = a.to(x_ptr.dtype.element_ty)
+            elif VARIANT == 2:
+                a = _blend_f16(v00, v01, v10, v11, w00, w01, w10, w11, BLOCK_M, BLOCK_K, USE_ASM)
+            else:
+                # int8 codes are exact in fp16: blend in paired fp16, then re-quantise with input_scale
+                # (the blend is in code units, so that is rounding it).
+                a = _blend_f16(_i8_to_f16(v00, USE_ASM), _i8_to_f16(v01, USE_ASM), _i8_to_f16(v10, USE_ASM),
+                               _i8_to_f16(v11, USE_ASM), w00, w01, w10, w11, BLOCK_M, BLOCK_K, USE_ASM)
+                a = _f16_to_i8(a, USE_ASM)
+
+            # Weight tile [BLOCK_N, BLOCK_K], K-contiguous for channels-last weight.
+            wp = w_row[:, None] + ((c - g_lo) * stride_wc)[None, :] + (ki * stride_wh + kj * stride_ww)
+            if CH_MASK:
+                if N_MASK:
+                    b = tl.load(wp, mask=o_ok[:, None] & (c < seg_hi)[None, :], other=0.0)
+                else:
+                    b = tl.load(wp, mask=(c < seg_hi)[None, :], other=0.0)
+            else:
+                if N_MASK:
+                    b = tl.load(wp, mask=o_ok[:, None], other=0.0)
+                else:
+                    b = tl.load(wp)
+            if VARIANT == 0:
+                acc = tl.dot(b, tl.trans(a), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, tl.trans(a), acc)
+
+        if VARIANT == 3:
+            ws = tl.load(ws_ptr + o, mask=o_ok, other=0.0)
+            res = acc.to(tl.float32) * (ws * input_scale)[:, None]
+        else:
+            res = acc
+        if HAS_BIAS:
+            res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+        # [BLOCK_N, BLOCK_M] tile: pixels contiguous in the NCHW output, coalesced stores.
+        y_off = n64 * Cout * HoWo + (o.to(tl.int64) * HoWo)[:, None] + p[None, :]
+        tl.store(y_ptr + y_off, res.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
+
+
+def _span(t: Tensor) -> int:
+    """Largest element offset inside one batch item (int32 addressing inside the kernel)."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _segments(cin: int, groups: int, deform_groups: int) -> tuple[int, int, bool]:
+    """(longest channel run inside one (conv group, deform group) pair, deform groups per conv group, all equal)."""
+    cg, cd = cin // groups, cin // deform_groups
+    lengths, nd = [], 0
+    for g in range(groups):
+        lo, hi = g * cg, (g + 1) * cg
+        ds = range(lo // cd, (hi - 1) // cd + 1)
+        nd = max(nd, len(ds))
+        lengths += [min(hi, (d + 1) * cd) - max(lo, d * cd) for d in ds]
+    # every segment has the same length and starts at a multiple of it exactly when one group size
+    # divides the other
+    uniform = cg % cd == 0 or cd % cg == 0
+    return max(lengths), nd, uniform
+
+
+_TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
+_TUNE_MIN_FLOPS = 1e9  # smaller layers take the default config: tens of microseconds either way
+
+
+def _modulated_deform_conv2d_triton(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    deform_groups: int,
+    variant: str,
+    input_scale: float,
+    weight_scale: Tensor | None,
+    out: Tensor | None = None,
+    *,
+    config: tuple[int, int, int, int, int] | None = None,
+    relayout: bool = True,
+) -> Tensor:
+    """Launch the fused kernel. ``relayout`` copies a non-channels-last input / weight to channels-last
+    (the fast layout; tests turn it off to cover arbitrary strides); ``config`` forces
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On the GPU the first call of each shape times
+    a few configs (skipped while a CUDA graph is being captured, or with BEVDEPLOY_AUTOTUNE=0)."""
+    n, cin, h, w = input.shape
+    cout, cg, kh, kw = weight.shape
+    ho, wo = offset.shape[-2:]
+    y = new_output((n, cout, ho, wo), variant, input.device, out)
+    if y.numel() == 0:
+        return y
+    if relayout:
+        if input.stride(1) != 1:
+            input = input.contiguous(memory_format=torch.channels_last)
+        if weight.stride(1) != 1:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
+        if _span(t) > _MAX_I32:
+            raise ValueError(f"{name}: one batch item spans more than 2^31 elements; split the batch spatially")
+    if weight.numel() > _MAX_I32:
+        raise ValueError(f"weight: more than 2^31 elements ({weight.numel()})")
+    cout_g, cd = cout // groups, cin // deform_groups
+    seg, nd, uniform = _segments(cin, groups, deform_groups)
+    m_img = ho * wo
+    kk = kh * kw
+    # The sampling plan: one small pass over offset/mask; fp16 corner weights where the blend is fp16.
+    rows = n * deform_groups * kk
+    pidx = torch.empty((rows, m_img), dtype=torch.int32, device=input.device)
+    pw = torch.empty((rows, 4, m_img), dtype=torch.float16 if variant in ("fp16x2", "int8") else torch.float32,
+                     device=input.device)
+    block_kk = triton.next_power_of_2(kk)
+    plan_block = max(16, 2048 // block_kk) if input.device.type == "cuda" else \
+        max(16, min(256, triton.next_power_of_2(m_img)))
+    num_p_blocks = triton.cdiv(m_img, plan_block)
+    _modulated_deform_conv2d_plan_kernel[(n * deform_groups * num_p_blocks,)](
+        offset, mask, pidx, pw,
+        h, w, wo, m_img, deform_groups, num_p_blocks,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *offset.stride(), *mask.stride(), input.stride(2), input.stride(3),
+        KH=kh, KW=kw, BLOCK_KK=block_kk, BLOCK=plan_block, num_warps=4,
+    )  # fmt: skip
+    code = _VARIANT_CODE[variant]
+    dummy = y
+    b = dummy if bias is None else bias
+    ws = dummy if weight_scale is None else weight_scale
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        num_p_tiles = triton.cdiv(m_img, bm)
+        num_n_tiles_g = triton.cdiv(cout_g, bn)
+        grid = (n * num_p_tiles * groups * num_n_tiles_g,)
+        _modulated_deform_conv2d_fwd_kernel[grid](
+            input, pidx, pw, weight, b, ws, y,
+            m_img, cout, cout_g, cg, cd, deform_groups, nd, num_p_tiles, num_n_tiles_g, groups * num_n_tiles_g,
+            float(input_scale), *input.stride(), *weight.stride(),
+            KH=kh, KW=kw, VARIANT=code, HAS_BIAS=bias is not None, NCB=triton.cdiv(seg, bk),
+            CH_MASK=not (uniform and seg % bk == 0), N_MASK=cout_g % bn != 0,
+            CH_ALIGN=math.gcd(seg, bk) if uniform else 1,
+            BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    if config is not None:
+        launch(config)
+    elif interpreter_enabled() or input.device.type != "cuda":
+        launch(_interpreter_config(variant, m_img, cout_g, seg))
+    else:
+        fitted = _fit_configs(_candidate_configs(variant), variant, m_img, cout_g, seg, n, groups)
+        key = (variant, input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
+               weight.stride(1) == 1, offset.dtype, mask.dtype, None if bias is None else bias.dtype, tuple(stride),
+               tuple(padding), tuple(dilation), groups, deform_groups)
+        flops = 2 * n * m_img * cout * cg * kk
+        launch(_tuned_config(key, fitted, launch) if flops >= _TUNE_MIN_FLOPS else fitted[0])
+    return y
+
+
+def _tuned_config(key, fitted, launch):
+    """Time each fitted config once per key (Triton's do_bench); the first one while a CUDA graph is
+    being captured (timing would break the capture) or with BEVDEPLOY_AUTOTUNE=0."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(fitted) == 1 or os.environ.get("BEVDEPLOY_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return fitted[0]
+    best, best_ms, error = None, float("inf"), None
+    for cfg in fitted:
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=25)
+        except Exception as e:  # a config the compiler or the GPU rejects (e.g. shared memory): try the others
+            error = e
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise error
+    _TUNED[key] = best
+    return best
+
+
+@torch.library.custom_op("bevdeploy::modulated_deform_conv2d", mutates_args=())
+def _modulated_deform_conv2d_op(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    deform_groups: int,
+    variant: str,
+    input_scale: float,
+    weight_scale: Tensor | None,
+) -> Tensor:
+    if use_triton(input):
+        return _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
+                                               deform_groups, variant, input_scale, weight_scale)
+    return _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
+                     input_scale, weight_scale)
+
+
+@_modulated_deform_conv2d_op.register_fake
+def _(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant, input_scale,
+      weight_scale):
+    variant, shape = _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation, groups,
+                                   deform_groups, variant, input_scale, weight_scale)
+    return input.new_empty(shape, dtype=VARIANT_OUTPUT_DTYPE[variant])
+
+
+register_reference_autograd(_modulated_deform_conv2d_op, _cpu_impl)
+
+
+def modulated_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    deform_groups: int = 1,
+    *,
+    variant: str | None = None,
+    input_scale: float | None = None,
+    weight_scale: Tensor | None = None,
+) -> Tensor:
+    """Modulated deformable convolution (DCNv2), exactly mmcv's ``modulated_deform_conv2d``.
+
+    Args:
+        input (Tensor[N, Cin, H, W]): features; channels-last memory is fastest (others are copied to it).
+            float32 (``fp32``), float16 (``fp16``/``fp16x2``) or int8 codes (``int8``).
+        offset (Tensor[N, 2*dg*kh*kw, Ho, Wo]): float32/float16 sampling offsets in pixels, per deform
+            group and kernel point ``k = i*kw + j`` the pair (dy, dx).
+        mask (Tensor[N, dg*kh*kw, Ho, Wo]): float32/float16 modulation, already sigmoided.
+        weight (Tensor[Cout, Cin/groups, kh, kw]): same dtype as ``input`` (int8 for ``int8``);
+            channels-last memory ([Cout, kh, kw, Cin/g]) avoids a per-call copy.
+        bias (Tensor[Cout], optional): float32/float16.
+        stride, padding, dilation (int or (int, int)): as ``nn.Conv2d``.
+        groups (int): conv groups. deform_groups (int): groups of input channels sharing offsets.
+        variant (str, optional): ``fp32``, ``fp16``, ``fp16x2`` or ``int8``; None infers it from ``input``.
+        input_scale (float, optional): per-tensor scale of the int8 ``input`` (``int8`` only).
+        weight_scale (Tensor[Cout], optional): float32 per-output-channel scale of the int8 ``weight``
+            (``int8`` only); see :func:`quantize_weight_per_channel`.
+
+    Returns:
+        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise.
+
+    Example:
+        >>> x = torch.randn(1, 4, 5, 5)
+        >>> w = torch.randn(3, 4, 3, 3)
+        >>> off, m = torch.zeros(1, 18, 5, 5), torch.ones(1, 9, 5, 5)
+        >>> torch.allclose(modulated_deform_conv2d(x, off, m, w, padding=1),
+        ...                torch.nn.functional.conv2d(x, w, padding=1), atol=1e-5)
+        True
+    """
+    stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
+    variant, _ = _check_inputs(input, offset, mask, weight, bias, stride_, padding_, dilation_, groups,
+                               deform_groups, variant, input_scale, weight_scale)
+    scale = check_int8_scale("input_scale", input_scale, variant)
+    return _modulated_deform_conv2d_op(input, offset, mask, weight, bias, list(stride_), list(padding_),
+                                       list(dilation_), int(groups), int(deform_groups), variant, scale,
+                                       weight_scale)
+
+
+def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8 weights for the ``int8`` variant.
+
+    Args:
+        weight (Tensor[Cout, Cin/g, kh, kw]): float weights.
+
+    Returns:
+        (Tensor[Cout, Cin/g, kh, kw] int8 in channels-last memory (the kernel's K-contiguous layout),
+        Tensor[Cout] float32 scales with ``weight ~= q * scale[:, None, None, None]``; an all-zero
+        channel gets scale 1).
+    """
+    check_tensor("weight", weight, shape=("Cout", "Cin/g", "kh", "kw"), dtypes=(torch.float32, torch.float16))
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=(1, 2, 3))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale[:, None, None, None]), -127, 127).to(torch.int8)
+    return q.contiguous(memory_format=torch.channels_last), scale.contiguous()
+
+
+class ModulatedDeformConv2d(nn.Module):
+    """See :func:`modulated_deform_conv2d`. Parameters ``weight`` [Cout, Cin/g, kh, kw] and ``bias``
+    [Cout] as mmcv; ``weight`` is kept in channels-last memory, the kernel's K-contiguous layout."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError(f"in_channels must be divisible by groups, got {in_channels=}, {groups=}")
+        if out_channels % groups != 0:
+            raise ValueError(f"out_channels must be divisible by groups, got {out_channels=}, {groups=}")
+        if in_channels % deform_groups != 0:
+            raise ValueError(f"in_channels must be divisible by deform_groups, got {in_channels=}, {deform_groups=}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pairs(stride, padding, dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        weight = torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmcv's: uniform(+-1/sqrt(Cin*kh*kw)) weights, zero bias."""
+        n = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        stdv = 1.0 / math.sqrt(n)
+        with torch.no_grad():
+            self.weight.uniform_(-stdv, stdv)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
+                                       self.dilation, self.groups, self.deform_groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"deform_groups={self.deform_groups}, bias={self.bias is not None}")
+
+
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+    """mmcv's ``DCNv2`` (``ModulatedDeformConv2dPack``): offsets and mask from a zero-initialised
+    ``conv_offset`` (Cin -> 3*dg*kh*kw, same stride/padding/dilation); its output is split in three,
+    the first two thirds are the offsets, the last third the mask logits. State-dict keys ``weight``,
+    ``bias``, ``conv_offset.weight``, ``conv_offset.bias`` (mmcv's version 2)."""
+
+    _version = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if hasattr(self, "conv_offset"):
+            with torch.no_grad():
+                self.conv_offset.weight.zero_()
+                self.conv_offset.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = self.conv_offset(x)
+        o1, o2, m = torch.chunk(out, 3, dim=1)
+        offset = torch.cat((o1, o2), dim=1)
+        mask = torch.sigmoid(m)
+        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
+                                       self.dilation, self.groups, self.deform_groups)
