@@ -7,6 +7,8 @@ import os
 import sys
 
 EPILOG = """examples:
+  bevdeploy eval --model bevformer-tiny --data synthetic:32       NDS/mAP and FPS on a synthetic world
+  bevdeploy eval --model bevformer-base --data nuscenes:/data/nuscenes --checkpoint bevformer_base_epoch_24.pth
   bevdeploy demo                       check every op (Triton kernels vs references) and print a table
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy bench ops --ops msda bev_pool_v2
@@ -30,6 +32,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.detection import DetectionRun, evaluate, score_run
+
+    if args.score_run:
+        from bevdeploy.data.nuscenes import load_infos
+        from bevdeploy.data.synthetic import resolve_data_spec
+
+        source = resolve_data_spec(args.data, workers=args.workers)
+        infos = load_infos(source.dataroot, source.version, source.split)
+        run = DetectionRun.load(args.score_run)
+        metrics = score_run(run, [i for i in infos if i["token"] in run.boxes], source.dataroot, source.version, source.split)
+        result = {"model": args.model, "data": args.data, "frames": len(run.boxes), "fps": run.fps,
+                  "NDS": metrics["NDS"], "mAP": metrics["mAP"]}
+    else:
+        result = evaluate(args.model, args.data, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
+                          device=args.device, workers=args.workers, save_run=args.save_run, score=not args.no_score)
+    fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
+    line = f"{result['model']} on {result['data']}: {result['frames']} frames, FPS {fps}"
+    if "NDS" in result:
+        line += f", NDS {result['NDS']:.4f}, mAP {result['mAP']:.4f}"
+    print(line)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "ops":
         from bevdeploy.eval.bench_ops import run, to_markdown
@@ -48,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run every op's kernels against its reference and print a check table")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
+    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base")
+    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
+    ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
+    ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
+    ev.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
     bench.add_argument("what", choices=["ops"], help="what to benchmark")

@@ -19,3 +19,11 @@ import pytest  # noqa: E402
 def device() -> torch.device:
     """Where kernels under test run: the GPU if there is one, else the CPU through the interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def ops_on_references(monkeypatch):
+    """Route CPU tensors to the ops' plain-PyTorch references (whole models through the interpreter
+    would take minutes; the kernels themselves are tested in tests/ops). The dispatch rule reads
+    ``TRITON_INTERPRET`` at call time, so unsetting it here is enough."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -74,9 +74,9 @@ BEVFORMER_TINY = ImagePreprocess(scale=0.5, mean=(123.675, 116.28, 103.53), std=
 BEVFORMER_SMALL = ImagePreprocess(scale=0.8, **_CAFFE)
 BEVFORMER_BASE = ImagePreprocess(scale=1.0, **_CAFFE)
 PREPROCESS: dict[str, ImagePreprocess] = {
-    "bevformer_tiny": BEVFORMER_TINY,
-    "bevformer_small": BEVFORMER_SMALL,
-    "bevformer_base": BEVFORMER_BASE,
+    "bevformer-tiny": BEVFORMER_TINY,
+    "bevformer-small": BEVFORMER_SMALL,
+    "bevformer-base": BEVFORMER_BASE,
 }
 
 

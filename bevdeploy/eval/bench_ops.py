@@ -215,7 +215,9 @@ def dcn_cases() -> list[Case]:
                                                        input_scale=scale, weight_scale=ws)
             dt = _FLOAT_DTYPE[variant]
             xs = x.to(dt).contiguous(memory_format=torch.channels_last)
-            o, m, w, b = offset.to(dt), mask.to(dt), weight.to(dt), bias.to(dt)
+            # weights channels-last, as ModulatedDeformConv2d keeps them (no per-call layout copy)
+            o, m, b = offset.to(dt), mask.to(dt), bias.to(dt)
+            w = weight.to(dt).contiguous(memory_format=torch.channels_last)
             return lambda: modulated_deform_conv2d(xs, o, m, w, b, stride, 1, 1, variant=variant)
 
         def reference(x=x, offset=offset, mask=mask, weight=weight, bias=bias, stride=stride):
@@ -247,9 +249,13 @@ def bev_pool_cases() -> list[Case]:
 
     bp = importlib.import_module("bevdeploy.ops.bev_pool_v2")  # the module, not the function of the same name
 
-    geo = bp.bevdet_like_geometry()
-    depth, feat, ranks, shape = geo["depth"].cuda(), geo["feat"].cuda(), [t.cuda() for t in geo["ranks"]], geo["bev_feat_shape"]
-    ranks_bev, ranks_depth, ranks_feat, starts, lengths = ranks
+    coor = bp.bevdet_like_geometry()  # [1, 6, 59, 16, 44, 3] metres, BEVDet-R50's frustum
+    ranks_bev, ranks_depth, ranks_feat, starts, lengths = (t.cuda() for t in bp.bev_pool_v2_prepare(coor))
+    B, N, D, fH, fW, _ = coor.shape
+    g = torch.Generator(device="cuda").manual_seed(4)
+    depth = torch.randn(B, N, D, fH, fW, device="cuda", generator=g).softmax(2)
+    feat = torch.randn(B, N, fH, fW, 64, device="cuda", generator=g)
+    shape = (B, 1, 128, 128, 64)
 
     def make(variant):
         d, ds = _store(depth, variant)
@@ -302,6 +308,73 @@ def attention_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------------- int8 GEMM / conv layers
+
+
+def int8_layer_cases() -> list[Case]:
+    """The engine's int8 convs/linears (bevdeploy.quant) against PyTorch's fp32 layer (reference)
+    and cuDNN/cuBLAS fp16 channels-last (extra column): int8 must beat fp16 to be worth it."""
+    from bevdeploy.quant.int8_kernels import int8_conv2d, int8_linear
+
+    cases = []
+    for label, (N, C, H, W, O, k) in [
+        ("conv3x3 256->256 6x58x100", (6, 256, 58, 100, 256, 3)),
+        ("conv1x1 1024->256 6x58x100", (6, 1024, 58, 100, 256, 1)),
+        ("conv3x3 64->64 6x120x200", (6, 64, 120, 200, 64, 3)),
+    ]:
+        g = torch.Generator(device="cuda").manual_seed(5)
+        x = torch.randn(N, C, H, W, device="cuda", generator=g)
+        w = torch.randn(O, C, k, k, device="cuda", generator=g) / math.sqrt(C * k * k)
+        b = torch.randn(O, device="cuda", generator=g)
+        pad = k // 2
+
+        def make(variant, x=x, w=w, b=b, pad=pad):
+            xq, xs = _store(x, "int8")
+            xq = xq.contiguous(memory_format=torch.channels_last)
+            ws = w.abs().amax((1, 2, 3)) / 127
+            wq = quantize_int8(w / ws[:, None, None, None], 1.0).permute(0, 2, 3, 1).contiguous()
+            return lambda: int8_conv2d(xq, wq, xs, ws, b, 1, pad, 1, activation="relu")
+
+        def reference(x=x, w=w, b=b, pad=pad):
+            return torch.relu(F.conv2d(x, w, b, 1, pad))
+
+        def cudnn_fp16_ms(variant, _ms, x=x, w=w, b=b, pad=pad):
+            xh = x.half().contiguous(memory_format=torch.channels_last)
+            wh, bh = w.half().contiguous(memory_format=torch.channels_last), b.half()
+            return time_cuda_graph(lambda: torch.relu(F.conv2d(xh, wh, bh, 1, pad)))
+
+        ops = 2 * N * H * W * O * C * k * k
+
+        def tops(variant, ms, ops=ops):
+            return ops / (ms * 1e-3) / 1e12
+
+        def bytes_moved(variant, N=N, C=C, H=H, W=W, O=O, k=k):
+            return N * C * H * W + O * C * k * k + N * O * H * W * 2
+
+        cases.append(Case("int8_conv2d", label, ("int8",), make, reference, bytes_moved,
+                          {"TOPS": tops, "cudnn_fp16_ms": cudnn_fp16_ms}))
+    M, K, Nn = 40000, 256, 512
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(M, K, device="cuda", generator=g)
+    w = torch.randn(Nn, K, device="cuda", generator=g) / 16
+    b = torch.randn(Nn, device="cuda", generator=g)
+
+    def make_linear(variant):
+        xq, xs = _store(x, "int8")
+        ws = w.abs().amax(1) / 127
+        wq = quantize_int8(w / ws[:, None], 1.0)
+        return lambda: int8_linear(xq, wq, xs, ws, b, activation="relu")
+
+    def cublas_fp16_ms(variant, _ms):
+        xh, wh, bh = x.half(), w.half(), b.half()
+        return time_cuda_graph(lambda: torch.relu(F.linear(xh, wh, bh)))
+
+    cases.append(Case("int8_linear", "FFN 40000x256->512", ("int8",), make_linear,
+                      lambda: torch.relu(F.linear(x, w, b)), lambda v: M * K + Nn * K + M * Nn * 2,
+                      {"TOPS": lambda v, ms: 2 * M * K * Nn / (ms * 1e-3) / 1e12, "cublas_fp16_ms": cublas_fp16_ms}))
+    return cases
+
+
 ALL_CASES = {
     "msda": msda_cases,
     "grid_sample": grid_sample_cases,
@@ -310,6 +383,7 @@ ALL_CASES = {
     "modulated_deform_conv2d": dcn_cases,
     "bev_pool_v2": bev_pool_cases,
     "flash_attention": attention_cases,
+    "int8_layers": int8_layer_cases,
 }
 
 

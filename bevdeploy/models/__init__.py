@@ -19,6 +19,7 @@ from bevdeploy.models.bevformer import (
     bevformer_small,
     bevformer_tiny,
 )
+from bevdeploy.models.bevdet import BEVDET_CONFIGS, BEVDet, BEVDetConfig, bevdet_r50_cbgs
 from bevdeploy.models.checkpoint import load_checkpoint
 
 __all__ = [
@@ -29,6 +30,10 @@ __all__ = [
     "bevformer_tiny",
     "bevformer_small",
     "bevformer_base",
+    "BEVDET_CONFIGS",
+    "BEVDet",
+    "BEVDetConfig",
+    "bevdet_r50_cbgs",
     "load_checkpoint",
 ]
 
@@ -37,4 +42,5 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "bevformer-tiny": bevformer_tiny,
     "bevformer-small": bevformer_small,
     "bevformer-base": bevformer_base,
+    "bevdet-r50-cbgs": bevdet_r50_cbgs,
 }

@@ -1,0 +1,91 @@
+"""``bevdeploy bench --model M``: the reference system's table, measured in one run on one GPU.
+
+Rows: PyTorch eager FP32 (as users run it: default settings, ``torch.no_grad()``, our fp32 GPU
+kernels standing in for mmcv's CUDA ops), then each engine precision when the engine exists.
+FPS from CUDA events around whole forwards after warm-up (median), batch 1 unless stated; memory
+= device memory in use by this process (total - free, which includes the CUDA context, like the
+reference system's nvidia-smi figure) and the allocator's peak; engine size = file size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bevdeploy.eval.timing import gpu_dirname, time_eager
+
+_ROW_KEYS = ("model", "precision", "batch", "fps", "fps_ratio", "engine_mb", "memory_mb", "memory_ratio",
+             "size_ratio", "nds", "map", "fidelity_nds")
+
+
+def _device_memory_mb() -> float:
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def random_inputs(model, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-resolution inputs of a BEVFormer-like model (random image, a plausible camera rig)."""
+    cfg = model.config
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H, W = cfg.image_size
+    image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
+    from bevdeploy.models.bevformer import example_lidar2img
+
+    lidar2img = example_lidar2img(H, W).cuda().expand(batch, 6, 4, 4).contiguous()
+    can_bus = torch.zeros(batch, 18, device="cuda")
+    prev_bev = torch.randn(batch, cfg.bev_h * cfg.bev_w, cfg.embed_dims, device="cuda", generator=g)
+    use_prev_bev = torch.ones(batch, device="cuda")
+    return {"image": image, "lidar2img": lidar2img, "can_bus": can_bus, "prev_bev": prev_bev, "use_prev_bev": use_prev_bev}
+
+
+def pytorch_row(name: str, batch: int = 1, iters: int = 20, checkpoint: str | None = None) -> dict:
+    """PyTorch eager FP32 FPS and memory of model ``name`` (random weights unless a checkpoint)."""
+    from bevdeploy.models import MODELS
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = _device_memory_mb()
+    model = MODELS[name]().cuda().eval()
+    if checkpoint:
+        from bevdeploy.models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    inputs = random_inputs(model, batch)
+    with torch.no_grad():
+        ms = time_eager(lambda: model(**inputs), iters=iters, warmup=3)
+    row = dict.fromkeys(_ROW_KEYS)
+    row.update(
+        model=name, precision="pytorch", batch=batch, fps=round(1000.0 * batch / ms, 2), fps_ratio=1.0,
+        memory_mb=round(_device_memory_mb(), 1), memory_ratio=1.0,
+        peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        memory_before_model_mb=round(base_mem, 1), latency_ms=round(ms, 3),
+        params_mb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+    )
+    del model, inputs
+    torch.cuda.empty_cache()
+    return row
+
+
+def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "") -> Path:
+    """``<out_dir>/<gpu>/<name>.{json,md}`` in SPEC section 6's shape."""
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or "bevdeploy " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    }
+    folder = Path(out_dir) / gpu_dirname()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    keys = list(_ROW_KEYS) + sorted({k for r in rows for k in r} - set(_ROW_KEYS))
+    md = [f"# {name} on {result['gpu']}", "", f"torch {result['torch']}, {result['date']}", f"Command: `{result['command']}`", "",
+          "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
+    (folder / f"{name}.md").write_text("\n".join(md) + "\n")
+    return path
