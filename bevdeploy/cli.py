@@ -57,13 +57,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model:
+        from bevdeploy.eval.bench_models import pytorch_row, write_results
+
+        unknown = [p for p in args.precisions if p != "pytorch"]
+        if unknown:
+            raise NotImplementedError(f"precisions {unknown} need the engine (bevdeploy.engine), not built yet; use --precisions pytorch")
+        for name in args.model:
+            row = pytorch_row(name, batch=args.batch, checkpoint=args.checkpoint)
+            path = write_results(name, [row], args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
+            print(f"{name}: PyTorch FP32 {row['fps']} FPS ({row['latency_ms']} ms), memory {row['memory_mb']} MB, "
+                  f"peak allocated {row['peak_allocated_mb']} MB -> {path}")
+        return 0
     if args.what == "ops":
         from bevdeploy.eval.bench_ops import run, to_markdown
 
         result = run(args.ops, args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
         print(to_markdown(result))
         return 0
-    raise SystemExit(f"bevdeploy bench: unknown target {args.what!r}")
+    raise ValueError("say what to benchmark: 'bevdeploy bench ops' or 'bevdeploy bench --model NAME'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
-    bench.add_argument("what", choices=["ops"], help="what to benchmark")
+    bench.add_argument("what", nargs="?", choices=["ops"], help="'ops' for the op benchmark (or use --model)")
+    bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
+    bench.add_argument("--precisions", nargs="*", default=["pytorch"], help="pytorch (eager FP32 baseline)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--checkpoint", default=None)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)

@@ -41,20 +41,26 @@ class AllOps(nn.Module):
     def forward(self, img: Tensor, grid: Tensor, value: Tensor, ref: Tensor, offsets: Tensor, logits: Tensor,
                 locations: Tensor, weights: Tensor, dcn_offset: Tensor, dcn_mask: Tensor, bev: Tensor, angle: Tensor,
                 mats: Tensor, depth: Tensor, feat: Tensor, q: Tensor, k: Tensor, v: Tensor):
-        from bevdeploy import ops
+        from bevdeploy.ops.bev_pool_v2 import bev_pool_v2
+        from bevdeploy.ops.flash_attention import flash_attention
+        from bevdeploy.ops.grid_sample import grid_sample
+        from bevdeploy.ops.inverse import inverse
+        from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d
+        from bevdeploy.ops.msda import msda, msda_fused
+        from bevdeploy.ops.rotate import rotate
 
         var, s = self.variant, self.scale
         return (
-            ops.grid_sample(img, grid, variant=var, input_scale=s),
-            ops.msda(value, SHAPES, locations, weights, variant=var, value_scale=s),
-            ops.msda_fused(value, SHAPES, ref, offsets, logits, variant=var, value_scale=s),
-            ops.modulated_deform_conv2d(img, dcn_offset, dcn_mask, self.dcn_weight, self.dcn_bias.to(dcn_offset.dtype),
+            grid_sample(img, grid, variant=var, input_scale=s),
+            msda(value, SHAPES, locations, weights, variant=var, value_scale=s),
+            msda_fused(value, SHAPES, ref, offsets, logits, variant=var, value_scale=s),
+            modulated_deform_conv2d(img, dcn_offset, dcn_mask, self.dcn_weight, self.dcn_bias.to(dcn_offset.dtype),
                                         1, 1, 1, variant=var, input_scale=s, weight_scale=self.dcn_weight_scale),
-            ops.rotate(bev, angle, (2.0, 3.0), interpolation="bilinear", variant=var, img_scale=s),
-            ops.inverse(mats),
-            ops.bev_pool_v2(depth, feat, self.ranks_depth, self.ranks_feat, self.ranks_bev, (1, 1, 4, 5, 4),
+            rotate(bev, angle, (2.0, 3.0), interpolation="bilinear", variant=var, img_scale=s),
+            inverse(mats),
+            bev_pool_v2(depth, feat, self.ranks_depth, self.ranks_feat, self.ranks_bev, (1, 1, 4, 5, 4),
                             self.interval_starts, self.interval_lengths, variant=var, depth_scale=s, feat_scale=s),
-            ops.flash_attention(q, k, v, variant=var, q_scale=s, k_scale=s, v_scale=s),
+            flash_attention(q, k, v, variant=var, q_scale=s, k_scale=s, v_scale=s),
         )
 
 

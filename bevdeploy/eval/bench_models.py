@@ -27,15 +27,31 @@ def _device_memory_mb() -> float:
     return (total - free) / 2**20
 
 
+def rig_lidar2img(scale: float) -> torch.Tensor:
+    """[6, 4, 4] LiDAR(~ego) -> pixel matrices of the synthetic world's nuScenes-like rig, for
+    images resized by ``scale`` from 1600x900 (so the spatial cross-attention sees real geometry)."""
+    import numpy as np
+
+    from bevdeploy.data.synthetic import nuscenes_rig
+
+    rig = nuscenes_rig((round(900 * scale), round(1600 * scale)))
+    mats = []
+    for k, r, t in zip(rig.intrinsics, rig.rotations, rig.translations):
+        cam2ego = np.eye(4)
+        cam2ego[:3, :3], cam2ego[:3, 3] = r, t
+        k4 = np.eye(4)
+        k4[:3, :3] = k
+        mats.append(k4 @ np.linalg.inv(cam2ego))
+    return torch.tensor(np.stack(mats), dtype=torch.float32)
+
+
 def random_inputs(model, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Full-resolution inputs of a BEVFormer-like model (random image, a plausible camera rig)."""
     cfg = model.config
     g = torch.Generator(device="cuda").manual_seed(seed)
     H, W = cfg.image_size
     image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
-    from bevdeploy.models.bevformer import example_lidar2img
-
-    lidar2img = example_lidar2img(H, W).cuda().expand(batch, 6, 4, 4).contiguous()
+    lidar2img = rig_lidar2img(W / 1600.0).cuda().expand(batch, 6, 4, 4).contiguous()
     can_bus = torch.zeros(batch, 18, device="cuda")
     prev_bev = torch.randn(batch, cfg.bev_h * cfg.bev_w, cfg.embed_dims, device="cuda", generator=g)
     use_prev_bev = torch.ones(batch, device="cuda")

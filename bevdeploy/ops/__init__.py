@@ -1,29 +1,20 @@
 """The reference system's TensorRT plugins as ``torch.library`` ops with Triton kernels.
 
-Importing this package registers every ``torch.ops.bevdeploy.*`` op. See ``ops/README.md`` for the
-variants (fp32, fp16, fp16x2, int8), the dispatch rule and the registration choice.
-Note: the functions shadow their modules' names here (``bevdeploy.ops.msda`` is the function);
-import module-level helpers with ``from bevdeploy.ops.msda import reference``.
+Importing this package registers every ``torch.ops.bevdeploy.*`` op. Each op lives in a module of
+its own name, with its public function and ``nn.Module`` inside (``from bevdeploy.ops.msda import
+msda, MSDA``); the package does not re-export the functions, so ``bevdeploy.ops.msda`` always is the
+module (a same-named function here would shadow it). See ``ops/README.md`` for the variants (fp32,
+fp16, fp16x2, int8), the dispatch rule and the registration choice.
 """
 
-from bevdeploy.ops.bev_pool_v2 import BEVPoolV2, bev_pool_v2, bev_pool_v2_prepare
-from bevdeploy.ops.flash_attention import FlashAttention, flash_attention
-from bevdeploy.ops.grid_sample import GridSample, grid_sample
-from bevdeploy.ops.inverse import Inverse, inverse
-from bevdeploy.ops.modulated_deform_conv2d import (
-    ModulatedDeformConv2d,
-    ModulatedDeformConv2dPack,
+from bevdeploy.ops import (  # noqa: F401  (imported for their op registrations)
+    bev_pool_v2,
+    flash_attention,
+    grid_sample,
+    inverse,
     modulated_deform_conv2d,
+    msda,
+    rotate,
 )
-from bevdeploy.ops.msda import MSDA, MSDAFused, msda, msda_fused
-from bevdeploy.ops.rotate import Rotate, rotate
 
-__all__ = [
-    "BEVPoolV2", "bev_pool_v2", "bev_pool_v2_prepare",
-    "FlashAttention", "flash_attention",
-    "GridSample", "grid_sample",
-    "Inverse", "inverse",
-    "ModulatedDeformConv2d", "ModulatedDeformConv2dPack", "modulated_deform_conv2d",
-    "MSDA", "MSDAFused", "msda", "msda_fused",
-    "Rotate", "rotate",
-]
+OP_MODULES = ("bev_pool_v2", "flash_attention", "grid_sample", "inverse", "modulated_deform_conv2d", "msda", "rotate")

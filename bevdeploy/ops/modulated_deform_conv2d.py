@@ -601,6 +601,8 @@ if triton_available():
                     b = tl.load(wp)
             if VARIANT == 0:
                 acc = tl.dot(b, tl.trans(a), acc, input_precision="ieee")
+            elif VARIANT == 3:  # Triton 3.6 needs the int32 accumulator type spelled out
+                acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(b, tl.trans(a), acc)
 

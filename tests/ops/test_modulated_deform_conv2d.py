@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bevdeploy.ops.modulated_deform_conv2d as mdc
+from bevdeploy.ops import modulated_deform_conv2d as mdc  # the module (the package does not re-export)
 from bevdeploy.ops.modulated_deform_conv2d import (
     ModulatedDeformConv2d,
     ModulatedDeformConv2dPack,

@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-import bevdeploy.ops.msda as msda_module
+from bevdeploy.ops import msda as msda_module  # the module
 from bevdeploy.ops._utils import dequantize_int8, quantize_int8
 from bevdeploy.ops.msda import (
     MSDA,
