@@ -30,7 +30,7 @@ Kernels (no column buffer is ever written):
    run channel-block outer, kernel-point inner, so the kernel points of one channel block reuse the
    input slab from L1.
 
-Variants: ``fp32`` (fp32 blend, IEEE fp32 dot), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
+Variants: ``fp32`` (fp32 blend, fp32-accurate 3xTF32 dot: ``input_precision="tf32x3"``), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
 dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
 a per-tensor ``input_scale``, int8 weight with per-output-channel ``weight_scale``: the int8 codes are
 blended in paired fp16 (exact codes, fp16 weights), the modulated sample is re-quantised to int8 with
@@ -259,7 +259,7 @@ def _candidate_configs(variant: str) -> list[tuple[int, int, int, int, int]]:
     programs share an SM and one's MMA overlaps the other's sampling (the MMA of a program waits for its
     own freshly blended operand). Counted from the sm_90 SASS of the loop (Triton 3.9): ~1100 warp
     instructions per MFLOP at (64, 256, 32, 4 warps) in fp16x2, ~1500 in fp16 (fp32 blend)."""
-    if variant == "fp32":  # IEEE fp32 dot runs on FMA units; these do not spill
+    if variant == "fp32":  # 3xTF32 dot: three tensor-core products per K step; these do not spill
         return [(64, 128, 16, 8, 2), (32, 128, 16, 4, 2), (64, 64, 32, 8, 2), (128, 64, 16, 8, 2),
                 (64, 64, 16, 4, 2)]
     return [(64, 256, 32, 4, 2), (128, 256, 32, 8, 2), (32, 512, 32, 4, 2), (64, 512, 32, 8, 2),
@@ -600,7 +600,7 @@ if triton_available():
                 else:
                     b = tl.load(wp)
             if VARIANT == 0:
-                acc = tl.dot(b, tl.trans(a), acc, input_precision="ieee")
+                acc = tl.dot(b, tl.trans(a), acc, input_precision="tf32x3")
             elif VARIANT == 3:  # Triton 3.6 needs the int32 accumulator type spelled out
                 acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)
             else:
