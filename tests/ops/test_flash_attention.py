@@ -234,6 +234,8 @@ def test_export_round_trip():
     ],
 )
 def test_gpu_shapes(variant, shape, config):
+    if variant == "fp32":
+        config = None  # the forced tiles are fp16/int8 tiles; 3xTF32 operands need fp32's own (smaller) tiles
     if variant == "int8":
         qf, kf, vf = _qkv(shape, "cuda")
         (q, qs), (k, ks), (v, vs) = _quantize(qf), _quantize(kf), _quantize(vf)
