@@ -312,6 +312,7 @@ def attention_cases() -> list[Case]:
 def int8_layer_cases() -> list[Case]:
     """The engine's int8 convs/linears (bevdeploy.quant) against PyTorch's fp32 layer (reference)
     and cuDNN/cuBLAS fp16 channels-last (extra column): int8 must beat fp16 to be worth it."""
+    from bevdeploy.ops._utils import quantize_weight_per_channel
     from bevdeploy.quant.int8_kernels import int8_conv2d, int8_linear
 
     cases = []
@@ -329,8 +330,8 @@ def int8_layer_cases() -> list[Case]:
         def make(variant, x=x, w=w, b=b, pad=pad):
             xq, xs = _store(x, "int8")
             xq = xq.contiguous(memory_format=torch.channels_last)
-            ws = w.abs().amax((1, 2, 3)) / 127
-            wq = quantize_int8(w / ws[:, None, None, None], 1.0).permute(0, 2, 3, 1).contiguous()
+            wq, ws = quantize_weight_per_channel(w)
+            wq = wq.permute(0, 2, 3, 1).contiguous()  # [O, kh, kw, C]: K-contiguous
             return lambda: int8_conv2d(xq, wq, xs, ws, b, 1, pad, 1, activation="relu")
 
         def reference(x=x, w=w, b=b, pad=pad):
@@ -359,8 +360,7 @@ def int8_layer_cases() -> list[Case]:
 
     def make_linear(variant):
         xq, xs = _store(x, "int8")
-        ws = w.abs().amax(1) / 127
-        wq = quantize_int8(w / ws[:, None], 1.0)
+        wq, ws = quantize_weight_per_channel(w)
         return lambda: int8_linear(xq, wq, xs, ws, b, activation="relu")
 
     def cublas_fp16_ms(variant, _ms):

@@ -148,6 +148,23 @@ def quantize_int8(x: Tensor, scale: float | Tensor) -> Tensor:
     return torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
 
 
+def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8 (dim 0): ``scale = amax / 127`` (1 for an all-zero channel).
+
+    Args:
+        weight (Tensor[O, ...]): float weight.
+
+    Returns:
+        (Tensor[O, ...] int8 codes, Tensor[O] float32 scales), codes ``round_half_even(w / scale)``
+        clamped to [-127, 127], so ``weight ~= codes * scale`` broadcast over dim 0.
+    """
+    w = weight.detach().float()
+    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))), -127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
 def dequantize_int8(q: Tensor, scale: float | Tensor) -> Tensor:
     return q.float() * scale
 

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from bevdeploy.ops._utils import quantize_weight_per_channel as _quantize_weight_per_channel
 from bevdeploy.ops._utils import (
     VARIANT_INPUT_DTYPE,
     VARIANT_OUTPUT_DTYPE,
@@ -858,11 +859,8 @@ def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
         channel gets scale 1).
     """
     check_tensor("weight", weight, shape=("Cout", "Cin/g", "kh", "kw"), dtypes=(torch.float32, torch.float16))
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=(1, 2, 3))
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(w / scale[:, None, None, None]), -127, 127).to(torch.int8)
-    return q.contiguous(memory_format=torch.channels_last), scale.contiguous()
+    q, scale = _quantize_weight_per_channel(weight)
+    return q.contiguous(memory_format=torch.channels_last), scale
 
 
 class ModulatedDeformConv2d(nn.Module):

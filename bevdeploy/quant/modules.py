@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from bevdeploy.ops._utils import use_triton
+from bevdeploy.ops._utils import quantize_weight_per_channel, use_triton
 from bevdeploy.quant.int8_kernels import ACTIVATIONS, int8_conv2d, int8_linear, quantize_per_tensor
 
 __all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
@@ -32,21 +32,6 @@ __all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_repor
 _OUT_DTYPES = (torch.float16, torch.float32)
 
 
-def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8 (dim 0): ``scale = amax / 127`` (1 for an all-zero channel).
-
-    Args:
-        weight (Tensor[O, ...]): float weight.
-
-    Returns:
-        (Tensor[O, ...] int8 codes, Tensor[O] float32 scales), codes ``round_half_even(w / scale)``
-        clamped to [-127, 127].
-    """
-    w = weight.detach().float()
-    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))), -127, 127).to(torch.int8)
-    return q, scale.contiguous()
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
