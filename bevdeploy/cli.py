@@ -58,14 +58,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.model:
-        from bevdeploy.eval.bench_models import pytorch_row, write_results
+        from bevdeploy.eval.bench_models import bench_model, pytorch_row, write_results
 
-        unknown = [p for p in args.precisions if p != "pytorch"]
-        if unknown:
-            raise NotImplementedError(f"precisions {unknown} need the engine (bevdeploy.engine), not built yet; use --precisions pytorch")
+        engine_precisions = [p for p in args.precisions if p != "pytorch"]
+        command = "bevdeploy " + " ".join(sys.argv[1:])
         for name in args.model:
+            if engine_precisions:
+                path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
+                                   out_dir=args.out, command=command)
+                print(path.with_suffix(".md").read_text())
+                continue
             row = pytorch_row(name, batch=args.batch, checkpoint=args.checkpoint)
-            path = write_results(name, [row], args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
+            path = write_results(name, [row], args.out, command=command)
             print(f"{name}: PyTorch FP32 {row['fps']} FPS ({row['latency_ms']} ms), memory {row['memory_mb']} MB, "
                   f"peak allocated {row['peak_allocated_mb']} MB -> {path}")
         return 0
@@ -102,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
     bench.add_argument("what", nargs="?", choices=["ops"], help="'ops' for the op benchmark (or use --model)")
     bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
-    bench.add_argument("--precisions", nargs="*", default=["pytorch"], help="pytorch (eager FP32 baseline)")
+    bench.add_argument("--precisions", nargs="*", default=["pytorch"],
+                       help="pytorch (eager FP32 baseline) and engine precisions: fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2")
+    bench.add_argument("--data", default="synthetic:16", help="data scored for NDS/mAP and fidelity (synthetic[:N] or nuscenes:PATH)")
+    bench.add_argument("--calib", default=None, help="int8 calibration data (default: --data)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--checkpoint", default=None)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")

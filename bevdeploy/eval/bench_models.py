@@ -105,3 +105,123 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/resu
     md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
     (folder / f"{name}.md").write_text("\n".join(md) + "\n")
     return path
+
+
+def _pth_mb(model) -> float:
+    """Size of the model's state dict saved as a PyTorch .pth (the reference table's baseline size)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes / 2**20
+
+
+def _results_records(run, infos) -> dict:
+    from bevdeploy.eval.nuscenes import to_nusc_results
+
+    by_token = {i["token"]: i for i in infos}
+    return {t: to_nusc_results(t, b, s, lab, by_token[t]) for t, (b, s, lab) in run.boxes.items()}
+
+
+def bench_model(
+    name: str,
+    precisions: list[str],
+    *,
+    data: str = "synthetic:16",
+    calib: str | None = None,
+    checkpoint: str | None = None,
+    work_dir: str | Path = "out/engines",
+    iters: int = 30,
+    workers: int = 8,
+    out_dir: str | Path = "bench/results",
+    command: str = "",
+) -> Path:
+    """The reference system's table for one model, measured in one run on this GPU.
+
+    PyTorch eager FP32 first (FPS on random full-size inputs, NDS/mAP over ``data``), then for each
+    precision: build the engine (int8*: calibrated on ``calib``, default the same data spec), load it
+    (Inductor + CUDA graphs), time it on the same inputs, score it over ``data`` and against the
+    PyTorch boxes (fidelity). Memory is the device memory in use (total - free) while each runs,
+    after freeing the previous row's objects; it includes the CUDA context, as nvidia-smi would.
+    """
+    import gc
+
+    from bevdeploy.data.nuscenes import load_infos
+    from bevdeploy.data.preprocess import PREPROCESS
+    from bevdeploy.data.synthetic import resolve_data_spec
+    from bevdeploy.engine import Engine, build
+    from bevdeploy.eval.detection import run_bevformer, score_run
+    from bevdeploy.eval.nuscenes import fidelity_metrics
+    from bevdeploy.models import MODELS
+
+    source = resolve_data_spec(data, workers=workers)
+    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
+    if source.num_samples is not None:
+        infos = infos[: source.num_samples]
+    dev = torch.device("cuda")
+
+    # PyTorch eager FP32
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    if checkpoint:
+        from bevdeploy.models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    pth_mb = _pth_mb(model)
+    row = pytorch_row(name, iters=iters, checkpoint=checkpoint)
+    model = model.to(dev).eval()
+    ref_run = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[name], bev_shape=model.bev_shape, device=dev)
+    metrics = score_run(ref_run, infos, source.dataroot, source.version, source.split)
+    row.update(nds=round(metrics["NDS"], 4), map=round(metrics["mAP"], 4), engine_mb=round(pth_mb, 1), size_ratio=1.0,
+               note="engine_mb = the .pth of the state dict")
+    rows = [row]
+    base_fps, base_mem = row["fps"], row["memory_mb"]
+    ref_records = _results_records(ref_run, infos)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    for precision in precisions:
+        path = work / f"{name}-{precision}.engine"
+        build(name, precision, out=path, checkpoint=checkpoint,
+              calib=(calib or data) if precision.startswith("int8") else None)
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = Engine.load(path, device="cuda")
+        inputs = random_inputs_for(engine)
+        ms = time_eager(lambda: engine(**inputs), iters=iters, warmup=3)
+        mem = _device_memory_mb()
+        run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[name], bev_shape=engine.bev_shape, device=dev)
+        m = score_run(run, infos, source.dataroot, source.version, source.split)
+        fid = fidelity_metrics(_results_records(run, infos), ref_records)
+        r = dict.fromkeys(_ROW_KEYS)
+        r.update(model=name, precision=precision, batch=1, fps=round(1000.0 / ms, 2), fps_ratio=round(1000.0 / ms / base_fps, 2),
+                 engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3), memory_mb=round(mem, 1),
+                 memory_ratio=round(mem / base_mem, 3), nds=round(m["NDS"], 4), map=round(m["mAP"], 4),
+                 fidelity_nds=round(fid["NDS"], 4), latency_ms=round(ms, 3),
+                 int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None)
+        rows.append(r)
+        print(f"{name} {precision}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
+              f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}", file=sys.stderr)
+        del engine, inputs
+        gc.collect()
+        torch.cuda.empty_cache()
+        write_results(name, rows, out_dir, command)  # after every row: a run cut short keeps what it measured
+    return write_results(name, rows, out_dir, command)
+
+
+def random_inputs_for(engine) -> dict[str, torch.Tensor]:
+    """Full-size random inputs in the engine's input spec (same generator as the PyTorch row)."""
+    spec = engine.metadata["inputs"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for k, v in spec.items():
+        shape, dtype = v["shape"], getattr(torch, v["dtype"].replace("torch.", ""))
+        if k == "use_prev_bev":
+            out[k] = torch.ones(shape, device="cuda", dtype=dtype)
+        elif k == "lidar2img":
+            out[k] = rig_lidar2img(spec["image"]["shape"][-1] / 1600.0).cuda().expand(*shape).contiguous().to(dtype)
+        else:
+            out[k] = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    return out
