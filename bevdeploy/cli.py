@@ -10,6 +10,8 @@ EPILOG = """examples:
   bevdeploy eval --model bevformer-tiny --data synthetic:32       NDS/mAP and FPS on a synthetic world
   bevdeploy eval --model bevformer-base --data nuscenes:/data/nuscenes --checkpoint bevformer_base_epoch_24.pth
   bevdeploy demo                       check every op (Triton kernels vs references) and print a table
+  bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
+  bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy bench ops --ops msda bev_pool_v2
 """
@@ -53,6 +55,16 @@ def _eval(args: argparse.Namespace) -> int:
     if "NDS" in result:
         line += f", NDS {result['NDS']:.4f}, mAP {result['mAP']:.4f}"
     print(line)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from bevdeploy.engine import build
+
+    path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
+                 calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
+                 keep_float=tuple(args.keep_float), device=args.device)
+    print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     return 0
 
 
@@ -102,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
     ev.set_defaults(func=_eval)
+
+    bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
+    bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base")
+    bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
+    bd.add_argument("--checkpoint", default=None)
+    bd.add_argument("--allow-partial", action="store_true")
+    bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH")
+    bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
+    bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
+    bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
+    bd.add_argument("--device", default=None)
+    bd.add_argument("-o", "--output", required=True, help="engine file to write")
+    bd.set_defaults(func=_build)
 
     bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
     bench.add_argument("what", nargs="?", choices=["ops"], help="'ops' for the op benchmark (or use --model)")

@@ -394,6 +394,8 @@ class TemporalSelfAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dims * q, q * num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        #: ops variant for msda (None: from the dtype); the engine's deploy form sets "fp16x2".
+        self.op_variant: str | None = None
 
     def init_weights(self) -> None:
         grid = _grid_init_bias(self.num_heads, self.num_levels * self.num_bev_queue, self.num_points)
@@ -420,7 +422,9 @@ class TemporalSelfAttention(nn.Module):
         offsets = offsets.permute(0, 3, 1, 2, 4, 5, 6).reshape(B * nq, Q, H, L, P, 2)
         logits = self.attention_weights(q).view(B, Q, H, nq, L * P)
         logits = logits.permute(0, 3, 1, 2, 4).reshape(B * nq, Q, H, L * P)
-        out = msda_fused(value, [bev_hw], reference_points.reshape(B * nq, Q, 1, 2), offsets, logits)
+        out = msda_fused(
+            value, [bev_hw], reference_points.reshape(B * nq, Q, 1, 2), offsets, logits, variant=self.op_variant
+        )
         out = out.view(B, nq, Q, C).mean(1)  # fuse history and current
         return identity + self.output_proj(out)
 
@@ -442,6 +446,8 @@ class MSDeformableAttention3D(nn.Module):
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
+        #: ops variant for msda (None: from the dtype); the engine's deploy form sets "fp16x2".
+        self.op_variant: str | None = None
 
     def init_weights(self) -> None:
         grid = _grid_init_bias(self.num_heads, self.num_levels, self.num_points)
@@ -466,7 +472,9 @@ class MSDeformableAttention3D(nn.Module):
     ) -> Tensor:
         Bc, S, C = value.shape
         value = self.value_proj(value).view(Bc, S, self.num_heads, C // self.num_heads)
-        return msda_fused(value, list(spatial_shapes), reference_points, offsets, logits)  # [B', Q, C]
+        return msda_fused(  # [B', Q, C]
+            value, list(spatial_shapes), reference_points, offsets, logits, variant=self.op_variant
+        )
 
 
 class SpatialCrossAttention(nn.Module):
@@ -535,6 +543,8 @@ class CustomMSDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        #: ops variant for msda (None: from the dtype); the engine's deploy form sets "fp16x2".
+        self.op_variant: str | None = None
 
     def init_weights(self) -> None:
         grid = _grid_init_bias(self.num_heads, self.num_levels, self.num_points)
@@ -556,7 +566,7 @@ class CustomMSDeformableAttention(nn.Module):
         v = self.value_proj(value).view(B, value.shape[1], H, C // H)
         offsets = self.sampling_offsets(q).view(B, Q, H, L, P, 2)
         logits = self.attention_weights(q).view(B, Q, H, L * P)
-        out = msda_fused(v, list(spatial_shapes), reference_points, offsets, logits)
+        out = msda_fused(v, list(spatial_shapes), reference_points, offsets, logits, variant=self.op_variant)
         return query + self.output_proj(out)
 
 
@@ -811,6 +821,8 @@ class PerceptionTransformer(nn.Module):
         self.use_can_bus = use_can_bus
         self.use_cams_embeds = use_cams_embeds
         self.rotate_center = (float(rotate_center[0]), float(rotate_center[1]))
+        #: ops variant for rotate (None: from the dtype); the engine's deploy form sets "fp16x2".
+        self.op_variant: str | None = None
         self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, embed_dims))
         self.cams_embeds = nn.Parameter(torch.empty(num_cams, embed_dims))
         self.reference_points = nn.Linear(embed_dims, 3)
@@ -880,7 +892,9 @@ class PerceptionTransformer(nn.Module):
         if self.rotate_prev_bev:
             # channels-last view in, channels-last out: no copies around the rotation
             grid = prev_bev.reshape(B, bev_h, bev_w, C).permute(0, 3, 1, 2)  # [B, C, bev_h, bev_w]
-            grid = rotate(grid, can_bus[:, -1], center=self.rotate_center, interpolation="nearest")
+            grid = rotate(
+                grid, can_bus[:, -1], center=self.rotate_center, interpolation="nearest", variant=self.op_variant
+            )
             prev_bev = grid.permute(0, 2, 3, 1).reshape(B, bev_h * bev_w, C)
 
         can_bus_feat = self.can_bus_mlp(can_bus.to(bev_queries.dtype))  # [B, C]

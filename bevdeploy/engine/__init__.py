@@ -1,0 +1,11 @@
+"""The engine: build a deploy-form model into one file (``build``), load and run it (``Engine``).
+
+See SPEC section 2: ``torch.export`` with static shapes, metadata in the file, Inductor + CUDA graphs
+at run time; precisions ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16``, ``int8-fp16x2``.
+"""
+
+from bevdeploy.engine.build import build
+from bevdeploy.engine.deploy import PRECISIONS
+from bevdeploy.engine.engine import Engine
+
+__all__ = ["build", "Engine", "PRECISIONS"]

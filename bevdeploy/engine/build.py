@@ -1,0 +1,291 @@
+"""``bevdeploy build``: model + precision (+ calibration) -> one engine file.
+
+The engine file is ``torch.export.save`` of the deploy form (:mod:`bevdeploy.engine.deploy`),
+exported with static shapes, with the metadata JSON in ``extra_files["bevdeploy.json"]``: model
+config, precision, calibration table, layer precisions, torch / triton versions, GPU name and
+compute capability, input spec and a content hash of the weights (re-checked on load). For the
+int8 precisions the calibration table is also written next to the engine (``<out>.calib.json``)
+and can be reused with ``calib_table`` (no calibration data needed then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bevdeploy.engine.deploy import (
+    ExportWrapper,
+    apply_precision,
+    fold_batchnorms,
+    int8_scope,
+    layer_precisions,
+    precision_spec,
+)
+
+__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts",
+           "calibration_forward_loop"]
+
+logger = logging.getLogger(__name__)
+
+ENGINE_FORMAT = "bevdeploy.engine"
+ENGINE_VERSION = 1
+#: Name of the metadata entry in the engine file's ``extra_files``.
+METADATA_KEY = "bevdeploy.json"
+#: Calibration samples taken from a dataset when the data spec does not say how many (the reference: 500).
+DEFAULT_CALIB_SAMPLES = 500
+
+
+def content_hash(ep: torch.export.ExportedProgram) -> str:
+    """sha256 over the exported program's weights and constants (name, dtype, shape, bytes), sorted by name.
+
+    The same on save and after load, so a changed byte in any weight is caught on load.
+    """
+    h = hashlib.sha256()
+    items = list(ep.state_dict.items()) + [(f"const:{k}", v) for k, v in ep.constants.items()]
+    for name, t in sorted(items, key=lambda kv: kv[0]):
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}:{type(t).__name__}".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def runtime_facts(device: torch.device) -> dict:
+    """torch / triton versions and the GPU (name, compute capability) of ``device`` (None on CPU)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = None
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        gpu = {"name": torch.cuda.get_device_name(idx), "capability": list(torch.cuda.get_device_capability(idx))}
+    return {"torch": torch.__version__, "triton": triton_version, "device_type": device.type, "gpu": gpu}
+
+
+def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bool,
+                      overrides: dict | None) -> nn.Module:
+    from bevdeploy.models import MODELS, BEVFormer
+    from bevdeploy.models.checkpoint import load_checkpoint
+
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    torch.manual_seed(0)  # random weights (no checkpoint) are reproducible
+    model = MODELS[model_name](**(overrides or {}))
+    if not isinstance(model, BEVFormer):
+        raise NotImplementedError(f"the engine builds BEVFormer models only for now, not {model_name!r}")
+    if checkpoint:
+        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+        print(report, file=sys.stderr)
+    return model.float().eval()
+
+
+def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dict], str]:
+    """Info records (temporal order) of the calibration data; ``calib`` is a data spec or a DataSource."""
+    from bevdeploy.data.nuscenes import load_infos
+    from bevdeploy.data.synthetic import DataSource, resolve_data_spec
+
+    if isinstance(calib, DataSource):
+        source = calib
+    elif isinstance(calib, str):
+        source = resolve_data_spec(calib, progress=progress)
+    else:
+        raise ValueError(f"calib must be a data spec ('synthetic:N' or 'nuscenes:PATH'), got {calib!r}")
+    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
+    n = source.num_samples if source.num_samples is not None else DEFAULT_CALIB_SAMPLES
+    infos = infos[:n]
+    if not infos:
+        raise ValueError(f"calibration data {calib!r} holds no samples")
+    return infos, f"{source.dataroot} {source.version} {source.split}[:{len(infos)}]"
+
+
+def calibration_forward_loop(infos: Sequence[dict], model_name: str, bev_shape: tuple[int, int],
+                             image_size: tuple[int, int], device: torch.device, progress: bool = True):
+    """A ``forward_loop(model)`` for :func:`bevdeploy.quant.calibrate.calibrate`: the inference host loop.
+
+    Frames in order, ``prev_bev`` fed back from the last ``bev_embed``, reset to zeros with the gate
+    closed at every scene start (as :func:`bevdeploy.eval.detection.run_bevformer` and the reference).
+    """
+    from tqdm import tqdm
+
+    from bevdeploy.data.preprocess import PREPROCESS, prepare_frame
+
+    if model_name not in PREPROCESS:
+        raise ValueError(f"no image pipeline for {model_name!r} (known: {sorted(PREPROCESS)})")
+    preprocess = PREPROCESS[model_name]
+
+    def forward_loop(model: nn.Module) -> int:
+        prev_bev = torch.zeros(1, *bev_shape, device=device)
+        prev_info = None
+        for info in tqdm(infos, desc="calibration", disable=not progress, file=sys.stderr):
+            if prev_info is not None and prev_info.get("scene_token") != info.get("scene_token"):
+                prev_info = None
+                prev_bev = torch.zeros_like(prev_bev)
+            frame = prepare_frame(info, prev_info, preprocess)
+            if tuple(frame["image"].shape[-2:]) != tuple(image_size):
+                raise ValueError(
+                    f"calibration images preprocess to {tuple(frame['image'].shape[-2:])} but the model takes "
+                    f"{tuple(image_size)}: use calibration data of the model's camera resolution")
+            out = model(frame["image"][None].to(device), frame["lidar2img"][None].to(device),
+                        frame["can_bus"][None].to(device), prev_bev, frame["use_prev_bev"].to(device))
+            prev_bev = out["bev_embed"].float()
+            prev_info = info
+        return len(infos)
+
+    return forward_loop
+
+
+def _example_inputs(model, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    H, W = model.image_size
+    N = model.num_cams
+    lidar2img = torch.eye(4, device=device).expand(batch, N, 4, 4).contiguous()
+    return {
+        "image": torch.zeros(batch, N, 3, H, W, device=device, dtype=dtype),
+        "lidar2img": lidar2img,
+        "can_bus": torch.zeros(batch, 18, device=device),
+        "prev_bev": torch.zeros(batch, *model.bev_shape, device=device, dtype=dtype),
+        "use_prev_bev": torch.zeros(batch, device=device),
+    }
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def build(
+    model_name: str,
+    precision: str,
+    *,
+    out: str | Path,
+    checkpoint: str | None = None,
+    allow_partial: bool = False,
+    calib=None,
+    calib_method: str = "entropy",
+    calib_table: str | None = None,
+    keep_float: Sequence[str] = (),
+    model_overrides: dict | None = None,
+    batch: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build an engine file for ``model_name`` at ``precision``; returns its path.
+
+    Args:
+        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants).
+        precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16`` or ``int8-fp16x2``.
+        out: The engine file to write (its parent is created).
+        checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
+        allow_partial: Passed to ``load_checkpoint``.
+        calib: Calibration data for int8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
+            ``bevdeploy.data.synthetic.DataSource``; its first N (default 500) samples in temporal order.
+        calib_method: ``entropy`` (default), ``minmax`` or ``percentile``.
+        calib_table: A saved calibration table to reuse instead of calibrating.
+        keep_float: Layer names to keep float in the int8 precisions.
+        model_overrides: Config overrides (e.g. reduced sizes in tests); recorded in the metadata.
+        batch: Static batch size (independent streams) the engine is exported for.
+        device: ``cuda`` / ``cpu`` (default: cuda when available). Build on the GPU you run on.
+        progress: tqdm bars for calibration.
+
+    Returns:
+        Path of the engine file; for int8* also ``<out>.calib.json`` is written.
+
+    Raises:
+        ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch.
+    """
+    from bevdeploy.quant.calibrate import CalibrationTable, calibrate
+
+    spec = precision_spec(precision)
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if spec.int8 and calib is None and calib_table is None:
+        raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
+                         "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
+    out = Path(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    import bevdeploy.ops  # noqa: F401  (op registrations)
+    import bevdeploy.quant.int8_kernels  # noqa: F401
+
+    model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides).to(dev)
+    cfg = model.config
+    fold_batchnorms(model)
+
+    table = None
+    table_path = None
+    if spec.int8:
+        if calib_table is not None:
+            table = CalibrationTable.load(calib_table)
+            missing = [n for n in int8_scope(model) if n not in table]
+            if len(missing) == len(int8_scope(model)):
+                raise ValueError(f"{calib_table}: the calibration table names none of this model's layers "
+                                 f"(was it made for another model?)")
+        else:
+            infos, dataset = _calibration_infos(calib, model_name, progress)
+            loop = calibration_forward_loop(infos, model_name, model.bev_shape, model.image_size, dev, progress)
+            table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
+        table_path = Path(f"{out}.calib.json")
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(table_path)
+        scales = {n: table.scale(n) for n in table.amax}
+    else:
+        scales = None
+    report = apply_precision(model, precision, scales=scales, keep_float=keep_float)
+    precisions = layer_precisions(model, report, precision)
+    model.eval()
+
+    wrapper = ExportWrapper(model).eval()
+    example = _example_inputs(model, batch, spec.float_dtype, dev)
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, tuple(example.values()), strict=False)
+
+    metadata = {
+        "format": ENGINE_FORMAT,
+        "version": ENGINE_VERSION,
+        "model": model_name,
+        "model_config": _jsonable(cfg),
+        "model_overrides": _jsonable(model_overrides or {}),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "precision": precision,
+        "op_variant": spec.op_variant,
+        "float_dtype": str(spec.float_dtype).replace("torch.", ""),
+        "int8_layers": sum(p == "int8" for _, p in precisions),
+        "layer_precisions": [list(r) for r in precisions],
+        "keep_float": list(keep_float),
+        "calibration": json.loads(table.to_json()) if table is not None else None,
+        "calibration_table_file": table_path.name if table_path is not None else None,
+        "batch": batch,
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                   for k, v in example.items()},
+        "outputs": list(ExportWrapper.OUTPUT_NAMES),
+        "bev_shape": list(model.bev_shape),
+        "preprocess": model_name,
+        "content_hash": content_hash(ep),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **runtime_facts(dev),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
+        torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
+    tmp.replace(out)
+    logger.info("wrote %s (%.1f MB, %s, %d int8 layers)", out, out.stat().st_size / 2**20, precision,
+                metadata["int8_layers"])
+    return out

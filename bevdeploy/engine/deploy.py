@@ -1,0 +1,246 @@
+"""The deploy form of a model: what the engine exports, built from the eager PyTorch model.
+
+Steps, in this order (each is a plain in-place function so the engine builder and tests can reuse it):
+
+1. ``fold_batchnorms``: every BatchNorm2d that follows a conv is folded into that conv (a float
+   conv becomes ``conv + bias``; the BN becomes ``nn.Identity``), so INT8 convs see the folded
+   weights and the exported graph has no BN.
+2. Calibration (``bevdeploy.quant.calibrate``) runs on this float, folded model (the builder's job).
+3. ``apply_precision``: ``model.half()`` for the fp16 precisions, the ops' variant set on every module
+   that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions.
+
+Which layers become INT8 (:func:`int8_scope`): the image backbone and neck convs and the BEV
+encoder's linears. The decoder layers, the heads, the CAN-bus MLP and every LayerNorm / softmax stay
+float (the reference and NVIDIA's explicit-quantization ports keep them float: quantizing a decoder
+collapsed accuracy in NVIDIA's Far3D port, SPEC section 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PRECISIONS",
+    "INT8_SCOPE",
+    "PrecisionSpec",
+    "precision_spec",
+    "fold_batchnorms",
+    "set_op_variant",
+    "int8_scope",
+    "apply_precision",
+    "layer_precisions",
+    "ExportWrapper",
+]
+
+#: Precision names, as everywhere in bevdeploy (SPEC section 2).
+PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16", "int8-fp16x2")
+
+#: Module-name prefixes whose Conv2d / Linear layers are quantized by default.
+INT8_SCOPE = ("img_backbone.", "img_neck.", "pts_bbox_head.transformer.encoder.")
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """What one precision name means for the deploy form.
+
+    Attributes:
+        name: One of :data:`PRECISIONS`.
+        float_dtype: Storage dtype of everything that is not INT8.
+        op_variant: Variant forced on the ops (None: inferred from the dtype, i.e. fp32 / fp16).
+        int8: Whether convs / linears in :data:`INT8_SCOPE` become INT8.
+    """
+
+    name: str
+    float_dtype: torch.dtype
+    op_variant: str | None
+    int8: bool
+
+
+def precision_spec(precision: str) -> PrecisionSpec:
+    """The :class:`PrecisionSpec` of ``precision`` (ValueError naming the choices otherwise)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    int8 = precision.startswith("int8")
+    rest = precision[5:] if int8 and precision != "int8" else ("fp32" if int8 else precision)
+    dtype = torch.float32 if rest == "fp32" else torch.float16
+    return PrecisionSpec(precision, dtype, "fp16x2" if rest == "fp16x2" else None, int8)
+
+
+def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """``bn(conv(x))`` as one conv-like module (Conv2d via ``fold_bn``; DCN weights scaled in place)."""
+    from bevdeploy.quant.modules import fold_bn
+
+    if type(conv) is nn.Conv2d:
+        return fold_bn(conv, bn)
+    # modulated deformable conv: out = sum(w * sampled) + b, so the BN folds the same way
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                               device=w.device)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(b)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(b)
+    factor = gamma * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    with torch.no_grad():
+        conv.weight.copy_(w * factor.view(-1, *([1] * (w.dim() - 1))))
+        conv.bias = nn.Parameter(((b - bn.running_mean.detach().double()) * factor + beta).to(conv.weight.dtype),
+                                 requires_grad=False)
+    return conv
+
+
+def fold_batchnorms(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm2d into the conv before it, in place; returns the folded BN names.
+
+    Pairs recognised: attributes ``convN`` / ``bnN`` of one module (mmdet's ResNet and Bottleneck)
+    and consecutive ``(conv, bn)`` entries of an ``nn.Sequential`` (the downsample projections).
+    A BatchNorm2d left unpaired raises: the deploy form must not silently keep one.
+    """
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2d
+
+    conv_types = (nn.Conv2d, ModulatedDeformConv2d)
+    folded: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        prefix = f"{parent_name}." if parent_name else ""
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            keys = list(children)
+            for a, b in zip(keys, keys[1:]):
+                conv, bn = children[a], children[b]
+                if isinstance(conv, conv_types) and isinstance(bn, nn.BatchNorm2d):
+                    setattr(parent, a, _fold_into(conv, bn))
+                    setattr(parent, b, nn.Identity())
+                    folded.append(prefix + b)
+            continue
+        for name, bn in children.items():
+            if isinstance(bn, nn.BatchNorm2d) and name.startswith("bn"):
+                conv = children.get("conv" + name[2:])
+                if isinstance(conv, conv_types):
+                    setattr(parent, "conv" + name[2:], _fold_into(conv, bn))
+                    setattr(parent, name, nn.Identity())
+                    folded.append(prefix + name)
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        raise NotImplementedError(f"BatchNorm2d layers not following a recognised conv (cannot fold): {left}")
+    return folded
+
+
+class _VariantDCN(nn.Module):
+    """A ``ModulatedDeformConv2dPack`` whose op call takes the deploy form's ``op_variant``."""
+
+    def __init__(self, pack: nn.Module, variant: str | None) -> None:
+        super().__init__()
+        self.pack = pack
+        self.op_variant = variant
+
+    def forward(self, x: Tensor) -> Tensor:
+        from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d
+
+        p = self.pack
+        o1, o2, m = torch.chunk(p.conv_offset(x), 3, dim=1)
+        return modulated_deform_conv2d(x, torch.cat((o1, o2), dim=1), torch.sigmoid(m), p.weight, p.bias, p.stride,
+                                       p.padding, p.dilation, p.groups, p.deform_groups, variant=self.op_variant)
+
+
+def set_op_variant(model: nn.Module, variant: str | None) -> list[str]:
+    """Set ``op_variant`` on every module of ``model`` that calls an op; returns their names.
+
+    DCNv2 convs (``ModulatedDeformConv2dPack``, an ops module) are wrapped in :class:`_VariantDCN`
+    when ``variant`` is not None (the wrapper keeps the same parameters under ``.pack``).
+    """
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "op_variant"):
+            module.op_variant = variant
+            names.append(name)
+        elif isinstance(module, ModulatedDeformConv2dPack) and variant is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _VariantDCN(module, variant))
+            names.append(name)
+    return names
+
+
+def int8_scope(model: nn.Module, scope: Sequence[str] = INT8_SCOPE) -> list[str]:
+    """Names of the plain Conv2d / Linear layers of ``model`` under the INT8 ``scope`` prefixes."""
+    return [n for n, m in model.named_modules()
+            if type(m) in (nn.Conv2d, nn.Linear) and any(n.startswith(p) for p in scope)]
+
+
+def apply_precision(
+    model: nn.Module,
+    precision: str,
+    *,
+    scales: dict[str, float] | None = None,
+    keep_float: Iterable[str] = (),
+    scope: Sequence[str] = INT8_SCOPE,
+) -> list:
+    """Turn the folded float32 model into ``precision``'s deploy form, in place.
+
+    Args:
+        model: BatchNorm already folded (:func:`fold_batchnorms`), eval mode, float32.
+        precision: One of :data:`PRECISIONS`.
+        scales: Layer name -> int8 input scale (``CalibrationTable.scale``); required for int8*.
+            Layers outside ``scope``, in ``keep_float`` or with a zero scale stay float.
+        keep_float: Layer names to keep float.
+        scope: Module-name prefixes that may be quantized (:data:`INT8_SCOPE`).
+
+    Returns:
+        list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
+    """
+    from bevdeploy.quant.modules import quantize_modules
+
+    spec = precision_spec(precision)
+    if spec.float_dtype != torch.float32:
+        model.half()
+    set_op_variant(model, spec.op_variant)
+    if not spec.int8:
+        return []
+    if scales is None:
+        raise ValueError(f"precision {precision!r} needs calibrated scales (a calibration table)")
+    allowed = set(int8_scope(model, scope))
+    usable = {n: s for n, s in scales.items() if n in allowed and s > 0}
+    return quantize_modules(model, usable, keep_float=set(keep_float), out_dtype=spec.float_dtype)
+
+
+def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tuple[str, str]]:
+    """Which precision every conv / linear and every op-calling module runs in, in module order.
+
+    INT8 rows come from ``quantize_modules``' report; float layers report the storage dtype;
+    op-calling modules report the op variant (e.g. ``fp16x2``), tagged ``(op)``.
+    """
+    spec = precision_spec(precision)
+    float_name = "fp32" if spec.float_dtype == torch.float32 else "fp16"
+    by_name = {r.name: r.precision for r in report}
+    rows: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if name in by_name:
+            p = by_name[name]
+            rows.append((name, "int8" if p == "int8" else ("fused" if p == "fused" else float_name)))
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            rows.append((name, float_name))
+        elif hasattr(module, "op_variant"):
+            rows.append((f"{name} (op)", module.op_variant or float_name))
+    return rows
+
+
+class ExportWrapper(nn.Module):
+    """The model's forward with tuple outputs (``bev_embed``, ``all_cls_scores``, ``all_bbox_preds``).
+
+    Exported programs return flat outputs; the engine maps them back to the model's dict keys.
+    """
+
+    OUTPUT_NAMES = ("bev_embed", "all_cls_scores", "all_bbox_preds")
+    INPUT_NAMES = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor, lidar2img: Tensor, can_bus: Tensor, prev_bev: Tensor,
+                use_prev_bev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(image, lidar2img, can_bus, prev_bev, use_prev_bev)
+        return tuple(out[k] for k in self.OUTPUT_NAMES)

@@ -1,0 +1,197 @@
+"""The engine on the CPU: build -> file -> load -> run, int8 through Triton's interpreter, refusals, temporal state.
+
+A reduced BEVFormer-tiny (64x96 images, 8x8 BEV, 20 queries, one encoder and one decoder layer; the
+R50 backbone keeps its full width, so engine files are ~100 MB). fp32 engines run the ops on their
+PyTorch references, and so do the int8 engine's int8 convs / linears (``torch reference on int8
+codes``: the same int8 x int8 -> int32 math): through Triton's interpreter the int8 R50 forward took
+over 10 minutes on this CPU (the kernels themselves are tested in tests/quant).
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from bevdeploy.data.nuscenes import load_infos
+from bevdeploy.data.preprocess import BEVFORMER_TINY, prepare_frame
+from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
+from bevdeploy.engine import Engine, build
+from bevdeploy.engine.build import METADATA_KEY
+from bevdeploy.models import MODELS
+
+TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1, num_decoder_layers=1)
+#: Minimum SQNR (dB) of the int8 engine's outputs against the fp32 engine's (random weights, 2 calibration frames).
+INT8_SQNR_FLOOR_DB = 25.0  # measured ~39 dB (bev_embed) and ~70 dB (heads)
+
+
+def _on_references():
+    """What the ``ops_on_references`` fixture does, for module-scoped fixtures."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "0")
+    return mp
+
+
+def _inputs(seed: int = 1, gate: float = 1.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(image=torch.randn(1, 6, 3, 64, 96, generator=g), lidar2img=torch.eye(4).expand(1, 6, 4, 4).clone(),
+                can_bus=torch.zeros(1, 18), prev_bev=torch.randn(1, 64, 256, generator=g),
+                use_prev_bev=torch.full((1,), gate))
+
+
+def _sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.double().pow(2).sum() / (x.double() - ref.double()).pow(2).sum()))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate(root, num_scenes=2, samples_per_scene=2, seed=3, image_size=(128, 192), progress=False)
+    return root, load_infos(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fp32_engine_path(tmp_path_factory):
+    mp = _on_references()
+    try:
+        yield build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("fp32") / "tiny.engine",
+                    model_overrides=TINY, progress=False)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def fp32_engine(fp32_engine_path):
+    return Engine.load(fp32_engine_path)
+
+
+def test_fp32_round_trip_equals_eager_model(fp32_engine, fp32_engine_path, ops_on_references):
+    engine = fp32_engine
+    meta = engine.metadata
+    assert meta["precision"] == "fp32" and meta["model_config"]["bev_h"] == 8 and meta["calibration"] is None
+    assert meta["torch"] == torch.__version__ and meta["inputs"]["image"]["shape"] == [1, 6, 3, 64, 96]
+    assert engine.file_mb == pytest.approx(os.path.getsize(fp32_engine_path) / 2**20)
+    assert engine.bev_shape == (64, 256) and engine.preprocess_name == "bevformer-tiny"
+    assert all(p == "fp32" for _, p in engine.layer_precisions)
+    torch.manual_seed(0)  # build() seeds 0 before creating random weights
+    model = MODELS["bevformer-tiny"](**TINY).eval()
+    x = _inputs()
+    with torch.no_grad():
+        ref = model(**x)
+    out = engine(**x)
+    for k in ref:  # BN folding reorders float math: near-equal, not bit-equal
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+    (boxes, scores, labels), = engine.decode(out)
+    (rboxes, rscores, rlabels), = model.decode(ref)
+    assert boxes.shape[1] == 9 and torch.equal(labels, rlabels)
+    torch.testing.assert_close(scores, rscores, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp_path, ops_on_references):
+    root, _ = world
+    calib = DataSource(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)  # one scene, two frames
+    path = build("bevformer-tiny", "int8", out=tmp_path / "q.engine", model_overrides=TINY, calib=calib,
+                 progress=False)
+    table_file = tmp_path / "q.engine.calib.json"
+    assert table_file.is_file()
+    engine = Engine.load(path)
+    meta = engine.metadata
+    assert meta["calibration"]["method"] == "entropy" and meta["calibration"]["num_samples"] == 2
+    int8 = [n for n, p in engine.layer_precisions if p == "int8"]
+    assert meta["int8_layers"] == len(int8) > 50
+    assert "img_backbone.conv1" in int8 and "img_neck.lateral_convs.0.conv" in int8
+    assert any(n.startswith("pts_bbox_head.transformer.encoder.") for n in int8)
+    assert not any(n.startswith(("pts_bbox_head.transformer.decoder.", "pts_bbox_head.cls_branches",
+                                 "pts_bbox_head.reg_branches")) for n in int8)  # decoder and heads stay float
+    x = _inputs()
+    out = engine(**x)
+    ref = fp32_engine(**x)
+    for k in ref:
+        assert out[k].dtype == torch.float32 and torch.isfinite(out[k]).all()
+        assert _sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+    # the saved table rebuilds the same engine without calibration data
+    again = build("bevformer-tiny", "int8", out=tmp_path / "q2.engine", model_overrides=TINY,
+                  calib_table=str(table_file), progress=False)
+    assert Engine.load(again).metadata["content_hash"] == meta["content_hash"]
+
+
+def test_fp16x2_engine_runs_half2_ops_close_to_fp32(fp32_engine, tmp_path, ops_on_references):
+    engine = Engine.load(build("bevformer-tiny", "fp16x2", out=tmp_path / "h.engine", model_overrides=TINY,
+                               progress=False))
+    ops = [(n, p) for n, p in engine.layer_precisions if n.endswith("(op)")]
+    assert len(ops) == 4 and all(p == "fp16x2" for _, p in ops)  # rotate + TSA + SCA + decoder msda
+    assert engine.metadata["inputs"]["image"]["dtype"] == "float16"
+    x = _inputs()
+    out, ref = engine(**x), fp32_engine(**x)
+    for k in ref:
+        assert out[k].dtype == torch.float32 and _sqnr_db(ref[k], out[k]) > 40.0, k  # measured ~61-68 dB
+
+
+def test_int8_needs_calibration_and_precision_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="calib"):
+        build("bevformer-tiny", "int8", out=tmp_path / "x.engine", model_overrides=TINY)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build("bevformer-tiny", "int4", out=tmp_path / "x.engine", model_overrides=TINY)
+
+
+def test_truncated_or_flipped_engine_is_refused(fp32_engine_path, tmp_path):
+    data = fp32_engine_path.read_bytes()
+    truncated = tmp_path / "truncated.engine"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.engine.*(corrupt|truncated)"):
+        Engine.load(truncated)
+    flipped = tmp_path / "flipped.engine"
+    shutil.copy(fp32_engine_path, flipped)
+    with open(flipped, "r+b") as f:  # the middle of the file is weight bytes
+        f.seek(len(data) // 2)
+        chunk = f.read(64)
+        f.seek(len(data) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with pytest.raises(ValueError, match="flipped.engine.*corrupt"):
+        Engine.load(flipped)
+    with pytest.raises(FileNotFoundError, match="missing.engine"):
+        Engine.load(tmp_path / "missing.engine")
+
+
+def test_metadata_mismatch_asks_for_rebuild(fp32_engine_path, tmp_path):
+    extra = {METADATA_KEY: ""}
+    with open(fp32_engine_path, "rb") as f:
+        ep = torch.export.load(f, extra_files=extra)
+    meta = json.loads(extra[METADATA_KEY])
+    meta["torch"] = "1.13.1"
+    edited = tmp_path / "old.engine"
+    with open(edited, "wb") as f:
+        torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(RuntimeError, match=r"torch 1\.13\.1.*rebuild it .*`bevdeploy build --model bevformer-tiny "
+                                           r"--precision fp32"):
+        Engine.load(edited)
+
+
+def test_step_carries_prev_bev_and_resets_at_scene_change(world, fp32_engine, ops_on_references):
+    _, infos = world
+    scenes = [i["scene_token"] for i in infos]
+    assert scenes[0] == scenes[1] != scenes[2]
+    frames = [prepare_frame(infos[0], None, BEVFORMER_TINY), prepare_frame(infos[1], infos[0], BEVFORMER_TINY),
+              prepare_frame(infos[2], infos[1], BEVFORMER_TINY)]
+    assert [f["use_prev_bev"].item() for f in frames] == [0.0, 1.0, 0.0]
+    engine = fp32_engine
+    engine.reset()
+    outs = [engine.step(f) for f in frames]
+
+    def direct(frame, prev_bev, gate):
+        return engine(image=frame["image"][None], lidar2img=frame["lidar2img"][None], can_bus=frame["can_bus"][None],
+                      prev_bev=prev_bev, use_prev_bev=torch.tensor([gate]))
+
+    zeros = torch.zeros(1, *engine.bev_shape)
+    torch.testing.assert_close(outs[0]["bev_embed"], direct(frames[0], zeros, 0.0)["bev_embed"])
+    carried = direct(frames[1], outs[0]["bev_embed"], 1.0)["bev_embed"]
+    torch.testing.assert_close(outs[1]["bev_embed"], carried)
+    assert not torch.allclose(carried, direct(frames[1], zeros, 1.0)["bev_embed"], atol=1e-3)  # prev_bev matters
+    torch.testing.assert_close(outs[2]["bev_embed"], direct(frames[2], zeros, 0.0)["bev_embed"])  # reset
+    # a frame whose gate says 1 but whose scene token changed is reset too; streams are independent
+    wrong_gate = dict(frames[2], use_prev_bev=torch.ones(1))
+    engine.step(frames[0], stream=1)
+    engine.step(frames[1], stream=1)
+    torch.testing.assert_close(engine.step(wrong_gate, stream=1)["bev_embed"], outs[2]["bev_embed"])
+    torch.testing.assert_close(engine._streams[0]["prev_bev"], outs[2]["bev_embed"])
