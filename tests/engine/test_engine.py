@@ -1,4 +1,4 @@
-"""The engine on the CPU: build -> file -> load -> run, int8 through Triton's interpreter, refusals, temporal state.
+"""The engine on the CPU: build -> file -> load -> run, int8 layers, refusals, temporal state.
 
 A reduced BEVFormer-tiny (64x96 images, 8x8 BEV, 20 queries, one encoder and one decoder layer; the
 R50 backbone keeps its full width, so engine files are ~100 MB). fp32 engines run the ops on their
@@ -63,7 +63,7 @@ def fp32_engine_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp32_engine(fp32_engine_path):
-    return Engine.load(fp32_engine_path)
+    return Engine.load(fp32_engine_path, device="cpu")
 
 
 def test_fp32_round_trip_equals_eager_model(fp32_engine, fp32_engine_path, ops_on_references):
@@ -95,7 +95,7 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
                  progress=False)
     table_file = tmp_path / "q.engine.calib.json"
     assert table_file.is_file()
-    engine = Engine.load(path)
+    engine = Engine.load(path, device="cpu")
     meta = engine.metadata
     assert meta["calibration"]["method"] == "entropy" and meta["calibration"]["num_samples"] == 2
     int8 = [n for n, p in engine.layer_precisions if p == "int8"]
@@ -113,11 +113,11 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
     # the saved table rebuilds the same engine without calibration data
     again = build("bevformer-tiny", "int8", out=tmp_path / "q2.engine", model_overrides=TINY,
                   calib_table=str(table_file), progress=False)
-    assert Engine.load(again).metadata["content_hash"] == meta["content_hash"]
+    assert Engine.load(again, device="cpu").metadata["content_hash"] == meta["content_hash"]
 
 
 def test_fp16x2_engine_runs_half2_ops_close_to_fp32(fp32_engine, tmp_path, ops_on_references):
-    engine = Engine.load(build("bevformer-tiny", "fp16x2", out=tmp_path / "h.engine", model_overrides=TINY,
+    engine = Engine.load(device="cpu", path=build("bevformer-tiny", "fp16x2", out=tmp_path / "h.engine", model_overrides=TINY,
                                progress=False))
     ops = [(n, p) for n, p in engine.layer_precisions if n.endswith("(op)")]
     assert len(ops) == 4 and all(p == "fp16x2" for _, p in ops)  # rotate + TSA + SCA + decoder msda
