@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   bevdeploy eval --model bevformer-tiny --data synthetic:32       NDS/mAP and FPS on a synthetic world
   bevdeploy eval --model bevformer-base --data nuscenes:/data/nuscenes --checkpoint bevformer_base_epoch_24.pth
-  bevdeploy demo                       check every op (Triton kernels vs references) and print a table
+  bevdeploy demo                       synthetic world -> BEVFormer-tiny -> fp32/int8 engines -> NDS table
+  bevdeploy demo --ops                 check every op (Triton kernels vs references) and print a table
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
@@ -20,17 +23,24 @@ EPILOG = """examples:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    if not torch.cuda.is_available() and "bevdeploy.ops" not in sys.modules:
-        # No GPU: run the Triton kernels through Triton's interpreter (chosen before import).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from bevdeploy.ops.selfcheck import print_table, run_checks
+    if args.ops:
+        if not torch.cuda.is_available() and "bevdeploy.ops" not in sys.modules:
+            # No GPU: run the Triton kernels through Triton's interpreter (chosen before import).
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from bevdeploy.ops.selfcheck import print_table, run_checks
 
-    rows = run_checks(seed=args.seed)
-    print_table(rows)
-    failed = [r for r in rows if not r["ok"]]
-    if failed:
-        print(f"{len(failed)} check(s) failed", file=sys.stderr)
-        return 1
+        rows = run_checks(seed=args.seed)
+        print_table(rows)
+        failed = [r for r in rows if not r["ok"]]
+        if failed:
+            print(f"{len(failed)} check(s) failed", file=sys.stderr)
+            return 1
+        return 0
+    from bevdeploy.eval.demo import print_demo_table, run_demo
+
+    rows = run_demo(model_name=args.model, data=args.data, precisions=args.precisions, checkpoint=args.checkpoint,
+                    work_dir=args.work_dir, workers=args.workers)
+    print_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
     return 0
 
 
@@ -63,8 +73,14 @@ def _build(args: argparse.Namespace) -> int:
 
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    if args.sensitivity:
+        from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
+
+        report = [LayerSensitivity(**r) for r in json.loads(Path(f"{path}.sensitivity.json").read_text())]
+        print("int8 sensitivity (output SQNR with only that layer in int8; worst first):")
+        print(format_report(report))
     return 0
 
 
@@ -99,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    demo = sub.add_parser("demo", help="run every op's kernels against its reference and print a check table")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="synthetic world -> PyTorch -> engines -> NDS/fidelity table (--ops: op self-check)")
+    demo.add_argument("--ops", action="store_true", help="instead: every op's kernels against its reference")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the op self-check inputs")
+    demo.add_argument("--model", default="bevformer-tiny")
+    demo.add_argument("--data", default="synthetic:3", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    demo.add_argument("--precisions", nargs="*", default=None, help="default: fp32 int8 on a CPU, all on a GPU")
+    demo.add_argument("--checkpoint", default=None)
+    demo.add_argument("--work-dir", default="out/demo", help="where the engine files go")
+    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
@@ -124,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
+    bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
     bd.add_argument("--device", default=None)
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)

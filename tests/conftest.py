@@ -14,6 +14,11 @@ if not torch.cuda.is_available() and os.environ.get("BEVDEPLOY_TEST_INTERPRET", 
 
 import pytest  # noqa: E402
 
+# Decorate every Triton kernel now, while the setting above holds: fixtures that later route ops to
+# the references (TRITON_INTERPRET=0 at call time) must not be the first to import a kernel module.
+import bevdeploy.ops  # noqa: E402,F401
+import bevdeploy.quant.int8_kernels  # noqa: E402,F401
+
 
 @pytest.fixture
 def device() -> torch.device:

@@ -186,6 +186,7 @@ def build(
     batch: int = 1,
     device: str | None = None,
     progress: bool = True,
+    sensitivity: bool = False,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -204,6 +205,9 @@ def build(
         batch: Static batch size (independent streams) the engine is exported for.
         device: ``cuda`` / ``cpu`` (default: cuda when available). Build on the GPU you run on.
         progress: tqdm bars for calibration.
+        sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
+            runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
+            the worst layers are the ones to pass as ``keep_float``.
 
     Returns:
         Path of the engine file; for int8* also ``<out>.calib.json`` is written.
@@ -240,7 +244,21 @@ def build(
         else:
             infos, dataset = _calibration_infos(calib, model_name, progress)
             loop = calibration_forward_loop(infos, model_name, model.bev_shape, model.image_size, dev, progress)
-            table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
+            recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
+            names = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")  # the loop's positional order
+            hook = model.register_forward_pre_hook(
+                lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
+            try:
+                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
+            finally:
+                hook.remove()
+            if sensitivity:
+                from bevdeploy.quant.sensitivity import save_report, sensitivity_report
+
+                scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0]
+                sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
+                                          out_dtype=torch.float32)
+                save_report(sens, f"{out}.sensitivity.json")
         table_path = Path(f"{out}.calib.json")
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table.save(table_path)

@@ -1,0 +1,89 @@
+"""``bevdeploy demo``: the whole pipeline on the synthetic default, on whatever machine this is.
+
+Generate a small synthetic world -> BEVFormer-tiny in PyTorch (random weights unless a checkpoint)
+-> build engines (fp32 and int8 on a CPU; every precision on a GPU) -> run each over the world in
+temporal order -> NDS/mAP (nuscenes-devkit) and fidelity to the PyTorch boxes -> one table. On a CPU
+the ops run their PyTorch references and the int8 layers the PyTorch form of the same int8 math
+(Triton's interpreter would take far too long for a whole network); the table says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def run_demo(
+    *,
+    model_name: str = "bevformer-tiny",
+    data: str = "synthetic:4",
+    precisions: list[str] | None = None,
+    checkpoint: str | None = None,
+    work_dir: str | Path = "out/demo",
+    workers: int = 1,
+) -> list[dict]:
+    """Run the pipeline and return one row per precision (PyTorch first)."""
+    from bevdeploy.data.nuscenes import load_infos
+    from bevdeploy.data.preprocess import PREPROCESS
+    from bevdeploy.data.synthetic import resolve_data_spec
+    from bevdeploy.engine import Engine, build
+    from bevdeploy.eval.bench_models import _pth_mb, _results_records
+    from bevdeploy.eval.detection import run_bevformer, score_run
+    from bevdeploy.eval.nuscenes import fidelity_metrics
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.checkpoint import load_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precisions is None:
+        precisions = ["fp32", "fp16", "fp16x2", "int8", "int8-fp16"] if device.type == "cuda" else ["fp32", "int8"]
+    source = resolve_data_spec(data, workers=workers)
+    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
+    if source.num_samples is not None:
+        infos = infos[: source.num_samples]
+
+    def score(run):
+        return score_run(run, infos, source.dataroot, source.version, source.split)
+
+    torch.manual_seed(0)  # build() seeds 0 too: the engines hold the same random weights
+    model = MODELS[model_name]()
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    pth_mb = _pth_mb(model)
+    model = model.to(device).eval()
+    print(f"[demo] PyTorch {model_name} on {len(infos)} frames ({device.type})", file=sys.stderr)
+    ref = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=model.bev_shape, device=device)
+    m = score(ref)
+    rows = [{"precision": "pytorch", "fps": ref.fps, "size_mb": pth_mb, "nds": m["NDS"], "map": m["mAP"], "fidelity_nds": None}]
+    ref_records = _results_records(ref, infos)
+    best = max((r["detection_score"] for recs in ref_records.values() for r in recs), default=0.0)
+    threshold = min(0.3, 0.5 * best)  # untrained weights score low: keep the reference's most confident boxes
+    del model
+    work = Path(work_dir)
+    for precision in precisions:
+        print(f"[demo] build {precision}", file=sys.stderr)
+        path = build(model_name, precision, out=work / f"{model_name}-{precision}.engine", checkpoint=checkpoint,
+                     calib=data if precision.startswith("int8") else None, device=device.type)
+        engine = Engine.load(path, device=device)
+        run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=engine.bev_shape,
+                            device=device)
+        m = score(run)
+        fid = fidelity_metrics(_results_records(run, infos), ref_records, score_threshold=threshold)
+        rows.append({"precision": precision, "fps": run.fps, "size_mb": engine.file_mb, "nds": m["NDS"], "map": m["mAP"],
+                     "fidelity_nds": fid["NDS"]})
+        del engine
+    return rows
+
+
+def print_demo_table(rows: list[dict], device: str) -> None:
+    base = rows[0]
+    print(f"{'precision':<12}{'FPS':>9}{'x PyTorch':>11}{'size MB':>10}{'x .pth':>8}{'NDS':>8}{'mAP':>8}{'fidelity NDS':>14}")
+    for r in rows:
+        ratio = "" if not (r["fps"] and base["fps"]) else f"{r['fps'] / base['fps']:.2f}"
+        fid = "" if r["fidelity_nds"] is None else f"{r['fidelity_nds']:.4f}"
+        print(f"{r['precision']:<12}{(r['fps'] or 0):>9.2f}{ratio:>11}{r['size_mb']:>10.1f}{r['size_mb'] / base['size_mb']:>8.2f}"
+              f"{r['nds']:>8.4f}{r['map']:>8.4f}{fid:>14}")
+    if device == "cpu":
+        print("(CPU: ops on their PyTorch references, int8 layers in the PyTorch form of the int8 math; "
+              "FPS is not meaningful here - run on a GPU for speed)")
