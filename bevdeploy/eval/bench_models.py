@@ -107,7 +107,7 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/resu
     return path
 
 
-def _pth_mb(model) -> float:
+def pth_size_mb(model) -> float:
     """Size of the model's state dict saved as a PyTorch .pth (the reference table's baseline size)."""
     import io
 
@@ -116,11 +116,21 @@ def _pth_mb(model) -> float:
     return buf.getbuffer().nbytes / 2**20
 
 
-def _results_records(run, infos) -> dict:
+def results_records(run, infos) -> dict:
     from bevdeploy.eval.nuscenes import to_nusc_results
 
     by_token = {i["token"]: i for i in infos}
     return {t: to_nusc_results(t, b, s, lab, by_token[t]) for t, (b, s, lab) in run.boxes.items()}
+
+
+def fidelity_threshold(ref_records: dict) -> float:
+    """Score threshold for fidelity: the official 0.3, or half the best reference score when lower.
+
+    Untrained (random) weights score low (the head's prior bias), so a fixed 0.3 would keep no
+    reference box; half the best score keeps the reference's most confident boxes.
+    """
+    best = max((r["detection_score"] for recs in ref_records.values() for r in recs), default=0.0)
+    return min(0.3, 0.5 * best)
 
 
 def bench_model(
@@ -167,7 +177,7 @@ def bench_model(
         from bevdeploy.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
-    pth_mb = _pth_mb(model)
+    pth_mb = pth_size_mb(model)
     row = pytorch_row(name, iters=iters, checkpoint=checkpoint)
     model = model.to(dev).eval()
     ref_run = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[name], bev_shape=model.bev_shape, device=dev)
@@ -176,13 +186,9 @@ def bench_model(
                note="engine_mb = the .pth of the state dict")
     rows = [row]
     base_fps, base_mem = row["fps"], row["memory_mb"]
-    ref_records = _results_records(ref_run, infos)
-    # Fidelity scores the engine against the PyTorch boxes above a threshold. Untrained (random)
-    # weights give low scores (the head's prior bias), so the threshold adapts: the official 0.3, or
-    # half the best reference score when that is lower, so the reference's most confident boxes count.
-    best = max((r["detection_score"] for recs in ref_records.values() for r in recs), default=0.0)
-    fidelity_threshold = min(0.3, 0.5 * best)
-    row["fidelity_threshold"] = round(fidelity_threshold, 4)
+    ref_records = results_records(ref_run, infos)
+    threshold = fidelity_threshold(ref_records)
+    row["fidelity_threshold"] = round(threshold, 4)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -200,7 +206,7 @@ def bench_model(
         mem = _device_memory_mb()
         run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[name], bev_shape=engine.bev_shape, device=dev)
         m = score_run(run, infos, source.dataroot, source.version, source.split)
-        fid = fidelity_metrics(_results_records(run, infos), ref_records, score_threshold=fidelity_threshold)
+        fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
         r = dict.fromkeys(_ROW_KEYS)
         r.update(model=name, precision=precision, batch=1, fps=round(1000.0 / ms, 2), fps_ratio=round(1000.0 / ms / base_fps, 2),
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3), memory_mb=round(mem, 1),

@@ -29,7 +29,7 @@ def run_demo(
     from bevdeploy.data.preprocess import PREPROCESS
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
-    from bevdeploy.eval.bench_models import _pth_mb, _results_records
+    from bevdeploy.eval.bench_models import fidelity_threshold, pth_size_mb, results_records
     from bevdeploy.eval.detection import run_bevformer, score_run
     from bevdeploy.eval.nuscenes import fidelity_metrics
     from bevdeploy.models import MODELS
@@ -50,15 +50,14 @@ def run_demo(
     model = MODELS[model_name]()
     if checkpoint:
         load_checkpoint(model, checkpoint)
-    pth_mb = _pth_mb(model)
+    pth_mb = pth_size_mb(model)
     model = model.to(device).eval()
     print(f"[demo] PyTorch {model_name} on {len(infos)} frames ({device.type})", file=sys.stderr)
     ref = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=model.bev_shape, device=device)
     m = score(ref)
     rows = [{"precision": "pytorch", "fps": ref.fps, "size_mb": pth_mb, "nds": m["NDS"], "map": m["mAP"], "fidelity_nds": None}]
-    ref_records = _results_records(ref, infos)
-    best = max((r["detection_score"] for recs in ref_records.values() for r in recs), default=0.0)
-    threshold = min(0.3, 0.5 * best)  # untrained weights score low: keep the reference's most confident boxes
+    ref_records = results_records(ref, infos)
+    threshold = fidelity_threshold(ref_records)
     del model
     work = Path(work_dir)
     for precision in precisions:
@@ -69,7 +68,7 @@ def run_demo(
         run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=engine.bev_shape,
                             device=device)
         m = score(run)
-        fid = fidelity_metrics(_results_records(run, infos), ref_records, score_threshold=threshold)
+        fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
         rows.append({"precision": precision, "fps": run.fps, "size_mb": engine.file_mb, "nds": m["NDS"], "map": m["mAP"],
                      "fidelity_nds": fid["NDS"]})
         del engine
