@@ -24,6 +24,7 @@ from nuscenes.eval.detection.data_classes import DetectionBox
 from nuscenes.utils.data_classes import Box
 from pyquaternion import Quaternion
 
+from bevdeploy.data.nuscenes import TABLE_NAMES
 from bevdeploy.eval.nuscenes import (
     CLASS_NAMES,
     NuScenesEvaluator,
@@ -86,24 +87,7 @@ def _quat(yaw: float) -> list[float]:
 
 def _write_world(root) -> None:
     """The world as nuScenes v1.0 tables, one scene of two key frames, with a custom split."""
-    tables: dict[str, list] = {
-        name: []
-        for name in (
-            "category",
-            "attribute",
-            "visibility",
-            "instance",
-            "sensor",
-            "calibrated_sensor",
-            "ego_pose",
-            "log",
-            "scene",
-            "sample",
-            "sample_data",
-            "sample_annotation",
-            "map",
-        )
-    }
+    tables: dict[str, list] = {name: [] for name in TABLE_NAMES}
     tables["category"] = [{"token": f"cat-{k}", "name": v, "description": ""} for k, v in CATEGORY.items()]
     attributes = [
         "vehicle.moving",
