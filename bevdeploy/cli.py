@@ -86,20 +86,14 @@ def _build(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.model:
-        from bevdeploy.eval.bench_models import bench_model, pytorch_row, write_results
+        from bevdeploy.eval.bench_models import bench_model
 
         engine_precisions = [p for p in args.precisions if p != "pytorch"]
         command = "bevdeploy " + " ".join(sys.argv[1:])
         for name in args.model:
-            if engine_precisions:
-                path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
-                                   out_dir=args.out, command=command)
-                print(path.with_suffix(".md").read_text())
-                continue
-            row = pytorch_row(name, batch=args.batch, checkpoint=args.checkpoint)
-            path = write_results(name, [row], args.out, command=command)
-            print(f"{name}: PyTorch FP32 {row['fps']} FPS ({row['latency_ms']} ms), memory {row['memory_mb']} MB, "
-                  f"peak allocated {row['peak_allocated_mb']} MB -> {path}")
+            path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
+                               out_dir=args.out, command=command, append=args.append)
+            print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
         from bevdeploy.eval.bench_ops import run, to_markdown
@@ -127,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
-    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base")
+    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
     ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
     ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
@@ -139,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
-    bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base")
+    bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
     bd.add_argument("--checkpoint", default=None)
     bd.add_argument("--allow-partial", action="store_true")
@@ -159,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pytorch (eager FP32 baseline) and engine precisions: fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2")
     bench.add_argument("--data", default="synthetic:16", help="data scored for NDS/mAP and fidelity (synthetic[:N] or nuscenes:PATH)")
     bench.add_argument("--calib", default=None, help="int8 calibration data (default: --data)")
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--append", action="store_true",
+                       help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")

@@ -30,9 +30,9 @@ from bevdeploy.engine.deploy import (
     layer_precisions,
     precision_spec,
 )
+from bevdeploy.engine.model_io import calibration_forward_loop, example_inputs, family, input_names, output_names
 
-__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts",
-           "calibration_forward_loop"]
+__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,14 @@ def runtime_facts(device: torch.device) -> dict:
 
 def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bool,
                       overrides: dict | None) -> nn.Module:
-    from bevdeploy.models import MODELS, BEVFormer
+    from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     torch.manual_seed(0)  # random weights (no checkpoint) are reproducible
     model = MODELS[model_name](**(overrides or {}))
-    if not isinstance(model, BEVFormer):
-        raise NotImplementedError(f"the engine builds BEVFormer models only for now, not {model_name!r}")
+    family(model)  # NotImplementedError for a model the engine cannot take
     if checkpoint:
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
         print(report, file=sys.stderr)
@@ -110,55 +109,6 @@ def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dic
     if not infos:
         raise ValueError(f"calibration data {calib!r} holds no samples")
     return infos, f"{source.dataroot} {source.version} {source.split}[:{len(infos)}]"
-
-
-def calibration_forward_loop(infos: Sequence[dict], model_name: str, bev_shape: tuple[int, int],
-                             image_size: tuple[int, int], device: torch.device, progress: bool = True):
-    """A ``forward_loop(model)`` for :func:`bevdeploy.quant.calibrate.calibrate`: the inference host loop.
-
-    Frames in order, ``prev_bev`` fed back from the last ``bev_embed``, reset to zeros with the gate
-    closed at every scene start (as :func:`bevdeploy.eval.detection.run_bevformer` and the reference).
-    """
-    from tqdm import tqdm
-
-    from bevdeploy.data.preprocess import PREPROCESS, prepare_frame
-
-    if model_name not in PREPROCESS:
-        raise ValueError(f"no image pipeline for {model_name!r} (known: {sorted(PREPROCESS)})")
-    preprocess = PREPROCESS[model_name]
-
-    def forward_loop(model: nn.Module) -> int:
-        prev_bev = torch.zeros(1, *bev_shape, device=device)
-        prev_info = None
-        for info in tqdm(infos, desc="calibration", disable=not progress, file=sys.stderr):
-            if prev_info is not None and prev_info.get("scene_token") != info.get("scene_token"):
-                prev_info = None
-                prev_bev = torch.zeros_like(prev_bev)
-            frame = prepare_frame(info, prev_info, preprocess)
-            if tuple(frame["image"].shape[-2:]) != tuple(image_size):
-                raise ValueError(
-                    f"calibration images preprocess to {tuple(frame['image'].shape[-2:])} but the model takes "
-                    f"{tuple(image_size)}: use calibration data of the model's camera resolution")
-            out = model(frame["image"][None].to(device), frame["lidar2img"][None].to(device),
-                        frame["can_bus"][None].to(device), prev_bev, frame["use_prev_bev"].to(device))
-            prev_bev = out["bev_embed"].float()
-            prev_info = info
-        return len(infos)
-
-    return forward_loop
-
-
-def _example_inputs(model, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    H, W = model.image_size
-    N = model.num_cams
-    lidar2img = torch.eye(4, device=device).expand(batch, N, 4, 4).contiguous()
-    return {
-        "image": torch.zeros(batch, N, 3, H, W, device=device, dtype=dtype),
-        "lidar2img": lidar2img,
-        "can_bus": torch.zeros(batch, 18, device=device),
-        "prev_bev": torch.zeros(batch, *model.bev_shape, device=device, dtype=dtype),
-        "use_prev_bev": torch.zeros(batch, device=device),
-    }
 
 
 def _jsonable(obj):
@@ -191,7 +141,7 @@ def build(
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
     Args:
-        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants).
+        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet).
         precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16`` or ``int8-fp16x2``.
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
@@ -243,9 +193,9 @@ def build(
                                  f"(was it made for another model?)")
         else:
             infos, dataset = _calibration_infos(calib, model_name, progress)
-            loop = calibration_forward_loop(infos, model_name, model.bev_shape, model.image_size, dev, progress)
+            loop = calibration_forward_loop(infos, model_name, model, dev, progress)
             recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
-            names = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")  # the loop's positional order
+            names = input_names(model)  # the loop's positional order
             hook = model.register_forward_pre_hook(
                 lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
             try:
@@ -269,8 +219,9 @@ def build(
     precisions = layer_precisions(model, report, precision)
     model.eval()
 
-    wrapper = ExportWrapper(model).eval()
-    example = _example_inputs(model, batch, spec.float_dtype, dev)
+    outputs = output_names(model)
+    wrapper = ExportWrapper(model, outputs).eval()
+    example = example_inputs(model, batch, spec.float_dtype, dev)
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example.values()), strict=False)
 
@@ -278,6 +229,7 @@ def build(
         "format": ENGINE_FORMAT,
         "version": ENGINE_VERSION,
         "model": model_name,
+        "family": family(model),
         "model_config": _jsonable(cfg),
         "model_overrides": _jsonable(model_overrides or {}),
         "checkpoint": str(checkpoint) if checkpoint else None,
@@ -292,8 +244,8 @@ def build(
         "batch": batch,
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                    for k, v in example.items()},
-        "outputs": list(ExportWrapper.OUTPUT_NAMES),
-        "bev_shape": list(model.bev_shape),
+        "outputs": list(outputs),
+        "bev_shape": list(model.bev_shape) if family(model) == "bevformer" else None,
         "preprocess": model_name,
         "content_hash": content_hash(ep),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -9,10 +9,12 @@ Steps, in this order (each is a plain in-place function so the engine builder an
 3. ``apply_precision``: ``model.half()`` for the fp16 precisions, the ops' variant set on every module
    that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions.
 
-Which layers become INT8 (:func:`int8_scope`): the image backbone and neck convs and the BEV
-encoder's linears. The decoder layers, the heads, the CAN-bus MLP and every LayerNorm / softmax stay
+Which layers become INT8 (:func:`int8_scope`) is the model family's scope
+(:mod:`bevdeploy.engine.model_io`): for BEVFormer the image backbone and neck convs and the BEV
+encoder's linears; the decoder layers, the heads, the CAN-bus MLP and every LayerNorm / softmax stay
 float (the reference and NVIDIA's explicit-quantization ports keep them float: quantizing a decoder
-collapsed accuracy in NVIDIA's Far3D port, SPEC section 2).
+collapsed accuracy in NVIDIA's Far3D port, SPEC section 2). For BEVDet everything before the
+CenterPoint head, including the int8 ``bev_pool_v2``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from torch import Tensor, nn
 
 __all__ = [
     "PRECISIONS",
-    "INT8_SCOPE",
     "PrecisionSpec",
     "precision_spec",
     "fold_batchnorms",
@@ -39,9 +40,6 @@ __all__ = [
 #: Precision names, as everywhere in bevdeploy (SPEC section 2).
 PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16", "int8-fp16x2")
 
-#: Module-name prefixes whose Conv2d / Linear layers are quantized by default.
-INT8_SCOPE = ("img_backbone.", "img_neck.", "pts_bbox_head.transformer.encoder.")
-
 
 @dataclass(frozen=True)
 class PrecisionSpec:
@@ -51,7 +49,7 @@ class PrecisionSpec:
         name: One of :data:`PRECISIONS`.
         float_dtype: Storage dtype of everything that is not INT8.
         op_variant: Variant forced on the ops (None: inferred from the dtype, i.e. fp32 / fp16).
-        int8: Whether convs / linears in :data:`INT8_SCOPE` become INT8.
+        int8: Whether convs / linears in the model's int8 scope become INT8.
     """
 
     name: str
@@ -164,10 +162,27 @@ def set_op_variant(model: nn.Module, variant: str | None) -> list[str]:
     return names
 
 
-def int8_scope(model: nn.Module, scope: Sequence[str] = INT8_SCOPE) -> list[str]:
-    """Names of the plain Conv2d / Linear layers of ``model`` under the INT8 ``scope`` prefixes."""
+def int8_scope(model: nn.Module, scope: Sequence[str] | None = None) -> list[str]:
+    """Names of the plain Conv2d / Linear layers and calibration points of ``model`` under the INT8
+    ``scope`` prefixes (default: the model family's, :func:`bevdeploy.engine.model_io.int8_scope_prefixes`)."""
+    from bevdeploy.engine.model_io import int8_scope_prefixes
+    from bevdeploy.quant.calibrate import CalibrationPoint
+
+    scope = int8_scope_prefixes(model) if scope is None else tuple(scope)
     return [n for n, m in model.named_modules()
-            if type(m) in (nn.Conv2d, nn.Linear) and any(n.startswith(p) for p in scope)]
+            if type(m) in (nn.Conv2d, nn.Linear, CalibrationPoint) and any(n.startswith(p) for p in scope)]
+
+
+def _int8_pooling(model: nn.Module, scales: dict[str, float], keep_float: set[str]) -> list[str]:
+    """Switch every op module with a calibrated ``feat_point`` (BEVDet's view transformer) to its int8
+    pooling (``feat_scale``); returns their names. ``keep_float`` naming the point keeps it float."""
+    switched = []
+    for name, module in model.named_modules():
+        point = f"{name}.feat_point" if name else "feat_point"
+        if hasattr(module, "feat_scale") and point in scales and point not in keep_float:
+            module.feat_scale = float(scales[point])
+            switched.append(name)
+    return switched
 
 
 def apply_precision(
@@ -176,7 +191,7 @@ def apply_precision(
     *,
     scales: dict[str, float] | None = None,
     keep_float: Iterable[str] = (),
-    scope: Sequence[str] = INT8_SCOPE,
+    scope: Sequence[str] | None = None,
 ) -> list:
     """Turn the folded float32 model into ``precision``'s deploy form, in place.
 
@@ -186,11 +201,12 @@ def apply_precision(
         scales: Layer name -> int8 input scale (``CalibrationTable.scale``); required for int8*.
             Layers outside ``scope``, in ``keep_float`` or with a zero scale stay float.
         keep_float: Layer names to keep float.
-        scope: Module-name prefixes that may be quantized (:data:`INT8_SCOPE`).
+        scope: Module-name prefixes that may be quantized (default: the model family's).
 
     Returns:
         list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
     """
+    from bevdeploy.quant.calibrate import CalibrationPoint
     from bevdeploy.quant.modules import quantize_modules
 
     spec = precision_spec(precision)
@@ -203,7 +219,13 @@ def apply_precision(
         raise ValueError(f"precision {precision!r} needs calibrated scales (a calibration table)")
     allowed = set(int8_scope(model, scope))
     usable = {n: s for n, s in scales.items() if n in allowed and s > 0}
-    return quantize_modules(model, usable, keep_float=set(keep_float), out_dtype=spec.float_dtype)
+    keep = set(keep_float)
+    modules = dict(model.named_modules())
+    points = {n for n in usable if isinstance(modules[n], CalibrationPoint)}
+    report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
+                              out_dtype=spec.float_dtype)
+    _int8_pooling(model, {n: usable[n] for n in points}, keep)
+    return report
 
 
 def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tuple[str, str]]:
@@ -222,25 +244,24 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
             rows.append((name, "int8" if p == "int8" else ("fused" if p == "fused" else float_name)))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             rows.append((name, float_name))
+        elif getattr(module, "feat_scale", None) is not None:
+            rows.append((f"{name} (op)", "int8"))
         elif hasattr(module, "op_variant"):
             rows.append((f"{name} (op)", module.op_variant or float_name))
     return rows
 
 
 class ExportWrapper(nn.Module):
-    """The model's forward with tuple outputs (``bev_embed``, ``all_cls_scores``, ``all_bbox_preds``).
+    """The model's forward with tuple outputs (``output_names`` of its dict, in that order).
 
     Exported programs return flat outputs; the engine maps them back to the model's dict keys.
     """
 
-    OUTPUT_NAMES = ("bev_embed", "all_cls_scores", "all_bbox_preds")
-    INPUT_NAMES = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")
-
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, output_names: Sequence[str]) -> None:
         super().__init__()
         self.model = model
+        self.output_names = tuple(output_names)
 
-    def forward(self, image: Tensor, lidar2img: Tensor, can_bus: Tensor, prev_bev: Tensor,
-                use_prev_bev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.model(image, lidar2img, can_bus, prev_bev, use_prev_bev)
-        return tuple(out[k] for k in self.OUTPUT_NAMES)
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(*inputs)
+        return tuple(out[k] for k in self.output_names)

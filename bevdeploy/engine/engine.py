@@ -26,7 +26,7 @@ __all__ = ["Engine", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
 
 
 def _rebuild_advice(meta: dict) -> str:
@@ -96,10 +96,11 @@ def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
 
 
 class Engine:
-    """A loaded engine: call it like the model, or :meth:`step` it frame by frame.
+    """A loaded engine: call it with the model's inputs as keywords, or :meth:`step` it frame by frame.
 
-    Build with :meth:`load`. Attributes: ``path``, ``metadata`` (dict), ``file_mb``,
-    ``layer_precisions`` (list of (layer, precision)), ``bev_shape`` ((HW, C)), ``preprocess_name``.
+    Build with :meth:`load`. Attributes: ``path``, ``metadata`` (dict), ``family`` (``bevformer`` /
+    ``bevdet``), ``file_mb``, ``layer_precisions`` (list of (layer, precision)), ``bev_shape``
+    ((HW, C); BEVFormer), ``preprocess_name``, ``input_spec``, ``output_names``.
     """
 
     def __init__(self, path: Path, ep: torch.export.ExportedProgram, metadata: dict, device: torch.device,
@@ -109,7 +110,8 @@ class Engine:
         self.device = device
         self.file_mb = path.stat().st_size / 2**20
         self.layer_precisions = [tuple(r) for r in metadata.get("layer_precisions", [])]
-        self.bev_shape = tuple(metadata["bev_shape"])
+        self.family = metadata.get("family", "bevformer")
+        self.bev_shape = tuple(metadata["bev_shape"]) if metadata.get("bev_shape") else None
         self.preprocess_name = metadata.get("preprocess", metadata["model"])
         self.input_spec = {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in metadata["inputs"].items()}
         self.output_names = tuple(metadata["outputs"])
@@ -121,6 +123,7 @@ class Engine:
         self._static_out: tuple[Tensor, ...] = ()
         self._streams: dict[int, dict] = {}
         self._coder = None
+        self._geometry = None
         if compile:
             self._compile()
         if cuda_graphs:
@@ -171,8 +174,9 @@ class Engine:
 
     def _example(self) -> dict[str, Tensor]:
         ex = {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self.input_spec.items()}
-        ex["lidar2img"].copy_(torch.eye(4, device=self.device).expand_as(ex["lidar2img"]))
-        return ex
+        if "lidar2img" in ex:
+            ex["lidar2img"].copy_(torch.eye(4, device=self.device).expand_as(ex["lidar2img"]))
+        return ex  # BEVDet: all-zero indices are a valid empty pooling
 
     def _capture(self) -> None:
         """Warm up (compile, autotune) on a side stream, then capture one call in a CUDA graph."""
@@ -203,11 +207,11 @@ class Engine:
             out.append(t.to(self.device, dtype))
         return out
 
-    def __call__(self, *, image: Tensor, lidar2img: Tensor, can_bus: Tensor, prev_bev: Tensor,
-                 use_prev_bev: Tensor) -> dict[str, Tensor]:
-        """One frame of ``batch`` streams; outputs as the model's dict, converted to float32."""
-        args = self._inputs(image=image, lidar2img=lidar2img, can_bus=can_bus, prev_bev=prev_bev,
-                            use_prev_bev=use_prev_bev)
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        """One frame of ``batch`` streams; inputs by name (``input_spec``), outputs as the model's dict
+        (float32). BEVFormer: ``image, lidar2img, can_bus, prev_bev, use_prev_bev``; BEVDet: ``image``
+        and the five index arrays of :meth:`prepare`."""
+        args = self._inputs(**inputs)
         with torch.no_grad():
             if self._graph is not None:
                 for buf, a in zip(self._static_in.values(), args):
@@ -232,8 +236,10 @@ class Engine:
 
         Holds ``prev_bev`` per stream and feeds each ``bev_embed`` back; ``prev_bev`` is reset to
         zeros (and the gate closed) when ``frame["use_prev_bev"]`` is 0 or the scene token changes.
-        Needs an engine built with ``batch=1``.
+        Needs a BEVFormer engine built with ``batch=1``.
         """
+        if self.family != "bevformer":
+            raise ValueError(f"step() carries BEVFormer's previous BEV; this is a {self.family} engine: call it directly")
         if self.batch != 1:
             raise ValueError(f"step() runs one stream per call: build the engine with batch=1 (it has {self.batch})")
         state = self._streams.get(stream)
@@ -250,14 +256,45 @@ class Engine:
         self._streams[stream] = {"prev_bev": outputs["bev_embed"], "scene": scene}
         return outputs
 
-    def decode(self, outputs: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Boxes per sample, by the model's NMS-free decoder rebuilt from the config in the metadata."""
-        if self._coder is None:
-            from bevdeploy.models.bevformer import NMSFreeCoder
+    def _model_config(self):
+        from bevdeploy.models import BEVDetConfig, BEVFormerConfig
 
-            cfg = self.metadata["model_config"]
-            self._coder = NMSFreeCoder(post_center_range=cfg["post_center_range"], max_num=cfg["max_num"],
-                                       score_threshold=cfg["score_threshold"], num_classes=cfg["num_classes"])
+        def tuples(v):
+            return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+        cls = BEVDetConfig if self.family == "bevdet" else BEVFormerConfig
+        return cls(**{k: tuples(v) for k, v in self.metadata["model_config"].items()})
+
+    def prepare(self, sensor2ego: Tensor, intrinsics: Tensor, post_rots: Tensor, post_trans: Tensor,
+                bda: Tensor | None = None):
+        """BEVDet: the index inputs for these cameras (``BEVDet.prepare``, cached per camera geometry)."""
+        if self.family != "bevdet":
+            raise ValueError(f"prepare() computes BEVDet's pooling indices; this is a {self.family} engine")
+        if self._geometry is None:
+            from bevdeploy.models.bevdet import BEVDetGeometry
+
+            self._geometry = BEVDetGeometry.from_config(self._model_config())
+        return self._geometry.ranks(sensor2ego, intrinsics, post_rots, post_trans, bda)
+
+    def decode(self, outputs: dict[str, Tensor], bev2lidar: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Boxes per sample by the model's own decoder, rebuilt from the config in the metadata.
+
+        BEVFormer: the NMS-free coder. BEVDet: the CenterPoint decoder with its Scale-NMS, boxes moved
+        to the LiDAR frame by ``bev2lidar`` ([B, 4, 4], see ``BEVDet.decode``).
+        """
+        if self._coder is None:
+            cfg = self._model_config()
+            if self.family == "bevdet":
+                from bevdeploy.models.bevdet import CenterPointDecoder
+
+                self._coder = CenterPointDecoder(cfg)
+            else:
+                from bevdeploy.models.bevformer import NMSFreeCoder
+
+                self._coder = NMSFreeCoder(post_center_range=cfg.post_center_range, max_num=cfg.max_num,
+                                           score_threshold=cfg.score_threshold, num_classes=cfg.num_classes)
+        if self.family == "bevdet":
+            return self._coder.decode_to_lidar(outputs, bev2lidar)
         return self._coder.decode(outputs["all_cls_scores"], outputs["all_bbox_preds"])
 
     def __repr__(self) -> str:

@@ -58,19 +58,54 @@ def random_inputs(model, batch: int = 1, seed: int = 0) -> dict[str, torch.Tenso
     return {"image": image, "lidar2img": lidar2img, "can_bus": can_bus, "prev_bev": prev_bev, "use_prev_bev": use_prev_bev}
 
 
-def pytorch_row(name: str, batch: int = 1, iters: int = 20, checkpoint: str | None = None) -> dict:
-    """PyTorch eager FP32 FPS and memory of model ``name`` (random weights unless a checkpoint)."""
+def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-resolution inputs of BEVDet (or a BEVDet engine): a random image and the pooling indices of
+    ``info``'s camera geometry (images not loaded: the original size is the pipeline's ``src_size``)."""
+    from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+    from bevdeploy.models.bevdet import BEVPoolRanks
+
+    H, W = model.input_spec["image"][0][-2:] if hasattr(model, "input_spec") else model.config.image_size
+    x = prepare_bevdet_inputs(info, BEVDetPreprocess(input_size=(H, W)), load=False)
+    geometry = [x[k].expand(batch, *x[k].shape).to("cuda") for k in
+                ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
+    return {"image": image, **dict(zip(BEVPoolRanks._fields, model.prepare(*geometry)))}
+
+
+def timing_inputs(model, infos, batch: int = 1) -> dict[str, torch.Tensor]:
+    """The inputs every row of a table is timed on: BEVFormer random frames with the synthetic rig,
+    BEVDet a random image with the first sample's camera geometry."""
+    from bevdeploy.engine import Engine
+    from bevdeploy.engine.model_io import family
+
+    fam = model.family if isinstance(model, Engine) else family(model)
+    if fam == "bevdet":
+        return bevdet_inputs(model, infos[0], batch)
+    return random_inputs_for(model) if isinstance(model, Engine) else random_inputs(model, batch)
+
+
+def pytorch_row(name: str, batch: int = 1, iters: int = 20, checkpoint: str | None = None,
+                infos: list[dict] | None = None) -> dict:
+    """PyTorch eager FP32 FPS and memory of model ``name`` (random weights unless a checkpoint).
+
+    ``infos``: samples whose first one gives BEVDet its camera geometry (needed for BEVDet).
+    """
+    from bevdeploy.engine.model_io import family
     from bevdeploy.models import MODELS
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base_mem = _device_memory_mb()
+    torch.manual_seed(0)
     model = MODELS[name]().cuda().eval()
     if checkpoint:
         from bevdeploy.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
-    inputs = random_inputs(model, batch)
+    if family(model) == "bevdet" and not infos:
+        raise ValueError(f"{name}: timing BEVDet needs a sample's camera geometry: pass infos (a dataset)")
+    inputs = timing_inputs(model, infos, batch)
     with torch.no_grad():
         ms = time_eager(lambda: model(**inputs), iters=iters, warmup=3)
     row = dict.fromkeys(_ROW_KEYS)
@@ -86,25 +121,60 @@ def pytorch_row(name: str, batch: int = 1, iters: int = 20, checkpoint: str | No
     return row
 
 
-def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "") -> Path:
-    """``<out_dir>/<gpu>/<name>.{json,md}`` in SPEC section 6's shape."""
+def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "",
+                  keep_rows: list[dict] | None = None) -> Path:
+    """``<out_dir>/<gpu>/<name>.{json,md}`` in SPEC section 6's shape.
+
+    ``keep_rows``: rows of earlier runs to keep in the file after this run's ``rows`` (see
+    :func:`bench_model`'s ``append``); every row names its run, and each ratio is against the
+    PyTorch row of that same run.
+    """
     result = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command or "bevdeploy " + " ".join(sys.argv[1:]),
-        "rows": rows,
+        "rows": rows + list(keep_rows or []),
     }
+    for r in rows:  # rows of this run: stamped by the caller (bench_model) or by this write
+        r.setdefault("run", result["date"])
+        r.setdefault("command", result["command"])
+    rows = result["rows"]
     folder = Path(out_dir) / gpu_dirname()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    keys = list(_ROW_KEYS) + sorted({k for r in rows for k in r} - set(_ROW_KEYS))
-    md = [f"# {name} on {result['gpu']}", "", f"torch {result['torch']}, {result['date']}", f"Command: `{result['command']}`", "",
+    hidden = {"command"}
+    keys = list(_ROW_KEYS) + sorted({k for r in rows for k in r} - set(_ROW_KEYS) - hidden)
+    commands = list(dict.fromkeys(f"{r.get('run')}: `{r.get('command')}`" for r in rows))
+    md = [f"# {name} on {result['gpu']}", "", f"torch {result['torch']}, written {result['date']}", "",
+          "Runs (each ratio is against the PyTorch row of its own run):", *[f"- {c}" for c in commands], "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
     (folder / f"{name}.md").write_text("\n".join(md) + "\n")
     return path
+
+
+def earlier_rows(path: str | Path, replaced: set[str]) -> list[dict]:
+    """Rows of the results file ``path`` (``<out_dir>/<gpu>/<name>.json``) from earlier runs that
+    this run does not re-measure (precisions in ``replaced``).
+
+    A run's engine rows are kept only with that run's PyTorch row (their ratios refer to it); an
+    earlier run left with no engine row is dropped whole. Rows from files without run stamps count
+    as one run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot append to a results file that is not JSON ({e}); move it away") from e
+    rows = [dict(r, run=r.get("run", doc.get("date")), command=r.get("command", doc.get("command")))
+            for r in doc.get("rows", [])]
+    keep = [r for r in rows if r["precision"] == "pytorch" or r["precision"] not in replaced]
+    runs_with_engines = {r["run"] for r in keep if r["precision"] != "pytorch"}
+    return [r for r in keep if r["run"] in runs_with_engines]
 
 
 def pth_size_mb(model) -> float:
@@ -145,6 +215,7 @@ def bench_model(
     workers: int = 8,
     out_dir: str | Path = "bench/results",
     command: str = "",
+    append: bool = False,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
 
@@ -153,14 +224,17 @@ def bench_model(
     (Inductor + CUDA graphs), time it on the same inputs, score it over ``data`` and against the
     PyTorch boxes (fidelity). Memory is the device memory in use (total - free) while each runs,
     after freeing the previous row's objects; it includes the CUDA context, as nvidia-smi would.
+
+    ``append``: keep the rows of earlier runs in the results file for precisions this run does not
+    measure (for tables too long to build in one sitting); this run measures its own PyTorch row
+    and its ratios are against it. Without it the file holds this run alone.
     """
     import gc
 
     from bevdeploy.data.nuscenes import load_infos
-    from bevdeploy.data.preprocess import PREPROCESS
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
-    from bevdeploy.eval.detection import run_bevformer, score_run
+    from bevdeploy.eval.detection import run_model, score_run
     from bevdeploy.eval.nuscenes import fidelity_metrics
     from bevdeploy.models import MODELS
 
@@ -168,7 +242,11 @@ def bench_model(
     infos = load_infos(source.dataroot, source.version, source.split, progress=False)
     if source.num_samples is not None:
         infos = infos[: source.num_samples]
+    if not infos:
+        raise ValueError(f"data {data!r} holds no samples")
     dev = torch.device("cuda")
+    keep_rows = earlier_rows(Path(out_dir) / gpu_dirname() / f"{name}.json", set(precisions)) if append else []
+    run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     # PyTorch eager FP32
     torch.manual_seed(0)
@@ -178,12 +256,12 @@ def bench_model(
 
         load_checkpoint(model, checkpoint)
     pth_mb = pth_size_mb(model)
-    row = pytorch_row(name, iters=iters, checkpoint=checkpoint)
+    row = pytorch_row(name, iters=iters, checkpoint=checkpoint, infos=infos)
     model = model.to(dev).eval()
-    ref_run = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[name], bev_shape=model.bev_shape, device=dev)
+    ref_run = run_model(model, infos, name, dev)
     metrics = score_run(ref_run, infos, source.dataroot, source.version, source.split)
     row.update(nds=round(metrics["NDS"], 4), map=round(metrics["mAP"], 4), engine_mb=round(pth_mb, 1), size_ratio=1.0,
-               note="engine_mb = the .pth of the state dict")
+               note="engine_mb = the .pth of the state dict", run=run_id)
     rows = [row]
     base_fps, base_mem = row["fps"], row["memory_mb"]
     ref_records = results_records(ref_run, infos)
@@ -201,10 +279,10 @@ def bench_model(
         gc.collect()
         torch.cuda.empty_cache()
         engine = Engine.load(path, device="cuda")
-        inputs = random_inputs_for(engine)
+        inputs = timing_inputs(engine, infos)
         ms = time_eager(lambda: engine(**inputs), iters=iters, warmup=3)
         mem = _device_memory_mb()
-        run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[name], bev_shape=engine.bev_shape, device=dev)
+        run = run_model(engine, infos, name, dev)
         m = score_run(run, infos, source.dataroot, source.version, source.split)
         fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
         r = dict.fromkeys(_ROW_KEYS)
@@ -212,15 +290,16 @@ def bench_model(
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3), memory_mb=round(mem, 1),
                  memory_ratio=round(mem / base_mem, 3), nds=round(m["NDS"], 4), map=round(m["mAP"], 4),
                  fidelity_nds=round(fid["NDS"], 4), latency_ms=round(ms, 3),
-                 int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None)
+                 int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
+                 run=run_id)
         rows.append(r)
         print(f"{name} {precision}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
               f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}", file=sys.stderr)
         del engine, inputs
         gc.collect()
         torch.cuda.empty_cache()
-        write_results(name, rows, out_dir, command)  # after every row: a run cut short keeps what it measured
-    return write_results(name, rows, out_dir, command)
+        write_results(name, rows, out_dir, command, keep_rows)  # after every row: a run cut short keeps what it measured
+    return write_results(name, rows, out_dir, command, keep_rows)
 
 
 def random_inputs_for(engine) -> dict[str, torch.Tensor]:

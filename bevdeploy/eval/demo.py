@@ -26,11 +26,10 @@ def run_demo(
 ) -> list[dict]:
     """Run the pipeline and return one row per precision (PyTorch first)."""
     from bevdeploy.data.nuscenes import load_infos
-    from bevdeploy.data.preprocess import PREPROCESS
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.eval.bench_models import fidelity_threshold, pth_size_mb, results_records
-    from bevdeploy.eval.detection import run_bevformer, score_run
+    from bevdeploy.eval.detection import run_model, score_run
     from bevdeploy.eval.nuscenes import fidelity_metrics
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
@@ -53,7 +52,7 @@ def run_demo(
     pth_mb = pth_size_mb(model)
     model = model.to(device).eval()
     print(f"[demo] PyTorch {model_name} on {len(infos)} frames ({device.type})", file=sys.stderr)
-    ref = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=model.bev_shape, device=device)
+    ref = run_model(model, infos, model_name, device)
     m = score(ref)
     rows = [{"precision": "pytorch", "fps": ref.fps, "size_mb": pth_mb, "nds": m["NDS"], "map": m["mAP"], "fidelity_nds": None}]
     ref_records = results_records(ref, infos)
@@ -65,8 +64,7 @@ def run_demo(
         path = build(model_name, precision, out=work / f"{model_name}-{precision}.engine", checkpoint=checkpoint,
                      calib=data if precision.startswith("int8") else None, device=device.type)
         engine = Engine.load(path, device=device)
-        run = run_bevformer(engine, engine.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=engine.bev_shape,
-                            device=device)
+        run = run_model(engine, infos, model_name, device)
         m = score(run)
         fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
         rows.append({"precision": precision, "fps": run.fps, "size_mb": engine.file_mb, "nds": m["NDS"], "map": m["mAP"],

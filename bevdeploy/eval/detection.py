@@ -130,6 +130,65 @@ def run_bevformer(
     return run
 
 
+def run_bevdet(
+    forward: Forward,
+    prepare: Callable[..., Sequence[Tensor]],
+    decode: Callable[..., list[tuple[Tensor, Tensor, Tensor]]],
+    infos: Sequence[dict],
+    *,
+    image_size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> DetectionRun:
+    """Run BEVDet (the model or an engine) over ``infos`` and collect boxes in the LiDAR frame.
+
+    Per sample: BEVDet's test pipeline (:func:`bevdeploy.data.preprocess_bevdet.prepare_bevdet_inputs`
+    at ``image_size``), the pooling indices of its camera geometry from ``prepare`` (cached per
+    geometry: with per-frame ego motion every sample is a new geometry, as in the official test),
+    ``forward(image=..., ranks_bev=..., ...)`` and ``decode(outputs, bev2lidar)``. Timing covers
+    the forward alone (as for BEVFormer; ``prepare`` is host-side set-up).
+    """
+    from tqdm import tqdm
+
+    from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+    from bevdeploy.models.bevdet import BEVPoolRanks
+
+    config = BEVDetPreprocess(input_size=tuple(image_size))
+    run = DetectionRun()
+    begin, finish = _timer(device)
+    for info in tqdm(infos, desc="frames", disable=not progress, file=sys.stderr):
+        x = prepare_bevdet_inputs(info, config)
+        ranks = prepare(*(x[k][None].to(device) for k in ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")))
+        inputs = {"image": x["image"][None].to(device, dtype), **dict(zip(BEVPoolRanks._fields, ranks))}
+        with torch.no_grad():
+            begin()
+            outputs = forward(**inputs)
+            run.latencies_ms.append(finish())
+            boxes, scores, labels = decode(outputs, x["bev2lidar"][None])[0]
+        run.boxes[info["token"]] = (boxes.float().cpu().numpy(), scores.float().cpu().numpy(), labels.cpu().numpy())
+    return run
+
+
+def run_model(model, infos: Sequence[dict], model_name: str, device: torch.device, progress: bool = True) -> DetectionRun:
+    """:func:`run_bevformer` or :func:`run_bevdet`, for a model or a loaded engine of ``model_name``."""
+    from bevdeploy.data.preprocess import PREPROCESS
+    from bevdeploy.engine import Engine
+    from bevdeploy.engine.model_io import family
+
+    if isinstance(model, Engine):
+        fam, image_size = model.family, tuple(model.input_spec["image"][0][-2:])
+    else:
+        fam, image_size = family(model), tuple(model.config.image_size)
+    if fam == "bevdet":
+        return run_bevdet(model, model.prepare, model.decode, infos, image_size=image_size, device=device,
+                          progress=progress)
+    if model_name not in PREPROCESS:
+        raise ValueError(f"no image pipeline for {model_name!r} (known: {sorted(PREPROCESS)})")
+    return run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=model.bev_shape,
+                         device=device, progress=progress)
+
+
 def score_run(run: DetectionRun, infos: Sequence[dict], dataroot: str | Path, version: str, split: str,
               output_path: str | Path | None = None, verbose: bool = False) -> dict:
     """NDS/mAP of a run with nuscenes-devkit's metric code (GT from the dataset's own tables)."""
@@ -161,15 +220,12 @@ def evaluate(
     Returns a dict with ``NDS``, ``mAP`` (when scored), ``fps``, ``frames``, ``device``.
     """
     from bevdeploy.data.nuscenes import load_infos
-    from bevdeploy.data.preprocess import PREPROCESS
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-    if model_name not in PREPROCESS:
-        raise ValueError(f"no image pipeline for {model_name!r} (known: {sorted(PREPROCESS)})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_data_spec(data, workers=workers)
     infos = load_infos(source.dataroot, source.version, source.split)
@@ -183,7 +239,7 @@ def evaluate(
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
         print(report, file=sys.stderr)
     model = model.to(dev).eval()
-    run = run_bevformer(model, model.decode, infos, preprocess=PREPROCESS[model_name], bev_shape=model.bev_shape, device=dev)
+    run = run_model(model, infos, model_name, dev)
     if save_run:
         run.save(save_run)
     result = {"model": model_name, "data": data, "frames": len(run.latencies_ms), "fps": run.fps, "device": str(dev),

@@ -59,6 +59,8 @@ from torch import Tensor, nn
 from bevdeploy.models.fpn import ConvModule
 from bevdeploy.models.resnet import ResNet
 from bevdeploy.ops.bev_pool_v2 import bev_pool_v2, bev_pool_v2_prepare
+from bevdeploy.quant.calibrate import CalibrationPoint
+from bevdeploy.quant.int8_kernels import quantize_per_tensor
 
 __all__ = [
     "BEVDET_CONFIGS",
@@ -517,7 +519,15 @@ class LSSViewTransformer(nn.Module):
     per pixel (dev2.1: 59 + 64 = 123). The pooled ``[B, C, Z, Y, X]`` grid is collapsed along Z
     into channels (z-major, as ``torch.cat(bev.unbind(2), 1)``); with Z = 1 it is the op's
     channels-last map, returned without a copy.
+
+    Deployment knobs (set by the engine builder, not in the state dict): ``op_variant`` picks the
+    op's float variant; ``feat_scale`` (a calibrated per-tensor scale of the context features, read
+    at ``feat_point``) switches the pooling to the int8 variant: depth and context quantised to int8
+    (depth, a softmax in [0, 1], with the fixed scale 1/127), the pooled map in the float dtype.
     """
+
+    #: int8 scale of the softmax depth: its range is exactly [0, 1].
+    DEPTH_SCALE = 1.0 / 127.0
 
     def __init__(
         self,
@@ -532,6 +542,9 @@ class LSSViewTransformer(nn.Module):
         self.out_channels = out_channels
         self.grid_size = tuple(int(s) for s in grid_size)  # (X, Y, Z)
         self.depth_net = nn.Conv2d(in_channels, self.D + out_channels, kernel_size=1, padding=0)
+        self.feat_point = CalibrationPoint()
+        self.op_variant: str | None = None
+        self.feat_scale: float | None = None
 
     def lift(self, x: Tensor, batch: int) -> tuple[Tensor, Tensor]:
         """``x [B*N, C_in, fH, fW]`` -> depth ``[B, N, D, fH, fW]`` (softmax) and context ``[B, N, fH, fW, C]``."""
@@ -540,17 +553,23 @@ class LSSViewTransformer(nn.Module):
         N = BN // batch
         depth = x[:, : self.D].softmax(dim=1).view(batch, N, self.D, fH, fW)
         feat = x[:, self.D : self.D + self.out_channels].permute(0, 2, 3, 1).view(batch, N, fH, fW, self.out_channels)
-        return depth, feat
+        return depth, self.feat_point(feat)
 
     def splat(self, depth: Tensor, feat: Tensor, ranks: Sequence[Tensor]) -> Tensor:
         """BEVPoolv2 of ``depth x feat`` into ``[B, C*Z, Y, X]`` (ranks in :class:`BEVPoolRanks` order)."""
         ranks_bev, ranks_depth, ranks_feat, interval_starts, interval_lengths = ranks
         X, Y, Z = self.grid_size
         B = depth.shape[0]
-        bev = bev_pool_v2(
-            depth, feat, ranks_depth, ranks_feat, ranks_bev, (B, Z, Y, X, self.out_channels),
-            interval_starts, interval_lengths,
-        )
+        shape = (B, Z, Y, X, self.out_channels)
+        if self.feat_scale is not None:
+            bev = bev_pool_v2(
+                quantize_per_tensor(depth, self.DEPTH_SCALE), quantize_per_tensor(feat, self.feat_scale),
+                ranks_depth, ranks_feat, ranks_bev, shape, interval_starts, interval_lengths,
+                variant="int8", depth_scale=self.DEPTH_SCALE, feat_scale=self.feat_scale,
+            ).to(feat.dtype)
+        else:
+            bev = bev_pool_v2(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, interval_starts,
+                              interval_lengths, variant=self.op_variant)
         if Z == 1:
             return bev[:, :, 0]
         return torch.cat(bev.unbind(dim=2), 1)
@@ -947,6 +966,18 @@ class CenterPointDecoder:
         B = outputs["heatmap"].shape[0]
         return [self.decode_single({k: outputs[k][b] for k in HEAD_OUTPUTS}) for b in range(B)]
 
+    def decode_to_lidar(
+        self, outputs: dict[str, Tensor], bev2lidar: Tensor | Sequence[Tensor] | None = None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`decode`, then boxes moved to the LiDAR frame (see :meth:`BEVDet.decode`)."""
+        native = self.decode(outputs)
+        if bev2lidar is not None and len(bev2lidar) != len(native):
+            raise ValueError(f"bev2lidar needs one [4, 4] per sample ({len(native)}), got {len(bev2lidar)}")
+        return [
+            (bevdet_boxes_to_lidar(b, None if bev2lidar is None else bev2lidar[i]), s, lab)
+            for i, (b, s, lab) in enumerate(native)
+        ]
+
 
 # --------------------------------------------------------------------------------------------
 # Detector
@@ -1092,13 +1123,7 @@ class BEVDet(nn.Module):
             ``boxes`` x, y, z (bottom centre), w, l, h, yaw, vx, vy in the LiDAR frame with mmdet3d
             0.17's convention (what ``bevdeploy.eval`` takes), after the official Scale-NMS.
         """
-        native = self.decoder.decode(outputs)
-        if bev2lidar is not None and len(bev2lidar) != len(native):
-            raise ValueError(f"bev2lidar needs one [4, 4] per sample ({len(native)}), got {len(bev2lidar)}")
-        return [
-            (bevdet_boxes_to_lidar(b, None if bev2lidar is None else bev2lidar[i]), s, lab)
-            for i, (b, s, lab) in enumerate(native)
-        ]
+        return self.decoder.decode_to_lidar(outputs, bev2lidar)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The calibration pass of INT8 PTQ: per-layer input ranges, saved as an inspectable table.
 
 :func:`calibrate` hooks the INPUT of every ``nn.Conv2d`` / ``nn.Linear`` (what the int8 kernels
-quantise, per tensor, with scale ``amax / 127``), runs the caller's forward loop once, and returns a
+quantise, per tensor, with scale ``amax / 127``) and of every :class:`CalibrationPoint` (a tensor an
+int8 op reads), runs the caller's forward loop once, and returns a
 :class:`CalibrationTable` {qualified module name -> amax}. Conversion (swapping in
 ``QuantConv2d`` / ``QuantLinear``) is a separate step that reads the table
 (``bevdeploy.quant.modules``), as in gpt-fast's two-step flow.
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, make_calibrator
 
-__all__ = ["CalibrationTable", "calibrate"]
+__all__ = ["CalibrationPoint", "CalibrationTable", "calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,15 @@ INT8_MAX = 127
 
 _FORMAT = "bevdeploy.calibration_table"
 _VERSION = 1
+
+
+class CalibrationPoint(nn.Identity):
+    """An identity a model calls on a tensor that an int8 op (not a conv / linear) reads, so that
+    :func:`calibrate` records that tensor's range under the point's module name.
+
+    BEVDet's context features feed the int8 ``bev_pool_v2``; the model passes them through a
+    ``CalibrationPoint`` and the engine builder reads the point's scale from the table.
+    """
 
 
 @dataclass
@@ -188,7 +198,7 @@ def calibrate(
     forward_loop: Callable[[nn.Module], int | None],
     method: str = "entropy",
     *,
-    layer_types: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
+    layer_types: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear, CalibrationPoint),
     percentile: float = 99.99,
     model_name: str | None = None,
     dataset: str = "",

@@ -1,0 +1,157 @@
+"""What an engine of each model family takes and returns, which layers go int8, and how it is calibrated.
+
+Two families, written as explicit branches (two do not need a registry):
+
+* BEVFormer (temporal): ``image, lidar2img, can_bus, prev_bev, use_prev_bev`` ->
+  ``bev_embed, all_cls_scores, all_bbox_preds``; the host feeds ``bev_embed`` back as ``prev_bev``.
+* BEVDet: ``image`` and the five BEVPool index arrays of the camera geometry (padded to fixed sizes,
+  so one static engine serves every calibration) -> the CenterPoint maps ``reg, height, dim, rot,
+  vel, heatmap``; the host computes the indices once per camera geometry (``BEVDet.prepare``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BEVFORMER_INT8_SCOPE",
+    "BEVDET_INT8_SCOPE",
+    "family",
+    "int8_scope_prefixes",
+    "input_names",
+    "output_names",
+    "example_inputs",
+    "calibration_forward_loop",
+]
+
+#: BEVFormer: backbone and neck convs and the BEV encoder's linears (decoder, heads, CAN-bus MLP,
+#: LayerNorm and softmax stay float: SPEC section 2).
+BEVFORMER_INT8_SCOPE = ("img_backbone.", "img_neck.", "pts_bbox_head.transformer.encoder.")
+#: BEVDet: everything up to the CenterPoint head (image backbone and neck, the depth net, the int8
+#: ``bev_pool_v2`` through the view transformer's calibration point, the BEV encoder); the head's
+#: small convs produce the heatmap and box maps and stay float.
+BEVDET_INT8_SCOPE = ("img_backbone.", "img_neck.", "img_view_transformer.", "img_bev_encoder_backbone.",
+                     "img_bev_encoder_neck.")
+
+_BEVFORMER_INPUTS = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")
+_BEVFORMER_OUTPUTS = ("bev_embed", "all_cls_scores", "all_bbox_preds")
+
+
+def family(model: nn.Module) -> str:
+    """``"bevformer"`` or ``"bevdet"``; NotImplementedError for any other model."""
+    from bevdeploy.models import BEVDet, BEVFormer
+
+    if isinstance(model, BEVFormer):
+        return "bevformer"
+    if isinstance(model, BEVDet):
+        return "bevdet"
+    raise NotImplementedError(f"the engine builds BEVFormer and BEVDet models, not {type(model).__name__}")
+
+
+def int8_scope_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module-name prefixes whose convs / linears may run int8 (the family's default scope)."""
+    return BEVFORMER_INT8_SCOPE if family(model) == "bevformer" else BEVDET_INT8_SCOPE
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The engine's inputs, in the model forward's positional order."""
+    if family(model) == "bevformer":
+        return _BEVFORMER_INPUTS
+    from bevdeploy.models.bevdet import BEVPoolRanks
+
+    return ("image", *BEVPoolRanks._fields)
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The keys of the model's output dict that the engine returns, in order."""
+    if family(model) == "bevformer":
+        return _BEVFORMER_OUTPUTS
+    from bevdeploy.models.bevdet import HEAD_OUTPUTS
+
+    return tuple(HEAD_OUTPUTS)
+
+
+def example_inputs(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Inputs of the engine's static shapes (values are placeholders: identity cameras, empty pooling).
+
+    BEVDet's index arrays are padded to the frustum + voxel count and the voxel count
+    (:func:`bevdeploy.models.bevdet.pad_ranks`), so the shapes do not depend on the cameras.
+    """
+    if family(model) == "bevformer":
+        H, W = model.image_size
+        N = model.num_cams
+        return {
+            "image": torch.zeros(batch, N, 3, H, W, device=device, dtype=dtype),
+            "lidar2img": torch.eye(4, device=device).expand(batch, N, 4, 4).contiguous(),
+            "can_bus": torch.zeros(batch, 18, device=device),
+            "prev_bev": torch.zeros(batch, *model.bev_shape, device=device, dtype=dtype),
+            "use_prev_bev": torch.zeros(batch, device=device),
+        }
+    cfg = model.config
+    if not cfg.pad_ranks:
+        raise ValueError("a BEVDet engine needs pad_ranks=True (fixed-size BEVPool indices for a static engine)")
+    H, W = cfg.image_size
+    P = model.geometry.num_points(batch, cfg.num_cams)
+    V = model.geometry.num_voxels(batch)
+    ranks = {name: torch.zeros(P if name.startswith("ranks") else V, dtype=torch.int32, device=device)
+             for name in input_names(model)[1:]}
+    return {"image": torch.zeros(batch, cfg.num_cams, 3, H, W, device=device, dtype=dtype), **ranks}
+
+
+def calibration_forward_loop(infos: Sequence[dict], model_name: str, model: nn.Module, device: torch.device,
+                             progress: bool = True):
+    """A ``forward_loop(model)`` for :func:`bevdeploy.quant.calibrate.calibrate`: the inference host loop.
+
+    BEVFormer: frames in order, ``prev_bev`` fed back from the last ``bev_embed``, reset to zeros
+    with the gate closed at every scene start (as :func:`bevdeploy.eval.detection.run_bevformer`
+    and the reference). BEVDet: each sample's images with the indices of its camera geometry.
+    The forward loop checks the data's image size against the model's before running.
+    """
+    from tqdm import tqdm
+
+    bar = {"desc": "calibration", "disable": not progress, "file": sys.stderr}
+    if family(model) == "bevdet":
+        from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+
+        config = BEVDetPreprocess(input_size=tuple(model.config.image_size))
+
+        def bevdet_loop(m: nn.Module) -> int:
+            for info in tqdm(infos, **bar):
+                x = prepare_bevdet_inputs(info, config)
+                ranks = model.prepare(*(x[k][None].to(device) for k in
+                                        ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")))
+                m(x["image"][None].to(device), *ranks)
+            return len(infos)
+
+        return bevdet_loop
+
+    from bevdeploy.data.preprocess import PREPROCESS, prepare_frame
+
+    if model_name not in PREPROCESS:
+        raise ValueError(f"no image pipeline for {model_name!r} (known: {sorted(PREPROCESS)})")
+    preprocess = PREPROCESS[model_name]
+    bev_shape, image_size = model.bev_shape, tuple(model.image_size)
+
+    def bevformer_loop(m: nn.Module) -> int:
+        prev_bev = torch.zeros(1, *bev_shape, device=device)
+        prev_info = None
+        for info in tqdm(infos, **bar):
+            if prev_info is not None and prev_info.get("scene_token") != info.get("scene_token"):
+                prev_info = None
+                prev_bev = torch.zeros_like(prev_bev)
+            frame = prepare_frame(info, prev_info, preprocess)
+            if tuple(frame["image"].shape[-2:]) != image_size:
+                raise ValueError(
+                    f"calibration images preprocess to {tuple(frame['image'].shape[-2:])} but the model takes "
+                    f"{image_size}: use calibration data of the model's camera resolution")
+            out = m(frame["image"][None].to(device), frame["lidar2img"][None].to(device),
+                    frame["can_bus"][None].to(device), prev_bev, frame["use_prev_bev"].to(device))
+            prev_bev = out["bev_embed"].float()
+            prev_info = info
+        return len(infos)
+
+    return bevformer_loop
