@@ -223,7 +223,7 @@ def apply_precision(
     modules = dict(model.named_modules())
     points = {n for n in usable if isinstance(modules[n], CalibrationPoint)}
     report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
-                              out_dtype=spec.float_dtype)
+                              out_dtype=spec.float_dtype, quantize_in_graph=True)
     _int8_pooling(model, {n: usable[n] for n in points}, keep)
     return report
 

@@ -5,6 +5,10 @@ kernels standing in for mmcv's CUDA ops), then each engine precision when the en
 FPS from CUDA events around whole forwards after warm-up (median), batch 1 unless stated; memory
 = device memory in use by this process (total - free, which includes the CUDA context, like the
 reference system's nvidia-smi figure) and the allocator's peak; engine size = file size.
+Fidelity twice: ``fidelity_nds`` scores each engine's boxes over the dataset against the PyTorch
+boxes as ground truth; ``output_sqnr_db`` compares the raw outputs with PyTorch's on the timing
+inputs (the worst output; per output in the JSON). With random weights the first is dominated by
+near-tied scores changing places; the second measures the numerics regardless of the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from bevdeploy.eval.timing import gpu_dirname, time_eager
 
 _ROW_KEYS = ("model", "precision", "batch", "fps", "fps_ratio", "engine_mb", "memory_mb", "memory_ratio",
-             "size_ratio", "nds", "map", "fidelity_nds")
+             "size_ratio", "nds", "map", "fidelity_nds", "output_sqnr_db")
 
 
 def _device_memory_mb() -> float:
@@ -74,51 +78,41 @@ def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0) -> dict[str,
 
 
 def timing_inputs(model, infos, batch: int = 1) -> dict[str, torch.Tensor]:
-    """The inputs every row of a table is timed on: BEVFormer random frames with the synthetic rig,
-    BEVDet a random image with the first sample's camera geometry."""
-    from bevdeploy.engine import Engine
+    """The inputs every row of a table is timed and compared on: BEVFormer a random frame with the
+    synthetic rig, BEVDet a random image with the first sample's camera geometry."""
     from bevdeploy.engine.model_io import family
 
-    fam = model.family if isinstance(model, Engine) else family(model)
-    if fam == "bevdet":
+    if family(model) == "bevdet":
         return bevdet_inputs(model, infos[0], batch)
-    return random_inputs_for(model) if isinstance(model, Engine) else random_inputs(model, batch)
+    return random_inputs(model, batch)
 
 
-def pytorch_row(name: str, batch: int = 1, iters: int = 20, checkpoint: str | None = None,
-                infos: list[dict] | None = None) -> dict:
-    """PyTorch eager FP32 FPS and memory of model ``name`` (random weights unless a checkpoint).
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |x - ref|^2) in float64 (inf when equal; NaN anywhere gives -inf)."""
+    ref, x = ref.double(), x.double()
+    if not torch.isfinite(x).all():
+        return float("-inf")
+    noise = (x - ref).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
 
-    ``infos``: samples whose first one gives BEVDet its camera geometry (needed for BEVDet).
-    """
-    from bevdeploy.engine.model_io import family
-    from bevdeploy.models import MODELS
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base_mem = _device_memory_mb()
-    torch.manual_seed(0)
-    model = MODELS[name]().cuda().eval()
-    if checkpoint:
-        from bevdeploy.models.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
-    if family(model) == "bevdet" and not infos:
-        raise ValueError(f"{name}: timing BEVDet needs a sample's camera geometry: pass infos (a dataset)")
-    inputs = timing_inputs(model, infos, batch)
+def pytorch_row(name: str, model, inputs: dict[str, torch.Tensor], base_mem: float, iters: int = 20
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PyTorch eager FP32 FPS and memory of ``model`` (already on the GPU) on ``inputs``, and its
+    outputs on them (the reference of every engine row's ``output_sqnr_db``)."""
     with torch.no_grad():
         ms = time_eager(lambda: model(**inputs), iters=iters, warmup=3)
+        ref = {k: v.detach().clone() for k, v in model(**inputs).items()}
     row = dict.fromkeys(_ROW_KEYS)
     row.update(
-        model=name, precision="pytorch", batch=batch, fps=round(1000.0 * batch / ms, 2), fps_ratio=1.0,
+        model=name, precision="pytorch", batch=int(inputs["image"].shape[0]),
+        fps=round(1000.0 * inputs["image"].shape[0] / ms, 2), fps_ratio=1.0,
         memory_mb=round(_device_memory_mb(), 1), memory_ratio=1.0,
         peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
         memory_before_model_mb=round(base_mem, 1), latency_ms=round(ms, 3),
         params_mb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
     )
-    del model, inputs
-    torch.cuda.empty_cache()
-    return row
+    return row, ref
 
 
 def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "",
@@ -144,7 +138,7 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/resu
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    hidden = {"command"}
+    hidden = {"command", "output_sqnr_db_each"}  # in the JSON
     keys = list(_ROW_KEYS) + sorted({k for r in rows for k in r} - set(_ROW_KEYS) - hidden)
     commands = list(dict.fromkeys(f"{r.get('run')}: `{r.get('command')}`" for r in rows))
     md = [f"# {name} on {result['gpu']}", "", f"torch {result['torch']}, written {result['date']}", "",
@@ -256,8 +250,13 @@ def bench_model(
 
         load_checkpoint(model, checkpoint)
     pth_mb = pth_size_mb(model)
-    row = pytorch_row(name, iters=iters, checkpoint=checkpoint, infos=infos)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = _device_memory_mb()
     model = model.to(dev).eval()
+    inputs = timing_inputs(model, infos)
+    row, ref_out = pytorch_row(name, model, inputs, base_mem, iters=iters)
     ref_run = run_model(model, infos, name, dev)
     metrics = score_run(ref_run, infos, source.dataroot, source.version, source.split)
     row.update(nds=round(metrics["NDS"], 4), map=round(metrics["mAP"], 4), engine_mb=round(pth_mb, 1), size_ratio=1.0,
@@ -279,9 +278,10 @@ def bench_model(
         gc.collect()
         torch.cuda.empty_cache()
         engine = Engine.load(path, device="cuda")
-        inputs = timing_inputs(engine, infos)
         ms = time_eager(lambda: engine(**inputs), iters=iters, warmup=3)
         mem = _device_memory_mb()
+        out = engine(**inputs)
+        sqnr = {k: round(sqnr_db(ref_out[k], out[k]), 1) for k in engine.output_names}
         run = run_model(engine, infos, name, dev)
         m = score_run(run, infos, source.dataroot, source.version, source.split)
         fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
@@ -290,29 +290,14 @@ def bench_model(
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3), memory_mb=round(mem, 1),
                  memory_ratio=round(mem / base_mem, 3), nds=round(m["NDS"], 4), map=round(m["mAP"], 4),
                  fidelity_nds=round(fid["NDS"], 4), latency_ms=round(ms, 3),
+                 output_sqnr_db=min(sqnr.values()), output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
                  run=run_id)
         rows.append(r)
         print(f"{name} {precision}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
               f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}", file=sys.stderr)
-        del engine, inputs
+        del engine, out
         gc.collect()
         torch.cuda.empty_cache()
         write_results(name, rows, out_dir, command, keep_rows)  # after every row: a run cut short keeps what it measured
     return write_results(name, rows, out_dir, command, keep_rows)
-
-
-def random_inputs_for(engine) -> dict[str, torch.Tensor]:
-    """Full-size random inputs in the engine's input spec (same generator as the PyTorch row)."""
-    spec = engine.metadata["inputs"]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    out = {}
-    for k, v in spec.items():
-        shape, dtype = v["shape"], getattr(torch, v["dtype"].replace("torch.", ""))
-        if k == "use_prev_bev":
-            out[k] = torch.ones(shape, device="cuda", dtype=dtype)
-        elif k == "lidar2img":
-            out[k] = rig_lidar2img(spec["image"]["shape"][-1] / 1600.0).cuda().expand(*shape).contiguous().to(dtype)
-        else:
-            out[k] = torch.randn(shape, device="cuda", generator=g).to(dtype)
-    return out

@@ -150,8 +150,12 @@ def _act(y: Tensor, activation: str) -> Tensor:
 
 
 def reference_quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
-    """round_half_even(fp32(x) / fp32(scale)) clamped to [-127, 127], memory format kept."""
-    q = torch.clamp(torch.round(x.float() / torch.tensor(scale, dtype=torch.float32, device=x.device)), -127, 127)
+    """round_half_even(fp32(x) / fp32(scale)) clamped to [-127, 127], memory format kept.
+
+    Plain torch ops (a python-float divisor is applied in fp32), so a compiler can fuse them into the
+    kernel that produces ``x``: the int8 modules use this form inside engines (``quantize_in_graph``).
+    """
+    q = torch.clamp(torch.round(x.float() / float(scale)), -127, 127)
     return q.to(torch.int8)
 
 

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import quantize_weight_per_channel, use_triton
-from bevdeploy.quant.int8_kernels import ACTIVATIONS, int8_conv2d, int8_linear, quantize_per_tensor
+from bevdeploy.quant.int8_kernels import (
+    ACTIVATIONS,
+    int8_conv2d,
+    int8_linear,
+    quantize_per_tensor,
+    reference_quantize_per_tensor,
+)
 
 __all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
            "quantize_weight_per_channel"]
@@ -109,8 +115,18 @@ class _QuantBase(nn.Module):
             self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
                                               self.out_dtype)
 
+    #: Quantize the input with plain torch ops instead of the quantize kernel: under a compiler
+    #: (the engine's Inductor) they fuse into the kernel that produces the input (its bias / residual
+    #: / ReLU epilogue), saving a read and a write of the float activation. Codes may differ from the
+    #: kernel's by one step where x / scale is a tie and the compiler's division is approximate.
+    quantize_in_graph: bool = False
+
     def _quantize_input(self, x: Tensor) -> Tensor:
-        return x if x.dtype == torch.int8 else quantize_per_tensor(x, self._input_scale)
+        if x.dtype == torch.int8:
+            return x
+        if self.quantize_in_graph:
+            return reference_quantize_per_tensor(x, self._input_scale)
+        return quantize_per_tensor(x, self._input_scale)
 
     def _precision(self) -> str:
         try:
@@ -296,6 +312,7 @@ def quantize_modules(
     keep_float: set[str] | frozenset[str] = frozenset(),
     fuse_relu: bool = True,
     out_dtype: torch.dtype = torch.float16,
+    quantize_in_graph: bool = False,
 ) -> list[LayerReport]:
     """Swap every calibrated ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for its int8 module, in place.
 
@@ -315,6 +332,8 @@ def quantize_modules(
         keep_float (set[str]): layer names to leave float even when calibrated.
         fuse_relu (bool): fuse following ReLU / SiLU modules into the int8 epilogue.
         out_dtype (torch.dtype): output dtype of the int8 layers (torch.float16 or torch.float32).
+        quantize_in_graph (bool): the layers quantize their input with plain torch ops (fusable by a
+            compiler, see ``_QuantBase.quantize_in_graph``) instead of the quantize kernel.
 
     Only exact ``nn.Linear`` / ``nn.Conv2d`` are swapped: subclasses (``nn.MultiheadAttention``'s
     ``out_proj``, whose parent reads its weight directly) are reported float and left alone.
@@ -360,6 +379,7 @@ def quantize_modules(
             act_name = f"{parent_name}.{act_child}" if parent_name else act_child
         qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
         qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)
+        qmod.quantize_in_graph = quantize_in_graph
         qmod.train(mod.training)
         setattr(parent, child, qmod)
         what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
