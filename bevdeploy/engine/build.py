@@ -254,6 +254,9 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
+        # export keeps the example inputs for re-tracing; an engine never re-traces, and they are
+        # the size of a frame (tiny: 30 MB of zeros, base: 74 MB); the metadata has their spec
+        ep.example_inputs = None
         torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
     tmp.replace(out)
     logger.info("wrote %s (%.1f MB, %s, %d int8 layers)", out, out.stat().st_size / 2**20, precision,

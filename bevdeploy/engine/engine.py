@@ -173,7 +173,17 @@ class Engine:
     def _compile(self, freeze: bool) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                               os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
-        self._fn = torch.compile(self._module, dynamic=False, options={"freezing": bool(freeze)})
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(self._module, dynamic=False)
+
+        def run(*args):
+            # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
+            # compiling: both happen inside the first call, so the flag is set around every call.
+            with inductor_config.patch(freezing=bool(freeze)):
+                return compiled(*args)
+
+        self._fn = run
 
     def _example(self) -> dict[str, Tensor]:
         ex = {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self.input_spec.items()}

@@ -10,6 +10,7 @@ over 10 minutes on this CPU (the kernels themselves are tested in tests/quant).
 import json
 import os
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -72,6 +73,9 @@ def test_fp32_round_trip_equals_eager_model(fp32_engine, fp32_engine_path, ops_o
     assert meta["precision"] == "fp32" and meta["model_config"]["bev_h"] == 8 and meta["calibration"] is None
     assert meta["torch"] == torch.__version__ and meta["inputs"]["image"]["shape"] == [1, 6, 3, 64, 96]
     assert engine.file_mb == pytest.approx(os.path.getsize(fp32_engine_path) / 2**20)
+    with zipfile.ZipFile(fp32_engine_path) as z:  # the export's example inputs (a frame of zeros) are not kept
+        sample_bytes = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    assert sample_bytes < 4096
     assert engine.bev_shape == (64, 256) and engine.preprocess_name == "bevformer-tiny"
     assert all(p == "fp32" for _, p in engine.layer_precisions)
     torch.manual_seed(0)  # build() seeds 0 before creating random weights
