@@ -212,8 +212,8 @@ def apply_precision(
     spec = precision_spec(precision)
     if spec.float_dtype != torch.float32:
         model.half()
-    set_op_variant(model, spec.op_variant)
     if not spec.int8:
+        set_op_variant(model, spec.op_variant)
         return []
     if scales is None:
         raise ValueError(f"precision {precision!r} needs calibrated scales (a calibration table)")
@@ -225,6 +225,9 @@ def apply_precision(
     report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
                               out_dtype=spec.float_dtype, quantize_in_graph=True)
     _int8_pooling(model, {n: usable[n] for n in points}, keep)
+    # after quantizing: the variant wrapper renames DCN offset convs (``.pack.``), which would hide
+    # them from the calibration table's names
+    set_op_variant(model, spec.op_variant)
     return report
 
 

@@ -242,3 +242,22 @@ def test_step_carries_prev_bev_and_resets_at_scene_change(world, fp32_engine, op
     engine.step(frames[1], stream=1)
     torch.testing.assert_close(engine.step(wrong_gate, stream=1)["bev_embed"], outs[2]["bev_embed"])
     torch.testing.assert_close(engine._streams[0]["prev_bev"], outs[2]["bev_embed"])
+
+
+def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
+    """The fp16x2 variant wraps DCN packs (renaming their offset convs): quantization happens first."""
+    from torch import nn
+
+    from bevdeploy.engine.deploy import apply_precision
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+    from bevdeploy.quant.modules import QuantConv2d
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ModulatedDeformConv2dPack(8, 8, 3, padding=1)).eval()
+
+    scales = {"0": 0.02, "1.conv_offset": 0.05}
+    for precision in ("int8-fp16", "int8-fp16x2"):
+        model = net()
+        apply_precision(model, precision, scales=scales, scope=("",))
+        offset = model[1].pack.conv_offset if precision.endswith("x2") else model[1].conv_offset
+        assert isinstance(model[0], QuantConv2d) and isinstance(offset, QuantConv2d), precision
