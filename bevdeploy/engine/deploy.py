@@ -234,15 +234,20 @@ def apply_precision(
 def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tuple[str, str]]:
     """Which precision every conv / linear and every op-calling module runs in, in module order.
 
-    INT8 rows come from ``quantize_modules``' report; float layers report the storage dtype;
-    op-calling modules report the op variant (e.g. ``fp16x2``), tagged ``(op)``.
+    INT8 rows: the int8 modules themselves (their names may have moved since ``quantize_modules``'
+    ``report``: the fp16x2 wrapper of DCN packs), fused activations from the report; float layers
+    report the storage dtype; op-calling modules report the op variant (e.g. ``fp16x2``), tagged ``(op)``.
     """
+    from bevdeploy.quant.modules import QuantConv2d, QuantLinear
+
     spec = precision_spec(precision)
     float_name = "fp32" if spec.float_dtype == torch.float32 else "fp16"
     by_name = {r.name: r.precision for r in report}
     rows: list[tuple[str, str]] = []
     for name, module in model.named_modules():
-        if name in by_name:
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            rows.append((name, "int8"))
+        elif name in by_name:
             p = by_name[name]
             rows.append((name, "int8" if p == "int8" else ("fused" if p == "fused" else float_name)))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):

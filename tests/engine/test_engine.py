@@ -248,7 +248,7 @@ def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
     """The fp16x2 variant wraps DCN packs (renaming their offset convs): quantization happens first."""
     from torch import nn
 
-    from bevdeploy.engine.deploy import apply_precision
+    from bevdeploy.engine.deploy import apply_precision, layer_precisions
     from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
     from bevdeploy.quant.modules import QuantConv2d
 
@@ -258,6 +258,8 @@ def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
     scales = {"0": 0.02, "1.conv_offset": 0.05}
     for precision in ("int8-fp16", "int8-fp16x2"):
         model = net()
-        apply_precision(model, precision, scales=scales, scope=("",))
+        report = apply_precision(model, precision, scales=scales, scope=("",))
         offset = model[1].pack.conv_offset if precision.endswith("x2") else model[1].conv_offset
         assert isinstance(model[0], QuantConv2d) and isinstance(offset, QuantConv2d), precision
+        rows = dict(layer_precisions(model, report, precision))
+        assert sum(p == "int8" for p in rows.values()) == 2, (precision, rows)
