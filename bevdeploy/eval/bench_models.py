@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bevdeploy.eval.timing import gpu_dirname, time_eager
+from bevdeploy.quant.sensitivity import sqnr_db
 
 _ROW_KEYS = ("model", "precision", "batch", "fps", "fps_ratio", "engine_mb", "memory_mb", "memory_ratio",
              "size_ratio", "nds", "map", "fidelity_nds", "output_sqnr_db")
@@ -85,15 +86,6 @@ def timing_inputs(model, infos, batch: int = 1) -> dict[str, torch.Tensor]:
     if family(model) == "bevdet":
         return bevdet_inputs(model, infos[0], batch)
     return random_inputs(model, batch)
-
-
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |x - ref|^2) in float64 (inf when equal; NaN anywhere gives -inf)."""
-    ref, x = ref.double(), x.double()
-    if not torch.isfinite(x).all():
-        return float("-inf")
-    noise = (x - ref).pow(2).sum()
-    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
 def pytorch_row(name: str, model, inputs: dict[str, torch.Tensor], base_mem: float, iters: int = 20

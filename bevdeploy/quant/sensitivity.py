@@ -39,7 +39,9 @@ def _tensors(out) -> dict[str, Tensor]:
 
 
 def sqnr_db(ref: Tensor, x: Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - x|^2); inf when equal."""
+    """10 log10(|ref|^2 / |ref - x|^2) in float64; inf when equal, -inf when ``x`` holds NaN / inf."""
+    if not torch.isfinite(x).all():
+        return float("-inf")
     noise = (x.double() - ref.double()).pow(2).sum()
     if noise == 0:
         return float("inf")

@@ -21,6 +21,7 @@ from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSou
 from bevdeploy.engine import Engine, build
 from bevdeploy.engine.build import METADATA_KEY
 from bevdeploy.models import MODELS
+from bevdeploy.quant.sensitivity import sqnr_db
 
 TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1, num_decoder_layers=1)
 #: Minimum SQNR (dB) of the int8 engine's outputs against the fp32 engine's (random weights, 2 calibration frames).
@@ -39,10 +40,6 @@ def _inputs(seed: int = 1, gate: float = 1.0) -> dict:
     return dict(image=torch.randn(1, 6, 3, 64, 96, generator=g), lidar2img=torch.eye(4).expand(1, 6, 4, 4).clone(),
                 can_bus=torch.zeros(1, 18), prev_bev=torch.randn(1, 64, 256, generator=g),
                 use_prev_bev=torch.full((1,), gate))
-
-
-def _sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.double().pow(2).sum() / (x.double() - ref.double()).pow(2).sum()))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +112,7 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
     ref = fp32_engine(**x)
     for k in ref:
         assert out[k].dtype == torch.float32 and torch.isfinite(out[k]).all()
-        assert _sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+        assert sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
     # the saved table rebuilds the same engine without calibration data
     again = build("bevformer-tiny", "int8", out=tmp_path / "q2.engine", model_overrides=TINY,
                   calib_table=str(table_file), progress=False)
@@ -160,7 +157,7 @@ def test_int8_layers_through_triton_interpreter(world, fp32_engine, tmp_path, mo
         mp.undo()
     for k in ref:
         assert torch.isfinite(out[k]).all()
-        assert _sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+        assert sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
 
 
 def test_fp16x2_engine_runs_half2_ops_close_to_fp32(fp32_engine, tmp_path, ops_on_references):
@@ -172,7 +169,7 @@ def test_fp16x2_engine_runs_half2_ops_close_to_fp32(fp32_engine, tmp_path, ops_o
     x = _inputs()
     out, ref = engine(**x), fp32_engine(**x)
     for k in ref:
-        assert out[k].dtype == torch.float32 and _sqnr_db(ref[k], out[k]) > 40.0, k  # measured ~61-68 dB
+        assert out[k].dtype == torch.float32 and sqnr_db(ref[k], out[k]) > 40.0, k  # measured ~61-68 dB
 
 
 def test_int8_needs_calibration_and_precision_is_checked(tmp_path):

@@ -18,6 +18,7 @@ from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSou
 from bevdeploy.engine import Engine, build
 from bevdeploy.eval.detection import run_model
 from bevdeploy.models import MODELS
+from bevdeploy.quant.sensitivity import sqnr_db
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
 
 SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12.8, 1.6), grid_y=(-12.8, 12.8, 1.6),
@@ -26,10 +27,6 @@ SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12
 #: Minimum SQNR (dB) of the int8 engine's maps against the fp32 engine's (random weights, 3 calibration samples).
 INT8_SQNR_FLOOR_DB = 20.0
 GEOMETRY_KEYS = ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")
-
-
-def _sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.double().pow(2).sum() / (x.double() - ref.double()).pow(2).sum()))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +121,7 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
     inputs = {"image": sample["image"], **dict(zip(BEVPoolRanks._fields, ranks))}
     out, ref = engine(**inputs), fp32_engine(**inputs)
     for k in HEAD_OUTPUTS:
-        assert torch.isfinite(out[k]).all() and _sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+        assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
     # keep_float on the calibration point keeps the pooling float, the convs int8
     path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "k.engine", model_overrides=SMALL,
                  calib_table=str(tmp_path / "q.engine.calib.json"), keep_float=["img_view_transformer.feat_point"],
@@ -154,7 +151,7 @@ def test_int8_pooling_through_triton_interpreter_matches_float_pooling(sample, m
         lss.feat_scale = float(feat.abs().amax()) / 127
         out = lss(x, 1, ranks)
     assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert torch.isfinite(out).all() and _sqnr_db(ref, out) > 25.0  # 8-bit depth and features
+    assert torch.isfinite(out).all() and sqnr_db(ref, out) > 25.0  # 8-bit depth and features
 
 
 def test_step_is_bevformer_only(fp32_engine):
