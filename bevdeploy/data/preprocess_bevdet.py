@@ -44,6 +44,7 @@ __all__ = [
     "BEVDET_CAMERAS",
     "BEVDET_R50",
     "BEVDetPreprocess",
+    "GEOMETRY_KEYS",
     "bev2lidar",
     "camera_inputs",
     "image_augmentation",
@@ -61,6 +62,10 @@ BEVDET_CAMERAS: tuple[str, ...] = (
     "CAM_BACK",
     "CAM_BACK_RIGHT",
 )
+
+
+#: The camera-geometry entries of :func:`prepare_bevdet_inputs`, in ``BEVDet.prepare``'s argument order.
+GEOMETRY_KEYS = ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,14 @@ def calibration_forward_loop(infos: Sequence[dict], model_name: str, model: nn.M
 
     bar = {"desc": "calibration", "disable": not progress, "file": sys.stderr}
     if family(model) == "bevdet":
-        from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+        from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
 
         config = BEVDetPreprocess(input_size=tuple(model.config.image_size))
 
         def bevdet_loop(m: nn.Module) -> int:
             for info in tqdm(infos, **bar):
                 x = prepare_bevdet_inputs(info, config)
-                ranks = model.prepare(*(x[k][None].to(device) for k in
-                                        ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")))
+                ranks = model.prepare(*(x[k][None].to(device) for k in GEOMETRY_KEYS))
                 m(x["image"][None].to(device), *ranks)
             return len(infos)
 

@@ -64,15 +64,14 @@ def random_inputs(model, batch: int = 1, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Full-resolution inputs of BEVDet (or a BEVDet engine): a random image and the pooling indices of
-    ``info``'s camera geometry (images not loaded: the original size is the pipeline's ``src_size``)."""
-    from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+    """Full-resolution inputs of BEVDet: a random image and the pooling indices of ``info``'s camera
+    geometry (images not loaded: the original size is the pipeline's ``src_size``)."""
+    from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
     from bevdeploy.models.bevdet import BEVPoolRanks
 
-    H, W = model.input_spec["image"][0][-2:] if hasattr(model, "input_spec") else model.config.image_size
+    H, W = model.config.image_size
     x = prepare_bevdet_inputs(info, BEVDetPreprocess(input_size=(H, W)), load=False)
-    geometry = [x[k].expand(batch, *x[k].shape).to("cuda") for k in
-                ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")]
+    geometry = [x[k].expand(batch, *x[k].shape).to("cuda") for k in GEOMETRY_KEYS]
     g = torch.Generator(device="cuda").manual_seed(seed)
     image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
     return {"image": image, **dict(zip(BEVPoolRanks._fields, model.prepare(*geometry)))}

@@ -151,7 +151,7 @@ def run_bevdet(
     """
     from tqdm import tqdm
 
-    from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+    from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
     from bevdeploy.models.bevdet import BEVPoolRanks
 
     config = BEVDetPreprocess(input_size=tuple(image_size))
@@ -159,7 +159,7 @@ def run_bevdet(
     begin, finish = _timer(device)
     for info in tqdm(infos, desc="frames", disable=not progress, file=sys.stderr):
         x = prepare_bevdet_inputs(info, config)
-        ranks = prepare(*(x[k][None].to(device) for k in ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")))
+        ranks = prepare(*(x[k][None].to(device) for k in GEOMETRY_KEYS))
         inputs = {"image": x["image"][None].to(device, dtype), **dict(zip(BEVPoolRanks._fields, ranks))}
         with torch.no_grad():
             begin()

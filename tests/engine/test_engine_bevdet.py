@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bevdeploy.data.nuscenes import load_infos
-from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
 from bevdeploy.engine import Engine, build
 from bevdeploy.eval.detection import run_model
@@ -26,7 +26,6 @@ SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12
              share_conv_channels=16, head_conv_channels=16)
 #: Minimum SQNR (dB) of the int8 engine's maps against the fp32 engine's (random weights, 3 calibration samples).
 INT8_SQNR_FLOOR_DB = 20.0
-GEOMETRY_KEYS = ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")
 
 
 @pytest.fixture(scope="module")
