@@ -219,10 +219,18 @@ def bench_model(
     from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
+    from bevdeploy.engine.deploy import precision_spec
     from bevdeploy.eval.detection import run_model, score_run
     from bevdeploy.eval.nuscenes import fidelity_metrics
     from bevdeploy.models import MODELS
 
+    if not torch.cuda.is_available():
+        raise RuntimeError("bevdeploy bench --model times engines on a CUDA GPU and none is visible here; on a CPU, "
+                           "`bevdeploy demo --model NAME` runs the same pipeline (without meaningful timings)")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    for precision in precisions:  # before an hour of work, not after the PyTorch row
+        precision_spec(precision)
     source = resolve_data_spec(data, workers=workers)
     infos = load_infos(source.dataroot, source.version, source.split, progress=False)
     if source.num_samples is not None:
