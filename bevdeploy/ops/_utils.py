@@ -220,3 +220,23 @@ def register_reference_autograd(op, reference_impl: Callable[..., Tensor]) -> No
         return tuple(next(it) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+def bf16_as_float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run a call with bfloat16 tensors in float32.
+
+    No kernel takes bfloat16; it reaches an op only from a model trained under bf16 autocast, where
+    float32 math (and a float32 result, which autocast's next matmul casts back) is what the op should do.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(isinstance(a, Tensor) and a.dtype == torch.bfloat16 for a in (*args, *kwargs.values())):
+            def cast(a):
+                return a.float() if isinstance(a, Tensor) and a.dtype == torch.bfloat16 else a
+
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return wrapper

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_INPUT_DTYPE,
     VARIANT_OUTPUT_DTYPE,
     check_dim,
@@ -502,6 +503,7 @@ def _(
 register_reference_autograd(_bev_pool_v2_op, reference)
 
 
+@bf16_as_float32
 def bev_pool_v2(
     depth: Tensor,
     feat: Tensor,

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_OUTPUT_DTYPE,
     check_dim,
     check_int8_scale,
@@ -372,6 +373,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, scale: float, variant: str, q_scale: floa
 register_reference_autograd(_flash_attention_op, _flash_attention_cpu)
 
 
+@bf16_as_float32
 def flash_attention(
     q: Tensor,
     k: Tensor,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_OUTPUT_DTYPE,
     check_dim,
     check_int8_scale,
@@ -469,6 +470,7 @@ def _(input, grid, interpolation_mode, padding_mode, align_corners, variant, inp
 register_reference_autograd(_grid_sample_op, _grid_sample_cpu)
 
 
+@bf16_as_float32
 def grid_sample(
     input: Tensor,
     grid: Tensor,

@@ -49,6 +49,7 @@ from torch.nn.modules.utils import _pair
 
 from bevdeploy.ops._utils import quantize_weight_per_channel as _quantize_weight_per_channel
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_INPUT_DTYPE,
     VARIANT_OUTPUT_DTYPE,
     check_int8_scale,
@@ -793,6 +794,7 @@ def _(input, offset, mask, weight, bias, stride, padding, dilation, groups, defo
 register_reference_autograd(_modulated_deform_conv2d_op, _cpu_impl)
 
 
+@bf16_as_float32
 def modulated_deform_conv2d(
     input: Tensor,
     offset: Tensor,

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_INPUT_DTYPE,
     VARIANT_OUTPUT_DTYPE,
     VARIANTS,
@@ -662,6 +663,7 @@ def _resolve(value: Tensor, spatial_shapes, variant: str | None, value_scale: fl
     return _normalize_shapes(spatial_shapes), variant, scale
 
 
+@bf16_as_float32
 def msda(
     value: Tensor,
     spatial_shapes: Sequence[Sequence[int]] | Tensor,
@@ -704,6 +706,7 @@ def msda(
     return _msda_op(value, _flatten_shapes(shapes), sampling_locations, attention_weights, variant, scale)
 
 
+@bf16_as_float32
 def msda_fused(
     value: Tensor,
     spatial_shapes: Sequence[Sequence[int]] | Tensor,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import (
+    bf16_as_float32,
     VARIANT_OUTPUT_DTYPE,
     check_int8_scale,
     check_same_device,
@@ -307,6 +308,7 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@bf16_as_float32
 def rotate(
     img: Tensor,
     angle: float | Tensor,
