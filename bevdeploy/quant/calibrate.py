@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, make_calibrator
+from bevdeploy.distributed import DistContext
+from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, MaxCalibrator, make_calibrator
 
 __all__ = ["CalibrationPoint", "CalibrationTable", "calibrate"]
 
@@ -202,6 +203,8 @@ def calibrate(
     percentile: float = 99.99,
     model_name: str | None = None,
     dataset: str = "",
+    two_pass: bool = False,
+    dist: DistContext | None = None,
 ) -> CalibrationTable:
     """Calibrate the input range of every layer of ``layer_types`` in ``model``.
 
@@ -223,6 +226,13 @@ def calibrate(
         percentile: the percentile of ``|x|`` for ``method="percentile"``.
         model_name: recorded in the metadata (default: the model's class name).
         dataset: a description of the calibration data, recorded in the metadata.
+        two_pass: histogram methods only: run the loop twice, first for every layer's ``max |x|``,
+            then binning over exactly that range (an exact histogram, independent of batch order;
+            the one-pass histogram grows with the running max and is exact to within a bin).
+        dist: the process group's context (``bevdeploy.distributed``): each process runs the loop
+            on its own share of the data, and the ranges (minmax) or the two-pass histograms are
+            merged across processes before the threshold search, so every process gets the table
+            that one process running all the data computes with ``two_pass=True``.
 
     Returns:
         The :class:`CalibrationTable`.
@@ -234,16 +244,88 @@ def calibrate(
     if method not in CALIB_METHODS:
         raise ValueError(f"method must be one of {CALIB_METHODS}, got {method=}")
     layer_types = tuple(layer_types)
-    calibrators: dict[str, Calibrator] = {
-        name: make_calibrator(method, percentile=percentile)
-        for name, module in model.named_modules()
-        if isinstance(module, layer_types)
-    }
-    if not calibrators:
+    names = [name for name, module in model.named_modules() if isinstance(module, layer_types)]
+    if not names:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(f"{type(model).__name__} has no module of the types to calibrate ({kinds})")
     if model.training:
         logger.warning("calibrating a model in training mode (BatchNorm batch statistics, dropout): call model.eval()")
+    merge = dist is not None and dist.enabled
+    if method != "minmax" and (two_pass or merge):
+        # pass 1: every layer's range (merged over processes); pass 2: histograms over exactly that range
+        ranges = {name: MaxCalibrator() for name in names}
+        _run_hooked(model, forward_loop, ranges)
+        calibrators: dict[str, Calibrator] = {}
+        for name, cal in ranges.items():
+            if merge:
+                cal.all_reduce()
+            calibrators[name] = make_calibrator(method, percentile=percentile)
+            try:
+                calibrators[name].fix_range(cal.compute_amax())
+            except RuntimeError:
+                pass  # the layer never ran (anywhere): left out of the table below
+    else:
+        calibrators = {name: make_calibrator(method, percentile=percentile) for name in names}
+    calls, forward_calls, returned = _run_hooked(model, forward_loop, calibrators)
+    if merge:
+        for cal in calibrators.values():
+            cal.all_reduce()
+        calls = dict(zip(names, _sum_over_processes([calls[n] for n in names])))
+        forward_calls = _sum_over_processes([forward_calls])[0]
+        if isinstance(returned, int) and not isinstance(returned, bool):
+            returned = _sum_over_processes([returned])[0]
+
+    amax: dict[str, float] = {}
+    not_run = [name for name, n in calls.items() if n == 0]
+    for name, calibrator in calibrators.items():
+        if calls[name] == 0:
+            continue
+        try:
+            amax[name] = float(calibrator.compute_amax())
+        except RuntimeError:  # it only ever saw empty tensors
+            not_run.append(name)
+    if not_run:
+        logger.warning(
+            "%d of %d layers never ran during calibration and are left out of the table: %s",
+            len(not_run), len(calibrators), ", ".join(not_run),
+        )
+    zero = [name for name, value in amax.items() if value == 0.0]
+    if zero:
+        logger.warning("layers whose calibration input was all zeros (amax 0, scale 0): %s", ", ".join(zero))
+    if isinstance(returned, int) and not isinstance(returned, bool):
+        num_samples = returned
+    else:
+        num_samples = forward_calls
+    metadata: dict[str, Any] = {
+        "model": model_name or type(model).__name__,
+        "dataset": dataset,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "layer_types": [t.__name__ for t in layer_types],
+        "not_run": not_run,
+        "two_pass": method != "minmax" and (two_pass or merge),
+        "processes": dist.world_size if merge else 1,
+    }
+    if method == "percentile":
+        metadata["percentile"] = percentile
+    return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata)
+
+
+def _sum_over_processes(values: list[int]) -> list[int]:
+    import torch.distributed as torch_dist
+
+    from bevdeploy.distributed import comm_device
+
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    torch_dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def _run_hooked(model: nn.Module, forward_loop: Callable, calibrators: dict[str, Calibrator]) -> tuple[dict, int, Any]:
+    """Run ``forward_loop(model)`` once with each calibrator collecting its layer's input.
+
+    Returns (calls per layer, the model's forward calls, what the loop returned).
+    """
     calls = dict.fromkeys(calibrators, 0)
 
     def make_hook(name: str, calibrator: Calibrator) -> Callable:
@@ -275,36 +357,4 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-
-    amax: dict[str, float] = {}
-    not_run = [name for name, n in calls.items() if n == 0]
-    for name, calibrator in calibrators.items():
-        if calls[name] == 0:
-            continue
-        try:
-            amax[name] = float(calibrator.compute_amax())
-        except RuntimeError:  # it only ever saw empty tensors
-            not_run.append(name)
-    if not_run:
-        logger.warning(
-            "%d of %d layers never ran during calibration and are left out of the table: %s",
-            len(not_run), len(calibrators), ", ".join(not_run),
-        )
-    zero = [name for name, value in amax.items() if value == 0.0]
-    if zero:
-        logger.warning("layers whose calibration input was all zeros (amax 0, scale 0): %s", ", ".join(zero))
-    if isinstance(returned, int) and not isinstance(returned, bool):
-        num_samples = returned
-    else:
-        num_samples = forward_calls
-    metadata: dict[str, Any] = {
-        "model": model_name or type(model).__name__,
-        "dataset": dataset,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "layer_types": [t.__name__ for t in layer_types],
-        "not_run": not_run,
-    }
-    if method == "percentile":
-        metadata["percentile"] = percentile
-    return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata)
+    return calls, forward_calls, returned

@@ -153,12 +153,55 @@ class HistogramCalibrator:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything collected."""
+        """Forget everything collected (and a fixed range)."""
         self._hist: Tensor | None = None  # float64 counts of bins [k*w, (k+1)*w), k < len
         self._width = 0.0
         self._amax_seen = 0.0
         self._num_collected = 0  # elements
         self._pending_zeros = 0  # elements collected while every value so far was 0
+        self._fixed: float | None = None
+
+    def fix_range(self, amax: float) -> None:
+        """Forget everything and bin the coming data over ``[0, amax]`` exactly (``num_bins`` bins, no growth).
+
+        For a second calibration pass whose range is known from the first (``amax`` = max ``|x|`` of
+        the same data): the histogram is then exact, independent of batch order, and histograms of
+        several processes add up to the one of all their data (:meth:`all_reduce`).
+
+        Raises:
+            ValueError: ``amax`` negative or not finite.
+        """
+        if not (0.0 <= float(amax) < math.inf):
+            raise ValueError(f"amax must be finite and >= 0, got {amax}")
+        self.reset()
+        if amax > 0.0:
+            self._fixed = float(amax)
+            self._width = self._fixed / self.num_bins
+
+    def all_reduce(self) -> None:
+        """Sum the fixed-range histograms of every process of the job (``torch.distributed``), in place.
+
+        Raises:
+            RuntimeError: the range was not fixed with :meth:`fix_range` (growing histograms of
+                different processes have different bins and cannot be added exactly).
+        """
+        import torch.distributed as dist
+
+        from bevdeploy.distributed import comm_device
+
+        if self._fixed is None and (self._hist is not None or self._amax_seen > 0.0):
+            raise RuntimeError("all_reduce() needs a histogram over a fixed range: call fix_range() before collecting")
+        dev = comm_device()
+        hist = self._hist.to(dev) if self._hist is not None else torch.zeros(self.num_bins, dtype=torch.float64, device=dev)
+        counts = torch.tensor([self._num_collected, self._pending_zeros], dtype=torch.float64, device=dev)
+        dist.all_reduce(hist)
+        dist.all_reduce(counts)
+        self._num_collected, self._pending_zeros = int(counts[0].item()), int(counts[1].item())
+        if self._fixed is not None:
+            self._hist = hist
+            self._hist[0] += self._pending_zeros
+            self._pending_zeros = 0
+            self._amax_seen = self._fixed
 
     @property
     def num_collected(self) -> int:
@@ -182,14 +225,16 @@ class HistogramCalibrator:
             else:
                 self._hist[0] += x.numel()
             return
+        if self._fixed is not None and x_max > self._fixed:
+            raise RuntimeError(f"max |x| {x_max} exceeds the fixed range {self._fixed}: the passes saw different data")
         if self._hist is None:
-            self._width = x_max / self.num_bins
+            self._width = self._width if self._fixed is not None else x_max / self.num_bins
             self._hist = torch.zeros(self.num_bins, dtype=torch.float64, device=x.device)
             self._hist[0] += self._pending_zeros
             self._pending_zeros = 0
-        elif x_max > self._hist.numel() * self._width:
+        elif self._fixed is None and x_max > self._hist.numel() * self._width:
             self._grow(x_max)
-        self._amax_seen = max(self._amax_seen, x_max)
+        self._amax_seen = self._fixed if self._fixed is not None else max(self._amax_seen, x_max)
         n = self._hist.numel()
         top = n * self._width
         # histc drops values above `max`; its float32 rounding of `top` must not drop max|x|

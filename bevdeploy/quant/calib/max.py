@@ -60,6 +60,17 @@ class MaxCalibrator:
         """Forget everything collected."""
         self._amax = None
 
+    def all_reduce(self) -> None:
+        """The running maximum over every process of the job (``torch.distributed``), in place."""
+        import torch
+        import torch.distributed as dist
+
+        from bevdeploy.distributed import comm_device
+
+        t = torch.tensor([-1.0 if self._amax is None else self._amax], dtype=torch.float64, device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self._amax = None if t.item() < 0 else float(t.item())
+
     def compute_amax(self) -> float:
         """The calibrated range ``amax`` (int8 scale = amax / 127).
 
