@@ -189,6 +189,29 @@ def run_model(model, infos: Sequence[dict], model_name: str, device: torch.devic
                          device=device, progress=progress)
 
 
+def run_sharded(model, infos: Sequence[dict], model_name: str, device: torch.device, dist=None,
+                progress: bool = True) -> DetectionRun | None:
+    """:func:`run_model` split over the processes of a ``torchrun`` job, by scene.
+
+    Each process runs whole scenes (:func:`bevdeploy.distributed.shard_by_scene`: the temporal chain
+    stays in one process); rank 0 gathers every process's boxes and latencies and returns them in
+    the order of ``infos``; the other ranks return None. One process (``dist`` None or of size 1):
+    :func:`run_model` itself.
+    """
+    from bevdeploy.distributed import gather_objects, shard_by_scene
+
+    if dist is None or not dist.enabled:
+        return run_model(model, infos, model_name, device, progress=progress)
+    mine = shard_by_scene(infos, dist.rank, dist.world_size)
+    run = run_model(model, mine, model_name, device, progress=progress and dist.is_main)
+    runs = gather_objects(run, dist)
+    if not dist.is_main:
+        return None
+    boxes = {token: b for r in runs for token, b in r.boxes.items()}
+    return DetectionRun(boxes={i["token"]: boxes[i["token"]] for i in infos if i["token"] in boxes},
+                        latencies_ms=[ms for r in runs for ms in r.latencies_ms])
+
+
 def score_run(run: DetectionRun, infos: Sequence[dict], dataroot: str | Path, version: str, split: str,
               output_path: str | Path | None = None, verbose: bool = False) -> dict:
     """NDS/mAP of a run with nuscenes-devkit's metric code (GT from the dataset's own tables)."""
@@ -214,8 +237,12 @@ def evaluate(
     workers: int = 1,
     save_run: str | Path | None = None,
     score: bool = True,
-) -> dict:
+    dist=None,
+) -> dict | None:
     """Build ``model_name`` (random weights unless ``checkpoint``), run it over ``data`` and score it.
+
+    With ``dist`` (a :class:`bevdeploy.distributed.DistContext` of several processes) the scenes are
+    split over the processes and rank 0 scores all boxes once; the other ranks return None.
 
     Returns a dict with ``NDS``, ``mAP`` (when scored), ``fps``, ``frames``, ``device``.
     """
@@ -227,6 +254,8 @@ def evaluate(
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist is not None and dist.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
     source = resolve_data_spec(data, workers=workers)
     infos = load_infos(source.dataroot, source.version, source.split)
     if source.num_samples is not None:
@@ -239,7 +268,9 @@ def evaluate(
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
         print(report, file=sys.stderr)
     model = model.to(dev).eval()
-    run = run_model(model, infos, model_name, dev)
+    run = run_sharded(model, infos, model_name, dev, dist)
+    if run is None:
+        return None
     if save_run:
         run.save(save_run)
     result = {"model": model_name, "data": data, "frames": len(run.latencies_ms), "fps": run.fps, "device": str(dev),
