@@ -201,3 +201,48 @@ def test_errors_name_the_problem():
         qat_finetune(model, lambda m, b: {"l": m(b).mean()}, iter([x]), steps=3, progress=False)
     with pytest.raises(RuntimeError, match="step 0: non-finite loss"):
         qat_finetune(model, lambda m, b: {"l": m(b).mean() * float("inf")}, iter([x]), steps=1, progress=False)
+
+
+def _graph_int8_scales(ep) -> list[float]:
+    """The input scale argument of every int8 conv / linear call in an exported program."""
+    targets = (torch.ops.bevdeploy.int8_conv2d.default, torch.ops.bevdeploy.int8_linear.default)
+    return [n.args[2] for n in ep.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+@pytest.mark.slow
+def test_build_with_qat_steps_writes_an_engine_of_the_learned_scales(tmp_path, ops_on_references, monkeypatch):
+    from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
+    from bevdeploy.engine import build
+    from bevdeploy.engine.engine import read_metadata
+    from bevdeploy.quant import qat
+    from bevdeploy.quant.calibrate import CalibrationTable
+    from tests.engine.test_engine_bevdet import SMALL
+
+    generate(tmp_path / "world", num_scenes=1, samples_per_scene=2, seed=5, image_size=(64, 192), progress=False)
+    data = DataSource(tmp_path / "world", SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)
+    learned = {}
+
+    real = qat.learned_scales
+
+    def spy(model):  # what the build read from the fine-tuned model
+        learned.update(real(model))
+        return dict(learned)
+
+    monkeypatch.setattr(qat, "learned_scales", spy)
+    path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "q.engine", model_overrides=SMALL, calib=data,
+                 qat_steps=2, progress=False)
+    ep, meta = read_metadata(path)
+    assert meta["qat"]["steps"] == 2 and meta["qat"]["lr"] == 1e-5 and meta["qat"]["data"].endswith("[:2]")
+    assert meta["qat"]["layers"] == len(learned) > 50 and "img_view_transformer.feat_point" in learned
+    assert meta["calibration_table_file"] == "q.engine.qat.calib.json"
+    ptq = CalibrationTable.load(tmp_path / "q.engine.calib.json")  # the entropy start, kept
+    table = CalibrationTable.load(tmp_path / "q.engine.qat.calib.json")
+    assert table.method == ptq.method == "entropy" and meta["calibration"]["amax"] == table.amax
+    for name, s in learned.items():
+        assert table.scale(name) == pytest.approx(s, rel=1e-12)
+    assert sum(learned[n] != ptq.scale(n) for n in learned) > len(learned) // 2  # two steps moved the scales
+    # the int8 layers of the engine run exactly the learned scales
+    in_graph = _graph_int8_scales(ep)
+    assert len(in_graph) == meta["int8_layers"] - 1  # the int8 pooling is the one int8 op not a conv
+    assert set(in_graph) <= set(learned.values())
+    assert {learned[n] for n, p in meta["layer_precisions"] if p == "int8" and n in learned} == set(in_graph)
