@@ -14,6 +14,7 @@ EPILOG = """examples:
   bevdeploy demo                       synthetic world -> BEVFormer-tiny -> fp32/int8 engines -> NDS table
   bevdeploy demo --ops                 check every op (Triton kernels vs references) and print a table
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
+  bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
@@ -75,7 +76,8 @@ def _build(args: argparse.Namespace) -> int:
 
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
+                 qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -144,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
+    bd.add_argument("--qat-steps", type=int, default=0,
+                    help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
+    bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")
+    bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
+    bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--device", default=None)
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
