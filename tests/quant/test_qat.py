@@ -36,13 +36,12 @@ class Toy(nn.Module):
                                   nn.ReLU())
         self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=2)
         self.point = CalibrationPoint()
-        self.side = nn.Conv2d(6, 6, 1)
+        self.side = nn.Conv2d(6, 6, 3, padding=2, dilation=2)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 5, 7), nn.ReLU(), nn.Linear(7, 5))
 
     def forward(self, x):
-        y = self.body(x)
-        y = self.point(self.dw(y))
-        return self.head(y + self.side(y))
+        y = self.dw(self.body(x))
+        return self.head(self.point(y) + self.side(y))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -144,12 +143,12 @@ def test_finetune_lowers_the_loss_then_strip_and_ptq_use_learned_scales(ops_on_r
         inputs, t = batch
         return {"mse": (model(inputs) - t).square().mean()}
 
-    losses = qat_finetune(student, loss_fn, itertools.repeat((x, target)), steps=20, lr=1e-4, scale_lr=3e-2,
+    losses = qat_finetune(student, loss_fn, itertools.repeat((x, target)), steps=40, lr=1e-4, scale_lr=3e-2,
                           progress=False)
-    assert len(losses) == 20 and all(map(math.isfinite, losses))
+    assert len(losses) == 40 and all(map(math.isfinite, losses))
     with torch.no_grad():
         after = loss_fn(student, (x, target))["mse"].item()
-    assert after < 0.7 * losses[0], (losses[0], after)
+    assert after < 0.5 * losses[0], (losses[0], after)  # 0.13-0.24 over seeds 4-7
     assert not student.training and type(student.head[3]) is nn.Linear and type(student.dw) is nn.Conv2d
     learned = learned_scales(student)
     assert sum(learned[n] < coarse[n] for n in learned) >= 3  # LSQ shrank the too-wide ranges
@@ -246,3 +245,16 @@ def test_build_with_qat_steps_writes_an_engine_of_the_learned_scales(tmp_path, o
     assert len(in_graph) == meta["int8_layers"] - 1  # the int8 pooling is the one int8 op not a conv
     assert set(in_graph) <= set(learned.values())
     assert {learned[n] for n, p in meta["layer_precisions"] if p == "int8" and n in learned} == set(in_graph)
+
+
+def test_build_refuses_qat_without_int8_or_data(tmp_path, capsys):
+    from bevdeploy.cli import main
+    from bevdeploy.engine import build
+
+    assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "fp16", "--qat-steps", "2",
+                 "-o", str(tmp_path / "x.engine")]) == 2
+    assert "qat_steps fine-tunes an int8 form" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="QAT needs training data"):
+        build("bevdet-r50-cbgs", "int8", out=tmp_path / "x.engine", calib_table="t.json", qat_steps=2)
+    with pytest.raises(ValueError, match="qat_steps must be an int >= 0"):
+        build("bevdet-r50-cbgs", "int8", out=tmp_path / "x.engine", calib="synthetic:2", qat_steps=-1)
