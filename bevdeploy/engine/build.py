@@ -214,7 +214,8 @@ def build(
         qat_seed: Seed of the QAT batch order.
 
     Returns:
-        Path of the engine file; for int8* also ``<out>.calib.json`` is written.
+        Path of the engine file; for int8* also ``<out>.calib.json`` is written (with ``qat_steps``
+        it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
 
     Raises:
         ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch.
