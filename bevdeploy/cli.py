@@ -19,6 +19,8 @@ EPILOG = """examples:
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
+  bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
+  bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
   bevdeploy bench ops --ops msda bev_pool_v2
 """
 
@@ -108,6 +110,17 @@ def _bench(args: argparse.Namespace) -> int:
     raise ValueError("say what to benchmark: 'bevdeploy bench ops' or 'bevdeploy bench --model NAME'")
 
 
+def _train(args: argparse.Namespace) -> int:
+    from bevdeploy.train import train_model
+
+    path = train_model(args.model, args.data, steps=args.steps, batch=args.batch, out=args.output, lr=args.lr,
+                       weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, device=args.device,
+                       workers=args.workers, training_options=({"depth_weight": args.depth_weight}
+                                                               if args.depth_weight is not None else None))
+    print(f"checkpoint written: {path} (load it with --checkpoint)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bevdeploy", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
+
+    tr = sub.add_parser("train", help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
+    tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base)")
+    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered 450x800, cached) or nuscenes:PATH")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (official 2e-4)")
+    tr.add_argument("--weight-decay", type=float, default=1e-2)
+    tr.add_argument("--clip", type=float, default=None, help="max gradient norm (default: BEVDet 5, BEVFormer 35)")
+    tr.add_argument("--depth-weight", type=float, default=None,
+                    help="BEVDet: weight of the LiDAR depth supervision (default 3; 0 = the official loss only)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering and loading frames")
+    tr.add_argument("-o", "--output", required=True, help="checkpoint file to write")
+    tr.set_defaults(func=_train)
     return parser
 
 

@@ -145,8 +145,8 @@ def train(
             terms = training.loss(model, batch)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            raise RuntimeError(f"training diverged at step {step}: loss {loss.item()} "
-                               f"({ {k: float(v) for k, v in terms.items()} }); lower --lr")
+            raise RuntimeError(f"training diverged at step {step}: loss {float(loss.detach())} "
+                               f"({ {k: float(v.detach()) for k, v in terms.items()} }); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -164,12 +164,18 @@ def train(
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``{"state_dict": ..., "meta": ...}`` (CPU tensors, the official mmcv layout) to ``path``."""
+    """Write ``{"state_dict": ..., "meta": ...}`` (CPU tensors, the official mmcv layout) to ``path``.
+
+    ``meta`` is stored as plain JSON types (strings for anything else), so the file loads with
+    ``torch.load(weights_only=True)``, as :func:`bevdeploy.models.checkpoint.load_checkpoint` does.
+    """
+    import json
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state, "meta": dict(meta or {})}, tmp)
+    torch.save({"state_dict": state, "meta": json.loads(json.dumps(dict(meta or {}), default=str))}, tmp)
     tmp.replace(path)
     return path
 
@@ -198,6 +204,7 @@ def train_model(
     training_options: dict | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    extra_meta: dict | None = None,
 ) -> Path:
     """Render (or reuse) the world of ``data``, train ``model_name`` from scratch, save the checkpoint.
 
@@ -213,6 +220,7 @@ def train_model(
         model_overrides: Config overrides (reduced models in tests); saved in the checkpoint's meta.
         training_options: Keywords of the family's training class (e.g. ``depth_weight=0``).
         cache_dir: Where synthetic worlds are cached (default ``$BEVDEPLOY_CACHE``).
+        extra_meta: More entries for the checkpoint's ``meta`` (e.g. the caller's render time).
 
     Returns:
         The checkpoint path. Its ``meta`` holds the training budget, the final loss and the history.
@@ -237,9 +245,8 @@ def train_model(
     model = MODELS[model_name](**(model_overrides or {})).to(dev)
     t1 = time.perf_counter()
     options = dict(training_options or {})
-    if model_name.startswith("bevdet"):
-        options.setdefault("workers", workers)
-        options.setdefault("progress", progress)
+    options.setdefault("workers", workers)
+    options.setdefault("progress", progress)
     training = make_training(model_name, model, infos, dev, **options)
     t_load = time.perf_counter() - t1
     clip = default_clip(model_name) if clip is None else clip
@@ -255,7 +262,7 @@ def train_model(
         "final_loss": history[-1]["loss"], "final_terms": history[-1],
         "seconds": {"render": round(t_render, 1), "load": round(t_load, 1), "train": round(t_train, 1)},
         "throughput": {"frames_per_s": round(frames / t_train, 2), "s_per_step": round(t_train / steps, 4)},
-        "device": str(dev), "torch": torch.__version__, "history": history,
+        "device": str(dev), "torch": torch.__version__, "history": history, **(extra_meta or {}),
     }
     print(f"trained {model_name}: {steps} steps x batch {batch} on {len(infos)} frames in {t_train:.0f} s "
           f"({meta['throughput']['frames_per_s']} frames/s, {meta['throughput']['s_per_step']} s/step; "
