@@ -7,7 +7,8 @@
 # Work files (worlds, checkpoint, engines) in $BEVACC_WORK (default /tmp/bevacc) survive between calls
 # on a warm machine. Env knobs (python -m bevdeploy.eval.accuracy --help): BEVACC_STEPS, BEVACC_BATCH,
 # BEVACC_LR, BEVACC_TRAIN_DATA (synthetic:600@1), BEVACC_EVAL_DATA (synthetic:120@2), BEVACC_CALIB,
-# BEVACC_QAT_STEPS (0: no QAT row), PRECISIONS, EXTRA (more flags). Needs nuscenes-devkit: carry the
+# BEVACC_QAT_STEPS (0: no QAT row), PRECISIONS, KEEP_ROWS=1 (an eval split over calls keeps the
+# earlier rows of the same checkpoint), EXTRA (more flags). Needs nuscenes-devkit: carry the
 # wheels in .whl (see scripts/gpu_bench.sh); they are installed into /tmp/site here.
 set -uo pipefail
 MODEL=${1:?usage: scripts/gpu_accuracy.sh MODEL}
@@ -20,7 +21,7 @@ fi
 PRECISIONS=${PRECISIONS:-fp32 fp16 fp16x2 int8 int8-fp16}
 LOG="$OUT/accuracy_${MODEL}_${STAGE:-all}.txt"
 timeout "${ACC_TIMEOUT:-580}" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage "${STAGE:-all}" \
-  --precisions $PRECISIONS ${EXTRA:-} > "$LOG" 2>&1
+  --precisions $PRECISIONS ${KEEP_ROWS:+--keep-rows} ${EXTRA:-} > "$LOG" 2>&1
 echo "accuracy rc=$?"
 grep -v "it/s\]\|s/it\]\|^\s*$" "$LOG" | grep -E "^\[accuracy\]|trained|Error|error|Traceback" | tail -25
 tail -3 "$LOG"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -110,7 +111,8 @@ def stage_eval(args) -> Path:
     ckpt = checkpoint_path(args)
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint {ckpt}: run --stage train first (same --work-dir)")
-    meta = torch.load(ckpt, map_location="cpu", weights_only=False).get("meta", {})
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
+    meta["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     overrides = meta.get("model_overrides") or args.model_overrides or None
     train_src, eval_src, _ = _worlds(args, progress=False)
     infos = _infos(eval_src)
@@ -150,6 +152,7 @@ def stage_eval(args) -> Path:
                          {"qat_steps": args.qat_steps, "qat_data": qat_data, "qat_batch": args.qat_batch}))
         else:
             print("[accuracy] this build has no QAT (build() takes no qat_steps): QAT row skipped", file=sys.stderr)
+    kept = _earlier_rows(args, meta["checkpoint_sha256"], {label for label, _, _ in jobs}) if args.keep_rows else []
     work = Path(args.work_dir) / "engines"
     for label, precision, extra in jobs:
         t0 = time.perf_counter()
@@ -175,8 +178,20 @@ def stage_eval(args) -> Path:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        write_accuracy(args, rows, meta, threshold)  # after every row: a cut run keeps its rows
-    return write_accuracy(args, rows, meta, threshold)
+        write_accuracy(args, rows + kept, meta, threshold)  # after every row: a cut run keeps its rows
+    return write_accuracy(args, rows + kept, meta, threshold)
+
+
+def _earlier_rows(args, sha: str, measured: set[str]) -> list[dict]:
+    """Rows of an earlier eval of the SAME checkpoint for precisions this run does not measure
+    (an eval split over several device calls); none if the file is from other weights."""
+    path = _results_dir(args) / f"accuracy-{args.model}.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("checkpoint_sha256") != sha:
+        return []
+    return [r for r in doc.get("rows", []) if r["precision"] != "pytorch" and r["precision"] not in measured]
 
 
 def _results_dir(args) -> Path:
@@ -205,6 +220,7 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
         "train_data": args.train_data,
         "eval_data": args.eval_data,
         "calib_frames": args.calib_frames,
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),
         "fidelity_threshold": round(threshold, 4),
         "training": training,
         "rows": rows,
@@ -254,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
     p.add_argument("--qat-frames", type=int, default=int(env("BEVACC_QAT_FRAMES", "200")))
     p.add_argument("--qat-batch", type=int, default=int(env("BEVACC_QAT_BATCH", "4")))
+    p.add_argument("--keep-rows", action="store_true",
+                   help="keep rows of an earlier eval of the same checkpoint for precisions not measured now")
     p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON config overrides (reduced models)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default=None)

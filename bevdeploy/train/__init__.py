@@ -123,6 +123,9 @@ def train(
     warmup = min(500, steps // 10) if warmup is None else int(warmup)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    if device.type == "cuda":  # NHWC convolutions (bf16 tensor cores); autotuned conv algorithms
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -173,7 +176,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"state_dict": state, "meta": json.loads(json.dumps(dict(meta or {}), default=str))}, tmp)
     tmp.replace(path)

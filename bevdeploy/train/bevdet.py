@@ -268,13 +268,18 @@ class BEVDetBatch:
     depth: Tensor | None  # [B, N, fH, fW] int64 bin, -1 unknown
 
 
+def _worker_init() -> None:
+    # forked after the parent ran torch ops: no intra-op thread pool in the children (not fork-safe)
+    torch.set_num_threads(1)
+
+
 def _load_frame(args) -> tuple:
     info, cfg, preprocess, with_depth, ground = args
     x = prepare_bevdet_inputs(info, preprocess)
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
     # the pipeline's uint8 pixels back (exact: they were uint8 before the normalisation)
-    image = (x["image"] * std + mean).round().clamp(0, 255).to(torch.uint8)
+    image = torch.from_numpy(np.clip(np.round(x["image"].numpy() * std + mean), 0, 255).astype(np.uint8))
     geometry = tuple(x[k] for k in GEOMETRY_KEYS)
     labels = np.array([CLASS_NAMES.index(n) if n in CLASS_NAMES else -1 for n in info.get("gt_names", [])],
                       dtype=np.int64)
@@ -328,7 +333,7 @@ class BEVDetTraining:
         if workers > 1:
             import multiprocessing as mp
 
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
                 frames = []
                 for f in pool.imap(_load_frame, jobs, chunksize=4):
                     frames.append(f)

@@ -31,3 +31,17 @@ def test_accuracy_stages_on_a_reduced_model(tmp_path, ops_on_references, capsys)
     assert doc["training"]["steps"] == 1 and doc["training"]["frames_in_world"] == 2
     assert "accuracy-bevdet-r50-cbgs" in str(list((tmp_path / "results" / "cpu").iterdir()))
     assert (tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.md").read_text().count("| fp32 |") == 1
+
+
+def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
+    import argparse
+
+    from bevdeploy.eval.accuracy import _earlier_rows
+
+    args = argparse.Namespace(out=str(tmp_path), model="m")
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    rows = [{"precision": "pytorch"}, {"precision": "fp16"}, {"precision": "int8"}]
+    (folder / "accuracy-m.json").write_text(json.dumps({"checkpoint_sha256": "abc", "rows": rows}))
+    assert _earlier_rows(args, "abc", {"int8"}) == [{"precision": "fp16"}]
+    assert _earlier_rows(args, "other", {"int8"}) == []
