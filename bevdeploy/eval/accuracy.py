@@ -71,7 +71,8 @@ def stage_train(args) -> Path:
                        lr=args.lr, seed=args.seed, workers=args.workers, render_size=tuple(args.render_size),
                        model_overrides=args.model_overrides, training_options=options,
                        cache_dir=Path(args.work_dir) / "worlds",
-                       extra_meta={"render_seconds_both_worlds": round(t_render, 1)})
+                       extra_meta={"render_seconds_both_worlds": round(t_render, 1)},
+                       time_limit=args.train_seconds)
 
 
 class _Capture:
@@ -204,7 +205,7 @@ def _results_dir(args) -> Path:
 
 def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path:
     """``<out>/<gpu>/accuracy-<model>.{json,md}``: the rows, the training budget and the command."""
-    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "batch", "lr", "seed", "render_size",
+    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "batch", "lr", "seed", "render_size",
                                          "final_loss", "seconds", "render_seconds_both_worlds", "throughput",
                                          "training_options", "model_overrides")}
     training["frames_seen"] = (meta.get("steps") or 0) * (meta.get("batch") or 0)
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render-size", type=int, nargs=2, default=[450, 800], metavar=("H", "W"))
     p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "1500")))
     p.add_argument("--batch", type=int, default=int(env("BEVACC_BATCH", "8")))
+    p.add_argument("--train-seconds", type=float, default=float(env("BEVACC_TRAIN_SECONDS", "330")),
+                   help="stop training early after this many seconds (a guard for the 10-min device call)")
     p.add_argument("--lr", type=float, default=float(env("BEVACC_LR", "2e-4")))
     p.add_argument("--depth-weight", type=float, default=None, help="BEVDet depth supervision weight (default 3)")
     p.add_argument("--seed", type=int, default=0)

@@ -93,6 +93,7 @@ def train(
     amp: bool = True,
     progress: bool = True,
     log_every: int = 10,
+    time_limit: float | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``steps`` optimizer steps.
 
@@ -108,6 +109,8 @@ def train(
         amp: bf16 autocast on CUDA (ignored on the CPU).
         progress: tqdm bar with the running loss.
         log_every: Steps between history entries (the last step is always recorded).
+        time_limit: Stop after this many seconds even if steps remain (a guard for capped device
+            calls; the last history entry then has ``stopped_early: True``).
 
     Returns:
         The loss history: dicts with ``step``, ``lr``, ``loss`` and each named term (floats),
@@ -157,10 +160,15 @@ def train(
         value = float(loss.detach())
         running = value if running is None else 0.9 * running + 0.1 * value
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
-        if step % log_every == 0 or step == steps - 1:
+        elapsed = time.perf_counter() - t0
+        out_of_time = time_limit is not None and elapsed > time_limit and step < steps - 1
+        if step % log_every == 0 or step == steps - 1 or out_of_time:
             history.append({"step": step, "lr": cur_lr, "loss": value, "grad_norm": float(grad_norm),
-                            **{k: float(v.detach()) for k, v in terms.items()},
-                            "seconds": time.perf_counter() - t0})
+                            **{k: float(v.detach()) for k, v in terms.items()}, "seconds": elapsed})
+        if out_of_time:
+            history[-1]["stopped_early"] = True
+            print(f"train: time limit {time_limit:.0f} s reached after {step + 1} of {steps} steps", file=sys.stderr)
+            break
     bar.close()
     model.eval()
     return history
@@ -208,6 +216,7 @@ def train_model(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     extra_meta: dict | None = None,
+    time_limit: float | None = None,
 ) -> Path:
     """Render (or reuse) the world of ``data``, train ``model_name`` from scratch, save the checkpoint.
 
@@ -224,6 +233,7 @@ def train_model(
         training_options: Keywords of the family's training class (e.g. ``depth_weight=0``).
         cache_dir: Where synthetic worlds are cached (default ``$BEVDEPLOY_CACHE``).
         extra_meta: More entries for the checkpoint's ``meta`` (e.g. the caller's render time).
+        time_limit: Seconds of training after which it stops early (see :func:`train`).
 
     Returns:
         The checkpoint path. Its ``meta`` holds the training budget, the final loss and the history.
@@ -255,19 +265,21 @@ def train_model(
     clip = default_clip(model_name) if clip is None else clip
     t2 = time.perf_counter()
     history = train(model, training, steps=steps, batch_size=batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                    clip=clip, seed=seed, progress=progress)
+                    clip=clip, seed=seed, progress=progress, time_limit=time_limit)
     t_train = time.perf_counter() - t2
-    frames = steps * batch
+    steps_done = history[-1]["step"] + 1
+    frames = steps_done * batch
     meta = {
-        "model": model_name, "data": data, "frames_in_world": len(infos), "steps": steps, "batch": batch, "lr": lr,
+        "model": model_name, "data": data, "frames_in_world": len(infos), "steps": steps_done, "steps_planned": steps,
+        "batch": batch, "lr": lr,
         "weight_decay": weight_decay, "clip": clip, "seed": seed, "render_size": list(render_size),
         "model_overrides": dict(model_overrides or {}), "training_options": dict(training_options or {}),
         "final_loss": history[-1]["loss"], "final_terms": history[-1],
         "seconds": {"render": round(t_render, 1), "load": round(t_load, 1), "train": round(t_train, 1)},
-        "throughput": {"frames_per_s": round(frames / t_train, 2), "s_per_step": round(t_train / steps, 4)},
+        "throughput": {"frames_per_s": round(frames / t_train, 2), "s_per_step": round(t_train / steps_done, 4)},
         "device": str(dev), "torch": torch.__version__, "history": history, **(extra_meta or {}),
     }
-    print(f"trained {model_name}: {steps} steps x batch {batch} on {len(infos)} frames in {t_train:.0f} s "
+    print(f"trained {model_name}: {steps_done} steps x batch {batch} on {len(infos)} frames in {t_train:.0f} s "
           f"({meta['throughput']['frames_per_s']} frames/s, {meta['throughput']['s_per_step']} s/step; "
           f"render {t_render:.0f} s, load {t_load:.0f} s); final loss {history[-1]['loss']:.4f}", file=sys.stderr)
     return save_checkpoint(model, out, meta)

@@ -11,7 +11,9 @@ and ``loss``), reproduced here:
   cos yaw, vx, vy)`` at the centre cells;
 - loss: gaussian focal loss (alpha 2, gamma 4) on the clamped sigmoid heatmap, averaged over the
   number of target peaks; L1 on the 10 box codes at the target cells with ``code_weights`` (1 x 8,
-  0.2 for the velocities), averaged over the number of boxes, weight 0.25.
+  0.2 for the velocities), averaged over the number of boxes, weight 0.25;
+- GT boxes of the 10 classes with at least one LiDAR/radar point (``use_valid_flag=True``; the
+  devkit's evaluation drops the others too); boxes off the grid get no target (``ObjectRangeFilter``).
 
 Not official, named (they speed convergence on a short from-scratch budget):
 
@@ -21,13 +23,13 @@ Not official, named (they speed convergence on a short from-scratch budget):
   In the synthetic world the LiDAR files hold object returns only, so the ground's depth is added
   analytically (``ground_depth``: the ray of each feature cell meets the flat ground, z = 0 in the
   ego frame): exact there, and off by default for other data;
-- GT boxes with no LiDAR point (``valid_flag``) are dropped: the devkit's evaluation drops them
-  too, and learning to report invisible objects only adds false positives;
+- no EMA of the weights (the official config has ``MEGVIIEMAHook``) and no CBGS class resampling;
 - no image or BEV augmentation (the official random resize / crop / flip / rotate and BDA are
   omitted): every frame uses the test-time crop, so the images are resized once, kept on the
   device as uint8 and the BEVPool indices are shared by all frames of a camera rig;
-- the pooling and the layers after it run in float32 under bf16 autocast (the bev_pool_v2 op
-  takes fp32/fp16; its backward is the reference's).
+- bf16 autocast around everything but the pooling, which takes float32 (the bev_pool_v2 op takes
+  fp32/fp16; its backward is the reference's); warm-up + cosine decay (official: 200 warm-up
+  steps then step decay).
 """
 
 from __future__ import annotations

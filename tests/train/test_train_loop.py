@@ -58,6 +58,11 @@ def test_train_lowers_the_loss_and_records_history():
     assert not model.training  # left in eval mode
 
 
+def test_train_stops_at_the_time_limit():
+    history = train(nn.Linear(4, 1), _Regression(), steps=50, batch_size=4, time_limit=0.0, progress=False)
+    assert history[-1]["step"] == 0 and history[-1]["stopped_early"]
+
+
 def test_train_rejects_bad_arguments():
     model = nn.Linear(4, 1)
     for kw, match in (({"steps": 0, "batch_size": 1}, "steps"), ({"steps": 1, "batch_size": 0}, "batch_size"),
