@@ -150,19 +150,20 @@ def train(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             terms = training.loss(model, batch)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"training diverged at step {step}: loss {float(loss.detach())} "
-                               f"({ {k: float(v.detach()) for k, v in terms.items()} }); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        value = float(loss.detach())
-        running = value if running is None else 0.9 * running + 0.1 * value
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
         elapsed = time.perf_counter() - t0
         out_of_time = time_limit is not None and elapsed > time_limit and step < steps - 1
         if step % log_every == 0 or step == steps - 1 or out_of_time:
+            # reading values waits for the GPU: only every log_every steps, so launches run ahead
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"training diverged at step {step}: loss {value} "
+                                   f"({ {k: float(v.detach()) for k, v in terms.items()} }); lower --lr")
+            running = value if running is None else 0.5 * running + 0.5 * value
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
             history.append({"step": step, "lr": cur_lr, "loss": value, "grad_norm": float(grad_norm),
                             **{k: float(v.detach()) for k, v in terms.items()}, "seconds": elapsed})
         if out_of_time:

@@ -351,8 +351,10 @@ class BEVDetTraining:
         self.geometry = [torch.stack([f[1][i] for f in frames]) for i in range(len(GEOMETRY_KEYS))]  # CPU
         # One camera rig for every frame (the synthetic world; a nuScenes log) up to float noise:
         # share frame 0's parameters, so the BEVPool indices are computed once per batch size.
-        if all(torch.allclose(g, g[:1].expand_as(g), atol=1e-5) for g in self.geometry):
+        self.shared_geometry = all(torch.allclose(g, g[:1].expand_as(g), atol=1e-5) for g in self.geometry)
+        if self.shared_geometry:
             self.geometry = [g[:1].expand_as(g).contiguous() for g in self.geometry]
+        self._ranks: dict[int, tuple[Tensor, ...]] = {}  # batch size -> ranks, with a shared rig
         self.heatmaps = torch.from_numpy(np.stack([f[2][0] for f in frames])).to(dev, torch.float16)
         self.anno_box = torch.from_numpy(np.stack([f[2][1] for f in frames])).to(dev)
         self.ind = torch.from_numpy(np.stack([f[2][2] for f in frames])).to(dev)
@@ -370,8 +372,11 @@ class BEVDetTraining:
         """The batch of frames ``idx`` (int64 indices)."""
         dev = self.device
         cpu_idx = idx.cpu()
-        geometry = [g[cpu_idx].to(dev) for g in self.geometry]
-        ranks = tuple(self.model.prepare(*geometry))
+        ranks = self._ranks.get(len(cpu_idx)) if self.shared_geometry else None
+        if ranks is None:
+            ranks = tuple(self.model.prepare(*(g[cpu_idx].to(dev) for g in self.geometry)))
+            if self.shared_geometry:  # no per-step cache lookup (it hashes the parameters on the host)
+                self._ranks[len(cpu_idx)] = ranks
         d = idx.to(dev)
         image = (self.images[d].float() - self.mean) / self.std
         return BEVDetBatch(image=image, ranks=ranks, heatmap=self.heatmaps[d].float(), anno_box=self.anno_box[d],
