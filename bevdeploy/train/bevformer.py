@@ -344,9 +344,12 @@ class BEVFormerTraining:
             )
         size = tuple(loaded[0][0].shape[-2:])
         if size != tuple(model.image_size):
+            src = load_images(self.infos[0])[0].shape[:2]
+            need = tuple(round(v / self.preprocess.scale) for v in model.image_size)
             raise ValueError(
-                f"images preprocess to {size} but the model takes {tuple(model.image_size)}: use data of the "
-                f"model's camera resolution"
+                f"camera images of {src[0]}x{src[1]} preprocess to {size} (scale {self.preprocess.scale}, padded) but "
+                f"{cfg.name} takes {tuple(model.image_size)}: render the world at about {need[0]}x{need[1]} "
+                f"(the evaluation uses the same pipeline)"
             )
         first = load_images(self.infos[0])[0].shape
         self._valid_hw = (int(first[0] * self.preprocess.scale), int(first[1] * self.preprocess.scale))

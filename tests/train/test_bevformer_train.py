@@ -267,7 +267,7 @@ def test_bad_arguments(infos):
         BEVFormerTraining(_model(), infos, "cpu", queue_length=0, progress=False)
     with pytest.raises(ValueError, match="model must be a BEVFormer"):
         BEVFormerTraining(torch.nn.Linear(2, 2), infos, "cpu", progress=False)
-    with pytest.raises(ValueError, match="model takes"):
+    with pytest.raises(ValueError, match="render the world at about 192x256"):
         BEVFormerTraining(MODELS["bevformer-tiny"](**{**SMALL, "image_size": (96, 128)}), infos, "cpu", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         next(BEVFormerTraining(_model(), infos[:2], "cpu", progress=False).batches(0, 0))
