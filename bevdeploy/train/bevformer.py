@@ -22,8 +22,9 @@ bevformer_tiny.py``, ``dense_heads/bevformer_head.py``, ``core/bbox/match_costs/
 - **Loss** per decoder layer (:func:`bevformer_loss`): sigmoid focal loss (alpha 0.25, gamma 2,
   weight 2.0) over all queries x 10 classes, unmatched queries all-negative; L1 (weight 0.25) on
   matched queries with ``code_weights`` [1]*8 + [0.2, 0.2]; both divided by the batch's number of
-  matched GT boxes (at least 1; all GT boxes when there are at least as many queries). Terms are named as the official head names them (``loss_cls``,
-  ``loss_bbox`` for the last layer, ``d0.loss_cls`` ... for the others).
+  matched GT boxes (at least 1; all GT boxes when there are at least as many queries). Terms are
+  named as the official head names them (``loss_cls``, ``loss_bbox`` for the last layer,
+  ``d0.loss_cls`` ... for the others).
 - **Temporal queue** (``queue_length`` 3): for each sample, 2 of the 3 frames before it (random,
   in time order) run first with the model in eval mode and without grad, each feeding its
   ``bev_embed`` to the next; then the sample itself runs with grad. The per-frame CAN-bus deltas and
@@ -49,7 +50,6 @@ Optional, for a short budget (off by default):
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +210,9 @@ def bevformer_loss(
         )
     L, B, Q, C = all_cls_scores.shape
     if len(gt_boxes) != B or len(gt_labels) != B:
-        raise ValueError(f"gt_boxes and gt_labels need one entry per sample ({B}), got {len(gt_boxes)}, {len(gt_labels)}")
+        raise ValueError(
+            f"gt_boxes and gt_labels need one entry per sample ({B}), got {len(gt_boxes)} and {len(gt_labels)}"
+        )
     cls_all, box_all = all_cls_scores.float(), all_bbox_preds.float()
     codes = [normalize_bbox(b.float()) for b in gt_boxes]
     # All costs of all layers and samples go to the host in one transfer (one sync per step).
@@ -317,7 +319,9 @@ class BEVFormerTraining:
             raise ValueError("infos must hold at least one info record")
         missing = [i for i, info in enumerate(infos) if "gt_boxes" not in info or "scene_token" not in info]
         if missing:
-            raise ValueError(f"info records need 'gt_boxes' and 'scene_token' (with GT); record {missing[0]} lacks them")
+            raise ValueError(
+                f"info records need 'gt_boxes' and 'scene_token' (with GT); record {missing[0]} lacks them"
+            )
         if not (isinstance(queue_length, int) and queue_length >= 1):
             raise ValueError(f"queue_length must be an int >= 1, got {queue_length!r}")
         if not (isinstance(group_queries, int) and group_queries >= 1):

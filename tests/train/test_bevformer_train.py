@@ -116,7 +116,8 @@ def test_l1_cost_and_match_cost_hand_values():
     gt_code = torch.zeros(1, 10)
     gt_code[0, 0] = 4.0
     cost = match_cost(torch.zeros(1, 10), box, torch.tensor([3]), gt_code)
-    torch.testing.assert_close(cost, torch.tensor([[2 * (-math.log(0.5) * 0.25**2 * (0.25 - 0.75) / 0.25) + 0.25 * 4.0]]))
+    focal = -math.log(0.5) * 0.25 * (0.25 - 0.75)  # p = 0.5: pos - neg
+    torch.testing.assert_close(cost, torch.tensor([[2 * focal + 0.25 * 4.0]]))
 
 
 def test_normalize_bbox_hand_values():
@@ -137,7 +138,9 @@ def test_sigmoid_focal_loss_hand_values():
 def test_loss_is_zero_where_predictions_are_the_targets():
     """Queries that predict a GT box exactly (class logit high, others low) match it and cost no L1;
     the other queries only add a small background focal loss."""
-    gt = torch.tensor([[3.0, -4.0, 0.2, 1.9, 4.5, 1.6, 0.3, 1.0, 0.0], [-10.0, 6.0, -0.5, 0.6, 0.7, 1.7, -2.0, 0.0, 0.5]])
+    gt = torch.tensor(
+        [[3.0, -4.0, 0.2, 1.9, 4.5, 1.6, 0.3, 1.0, 0.0], [-10.0, 6.0, -0.5, 0.6, 0.7, 1.7, -2.0, 0.0, 0.5]]
+    )
     labels = torch.tensor([0, 8])
     L, Q, C = 2, 6, 10
     cls = torch.full((L, 1, Q, C), -12.0)
