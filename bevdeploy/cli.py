@@ -114,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     from bevdeploy.train import train_model
 
     path = train_model(args.model, args.data, steps=args.steps, batch=args.batch, out=args.output, lr=args.lr,
-                       weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, device=args.device,
+                       weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
+                       device=args.device,
                        workers=args.workers, training_options=({"depth_weight": args.depth_weight}
                                                                if args.depth_weight is not None else None))
     print(f"checkpoint written: {path} (load it with --checkpoint)")
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=8)
     tr.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (official 2e-4)")
     tr.add_argument("--weight-decay", type=float, default=1e-2)
+    tr.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: min(500, steps // 10))")
     tr.add_argument("--clip", type=float, default=None, help="max gradient norm (default: BEVDet 5, BEVFormer 35)")
     tr.add_argument("--depth-weight", type=float, default=None,
                     help="BEVDet: weight of the LiDAR depth supervision (default 3; 0 = the official loss only)")

@@ -5,7 +5,8 @@
 #   STAGE=eval  scripts/gpu_accuracy.sh MODEL  second call on the SAME warm machine: build engines, score
 # Results: bench/results/<gpu>/accuracy-MODEL.{json,md} (also copied to $OUT with the log).
 # Work files (worlds, checkpoint, engines) in $BEVACC_WORK (default /tmp/bevacc) survive between calls
-# on a warm machine. Env knobs (python -m bevdeploy.eval.accuracy --help): BEVACC_STEPS, BEVACC_BATCH,
+# on a warm machine. Env knobs (python -m bevdeploy.eval.accuracy --help): BEVACC_TRAIN_SECONDS (300:
+# training budget, the schedule is fitted into it), BEVACC_STEPS (4000: at most), BEVACC_BATCH,
 # BEVACC_LR, BEVACC_TRAIN_DATA (synthetic:600@1), BEVACC_EVAL_DATA (synthetic:120@2), BEVACC_CALIB,
 # BEVACC_QAT_STEPS (0: no QAT row), PRECISIONS, KEEP_ROWS=1 (an eval split over calls keeps the
 # earlier rows of the same checkpoint), EXTRA (more flags). Needs nuscenes-devkit: carry the

@@ -5,7 +5,8 @@
 1. ``--stage train``: render the training world (``--train-data``, default ``synthetic:600@1``) and
    the held-out world (``--eval-data``, default ``synthetic:120@2``: other seed, so other scenes and
    tokens) in parallel processes, train the model from scratch with a fixed seed
-   (:func:`bevdeploy.train.train_model`) and write ``<work-dir>/<model>.pth``;
+   (:func:`bevdeploy.train.train_model`) within ``--train-seconds`` (the cosine schedule is fitted
+   to the steps that fit, measured after 25 steps) and write ``<work-dir>/<model>.pth``;
 2. ``--stage eval``: with that checkpoint, PyTorch FP32 and every engine precision (``fp32 fp16
    fp16x2 int8 int8-fp16``, int8 calibrated on training frames; plus ``int8-fp16 (QAT)`` with
    ``--qat-steps``) run over the held-out world in temporal order and are scored with the devkit's
@@ -68,11 +69,11 @@ def stage_train(args) -> Path:
     print(f"[accuracy] worlds ready in {t_render:.0f} s", file=sys.stderr)
     options = {"depth_weight": args.depth_weight} if args.depth_weight is not None else None
     return train_model(args.model, args.train_data, steps=args.steps, batch=args.batch, out=checkpoint_path(args),
-                       lr=args.lr, seed=args.seed, workers=args.workers, render_size=tuple(args.render_size),
+                       lr=args.lr, warmup=args.warmup, seed=args.seed, workers=args.workers, render_size=tuple(args.render_size),
                        model_overrides=args.model_overrides, training_options=options,
                        cache_dir=Path(args.work_dir) / "worlds",
-                       extra_meta={"render_seconds_both_worlds": round(t_render, 1)},
-                       time_limit=args.train_seconds)
+                       extra_meta={"render_seconds_both_worlds": round(t_render, 1), "command": args.command},
+                       time_limit=args.train_seconds if args.train_seconds > 0 else None)
 
 
 class _Capture:
@@ -205,9 +206,9 @@ def _results_dir(args) -> Path:
 
 def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path:
     """``<out>/<gpu>/accuracy-<model>.{json,md}``: the rows, the training budget and the command."""
-    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "batch", "lr", "seed", "render_size",
+    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "warmup", "batch", "lr", "seed", "render_size",
                                          "final_loss", "seconds", "render_seconds_both_worlds", "throughput",
-                                         "training_options", "model_overrides")}
+                                         "training_options", "model_overrides", "command")}
     training["frames_seen"] = (meta.get("steps") or 0) * (meta.get("batch") or 0)
     seconds = dict(meta.get("seconds") or {})
     seconds["render"] = max(seconds.get("render", 0.0), meta.get("render_seconds_both_worlds") or 0.0)
@@ -235,8 +236,11 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
     t = training
     md = [f"# Accuracy of {args.model} on {doc['gpu']} (trained on the synthetic world, scored on held-out scenes)", "",
           f"torch {doc['torch']}, written {doc['date']}", "",
-          f"Command: `{args.command}`", "",
-          f"Training: {t['steps']} steps x batch {t['batch']} ({t['frames_seen']} frames seen) on {t['frames_in_world']} "
+          f"Command: `{args.command}`" + (f" (training: `{t['command']}`)" if t.get("command") not in (None, args.command)
+                                          else ""), "",
+          f"Training: {t['steps']} steps (planned {t['steps_planned']}; `--steps {t['steps']} --warmup {t['warmup']} "
+          f"--train-seconds 0` replays the schedule) "
+          f"x batch {t['batch']} ({t['frames_seen']} frames seen) on {t['frames_in_world']} "
           f"frames of `{t['data']}` rendered at {t['render_size']}, lr {t['lr']}, seed {t['seed']}, "
           f"{t['minutes']} min (render + load + train), final loss {t['final_loss'] and round(t['final_loss'], 4)}, "
           f"throughput {t['throughput']}.", "",
@@ -260,10 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", default=env("BEVACC_TRAIN_DATA", "synthetic:600@1"))
     p.add_argument("--eval-data", default=env("BEVACC_EVAL_DATA", "synthetic:120@2"))
     p.add_argument("--render-size", type=int, nargs=2, default=[450, 800], metavar=("H", "W"))
-    p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "1500")))
+    p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "4000")),
+                   help="planned steps (fewer if --train-seconds cannot hold them; the table says how many ran)")
     p.add_argument("--batch", type=int, default=int(env("BEVACC_BATCH", "8")))
-    p.add_argument("--train-seconds", type=float, default=float(env("BEVACC_TRAIN_SECONDS", "330")),
-                   help="stop training early after this many seconds (a guard for the 10-min device call)")
+    p.add_argument("--train-seconds", type=float, default=float(env("BEVACC_TRAIN_SECONDS", "300")),
+                   help="training time budget: the schedule is shortened to the steps that fit (10-min device calls); "
+                        "0: none (exactly --steps, e.g. to reproduce a table's run)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(500, steps // 10))")
     p.add_argument("--lr", type=float, default=float(env("BEVACC_LR", "2e-4")))
     p.add_argument("--depth-weight", type=float, default=None, help="BEVDet depth supervision weight (default 3)")
     p.add_argument("--seed", type=int, default=0)

@@ -94,6 +94,7 @@ def train(
     progress: bool = True,
     log_every: int = 10,
     time_limit: float | None = None,
+    fit_at: int = 25,
 ) -> list[dict]:
     """Train ``model`` in place for ``steps`` optimizer steps.
 
@@ -109,8 +110,12 @@ def train(
         amp: bf16 autocast on CUDA (ignored on the CPU).
         progress: tqdm bar with the running loss.
         log_every: Steps between history entries (the last step is always recorded).
-        time_limit: Stop after this many seconds even if steps remain (a guard for capped device
-            calls; the last history entry then has ``stopped_early: True``).
+        time_limit: Seconds the training may take (a budget for capped device calls): after
+            ``fit_at`` steps the time per step is measured and, if ``steps`` would not fit, the
+            schedule is shortened to the steps that fit (warm-up and cosine end included; the
+            history's entries then carry ``steps_fitted``); past the limit it stops anyway (the last
+            entry has ``stopped_early: True``).
+        fit_at: Step at which the time per step is measured (from step 5, after start-up).
 
     Returns:
         The loss history: dicts with ``step``, ``lr``, ``loss`` and each named term (floats),
@@ -140,9 +145,13 @@ def train(
     history: list[dict] = []
     batches = training.batches(batch_size, seed)
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="train", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="train", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     running = None
-    for step in bar:
+    planned = steps
+    fitted = None
+    t_start_measure = None
+    step = 0
+    while step < steps:
         cur_lr = lr_at(step, steps=steps, lr=lr, warmup=warmup)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
@@ -154,6 +163,24 @@ def train(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
+        if time_limit is not None and fitted is None and step in (5, fit_at):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step == 5 or t_start_measure is None:
+                t_start_measure = (step, time.perf_counter())
+            else:
+                per_step = (time.perf_counter() - t_start_measure[1]) / (step - t_start_measure[0])
+                # 90% of the time left: steps vary, and a hard stop would cut the cosine short
+                fit = step + 1 + int(0.9 * (time_limit - (time.perf_counter() - t0)) / per_step)
+                fitted = min(steps, max(step + 1, fit))
+                if fitted < steps:
+                    print(f"train: {per_step:.3f} s/step: {steps} steps exceed the {time_limit:.0f} s budget; "
+                          f"the schedule is shortened to {fitted} steps", file=sys.stderr)
+                    steps = fitted
+                    warmup = min(warmup, steps // 2)  # unchanged for any real budget: the warm-up
+                    # does not depend on ``steps``, so --steps N --warmup W replays this schedule
+                    bar.total = steps
+                    bar.refresh()
         elapsed = time.perf_counter() - t0
         out_of_time = time_limit is not None and elapsed > time_limit and step < steps - 1
         if step % log_every == 0 or step == steps - 1 or out_of_time:
@@ -164,11 +191,15 @@ def train(
                                    f"({ {k: float(v.detach()) for k, v in terms.items()} }); lower --lr")
             running = value if running is None else 0.5 * running + 0.5 * value
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
-            history.append({"step": step, "lr": cur_lr, "loss": value, "grad_norm": float(grad_norm),
+            history.append({"step": step, "lr": cur_lr, "warmup": warmup, "loss": value, "grad_norm": float(grad_norm),
                             **{k: float(v.detach()) for k, v in terms.items()}, "seconds": elapsed})
+            if steps != planned:
+                history[-1]["steps_fitted"] = steps
+        bar.update(1)
+        step += 1
         if out_of_time:
             history[-1]["stopped_early"] = True
-            print(f"train: time limit {time_limit:.0f} s reached after {step + 1} of {steps} steps", file=sys.stderr)
+            print(f"train: time limit {time_limit:.0f} s reached after {step} of {steps} steps", file=sys.stderr)
             break
     bar.close()
     model.eval()
@@ -272,6 +303,7 @@ def train_model(
     frames = steps_done * batch
     meta = {
         "model": model_name, "data": data, "frames_in_world": len(infos), "steps": steps_done, "steps_planned": steps,
+        "warmup": history[-1]["warmup"],
         "batch": batch, "lr": lr,
         "weight_decay": weight_decay, "clip": clip, "seed": seed, "render_size": list(render_size),
         "model_overrides": dict(model_overrides or {}), "training_options": dict(training_options or {}),

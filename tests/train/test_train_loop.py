@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -61,6 +62,21 @@ def test_train_lowers_the_loss_and_records_history():
 def test_train_stops_at_the_time_limit():
     history = train(nn.Linear(4, 1), _Regression(), steps=50, batch_size=4, time_limit=0.0, progress=False)
     assert history[-1]["step"] == 0 and history[-1]["stopped_early"]
+
+
+def test_train_fits_the_schedule_into_the_time_budget():
+    class Slow(_Regression):
+        def loss(self, model, batch):
+            time.sleep(0.01)
+            return super().loss(model, batch)
+
+    history = train(nn.Linear(4, 1), Slow(), steps=10_000, batch_size=4, time_limit=1.0, fit_at=10, progress=False,
+                    log_every=5)
+    last = history[-1]
+    assert 10 < last["steps_fitted"] < 120  # 10 ms per step, 1 s: ~65 steps fit, not 10_000
+    if "stopped_early" not in last:  # (a loaded machine may still hit the hard stop near the end)
+        assert last["step"] + 1 == last["steps_fitted"]
+        assert last["lr"] < 0.01 * max(h["lr"] for h in history)  # the cosine ran to its end
 
 
 def test_train_rejects_bad_arguments():
