@@ -152,3 +152,25 @@ def test_training_rejects_bad_input(infos):
         BEVDetTraining(torch.nn.Linear(2, 2), infos, "cpu")
     with pytest.raises(ValueError, match="infos"):
         BEVDetTraining(MODELS["bevdet-r50-cbgs"](**SMALL), [], "cpu")
+
+
+def test_depth_loss_against_its_formula():
+    from bevdeploy.train.bevdet import depth_loss
+
+    g = torch.Generator().manual_seed(0)
+    depth = torch.rand(1, 2, 4, 3, 5, generator=g).softmax(2)  # [B, N, D, fH, fW]
+    target = torch.randint(-1, 4, (1, 2, 3, 5), generator=g)
+    expected, count = 0.0, 0
+    for n in range(2):
+        for r in range(3):
+            for c in range(5):
+                k = int(target[0, n, r, c])
+                if k < 0:
+                    continue
+                count += 1
+                for d in range(4):
+                    p = float(depth[0, n, d, r, c])
+                    expected -= math.log(p) if d == k else math.log(1 - p)
+    assert count > 0
+    assert depth_loss(depth, target).item() == pytest.approx(expected / count, rel=1e-5)
+    assert depth_loss(depth, torch.full_like(target, -1)).item() == 0.0
