@@ -281,8 +281,9 @@ def _load_frame(args) -> tuple:
     mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
     # the pipeline's uint8 pixels back (exact: they were uint8 before the normalisation)
-    image = torch.from_numpy(np.clip(np.round(x["image"].numpy() * std + mean), 0, 255).astype(np.uint8))
-    geometry = tuple(x[k] for k in GEOMETRY_KEYS)
+    image = np.clip(np.round(x["image"].numpy() * std + mean), 0, 255).astype(np.uint8)
+    # numpy, not tensors: tensors sent back by worker processes each keep a file descriptor open
+    geometry = tuple(x[k].numpy() for k in GEOMETRY_KEYS)
     labels = np.array([CLASS_NAMES.index(n) if n in CLASS_NAMES else -1 for n in info.get("gt_names", [])],
                       dtype=np.int64)
     keep = labels >= 0
@@ -347,8 +348,9 @@ class BEVDetTraining:
                 bar.update(1)
         bar.close()
         dev = self.device
-        self.images = torch.stack([f[0] for f in frames]).to(dev)  # [F, N, 3, H, W] uint8
-        self.geometry = [torch.stack([f[1][i] for f in frames]) for i in range(len(GEOMETRY_KEYS))]  # CPU
+        self.images = torch.from_numpy(np.stack([f[0] for f in frames])).to(dev)  # [F, N, 3, H, W] uint8
+        self.geometry = [torch.from_numpy(np.stack([f[1][i] for f in frames])).float()
+                         for i in range(len(GEOMETRY_KEYS))]  # CPU
         # One camera rig for every frame (the synthetic world; a nuScenes log) up to float noise:
         # share frame 0's parameters, so the BEVPool indices are computed once per batch size.
         self.shared_geometry = all(torch.allclose(g, g[:1].expand_as(g), atol=1e-5) for g in self.geometry)
