@@ -14,10 +14,13 @@ EPILOG = """examples:
   bevdeploy demo                       synthetic world -> BEVFormer-tiny -> fp32/int8 engines -> NDS table
   bevdeploy demo --ops                 check every op (Triton kernels vs references) and print a table
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
+  bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
+  bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
+  bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
   bevdeploy bench ops --ops msda bev_pool_v2
 """
 
@@ -75,7 +78,8 @@ def _build(args: argparse.Namespace) -> int:
 
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
+                 qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -104,6 +108,18 @@ def _bench(args: argparse.Namespace) -> int:
         print(to_markdown(result))
         return 0
     raise ValueError("say what to benchmark: 'bevdeploy bench ops' or 'bevdeploy bench --model NAME'")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bevdeploy.train import train_model
+
+    path = train_model(args.model, args.data, steps=args.steps, batch=args.batch, out=args.output, lr=args.lr,
+                       weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
+                       device=args.device,
+                       workers=args.workers, training_options=({"depth_weight": args.depth_weight}
+                                                               if args.depth_weight is not None else None))
+    print(f"checkpoint written: {path} (load it with --checkpoint)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
+    bd.add_argument("--qat-steps", type=int, default=0,
+                    help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
+    bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")
+    bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
+    bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--device", default=None)
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
@@ -161,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
+
+    tr = sub.add_parser("train", help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
+    tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base)")
+    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered 450x800, cached) or nuscenes:PATH")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (official 2e-4)")
+    tr.add_argument("--weight-decay", type=float, default=1e-2)
+    tr.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: min(500, steps // 10))")
+    tr.add_argument("--clip", type=float, default=None, help="max gradient norm (default: BEVDet 5, BEVFormer 35)")
+    tr.add_argument("--depth-weight", type=float, default=None,
+                    help="BEVDet: weight of the LiDAR depth supervision (default 3; 0 = the official loss only)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering and loading frames")
+    tr.add_argument("-o", "--output", required=True, help="checkpoint file to write")
+    tr.set_defaults(func=_train)
     return parser
 
 

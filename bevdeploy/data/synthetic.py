@@ -973,17 +973,41 @@ def _can_bus_poses(world: SyntheticWorld, scene: _Scene) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ data specs
+def split_seed(spec: str) -> tuple[str, int | None]:
+    """``"synthetic:N@S"`` -> ``("synthetic:N", S)``; a spec without ``@`` -> ``(spec, None)``.
+
+    The world seed in the spec lets training and evaluation name different worlds (different
+    scenes and tokens) through one data argument.
+
+    Raises:
+        ValueError: A seed on a non-synthetic spec, or a seed that is not a non-negative integer.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"data spec must be a string, got {type(spec).__name__}")
+    base, at, seed = spec.strip().rpartition("@")
+    if not at:
+        return spec, None
+    if not base.lower().startswith("synthetic"):
+        raise ValueError(f"data spec {spec!r}: only 'synthetic[:N]@SEED' takes a world seed")
+    if not seed.isdigit():
+        raise ValueError(f"data spec {spec!r}: the world seed after '@' must be a non-negative integer, got {seed!r}")
+    return base, int(seed)
+
+
 def parse_data_spec(spec: str) -> tuple[str, int | Path]:
     """Parse the CLI's data argument.
 
     ``"synthetic"`` -> ``("synthetic", DEFAULT_NUM_SAMPLES)``; ``"synthetic:N"`` -> ``("synthetic", N)``
-    (N samples); ``"nuscenes:PATH"`` -> ``("nuscenes", Path(PATH))``.
+    (N samples); ``"nuscenes:PATH"`` -> ``("nuscenes", Path(PATH))``. Synthetic specs may end in
+    ``@SEED`` (the world seed, see :func:`split_seed`; read by :func:`resolve_data_spec`).
 
     Raises:
         ValueError: Any other form, N not a positive integer, or an empty PATH.
     """
     if not isinstance(spec, str):
         raise ValueError(f"data spec must be a string, got {type(spec).__name__}")
+    if not spec.strip().lower().startswith("nuscenes"):
+        spec, _ = split_seed(spec)
     kind, sep, arg = spec.strip().partition(":")
     kind = kind.lower()
     if kind == "synthetic":
@@ -1000,7 +1024,7 @@ def parse_data_spec(spec: str) -> tuple[str, int | Path]:
         if not arg.strip():
             raise ValueError(f"data spec {spec!r}: 'nuscenes:PATH' needs the nuScenes dataroot PATH")
         return "nuscenes", Path(arg.strip()).expanduser()
-    raise ValueError(f"data spec {spec!r} not understood: use 'synthetic', 'synthetic:N' or 'nuscenes:PATH'")
+    raise ValueError(f"data spec {spec!r} not understood: use 'synthetic', 'synthetic:N[@SEED]' or 'nuscenes:PATH'")
 
 
 @dataclass(frozen=True)
@@ -1031,13 +1055,16 @@ def resolve_data_spec(
 ) -> DataSource:
     """Turn a data spec into a dataset on disk, generating (or reusing) the synthetic world if asked.
 
-    Real nuScenes: the version is ``v1.0-trainval`` (split ``val``) if that folder exists, else
+    A ``synthetic:N@SEED`` spec's seed overrides ``seed`` (worlds of different seeds share no
+    scene, sample or annotation token). Real nuScenes: the version is ``v1.0-trainval`` (split ``val``) if that folder exists, else
     ``v1.0-mini`` (split ``mini_val``).
 
     Raises:
         ValueError: Bad spec. FileNotFoundError: the nuScenes PATH or its tables are missing.
     """
     kind, arg = parse_data_spec(spec)
+    spec_seed = split_seed(spec)[1] if kind == "synthetic" else None
+    seed = int(seed if spec_seed is None else spec_seed)
     if kind == "nuscenes":
         root = Path(arg).absolute()
         if not root.is_dir():

@@ -6,6 +6,11 @@ config, precision, calibration table, layer precisions, torch / triton versions,
 compute capability, input spec and a content hash of the weights (re-checked on load). For the
 int8 precisions the calibration table is also written next to the engine (``<out>.calib.json``)
 and can be reused with ``calib_table`` (no calibration data needed then).
+
+With ``qat_steps`` the int8 form is fine-tuned first (quantization-aware training,
+:mod:`bevdeploy.quant.qat`), starting from the calibrated scales, with the model family's training
+loss; the engine is then built by the same int8 path from the fine-tuned weights and the learned
+scales (written to ``<out>.qat.calib.json``; metadata ``qat``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from bevdeploy.engine.deploy import (
     layer_precisions,
     precision_spec,
 )
-from bevdeploy.engine.model_io import calibration_forward_loop, example_inputs, family, input_names, output_names
+from bevdeploy.engine.model_io import (
+    calibration_forward_loop,
+    example_inputs,
+    family,
+    input_names,
+    int8_scope_prefixes,
+    output_names,
+)
 
 __all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts"]
 
@@ -111,6 +123,35 @@ def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dic
     return infos, f"{source.dataroot} {source.version} {source.split}[:{len(infos)}]"
 
 
+def _qat_training(model_name: str, model: nn.Module, infos: list[dict], device: torch.device, progress: bool):
+    """The model family's training loss and batches (``bevdeploy.train``) for QAT."""
+    from bevdeploy.train import make_training
+
+    return make_training(model_name, model, infos, device, progress=progress)
+
+
+def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float: Sequence[str], data,
+         dev: torch.device, *, steps: int, lr: float, scale_lr: float, batch: int, seed: int,
+         progress: bool) -> tuple[dict[str, float], dict]:
+    """Fine-tune the folded float ``model`` in its int8 form, in place (plain layers again afterwards);
+    returns the learned scales and the ``qat`` metadata."""
+    from bevdeploy.quant.qat import learned_scales, prepare_qat, qat_finetune, strip_qat
+
+    infos, dataset = _calibration_infos(data, model_name, progress)
+    training = _qat_training(model_name, model, infos, dev, progress)
+    prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model))
+    try:
+        losses = qat_finetune(model, training.loss, training.batches(batch, seed), steps=steps, lr=lr,
+                              scale_lr=scale_lr, progress=progress)
+        learned = learned_scales(model)
+    finally:
+        strip_qat(model)
+        model.eval()
+    meta = {"steps": steps, "lr": lr, "scale_lr": scale_lr, "batch": batch, "seed": seed, "data": dataset,
+            "layers": len(learned), "loss_first": losses[0], "loss_last": losses[-1]}
+    return learned, meta
+
+
 def _jsonable(obj):
     if dataclasses.is_dataclass(obj):
         return _jsonable(dataclasses.asdict(obj))
@@ -137,6 +178,12 @@ def build(
     device: str | None = None,
     progress: bool = True,
     sensitivity: bool = False,
+    qat_steps: int = 0,
+    qat_data=None,
+    qat_lr: float = 1e-5,
+    qat_scale_lr: float = 1e-3,
+    qat_batch: int = 1,
+    qat_seed: int = 0,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -158,9 +205,17 @@ def build(
         sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
             runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
             the worst layers are the ones to pass as ``keep_float``.
+        qat_steps: int8*: quantization-aware fine-tuning steps before conversion (0: plain PTQ).
+        qat_data: QAT training data (data spec or DataSource; default: ``calib``), first N (default
+            500) samples; the loss is the family's training loss (``bevdeploy.train.make_training``).
+        qat_lr: Peak learning rate of the weights during QAT (cosine decay).
+        qat_scale_lr: Learning rate of the scales (relative change per step).
+        qat_batch: QAT batch size.
+        qat_seed: Seed of the QAT batch order.
 
     Returns:
-        Path of the engine file; for int8* also ``<out>.calib.json`` is written.
+        Path of the engine file; for int8* also ``<out>.calib.json`` is written (with ``qat_steps``
+        it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
 
     Raises:
         ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch.
@@ -170,6 +225,14 @@ def build(
     spec = precision_spec(precision)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if isinstance(qat_steps, bool) or not isinstance(qat_steps, int) or qat_steps < 0:
+        raise ValueError(f"qat_steps must be an int >= 0, got {qat_steps!r}")
+    if qat_steps and not spec.int8:
+        raise ValueError(f"qat_steps fine-tunes an int8 form: precision must be int8*, got {precision!r}")
+    if qat_steps and qat_data is None and calib is None:
+        raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
+    if not (isinstance(qat_batch, int) and qat_batch >= 1):
+        raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
     if spec.int8 and calib is None and calib_table is None:
         raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
                          "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
@@ -215,6 +278,18 @@ def build(
         scales = {n: table.scale(n) for n in table.amax}
     else:
         scales = None
+    qat_meta = None
+    if qat_steps:
+        learned, qat_meta = _qat(model, model_name, scales, keep_float, qat_data if qat_data is not None else calib,
+                                 dev, steps=qat_steps, lr=qat_lr, scale_lr=qat_scale_lr, batch=qat_batch,
+                                 seed=qat_seed, progress=progress)
+        scales.update(learned)  # the engine's int8 layers take exactly these
+        qat_meta["init_calibration_table_file"] = table_path.name
+        table = CalibrationTable(amax={n: learned[n] * 127 if n in learned else a for n, a in table.amax.items()},
+                                 method=table.method, num_samples=table.num_samples,
+                                 metadata={**table.metadata, "qat": qat_meta})
+        table_path = Path(f"{out}.qat.calib.json")
+        table.save(table_path)
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float)
     precisions = layer_precisions(model, report, precision)
     model.eval()
@@ -241,6 +316,7 @@ def build(
         "keep_float": list(keep_float),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
+        "qat": qat_meta,
         "batch": batch,
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                    for k, v in example.items()},

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bevdeploy.data import synthetic as syn
-from bevdeploy.data.nuscenes import CLASS_NAMES, gt_box_corners, lidar2img, load_images, load_infos
+from bevdeploy.data.nuscenes import CAMERA_NAMES, CLASS_NAMES, gt_box_corners, lidar2img, load_images, load_infos
 
 SIZE = (90, 160)
 LENGTHS = [3, 3]
@@ -82,6 +82,48 @@ def test_resolve_data_spec_generates_exact_count(tmp_path):
     assert len(infos) == 5 and [i["frame_idx"] for i in infos] == [0, 1, 2, 0, 1]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         syn.resolve_data_spec(f"nuscenes:{tmp_path / 'missing'}")
+
+
+def test_data_spec_world_seed():
+    assert syn.parse_data_spec("synthetic:8@3") == ("synthetic", 8)
+    assert syn.split_seed("synthetic:8@3") == ("synthetic:8", 3)
+    assert syn.split_seed("synthetic:8") == ("synthetic:8", None)
+    for bad in ("synthetic:8@", "synthetic:8@x", "synthetic:8@-1", "nuscenes@2"):
+        with pytest.raises(ValueError, match="data spec"):
+            syn.parse_data_spec(bad)
+
+
+def test_train_and_eval_worlds_share_no_token(tmp_path):
+    kw = dict(cache_dir=tmp_path, image_size=SIZE, samples_per_scene=2, progress=False)
+    train = syn.resolve_data_spec("synthetic:4@1", **kw)
+    held_out = syn.resolve_data_spec("synthetic:4@2", **kw)
+    assert train.dataroot != held_out.dataroot
+    a = load_infos(train.dataroot, train.version, train.split, progress=False)
+    b = load_infos(held_out.dataroot, held_out.version, held_out.split, progress=False)
+    assert len(a) == len(b) == 4
+    assert not {i["scene_token"] for i in a} & {i["scene_token"] for i in b}
+    assert not {i["token"] for i in a} & {i["token"] for i in b}
+    # different worlds, not renamed copies: the objects differ
+    assert not np.allclose(a[0]["gt_boxes"][:3], b[0]["gt_boxes"][:3]) or len(a[0]["gt_boxes"]) != len(b[0]["gt_boxes"])
+
+
+def test_small_render_scales_intrinsics(infos):
+    # rendered at 90x160: intrinsics are nuScenes' 1600x900 ones scaled by 0.1, and BEVDet's
+    # test crop resizes from the rendered width (the network geometry is that of the full-size rig)
+    from bevdeploy.data.preprocess_bevdet import BEVDetPreprocess, prepare_bevdet_inputs
+
+    full = syn.nuscenes_rig((900, 1600)).intrinsics
+    K = np.stack([infos[0]["cams"][c]["cam_intrinsic"] for c in CAMERA_NAMES])
+    np.testing.assert_allclose(K[:, :2], full[:, :2] * 0.1, rtol=1e-6)
+    x = prepare_bevdet_inputs(infos[0], BEVDetPreprocess(input_size=(48, 144)))
+    assert tuple(x["image"].shape) == (6, 3, 48, 144)
+    np.testing.assert_allclose(x["post_rots"][0, 0, 0].item(), 144 / 160, rtol=1e-6)
+    # so a point lands on the same network pixel as with the full-size rig and full-size images
+    full_x = prepare_bevdet_inputs(infos[0], BEVDetPreprocess(input_size=(48, 144), src_size=(900, 1600)), load=False)
+    p = np.array([1.0, 0.5, 10.0])
+    small = x["post_rots"][1].double().numpy() @ K[1] @ p / 10
+    big = full_x["post_rots"][1].double().numpy() @ full[1] @ p / 10
+    np.testing.assert_allclose(small[:2], big[:2], rtol=1e-5)
 
 
 def test_devkit_loads_tables_and_gt(world_dir):

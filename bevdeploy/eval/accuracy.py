@@ -1,0 +1,308 @@
+"""Accuracy of every precision on trained weights: train on one synthetic world, score on another.
+
+``python -m bevdeploy.eval.accuracy --model M --stage all`` (``scripts/gpu_accuracy.sh M`` on the GPU):
+
+1. ``--stage train``: render the training world (``--train-data``, default ``synthetic:600@1``) and
+   the held-out world (``--eval-data``, default ``synthetic:120@2``: other seed, so other scenes and
+   tokens) in parallel processes, train the model from scratch with a fixed seed
+   (:func:`bevdeploy.train.train_model`) within ``--train-seconds`` (the cosine schedule is fitted
+   to the steps that fit, measured after 25 steps) and write ``<work-dir>/<model>.pth``;
+2. ``--stage eval``: with that checkpoint, PyTorch FP32 and every engine precision (``fp32 fp16
+   fp16x2 int8 int8-fp16``, int8 calibrated on training frames; plus ``int8-fp16 (QAT)`` with
+   ``--qat-steps``) run over the held-out world in temporal order and are scored with the devkit's
+   metrics (NDS, mAP, the five TP errors), against PyTorch FP32 (dNDS, dmAP), against PyTorch's own
+   boxes (fidelity NDS, :func:`bevdeploy.eval.nuscenes.fidelity_metrics`) and by the raw outputs'
+   SQNR on a held-out frame; results in ``<out>/<gpu>/accuracy-<model>.{json,md}``.
+
+The stages share ``--work-dir`` (worlds, checkpoint, engines), so they can run as two device calls
+on one warm machine; ``--stage all`` runs both. Same flags, same seed: same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+#: The engine precisions scored by default (the table of the issue).
+DEFAULT_PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16")
+QAT_PRECISION = "int8-fp16"
+_METRICS = ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+
+
+def _worlds(args, progress: bool):
+    """Render (or reuse) the training and held-out worlds, in parallel processes."""
+    from bevdeploy.data.synthetic import resolve_data_spec
+
+    kw = dict(cache_dir=Path(args.work_dir) / "worlds", image_size=tuple(args.render_size), workers=args.workers,
+              progress=progress)
+    t0 = time.perf_counter()
+    train_src = resolve_data_spec(args.train_data, **kw)
+    eval_src = resolve_data_spec(args.eval_data, **kw)
+    return train_src, eval_src, time.perf_counter() - t0
+
+
+def _infos(source):
+    from bevdeploy.data.nuscenes import load_infos
+
+    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
+    return infos[: source.num_samples] if source.num_samples is not None else infos
+
+
+def checkpoint_path(args) -> Path:
+    return Path(args.work_dir) / f"{args.model}.pth"
+
+
+def stage_train(args) -> Path:
+    """Render both worlds and train; returns the checkpoint (its meta holds the training budget)."""
+    from bevdeploy.train import train_model
+
+    _, _, t_render = _worlds(args, progress=True)
+    print(f"[accuracy] worlds ready in {t_render:.0f} s", file=sys.stderr)
+    options = {"depth_weight": args.depth_weight} if args.depth_weight is not None else None
+    return train_model(args.model, args.train_data, steps=args.steps, batch=args.batch, out=checkpoint_path(args),
+                       lr=args.lr, warmup=args.warmup, seed=args.seed, workers=args.workers, render_size=tuple(args.render_size),
+                       model_overrides=args.model_overrides, training_options=options,
+                       cache_dir=Path(args.work_dir) / "worlds",
+                       extra_meta={"render_seconds_both_worlds": round(t_render, 1), "command": args.command},
+                       time_limit=args.train_seconds if args.train_seconds > 0 else None)
+
+
+class _Capture:
+    """Keeps the keyword inputs of one call of the wrapped forward (the held-out frame for SQNR)."""
+
+    def __init__(self, index: int):
+        self.index, self.calls, self.inputs = index, 0, None
+
+    def hook(self, module, args, kwargs):
+        if self.calls == self.index:
+            self.inputs = {k: v.detach().clone() for k, v in kwargs.items()}
+        self.calls += 1
+
+
+def _row(precision: str, metrics: dict, ref: dict | None) -> dict:
+    row = {"precision": precision, "nds": round(float(metrics["NDS"]), 4), "map": round(float(metrics["mAP"]), 4)}
+    row.update({k: round(float(metrics[k]), 4) for k in _METRICS[2:]})
+    if ref is not None:
+        row["dnds"] = round(row["nds"] - ref["nds"], 4)
+        row["dmap"] = round(row["map"] - ref["map"], 4)
+    return row
+
+
+def stage_eval(args) -> Path:
+    """Build every precision from the checkpoint, score all on the held-out world, write the table."""
+    import inspect
+
+    from bevdeploy.data.synthetic import DataSource
+    from bevdeploy.engine import Engine, build
+    from bevdeploy.eval.bench_models import fidelity_threshold, results_records
+    from bevdeploy.eval.detection import run_model, score_run
+    from bevdeploy.eval.nuscenes import fidelity_metrics
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.checkpoint import load_checkpoint
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    ckpt = checkpoint_path(args)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint {ckpt}: run --stage train first (same --work-dir)")
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
+    meta["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    overrides = meta.get("model_overrides") or args.model_overrides or None
+    train_src, eval_src, _ = _worlds(args, progress=False)
+    infos = _infos(eval_src)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def score(run):
+        return score_run(run, infos, eval_src.dataroot, eval_src.version, eval_src.split)
+
+    torch.manual_seed(0)
+    model = MODELS[args.model](**(overrides or {}))
+    load_checkpoint(model, ckpt)
+    model = model.to(dev).eval()
+    capture = _Capture(min(1, len(infos) - 1))  # frame 1: BEVFormer then runs with a previous BEV
+    handle = model.register_forward_pre_hook(capture.hook, with_kwargs=True)
+    t0 = time.perf_counter()
+    ref_run = run_model(model, infos, args.model, dev, progress=False)
+    handle.remove()
+    with torch.no_grad():
+        ref_out = {k: v.detach().float().clone() for k, v in model(**capture.inputs).items()}
+    ref_metrics = score(ref_run)
+    ref_records = results_records(ref_run, infos)
+    threshold = fidelity_threshold(ref_records)
+    pytorch = _row("pytorch", ref_metrics, None)
+    pytorch.update(fidelity_nds=None, output_sqnr_db=None, seconds=round(time.perf_counter() - t0, 1))
+    rows = [pytorch]
+    print(f"[accuracy] PyTorch FP32: NDS {pytorch['nds']}, mAP {pytorch['map']}", file=sys.stderr)
+    del model
+    gc.collect()
+
+    calib = DataSource(train_src.dataroot, train_src.version, train_src.split, args.calib_frames)
+    build_kw = dict(checkpoint=str(ckpt), model_overrides=overrides, device=dev.type, progress=False)
+    jobs = [(p, p, {}) for p in args.precisions]
+    if args.qat_steps:
+        if "qat_steps" in inspect.signature(build).parameters:
+            qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
+            jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION,
+                         {"qat_steps": args.qat_steps, "qat_data": qat_data, "qat_batch": args.qat_batch}))
+        else:
+            print("[accuracy] this build has no QAT (build() takes no qat_steps): QAT row skipped", file=sys.stderr)
+    kept = _earlier_rows(args, meta["checkpoint_sha256"], {label for label, _, _ in jobs}) if args.keep_rows else []
+    work = Path(args.work_dir) / "engines"
+    for label, precision, extra in jobs:
+        t0 = time.perf_counter()
+        path = work / f"{args.model}-{label.replace(' ', '').replace('(', '-').replace(')', '')}.engine"
+        build(args.model, precision, out=path, calib=calib if precision.startswith("int8") else None,
+              **build_kw, **extra)
+        engine = Engine.load(path, device=dev)
+        run = run_model(engine, infos, args.model, dev, progress=False)
+        with torch.no_grad():
+            out = engine(**capture.inputs)
+        sqnr = {k: round(sqnr_db(ref_out[k], out[k].float()), 1) for k in engine.output_names if k in ref_out}
+        m = score(run)
+        fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
+        row = _row(label, m, pytorch)
+        row.update(fidelity_nds=round(float(fid["NDS"]), 4), output_sqnr_db=min(sqnr.values()) if sqnr else None,
+                   output_sqnr_db_each=sqnr, seconds=round(time.perf_counter() - t0, 1))
+        if precision.startswith("int8"):
+            row["int8_layers"] = sum(1 for _, p in engine.layer_precisions if p == "int8")
+        rows.append(row)
+        print(f"[accuracy] {label}: NDS {row['nds']} (d {row['dnds']:+.4f}), mAP {row['map']} (d {row['dmap']:+.4f}), "
+              f"fidelity NDS {row['fidelity_nds']}, SQNR {row['output_sqnr_db']} dB", file=sys.stderr)
+        del engine, out
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        write_accuracy(args, rows + kept, meta, threshold)  # after every row: a cut run keeps its rows
+    return write_accuracy(args, rows + kept, meta, threshold)
+
+
+def _earlier_rows(args, sha: str, measured: set[str]) -> list[dict]:
+    """Rows of an earlier eval of the SAME checkpoint for precisions this run does not measure
+    (an eval split over several device calls); none if the file is from other weights."""
+    path = _results_dir(args) / f"accuracy-{args.model}.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("checkpoint_sha256") != sha:
+        return []
+    return [r for r in doc.get("rows", []) if r["precision"] != "pytorch" and r["precision"] not in measured]
+
+
+def _results_dir(args) -> Path:
+    if torch.cuda.is_available():
+        from bevdeploy.eval.timing import gpu_dirname
+
+        return Path(args.out) / gpu_dirname()
+    return Path(args.out) / "cpu"
+
+
+def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path:
+    """``<out>/<gpu>/accuracy-<model>.{json,md}``: the rows, the training budget and the command."""
+    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "warmup", "batch", "lr", "seed", "render_size",
+                                         "final_loss", "seconds", "render_seconds_both_worlds", "throughput",
+                                         "training_options", "model_overrides", "command")}
+    training["frames_seen"] = (meta.get("steps") or 0) * (meta.get("batch") or 0)
+    seconds = dict(meta.get("seconds") or {})
+    seconds["render"] = max(seconds.get("render", 0.0), meta.get("render_seconds_both_worlds") or 0.0)
+    training["minutes"] = round(sum(seconds.values()) / 60, 2) if meta.get("seconds") else None
+    doc = {
+        "model": args.model,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": args.command,
+        "train_data": args.train_data,
+        "eval_data": args.eval_data,
+        "calib_frames": args.calib_frames,
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),
+        "fidelity_threshold": round(threshold, 4),
+        "training": training,
+        "rows": rows,
+    }
+    folder = _results_dir(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"accuracy-{args.model}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    keys = ["precision", "nds", "map", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "dnds", "dmap", "fidelity_nds",
+            "output_sqnr_db", "int8_layers"]
+    t = training
+    md = [f"# Accuracy of {args.model} on {doc['gpu']} (trained on the synthetic world, scored on held-out scenes)", "",
+          f"torch {doc['torch']}, written {doc['date']}", "",
+          f"Command: `{args.command}`" + (f" (training: `{t['command']}`)" if t.get("command") not in (None, args.command)
+                                          else ""), "",
+          f"Training: {t['steps']} steps (planned {t['steps_planned']}; `--steps {t['steps']} --warmup {t['warmup']} "
+          f"--train-seconds 0` replays the schedule) "
+          f"x batch {t['batch']} ({t['frames_seen']} frames seen) on {t['frames_in_world']} "
+          f"frames of `{t['data']}` rendered at {t['render_size']}, lr {t['lr']}, seed {t['seed']}, "
+          f"{t['minutes']} min (render + load + train), final loss {t['final_loss'] and round(t['final_loss'], 4)}, "
+          f"throughput {t['throughput']}.", "",
+          f"Held-out world: `{args.eval_data}` (other seed: no shared scene token). int8 calibrated on "
+          f"{args.calib_frames} training frames (entropy). dnds/dmap: vs PyTorch FP32; fidelity_nds: engine boxes "
+          f"scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
+          "head output vs PyTorch on held-out frame 1.", "",
+          "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m bevdeploy.eval.accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--stage", choices=["train", "eval", "all"], default="all")
+    p.add_argument("--work-dir", default=env("BEVACC_WORK", "/tmp/bevacc"), help="worlds, checkpoint, engines")
+    p.add_argument("--train-data", default=env("BEVACC_TRAIN_DATA", "synthetic:600@1"))
+    p.add_argument("--eval-data", default=env("BEVACC_EVAL_DATA", "synthetic:120@2"))
+    p.add_argument("--render-size", type=int, nargs=2, default=[450, 800], metavar=("H", "W"))
+    p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "4000")),
+                   help="planned steps (fewer if --train-seconds cannot hold them; the table says how many ran)")
+    p.add_argument("--batch", type=int, default=int(env("BEVACC_BATCH", "8")))
+    p.add_argument("--train-seconds", type=float, default=float(env("BEVACC_TRAIN_SECONDS", "300")),
+                   help="training time budget: the schedule is shortened to the steps that fit (10-min device calls); "
+                        "0: none (exactly --steps, e.g. to reproduce a table's run)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(500, steps // 10))")
+    p.add_argument("--lr", type=float, default=float(env("BEVACC_LR", "2e-4")))
+    p.add_argument("--depth-weight", type=float, default=None, help="BEVDet depth supervision weight (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precisions", nargs="*", default=list(DEFAULT_PRECISIONS))
+    p.add_argument("--calib-frames", type=int, default=int(env("BEVACC_CALIB", "64")))
+    p.add_argument("--qat-steps", type=int, default=int(env("BEVACC_QAT_STEPS", "0")),
+                   help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
+    p.add_argument("--qat-frames", type=int, default=int(env("BEVACC_QAT_FRAMES", "200")))
+    p.add_argument("--qat-batch", type=int, default=int(env("BEVACC_QAT_BATCH", "4")))
+    p.add_argument("--keep-rows", action="store_true",
+                   help="keep rows of an earlier eval of the same checkpoint for precisions not measured now")
+    p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON config overrides (reduced models)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="bench/results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command = "python -m bevdeploy.eval.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.stage in ("train", "all"):
+            print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
+        if args.stage in ("eval", "all"):
+            path = stage_eval(args)
+            print(path.with_suffix(".md").read_text())
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+        print(f"accuracy: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Quantization-aware training (QAT): fine-tune the int8 form with fake quantization, then build the same
+int8 engine from the learned scales.
+
+Post-training quantization fixes each layer's input scale from a calibration pass and rounds the
+weights once; QAT lets training see that rounding and adapt. The flow, the third step between
+calibration (:mod:`bevdeploy.quant.calibrate`) and conversion (:mod:`bevdeploy.quant.modules`)::
+
+    table = calibrate(model, forward_loop, "entropy")                 # PTQ scales
+    prepare_qat(model, {n: table.scale(n) for n in table.amax}, scope=..., keep_float=...)
+    qat_finetune(model, training.loss, training.batches(2, seed=0), steps=200)
+    scales = learned_scales(model)                                     # {layer: scale}
+    strip_qat(model)                                                   # plain float layers again
+    quantize_modules(model, scales)                                    # the unchanged int8 path
+
+Every layer the int8 path would convert becomes a fake-quant layer computing the int8 kernels' math
+on float tensors (so a prepared model at step 0 gives the PTQ engine's results to fp32 rounding)::
+
+    codes_x = clamp(round_half_even(x / s), -127, 127)                # per tensor, s learnable
+    codes_w = clamp(round_half_even(w / s_w), -127, 127)              # s_w = max|w[o]| / 127, per channel
+    y       = (s * s_w[o]) * sum(codes_x * codes_w) + bias[o]
+
+``round`` passes gradients straight through (STE); the clamp blocks the input's gradient outside
+[-127, 127]; the scale gets LSQ's gradient (Esser et al., "Learned Step Size Quantization", ICLR 2020):
+``round(v) - v`` inside the range, ``+-127`` outside. ``s_w`` is recomputed from the current weights at
+every step and treated as a constant (it is what conversion will compute from the final weights).
+The learnable parameter is ``scale_log_ratio`` with ``s = calib_scale * exp(scale_log_ratio)``
+(initially 0, so ``s`` starts bit-exactly at the calibrated scale): scales stay positive and one
+learning rate moves every layer by the same relative amount, whatever its range. LSQ's gradient
+normaliser ``1 / sqrt(numel * 127)`` is left out: AdamW divides each parameter's gradient by its
+own running magnitude, which cancels any constant factor.
+
+BatchNorm must be folded first (``bevdeploy.engine.deploy.fold_batchnorms``), as the int8 build
+does: the engine quantizes the folded weights, so QAT must round those same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bevdeploy.quant.calibrate import CalibrationPoint
+from bevdeploy.quant.modules import _conv_unsupported
+
+__all__ = [
+    "QATConv2d",
+    "QATLinear",
+    "QATPoint",
+    "fake_quantize",
+    "learned_scales",
+    "prepare_qat",
+    "qat_finetune",
+    "strip_qat",
+]
+
+INT8_MAX = 127
+
+
+def _codes(x: Tensor, scale: Tensor) -> Tensor:
+    """``clamp(round_half_even(x / scale), -127, 127)`` as float codes with straight-through rounding.
+
+    ``round(c).detach() + (c - c.detach())`` equals ``round(c)`` exactly (the bracket is an exact 0)
+    while its gradient is the clamp's (1 inside the range, 0 outside).
+    """
+    c = torch.clamp(x / scale, -INT8_MAX, INT8_MAX)
+    return torch.round(c).detach() + (c - c.detach())
+
+
+def fake_quantize(x: Tensor, scale: Tensor | float) -> Tensor:
+    """Symmetric per-tensor int8 fake quantization with STE / LSQ gradients.
+
+    Args:
+        x (Tensor[...]): float input (computed in fp32).
+        scale (Tensor[] or float): the quantization step (``amax / 127``), positive.
+
+    Returns:
+        Tensor[...] fp32: ``clamp(round_half_even(x / scale), -127, 127) * scale``, the value the int8
+        kernels dequantize. Gradients: ``x`` gets the upstream gradient inside ``[-127, 127] * scale`` and
+        0 outside; ``scale`` gets ``round(v) - v`` (inside) or ``+-127`` (outside) per element, ``v = x / scale``.
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return _codes(x.float(), scale) * scale
+
+
+def _weight_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel codes of ``weight`` (STE) and their scales (``max|w| / 127``, 1 for an all-zero
+    channel, no gradient): the same numbers as ``quantize_weight_per_channel`` computes at conversion."""
+    w = weight.float()
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return _codes(w, scale.view(-1, *([1] * (w.dim() - 1)))), scale
+
+
+def _check_scale(name: str, scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
+        raise ValueError(f"scales[{name!r}] must be a positive finite float, got {scale!r}")
+    return float(scale)
+
+
+class _LearnedScale:
+    """The learnable input scale shared by the fake-quant modules: buffer ``calib_scale`` (fp32, the
+    calibrated start) and parameter ``scale_log_ratio`` (0 at the start)."""
+
+    def _init_scale(self, scale: float, device) -> None:
+        self.register_buffer("calib_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+        self.scale_log_ratio = nn.Parameter(torch.zeros((), dtype=torch.float32, device=device))
+
+    @property
+    def input_scale(self) -> Tensor:
+        """The current per-tensor input scale (a 0-dim fp32 tensor carrying gradient)."""
+        return self.calib_scale * torch.exp(self.scale_log_ratio)
+
+
+def _no_autocast(device: torch.device):
+    # the codes must be computed in fp32: bf16 / fp16 would round x / s before round() does
+    return torch.autocast(device.type, enabled=False)
+
+
+class QATConv2d(_LearnedScale, nn.Conv2d):
+    """``nn.Conv2d`` with int8 fake quantization of its input (learnable scale) and weight (per channel).
+
+    Same parameters (``weight``, ``bias``) and state-dict keys as the conv it replaces, plus
+    ``calib_scale`` and ``scale_log_ratio``. Build with :meth:`from_float`; see :func:`prepare_qat`.
+    Returns fp32 NCHW whatever the autocast state.
+    """
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, input_scale: float) -> QATConv2d:
+        """A fake-quant conv sharing ``conv``'s parameters (no copy), input scale ``input_scale``."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"QATConv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
+        if (why := _conv_unsupported(conv)) is not None:
+            raise NotImplementedError(f"QATConv2d: the int8 conv cannot run this layer: {why}")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, bias=False, padding_mode=conv.padding_mode, device="meta")
+        q.weight, q.bias = conv.weight, conv.bias
+        q._init_scale(_check_scale("input_scale", input_scale), conv.weight.device)
+        q.train(conv.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _no_autocast(x.device):
+            s = self.input_scale
+            w_codes, w_scale = _weight_codes(self.weight)
+            y = self._conv_forward(_codes(x.float(), s), w_codes, None) * (s * w_scale)[None, :, None, None]
+            if self.bias is not None:
+                y = y + self.bias.float()[None, :, None, None]
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+
+
+class QATLinear(_LearnedScale, nn.Linear):
+    """``nn.Linear`` with int8 fake quantization of its input (learnable scale) and weight (per channel).
+
+    Same parameters and state-dict keys as the linear it replaces, plus ``calib_scale`` and
+    ``scale_log_ratio``. Build with :meth:`from_float`; see :func:`prepare_qat`. Returns fp32.
+    """
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: float) -> QATLinear:
+        """A fake-quant linear sharing ``linear``'s parameters (no copy), input scale ``input_scale``."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"QATLinear.from_float takes an nn.Linear, got {type(linear).__name__}")
+        q = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q._init_scale(_check_scale("input_scale", input_scale), linear.weight.device)
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _no_autocast(x.device):
+            s = self.input_scale
+            w_codes, w_scale = _weight_codes(self.weight)
+            y = F.linear(_codes(x.float(), s), w_codes) * (s * w_scale)
+            if self.bias is not None:
+                y = y + self.bias.float()
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+
+
+class QATPoint(_LearnedScale, nn.Module):
+    """A :class:`~bevdeploy.quant.calibrate.CalibrationPoint` during QAT: fake-quantizes the tensor an int8 op
+    reads (BEVDet's context features before the int8 ``bev_pool_v2``) with a learnable scale."""
+
+    def __init__(self, input_scale: float, device=None) -> None:
+        super().__init__()
+        self._init_scale(_check_scale("input_scale", input_scale), device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _no_autocast(x.device):
+            s = self.input_scale
+            return (_codes(x.float(), s) * s).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+
+
+_QAT_TYPES = (QATConv2d, QATLinear, QATPoint)
+
+
+def prepare_qat(
+    model: nn.Module,
+    scales: dict[str, float],
+    *,
+    keep_float: Iterable[str] = (),
+    scope: Sequence[str] | None = None,
+) -> nn.Module:
+    """Swap every layer the int8 path would convert for its fake-quant form, in place.
+
+    The selection is the int8 build's: a plain ``nn.Conv2d`` / ``nn.Linear`` (exact type) or
+    :class:`CalibrationPoint` whose name has a positive scale in ``scales``, lies under one of the
+    ``scope`` prefixes and is not in ``keep_float``; convs the int8 conv cannot run (groups != 1,
+    non-zero padding mode, asymmetric 'same' padding) stay float. Parameters are shared, not copied.
+
+    Args:
+        model (nn.Module): float model, BatchNorm folded; modified in place.
+        scales (dict[str, float]): layer name -> calibrated input scale (``CalibrationTable.scale``);
+            layers with scale 0 (input all zeros in calibration) stay float, as in the engine.
+        keep_float (Iterable[str]): layer names to leave float.
+        scope (Sequence[str], optional): module-name prefixes that may be quantized; None: every layer.
+            For BEVFormer / BEVDet pass the family's ``bevdeploy.engine.model_io.int8_scope_prefixes(model)``.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        ValueError: a BatchNorm is left, a bad scale, an unknown ``keep_float`` name, the model is already
+            prepared, or no layer was selected.
+        TypeError: ``scope`` is a single string.
+    """
+    if isinstance(scope, str):
+        raise TypeError(f"scope must be a sequence of prefixes, got the string {scope!r} (wrap it in a tuple)")
+    if not isinstance(scales, dict):
+        raise TypeError(f"scales must be a dict {{layer name: scale}}, got {type(scales).__name__}")
+    modules = dict(model.named_modules())
+    keep = set(keep_float)
+    if unknown := keep - set(modules):
+        raise ValueError(f"keep_float names no module of the model: {sorted(unknown)}")
+    if bns := [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+        raise ValueError(f"fold BatchNorm first (bevdeploy.engine.deploy.fold_batchnorms), as the int8 build does: "
+                         f"the engine quantizes folded weights; found {bns[:3]}{' ...' if len(bns) > 3 else ''}")
+    if any(isinstance(m, _QAT_TYPES) for m in modules.values()):
+        raise ValueError("model already has fake-quant layers (prepare_qat ran before): strip_qat it first")
+    scales = {n: _check_scale(n, s) if s != 0 else 0.0 for n, s in scales.items()}
+    prefixes = None if scope is None else tuple(scope)
+    swapped = 0
+    for name, mod in modules.items():
+        if type(mod) not in (nn.Conv2d, nn.Linear, CalibrationPoint) or scales.get(name, 0.0) <= 0.0:
+            continue
+        if name in keep or (prefixes is not None and not name.startswith(prefixes)):
+            continue
+        if type(mod) is nn.Conv2d and _conv_unsupported(mod) is not None:
+            continue
+        if name == "":
+            raise ValueError("model is itself the layer to quantize: wrap it in a module (e.g. nn.Sequential)")
+        if type(mod) is nn.Conv2d:
+            qat = QATConv2d.from_float(mod, scales[name])
+        elif type(mod) is nn.Linear:
+            qat = QATLinear.from_float(mod, scales[name])
+        else:
+            device = next(model.parameters(), torch.empty(0)).device
+            qat = QATPoint(scales[name], device=device).train(mod.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, qat)
+        swapped += 1
+    if swapped == 0:
+        raise ValueError(f"no layer selected for QAT: the {len(scales)} scales name no plain Conv2d / Linear / "
+                         f"CalibrationPoint under scope {prefixes} outside keep_float")
+    return model
+
+
+def _fake_quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QAT_TYPES)]
+
+
+def learned_scales(model: nn.Module) -> dict[str, float]:
+    """The current input scale of every fake-quant layer, ``{layer name: scale}`` in module order.
+
+    The format ``prepare_qat`` and ``quantize_modules`` take (``CalibrationTable.scale`` values:
+    ``amax / 127``); a table's ``amax`` is ``127 * scale``.
+    """
+    found = _fake_quant_modules(model)
+    if not found:
+        raise ValueError("model has no fake-quant layer: call prepare_qat first")
+    return {n: float(m.input_scale.detach()) for n, m in found}
+
+
+def strip_qat(model: nn.Module) -> nn.Module:
+    """Swap every fake-quant layer back for the plain layer it replaced, keeping the fine-tuned
+    weights (the same parameter tensors), in place; returns ``model``.
+
+    Read :func:`learned_scales` first: the scales go with the fake-quant layers.
+    """
+    for name, mod in _fake_quant_modules(model):
+        if isinstance(mod, QATConv2d):
+            plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                              mod.dilation, mod.groups, bias=False, padding_mode=mod.padding_mode, device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
+        elif isinstance(mod, QATLinear):
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
+        else:
+            plain = CalibrationPoint()
+        plain.train(mod.training)
+        if name == "":
+            raise ValueError("model is itself a fake-quant layer: nothing to swap it into")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model
+
+
+def qat_finetune(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], dict[str, Tensor]],
+    batches: Iterable[Any],
+    *,
+    steps: int,
+    lr: float = 1e-5,
+    scale_lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    max_grad_norm: float | None = 35.0,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune a :func:`prepare_qat`-ed model: AdamW over all its parameters and the learnable scales.
+
+    The weights' learning rate is small (the model is trained; QAT only adapts it to the rounding)
+    and decays along a cosine to 0; scales move in relative terms (``scale_lr`` per step changes a
+    scale by about that fraction, see the module docstring). Gradients of the weights are clipped to
+    ``max_grad_norm`` (35, the official BEVFormer / BEVDet setting). BatchNorm must be folded
+    (:func:`prepare_qat` checks), so no running statistics move. The model runs in training mode and
+    is put back in its previous mode afterwards.
+
+    Args:
+        model (nn.Module): prepared with :func:`prepare_qat`.
+        loss_fn: ``loss_fn(model, batch) -> {term: scalar Tensor}``; the total is the sum (e.g.
+            ``bevdeploy.train.make_training(...).loss``).
+        batches (Iterable): yields at least ``steps`` batches (e.g. ``training.batches(batch_size, seed)``).
+        steps (int): optimizer steps (0: nothing is done).
+        lr (float): peak learning rate of the weights.
+        scale_lr (float): learning rate of the scales' log-ratios.
+        weight_decay (float): AdamW decay of the weights (none on the scales).
+        max_grad_norm (float, optional): gradient-norm clip of the weights (None: no clipping).
+        progress (bool): a tqdm bar showing the loss.
+
+    Returns:
+        list[float]: the total loss of every step (before its update).
+
+    Raises:
+        ValueError: bad arguments, a model without fake-quant layers, or fewer batches than ``steps``.
+        RuntimeError: a non-finite loss (the message names the step and the terms).
+    """
+    from tqdm import tqdm
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and 0.0 <= float(value) < math.inf):
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+    fq = _fake_quant_modules(model)
+    if not fq:
+        raise ValueError("model has no fake-quant layer: call prepare_qat first")
+    scale_params = [m.scale_log_ratio for _, m in fq]
+    scale_ids = {id(p) for p in scale_params}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in scale_ids]
+    for p in scale_params:
+        p.requires_grad_(True)
+    if steps == 0:
+        return []
+    opt = torch.optim.AdamW([{"params": weights, "lr": lr, "weight_decay": weight_decay},
+                             {"params": scale_params, "lr": scale_lr, "weight_decay": 0.0}])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)), lambda i: 1.0])
+    was_training = model.training
+    model.train()
+    it = iter(batches)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="qat", disable=not progress, file=sys.stderr)
+    try:
+        for step in bar:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise ValueError(f"batches ran out after {step} of {steps} QAT steps") from None
+            terms = loss_fn(model, batch)
+            if not isinstance(terms, dict) or not terms:
+                raise ValueError(f"loss_fn must return a non-empty dict of loss terms, got {terms!r}")
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                shown = {k: float(v.detach()) for k, v in terms.items()}
+                raise RuntimeError(f"QAT step {step}: non-finite loss {float(loss.detach())} (terms {shown})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None and weights:
+                torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        model.train(was_training)
+        bar.close()
+    return losses

@@ -1,0 +1,47 @@
+"""The accuracy flow (render -> train -> build -> score -> table) on a reduced BEVDet, on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bevdeploy.eval.accuracy import main
+
+from ..train.test_bevdet_train import SMALL
+
+
+@pytest.mark.slow
+def test_accuracy_stages_on_a_reduced_model(tmp_path, ops_on_references, capsys):
+    common = ["--model", "bevdet-r50-cbgs", "--work-dir", str(tmp_path / "work"), "--train-data", "synthetic:2@1",
+              "--eval-data", "synthetic:2@2", "--render-size", "90", "160", "--workers", "1",
+              "--out", str(tmp_path / "results")]
+    assert main(["--stage", "eval", *common]) == 2  # no checkpoint yet: a clear error
+    assert "--stage train" in capsys.readouterr().err
+    assert main(["--stage", "train", "--steps", "1", "--batch", "1", "--model-overrides", json.dumps(SMALL),
+                 "--depth-weight", "0", *common]) == 0
+    assert main(["--stage", "eval", "--precisions", "fp32", "--calib-frames", "2", *common]) == 0
+    doc = json.loads((tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.json").read_text())
+    assert [r["precision"] for r in doc["rows"]] == ["pytorch", "fp32"]
+    fp32 = doc["rows"][1]
+    assert {"nds", "map", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "dnds", "dmap", "fidelity_nds",
+            "output_sqnr_db"} <= set(fp32)
+    # the fp32 engine runs the same math as PyTorch: same boxes
+    assert abs(fp32["dnds"]) < 1e-3 and fp32["output_sqnr_db"] > 60
+    assert doc["training"]["steps"] == 1 and doc["training"]["frames_in_world"] == 2
+    assert "accuracy-bevdet-r50-cbgs" in str(list((tmp_path / "results" / "cpu").iterdir()))
+    assert (tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.md").read_text().count("| fp32 |") == 1
+
+
+def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
+    import argparse
+
+    from bevdeploy.eval.accuracy import _earlier_rows
+
+    args = argparse.Namespace(out=str(tmp_path), model="m")
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    rows = [{"precision": "pytorch"}, {"precision": "fp16"}, {"precision": "int8"}]
+    (folder / "accuracy-m.json").write_text(json.dumps({"checkpoint_sha256": "abc", "rows": rows}))
+    assert _earlier_rows(args, "abc", {"int8"}) == [{"precision": "fp16"}]
+    assert _earlier_rows(args, "other", {"int8"}) == []
