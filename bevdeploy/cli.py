@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
     tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base)")
-    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered 450x800, cached) or nuscenes:PATH")
+    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered at 900x1600 for BEVFormer, 450x800 for BEVDet; cached) or nuscenes:PATH")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch", type=int, default=8)
     tr.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (official 2e-4)")

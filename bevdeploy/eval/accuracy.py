@@ -88,6 +88,10 @@ class _Capture:
         self.calls += 1
 
 
+def _rounded(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
 def _row(precision: str, metrics: dict, ref: dict | None) -> dict:
     row = {"precision": precision, "nds": round(float(metrics["NDS"]), 4), "map": round(float(metrics["mAP"]), 4)}
     row.update({k: round(float(metrics[k]), 4) for k in _METRICS[2:]})
@@ -138,7 +142,8 @@ def stage_eval(args) -> Path:
     ref_records = results_records(ref_run, infos)
     threshold = fidelity_threshold(ref_records)
     pytorch = _row("pytorch", ref_metrics, None)
-    pytorch.update(fidelity_nds=None, output_sqnr_db=None, seconds=round(time.perf_counter() - t0, 1))
+    pytorch.update(fidelity_nds=None, output_sqnr_db=None, seconds=round(time.perf_counter() - t0, 1),
+                   fps=_rounded(ref_run.fps), fps_ratio=1.0)
     rows = [pytorch]
     print(f"[accuracy] PyTorch FP32: NDS {pytorch['nds']}, mAP {pytorch['map']}", file=sys.stderr)
     del model
@@ -169,7 +174,8 @@ def stage_eval(args) -> Path:
         m = score(run)
         fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
         row = _row(label, m, pytorch)
-        row.update(fidelity_nds=round(float(fid["NDS"]), 4), output_sqnr_db=min(sqnr.values()) if sqnr else None,
+        row.update(fps=_rounded(run.fps), fps_ratio=_rounded(run.fps / ref_run.fps if run.fps and ref_run.fps else None),
+                   fidelity_nds=round(float(fid["NDS"]), 4), output_sqnr_db=min(sqnr.values()) if sqnr else None,
                    output_sqnr_db_each=sqnr, seconds=round(time.perf_counter() - t0, 1))
         if precision.startswith("int8"):
             row["int8_layers"] = sum(1 for _, p in engine.layer_precisions if p == "int8")
@@ -232,7 +238,7 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
     path = folder / f"accuracy-{args.model}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     keys = ["precision", "nds", "map", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "dnds", "dmap", "fidelity_nds",
-            "output_sqnr_db", "int8_layers"]
+            "output_sqnr_db", "int8_layers", "fps", "fps_ratio"]
     t = training
     md = [f"# Accuracy of {args.model} on {doc['gpu']} (trained on the synthetic world, scored on held-out scenes)", "",
           f"torch {doc['torch']}, written {doc['date']}", "",
@@ -247,7 +253,9 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
           f"Held-out world: `{args.eval_data}` (other seed: no shared scene token). int8 calibrated on "
           f"{args.calib_frames} training frames (entropy). dnds/dmap: vs PyTorch FP32; fidelity_nds: engine boxes "
           f"scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
-          "head output vs PyTorch on held-out frame 1.", "",
+          "head output vs PyTorch on held-out frame 1. fps: the evaluation loop's median forward latency (CUDA "
+          "events around each frame's forward, engines replaying their CUDA graph; batch 1), PyTorch FP32 eager "
+          "in the same run as the ratio's base.", "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
@@ -263,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=env("BEVACC_WORK", "/tmp/bevacc"), help="worlds, checkpoint, engines")
     p.add_argument("--train-data", default=env("BEVACC_TRAIN_DATA", "synthetic:600@1"))
     p.add_argument("--eval-data", default=env("BEVACC_EVAL_DATA", "synthetic:120@2"))
-    p.add_argument("--render-size", type=int, nargs=2, default=[450, 800], metavar=("H", "W"))
+    p.add_argument("--render-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="camera image size of both worlds (default: 900 1600 for BEVFormer, whose official "
+                        "pipeline halves nuScenes' size to its 480x800 input; 450 800 for BEVDet's 256x704 crop)")
     p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "4000")),
                    help="planned steps (fewer if --train-seconds cannot hold them; the table says how many ran)")
     p.add_argument("--batch", type=int, default=int(env("BEVACC_BATCH", "8")))
@@ -292,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "python -m bevdeploy.eval.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render_size is None:
+        args.render_size = [900, 1600] if args.model.startswith("bevformer") else [450, 800]
     try:
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
