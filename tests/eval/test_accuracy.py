@@ -28,6 +28,7 @@ def test_accuracy_stages_on_a_reduced_model(tmp_path, ops_on_references, capsys)
             "output_sqnr_db"} <= set(fp32)
     # the fp32 engine runs the same math as PyTorch: same boxes
     assert abs(fp32["dnds"]) < 1e-3 and fp32["output_sqnr_db"] > 60
+    assert doc["rows"][0]["fps"] > 0 and doc["rows"][0]["fps_ratio"] == 1.0 and fp32["fps_ratio"] > 0
     assert doc["training"]["steps"] == 1 and doc["training"]["frames_in_world"] == 2
     assert "accuracy-bevdet-r50-cbgs" in str(list((tmp_path / "results" / "cpu").iterdir()))
     assert (tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.md").read_text().count("| fp32 |") == 1
