@@ -1,0 +1,154 @@
+"""int8 in, int8 out: the requantizing epilogue (bias + residual + activation + requant) against a
+float64 reference from the same codes, and the int8 chain through ResNet blocks (``chain_int8``).
+
+Epilogue bound: the kernel sums exactly in int32 and runs the epilogue in fp32, so its pre-rounding
+value differs from the float64 one by a few fp32 ulps; a code may then differ by one step only where
+the float64 quotient y / out_scale lies within TIE_EPS of a .5 tie. Everywhere else it must be exact.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bevdeploy.quant.int8_kernels import (
+    _int8_conv2d_triton,
+    _int8_linear_triton,
+    int8_conv2d,
+    int8_linear,
+    reference_int8_conv2d,
+    reference_int8_linear,
+)
+from tests._utils import poisoned
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+#: |y / out_scale - (k + 0.5)| below this may round either way (fp32 epilogue vs float64 reference).
+TIE_EPS = 1e-3
+
+
+def _codes(*shape, device, g=None):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device="cpu", generator=g).to(device)
+
+
+def _check_requant(out: torch.Tensor, ref64: torch.Tensor, out_scale: float) -> None:
+    """``out`` int8 codes vs float64 ``ref64``: within 1 LSB everywhere, exact away from ties, never -128."""
+    assert out.dtype == torch.int8
+    q = out.cpu().double()
+    v = ref64.cpu().double() / out_scale
+    want = v.round().clamp(-127, 127)  # round-half-even, as the kernel
+    assert (q >= -127).all(), "code -128 written (symmetric int8 stops at -127)"
+    diff = (q - want).abs()
+    assert diff.max().item() <= 1, f"max code error {diff.max().item()} > 1 LSB"
+    near_tie = ((v - v.floor()) - 0.5).abs() < TIE_EPS
+    assert (diff[~near_tie] == 0).all(), f"{int((diff[~near_tie] > 0).sum())} codes off away from a .5 tie"
+
+
+def _ref_conv64(x_q, xs, w_q, ws, bias, stride, padding, residual, rs, activation):
+    w = (w_q.double() * ws.double()[:, None, None, None]).permute(0, 3, 1, 2)
+    y = F.conv2d(x_q.double() * xs, w, None if bias is None else bias.double(), stride, padding)
+    if residual is not None:
+        y = y + residual.double() * (rs if residual.dtype == torch.int8 else 1.0)
+    return torch.relu(y) if activation == "relu" else y
+
+
+# (C, O, kernel, stride, padding, residual kind, activation)
+REQUANT_CONVS = [
+    (3, 17, 3, 1, 1, "int8", "relu"),  # odd channels, int8 identity residual, ReLU (a bottleneck conv3 with 3x3)
+    (17, 33, 1, 1, 0, "float", "relu"),  # 1x1 stride 1: the GEMM path, float residual (downsample branch)
+    (33, 3, 3, 2, 1, None, "none"),  # stride 2, no residual, no activation: negative codes saturate too
+]
+
+
+@pytest.mark.parametrize("case", range(len(REQUANT_CONVS)))
+def test_conv_requant_epilogue(device, case):
+    c, o, k, s, p, res, act = REQUANT_CONVS[case]
+    g = torch.Generator().manual_seed(case)
+    n, h, w = 2, 7, 9
+    x_q = _codes(n, c, h, w, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    w_q = _codes(o, k, k, c, device=device, g=g)
+    ws = (torch.rand(o, generator=g) * 0.02 + 0.002).to(device)
+    bias = torch.randn(o, generator=g).to(device)
+    xs = 0.013
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    rs = 0.05
+    residual = None
+    if res == "int8":
+        residual = _codes(n, o, ho, wo, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    elif res == "float":
+        residual = torch.randn(n, o, ho, wo, generator=g).half().to(device)
+    ref = _ref_conv64(x_q, xs, w_q, ws, bias, s, p, residual, rs, act)
+    # the scale puts ~10% of the outputs beyond +-127 (saturation) and the rest on many codes
+    out_scale = float(ref.abs().quantile(0.9)) / 127
+    out = poisoned((n, o, ho, wo), torch.int8, device).contiguous(memory_format=torch.channels_last)
+    _int8_conv2d_triton(x_q, w_q, xs, ws, bias, [s, s], [p, p], [1, 1], 1, residual, act, "float16", out=out,
+                        residual_scale=rs if res == "int8" else None, out_scale=out_scale)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _check_requant(out, ref, out_scale)
+    assert (out == 127).any() and (act == "relu" or (out == -127).any()), "saturation not exercised"
+    # the plain-torch reference (CPU path) obeys the same bound
+    cpu = reference_int8_conv2d(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), bias.cpu(), (s, s), (p, p), (1, 1), 1,
+                                None if residual is None else residual.cpu(), act, "float16",
+                                rs if res == "int8" else None, out_scale)
+    _check_requant(cpu, ref, out_scale)
+
+
+def test_linear_requant_epilogue_int8_residual(device):
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 37, 33, 45
+    x_q, w_q = _codes(m, k, device=device, g=g), _codes(n, k, device=device, g=g)
+    ws = (torch.rand(n, generator=g) * 0.02 + 0.002).to(device)
+    r = _codes(m, n, device=device, g=g)
+    xs, rs = 0.011, 0.03
+    ref = (x_q.double() * xs) @ (w_q.double() * ws.double()[:, None]).t() + r.double() * rs
+    ref = torch.relu(ref)
+    out_scale = float(ref.abs().quantile(0.95)) / 127
+    out = _int8_linear_triton(x_q, w_q, xs, ws, None, r, "relu", "float16", out=poisoned((m, n), torch.int8, device),
+                              residual_scale=rs, out_scale=out_scale, config=(16, 16, 32, 2, 4, 1))
+    _check_requant(out, ref, out_scale)
+    public = int8_linear(x_q, w_q, xs, ws, residual=r, residual_scale=rs, activation="relu", out_scale=out_scale)
+    _check_requant(public, ref, out_scale)
+    _check_requant(reference_int8_linear(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), None, r.cpu(), "relu", "float16", rs,
+                                         out_scale), ref, out_scale)
+
+
+def test_requant_ties_round_half_even(device):
+    """Exact ties: acc * x_scale * w_scale lands on k + 0.5 codes (powers of two): round to even."""
+    x_q = torch.tensor([[1], [3], [5], [-1], [-3], [127]], dtype=torch.int8, device=device)  # [6, 1]
+    w_q = torch.ones(1, 1, dtype=torch.int8, device=device)
+    ws = torch.ones(1, device=device)
+    out = int8_linear(x_q, w_q, 0.5, ws, out_scale=1.0)  # y = 0.5, 1.5, 2.5, -0.5, -1.5, 63.5
+    assert out.cpu().flatten().tolist() == [0, 2, 2, 0, -2, 64]
+    sat = int8_linear(x_q, w_q, 0.5, ws, out_scale=0.25)  # 2, 6, 10, -2, -6, 254 -> 127
+    assert sat.cpu().flatten().tolist() == [2, 6, 10, -2, -6, 127]
+
+
+@pytest.mark.parametrize(
+    "over,match,exc",
+    [
+        (dict(residual="int8"), r"residual_scale \(its per-tensor scale\) is required", ValueError),
+        (dict(residual="float", residual_scale=0.1), r"residual_scale applies to an int8 residual only", ValueError),
+        (dict(out_scale=0.0), r"out_scale must be a positive finite", ValueError),
+        (dict(out_scale=torch.tensor(1.0)), r"out_scale must be a python float", TypeError),
+        (dict(config=(64, 64, 32)), r"config must be 6 ints", ValueError),
+    ],
+)
+def test_requant_argument_checks(over, match, exc):
+    args = dict(x_q=_codes(1, 4, 5, 5, device="cpu"), w_q=_codes(3, 3, 3, 4, device="cpu"), x_scale=0.1,
+                w_scale=torch.ones(3), padding=1)
+    if over.get("residual") == "int8":
+        over["residual"] = _codes(1, 3, 5, 5, device="cpu")
+    elif over.get("residual") == "float":
+        over["residual"] = torch.ones(1, 3, 5, 5)
+    with pytest.raises(exc, match=match):
+        int8_conv2d(**args, **over)
+
+
+def test_opcheck_requant():
+    torch.library.opcheck(torch.ops.bevdeploy.int8_conv2d.default,
+                          (_codes(1, 4, 5, 5, device="cpu").contiguous(memory_format=torch.channels_last),
+                           _codes(3, 3, 3, 4, device="cpu"), 0.1, torch.rand(3) + 0.1, torch.randn(3), [1, 1], [1, 1],
+                           [1, 1], 1, _codes(1, 3, 5, 5, device="cpu"), "relu", "float16", 0.05, 0.2,
+                           [32, 32, 32, 4, 4, 1]))
+    torch.library.opcheck(torch.ops.bevdeploy.int8_linear.default,
+                          (_codes(5, 8, device="cpu"), _codes(3, 8, device="cpu"), 0.1, torch.rand(3) + 0.1,
+                           None, torch.randn(5, 3), "none", "float16", None, 0.3, None))
