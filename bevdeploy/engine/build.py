@@ -137,6 +137,8 @@ def build(
     device: str | None = None,
     progress: bool = True,
     sensitivity: bool = False,
+    int8_chain: bool = True,
+    autotune: bool = True,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -158,6 +160,9 @@ def build(
         sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
             runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
             the worst layers are the ones to pass as ``keep_float``.
+        int8_chain: int8*: int8 activations flow between int8 layers (``chain_int8``).
+        autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
+            fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
 
     Returns:
         Path of the engine file; for int8* also ``<out>.calib.json`` is written.
@@ -215,13 +220,19 @@ def build(
         scales = {n: table.scale(n) for n in table.amax}
     else:
         scales = None
-    report = apply_precision(model, precision, scales=scales, keep_float=keep_float)
+    report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain)
     precisions = layer_precisions(model, report, precision)
     model.eval()
 
     outputs = output_names(model)
     wrapper = ExportWrapper(model, outputs).eval()
     example = example_inputs(model, batch, spec.float_dtype, dev)
+    tuned: dict[str, list[int]] = {}
+    if spec.int8 and autotune and dev.type == "cuda":
+        from bevdeploy.quant.autotune import autotune_int8_layers
+
+        tuned = autotune_int8_layers(wrapper, tuple(example.values()))
+    int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example.values()), strict=False)
 
@@ -238,6 +249,8 @@ def build(
         "float_dtype": str(spec.float_dtype).replace("torch.", ""),
         "int8_layers": sum(p == "int8" for _, p in precisions),
         "layer_precisions": [list(r) for r in precisions],
+        "int8_outputs": int8_outputs,
+        "launch_configs": tuned,
         "keep_float": list(keep_float),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,

@@ -152,3 +152,83 @@ def test_opcheck_requant():
     torch.library.opcheck(torch.ops.bevdeploy.int8_linear.default,
                           (_codes(5, 8, device="cpu"), _codes(3, 8, device="cpu"), 0.1, torch.rand(3) + 0.1,
                            None, torch.randn(5, 3), "none", "float16", None, 0.3, None))
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+
+
+def test_max_pool2d_int8_is_exact():
+    from bevdeploy.quant.chain import max_pool2d_int8
+
+    x = _codes(2, 5, 9, 11, device="cpu", g=torch.Generator().manual_seed(1))
+    want = F.max_pool2d(x.float(), 3, 2, 1).to(torch.int8)
+    assert torch.equal(max_pool2d_int8(x, 3, 2, 1), want)
+
+
+def _bottleneck_stack():
+    from torch import nn
+
+    from bevdeploy.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    blocks = [Bottleneck(inplanes=8, planes=4, stride=2, downsample=down),
+              Bottleneck(inplanes=16, planes=4), Bottleneck(inplanes=16, planes=4)]
+    model = nn.Sequential(nn.Sequential(*blocks)).eval()
+    for m in model.modules():  # non-trivial BN statistics, so the folded biases matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+#: Chained vs unchained int8 stack (same scales): they differ only where an fp16 intermediate and
+#: the direct int8 epilogue round a code differently, so the floor is far above the int8 noise floor.
+CHAIN_VS_UNCHAINED_SQNR_DB = 35.0
+#: Either int8 stack against the float model (3 blocks, minmax calibration on the input itself).
+INT8_VS_FLOAT_SQNR_DB = 20.0
+
+
+def test_chained_bottlenecks_stay_int8_and_match_unchained(device):
+    import copy
+
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import Int8Bottleneck, chain_int8
+    from bevdeploy.quant.modules import QuantConv2d, quantize_modules
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    model = _bottleneck_stack()
+    fold_batchnorms(model)
+    model = model.to(device)
+    x = torch.randn(2, 8, 12, 10, device=device)
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    with torch.no_grad():
+        ref = model(x)
+    plain, chained = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_modules(plain, scales, out_dtype=torch.float32)
+    quantize_modules(chained, scales, out_dtype=torch.float32)
+    writers = chain_int8(chained)
+    blocks = [m for m in chained.modules() if isinstance(m, Int8Bottleneck)]
+    assert len(blocks) == 3
+    # what writes int8: conv1/conv2 of every block, conv3 of the first two (the last one's output leaves)
+    want = {f"0.{b}.conv{i}" for b in range(3) for i in (1, 2)} | {"0.0.conv3", "0.1.conv3"}
+    assert set(writers) == want
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0].dtype, out.dtype)))
+             for name, m in chained.named_modules() if isinstance(m, (QuantConv2d, Int8Bottleneck))]
+    with torch.no_grad():
+        out_c = chained(x)
+        out_p = plain(x)
+    for h in hooks:
+        h.remove()
+    assert seen["0.0"] == (torch.float32, torch.int8) and seen["0.1"] == (torch.int8, torch.int8)
+    assert seen["0.2"] == (torch.int8, torch.float32)  # the stack's output is float for its caller
+    assert seen["0.1.conv1"] == (torch.int8, torch.int8) and seen["0.1.conv3"] == (torch.int8, torch.int8)
+    assert seen["0.0.downsample.0"][0] == torch.float32 and seen["0.0.downsample.0"][1] == torch.float32
+    assert out_c.dtype == torch.float32 and torch.isfinite(out_c).all()
+    assert sqnr_db(out_p, out_c) > CHAIN_VS_UNCHAINED_SQNR_DB
+    assert sqnr_db(ref, out_c) > INT8_VS_FLOAT_SQNR_DB and sqnr_db(ref, out_p) > INT8_VS_FLOAT_SQNR_DB
