@@ -232,3 +232,59 @@ def test_chained_bottlenecks_stay_int8_and_match_unchained(device):
     assert out_c.dtype == torch.float32 and torch.isfinite(out_c).all()
     assert sqnr_db(out_p, out_c) > CHAIN_VS_UNCHAINED_SQNR_DB
     assert sqnr_db(ref, out_c) > INT8_VS_FLOAT_SQNR_DB and sqnr_db(ref, out_p) > INT8_VS_FLOAT_SQNR_DB
+
+
+#: Floor of the int8 engine's maps against the float model (the un-chained engine test's floor).
+ENGINE_SQNR_FLOOR_DB = 20.0
+
+
+def test_bevdet_engine_with_chain(tmp_path, ops_on_references):
+    """Reduced BEVDet engine, chain on: the same int8 scope as without the chain, int8 tensors from
+    the stem through the backbone, neck and depth net and inside the BEV encoder, SQNR above the floor."""
+    import copy
+
+    from bevdeploy.data.nuscenes import load_infos
+    from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
+    from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
+    from bevdeploy.engine import Engine, build
+    from bevdeploy.engine.deploy import apply_precision, fold_batchnorms, layer_precisions
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
+    from bevdeploy.quant.calibrate import CalibrationTable
+    from bevdeploy.quant.sensitivity import sqnr_db
+    from tests.engine.test_engine_bevdet import SMALL
+
+    generate(tmp_path / "w", num_scenes=1, samples_per_scene=2, seed=5, image_size=(64, 192), progress=False)
+    calib = DataSource(tmp_path / "w", SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)
+    path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "c.engine", model_overrides=SMALL, calib=calib,
+                 progress=False)
+    engine = Engine.load(path, device="cpu")
+    meta = engine.metadata
+    writers = set(meta["int8_outputs"])
+    for name in ("img_backbone.conv1", "img_backbone.layer1.0.conv1", "img_backbone.layer1.0.conv3",
+                 "img_backbone.layer3.5.conv3", "img_backbone.layer4.2.conv3", "img_neck.lateral_convs.0.conv",
+                 "img_neck.fpn_convs.0.conv", "img_bev_encoder_backbone.layers.0.0.conv1",
+                 "img_bev_encoder_neck.conv.0", "img_bev_encoder_neck.up2.1"):
+        assert name in writers, name
+    for name in ("img_neck.lateral_convs.1.conv", "img_view_transformer.depth_net",
+                 "img_backbone.layer1.0.downsample.0", "img_bev_encoder_neck.up2.4"):
+        assert name not in writers, name  # float consumers: upsample, softmax, the head, a residual
+    # the int8 scope is the un-chained one
+    torch.manual_seed(0)
+    model = MODELS["bevdet-r50-cbgs"](**SMALL).eval()
+    fold_batchnorms(model)
+    table = CalibrationTable.load(f"{path}.calib.json")
+    scales = {n: table.scale(n) for n in table.amax}
+    plain = copy.deepcopy(model)
+    report = apply_precision(plain, "int8", scales=scales, int8_chain=False)
+    assert [list(r) for r in layer_precisions(plain, report, "int8")] == meta["layer_precisions"]
+    # accuracy against the float model
+    _, infos = None, load_infos(tmp_path / "w", SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
+    x = {k: v[None] for k, v in prepare_bevdet_inputs(infos[1], BEVDetPreprocess(input_size=SMALL["image_size"])).items()}
+    ranks = engine.prepare(*(x[k] for k in GEOMETRY_KEYS))
+    inputs = {"image": x["image"], **dict(zip(BEVPoolRanks._fields, ranks))}
+    with torch.no_grad():
+        ref = model(**inputs)
+    out = engine(**inputs)
+    for k in HEAD_OUTPUTS:
+        assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > ENGINE_SQNR_FLOOR_DB, k
