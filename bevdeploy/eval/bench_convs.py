@@ -245,6 +245,11 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
         if b not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {b!r}")
     rows, totals = [], []
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": command, "rows": rows, "totals": totals}
+    folder = Path(out_dir) / gpu_dirname()
+    folder.mkdir(parents=True, exist_ok=True)
     for b in names:
         image_size = BACKBONES[b][1]
         float_module = backbone_module(b)
@@ -265,13 +270,9 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
         totals.append(total)
         del float_module, int8_module
         torch.cuda.empty_cache()
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": command, "rows": rows, "totals": totals}
-    folder = Path(out_dir) / gpu_dirname()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "convs.json").write_text(json.dumps(result, indent=1) + "\n")
-    (folder / "convs.md").write_text(to_markdown(result))
+        # written after every backbone: a run cut by a time limit keeps what it measured
+        (folder / "convs.json").write_text(json.dumps(result, indent=1) + "\n")
+        (folder / "convs.md").write_text(to_markdown(result))
     return result
 
 
