@@ -231,7 +231,11 @@ def build(
     if spec.int8 and autotune and dev.type == "cuda":
         from bevdeploy.quant.autotune import autotune_int8_layers
 
-        tuned = autotune_int8_layers(wrapper, tuple(example.values()))
+        try:
+            with torch.no_grad():
+                tuned = autotune_int8_layers(wrapper, tuple(example.values()))
+        except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
+            logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
     int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example.values()), strict=False)

@@ -171,7 +171,8 @@ class Int8ResNet(nn.Module):
         x = _conv_relu(self.conv1, x)
         mp = self.maxpool
         if x.dtype == torch.int8:
-            x = max_pool2d_int8(x, mp.kernel_size, mp.stride, mp.padding)
+            # channels-last: the layout layer1's int8 convs read (a compiler writes it so directly)
+            x = max_pool2d_int8(x, mp.kernel_size, mp.stride, mp.padding).contiguous(memory_format=torch.channels_last)
         else:
             x = mp(x)
         outs = []

@@ -120,6 +120,7 @@ class _QuantBase(nn.Module):
     #: / ReLU epilogue), saving a read and a write of the float activation. Codes may differ from the
     #: kernel's by one step where x / scale is a tie and the compiler's division is approximate.
     quantize_in_graph: bool = False
+    _nhwc_input: bool = False  # True for convs (int8_conv2d reads channels-last codes)
     #: Set by :func:`bevdeploy.quant.chain.chain_int8`: the epilogue writes int8 codes of this scale
     #: (the consumer's input scale) instead of floats. None: float output (``out_dtype``).
     out_scale: float | None = None
@@ -132,7 +133,9 @@ class _QuantBase(nn.Module):
         if x.dtype == torch.int8:
             return x
         if self.quantize_in_graph:
-            return reference_quantize_per_tensor(x, self._input_scale)
+            q = reference_quantize_per_tensor(x, self._input_scale)
+            # convs read NHWC codes: a compiler fuses this layout into the quantize pass
+            return q.contiguous(memory_format=torch.channels_last) if q.dim() == 4 and self._nhwc_input else q
         return quantize_per_tensor(x, self._input_scale)
 
     def _precision(self) -> str:
@@ -236,6 +239,8 @@ class QuantConv2d(_QuantBase):
     ``bias`` (Tensor[O] float32 or None), ``input_scale_tensor``. Build with :meth:`from_float`
     (fold BatchNorm first with :func:`fold_bn`).
     """
+
+    _nhwc_input = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",

@@ -214,6 +214,9 @@ def test_chained_bottlenecks_stay_int8_and_match_unchained(device):
     writers = chain_int8(chained)
     blocks = [m for m in chained.modules() if isinstance(m, Int8Bottleneck)]
     assert len(blocks) == 3
+    for m in chained.modules():  # weights pre-packed K-contiguous at conversion: [O, kh, kw, C] dense
+        if isinstance(m, QuantConv2d):
+            assert m.weight.is_contiguous() and m.weight.shape[1:] == (*m.kernel_size, m.in_channels)
     # what writes int8: conv1/conv2 of every block, conv3 of the first two (the last one's output leaves)
     want = {f"0.{b}.conv{i}" for b in range(3) for i in (1, 2)} | {"0.0.conv3", "0.1.conv3"}
     assert set(writers) == want
