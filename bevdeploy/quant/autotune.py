@@ -87,7 +87,8 @@ def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=None) -> dict[str, list[int]]:
+def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=None,
+                         max_candidates: int = 5) -> dict[str, list[int]]:
     """Time launch configurations for every int8 layer of ``module`` and store the fastest.
 
     Args:
@@ -95,6 +96,8 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
         example_args: positional inputs of ``module`` of the engine's shapes (values only steer the
             activations; the timing depends on shapes).
         candidates: optional ``fn(m, n, k, device) -> list[Config]`` (default :func:`layer_candidates`).
+        max_candidates: configurations timed per distinct call, the heuristic's first (each new one
+            costs a Triton compile, ~1 s, at build time).
 
     Returns:
         layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]`` (also set as the
@@ -132,7 +135,7 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
         if key not in by_key:
             m, n, k = _gemm_dims(layer, x_q)
             results = []
-            for cfg in candidates(m, n, k, x_q.device):
+            for cfg in candidates(m, n, k, x_q.device)[:max_candidates]:
                 try:
                     us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, cfg))
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
