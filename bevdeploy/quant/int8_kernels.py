@@ -12,7 +12,11 @@ Math (symmetric int8, per-tensor activation scale ``s_x``, per-output-channel we
 ``act`` is ``none``, ``relu`` or ``silu`` (x * sigmoid(x), YOLOX's activation); the residual is added
 before it (ResNet bottleneck: conv3 + identity, then ReLU). Sums run in int32 on the tensor cores;
 everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
-kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32.
+kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
+the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
+symmetric, no zero point), so activations stay int8 between layers. The residual may itself be
+int8 codes with their own ``residual_scale`` (a ResNet identity coming from the previous block's
+int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[m, n]``.
 
 Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operands are K-contiguous
 (Hopper's 8-bit wgmma reads both operands K-major); with a row-major [K, N] right operand it measured

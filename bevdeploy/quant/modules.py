@@ -12,7 +12,8 @@ A converted layer computes (see :mod:`bevdeploy.quant.int8_kernels`)::
     y = act( input_scale * weight_scale[o] * sum(int8(x / input_scale) * weight) + bias[o] [+ residual] )
 
 with int8 x int8 -> int32 tensor-core math and the rest fused in the kernel's epilogue; it returns
-fp16 (or fp32) and, for convs, channels-last 4-D tensors.
+fp16 (or fp32) and, for convs, channels-last 4-D tensors; or int8 codes when
+:func:`bevdeploy.quant.chain.chain_int8` has set its ``out_scale`` (the consumer's input scale).
 """
 
 from __future__ import annotations
