@@ -14,7 +14,9 @@ input scale, symmetric, no zero point):
   commutes with a monotonic quantizer, so pooling the codes is exact) and ``nn.Sequential`` runs of
   int8 convs (FPN-LSS).
 * The backbone's outputs into the neck's int8 laterals, and (BEVDet) the neck's output conv into the
-  depth net; BEVDet's ``CustomFPN`` lateral also takes the top-down sum as its fused residual.
+  depth net; the laterals of BEVDet's ``CustomFPN`` and BEVFormer's ``FPN`` take the top-down sum
+  as their fused residual (int8 codes, nearest-upsampled by a gather, when the level above writes
+  int8), and write int8 for their output convs.
 
 A tensor goes int8 only when its producer is an int8 conv and every consumer reads int8 (an int8
 conv's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
@@ -35,7 +37,8 @@ from torch import Tensor, nn
 
 from bevdeploy.quant.modules import QuantConv2d
 
-__all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "chain_int8", "max_pool2d_int8"]
+__all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "chain_int8",
+           "max_pool2d_int8"]
 
 
 def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
@@ -58,7 +61,14 @@ def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> T
 
 
 def _nearest_like(x: Tensor, size) -> Tensor:
-    return F.interpolate(x, size=size, mode="nearest")
+    """Nearest upsampling to ``size`` (source index ``floor(dst * in / out)``, F.interpolate's
+    'nearest'); int8 codes by an index gather (it commutes with the quantizer: exact)."""
+    if x.dtype != torch.int8:
+        return F.interpolate(x, size=size, mode="nearest")
+    (h, w), (ho, wo) = x.shape[2:], size
+    iy = torch.arange(ho, device=x.device) * h // ho
+    ix = torch.arange(wo, device=x.device) * w // wo
+    return x.index_select(2, iy).index_select(3, ix).contiguous(memory_format=torch.channels_last)
 
 
 def _is_q(m) -> bool:
@@ -207,6 +217,47 @@ class Int8CustomFPN(nn.Module):
         return self.fpn_convs[0](lat[self.out_ids[0]])
 
 
+class Int8FPN(nn.Module):
+    """BEVFormer's ``FPN`` with the top-down sum fused into each lateral conv's epilogue (the
+    upsampled level above as its residual, int8 codes when that lateral writes int8) and each
+    lateral written as int8 for its output conv when both readers are int8. ``lateral_scales[i]``:
+    the scale of lateral i's int8 output (None: float)."""
+
+    def __init__(self, fpn: nn.Module) -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "num_outs", "start_level", "add_extra_convs",
+                     "relu_before_extra_convs"):
+            setattr(self, attr, getattr(fpn, attr))
+        self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
+        self.lateral_scales: list[float | None] = [None] * len(self.lateral_convs)
+
+    def forward(self, inputs) -> list[Tensor]:
+        if len(inputs) != len(self.in_channels):
+            raise ValueError(f"FPN expects {len(self.in_channels)} input levels, got {len(inputs)}")
+        used = len(self.lateral_convs)
+        xs = [inputs[i + self.start_level] for i in range(used)]
+        lat = [None] * used
+        lat[used - 1] = self.lateral_convs[used - 1].conv(xs[used - 1])
+        for i in range(used - 2, -1, -1):
+            up = _nearest_like(lat[i + 1], xs[i].shape[2:])
+            conv = self.lateral_convs[i].conv
+            if _is_q(conv):
+                lat[i] = conv(xs[i], residual=up, residual_scale=self.lateral_scales[i + 1])
+            else:
+                lat[i] = conv(xs[i]) + up
+        outs = [self.fpn_convs[i](lat[i]) for i in range(used)]
+        if self.num_outs > used:
+            if self.add_extra_convs is None:
+                for _ in range(self.num_outs - used):
+                    outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            else:
+                outs.append(self.fpn_convs[used](outs[-1]))
+                for i in range(used + 1, self.num_outs):
+                    src = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                    outs.append(self.fpn_convs[i](src))
+        return outs
+
+
 def _single_conv(m: nn.Module | None) -> nn.Module | None:
     """The conv of a projection (a conv, or ``Sequential(conv, Identity...)`` after BN folding)."""
     if isinstance(m, nn.Sequential):
@@ -315,16 +366,17 @@ def chain_int8(model: nn.Module) -> list[str]:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Int8ResNet(m))
     for name, m in list(model.named_modules()):
-        if isinstance(m, CustomFPN):
+        wrap = Int8CustomFPN if isinstance(m, CustomFPN) else Int8FPN if isinstance(m, FPN) else None
+        if wrap is not None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int8CustomFPN(m))
+            setattr(parent, child, wrap(m))
 
     backbone, neck = getattr(model, "img_backbone", None), getattr(model, "img_neck", None)
     resnets = [m for m in model.modules() if isinstance(m, Int8ResNet)]
     for net in resnets:
         out_readers: dict[int, list] = {}
-        if net is backbone and isinstance(neck, (Int8CustomFPN, FPN)):
+        if net is backbone and isinstance(neck, (Int8CustomFPN, Int8FPN)):
             start = getattr(neck, "start_level", 0)
             for k, stage in enumerate(net.out_indices):
                 j = k - start
@@ -344,4 +396,11 @@ def chain_int8(model: nn.Module) -> list[str]:
         vt = getattr(model, "img_view_transformer", None)
         depth_net = getattr(vt, "depth_net", None)
         _link(neck.fpn_convs[0].conv, [(depth_net, "input")] if depth_net is not None else [(None, "float")])
+    for fpn in [m for m in model.modules() if isinstance(m, Int8FPN)]:
+        n = len(fpn.lateral_convs)
+        for i in range(n - 1, -1, -1):  # top-down: a lateral's int8 output is the next one's residual
+            readers = [(fpn.fpn_convs[i].conv, "input")]
+            if i > 0:
+                readers.append((fpn.lateral_convs[i - 1].conv, "residual"))
+            fpn.lateral_scales[i] = _link(fpn.lateral_convs[i].conv, readers)
     return [n for n, m in model.named_modules() if _is_q(m) and m.out_scale is not None]
