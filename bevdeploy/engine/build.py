@@ -137,7 +137,7 @@ def build(
     device: str | None = None,
     progress: bool = True,
     sensitivity: bool = False,
-    int8_chain: bool = True,
+    int8_chain: bool | str = True,
     autotune: bool = True,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
@@ -160,7 +160,8 @@ def build(
         sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
             runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
             the worst layers are the ones to pass as ``keep_float``.
-        int8_chain: int8*: int8 activations flow between int8 layers (``chain_int8``).
+        int8_chain: int8*: int8 activations flow between int8 layers (``chain_int8``); False: off;
+            ``"float-identity"``: residual blocks keep float boundaries (more accurate).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
 
