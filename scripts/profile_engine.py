@@ -37,7 +37,7 @@ KINDS = [
     ("cuBLAS / CUTLASS GEMM", r"gemm|cutlass|cublas|sm90_|nvjet"),
     ("attention", r"flash|fmha|attention"),
     ("Inductor fused (Triton)", r"^triton_"),
-    ("copies / elementwise (aten)", r"elementwise|copy|memcpy|memset|reduce|cat|index"),
+    ("copies / elementwise (aten)", r"elementwise|copy|memcpy|memset|reduce|cat_|index"),
 ]
 
 
@@ -90,8 +90,8 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
         if dev_us and e.key and not e.key.startswith("ProfilerStep"):
             kernels[e.key][0] += dev_us
             kernels[e.key][1] += e.count
-    # key_averages also lists CPU-side ranges carrying device time; keep kernels (no aten:: ranges)
-    kernels = {k: v for k, v in kernels.items() if not k.startswith(("aten::", "cuda", "Memcpy DtoD (Device"))}
+    # only CUDA activity is recorded, so these are kernels and memcpys; drop any op-level range
+    kernels = {k: v for k, v in kernels.items() if not k.startswith("aten::")}
     total = sum(v[0] for v in kernels.values()) or 1.0
     by_kind = defaultdict(float)
     for k, (us, _) in kernels.items():
