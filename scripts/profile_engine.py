@@ -33,10 +33,10 @@ KINDS = [
     ("DCN (ours)", r"deform|dcn"),
     ("bev_pool (ours)", r"bev_pool"),
     ("other ours (Triton)", r"^_[a-z0-9_]+_kernel"),
+    ("Inductor fused (Triton)", r"^triton_"),
     ("cuDNN conv", r"conv|cudnn|implicit_gemm|xmma_fprop|sm90_xmma"),
     ("cuBLAS / CUTLASS GEMM", r"gemm|cutlass|cublas|sm90_|nvjet"),
     ("attention", r"flash|fmha|attention"),
-    ("Inductor fused (Triton)", r"^triton_"),
     ("copies / elementwise (aten)", r"elementwise|copy|memcpy|memset|reduce|cat_|index"),
 ]
 
