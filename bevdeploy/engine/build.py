@@ -234,7 +234,7 @@ def build(
 
         try:
             with torch.no_grad():
-                tuned = autotune_int8_layers(wrapper, tuple(example.values()))
+                tuned = autotune_int8_layers(model, tuple(example.values()))
         except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
             logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
     int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]
