@@ -22,6 +22,7 @@ EPILOG = """examples:
   bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
   bevdeploy bench ops --ops msda bev_pool_v2
+  bevdeploy bench convs                int8 chain convs vs cuDNN fp16, per conv and per backbone (GPU)
 """
 
 
@@ -107,7 +108,15 @@ def _bench(args: argparse.Namespace) -> int:
         result = run(args.ops, args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
         print(to_markdown(result))
         return 0
-    raise ValueError("say what to benchmark: 'bevdeploy bench ops' or 'bevdeploy bench --model NAME'")
+    if args.what == "convs":
+        from bevdeploy.eval.bench_convs import run as run_convs
+        from bevdeploy.eval.bench_convs import to_markdown as convs_markdown
+
+        result = run_convs(args.backbones, args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
+        print(convs_markdown(result))
+        return 0
+    raise ValueError("say what to benchmark: 'bevdeploy bench ops', 'bevdeploy bench convs' or "
+                     "'bevdeploy bench --model NAME'")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -170,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=_build)
 
     bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
-    bench.add_argument("what", nargs="?", choices=["ops"], help="'ops' for the op benchmark (or use --model)")
+    bench.add_argument("what", nargs="?", choices=["ops", "convs"],
+                       help="'ops' for the op benchmark, 'convs' for int8 vs cuDNN fp16 backbone convs (or use --model)")
     bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
     bench.add_argument("--precisions", nargs="*", default=["pytorch"],
                        help="pytorch (eager FP32 baseline) and engine precisions: fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2")
@@ -180,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
+    bench.add_argument("--backbones", nargs="*", default=None,
+                       help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
 

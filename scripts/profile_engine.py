@@ -1,49 +1,157 @@
-"""Time one engine under compiler settings and list the kernels that take its time (GPU).
+"""Time engines and list the kernels that take their time (GPU); one markdown file per engine.
 
-    python scripts/profile_engine.py ENGINE [--no-freezing] [--cudnn-benchmark] [--top 25]
+    python scripts/profile_engine.py ENGINE [ENGINE ...] [--no-freezing] [--cudnn-benchmark] [--top 25]
+    python scripts/profile_engine.py --build bevdet-r50:fp16x2 bevdet-r50:int8-fp16 --calib synthetic:4
 
-Loads ENGINE (Inductor + CUDA graphs), times replays with CUDA events (median of 50 after warm-up) on
-random inputs of the engine's spec, then profiles 10 calls with torch.profiler and prints the
-kernels by total CUDA time. Used to decide what to optimise; the tables come from ``bevdeploy bench``.
+Each ENGINE (or each MODEL:PRECISION, built first into --work, reusing an engine file already
+there, e.g. the one ``bevdeploy bench`` wrote to ``out/engines/<model>-<precision>.engine``) is
+loaded (Inductor + CUDA graphs), timed with CUDA events (median of 50 after warm-up) on random
+inputs of its spec, then 10 calls are profiled with torch.profiler. Written to
+``<out>/<gpu>/profile-<model>-<precision>.md``: the time per frame, the top kernels by GPU time with
+their share and a kind (our int8 kernels, quantize, cuDNN/cuBLAS, Inductor-generated, our ops...),
+the share per kind, and the float fallbacks (convs / linears of an int8 engine that run float, and
+which layers write int8 for the next one). Used to decide what to optimise; the tables come from
+``bevdeploy bench``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+#: (kind, pattern on the kernel name), first match wins
+KINDS = [
+    ("int8 conv (ours)", r"_int8_conv2d_kernel"),
+    ("int8 GEMM (ours)", r"_int8_linear_kernel"),
+    ("quantize (ours)", r"_quantize_per_tensor_kernel"),
+    ("MSDA (ours)", r"msda"),
+    ("DCN (ours)", r"deform|dcn"),
+    ("bev_pool (ours)", r"bev_pool"),
+    ("other ours (Triton)", r"^_[a-z0-9_]+_kernel"),
+    ("Inductor fused (Triton)", r"^triton_"),
+    ("cuDNN conv", r"conv|cudnn|implicit_gemm|xmma_fprop|sm90_xmma"),
+    ("cuBLAS / CUTLASS GEMM", r"gemm|cutlass|cublas|sm90_|nvjet"),
+    ("attention", r"flash|fmha|attention"),
+    ("copies / elementwise (aten)", r"elementwise|copy|memcpy|memset|reduce|cat_|index"),
+]
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("engine")
-    ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
-    ap.add_argument("--cudnn-benchmark", action="store_true")
-    ap.add_argument("--top", type=int, default=25)
-    args = ap.parse_args()
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def _engine_path(spec: str, work: Path, calib: str) -> Path:
+    from bevdeploy.engine import build
+
+    model, _, precision = spec.partition(":")
+    if not precision:
+        raise ValueError(f"--build takes MODEL:PRECISION, got {spec!r}")
+    path = work / f"{model}-{precision}.engine"
+    if not path.is_file():
+        build(model, precision, out=path, calib=calib if precision.startswith("int8") else None, progress=False)
+    return path
+
+
+def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: bool, top: int) -> Path:
+    from torch.profiler import ProfilerActivity, profile
+
     from bevdeploy.engine import Engine
-    from bevdeploy.eval.timing import time_eager
+    from bevdeploy.eval.timing import gpu_dirname, time_eager
 
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     t0 = time.time()
-    engine = Engine.load(args.engine, device="cuda", freeze=not args.no_freezing)
+    engine = Engine.load(path, device="cuda", freeze=freeze)
     load_s = time.time() - t0
+    meta = engine.metadata
     inputs = engine._example()
     g = torch.Generator(device="cuda").manual_seed(0)
     for k, v in inputs.items():
         if v.is_floating_point() and k not in ("lidar2img", "use_prev_bev", "can_bus"):
             v.copy_(torch.randn(v.shape, device="cuda", generator=g))
     ms = time_eager(lambda: engine(**inputs), iters=50, warmup=5)
-    print(f"{engine}: load+compile {load_s:.1f} s, {ms:.3f} ms/frame ({1000 / ms:.1f} FPS) "
-          f"freezing={not args.no_freezing} cudnn.benchmark={args.cudnn_benchmark}")
-    from torch.profiler import ProfilerActivity, profile
-
+    calls = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+        for _ in range(calls):
             engine(**inputs)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=90))
+    kernels = defaultdict(lambda: [0.0, 0])  # name -> [total us, count]
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "cuda_time_total", 0.0)
+        if dev_us and e.key and not e.key.startswith("ProfilerStep"):
+            kernels[e.key][0] += dev_us
+            kernels[e.key][1] += e.count
+    # only CUDA activity is recorded, so these are kernels and memcpys; drop any op-level range
+    kernels = {k: v for k, v in kernels.items() if not k.startswith("aten::")}
+    total = sum(v[0] for v in kernels.values()) or 1.0
+    by_kind = defaultdict(float)
+    for k, (us, _) in kernels.items():
+        by_kind[kind_of(k)] += us
+    model, precision = meta["model"], meta["precision"]
+    lines = [f"# Profile: {model} {precision} ({torch.cuda.get_device_name()}, torch {torch.__version__})", "",
+             f"engine `{path.name}`, load + compile {load_s:.1f} s, **{ms:.3f} ms/frame** ({1000 / ms:.1f} FPS), "
+             f"freezing={freeze}, cudnn.benchmark={cudnn_benchmark}; kernel time summed over {calls} calls: "
+             f"{total / calls / 1000:.3f} ms/frame", "", "## GPU time by kind", "", "| kind | ms/frame | share |",
+             "| --- | --- | --- |"]
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {us / calls / 1000:.3f} | {100 * us / total:.1f}% |")
+    lines += ["", f"## Top {top} kernels", "", "| kernel | kind | calls/frame | us/frame | share |",
+              "| --- | --- | --- | --- | --- |"]
+    for k, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        name = k if len(k) <= 90 else k[:87] + "..."
+        lines.append(f"| `{name}` | {kind_of(k)} | {n / calls:.0f} | {us / calls:.1f} | {100 * us / total:.1f}% |")
+    rows = meta.get("layer_precisions", [])
+    if meta.get("calibration") is not None:
+        floats = [(n, p) for n, p in rows if p not in ("int8", "fused") and not n.endswith("(op)")]
+        ops = [(n, p) for n, p in rows if n.endswith("(op)")]
+        writers = meta.get("int8_outputs", [])
+        lines += ["", "## Float fallbacks", "",
+                  f"{sum(p == 'int8' for _, p in rows)} int8 layers, {len(floats)} float convs/linears, "
+                  f"{len(writers)} int8 layers write int8 for the next one (the chain); "
+                  f"{len(meta.get('launch_configs', {}))} layers carry an autotuned launch config.", ""]
+        lines += [f"- `{n}`: {p}" for n, p in floats]
+        lines += [f"- `{n}`: {p}" for n, p in ops]
+    folder = out_dir / gpu_dirname()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"profile-{model}-{precision}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+    print(f"-> {out}")
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engines", nargs="*", help="engine files")
+    ap.add_argument("--build", nargs="*", default=[], help="MODEL:PRECISION pairs (built into --work if missing)")
+    ap.add_argument("--calib", default="synthetic:4", help="calibration data for int8 builds")
+    ap.add_argument("--work", default="out/engines", help="where --build engines live")
+    ap.add_argument("--out", default="bench/results", help="results folder")
+    ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
+    ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_engine.py needs a CUDA GPU")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib) for s in args.build]
+    if not paths:
+        raise SystemExit("give engine files or --build MODEL:PRECISION ...")
+    for p in paths:
+        profile_one(p, Path(args.out), freeze=not args.no_freezing, cudnn_benchmark=args.cudnn_benchmark,
+                    top=args.top)
 
 
 if __name__ == "__main__":

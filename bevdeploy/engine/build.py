@@ -184,6 +184,8 @@ def build(
     qat_scale_lr: float = 1e-3,
     qat_batch: int = 1,
     qat_seed: int = 0,
+    int8_chain: bool | str = True,
+    autotune: bool = True,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -212,6 +214,10 @@ def build(
         qat_scale_lr: Learning rate of the scales (relative change per step).
         qat_batch: QAT batch size.
         qat_seed: Seed of the QAT batch order.
+        int8_chain: int8*: int8 activations flow between int8 layers (``chain_int8``); False: off;
+            ``"float-identity"``: residual blocks keep float boundaries (more accurate).
+        autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
+            fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
 
     Returns:
         Path of the engine file; for int8* also ``<out>.calib.json`` is written (with ``qat_steps``
@@ -290,13 +296,23 @@ def build(
                                  metadata={**table.metadata, "qat": qat_meta})
         table_path = Path(f"{out}.qat.calib.json")
         table.save(table_path)
-    report = apply_precision(model, precision, scales=scales, keep_float=keep_float)
+    report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain)
     precisions = layer_precisions(model, report, precision)
     model.eval()
 
     outputs = output_names(model)
     wrapper = ExportWrapper(model, outputs).eval()
     example = example_inputs(model, batch, spec.float_dtype, dev)
+    tuned: dict[str, list[int]] = {}
+    if spec.int8 and autotune and dev.type == "cuda":
+        from bevdeploy.quant.autotune import autotune_int8_layers
+
+        try:
+            with torch.no_grad():
+                tuned = autotune_int8_layers(model, tuple(example.values()))
+        except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
+            logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
+    int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example.values()), strict=False)
 
@@ -313,6 +329,8 @@ def build(
         "float_dtype": str(spec.float_dtype).replace("torch.", ""),
         "int8_layers": sum(p == "int8" for _, p in precisions),
         "layer_precisions": [list(r) for r in precisions],
+        "int8_outputs": int8_outputs,
+        "launch_configs": tuned,
         "keep_float": list(keep_float),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,

@@ -192,6 +192,7 @@ def apply_precision(
     scales: dict[str, float] | None = None,
     keep_float: Iterable[str] = (),
     scope: Sequence[str] | None = None,
+    int8_chain: bool | str = True,
 ) -> list:
     """Turn the folded float32 model into ``precision``'s deploy form, in place.
 
@@ -202,6 +203,11 @@ def apply_precision(
             Layers outside ``scope``, in ``keep_float`` or with a zero scale stay float.
         keep_float: Layer names to keep float.
         scope: Module-name prefixes that may be quantized (default: the model family's).
+        int8_chain: int8* only: let int8 activations flow between int8 layers
+            (:func:`bevdeploy.quant.chain.chain_int8`: requantizing epilogues, fused ReLU and residual)
+            instead of every int8 layer writing floats that the next one quantizes again;
+            ``"float-identity"``: the same, but residual blocks keep float boundaries (their identity
+            is not quantized: more accurate, less int8 traffic saved).
 
     Returns:
         list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
@@ -228,6 +234,12 @@ def apply_precision(
     # after quantizing: the variant wrapper renames DCN offset convs (``.pack.``), which would hide
     # them from the calibration table's names
     set_op_variant(model, spec.op_variant)
+    if int8_chain not in (True, False, "float-identity"):
+        raise ValueError(f"int8_chain must be True, False or 'float-identity', got {int8_chain!r}")
+    if int8_chain:
+        from bevdeploy.quant.chain import chain_int8
+
+        chain_int8(model, int8_identity=int8_chain is True)
     return report
 
 

@@ -8,6 +8,9 @@
 * ``bevdeploy.quant.modules``: the conversion step: ``QuantLinear`` / ``QuantConv2d`` built from
   float layers and calibrated scales, ``fold_bn``, and ``quantize_modules`` (swap in place and
   report which precision every layer really runs in).
+* ``bevdeploy.quant.chain``: ``chain_int8``, the rewrite after conversion that keeps activations
+  int8 between int8 layers (requantizing epilogues, fused ReLU and ResNet residuals).
+* ``bevdeploy.quant.autotune``: build-time launch tuning of the int8 layers on the GPU.
 
 Nothing is imported here: import the submodule you need.
 """

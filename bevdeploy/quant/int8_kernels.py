@@ -12,7 +12,11 @@ Math (symmetric int8, per-tensor activation scale ``s_x``, per-output-channel we
 ``act`` is ``none``, ``relu`` or ``silu`` (x * sigmoid(x), YOLOX's activation); the residual is added
 before it (ResNet bottleneck: conv3 + identity, then ReLU). Sums run in int32 on the tensor cores;
 everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
-kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32.
+kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
+the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
+symmetric, no zero point), so activations stay int8 between layers. The residual may itself be
+int8 codes with their own ``residual_scale`` (a ResNet identity coming from the previous block's
+int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[m, n]``.
 
 Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operands are K-contiguous
 (Hopper's 8-bit wgmma reads both operands K-major); with a row-major [K, N] right operand it measured
@@ -76,14 +80,27 @@ def _check_scale(name: str, scale: object) -> float:
     return scale
 
 
-def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_dtype) -> None:
+def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_dtype, residual_scale=None,
+                    out_scale=None, config=None) -> None:
     check_tensor("w_scale", w_scale, shape=(n,), dtypes=(torch.float32,))
     if bias is not None:
         check_tensor("bias", bias, shape=(n,), dtypes=_FLOAT)
     if residual is not None:
-        check_tensor("residual", residual, dtypes=_FLOAT)
+        check_tensor("residual", residual, dtypes=(*_FLOAT, torch.int8))
         if tuple(residual.shape) != tuple(res_shape):
             raise ValueError(f"residual must have the output's shape {list(res_shape)}, got {list(residual.shape)}")
+    if residual is not None and residual.dtype == torch.int8:
+        if residual_scale is None:
+            raise ValueError("residual is int8 codes: residual_scale (its per-tensor scale) is required, got None")
+        _check_scale("residual_scale", residual_scale)
+    elif residual_scale is not None:
+        raise ValueError(f"residual_scale applies to an int8 residual only, got {residual_scale=} with "
+                         f"residual {None if residual is None else residual.dtype}")
+    if out_scale is not None:
+        _check_scale("out_scale", out_scale)
+    if config is not None and (len(config) != 6 or any(int(v) < 1 for v in config)):
+        raise ValueError(f"config must be 6 ints >= 1 (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), "
+                         f"got {list(config)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if out_dtype not in OUT_DTYPES:
@@ -96,7 +113,8 @@ def _check_quantize(x: Tensor, scale: float) -> None:
     _check_scale("scale", scale)
 
 
-def _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype) -> list[int]:
+def _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None,
+                  out_scale=None, config=None) -> list[int]:
     check_tensor("x_q", x_q, dtypes=(torch.int8,))
     if x_q.dim() < 1:
         raise ValueError(f"x_q must have shape [..., K] (at least 1-D), got {list(x_q.shape)}")
@@ -104,7 +122,8 @@ def _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dt
     check_dim("w_q", w_q.shape[1], x_q.shape[-1], "K (in_features, the last dim of x_q)")
     _check_scale("x_scale", x_scale)
     out_shape = [*x_q.shape[:-1], w_q.shape[0]]
-    _check_epilogue(w_q.shape[0], w_scale, bias, residual, out_shape, activation, out_dtype)
+    _check_epilogue(w_q.shape[0], w_scale, bias, residual, out_shape, activation, out_dtype, residual_scale,
+                    out_scale, config)
     check_same_device(x_q=x_q, w_q=w_q, w_scale=w_scale, bias=bias, residual=residual)
     return out_shape
 
@@ -114,7 +133,7 @@ def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 
 def _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
-                out_dtype) -> list[int]:
+                out_dtype, residual_scale=None, out_scale=None, config=None) -> list[int]:
     if groups != 1:
         raise NotImplementedError(f"int8_conv2d supports groups=1 only, got {groups=} (keep grouped convs float)")
     check_tensor("x_q", x_q, shape=("N", "C", "H", "W"), dtypes=(torch.int8,))
@@ -132,7 +151,7 @@ def _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, gro
         raise ValueError(f"x_q: input {h}x{w} is smaller than the dilated kernel with this padding "
                          f"(output would be {ho}x{wo})")
     out_shape = [n, o, ho, wo]
-    _check_epilogue(o, w_scale, bias, residual, out_shape, activation, out_dtype)
+    _check_epilogue(o, w_scale, bias, residual, out_shape, activation, out_dtype, residual_scale, out_scale, config)
     check_same_device(x_q=x_q, w_q=w_q, w_scale=w_scale, bias=bias, residual=residual)
     return out_shape
 
@@ -159,30 +178,42 @@ def reference_quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
     return q.to(torch.int8)
 
 
+def _requantize(y: Tensor, out_scale: float) -> Tensor:
+    """The int8 epilogue: clamp(round_half_even(y * fp32(1 / out_scale)), -127, 127) in fp32.
+
+    The kernels multiply by the reciprocal (a division per output element would cost more than the
+    rest of the epilogue); it differs from ``y / out_scale`` by at most one fp32 ulp, i.e. only where
+    the quotient is within an ulp of a .5 tie."""
+    inv = torch.tensor(1.0 / out_scale, dtype=torch.float32).item()
+    return torch.clamp(torch.round(y.float() * inv), -127, 127).to(torch.int8)
+
+
+def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias) -> Tensor:
+    if bias is not None:
+        y = y + bias.float().view(shape_bias)
+    if residual is not None:
+        y = y + (residual.float() * residual_scale if residual.dtype == torch.int8 else residual.float())
+    y = _act(y, activation)
+    return _requantize(y, out_scale) if out_scale is not None else y.to(OUT_DTYPES[out_dtype])
+
+
 def reference_int8_linear(x_q, w_q, x_scale, w_scale, bias=None, residual=None, activation="none",
-                          out_dtype="float16") -> Tensor:
+                          out_dtype="float16", residual_scale=None, out_scale=None) -> Tensor:
     """The int8 codes multiplied in fp32 (products exact; sums exact while |acc| < 2^24, else within
-    6e-8 relative), dequantized, epilogue in fp32."""
+    6e-8 relative), dequantized, epilogue in fp32 (int8 output with ``out_scale``)."""
     acc = x_q.float() @ w_q.float().t()
     y = acc * (x_scale * w_scale)
-    if bias is not None:
-        y = y + bias.float()
-    if residual is not None:
-        y = y + residual.float()
-    return _act(y, activation).to(OUT_DTYPES[out_dtype])
+    return _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (-1,))
 
 
 def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                          groups=1, residual=None, activation="none", out_dtype="float16") -> Tensor:
-    """F.conv2d on the int8 codes in fp32 (same exactness as the linear), epilogue in fp32,
-    channels-last output."""
+                          groups=1, residual=None, activation="none", out_dtype="float16", residual_scale=None,
+                          out_scale=None) -> Tensor:
+    """F.conv2d on the int8 codes in fp32 (same exactness as the linear), epilogue in fp32 (int8
+    output with ``out_scale``), channels-last output."""
     acc = F.conv2d(x_q.float(), w_q.permute(0, 3, 1, 2).float(), None, list(stride), list(padding), list(dilation))
     y = acc * (x_scale * w_scale)[None, :, None, None]
-    if bias is not None:
-        y = y + bias.float()[None, :, None, None]
-    if residual is not None:
-        y = y + residual.float()
-    y = _act(y, activation).to(OUT_DTYPES[out_dtype])
+    y = _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (1, -1, 1, 1))
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -310,10 +341,13 @@ if triton_available():
     def _epilogue(
         acc, offs_m, offs_n, M, N, x_scale,
         ws_ptr, b_ptr, r_ptr, y_ptr,
-        stride_rm, stride_rn, stride_ym, stride_yn,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+        stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
     ):  # fmt: skip
-        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + residual[m, n]) in fp32, cast on store."""
+        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32; stored
+        cast to y's float dtype, or (OUT_INT8) as clamp(rint(y * inv_out_scale), -127, 127): the next
+        int8 layer's codes, written once at 1 byte instead of 2 and never re-read as float. rint by
+        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp."""
         m_mask = offs_m < M
         n_mask = offs_n < N
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
@@ -324,13 +358,18 @@ if triton_available():
         rows = offs_m.to(tl.int64)
         if HAS_RESIDUAL:
             r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            out = out + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * res_scale
         if ACTIVATION == 1:
             out = tl.maximum(out, 0.0)
         elif ACTIVATION == 2:
             out = out * tl.sigmoid(out)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if OUT_INT8:
+            v = tl.minimum(tl.maximum(out * inv_out_scale, -127.0), 127.0)
+            v = (v + 12582912.0) - 12582912.0
+            tl.store(y_ptrs, v.to(tl.int8), mask=mask)
+        else:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int8_linear_kernel(
@@ -346,6 +385,8 @@ if triton_available():
         N,
         K,
         x_scale,
+        res_scale,  # residual multiplier (its int8 scale; 1.0 for a float residual)
+        inv_out_scale,  # 1 / out_scale (OUT_INT8)
         # strides (elements)
         stride_xm,
         stride_wn,
@@ -357,6 +398,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr,  # 0 none, 1 relu, 2 silu
+        OUT_INT8: tl.constexpr,  # requantize to int8 codes of out_scale
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the main loop
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -387,7 +429,8 @@ if triton_available():
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
-                  stride_rm, stride_rn, stride_ym, stride_yn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)  # fmt: skip
+                  stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -407,6 +450,8 @@ if triton_available():
         Ho,
         Wo,
         x_scale,
+        res_scale,
+        inv_out_scale,
         stride_h,
         stride_w,
         pad_h,
@@ -424,6 +469,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr,
+        OUT_INT8: tl.constexpr,
         EVEN_C: tl.constexpr,  # C % BLOCK_K == 0: only the padding mask (constant along channels)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -469,7 +515,8 @@ if triton_available():
                 w = tl.load(w_ptrs, mask=c_mask, other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
-                  stride_rm, stride_rn, O, 1, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)  # fmt: skip
+                  stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,19 +550,30 @@ def _quantize_per_tensor_triton(x: Tensor, scale: float, out: Tensor | None = No
     return y
 
 
-def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config):
+def _epilogue_args(residual_scale, out_scale) -> tuple[float, float]:
+    """(res_scale, inv_out_scale) kernel scalars; the reciprocal is rounded to fp32 as the reference does."""
+    inv = 1.0 if out_scale is None else torch.tensor(1.0 / out_scale, dtype=torch.float32).item()
+    return (1.0 if residual_scale is None else float(residual_scale)), inv
+
+
+def _out_dtype(out_dtype: str, out_scale: float | None) -> torch.dtype:
+    return torch.int8 if out_scale is not None else OUT_DTYPES[out_dtype]
+
+
+def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, residual_scale=None, out_scale=None):
     m, k = x2.shape
     n = w_q.shape[0]
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, n, k, x2.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     dummy = w_scale
+    res_scale, inv_out = _epilogue_args(residual_scale, out_scale)
     _int8_linear_kernel[grid](
         x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
-        m, n, k, float(x_scale),
+        m, n, k, float(x_scale), res_scale, inv_out,
         x2.stride(0), w_q.stride(0),
         0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -536,20 +594,24 @@ def _int8_linear_triton(
     out: Tensor | None = None,
     *,
     config: Config | None = None,
+    residual_scale: float | None = None,
+    out_scale: float | None = None,
 ) -> Tensor:
     """x_q [..., K] -> [..., N]. Operands that are not K-contiguous are copied (the slow layout is
     never fed to the dot); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)."""
     k = x_q.shape[-1]
     n = w_q.shape[0]
     lead = x_q.shape[:-1]
-    y = _check_out(out, torch.empty((*lead, n), dtype=OUT_DTYPES[out_dtype], device=x_q.device))
+    y = _check_out(out, torch.empty((*lead, n), dtype=_out_dtype(out_dtype, out_scale), device=x_q.device))
     if y.numel() == 0:
         return y
     if k == 0:  # empty sum: the epilogue alone
-        return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype))
+        return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
+                                             residual_scale, out_scale))
     x2 = _k_contiguous(x_q.reshape(-1, k))
     r2 = None if residual is None else residual.reshape(-1, n)
-    _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config)
+    _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config,
+                   residual_scale, out_scale)
     return y
 
 
@@ -569,6 +631,8 @@ def _int8_conv2d_triton(
     out: Tensor | None = None,
     *,
     config: Config | None = None,
+    residual_scale: float | None = None,
+    out_scale: float | None = None,
 ) -> Tensor:
     """NHWC implicit GEMM (1x1 / stride 1 / no padding: the linear kernel on the NHWC views).
     An input or residual not in channels-last memory is copied to it first (one int8 relayout)."""
@@ -576,13 +640,14 @@ def _int8_conv2d_triton(
     o, kh, kw, _ = w_q.shape
     ho = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
     wo = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
-    y = torch.empty((n, o, ho, wo), dtype=OUT_DTYPES[out_dtype], device=x_q.device, memory_format=torch.channels_last)
+    y = torch.empty((n, o, ho, wo), dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
+                    memory_format=torch.channels_last)
     y = _check_out(out, y)
     if y.numel() == 0:
         return y
     if c == 0:
         return y.copy_(reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups,
-                                             residual, activation, out_dtype))
+                                             residual, activation, out_dtype, residual_scale, out_scale))
     if not x_q.is_contiguous(memory_format=torch.channels_last):
         x_q = x_q.contiguous(memory_format=torch.channels_last)
     if not w_q.is_contiguous():
@@ -596,18 +661,20 @@ def _int8_conv2d_triton(
     r2 = None if residual is None else residual.permute(0, 2, 3, 1).reshape(m, o)
     if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
-        _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config)
+        _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
+                       out_scale)
         return y
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, o, c, x_q.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
+    res_scale, inv_out = _epilogue_args(residual_scale, out_scale)
     _int8_conv2d_kernel[grid](
         x_q, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
-        m, o, c, h, w, ho, wo, float(x_scale),
+        m, o, c, h, w, ho, wo, float(x_scale), res_scale, inv_out,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
@@ -628,6 +695,10 @@ def _inference_only(name: str):
         pass
 
     return backward, setup_context
+
+
+def _config(config: list[int] | None) -> Config | None:
+    return None if config is None else tuple(int(v) for v in config)
 
 
 @torch.library.custom_op("bevdeploy::quantize_per_tensor", mutates_args=())
@@ -654,16 +725,23 @@ def _int8_linear_op(
     residual: Tensor | None,
     activation: str,
     out_dtype: str,
+    residual_scale: float | None = None,
+    out_scale: float | None = None,
+    config: list[int] | None = None,
 ) -> Tensor:
     if use_triton(x_q):
-        return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
-    return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype).contiguous()
+        return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
+                                   config=_config(config), residual_scale=residual_scale, out_scale=out_scale)
+    return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
+                                 out_scale).contiguous()
 
 
 @_int8_linear_op.register_fake
-def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype):
-    shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
-    return x_q.new_empty(shape, dtype=OUT_DTYPES[out_dtype])
+def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None, out_scale=None,
+      config=None):
+    shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
+                          out_scale, config)
+    return x_q.new_empty(shape, dtype=_out_dtype(out_dtype, out_scale))
 
 
 @torch.library.custom_op("bevdeploy::int8_conv2d", mutates_args=())
@@ -680,19 +758,25 @@ def _int8_conv2d_op(
     residual: Tensor | None,
     activation: str,
     out_dtype: str,
+    residual_scale: float | None = None,
+    out_scale: float | None = None,
+    config: list[int] | None = None,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_conv2d_triton(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
-                                   activation, out_dtype)
+                                   activation, out_dtype, config=_config(config), residual_scale=residual_scale,
+                                   out_scale=out_scale)
     return reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
-                                 activation, out_dtype)
+                                 activation, out_dtype, residual_scale, out_scale)
 
 
 @_int8_conv2d_op.register_fake
-def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype):
+def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
+      residual_scale=None, out_scale=None, config=None):
     shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
-                        out_dtype)
-    return torch.empty(shape, dtype=OUT_DTYPES[out_dtype], device=x_q.device, memory_format=torch.channels_last)
+                        out_dtype, residual_scale, out_scale, config)
+    return torch.empty(shape, dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
+                       memory_format=torch.channels_last)
 
 
 for _op, _name in ((_quantize_per_tensor_op, "quantize_per_tensor"), (_int8_linear_op, "int8_linear"),
@@ -711,6 +795,14 @@ def _out_dtype_name(out_dtype: torch.dtype | str) -> str:
             raise ValueError(f"out_dtype must be torch.float16 or torch.float32, got {out_dtype}")
         return _DTYPE_NAME[out_dtype]
     return out_dtype
+
+
+def _opt_float(v):
+    return None if v is None else float(v)
+
+
+def _opt_list(config):
+    return None if config is None else [int(v) for v in config]
 
 
 def quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
@@ -737,8 +829,11 @@ def int8_linear(
     bias: Tensor | None = None,
     *,
     residual: Tensor | None = None,
+    residual_scale: float | None = None,
     activation: str = "none",
     out_dtype: torch.dtype | str = torch.float16,
+    out_scale: float | None = None,
+    config: Config | None = None,
 ) -> Tensor:
     """``act(x_scale * w_scale[n] * (x_q @ w_q.T)[.., n] + bias[n] + residual)`` with int8 tensor-core math.
 
@@ -748,16 +843,25 @@ def int8_linear(
         x_scale (float): per-tensor scale of ``x_q``.
         w_scale (Tensor[N]): float32 per-output-channel weight scales.
         bias (Tensor[N], optional): float bias, added after dequantization.
-        residual (Tensor[..., N], optional): float tensor added before the activation.
+        residual (Tensor[..., N], optional): added before the activation: a float tensor, or int8
+            codes with their per-tensor ``residual_scale``.
+        residual_scale (float, optional): scale of an int8 ``residual`` (required for one, else None).
         activation (str): ``"none"``, ``"relu"`` or ``"silu"``.
-        out_dtype (torch.dtype): torch.float16 (default) or torch.float32.
+        out_dtype (torch.dtype): torch.float16 (default) or torch.float32 (ignored with ``out_scale``).
+        out_scale (float, optional): write int8 codes ``clamp(round_half_even(y / out_scale), -127, 127)``
+            (symmetric, no zero point) of the epilogue's result instead of floats: the consumer's
+            calibrated input scale, so it reads them directly.
+        config (tuple of 6 ints, optional): launch configuration (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            warps, stages), e.g. a layer's autotuned choice; default: :func:`gemm_config`.
 
     Returns:
-        Tensor[..., N]: contiguous, ``out_dtype``.
+        Tensor[..., N]: contiguous, ``out_dtype`` (int8 with ``out_scale``).
     """
     out_dtype = _out_dtype_name(out_dtype)
-    _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype)
-    return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype)
+    _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale, out_scale,
+                  config)
+    return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype,
+                           _opt_float(residual_scale), _opt_float(out_scale), _opt_list(config))
 
 
 def int8_conv2d(
@@ -772,8 +876,11 @@ def int8_conv2d(
     groups: int = 1,
     *,
     residual: Tensor | None = None,
+    residual_scale: float | None = None,
     activation: str = "none",
     out_dtype: torch.dtype | str = torch.float16,
+    out_scale: float | None = None,
+    config: Config | None = None,
 ) -> Tensor:
     """2-D convolution on int8 codes with int8 tensor-core math and a fused epilogue.
 
@@ -786,16 +893,22 @@ def int8_conv2d(
         bias (Tensor[O], optional): float bias (BN folded in), added after dequantization.
         stride, padding, dilation (int or (int, int)): as ``F.conv2d`` (zero padding).
         groups (int): 1 only (NotImplementedError otherwise).
-        residual (Tensor[N, O, Ho, Wo], optional): float tensor added before the activation
-            (channels-last memory avoids a copy).
+        residual (Tensor[N, O, Ho, Wo], optional): added before the activation (the ResNet identity):
+            float, or int8 codes with ``residual_scale``; channels-last memory avoids a copy.
+        residual_scale (float, optional): scale of an int8 ``residual`` (required for one, else None).
         activation (str): ``"none"``, ``"relu"`` or ``"silu"``.
-        out_dtype (torch.dtype): torch.float16 (default) or torch.float32.
+        out_dtype (torch.dtype): torch.float16 (default) or torch.float32 (ignored with ``out_scale``).
+        out_scale (float, optional): write int8 codes of this scale (the consumer's input scale),
+            ``clamp(round_half_even(y / out_scale), -127, 127)``, instead of floats.
+        config (tuple of 6 ints, optional): launch configuration, as :func:`int8_linear`'s.
 
     Returns:
-        Tensor[N, O, Ho, Wo]: ``out_dtype`` in channels-last memory.
+        Tensor[N, O, Ho, Wo]: ``out_dtype`` (int8 with ``out_scale``) in channels-last memory.
     """
     out_dtype = _out_dtype_name(out_dtype)
     stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
-    _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype)
+    _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
+                residual_scale, out_scale, config)
     return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
-                           activation, out_dtype)
+                           activation, out_dtype, _opt_float(residual_scale), _opt_float(out_scale),
+                           _opt_list(config))

@@ -12,7 +12,8 @@ A converted layer computes (see :mod:`bevdeploy.quant.int8_kernels`)::
     y = act( input_scale * weight_scale[o] * sum(int8(x / input_scale) * weight) + bias[o] [+ residual] )
 
 with int8 x int8 -> int32 tensor-core math and the rest fused in the kernel's epilogue; it returns
-fp16 (or fp32) and, for convs, channels-last 4-D tensors.
+fp16 (or fp32) and, for convs, channels-last 4-D tensors; or int8 codes when
+:func:`bevdeploy.quant.chain.chain_int8` has set its ``out_scale`` (the consumer's input scale).
 """
 
 from __future__ import annotations
@@ -120,12 +121,22 @@ class _QuantBase(nn.Module):
     #: / ReLU epilogue), saving a read and a write of the float activation. Codes may differ from the
     #: kernel's by one step where x / scale is a tie and the compiler's division is approximate.
     quantize_in_graph: bool = False
+    _nhwc_input: bool = False  # True for convs (int8_conv2d reads channels-last codes)
+    #: Set by :func:`bevdeploy.quant.chain.chain_int8`: the epilogue writes int8 codes of this scale
+    #: (the consumer's input scale) instead of floats. None: float output (``out_dtype``).
+    out_scale: float | None = None
+    #: Launch configuration (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) picked by the build's
+    #: autotune (:func:`bevdeploy.quant.autotune.autotune_int8_layers`); it is an argument of the op
+    #: call, so it lands in the exported engine and loading never re-tunes. None: the heuristic.
+    launch_config: tuple[int, ...] | None = None
 
     def _quantize_input(self, x: Tensor) -> Tensor:
         if x.dtype == torch.int8:
             return x
         if self.quantize_in_graph:
-            return reference_quantize_per_tensor(x, self._input_scale)
+            q = reference_quantize_per_tensor(x, self._input_scale)
+            # convs read NHWC codes: a compiler fuses this layout into the quantize pass
+            return q.contiguous(memory_format=torch.channels_last) if q.dim() == 4 and self._nhwc_input else q
         return quantize_per_tensor(x, self._input_scale)
 
     def _precision(self) -> str:
@@ -134,7 +145,10 @@ class _QuantBase(nn.Module):
         except NotImplementedError:
             kernel = "unavailable (CUDA without Triton)"
         out = "fp16" if self.out_dtype == torch.float16 else "fp32"
-        return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}"
+        if self.out_scale is not None:
+            out = f"int8 (scale {self.out_scale:.6g})"
+        tuned = f", config={list(self.launch_config)}" if self.launch_config is not None else ""
+        return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}{tuned}"
 
 
 class QuantLinear(_QuantBase):
@@ -178,10 +192,12 @@ class QuantLinear(_QuantBase):
                 q.bias.copy_(linear.bias.detach().float())
         return q
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes -> Tensor[..., N]."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
+        """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes of ``input_scale``
+        -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8 ``residual`` needs its scale."""
         return int8_linear(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
-                           residual=residual, activation=self.activation, out_dtype=self.out_dtype)
+                           residual=residual, residual_scale=residual_scale, activation=self.activation,
+                           out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -225,6 +241,8 @@ class QuantConv2d(_QuantBase):
     (fold BatchNorm first with :func:`fold_bn`).
     """
 
+    _nhwc_input = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",
                  out_dtype: torch.dtype = torch.float16, device=None) -> None:
@@ -266,12 +284,14 @@ class QuantConv2d(_QuantBase):
                 q.bias.copy_(conv.bias.detach().float())
         return q
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x (Tensor[N, C, H, W]) float or int8 codes (channels-last memory avoids a relayout) ->
-        Tensor[N, O, Ho, Wo] channels-last; ``residual`` (same shape) is added before the activation."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
+        """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` (channels-last memory avoids a
+        relayout) -> Tensor[N, O, Ho, Wo] channels-last (int8 codes of ``out_scale`` when set);
+        ``residual`` (same shape; float, or int8 with ``residual_scale``) is added before the activation."""
         return int8_conv2d(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
-                           self.stride, self.padding, self.dilation, residual=residual, activation=self.activation,
-                           out_dtype=self.out_dtype)
+                           self.stride, self.padding, self.dilation, residual=residual,
+                           residual_scale=residual_scale, activation=self.activation, out_dtype=self.out_dtype,
+                           out_scale=self.out_scale, config=self.launch_config)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,0 +1,153 @@
+"""Build-time launch tuning of the int8 layers: time a few configurations per layer shape on the GPU.
+
+One heuristic (:func:`bevdeploy.quant.int8_kernels.gemm_config`) cannot be best for every conv of a
+ResNet (3 input channels to 2048, 64 to 60000 output pixels). At engine build, each int8 layer is
+run once on the real activations of an example input; for every distinct call (weight shape,
+geometry, input shape, epilogue) a short candidate list is timed with CUDA events inside a CUDA
+graph (a Triton launch from Python costs ~40 us, more than many of these convs), and the fastest
+is stored in the layer's ``launch_config``. It is an argument of the op call, so it is a constant
+of the exported graph: the engine file carries it and loading never re-tunes. CPU builds (and the
+interpreter) keep the heuristic.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+import torch
+from torch import Tensor, nn
+
+from bevdeploy.quant.int8_kernels import Config, _p2, candidate_configs, gemm_config, int8_conv2d, int8_linear
+from bevdeploy.quant.modules import QuantConv2d, QuantLinear
+
+__all__ = ["autotune_int8_layers", "layer_candidates", "time_in_graph"]
+
+logger = logging.getLogger(__name__)
+
+
+def layer_candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+    """The heuristic's pick plus the candidates that fit the problem (no tile far wider than N or the
+    contiguous K run, which would only add masked work), smaller tiles for narrow layers."""
+    extra = [(128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
+    out = [gemm_config(m, n, k, device)]
+    for c in candidate_configs() + extra:
+        bm, bn, bk = c[:3]
+        if bn > max(64, 2 * _p2(n)) or bk > max(32, _p2(k)) or bm > max(64, 2 * _p2(m)):
+            continue
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def time_in_graph(fn, calls: int = 10, replays: int = 7) -> float:
+    """Median microseconds per call of ``fn`` captured ``calls`` times in a CUDA graph (CUDA events)."""
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, config) -> Tensor:
+    kw = dict(residual=residual, residual_scale=residual_scale, activation=layer.activation,
+              out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config)
+    if isinstance(layer, QuantConv2d):
+        return int8_conv2d(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, layer.stride,
+                           layer.padding, layer.dilation, **kw)
+    return int8_linear(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, **kw)
+
+
+def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
+    if isinstance(layer, QuantConv2d):
+        n, c, h, w = x_q.shape
+        kh, kw = layer.kernel_size
+        ho = (h + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
+        wo = (w + 2 * layer.padding[1] - layer.dilation[1] * (kw - 1) - 1) // layer.stride[1] + 1
+        return n * ho * wo, layer.out_channels, c
+    return x_q.numel() // x_q.shape[-1], layer.out_features, x_q.shape[-1]
+
+
+@torch.no_grad()
+def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=None,
+                         max_candidates: int = 5) -> dict[str, list[int]]:
+    """Time launch configurations for every int8 layer of ``module`` and store the fastest.
+
+    Args:
+        module: the deploy form (int8 layers converted and chained), on CUDA, eval mode.
+        example_args: positional inputs of ``module`` of the engine's shapes (values only steer the
+            activations; the timing depends on shapes).
+        candidates: optional ``fn(m, n, k, device) -> list[Config]`` (default :func:`layer_candidates`).
+        max_candidates: configurations timed per distinct call, the heuristic's first (each new one
+            costs a Triton compile, ~1 s, at build time).
+
+    Returns:
+        layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]`` (also set as the
+        layer's ``launch_config``).
+    """
+    candidates = candidates or layer_candidates
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    calls: dict[str, tuple] = {}
+
+    def hook(name):
+        def fn(mod, args, kwargs, out):
+            if name in calls:
+                return  # a layer called twice (shared weights): tune its first call
+            x = args[0]
+            residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
+            rs = kwargs.get("residual_scale", args[2] if len(args) > 2 else None)
+            x_q = x if x.dtype == torch.int8 else mod._quantize_input(x)
+            calls[name] = (x_q.clone(), None if residual is None else residual.clone(), rs)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+    try:
+        module(*example_args)
+    finally:
+        for h in handles:
+            h.remove()
+    chosen: dict[str, list[int]] = {}
+    by_key: dict[tuple, Config] = {}
+    for name, (x_q, residual, rs) in calls.items():
+        layer = layers[name]
+        key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
+               getattr(layer, "padding", None), getattr(layer, "dilation", None), tuple(x_q.shape),
+               None if residual is None else residual.dtype, layer.out_scale is not None, layer.activation,
+               layer.bias is not None, layer.out_dtype)
+        if key not in by_key:
+            m, n, k = _gemm_dims(layer, x_q)
+            results = []
+            for cfg in candidates(m, n, k, x_q.device)[:max_candidates]:
+                try:
+                    us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, cfg))
+                except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
+                    logger.debug("%s: config %s failed: %s", name, cfg, e)
+                    continue
+                results.append((us, cfg))
+            if not results:
+                continue
+            best_us, best = min(results)
+            logger.info("autotune %s %s: %s %.1f us (heuristic %.1f us)", name, list(key[1]), list(best), best_us,
+                        results[0][0])
+            by_key[key] = best
+        layer.launch_config = tuple(by_key[key])
+        chosen[name] = list(by_key[key])
+    return chosen

@@ -1,0 +1,413 @@
+"""The int8 chain: int8 activations flow from layer to layer instead of fp16 + re-quantization.
+
+After :func:`bevdeploy.quant.modules.quantize_modules`, every int8 layer still writes fp16 and its
+consumer quantizes that again: one float write, one float read and one quantize pass per layer.
+:func:`chain_int8` rewrites the structures whose data flow it knows so that a producer's epilogue
+writes the int8 codes its consumers read (``QuantConv2d.out_scale`` = the consumers' calibrated
+input scale, symmetric, no zero point):
+
+* ResNet ``Bottleneck`` (BEVFormer/BEVDet image backbone) and ``BasicBlock`` (BEVDet BEV encoder):
+  conv1 and conv2 fuse their ReLU and write int8 for the next conv; the last conv's epilogue does
+  bias + identity (int8 codes with the block input's scale) or downsample branch (fp16) + ReLU +
+  requantize to the next block's input scale, in one pass.
+* Block sequences (a stage, stage to stage), the ResNet stem (conv + ReLU + int8 max-pool: max-pool
+  commutes with a monotonic quantizer, so pooling the codes is exact) and ``nn.Sequential`` runs of
+  int8 convs (FPN-LSS).
+* The backbone's outputs into the neck's int8 laterals, and (BEVDet) the neck's output conv into the
+  depth net; the laterals of BEVDet's ``CustomFPN`` and BEVFormer's ``FPN`` take the top-down sum
+  as their fused residual (int8 codes, nearest-upsampled by a gather, when the level above writes
+  int8), and write int8 for their output convs.
+
+A tensor goes int8 only when its producer is an int8 conv and every consumer reads int8 (an int8
+conv's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
+an upsample, the returned feature list) keeps it float, and the producer writes float directly, so
+the chain never adds a dequantize pass. Readers of one tensor share one scale: the largest of their
+calibrated input scales (they calibrated the same tensor, so these agree up to calibrator noise;
+the largest clips nothing any of them kept).
+
+Origin: TensorRT's explicit-quantization graphs (Q/DQ pairs propagated and fused into conv
+epilogues) express the same data flow; here it is a module rewrite the engine exports as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bevdeploy.quant.modules import QuantConv2d
+
+__all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "chain_int8",
+           "max_pool2d_int8"]
+
+
+def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """Max-pool of int8 codes (no dilation, floor mode) as the max of shifted strided views.
+
+    ``max(q(x)) == q(max(x))`` for a monotonic quantizer, so pooling codes is exact. Written with
+    ``torch.maximum`` over views (a compiler fuses them into one pass) because int8 max-pool kernels
+    are not available on every backend; padding uses -128, below every code.
+    """
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding - kernel_size) // stride + 1
+    wo = (w + 2 * padding - kernel_size) // stride + 1
+    xp = F.pad(x, (padding, padding, padding, padding), value=-128) if padding else x
+    out = None
+    for dy in range(kernel_size):
+        for dx in range(kernel_size):
+            v = xp[:, :, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
+            out = v if out is None else torch.maximum(out, v)
+    return out
+
+
+def _nearest_like(x: Tensor, size) -> Tensor:
+    """Nearest upsampling to ``size`` (source index ``floor(dst * in / out)``, F.interpolate's
+    'nearest'); int8 codes by an index gather (it commutes with the quantizer: exact)."""
+    if x.dtype != torch.int8:
+        return F.interpolate(x, size=size, mode="nearest")
+    (h, w), (ho, wo) = x.shape[2:], size
+    iy = torch.arange(ho, device=x.device) * h // ho
+    ix = torch.arange(wo, device=x.device) * w // wo
+    return x.index_select(2, iy).index_select(3, ix).contiguous(memory_format=torch.channels_last)
+
+
+def _is_q(m) -> bool:
+    return isinstance(m, QuantConv2d)
+
+
+def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
+    """conv + ReLU: fused in an int8 conv's epilogue (its activation is set to relu), else run here."""
+    return conv(x) if _is_q(conv) else F.relu(conv(x))
+
+
+def _conv_residual_relu(conv: nn.Module, x: Tensor, identity: Tensor, identity_scale: float | None) -> Tensor:
+    """relu(conv(x) + identity): one epilogue for an int8 conv (int8 or float identity)."""
+    if _is_q(conv):
+        return conv(x, residual=identity, residual_scale=identity_scale if identity.dtype == torch.int8 else None)
+    assert identity.dtype != torch.int8, "float conv with an int8 identity: chain_int8 must keep it float"
+    return F.relu(conv(x) + identity)
+
+
+class Int8Bottleneck(nn.Module):
+    """A ``Bottleneck`` whose convs pass int8 codes (see the module docstring); same child names.
+
+    ``in_scale``: the scale of the int8 input codes (None: float input).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
+        self.downsample = block.downsample
+        self.in_scale: float | None = None
+        self.int8_identity = True
+        for conv in (self.conv1, self.conv2, self.conv3):
+            if _is_q(conv):
+                conv.activation = "relu"
+
+    def input_readers(self) -> list[tuple[nn.Module | None, str]]:
+        readers = [(self.conv1, "input")]
+        if self.downsample is not None:
+            readers.append((_single_conv(self.downsample), "input"))
+        else:
+            readers.append((self.conv3, "residual") if self.int8_identity else (None, "float"))
+        return readers
+
+    def last_conv(self) -> nn.Module:
+        return self.conv3
+
+    def link_internal(self) -> None:
+        _link(self.conv1, [(self.conv2, "input")])
+        _link(self.conv2, [(self.conv3, "input")])
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = _conv_relu(self.conv1, x)
+        out = _conv_relu(self.conv2, out)
+        return _conv_residual_relu(self.conv3, out, identity, self.in_scale)
+
+
+class Int8BasicBlock(nn.Module):
+    """A ``BasicBlock`` (3x3 -> 3x3 + identity) whose convs pass int8 codes; same child names."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = block.conv1, block.conv2
+        self.downsample = block.downsample
+        self.in_scale: float | None = None
+        self.int8_identity = True
+        for conv in (self.conv1, self.conv2):
+            if _is_q(conv):
+                conv.activation = "relu"
+
+    def input_readers(self) -> list[tuple[nn.Module | None, str]]:
+        readers = [(self.conv1, "input")]
+        if self.downsample is not None:
+            readers.append((_single_conv(self.downsample), "input"))
+        else:
+            readers.append((self.conv2, "residual") if self.int8_identity else (None, "float"))
+        return readers
+
+    def last_conv(self) -> nn.Module:
+        return self.conv2
+
+    def link_internal(self) -> None:
+        _link(self.conv1, [(self.conv2, "input")])
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = _conv_relu(self.conv1, x)
+        return _conv_residual_relu(self.conv2, out, identity, self.in_scale)
+
+
+_BLOCKS = (Int8Bottleneck, Int8BasicBlock)
+
+
+class Int8ResNet(nn.Module):
+    """The image ``ResNet`` with an int8 stem (conv + fused ReLU + int8 max-pool) and chained stages."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.maxpool = resnet.conv1, resnet.maxpool
+        for i in range(1, 5):
+            self.add_module(f"layer{i}", getattr(resnet, f"layer{i}"))
+        self.out_indices = tuple(resnet.out_indices)
+        self.depth, self.style = resnet.depth, resnet.style
+        if _is_q(self.conv1):
+            self.conv1.activation = "relu"
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(256 * 2**i for i in self.out_indices)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = _conv_relu(self.conv1, x)
+        mp = self.maxpool
+        if x.dtype == torch.int8:
+            # channels-last: the layout layer1's int8 convs read (a compiler writes it so directly)
+            x = max_pool2d_int8(x, mp.kernel_size, mp.stride, mp.padding).contiguous(memory_format=torch.channels_last)
+        else:
+            x = mp(x)
+        outs = []
+        for i in range(4):
+            x = getattr(self, f"layer{i + 1}")(x)
+            if i in self.out_indices:
+                outs.append(x)
+            if i >= max(self.out_indices):
+                break
+        return outs
+
+
+class Int8CustomFPN(nn.Module):
+    """BEVDet's ``CustomFPN`` with the top-down sum fused into the lateral conv's epilogue (as its
+    residual) and the summed lateral written as int8 for the output conv when it is int8."""
+
+    def __init__(self, fpn: nn.Module) -> None:
+        super().__init__()
+        self.out_ids = fpn.out_ids
+        self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
+
+    def forward(self, inputs) -> Tensor:
+        if len(inputs) != len(self.lateral_convs):
+            raise ValueError(f"CustomFPN expects {len(self.lateral_convs)} input levels, got {len(inputs)}")
+        n = len(inputs)
+        lat = [None] * n
+        lat[n - 1] = self.lateral_convs[n - 1].conv(inputs[n - 1])
+        for i in range(n - 2, -1, -1):
+            up = _nearest_like(lat[i + 1], inputs[i].shape[2:])
+            conv = self.lateral_convs[i].conv
+            lat[i] = conv(inputs[i], residual=up) if _is_q(conv) else conv(inputs[i]) + up
+        return self.fpn_convs[0](lat[self.out_ids[0]])
+
+
+class Int8FPN(nn.Module):
+    """BEVFormer's ``FPN`` with the top-down sum fused into each lateral conv's epilogue (the
+    upsampled level above as its residual, int8 codes when that lateral writes int8) and each
+    lateral written as int8 for its output conv when both readers are int8. ``lateral_scales[i]``:
+    the scale of lateral i's int8 output (None: float)."""
+
+    def __init__(self, fpn: nn.Module) -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "num_outs", "start_level", "add_extra_convs",
+                     "relu_before_extra_convs"):
+            setattr(self, attr, getattr(fpn, attr))
+        self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
+        self.lateral_scales: list[float | None] = [None] * len(self.lateral_convs)
+
+    def forward(self, inputs) -> list[Tensor]:
+        if len(inputs) != len(self.in_channels):
+            raise ValueError(f"FPN expects {len(self.in_channels)} input levels, got {len(inputs)}")
+        used = len(self.lateral_convs)
+        xs = [inputs[i + self.start_level] for i in range(used)]
+        lat = [None] * used
+        lat[used - 1] = self.lateral_convs[used - 1].conv(xs[used - 1])
+        for i in range(used - 2, -1, -1):
+            up = _nearest_like(lat[i + 1], xs[i].shape[2:])
+            conv = self.lateral_convs[i].conv
+            if _is_q(conv):
+                lat[i] = conv(xs[i], residual=up, residual_scale=self.lateral_scales[i + 1])
+            else:
+                lat[i] = conv(xs[i]) + up
+        outs = [self.fpn_convs[i](lat[i]) for i in range(used)]
+        if self.num_outs > used:
+            if self.add_extra_convs is None:
+                for _ in range(self.num_outs - used):
+                    outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            else:
+                outs.append(self.fpn_convs[used](outs[-1]))
+                for i in range(used + 1, self.num_outs):
+                    src = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                    outs.append(self.fpn_convs[i](src))
+        return outs
+
+
+def _single_conv(m: nn.Module | None) -> nn.Module | None:
+    """The conv of a projection (a conv, or ``Sequential(conv, Identity...)`` after BN folding)."""
+    if isinstance(m, nn.Sequential):
+        convs = [c for c in m if not isinstance(c, nn.Identity)]
+        return convs[0] if len(convs) == 1 else None
+    return m
+
+
+def _link(producer: nn.Module | None, readers: list[tuple[nn.Module | None, str]]) -> float | None:
+    """Make ``producer`` write int8 for ``readers`` when it and all of them are int8; returns the scale.
+
+    readers: ``(module, "input")`` for a conv reading the tensor as its input, ``(module,
+    "residual")`` for an int8 conv epilogue adding it, ``(None, "float")`` for a float consumer.
+    """
+    if not _is_q(producer) or not readers or not all(_is_q(m) for m, _ in readers):
+        if _is_q(producer):
+            producer.out_scale = None
+        return None
+    inputs = [m for m, kind in readers if kind == "input"]
+    if not inputs:
+        producer.out_scale = None
+        return None
+    scale = max(m.input_scale for m in inputs)
+    for m in inputs:
+        m.input_scale = scale
+    producer.out_scale = scale
+    return scale
+
+
+def _link_into_block(producer: nn.Module | None, block: nn.Module, extra=()) -> None:
+    block.in_scale = _link(producer, [*block.input_readers(), *extra])
+
+
+def _convert_blocks(model: nn.Module) -> None:
+    from bevdeploy.models.bevdet import BasicBlock
+    from bevdeploy.models.resnet import Bottleneck
+
+    for name, m in list(model.named_modules()):
+        cls = Int8Bottleneck if isinstance(m, Bottleneck) else Int8BasicBlock if isinstance(m, BasicBlock) else None
+        if cls is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(m))
+
+
+def _link_sequentials(model: nn.Module) -> None:
+    """Adjacent int8 convs of a plain ``nn.Sequential`` (Identity between them: folded BN, fused ReLU)."""
+    for m in model.modules():
+        if type(m) is not nn.Sequential:
+            continue
+        kids = [c for c in m if not isinstance(c, nn.Identity)]
+        for a, b in zip(kids, kids[1:]):
+            if _is_q(a) and _is_q(b):
+                _link(a, [(b, "input")])
+
+
+def _link_stage_blocks(stages: list[nn.Sequential]) -> None:
+    for stage in stages:
+        blocks = list(stage)
+        if all(isinstance(b, _BLOCKS) for b in blocks):
+            for a, b in zip(blocks, blocks[1:]):
+                _link_into_block(a.last_conv(), b)
+
+
+def _link_resnet(net: Int8ResNet, out_readers: dict[int, list]) -> None:
+    """Stem -> layer1, stage ends -> next stage (+ the neck readers of returned stages)."""
+    stages = [getattr(net, f"layer{i}") for i in range(1, 5)]
+    _link_stage_blocks(stages)
+    last = max(net.out_indices)
+    _link_into_block(net.conv1, stages[0][0])
+    for i in range(last + 1):
+        producer = stages[i][-1].last_conv()
+        readers = list(out_readers.get(i, [(None, "float")])) if i in net.out_indices else []
+        if i < last:
+            _link_into_block(producer, stages[i + 1][0], readers)
+        else:
+            _link(producer, readers)
+
+
+def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
+    """Rewrite ``model`` (after ``quantize_modules``) so int8 activations flow between its int8 layers.
+
+    Recognised: the image ``ResNet`` (``img_backbone``) and its neck (``img_neck``: BEVDet's
+    ``CustomFPN`` or BEVFormer's ``FPN``), BEVDet's depth net, ``Bottleneck`` / ``BasicBlock``
+    sequences anywhere (BEVDet's BEV encoder), and int8 convs adjacent in an ``nn.Sequential``.
+    A ``ResNet`` used alone returns float features (its consumers are unknown).
+
+    Args:
+        model: a model whose convs were converted by ``quantize_modules`` (BN folded), in place.
+        int8_identity: a residual block's identity is read as int8 codes (the block input's); False
+            keeps block boundaries float (the identity then adds the float input: one fewer
+            quantization per block, ~6 dB better SQNR on a random-weight ResNet-101, but block outputs
+            are written as fp16 and quantized again by the next block's convs).
+
+    Returns:
+        Names of the int8 layers that now write int8 codes, in module order.
+    """
+    from bevdeploy.models.bevdet import CustomFPN
+    from bevdeploy.models.fpn import FPN
+    from bevdeploy.models.resnet import ResNet
+
+    _convert_blocks(model)
+    for m in list(model.modules()):
+        if isinstance(m, _BLOCKS):
+            m.int8_identity = int8_identity
+            m.link_internal()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ResNet):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int8ResNet(m))
+    for name, m in list(model.named_modules()):
+        wrap = Int8CustomFPN if isinstance(m, CustomFPN) else Int8FPN if isinstance(m, FPN) else None
+        if wrap is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, wrap(m))
+
+    backbone, neck = getattr(model, "img_backbone", None), getattr(model, "img_neck", None)
+    resnets = [m for m in model.modules() if isinstance(m, Int8ResNet)]
+    for net in resnets:
+        out_readers: dict[int, list] = {}
+        if net is backbone and isinstance(neck, (Int8CustomFPN, Int8FPN)):
+            start = getattr(neck, "start_level", 0)
+            for k, stage in enumerate(net.out_indices):
+                j = k - start
+                out_readers[stage] = [(neck.lateral_convs[j].conv, "input")] if j >= 0 else [(None, "float")]
+        _link_resnet(net, out_readers)
+    for m in model.modules():  # the other block sequences (BEVDet's BEV encoder): within each stage
+        if isinstance(m, nn.Sequential) and not any(m is getattr(n, f"layer{i}") for n in resnets for i in range(1, 5)):
+            _link_stage_blocks([m])
+    _link_sequentials(model)
+    if isinstance(neck, Int8CustomFPN):
+        n = len(neck.lateral_convs)
+        for i in range(n):
+            readers = [(None, "float")] if i > 0 else []  # upsampled into the level below
+            if i == neck.out_ids[0]:
+                readers.append((neck.fpn_convs[0].conv, "input"))
+            _link(neck.lateral_convs[i].conv, readers)
+        vt = getattr(model, "img_view_transformer", None)
+        depth_net = getattr(vt, "depth_net", None)
+        _link(neck.fpn_convs[0].conv, [(depth_net, "input")] if depth_net is not None else [(None, "float")])
+    for fpn in [m for m in model.modules() if isinstance(m, Int8FPN)]:
+        n = len(fpn.lateral_convs)
+        for i in range(n - 1, -1, -1):  # top-down: a lateral's int8 output is the next one's residual
+            readers = [(fpn.fpn_convs[i].conv, "input")]
+            if i > 0:
+                readers.append((fpn.lateral_convs[i - 1].conv, "residual"))
+            fpn.lateral_scales[i] = _link(fpn.lateral_convs[i].conv, readers)
+    return [n for n, m in model.named_modules() if _is_q(m) and m.out_scale is not None]

@@ -1,0 +1,36 @@
+"""``bevdeploy bench convs`` on the CPU: the conv calls it times are the chained engine's (found on
+the meta device), and it refuses to run without a GPU."""
+
+import pytest
+import torch
+
+from bevdeploy.eval.bench_convs import _int8_module, backbone_module, conv_calls, run
+
+
+def test_bevdet_conv_calls_are_the_chained_engines():
+    calls = conv_calls(_int8_module(backbone_module("bevdet-r50")), (64, 176))
+    by_layer = {name: call for call, names in calls.items() for name in names}
+    assert len(by_layer) == 53 + 3 + 1  # ResNet-50 convs (with 4 downsamples), CustomFPN, the depth net
+    stem = by_layer["img_backbone.conv1"]
+    assert stem.in_shape == (6, 3, 64, 176) and stem.activation == "relu" and stem.int8_out
+    first = by_layer["img_backbone.layer1.0.conv3"]
+    assert first.residual == "fp16" and first.int8_out  # the downsample branch is the residual
+    assert by_layer["img_backbone.layer1.1.conv3"].residual == "int8"  # the identity, as int8 codes
+    assert by_layer["img_neck.lateral_convs.0.conv"].residual == "fp16"  # the top-down sum, fused
+    assert not by_layer["img_view_transformer.depth_net"].int8_out  # softmax reads it
+    assert sum(len(v) for v in calls.values()) == len(by_layer) and len(calls) < len(by_layer)
+    assert "3x3 s1 64->64" in by_layer["img_backbone.layer1.1.conv2"].label()
+
+
+def test_bevformer_small_keeps_dcn_out_of_the_int8_convs():
+    calls = conv_calls(_int8_module(backbone_module("bevformer-small")), (64, 96))
+    names = {n for v in calls.values() for n in v}
+    assert "img_backbone.layer3.0.conv2.conv_offset" in names  # the DCN's offset conv is a plain conv
+    assert "img_backbone.layer3.0.conv2" not in names
+    assert not any(c.int8_out for c, v in calls.items() if "img_backbone.layer3.0.conv1" in v)  # DCN reads it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")
+def test_refuses_without_gpu():
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        run(["bevdet-r50"])

@@ -1,0 +1,50 @@
+"""Build-time launch tuning: the candidate lists, the stored choice reaching the exported graph, and
+(on a GPU) a tuned layer giving the same codes as the heuristic's launch."""
+
+import pytest
+import torch
+from torch import nn
+
+from bevdeploy.quant.autotune import autotune_int8_layers, layer_candidates
+from bevdeploy.quant.int8_kernels import gemm_config
+from bevdeploy.quant.modules import QuantConv2d, quantize_modules
+
+
+def _model(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 24, 1)).eval().to(device)
+    quantize_modules(model, {"0": 0.02, "2": 0.03})
+    return model
+
+
+def test_candidates_start_with_the_heuristic_and_fit_the_shape():
+    cuda_like = torch.device("cpu")
+    cands = layer_candidates(60000, 64, 64, cuda_like)
+    assert cands[0] == gemm_config(60000, 64, 64, cuda_like)
+    assert len(cands) == len(set(cands)) >= 3
+    assert all(c[1] <= 128 and c[2] <= 64 for c in cands[1:])  # no 256-wide tiles for 64 channels
+
+
+def test_launch_config_is_a_constant_of_the_exported_graph():
+    model = _model("cpu")
+    model[0].launch_config = (64, 32, 32, 8, 4, 2)
+    ep = torch.export.export(model, (torch.randn(1, 16, 6, 5),), strict=False)
+    convs = [n for n in ep.graph.nodes if n.target is torch.ops.bevdeploy.int8_conv2d.default]
+    assert len(convs) == 2
+    configs = [n.kwargs.get("config", n.args[14] if len(n.args) > 14 else None) for n in convs]
+    assert configs == [[64, 32, 32, 8, 4, 2], None]
+    assert "config=[64, 32, 32, 8, 4, 2]" in repr(model[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and events need a GPU")
+def test_autotune_stores_a_choice_and_keeps_the_codes():
+    model = _model("cuda")
+    x = torch.randn(2, 16, 20, 24, device="cuda")
+    with torch.no_grad():
+        before = model(x)
+    chosen = autotune_int8_layers(model, (x,))
+    assert set(chosen) == {"0", "2"}
+    assert all(isinstance(m.launch_config, tuple) for m in model if isinstance(m, QuantConv2d))
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,337 @@
+"""int8 in, int8 out: the requantizing epilogue (bias + residual + activation + requant) against a
+float64 reference from the same codes, and the int8 chain through ResNet blocks (``chain_int8``).
+
+Epilogue bound: the kernel sums exactly in int32 and runs the epilogue in fp32, so its pre-rounding
+value differs from the float64 one by a few fp32 ulps; a code may then differ by one step only where
+the float64 quotient y / out_scale lies within TIE_EPS of a .5 tie. Everywhere else it must be exact.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bevdeploy.quant.int8_kernels import (
+    _int8_conv2d_triton,
+    _int8_linear_triton,
+    int8_conv2d,
+    int8_linear,
+    reference_int8_conv2d,
+    reference_int8_linear,
+)
+from tests._utils import poisoned
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+#: |y / out_scale - (k + 0.5)| below this may round either way (fp32 epilogue vs float64 reference).
+TIE_EPS = 1e-3
+
+
+def _codes(*shape, device, g=None):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device="cpu", generator=g).to(device)
+
+
+def _check_requant(out: torch.Tensor, ref64: torch.Tensor, out_scale: float) -> None:
+    """``out`` int8 codes vs float64 ``ref64``: within 1 LSB everywhere, exact away from ties, never -128."""
+    assert out.dtype == torch.int8
+    q = out.cpu().double()
+    v = ref64.cpu().double() / out_scale
+    want = v.round().clamp(-127, 127)  # round-half-even, as the kernel
+    assert (q >= -127).all(), "code -128 written (symmetric int8 stops at -127)"
+    diff = (q - want).abs()
+    assert diff.max().item() <= 1, f"max code error {diff.max().item()} > 1 LSB"
+    near_tie = ((v - v.floor()) - 0.5).abs() < TIE_EPS
+    assert (diff[~near_tie] == 0).all(), f"{int((diff[~near_tie] > 0).sum())} codes off away from a .5 tie"
+
+
+def _ref_conv64(x_q, xs, w_q, ws, bias, stride, padding, residual, rs, activation):
+    w = (w_q.double() * ws.double()[:, None, None, None]).permute(0, 3, 1, 2)
+    y = F.conv2d(x_q.double() * xs, w, None if bias is None else bias.double(), stride, padding)
+    if residual is not None:
+        y = y + residual.double() * (rs if residual.dtype == torch.int8 else 1.0)
+    return torch.relu(y) if activation == "relu" else y
+
+
+# (C, O, kernel, stride, padding, residual kind, activation)
+REQUANT_CONVS = [
+    (3, 17, 3, 1, 1, "int8", "relu"),  # odd channels, int8 identity residual, ReLU (a bottleneck conv3 with 3x3)
+    (17, 33, 1, 1, 0, "float", "relu"),  # 1x1 stride 1: the GEMM path, float residual (downsample branch)
+    (33, 3, 3, 2, 1, None, "none"),  # stride 2, no residual, no activation: negative codes saturate too
+]
+
+
+@pytest.mark.parametrize("case", range(len(REQUANT_CONVS)))
+def test_conv_requant_epilogue(device, case):
+    c, o, k, s, p, res, act = REQUANT_CONVS[case]
+    g = torch.Generator().manual_seed(case)
+    n, h, w = 2, 7, 9
+    x_q = _codes(n, c, h, w, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    w_q = _codes(o, k, k, c, device=device, g=g)
+    ws = (torch.rand(o, generator=g) * 0.02 + 0.002).to(device)
+    bias = torch.randn(o, generator=g).to(device)
+    xs = 0.013
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    rs = 0.05
+    residual = None
+    if res == "int8":
+        residual = _codes(n, o, ho, wo, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    elif res == "float":
+        residual = torch.randn(n, o, ho, wo, generator=g).half().to(device)
+    ref = _ref_conv64(x_q, xs, w_q, ws, bias, s, p, residual, rs, act)
+    # the scale puts ~10% of the outputs beyond +-127 (saturation) and the rest on many codes
+    out_scale = float(ref.abs().quantile(0.9)) / 127
+    out = poisoned((n, o, ho, wo), torch.int8, device).contiguous(memory_format=torch.channels_last)
+    _int8_conv2d_triton(x_q, w_q, xs, ws, bias, [s, s], [p, p], [1, 1], 1, residual, act, "float16", out=out,
+                        residual_scale=rs if res == "int8" else None, out_scale=out_scale)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _check_requant(out, ref, out_scale)
+    assert (out == 127).any() and (act == "relu" or (out == -127).any()), "saturation not exercised"
+    # the plain-torch reference (CPU path) obeys the same bound
+    cpu = reference_int8_conv2d(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), bias.cpu(), (s, s), (p, p), (1, 1), 1,
+                                None if residual is None else residual.cpu(), act, "float16",
+                                rs if res == "int8" else None, out_scale)
+    _check_requant(cpu, ref, out_scale)
+
+
+def test_linear_requant_epilogue_int8_residual(device):
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 37, 33, 45
+    x_q, w_q = _codes(m, k, device=device, g=g), _codes(n, k, device=device, g=g)
+    ws = (torch.rand(n, generator=g) * 0.02 + 0.002).to(device)
+    r = _codes(m, n, device=device, g=g)
+    xs, rs = 0.011, 0.03
+    ref = (x_q.double() * xs) @ (w_q.double() * ws.double()[:, None]).t() + r.double() * rs
+    ref = torch.relu(ref)
+    out_scale = float(ref.abs().quantile(0.95)) / 127
+    out = _int8_linear_triton(x_q, w_q, xs, ws, None, r, "relu", "float16", out=poisoned((m, n), torch.int8, device),
+                              residual_scale=rs, out_scale=out_scale, config=(16, 16, 32, 2, 4, 1))
+    _check_requant(out, ref, out_scale)
+    public = int8_linear(x_q, w_q, xs, ws, residual=r, residual_scale=rs, activation="relu", out_scale=out_scale)
+    _check_requant(public, ref, out_scale)
+    _check_requant(reference_int8_linear(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), None, r.cpu(), "relu", "float16", rs,
+                                         out_scale), ref, out_scale)
+
+
+def test_requant_ties_round_half_even(device):
+    """Exact ties: acc * x_scale * w_scale lands on k + 0.5 codes (powers of two): round to even."""
+    x_q = torch.tensor([[1], [3], [5], [-1], [-3], [127]], dtype=torch.int8, device=device)  # [6, 1]
+    w_q = torch.ones(1, 1, dtype=torch.int8, device=device)
+    ws = torch.ones(1, device=device)
+    out = int8_linear(x_q, w_q, 0.5, ws, out_scale=1.0)  # y = 0.5, 1.5, 2.5, -0.5, -1.5, 63.5
+    assert out.cpu().flatten().tolist() == [0, 2, 2, 0, -2, 64]
+    sat = int8_linear(x_q, w_q, 0.5, ws, out_scale=0.25)  # 2, 6, 10, -2, -6, 254 -> 127
+    assert sat.cpu().flatten().tolist() == [2, 6, 10, -2, -6, 127]
+
+
+@pytest.mark.parametrize(
+    "over,match,exc",
+    [
+        (dict(residual="int8"), r"residual_scale \(its per-tensor scale\) is required", ValueError),
+        (dict(residual="float", residual_scale=0.1), r"residual_scale applies to an int8 residual only", ValueError),
+        (dict(out_scale=0.0), r"out_scale must be a positive finite", ValueError),
+        (dict(out_scale=torch.tensor(1.0)), r"out_scale must be a python float", TypeError),
+        (dict(config=(64, 64, 32)), r"config must be 6 ints", ValueError),
+    ],
+)
+def test_requant_argument_checks(over, match, exc):
+    args = dict(x_q=_codes(1, 4, 5, 5, device="cpu"), w_q=_codes(3, 3, 3, 4, device="cpu"), x_scale=0.1,
+                w_scale=torch.ones(3), padding=1)
+    if over.get("residual") == "int8":
+        over["residual"] = _codes(1, 3, 5, 5, device="cpu")
+    elif over.get("residual") == "float":
+        over["residual"] = torch.ones(1, 3, 5, 5)
+    with pytest.raises(exc, match=match):
+        int8_conv2d(**args, **over)
+
+
+def test_opcheck_requant():
+    torch.library.opcheck(torch.ops.bevdeploy.int8_conv2d.default,
+                          (_codes(1, 4, 5, 5, device="cpu").contiguous(memory_format=torch.channels_last),
+                           _codes(3, 3, 3, 4, device="cpu"), 0.1, torch.rand(3) + 0.1, torch.randn(3), [1, 1], [1, 1],
+                           [1, 1], 1, _codes(1, 3, 5, 5, device="cpu"), "relu", "float16", 0.05, 0.2,
+                           [32, 32, 32, 4, 4, 1]))
+    torch.library.opcheck(torch.ops.bevdeploy.int8_linear.default,
+                          (_codes(5, 8, device="cpu"), _codes(3, 8, device="cpu"), 0.1, torch.rand(3) + 0.1,
+                           None, torch.randn(5, 3), "none", "float16", None, 0.3, None))
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+
+
+def test_max_pool2d_int8_is_exact():
+    from bevdeploy.quant.chain import max_pool2d_int8
+
+    x = _codes(2, 5, 9, 11, device="cpu", g=torch.Generator().manual_seed(1))
+    want = F.max_pool2d(x.float(), 3, 2, 1).to(torch.int8)
+    assert torch.equal(max_pool2d_int8(x, 3, 2, 1), want)
+
+
+def _bottleneck_stack():
+    from torch import nn
+
+    from bevdeploy.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    blocks = [Bottleneck(inplanes=8, planes=4, stride=2, downsample=down),
+              Bottleneck(inplanes=16, planes=4), Bottleneck(inplanes=16, planes=4)]
+    model = nn.Sequential(nn.Sequential(*blocks)).eval()
+    for m in model.modules():  # non-trivial BN statistics, so the folded biases matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+#: Chained vs unchained int8 stack (same scales): they differ only where an fp16 intermediate and
+#: the direct int8 epilogue round a code differently, so the floor is far above the int8 noise floor.
+CHAIN_VS_UNCHAINED_SQNR_DB = 35.0
+#: Either int8 stack against the float model (3 blocks, minmax calibration on the input itself).
+INT8_VS_FLOAT_SQNR_DB = 20.0
+
+
+def test_chained_bottlenecks_stay_int8_and_match_unchained(device):
+    import copy
+
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import Int8Bottleneck, chain_int8
+    from bevdeploy.quant.modules import QuantConv2d, quantize_modules
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    model = _bottleneck_stack()
+    fold_batchnorms(model)
+    model = model.to(device)
+    x = torch.randn(2, 8, 12, 10, device=device)
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    with torch.no_grad():
+        ref = model(x)
+    plain, chained = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_modules(plain, scales, out_dtype=torch.float32)
+    quantize_modules(chained, scales, out_dtype=torch.float32)
+    writers = chain_int8(chained)
+    blocks = [m for m in chained.modules() if isinstance(m, Int8Bottleneck)]
+    assert len(blocks) == 3
+    for m in chained.modules():  # weights pre-packed K-contiguous at conversion: [O, kh, kw, C] dense
+        if isinstance(m, QuantConv2d):
+            assert m.weight.is_contiguous() and m.weight.shape[1:] == (*m.kernel_size, m.in_channels)
+    # what writes int8: conv1/conv2 of every block, conv3 of the first two (the last one's output leaves)
+    want = {f"0.{b}.conv{i}" for b in range(3) for i in (1, 2)} | {"0.0.conv3", "0.1.conv3"}
+    assert set(writers) == want
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0].dtype, out.dtype)))
+             for name, m in chained.named_modules() if isinstance(m, (QuantConv2d, Int8Bottleneck))]
+    with torch.no_grad():
+        out_c = chained(x)
+        out_p = plain(x)
+    for h in hooks:
+        h.remove()
+    assert seen["0.0"] == (torch.float32, torch.int8) and seen["0.1"] == (torch.int8, torch.int8)
+    assert seen["0.2"] == (torch.int8, torch.float32)  # the stack's output is float for its caller
+    assert seen["0.1.conv1"] == (torch.int8, torch.int8) and seen["0.1.conv3"] == (torch.int8, torch.int8)
+    assert seen["0.0.downsample.0"][0] == torch.float32 and seen["0.0.downsample.0"][1] == torch.float32
+    assert out_c.dtype == torch.float32 and torch.isfinite(out_c).all()
+    assert sqnr_db(out_p, out_c) > CHAIN_VS_UNCHAINED_SQNR_DB
+    assert sqnr_db(ref, out_c) > INT8_VS_FLOAT_SQNR_DB and sqnr_db(ref, out_p) > INT8_VS_FLOAT_SQNR_DB
+
+
+#: Floor of the int8 engine's maps against the float model (the un-chained engine test's floor).
+ENGINE_SQNR_FLOOR_DB = 20.0
+
+
+def test_bevdet_engine_with_chain(tmp_path, ops_on_references):
+    """Reduced BEVDet engine, chain on: the same int8 scope as without the chain, int8 tensors from
+    the stem through the backbone, neck and depth net and inside the BEV encoder, SQNR above the floor."""
+    import copy
+
+    from bevdeploy.data.nuscenes import load_infos
+    from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
+    from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
+    from bevdeploy.engine import Engine, build
+    from bevdeploy.engine.deploy import apply_precision, fold_batchnorms, layer_precisions
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
+    from bevdeploy.quant.calibrate import CalibrationTable
+    from bevdeploy.quant.sensitivity import sqnr_db
+    from tests.engine.test_engine_bevdet import SMALL
+
+    generate(tmp_path / "w", num_scenes=1, samples_per_scene=2, seed=5, image_size=(64, 192), progress=False)
+    calib = DataSource(tmp_path / "w", SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)
+    path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "c.engine", model_overrides=SMALL, calib=calib,
+                 progress=False)
+    engine = Engine.load(path, device="cpu")
+    meta = engine.metadata
+    writers = set(meta["int8_outputs"])
+    for name in ("img_backbone.conv1", "img_backbone.layer1.0.conv1", "img_backbone.layer1.0.conv3",
+                 "img_backbone.layer3.5.conv3", "img_backbone.layer4.2.conv3", "img_neck.lateral_convs.0.conv",
+                 "img_neck.fpn_convs.0.conv", "img_bev_encoder_backbone.layers.0.0.conv1",
+                 "img_bev_encoder_neck.conv.0", "img_bev_encoder_neck.up2.1"):
+        assert name in writers, name
+    for name in ("img_neck.lateral_convs.1.conv", "img_view_transformer.depth_net",
+                 "img_backbone.layer1.0.downsample.0", "img_bev_encoder_neck.up2.4"):
+        assert name not in writers, name  # float consumers: upsample, softmax, the head, a residual
+    # the int8 scope is the un-chained one
+    torch.manual_seed(0)
+    model = MODELS["bevdet-r50-cbgs"](**SMALL).eval()
+    fold_batchnorms(model)
+    table = CalibrationTable.load(f"{path}.calib.json")
+    scales = {n: table.scale(n) for n in table.amax}
+    plain = copy.deepcopy(model)
+    report = apply_precision(plain, "int8", scales=scales, int8_chain=False)
+    assert [list(r) for r in layer_precisions(plain, report, "int8")] == meta["layer_precisions"]
+    # accuracy against the float model
+    _, infos = None, load_infos(tmp_path / "w", SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
+    x = {k: v[None] for k, v in prepare_bevdet_inputs(infos[1], BEVDetPreprocess(input_size=SMALL["image_size"])).items()}
+    ranks = engine.prepare(*(x[k] for k in GEOMETRY_KEYS))
+    inputs = {"image": x["image"], **dict(zip(BEVPoolRanks._fields, ranks))}
+    with torch.no_grad():
+        ref = model(**inputs)
+    out = engine(**inputs)
+    for k in HEAD_OUTPUTS:
+        assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > ENGINE_SQNR_FLOOR_DB, k
+
+
+def test_bevformer_base_backbone_and_fpn_chain(ops_on_references):
+    """ResNet-101-DCN + 4-level FPN (BEVFormer-base), reduced input, on the references: the laterals
+    take the int8 top-down sum and write int8 for their output convs; DCN stages keep float where
+    DCN reads; the chained outputs match the un-chained int8 module."""
+    import copy
+
+    from bevdeploy.eval.bench_convs import backbone_module
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import Int8FPN, chain_int8
+    from bevdeploy.quant.modules import quantize_modules
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    model = backbone_module("bevformer-base")
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    plain, chained = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_modules(plain, scales, out_dtype=torch.float32)
+    quantize_modules(chained, scales, out_dtype=torch.float32)
+    writers = set(chain_int8(chained))
+    fpn = chained.img_neck
+    assert isinstance(fpn, Int8FPN) and all(s is not None for s in fpn.lateral_scales)
+    assert {f"img_neck.lateral_convs.{i}.conv" for i in range(3)} <= writers
+    assert not any(n.startswith("img_neck.fpn_convs") for n in writers)  # the encoder reads them as floats
+    assert "img_backbone.layer2.3.conv3" in writers  # C3 -> layer3 and the first lateral, all int8
+    assert "img_backbone.layer3.0.conv1" not in writers  # DCN conv2 reads it
+    with torch.no_grad():
+        ref, out_p, out_c = model(x), plain(x), chained(x)
+    assert len(out_c) == 4
+    keep = copy.deepcopy(plain)
+    kept_writers = set(chain_int8(keep, int8_identity=False))  # float block boundaries
+    assert "img_backbone.layer2.2.conv3" not in kept_writers and "img_backbone.layer2.3.conv2" in kept_writers
+    assert "img_backbone.layer2.3.conv3" in kept_writers  # into a downsampling block: no identity to keep
+    with torch.no_grad():
+        out_k = keep(x)
+    for r, k, c in zip(ref, out_k, out_c):
+        assert sqnr_db(r, k) > sqnr_db(r, c)  # the float identity is the more accurate mode
+    for r, p, c in zip(ref, out_p, out_c):
+        assert c.dtype == torch.float32 and torch.isfinite(c).all()
+        # measured (seed 3): chained vs un-chained 25.7-37.8 dB per level, chained vs float 26.1-37.8 dB,
+        # un-chained vs float 33.5-43.7 dB: the int8 identity of 33 blocks costs ~6 dB (random weights)
+        assert sqnr_db(p, c) > 24.0 and sqnr_db(r, c) > 24.0, (sqnr_db(p, c), sqnr_db(r, c))
