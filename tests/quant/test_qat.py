@@ -228,8 +228,9 @@ def test_build_with_qat_steps_writes_an_engine_of_the_learned_scales(tmp_path, o
         return dict(learned)
 
     monkeypatch.setattr(qat, "learned_scales", spy)
+    # per-layer int8 (no chain): every int8 conv then reads its own input scale, which this test traces
     path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "q.engine", model_overrides=SMALL, calib=data,
-                 qat_steps=2, progress=False)
+                 qat_steps=2, progress=False, int8_chain=False)
     ep, meta = read_metadata(path)
     assert meta["qat"]["steps"] == 2 and meta["qat"]["lr"] == 1e-5 and meta["qat"]["data"].endswith("[:2]")
     assert meta["qat"]["layers"] == len(learned) > 50 and "img_view_transformer.feat_point" in learned
