@@ -22,7 +22,11 @@ from bevdeploy.quant.fp8_kernels import (
     reference_fp8_linear,
     reference_quantize_fp8,
 )
+from bevdeploy.ops._utils import interpreter_enabled
 from tests._utils import assert_rel_close, poisoned
+
+#: The Triton tests here run CPU tensors through the interpreter (on a GPU machine: test_fp8_gpu.py).
+needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="Triton's interpreter is off")
 
 #: Relative L2 error of a kernel against the reference on the same codes: both sum exact fp32
 #: products in fp32 (only the order differs); fp16 outputs add their rounding.
@@ -83,6 +87,7 @@ def test_quantize_weight_per_channel():
 # ---------------------------------------------------------------------------------------- GEMMs
 
 
+@needs_interpreter
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mkn,act,bias,res", [((37, 45, 19), "none", False, False), ((70, 64, 48), "relu", True, True),
                                               ((5, 96, 33), "silu", True, False)])
@@ -100,6 +105,7 @@ def test_triton_linear_matches_reference(mkn, act, bias, res, out_dtype):
     assert_rel_close(out, ref, TOL[out_dtype])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("geom", [
     dict(k=3, stride=1, padding=1, dilation=1, c=13, o=11, hw=(7, 9)),
     dict(k=3, stride=2, padding=1, dilation=1, c=32, o=40, hw=(9, 8)),
