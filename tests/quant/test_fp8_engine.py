@@ -1,5 +1,5 @@
-"""fp8 / fp8-fp16 engines on the CPU: a reduced BEVDet built, saved, loaded and run against its fp32
-engine; the precision table; the calibration defaults.
+"""fp8 / fp8-fp16 engines on the CPU: a reduced BEVDet and a reduced BEVFormer-tiny built, saved,
+loaded and run against the eager fp32 model; the precision table; the calibration defaults.
 
 The fp8 layers run their plain-PyTorch references here (e4m3 codes multiplied in fp32: the numbers
 the tensor cores give, up to summation order); the kernels are tested in test_fp8_kernels.py and,
