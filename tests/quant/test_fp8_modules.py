@@ -124,3 +124,11 @@ def test_measured_sqnr_printout(ops_on_references, capsys):
         s = sqnr_db(lin(x), Fp8Linear.from_float(lin, _scale(x), out_dtype=torch.float32)(x))
     print(f"fp8 linear 512x256x256 gaussian: {s:.1f} dB")
     assert s > FP8_LAYER_SQNR_DB
+
+
+def test_onnx_export_refuses_fp8_layers(ops_on_references):
+    from bevdeploy.export.onnx import export_onnx
+
+    model = nn.Sequential(Fp8Linear.from_float(nn.Linear(16, 8), 0.1)).eval()
+    with pytest.raises(NotImplementedError, match="ONNX export of fp8 layers is not supported"):
+        export_onnx(model, (torch.randn(2, 16),))
