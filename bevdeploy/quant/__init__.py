@@ -8,6 +8,10 @@
 * ``bevdeploy.quant.modules``: the conversion step: ``QuantLinear`` / ``QuantConv2d`` built from
   float layers and calibrated scales, ``fold_bn``, and ``quantize_modules`` (swap in place and
   report which precision every layer really runs in).
+* ``bevdeploy.quant.fp8_kernels`` / ``bevdeploy.quant.fp8_modules``: the same for e4m3 (fp8):
+  ``torch.ops.bevdeploy.quantize_fp8``, ``fp8_linear`` (``torch._scaled_mm`` on CUDA where its layout
+  rules hold) and ``fp8_conv2d`` (Triton fp8 implicit GEMM); ``Fp8Linear`` / ``Fp8Conv2d`` and
+  ``quantize_modules_fp8`` (input scales ``amax / 448`` from the same calibration tables).
 
 Nothing is imported here: import the submodule you need.
 """
