@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from bevdeploy.ops._utils import use_triton
+from bevdeploy.quant import fp8_kernels
 from bevdeploy.quant.fp8_kernels import (
     ACTIVATIONS,
     FP8_DTYPE,
@@ -41,7 +42,7 @@ from bevdeploy.quant.fp8_kernels import (
 )
 from bevdeploy.quant.modules import LayerReport
 
-__all__ = ["FP8_MAX", "Fp8Conv2d", "Fp8Linear", "quantize_modules_fp8"]
+__all__ = ["FP8_MAX", "Fp8Conv2d", "Fp8Linear", "quantize_modules_fp8", "scaled_mm_layer"]
 
 _OUT_DTYPES = (torch.float16, torch.float32)
 _FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
@@ -67,6 +68,25 @@ class _Fp8Base(nn.Module):
     #: Quantize the input with plain torch ops (divide, clamp, cast) instead of the quantize op: under
     #: a compiler they fuse into the kernel that produces the input. Engines set it.
     quantize_in_graph: bool = False
+    #: Run only the scaled product in the fp8 op and the epilogue (bias, residual, activation) as plain
+    #: torch ops after it, which a compiler fuses with whatever consumes the output (the next layer's
+    #: quantization included). Set by ``quantize_modules_fp8`` for the layers ``torch._scaled_mm``
+    #: takes (cuBLASLt has no residual / activation epilogue); the Triton kernels fuse it themselves.
+    epilogue_in_graph: bool = False
+
+    def _epilogue(self, y: Tensor, residual: Tensor | None, channel_dim: int) -> Tensor:
+        """act(y + bias + residual) in ``y``'s dtype (fp32 math where it is fp32)."""
+        if self.bias is not None:
+            shape = [1] * y.dim()
+            shape[channel_dim] = -1
+            y = y + self.bias.view(shape).to(y.dtype)
+        if residual is not None:
+            y = y + residual.to(y.dtype)
+        if self.activation == "relu":
+            y = torch.relu(y)
+        elif self.activation == "silu":
+            y = torch.nn.functional.silu(y)
+        return y
 
     def _init_common(self, input_scale: float, activation: str, out_dtype: torch.dtype, device) -> None:
         self._input_scale = _check_common(input_scale, activation, out_dtype)
@@ -152,12 +172,17 @@ class Fp8Linear(_Fp8Base):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (Tensor[..., K]) float (quantized here with ``input_scale``) or e4m3 codes -> Tensor[..., N]."""
-        return fp8_linear(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
+        x_q = self._quantize_input(x)
+        if self.epilogue_in_graph:
+            y = fp8_linear(x_q, self.weight, self._input_scale, self.weight_scale, out_dtype=self.out_dtype)
+            return self._epilogue(y, residual, -1)
+        return fp8_linear(x_q, self.weight, self._input_scale, self.weight_scale, self.bias,
                           residual=residual, activation=self.activation, out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
+                f"input_scale={self._input_scale:.6g}, activation={self.activation}, "
+                f"epilogue_in_graph={self.epilogue_in_graph}, {self._precision()}")
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -237,14 +262,34 @@ class Fp8Conv2d(_Fp8Base):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (Tensor[N, C, H, W]) float or e4m3 codes -> Tensor[N, O, Ho, Wo] channels-last;
         ``residual`` (same shape) is added before the activation."""
-        return fp8_conv2d(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
+        x_q = self._quantize_input(x)
+        if self.epilogue_in_graph:
+            y = fp8_conv2d(x_q, self.weight, self._input_scale, self.weight_scale, None, self.stride, self.padding,
+                           self.dilation, out_dtype=self.out_dtype)
+            return self._epilogue(y, residual, 1)
+        return fp8_conv2d(x_q, self.weight, self._input_scale, self.weight_scale, self.bias,
                           self.stride, self.padding, self.dilation, residual=residual, activation=self.activation,
                           out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
+                f"input_scale={self._input_scale:.6g}, activation={self.activation}, "
+                f"epilogue_in_graph={self.epilogue_in_graph}, {self._precision()}")
+
+
+def scaled_mm_layer(layer: nn.Module) -> bool:
+    """Whether ``layer``'s fp8 form is a GEMM that ``torch._scaled_mm`` takes on CUDA: a Linear, or a
+    1x1 / stride-1 / unpadded Conv2d (a GEMM on the NHWC view), with K and N multiples of 16."""
+    if type(layer) is nn.Linear:
+        k, n = layer.in_features, layer.out_features
+    elif type(layer) is nn.Conv2d and layer.groups == 1:
+        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1) or _explicit_padding(layer) != (0, 0):
+            return False
+        k, n = layer.in_channels, layer.out_channels
+    else:
+        return False
+    return k % 16 == 0 and n % 16 == 0
 
 
 def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] | None:
@@ -282,7 +327,9 @@ def quantize_modules_fp8(
         keep_float (set[str]): layer names to leave float even when calibrated.
         fuse_relu (bool): fuse following ReLU / SiLU modules into the fp8 epilogue.
         out_dtype (torch.dtype): output dtype of the fp8 layers (torch.float16 or torch.float32).
-        quantize_in_graph (bool): quantize inputs with plain torch ops (fusable by a compiler).
+        quantize_in_graph (bool): quantize inputs with plain torch ops (fusable by a compiler), and for
+            the layers that ``torch._scaled_mm`` takes on CUDA (:func:`scaled_mm_layer`, with
+            ``fp8_kernels.GEMM_BACKEND == "scaled_mm"``) run the epilogue as plain torch ops too.
 
     Returns:
         list[LayerReport]: ``(name, "fp8" | "float" | "fused", reason)`` for every Linear / Conv2d (and
@@ -324,11 +371,14 @@ def quantize_modules_fp8(
         qcls = Fp8Linear if isinstance(mod, nn.Linear) else Fp8Conv2d
         qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)
         qmod.quantize_in_graph = quantize_in_graph
+        qmod.epilogue_in_graph = quantize_in_graph and fp8_kernels.GEMM_BACKEND == "scaled_mm" and scaled_mm_layer(mod)
         qmod.train(mod.training)
         setattr(parent, child, qmod)
         what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
             *mod.kernel_size, "x".join(map(str, mod.stride)))
         fused_txt = f", {activation} fused" if activation != "none" else ""
+        if qmod.epilogue_in_graph:
+            fused_txt += ", torch._scaled_mm GEMM with the epilogue in the graph"
         report.append(LayerReport(name, "fp8", f"fp8 {what}, input_scale={float(scales[name]):.6g}{fused_txt}"))
         if act_child is not None:
             setattr(parent, act_child, nn.Identity())

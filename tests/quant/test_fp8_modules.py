@@ -132,3 +132,32 @@ def test_onnx_export_refuses_fp8_layers(ops_on_references):
     model = nn.Sequential(Fp8Linear.from_float(nn.Linear(16, 8), 0.1)).eval()
     with pytest.raises(NotImplementedError, match="ONNX export of fp8 layers is not supported"):
         export_onnx(model, (torch.randn(2, 16),))
+
+
+def test_epilogue_in_graph_for_scaled_mm_layers_equals_fused_epilogue(ops_on_references):
+    """Engines give the ``_scaled_mm``-eligible layers (linears, 1x1 convs, K and N multiples of 16) a
+    plain-torch epilogue that the compiler fuses downstream; the numbers stay those of the fused one."""
+    from bevdeploy.quant.fp8_modules import scaled_mm_layer
+
+    g = torch.Generator().manual_seed(6)
+
+    def make():
+        torch.manual_seed(6)
+        return nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 32, 1), nn.Flatten(1), nn.Linear(32 * 16, 20)).eval()
+
+    assert [scaled_mm_layer(m) for m in make()] == [True, False, False, False, True, False, False]
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    scales = {n: 0.01 for n in ("0", "2", "4", "6")}
+    fused, split = make(), make()
+    quantize_modules_fp8(fused, scales, out_dtype=torch.float32)
+    report = quantize_modules_fp8(split, scales, out_dtype=torch.float32, quantize_in_graph=True)
+    assert [m.epilogue_in_graph for m in split if isinstance(m, (Fp8Linear, Fp8Conv2d))] == [True, False, True, False]
+    assert "epilogue in the graph" in dict((r.name, r.reason) for r in report)["0"]
+    with torch.no_grad():
+        a, b = fused(x), split(x)
+        res = torch.randn(2, 32, 4, 4, generator=g)
+        ra, rb = fused[0](x, residual=res), split[0](x, residual=res)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rb, ra, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(a).all()
