@@ -127,6 +127,7 @@ def test_measured_sqnr_printout(ops_on_references, capsys):
 
 
 def test_onnx_export_refuses_fp8_layers(ops_on_references):
+    pytest.importorskip("onnx")
     from bevdeploy.export.onnx import export_onnx
 
     model = nn.Sequential(Fp8Linear.from_float(nn.Linear(16, 8), 0.1)).eval()
