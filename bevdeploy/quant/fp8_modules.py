@@ -121,8 +121,10 @@ class _Fp8Base(nn.Module):
         try:
             if self.weight.device.type == "cuda":
                 kernel = "torch._scaled_mm / triton fp8 tl.dot"
+            elif use_triton(self.weight):
+                kernel = "triton fp8 tl.dot (interpreter)"
             else:
-                kernel = "triton fp8 tl.dot (interpreter)" if use_triton(self.weight) else "torch reference on e4m3 codes"
+                kernel = "torch reference on e4m3 codes"
         except NotImplementedError:
             kernel = "unavailable (CUDA without Triton)"
         out = "fp16" if self.out_dtype == torch.float16 else "fp32"
