@@ -17,6 +17,7 @@ EPILOG = """examples:
   bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
+  bevdeploy bench --model bevdet-r50 --precisions pytorch fp16x2 fp8-fp16 --calib synthetic:4   fp8 (H100)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
@@ -161,13 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
     bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
-    bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
+    bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2 | fp8 | fp8-fp16")
     bd.add_argument("--checkpoint", default=None)
     bd.add_argument("--allow-partial", action="store_true")
-    bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH")
-    bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
+    bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH")
+    bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
+                    help="default: entropy for int8, minmax for fp8")
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
-    bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
+    bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float (int8 / fp8)")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
@@ -183,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'ops' for the op benchmark, 'convs' for int8 vs cuDNN fp16 backbone convs (or use --model)")
     bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
     bench.add_argument("--precisions", nargs="*", default=["pytorch"],
-                       help="pytorch (eager FP32 baseline) and engine precisions: fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2")
+                       help="pytorch (eager FP32 baseline) and engine precisions: fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2 "
+                            "fp8 fp8-fp16")
     bench.add_argument("--data", default="synthetic:16", help="data scored for NDS/mAP and fidelity (synthetic[:N] or nuscenes:PATH)")
-    bench.add_argument("--calib", default=None, help="int8 calibration data (default: --data)")
+    bench.add_argument("--calib", default=None, help="int8 / fp8 calibration data (default: --data)")
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None)

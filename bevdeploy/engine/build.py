@@ -4,8 +4,9 @@ The engine file is ``torch.export.save`` of the deploy form (:mod:`bevdeploy.eng
 exported with static shapes, with the metadata JSON in ``extra_files["bevdeploy.json"]``: model
 config, precision, calibration table, layer precisions, torch / triton versions, GPU name and
 compute capability, input spec and a content hash of the weights (re-checked on load). For the
-int8 precisions the calibration table is also written next to the engine (``<out>.calib.json``)
-and can be reused with ``calib_table`` (no calibration data needed then).
+int8 and fp8 precisions the calibration table (activation ranges ``amax``, the same for both:
+int8 scales are ``amax / 127``, fp8 scales ``amax / 448``) is also written next to the engine
+(``<out>.calib.json``) and can be reused with ``calib_table`` (no calibration data needed then).
 
 With ``qat_steps`` the int8 form is fine-tuned first (quantization-aware training,
 :mod:`bevdeploy.quant.qat`), starting from the calibrated scales, with the model family's training
@@ -170,7 +171,7 @@ def build(
     checkpoint: str | None = None,
     allow_partial: bool = False,
     calib=None,
-    calib_method: str = "entropy",
+    calib_method: str | None = None,
     calib_table: str | None = None,
     keep_float: Sequence[str] = (),
     model_overrides: dict | None = None,
@@ -191,15 +192,18 @@ def build(
 
     Args:
         model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet).
-        precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16`` or ``int8-fp16x2``.
+        precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16``, ``int8-fp16x2``, ``fp8`` or
+            ``fp8-fp16`` (e4m3 convs / linears, float rest in fp32 / fp16).
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
         allow_partial: Passed to ``load_checkpoint``.
-        calib: Calibration data for int8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
+        calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
             ``bevdeploy.data.synthetic.DataSource``; its first N (default 500) samples in temporal order.
-        calib_method: ``entropy`` (default), ``minmax`` or ``percentile``.
+        calib_method: ``entropy``, ``minmax`` or ``percentile``; default ``entropy`` for int8*, ``minmax``
+            for fp8* (e4m3's relative precision gains nothing from clipping; see
+            :mod:`bevdeploy.quant.fp8_modules`).
         calib_table: A saved calibration table to reuse instead of calibrating.
-        keep_float: Layer names to keep float in the int8 precisions.
+        keep_float: Layer names to keep float in the int8 / fp8 precisions.
         model_overrides: Config overrides (e.g. reduced sizes in tests); recorded in the metadata.
         batch: Static batch size (independent streams) the engine is exported for.
         device: ``cuda`` / ``cpu`` (default: cuda when available). Build on the GPU you run on.
@@ -220,11 +224,11 @@ def build(
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
 
     Returns:
-        Path of the engine file; for int8* also ``<out>.calib.json`` is written (with ``qat_steps``
-        it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
+        Path of the engine file; for int8* / fp8* also ``<out>.calib.json`` is written (with
+        ``qat_steps`` it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
 
     Raises:
-        ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch.
+        ValueError: Unknown precision / model, int8* / fp8* without ``calib`` or ``calib_table``, bad batch.
     """
     from bevdeploy.quant.calibrate import CalibrationTable, calibrate
 
@@ -239,12 +243,17 @@ def build(
         raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
     if not (isinstance(qat_batch, int) and qat_batch >= 1):
         raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
-    if spec.int8 and calib is None and calib_table is None:
+    if calib_method is None:
+        calib_method = "minmax" if spec.fp8 else "entropy"
+    if sensitivity and not spec.int8:
+        raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
+    if spec.quantized and calib is None and calib_table is None:
         raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
                          "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
     out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     import bevdeploy.ops  # noqa: F401  (op registrations)
+    import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
     model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides).to(dev)
@@ -253,7 +262,7 @@ def build(
 
     table = None
     table_path = None
-    if spec.int8:
+    if spec.quantized:
         if calib_table is not None:
             table = CalibrationTable.load(calib_table)
             missing = [n for n in int8_scope(model) if n not in table]
@@ -271,7 +280,7 @@ def build(
                 table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
             finally:
                 hook.remove()
-            if sensitivity:
+            if sensitivity and spec.int8:
                 from bevdeploy.quant.sensitivity import save_report, sensitivity_report
 
                 scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0]
@@ -281,7 +290,12 @@ def build(
         table_path = Path(f"{out}.calib.json")
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table.save(table_path)
-        scales = {n: table.scale(n) for n in table.amax}
+        if spec.fp8:
+            from bevdeploy.quant.fp8_kernels import FP8_MAX
+
+            scales = {n: a / FP8_MAX for n, a in table.amax.items()}
+        else:
+            scales = {n: table.scale(n) for n in table.amax}
     else:
         scales = None
     qat_meta = None
@@ -328,6 +342,7 @@ def build(
         "op_variant": spec.op_variant,
         "float_dtype": str(spec.float_dtype).replace("torch.", ""),
         "int8_layers": sum(p == "int8" for _, p in precisions),
+        "fp8_layers": sum(p == "fp8" for _, p in precisions),
         "layer_precisions": [list(r) for r in precisions],
         "int8_outputs": int8_outputs,
         "launch_configs": tuned,
@@ -353,6 +368,6 @@ def build(
         ep.example_inputs = None
         torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
     tmp.replace(out)
-    logger.info("wrote %s (%.1f MB, %s, %d int8 layers)", out, out.stat().st_size / 2**20, precision,
-                metadata["int8_layers"])
+    logger.info("wrote %s (%.1f MB, %s, %d int8 / %d fp8 layers)", out, out.stat().st_size / 2**20, precision,
+                metadata["int8_layers"], metadata["fp8_layers"])
     return out

@@ -7,7 +7,9 @@ Steps, in this order (each is a plain in-place function so the engine builder an
    weights and the exported graph has no BN.
 2. Calibration (``bevdeploy.quant.calibrate``) runs on this float, folded model (the builder's job).
 3. ``apply_precision``: ``model.half()`` for the fp16 precisions, the ops' variant set on every module
-   that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions.
+   that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions
+   (``quantize_modules_fp8`` for the fp8 ones: e4m3 convs / linears in the same scope, same
+   keep-float list; the ops, BEVDet's pooling included, stay float there).
 
 Which layers become INT8 (:func:`int8_scope`) is the model family's scope
 (:mod:`bevdeploy.engine.model_io`): for BEVFormer the image backbone and neck convs and the BEV
@@ -37,8 +39,9 @@ __all__ = [
     "ExportWrapper",
 ]
 
-#: Precision names, as everywhere in bevdeploy (SPEC section 2).
-PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16", "int8-fp16x2")
+#: Precision names, as everywhere in bevdeploy. ``fp8`` / ``fp8-fp16``: e4m3 convs and linears (Hopper
+#: fp8 tensor cores), the float rest in fp32 / fp16.
+PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16", "int8-fp16x2", "fp8", "fp8-fp16")
 
 
 @dataclass(frozen=True)
@@ -50,18 +53,28 @@ class PrecisionSpec:
         float_dtype: Storage dtype of everything that is not INT8.
         op_variant: Variant forced on the ops (None: inferred from the dtype, i.e. fp32 / fp16).
         int8: Whether convs / linears in the model's int8 scope become INT8.
+        fp8: Whether they become FP8 (e4m3) instead.
     """
 
     name: str
     float_dtype: torch.dtype
     op_variant: str | None
     int8: bool
+    fp8: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the precision needs calibrated activation ranges (int8 or fp8)."""
+        return self.int8 or self.fp8
 
 
 def precision_spec(precision: str) -> PrecisionSpec:
     """The :class:`PrecisionSpec` of ``precision`` (ValueError naming the choices otherwise)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision.startswith("fp8"):
+        dtype = torch.float16 if precision == "fp8-fp16" else torch.float32
+        return PrecisionSpec(precision, dtype, None, False, True)
     int8 = precision.startswith("int8")
     rest = precision[5:] if int8 and precision != "int8" else ("fp32" if int8 else precision)
     dtype = torch.float32 if rest == "fp32" else torch.float16
@@ -199,8 +212,9 @@ def apply_precision(
     Args:
         model: BatchNorm already folded (:func:`fold_batchnorms`), eval mode, float32.
         precision: One of :data:`PRECISIONS`.
-        scales: Layer name -> int8 input scale (``CalibrationTable.scale``); required for int8*.
-            Layers outside ``scope``, in ``keep_float`` or with a zero scale stay float.
+        scales: Layer name -> input scale; required for int8* (``amax / 127``, ``CalibrationTable.scale``)
+            and fp8* (``amax / 448``). Layers outside ``scope``, in ``keep_float`` or with a zero
+            scale stay float.
         keep_float: Layer names to keep float.
         scope: Module-name prefixes that may be quantized (default: the model family's).
         int8_chain: int8* only: let int8 activations flow between int8 layers
@@ -218,7 +232,7 @@ def apply_precision(
     spec = precision_spec(precision)
     if spec.float_dtype != torch.float32:
         model.half()
-    if not spec.int8:
+    if not spec.quantized:
         set_op_variant(model, spec.op_variant)
         return []
     if scales is None:
@@ -228,6 +242,13 @@ def apply_precision(
     keep = set(keep_float)
     modules = dict(model.named_modules())
     points = {n for n in usable if isinstance(modules[n], CalibrationPoint)}
+    if spec.fp8:
+        from bevdeploy.quant.fp8_modules import quantize_modules_fp8
+
+        report = quantize_modules_fp8(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
+                                      out_dtype=spec.float_dtype, quantize_in_graph=True)
+        set_op_variant(model, spec.op_variant)
+        return report
     report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
                               out_dtype=spec.float_dtype, quantize_in_graph=True)
     _int8_pooling(model, {n: usable[n] for n in points}, keep)
@@ -246,10 +267,11 @@ def apply_precision(
 def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tuple[str, str]]:
     """Which precision every conv / linear and every op-calling module runs in, in module order.
 
-    INT8 rows: the int8 modules themselves (their names may have moved since ``quantize_modules``'
+    INT8 / FP8 rows: the int8 / fp8 modules themselves (their names may have moved since ``quantize_modules``'
     ``report``: the fp16x2 wrapper of DCN packs), fused activations from the report; float layers
     report the storage dtype; op-calling modules report the op variant (e.g. ``fp16x2``), tagged ``(op)``.
     """
+    from bevdeploy.quant.fp8_modules import Fp8Conv2d, Fp8Linear
     from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
     spec = precision_spec(precision)
@@ -259,9 +281,11 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
             rows.append((name, "int8"))
+        elif isinstance(module, (Fp8Conv2d, Fp8Linear)):
+            rows.append((name, "fp8"))
         elif name in by_name:
             p = by_name[name]
-            rows.append((name, "int8" if p == "int8" else ("fused" if p == "fused" else float_name)))
+            rows.append((name, p if p in ("int8", "fp8", "fused") else float_name))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             rows.append((name, float_name))
         elif getattr(module, "feat_scale", None) is not None:

@@ -45,6 +45,7 @@ def _major_minor(version: str | None) -> tuple[str, ...] | None:
 def read_metadata(path: str | Path) -> tuple[torch.export.ExportedProgram, dict]:
     """Load the exported program and its metadata; ValueError naming ``path`` for anything unreadable."""
     import bevdeploy.ops  # noqa: F401  (the ops must be registered before the program deserializes)
+    import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
     path = Path(path)

@@ -273,7 +273,7 @@ def bench_model(
     for precision in precisions:
         path = work / f"{name}-{precision}.engine"
         build(name, precision, out=path, checkpoint=checkpoint,
-              calib=(calib or data) if precision.startswith("int8") else None)
+              calib=(calib or data) if precision_spec(precision).quantized else None)
         gc.collect()
         torch.cuda.empty_cache()
         engine = Engine.load(path, device="cuda")
@@ -291,6 +291,7 @@ def bench_model(
                  fidelity_nds=round(fid["NDS"], 4), latency_ms=round(ms, 3),
                  output_sqnr_db=min(sqnr.values()), output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
+                 fp8_layers=sum(1 for _, p in engine.layer_precisions if p == "fp8") if precision.startswith("fp8") else None,
                  run=run_id)
         rows.append(r)
         print(f"{name} {precision}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "

@@ -62,7 +62,7 @@ def run_demo(
     for precision in precisions:
         print(f"[demo] build {precision}", file=sys.stderr)
         path = build(model_name, precision, out=work / f"{model_name}-{precision}.engine", checkpoint=checkpoint,
-                     calib=data if precision.startswith("int8") else None, device=device.type)
+                     calib=data if precision.startswith(("int8", "fp8")) else None, device=device.type)
         engine = Engine.load(path, device=device)
         run = run_model(engine, infos, model_name, device)
         m = score(run)

@@ -305,6 +305,11 @@ def export_onnx(
     """
     register_plugin_schemas()
     ep = module if isinstance(module, torch.export.ExportedProgram) else torch.export.export(module, tuple(args))
+    fp8 = sorted({str(node.target) for node in ep.graph.nodes if str(node.target).startswith(
+        ("bevdeploy.fp8_", "bevdeploy.quantize_fp8"))})
+    if fp8:  # TensorRT's fp8 Q/DQ form has no counterpart here yet
+        raise NotImplementedError(f"ONNX export of fp8 layers is not supported (found {', '.join(fp8)}): "
+                                  "export a float or int8 deploy form instead")
     program = torch.onnx.export(
         ep,
         dynamo=True,

@@ -11,6 +11,10 @@
 * ``bevdeploy.quant.chain``: ``chain_int8``, the rewrite after conversion that keeps activations
   int8 between int8 layers (requantizing epilogues, fused ReLU and ResNet residuals).
 * ``bevdeploy.quant.autotune``: build-time launch tuning of the int8 layers on the GPU.
+* ``bevdeploy.quant.fp8_kernels`` / ``bevdeploy.quant.fp8_modules``: the same for e4m3 (fp8):
+  ``torch.ops.bevdeploy.quantize_fp8``, ``fp8_linear`` (``torch._scaled_mm`` on CUDA where its layout
+  rules hold) and ``fp8_conv2d`` (Triton fp8 implicit GEMM); ``Fp8Linear`` / ``Fp8Conv2d`` and
+  ``quantize_modules_fp8`` (input scales ``amax / 448`` from the same calibration tables).
 
 Nothing is imported here: import the submodule you need.
 """
