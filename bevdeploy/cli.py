@@ -17,6 +17,9 @@ EPILOG = """examples:
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
+  bevdeploy eval --model yolox-x --data coco:/data/coco --checkpoint yolox_x_8x8_300e_coco.pth --results yolox.json
+  bevdeploy eval --model centernet-r18-dcn --data synthetic2d:64   COCO mAP (pycocotools) on synthetic views
+  bevdeploy bench --model yolox-x centernet-r18-dcn --precisions pytorch fp16x2 int8-fp16 --data synthetic2d:64
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy bench ops --ops msda bev_pool_v2
 """
@@ -46,7 +49,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_det2d(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.coco import evaluate_det2d
+
+    r = evaluate_det2d(args.model, args.data if args.data != "synthetic" else "synthetic2d:64",
+                       checkpoint=args.checkpoint, allow_partial=args.allow_partial, device=args.device,
+                       batch=args.batch, results_file=args.results)
+    fps = "n/a" if r["fps"] is None else f"{r['fps']:.1f}"
+    print(f"{r['model']} on {r['data']}: {r['images']} images, {r['detections']} detections, images/s {fps}, "
+          f"COCO mAP {r['mAP']:.4f} (AP50 {r['mAP_50']:.4f}, AP75 {r['mAP_75']:.4f})"
+          + (f"; results: {args.results}" if args.results else ""))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from bevdeploy.models import DET2D_MODELS
+
+    if args.model in DET2D_MODELS:
+        return _eval_det2d(args)
     from bevdeploy.eval.detection import DetectionRun, evaluate, score_run
 
     if args.score_run:
@@ -123,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
-    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
-    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs | "
+                    "yolox-x | centernet-r18-dcn")
+    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH; "
+                    "2D models: synthetic2d:N or coco:PATH")
     ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -132,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
+    ev.add_argument("--results", default=None, help="2D models: write the COCO results JSON to this file")
+    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU)")
     ev.set_defaults(func=_eval)
 
     bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
