@@ -255,6 +255,7 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
     spec = precision_spec(precision)
     float_name = "fp32" if spec.float_dtype == torch.float32 else "fp16"
     by_name = {r.name: r.precision for r in report}
+    wrapped = {f"{n}.pack" for n, m in model.named_modules() if isinstance(m, _VariantDCN)}  # reported by the wrapper
     rows: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
@@ -268,7 +269,7 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
             rows.append((f"{name} (op)", "int8"))
         elif hasattr(module, "op_variant"):
             rows.append((f"{name} (op)", module.op_variant or float_name))
-        elif isinstance(module, ModulatedDeformConv2d):  # an unwrapped DCN runs its dtype's variant
+        elif isinstance(module, ModulatedDeformConv2d) and name not in wrapped:  # runs its dtype's variant
             rows.append((f"{name} (op)", float_name))
     return rows
 
