@@ -93,9 +93,16 @@ def _eval(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from bevdeploy.engine import build
 
+    import torch
+
+    from bevdeploy.models import DET2D_MODELS
+
+    batch = args.batch
+    if batch is None:  # 2D engines: the reference's batch 32 on a GPU, a small one on a CPU
+        batch = (32 if torch.cuda.is_available() and args.device != "cpu" else 2) if args.model in DET2D_MODELS else 1
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity, batch=batch)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -114,7 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
         command = "bevdeploy " + " ".join(sys.argv[1:])
         for name in args.model:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
-                               out_dir=args.out, command=command, append=args.append)
+                               out_dir=args.out, command=command, append=args.append, batch=args.batch)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -163,12 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
     bd.add_argument("--checkpoint", default=None)
     bd.add_argument("--allow-partial", action="store_true")
-    bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH")
+    bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH "
+                    "(2D models: synthetic2d:N or coco:PATH)")
     bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
     bd.add_argument("--device", default=None)
+    bd.add_argument("--batch", type=int, default=None,
+                    help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
 
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None)
+    bench.add_argument("--batch", type=int, default=None, help="2D models: static batch of every row (default 32)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
