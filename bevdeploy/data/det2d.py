@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CocoSet", "ImageMeta", "PIPELINES", "resolve_det2d_spec", "preprocess_image", "boxes_to_image",
-           "load_batch"]
+           "load_batch", "load_training_set"]
 
 #: Pipeline kind of each 2D model.
 PIPELINES = {"yolox-x": "yolox", "centernet-r18-dcn": "centernet"}
@@ -172,3 +172,33 @@ def load_batch(data: CocoSet, records: list[dict], kind: str, input_size: tuple[
         images.append(x)
         metas.append(meta)
     return torch.stack(images), metas
+
+
+def load_training_set(data: CocoSet, kind: str, input_size: tuple[int, int], *, dtype: torch.dtype = torch.float16,
+                      min_size: float = 1.0) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Every image of ``data`` through the test pipeline, with its ground truth in network-input pixels.
+
+    Returns ``(images [N, 3, H, W] of dtype, boxes: per image Tensor[n, 4] xyxy, labels: per image
+    Tensor[n] contiguous 0..79)``; crowd boxes and boxes under ``min_size`` pixels are dropped.
+    """
+    from bevdeploy.data.coco import COCO_CATEGORIES
+
+    label_of = {cid: i for i, (cid, _) in enumerate(COCO_CATEGORIES)}
+    coco = data.coco()
+    records = data.images()
+    images, all_boxes, all_labels = [], [], []
+    for start in range(0, len(records), 16):
+        chunk = records[start:start + 16]
+        x, metas = load_batch(data, chunk, kind, input_size)
+        images.append(x.to(dtype))
+        for rec, meta in zip(chunk, metas):
+            anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=rec["id"])) if not a.get("iscrowd", 0)]
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+            boxes[:, 0::2] = boxes[:, 0::2] * meta.scale_x + meta.left
+            boxes[:, 1::2] = boxes[:, 1::2] * meta.scale_y + meta.top
+            labels = torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.long)
+            keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+            all_boxes.append(boxes[keep])
+            all_labels.append(labels[keep])
+    return torch.cat(images), all_boxes, all_labels
