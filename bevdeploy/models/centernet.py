@@ -151,7 +151,9 @@ class CenterNetConfig:
         num_classes: Classes (COCO: 80).
         image_size: (H, W) of the engine's static input, multiples of 32. The official test pipeline
             pads each image to its own size rounded up to a multiple of 32 (640x480 COCO images: 672x512);
-            a static engine takes one canvas, the image centred in it.
+            a static engine takes one canvas, the image centred in it. 512x512 is the engine size the
+            benchmarks use; ``(672, 672)`` holds every COCO image (longest side 640) unscaled, which
+            reproduces the official test pipeline up to the extent of the padding.
         use_dcn: DCNv2 in the neck (the config: True).
         topk: Decoder: boxes per image (top-k over the local-maximum heatmap).
         local_maximum_kernel: Decoder: max-pool window of the local-maximum test.

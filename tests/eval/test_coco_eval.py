@@ -101,3 +101,11 @@ def test_eval_on_synthetic_coco_writes_results(tmp_path, monkeypatch, ops_on_ref
     assert 0.0 <= r["mAP"] <= 1.0
     written = json.loads(out.read_text())
     assert len(written) == 300 and {d["image_id"] for d in written} == {1, 2, 3}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_of_a_2d_model_refuses_without_a_gpu():
+    from bevdeploy.eval.bench_models import bench_model
+
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        bench_model("yolox-x", ["fp16"], data="synthetic2d:4")
