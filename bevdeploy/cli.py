@@ -19,6 +19,9 @@ EPILOG = """examples:
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
   bevdeploy bench --model bevdet-r50 --precisions pytorch fp16x2 fp8-fp16 --calib synthetic:4   fp8 (H100)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
+  bevdeploy eval --model yolox-x --data coco:/data/coco --checkpoint yolox_x_8x8_300e_coco.pth --results yolox.json
+  bevdeploy eval --model centernet-r18-dcn --data synthetic2d:64   COCO mAP (pycocotools) on synthetic views
+  bevdeploy bench --model yolox-x centernet-r18-dcn --precisions pytorch fp16x2 int8-fp16 --data synthetic2d:64
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
@@ -51,7 +54,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_det2d(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.coco import evaluate_det2d
+
+    r = evaluate_det2d(args.model, args.data if args.data != "synthetic" else "synthetic2d:64",
+                       checkpoint=args.checkpoint, allow_partial=args.allow_partial, device=args.device,
+                       batch=args.batch, results_file=args.results)
+    fps = "n/a" if r["fps"] is None else f"{r['fps']:.1f}"
+    print(f"{r['model']} on {r['data']}: {r['images']} images, {r['detections']} detections, images/s {fps}, "
+          f"COCO mAP {r['mAP']:.4f} (AP50 {r['mAP_50']:.4f}, AP75 {r['mAP_75']:.4f})"
+          + (f"; results: {args.results}" if args.results else ""))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from bevdeploy.models import DET2D_MODELS
+
+    if args.model in DET2D_MODELS:
+        return _eval_det2d(args)
     from bevdeploy.eval.detection import DetectionRun, evaluate, score_run
 
     if args.score_run:
@@ -78,10 +98,18 @@ def _eval(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from bevdeploy.engine import build
 
+    import torch
+
+    from bevdeploy.models import DET2D_MODELS
+
+    batch = args.batch
+    if batch is None:  # 2D engines: the reference's batch 32 on a GPU, a small one on a CPU
+        batch = (32 if torch.cuda.is_available() and args.device != "cpu" else 2) if args.model in DET2D_MODELS else 1
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
-                 qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch)
+                 qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
+                 batch=batch)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -100,7 +128,7 @@ def _bench(args: argparse.Namespace) -> int:
         command = "bevdeploy " + " ".join(sys.argv[1:])
         for name in args.model:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
-                               out_dir=args.out, command=command, append=args.append)
+                               out_dir=args.out, command=command, append=args.append, batch=args.batch)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -149,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
-    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
-    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs | "
+                    "yolox-x | centernet-r18-dcn")
+    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH; "
+                    "2D models: synthetic2d:N or coco:PATH")
     ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -158,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
+    ev.add_argument("--results", default=None, help="2D models: write the COCO results JSON to this file")
+    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU)")
     ev.set_defaults(func=_eval)
 
     bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
@@ -165,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2 | fp8 | fp8-fp16")
     bd.add_argument("--checkpoint", default=None)
     bd.add_argument("--allow-partial", action="store_true")
-    bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH")
+    bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH "
+                    "(2D models: synthetic2d:N or coco:PATH)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
                     help="default: entropy for int8, minmax for fp8")
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
@@ -177,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--device", default=None)
+    bd.add_argument("--batch", type=int, default=None,
+                    help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
 
@@ -192,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None)
+    bench.add_argument("--batch", type=int, default=None, help="2D models: static batch of every row (default 32)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
                        help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")

@@ -37,7 +37,9 @@ from bevdeploy.engine.deploy import (
     precision_spec,
 )
 from bevdeploy.engine.model_io import (
+    DET2D_FAMILIES,
     calibration_forward_loop,
+    det2d_calibration_loop,
     example_inputs,
     family,
     input_names,
@@ -197,8 +199,9 @@ def build(
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
         allow_partial: Passed to ``load_checkpoint``.
-        calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
-            ``bevdeploy.data.synthetic.DataSource``; its first N (default 500) samples in temporal order.
+        calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``; 2D
+            models ``synthetic2d:N`` / ``coco:PATH``) or a ``bevdeploy.data.synthetic.DataSource``; its first
+            N (default 500) samples in temporal order.
         calib_method: ``entropy``, ``minmax`` or ``percentile``; default ``entropy`` for int8*, ``minmax``
             for fp8* (e4m3's relative precision gains nothing from clipping; see
             :mod:`bevdeploy.quant.fp8_modules`).
@@ -270,8 +273,11 @@ def build(
                 raise ValueError(f"{calib_table}: the calibration table names none of this model's layers "
                                  f"(was it made for another model?)")
         else:
-            infos, dataset = _calibration_infos(calib, model_name, progress)
-            loop = calibration_forward_loop(infos, model_name, model, dev, progress)
+            if family(model) in DET2D_FAMILIES:
+                loop, dataset = det2d_calibration_loop(calib, model_name, model, dev, progress=progress)
+            else:
+                infos, dataset = _calibration_infos(calib, model_name, progress)
+                loop = calibration_forward_loop(infos, model_name, model, dev, progress)
             recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
             names = input_names(model)  # the loop's positional order
             hook = model.register_forward_pre_hook(

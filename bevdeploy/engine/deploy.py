@@ -87,6 +87,17 @@ def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
 
     if type(conv) is nn.Conv2d:
         return fold_bn(conv, bn)
+    if type(conv) is nn.ConvTranspose2d and conv.groups == 1:
+        # weight [Cin, Cout, kh, kw]: the BN scales output channels, dim 1
+        factor = (bn.weight.detach().double() if bn.weight is not None else 1.0) * torch.rsqrt(
+            bn.running_var.detach().double() + bn.eps)
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(factor)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(factor)
+        with torch.no_grad():
+            conv.weight.copy_(conv.weight.detach().double() * factor.view(1, -1, 1, 1))
+            conv.bias = nn.Parameter(((b - bn.running_mean.detach().double()) * factor + beta).to(conv.weight.dtype),
+                                     requires_grad=False)
+        return conv
     # modulated deformable conv: out = sum(w * sampled) + b, so the BN folds the same way
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
@@ -110,7 +121,7 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     """
     from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2d
 
-    conv_types = (nn.Conv2d, ModulatedDeformConv2d)
+    conv_types = (nn.Conv2d, ModulatedDeformConv2d, nn.ConvTranspose2d)
     folded: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         prefix = f"{parent_name}." if parent_name else ""
@@ -272,11 +283,13 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
     report the storage dtype; op-calling modules report the op variant (e.g. ``fp16x2``), tagged ``(op)``.
     """
     from bevdeploy.quant.fp8_modules import Fp8Conv2d, Fp8Linear
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2d
     from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
     spec = precision_spec(precision)
     float_name = "fp32" if spec.float_dtype == torch.float32 else "fp16"
     by_name = {r.name: r.precision for r in report}
+    wrapped = {f"{n}.pack" for n, m in model.named_modules() if isinstance(m, _VariantDCN)}  # reported by the wrapper
     rows: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
@@ -292,6 +305,8 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
             rows.append((f"{name} (op)", "int8"))
         elif hasattr(module, "op_variant"):
             rows.append((f"{name} (op)", module.op_variant or float_name))
+        elif isinstance(module, ModulatedDeformConv2d) and name not in wrapped:  # runs its dtype's variant
+            rows.append((f"{name} (op)", float_name))
     return rows
 
 

@@ -7,6 +7,9 @@ Two families, written as explicit branches (two do not need a registry):
 * BEVDet: ``image`` and the five BEVPool index arrays of the camera geometry (padded to fixed sizes,
   so one static engine serves every calibration) -> the CenterPoint maps ``reg, height, dim, rot,
   vel, heatmap``; the host computes the indices once per camera geometry (``BEVDet.prepare``).
+* The 2D detectors (``yolox``, ``centernet``): an image batch ``image`` [B, 3, H, W] (static B)
+  -> the raw head maps (YOLOX ``cls_scores, bbox_preds, objectness``; CenterNet ``heatmap, wh,
+  offset``); the host decodes them (:mod:`bevdeploy.eval.coco`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torch import Tensor, nn
 __all__ = [
     "BEVFORMER_INT8_SCOPE",
     "BEVDET_INT8_SCOPE",
+    "DET2D_INT8_SCOPE",
+    "DET2D_FAMILIES",
     "family",
     "int8_scope_prefixes",
     "input_names",
@@ -37,28 +42,43 @@ BEVFORMER_INT8_SCOPE = ("img_backbone.", "img_neck.", "pts_bbox_head.transformer
 BEVDET_INT8_SCOPE = ("img_backbone.", "img_neck.", "img_view_transformer.", "img_bev_encoder_backbone.",
                      "img_bev_encoder_neck.")
 
+#: 2D detectors: every conv of backbone, neck and head (the DCN of CenterNet's neck runs in the
+#: precision's float variant; its offset conv is an ordinary conv and goes int8).
+DET2D_INT8_SCOPE = ("backbone.", "neck.", "bbox_head.")
+DET2D_FAMILIES = ("yolox", "centernet")
+
 _BEVFORMER_INPUTS = ("image", "lidar2img", "can_bus", "prev_bev", "use_prev_bev")
 _BEVFORMER_OUTPUTS = ("bev_embed", "all_cls_scores", "all_bbox_preds")
 
 
 def family(model: nn.Module) -> str:
-    """``"bevformer"`` or ``"bevdet"``; NotImplementedError for any other model."""
-    from bevdeploy.models import BEVDet, BEVFormer
+    """``"bevformer"``, ``"bevdet"``, ``"yolox"`` or ``"centernet"``; NotImplementedError for any other model."""
+    from bevdeploy.models import YOLOX, BEVDet, BEVFormer, CenterNet
 
     if isinstance(model, BEVFormer):
         return "bevformer"
     if isinstance(model, BEVDet):
         return "bevdet"
-    raise NotImplementedError(f"the engine builds BEVFormer and BEVDet models, not {type(model).__name__}")
+    if isinstance(model, YOLOX):
+        return "yolox"
+    if isinstance(model, CenterNet):
+        return "centernet"
+    raise NotImplementedError(f"the engine builds BEVFormer, BEVDet, YOLOX and CenterNet models, not "
+                              f"{type(model).__name__}")
 
 
 def int8_scope_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Module-name prefixes whose convs / linears may run int8 (the family's default scope)."""
-    return BEVFORMER_INT8_SCOPE if family(model) == "bevformer" else BEVDET_INT8_SCOPE
+    fam = family(model)
+    if fam in DET2D_FAMILIES:
+        return DET2D_INT8_SCOPE
+    return BEVFORMER_INT8_SCOPE if fam == "bevformer" else BEVDET_INT8_SCOPE
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
     """The engine's inputs, in the model forward's positional order."""
+    if family(model) in DET2D_FAMILIES:
+        return ("image",)
     if family(model) == "bevformer":
         return _BEVFORMER_INPUTS
     from bevdeploy.models.bevdet import BEVPoolRanks
@@ -68,6 +88,14 @@ def input_names(model: nn.Module) -> tuple[str, ...]:
 
 def output_names(model: nn.Module) -> tuple[str, ...]:
     """The keys of the model's output dict that the engine returns, in order."""
+    if family(model) == "yolox":
+        from bevdeploy.models.yolox import YOLOX_OUTPUTS
+
+        return YOLOX_OUTPUTS
+    if family(model) == "centernet":
+        from bevdeploy.models.centernet import CENTERNET_OUTPUTS
+
+        return CENTERNET_OUTPUTS
     if family(model) == "bevformer":
         return _BEVFORMER_OUTPUTS
     from bevdeploy.models.bevdet import HEAD_OUTPUTS
@@ -81,6 +109,8 @@ def example_inputs(model: nn.Module, batch: int, dtype: torch.dtype, device: tor
     BEVDet's index arrays are padded to the frustum + voxel count and the voxel count
     (:func:`bevdeploy.models.bevdet.pad_ranks`), so the shapes do not depend on the cameras.
     """
+    if family(model) in DET2D_FAMILIES:
+        return {"image": torch.zeros(batch, 3, *model.image_size, device=device, dtype=dtype)}
     if family(model) == "bevformer":
         H, W = model.image_size
         N = model.num_cams
@@ -154,3 +184,30 @@ def calibration_forward_loop(infos: Sequence[dict], model_name: str, model: nn.M
         return len(infos)
 
     return bevformer_loop
+
+
+def det2d_calibration_loop(calib: str, model_name: str, model: nn.Module, device: torch.device, batch: int = 8,
+                           progress: bool = True):
+    """A ``forward_loop(model)`` for the 2D detectors and a description of its data.
+
+    ``calib`` is a 2D data spec (``synthetic2d:N`` / ``coco:PATH``); its first N images (COCO without a
+    count: the first 500, as the reference calibrates on 500 samples) go through the model's test
+    pipeline in batches of ``batch``.
+    """
+    from tqdm import tqdm
+
+    from bevdeploy.data.det2d import PIPELINES, load_batch, resolve_det2d_spec
+
+    data = resolve_det2d_spec(calib, progress=progress)
+    records = data.images()[:500] if data.num_images is None else data.images()
+    if not records:
+        raise ValueError(f"calibration data {calib!r} holds no images")
+    kind, size = PIPELINES[model_name], tuple(model.image_size)
+
+    def loop(m: nn.Module) -> int:
+        for start in tqdm(range(0, len(records), batch), desc="calibration", disable=not progress, file=sys.stderr):
+            x, _ = load_batch(data, records[start:start + batch], kind, size)
+            m(x.to(device))
+        return len(records)
+
+    return loop, f"{data.ann_file} [:{len(records)}]"

@@ -201,8 +201,12 @@ def bench_model(
     out_dir: str | Path = "bench/results",
     command: str = "",
     append: bool = False,
+    batch: int | None = None,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
+
+    The 2D models (``yolox-x``, ``centernet-r18-dcn``) go to :func:`bevdeploy.eval.bench_det2d.bench_det2d`
+    (COCO mAP, images/s at ``batch``, default 32); the BEV models run at batch 1 (``batch`` unused).
 
     PyTorch eager FP32 first (FPS on random full-size inputs, NDS/mAP over ``data``), then for each
     precision: build the engine (int8*: calibrated on ``calib``, default the same data spec), load it
@@ -224,6 +228,13 @@ def bench_model(
     from bevdeploy.eval.nuscenes import fidelity_metrics
     from bevdeploy.models import MODELS
 
+    from bevdeploy.models import DET2D_MODELS
+
+    if name in DET2D_MODELS:  # the 2D table: COCO mAP, images/s at a static batch
+        from bevdeploy.eval.bench_det2d import bench_det2d
+
+        return bench_det2d(name, precisions, data=data, calib=calib, checkpoint=checkpoint, batch=batch or 32,
+                           work_dir=work_dir, iters=iters, out_dir=out_dir, command=command, append=append)
     if not torch.cuda.is_available():
         raise RuntimeError("bevdeploy bench --model times engines on a CUDA GPU and none is visible here; on a CPU, "
                            "`bevdeploy demo --model NAME` runs the same pipeline (without meaningful timings)")

@@ -20,7 +20,9 @@ from bevdeploy.models.bevformer import (
     bevformer_tiny,
 )
 from bevdeploy.models.bevdet import BEVDET_CONFIGS, BEVDet, BEVDetConfig, bevdet_r50_cbgs
+from bevdeploy.models.centernet import CenterNet, CenterNetConfig, centernet_r18_dcn
 from bevdeploy.models.checkpoint import load_checkpoint
+from bevdeploy.models.yolox import YOLOX, YOLOXConfig, yolox_x
 
 __all__ = [
     "MODELS",
@@ -35,6 +37,13 @@ __all__ = [
     "BEVDetConfig",
     "bevdet_r50_cbgs",
     "load_checkpoint",
+    "YOLOX",
+    "YOLOXConfig",
+    "yolox_x",
+    "CenterNet",
+    "CenterNetConfig",
+    "centernet_r18_dcn",
+    "DET2D_MODELS",
 ]
 
 #: Every model by its CLI name.
@@ -44,4 +53,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "bevformer-base": bevformer_base,
     "bevdet-r50-cbgs": bevdet_r50_cbgs,
     "bevdet-r50": bevdet_r50_cbgs,  # the short name the reference system's tables use
+    "yolox-x": yolox_x,
+    "centernet-r18-dcn": centernet_r18_dcn,
 }
+
+#: The 2D (COCO) detectors among ``MODELS``.
+DET2D_MODELS = ("yolox-x", "centernet-r18-dcn")

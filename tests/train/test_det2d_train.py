@@ -1,0 +1,108 @@
+"""2D training pieces: CenterNet targets and focal loss by hand, SimOTA on a hand-made scene, and a
+few optimizer steps of each family lowering its loss on a tiny synthetic COCO set."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bevdeploy.models import MODELS
+from bevdeploy.models.yolox import yolox_priors
+from bevdeploy.train.centernet import (
+    CenterNetTraining,
+    centernet_targets,
+    gaussian_focal_loss,
+    gaussian_radius,
+)
+from bevdeploy.train.yolox import YOLOXTraining, decode_boxes, simota_assign
+
+
+def test_gaussian_radius_keeps_the_overlap():
+    h, w, overlap = 20.0, 30.0, 0.3
+    r = gaussian_radius(h, w, overlap)
+    assert 0 < r < min(h, w)
+    # CornerNet's first case: a box whose two corners both moved by r along x and y (one inward,
+    # one outward) overlaps the original by (h - r)(w - r) / (2hw - (h - r)(w - r)); the radius
+    # is the minimum of the three cases, so this overlap is at least min_overlap
+    inter = (h - r) * (w - r)
+    assert inter / (2 * h * w - inter) >= overlap - 1e-9
+    assert gaussian_radius(40.0, 60.0, overlap) == pytest.approx(2 * r)  # scales with the box
+
+
+def test_centernet_targets_by_hand():
+    boxes = [torch.tensor([[8.0, 4.0, 24.0, 12.0]])]  # input pixels; centre (16, 8), size 16x8
+    t = centernet_targets(boxes, [torch.tensor([2])], num_classes=3, feat_hw=(8, 16), image_hw=(32, 64))
+    # map stride 4: centre (4, 2), size (4, 2)
+    assert t["heatmap"][0, 2, 2, 4] == 1.0 and t["heatmap"].eq(1).sum() == 1
+    assert t["heatmap"][0, :2].sum() == 0
+    torch.testing.assert_close(t["wh"][0, :, 2, 4], torch.tensor([4.0, 2.0]))
+    torch.testing.assert_close(t["offset"][0, :, 2, 4], torch.tensor([0.0, 0.0]))
+    assert t["weight"].sum() == 2
+
+
+def test_gaussian_focal_loss_is_zero_for_the_target_and_positive_otherwise():
+    target = torch.zeros(1, 1, 5, 5)
+    target[0, 0, 2, 2] = 1.0
+    perfect = target.clone()
+    assert gaussian_focal_loss(perfect, target) < 1e-6
+    assert gaussian_focal_loss(torch.full_like(target, 0.5), target) > 0.1
+
+
+def test_simota_picks_points_inside_the_object():
+    priors = yolox_priors((64, 64))
+    gt = torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+    deltas = torch.zeros(priors.shape[0], 4)
+    deltas[:, 2:] = torch.log(32.0 / priors[:, 2:])  # every point predicts a 32x32 box around its centre
+    deltas[:, :2] = 0.5
+    boxes = decode_boxes(priors, deltas)
+    scores = torch.full((priors.shape[0], 2), 0.01)
+    fg, gi, iou = simota_assign(scores, boxes, priors, gt, torch.tensor([1]))
+    assert 1 <= fg.sum() <= 10
+    centres = priors[fg, :2] + priors[fg, 2:] / 2
+    assert ((centres > 16) & (centres < 48)).all()
+    assert (gi[fg] == 0).all() and (iou[fg] > 0.5).all()
+    # the best point is the one whose box is the GT itself: centre (32, 32) at stride 8
+    exact = ((boxes - gt).abs().sum(1) < 1e-4).nonzero()[:, 0]
+    assert fg[exact].all()
+    none = simota_assign(scores, boxes, priors, gt[:0], torch.tensor([], dtype=torch.long))
+    assert not none[0].any()
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BEVDEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    from bevdeploy.data.det2d import resolve_det2d_spec
+
+    yield resolve_det2d_spec("synthetic2d:6", progress=False)
+    mp.undo()
+
+
+@pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
+def test_a_few_steps_lower_the_loss(name, tiny_set, ops_on_references):
+    torch.manual_seed(0)
+    if name == "yolox-x":
+        model = MODELS[name](deepen_factor=0.33, widen_factor=0.125, image_size=(64, 96))
+        training = YOLOXTraining(model, tiny_set, "cpu")
+    else:
+        model = MODELS[name](image_size=(64, 96))
+        training = CenterNetTraining(model, tiny_set, "cpu")
+    assert sum(len(b) for b in training.boxes) > 0, "the tiny set has objects"
+    batch = next(training.batches(2, seed=0))
+    assert batch.images.shape == (2, 3, 64, 96)
+    model.train()
+    # SimOTA re-assigns every step, so YOLOX needs a few more steps to show the trend
+    steps, lr = (8, 3e-3) if name == "yolox-x" else (4, 1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        terms = training.loss(model, batch)
+        assert all(torch.isfinite(v) for v in terms.values()), terms
+        total = sum(terms.values())
+        losses.append(float(total.detach()))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert losses[-1] < losses[0] and not math.isnan(losses[-1]), losses
