@@ -47,8 +47,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bevdeploy.eval.detection import DetectionRun, evaluate, score_run
+    from bevdeploy.eval.detection import DetectionRun, evaluate, format_metrics, score_run, write_metrics, write_results
 
+    if args.model is None and args.engine is None and args.score_run is None:
+        raise ValueError("say what to evaluate: --model NAME, --engine FILE or --score-run FILE")
     if args.score_run:
         from bevdeploy.data.nuscenes import load_infos
         from bevdeploy.data.synthetic import resolve_data_spec
@@ -56,26 +58,47 @@ def _eval(args: argparse.Namespace) -> int:
         source = resolve_data_spec(args.data, workers=args.workers)
         infos = load_infos(source.dataroot, source.version, source.split)
         run = DetectionRun.load(args.score_run)
-        metrics = score_run(run, [i for i in infos if i["token"] in run.boxes], source.dataroot, source.version, source.split)
-        result = {"model": args.model, "data": args.data, "frames": len(run.boxes), "fps": run.fps,
-                  "NDS": metrics["NDS"], "mAP": metrics["mAP"]}
+        infos = [i for i in infos if i["token"] in run.boxes]
+        result = {"model": args.model or args.score_run, "data": args.data, "frames": len(run.boxes), "fps": run.fps}
+        if args.results:
+            result["results_path"] = str(write_results(run, infos, args.results))
+        if not args.no_score:
+            metrics = score_run(run, infos, source.dataroot, source.version, source.split)
+            result.update(NDS=metrics["NDS"], mAP=metrics["mAP"], metrics=metrics)
     else:
-        result = evaluate(args.model, args.data, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
-                          device=args.device, workers=args.workers, save_run=args.save_run, score=not args.no_score)
+        result = evaluate(args.model, args.data, engine=args.engine, checkpoint=args.checkpoint,
+                          allow_partial=args.allow_partial, device=args.device, workers=args.workers,
+                          save_run=args.save_run, score=not args.no_score, results_path=args.results,
+                          progress=not args.quiet)
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
-    line = f"{result['model']} on {result['data']}: {result['frames']} frames, FPS {fps}"
-    if "NDS" in result:
-        line += f", NDS {result['NDS']:.4f}, mAP {result['mAP']:.4f}"
-    print(line)
+    what = result["model"] if not result.get("engine") else f"{result['model']} engine {result['engine']}"
+    print(f"{what} on {result['data']}: {result['frames']} frames, FPS {fps}")
+    if "metrics" in result:
+        print(format_metrics(result["metrics"]))
+        if args.metrics:
+            print(f"metrics written: {write_metrics(result['metrics'], args.metrics)}")
+    elif args.metrics:
+        raise ValueError("--metrics needs scored data (not --no-score, not a test split)")
+    if result.get("results_path"):
+        print(f"nuScenes results written: {result['results_path']}")
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
     from bevdeploy.engine import build
+    from bevdeploy.engine.deploy import precision_spec
 
+    spec = precision_spec(args.precision)
+    if not spec.int8:
+        ignored = [flag for flag, on in (("--calib", args.calib), ("--calib-table", args.calib_table),
+                                         ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity)) if on]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 precisions "
+                             f"only, not --precision {args.precision}")
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
+                 progress=not args.quiet)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -83,6 +106,10 @@ def _build(args: argparse.Namespace) -> int:
         report = [LayerSensitivity(**r) for r in json.loads(Path(f"{path}.sensitivity.json").read_text())]
         print("int8 sensitivity (output SQNR with only that layer in int8; worst first):")
         print(format_report(report))
+    print("next:")
+    print(f"  bevdeploy eval --engine {path} --data synthetic:32          # NDS/mAP and FPS (or --data nuscenes:PATH)")
+    print(f"  bevdeploy show --engine {path} --data synthetic:4 -o out/show   # BEV and camera pictures of its boxes")
+    print(f"  bevdeploy bench --model {args.model} --precisions pytorch {args.precision}   # the speed table (GPU)")
     return 0
 
 

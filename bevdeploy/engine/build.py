@@ -89,6 +89,10 @@ def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bo
     if checkpoint:
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
         print(report, file=sys.stderr)
+    else:
+        from bevdeploy.eval.detection import warn_random_weights
+
+        warn_random_weights(model_name, "engine build")
     return model.float().eval()
 
 
@@ -100,9 +104,9 @@ def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dic
     if isinstance(calib, DataSource):
         source = calib
     elif isinstance(calib, str):
-        source = resolve_data_spec(calib, progress=progress)
+        source = resolve_data_spec(calib, progress=progress, calibration=True)
     else:
-        raise ValueError(f"calib must be a data spec ('synthetic:N' or 'nuscenes:PATH'), got {calib!r}")
+        raise ValueError(f"calib must be a data spec ('synthetic:N' or 'nuscenes:PATH[@version][:split][:N]'), got {calib!r}")
     infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     n = source.num_samples if source.num_samples is not None else DEFAULT_CALIB_SAMPLES
     infos = infos[:n]
@@ -148,6 +152,7 @@ def build(
         allow_partial: Passed to ``load_checkpoint``.
         calib: Calibration data for int8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
             ``bevdeploy.data.synthetic.DataSource``; its first N (default 500) samples in temporal order.
+            A nuScenes spec without a split calibrates on ``train`` / ``mini_train`` when present.
         calib_method: ``entropy`` (default), ``minmax`` or ``percentile``.
         calib_table: A saved calibration table to reuse instead of calibrating.
         keep_float: Layer names to keep float in the int8 precisions.
@@ -171,8 +176,8 @@ def build(
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if spec.int8 and calib is None and calib_table is None:
-        raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
-                         "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
+        raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
+                         "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
     out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     import bevdeploy.ops  # noqa: F401  (op registrations)
