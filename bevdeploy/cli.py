@@ -133,49 +133,121 @@ def _bench(args: argparse.Namespace) -> int:
     raise ValueError("say what to benchmark: 'bevdeploy bench ops' or 'bevdeploy bench --model NAME'")
 
 
+MODEL_NAMES = "bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs (alias bevdet-r50)"
+DATA_HELP = """data specs:
+  synthetic[:N]                          a generated world of N samples (cached; default 32)
+  nuscenes:PATH                          v1.0-trainval (split val) or v1.0-mini (mini_val) under PATH
+  nuscenes:PATH@v1.0-test:test           any table version and split
+  nuscenes:PATH:val:100                  the first 100 samples (temporal order) of a split
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bevdeploy")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.visualize import show
+
+    paths = show(args.data, args.output, model_name=args.model, engine=args.engine, results=args.results,
+                 checkpoint=args.checkpoint, frames=args.frames, score_threshold=args.score_threshold,
+                 device=args.device, workers=args.workers, progress=not args.quiet)
+    print(f"{len(paths)} pictures written to {args.output}: " + ", ".join(p.name for p in paths[:4])
+          + (" ..." if len(paths) > 4 else ""))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.report import write_report
+
+    out = args.output or str(Path(args.results_dir) / "report.html")
+    path = write_report(args.results_dir, out)
+    print(f"report written: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bevdeploy.export.onnx import check_onnx, export_model
+
+    if args.model is None and not isinstance(args.check, str):
+        raise ValueError("say what to export: --model NAME -o FILE.onnx (or --check FILE.onnx)")
+    path = args.check if isinstance(args.check, str) else None
+    if args.model is not None:
+        if not args.output:
+            raise ValueError("--model needs -o FILE.onnx")
+        path = export_model(args.model, args.output, checkpoint=args.checkpoint)
+        print(f"ONNX written: {path}")
+    if args.check:
+        report = check_onnx(path, model_name=args.model, checkpoint=args.checkpoint)
+        print(report["text"])
+        return 0 if report["ok"] else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bevdeploy", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bevdeploy", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Deploy camera BEV 3D detectors (BEVFormer, BEVDet) from PyTorch to fast engines: build, "
+                    "evaluate, look at and benchmark them.")
+    parser.add_argument("--version", action="version", version=f"bevdeploy {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    loud = common.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="more messages (debug logging)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    demo = sub.add_parser("demo", help="synthetic world -> PyTorch -> engines -> NDS/fidelity table (--ops: op self-check)")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="synthetic world -> PyTorch -> engines -> NDS/fidelity table (--ops: op self-check)")
     demo.add_argument("--ops", action="store_true", help="instead: every op's kernels against its reference")
     demo.add_argument("--seed", type=int, default=0, help="seed of the op self-check inputs")
-    demo.add_argument("--model", default="bevformer-tiny")
-    demo.add_argument("--data", default="synthetic:3", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    demo.add_argument("--model", default="bevformer-tiny", help=f"model name: {MODEL_NAMES}")
+    demo.add_argument("--data", default="synthetic:3", help="synthetic[:N] (generated, cached) or nuscenes:PATH[...]")
     demo.add_argument("--precisions", nargs="*", default=None, help="default: fp32 int8 on a CPU, all on a GPU")
-    demo.add_argument("--checkpoint", default=None)
-    demo.add_argument("--work-dir", default="out/demo", help="where the engine files go")
-    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    demo.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    demo.add_argument("--work-dir", default="out/demo", help="where the engines, pictures and report go")
+    demo.add_argument("--pictures", type=int, default=2, help="frames drawn as BEV/camera PNGs (0: none)")
+    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
-    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
-    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
-    ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    ev = sub.add_parser("eval", help="run a model or an engine over a dataset: full nuScenes metrics and FPS",
+                        parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ev.add_mutually_exclusive_group()
+    what.add_argument("--model", default=None, help=f"model name: {MODEL_NAMES}")
+    what.add_argument("--engine", default=None, help="engine file from 'bevdeploy build' (CPU-built engines run on a CPU)")
+    ev.add_argument("--data", default="synthetic", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]")
+    ev.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    ev.add_argument("--results", default=None, help="write the nuScenes detection submission JSON here")
+    ev.add_argument("--metrics", default=None, help="write the metrics summary (NDS, mAP, TP errors, per class) as JSON")
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
     ev.set_defaults(func=_eval)
 
-    bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
-    bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
+    bd = sub.add_parser("build", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help="build an engine file (deploy form, precision, torch.export, metadata)")
+    bd.add_argument("--model", required=True, help=f"model name: {MODEL_NAMES}")
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
-    bd.add_argument("--checkpoint", default=None)
-    bd.add_argument("--allow-partial", action="store_true")
-    bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH")
+    bd.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    bd.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    bd.add_argument("--calib", default=None,
+                    help="int8 calibration data: synthetic:N or nuscenes:PATH[...] (default split: train)")
     bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
-    bd.add_argument("--device", default=None)
+    bd.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); build where you run")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
 
-    bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks on the GPU; results under bench/results/<gpu>/")
     bench.add_argument("what", nargs="?", choices=["ops"], help="'ops' for the op benchmark (or use --model)")
     bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
     bench.add_argument("--precisions", nargs="*", default=["pytorch"],
@@ -184,15 +256,56 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--calib", default=None, help="int8 calibration data (default: --data)")
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
-    bench.add_argument("--checkpoint", default=None)
+    bench.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
+
+    show = sub.add_parser("show", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="draw frames: BEV plot (ground truth vs predictions) and the six cameras with boxes (PNG)")
+    src = show.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help=f"run this model: {MODEL_NAMES}")
+    src.add_argument("--engine", default=None, help="run this engine file")
+    src.add_argument("--results", default=None, help="draw a nuScenes results JSON (eval --results)")
+    show.add_argument("--data", default="synthetic:4", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]")
+    show.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
+    show.add_argument("--frames", type=int, default=4, help="how many frames to draw (default 4)")
+    show.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions at or above this score")
+    show.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    show.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    show.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    show.set_defaults(func=_show)
+
+    rep = sub.add_parser("report", parents=[common],
+                         help="one self-contained HTML page from the bench JSONs of a results folder")
+    rep.add_argument("results_dir", help="a bench results folder, e.g. bench/results/nvidia-h100-80gb-hbm3")
+    rep.add_argument("-o", "--output", default=None, help="HTML file (default: RESULTS_DIR/report.html)")
+    rep.set_defaults(func=_report)
+
+    ex = sub.add_parser("export", parents=[common],
+                        help="ONNX for TensorRT users (plugin nodes); --check runs it in onnxruntime against PyTorch")
+    ex.add_argument("--model", default=None, help=f"model name: {MODEL_NAMES}")
+    ex.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    ex.add_argument("-o", "--output", default=None, help="ONNX file to write")
+    ex.add_argument("--check", nargs="?", const=True, default=None, metavar="ONNX",
+                    help="run the file (the one just written, or ONNX) in onnxruntime and compare with PyTorch")
+    ex.set_defaults(func=_export)
     return parser
+
+
+def _logging(args: argparse.Namespace) -> None:
+    import logging
+
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) \
+        else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar, the devkit's too
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _logging(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
