@@ -38,11 +38,20 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"{len(failed)} check(s) failed", file=sys.stderr)
             return 1
         return 0
-    from bevdeploy.eval.demo import print_demo_table, run_demo
+    from bevdeploy.eval.demo import run_demo
+
+    from bevdeploy.eval.demo import format_demo_table
 
     rows = run_demo(model_name=args.model, data=args.data, precisions=args.precisions, checkpoint=args.checkpoint,
-                    work_dir=args.work_dir, workers=args.workers)
-    print_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
+                    work_dir=args.work_dir, workers=args.workers, pictures=args.pictures)
+    table = format_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
+    print(table)
+    work = Path(args.work_dir)
+    (work / "demo-table.txt").write_text(table + "\n")
+    pictures = f"   pictures: {work / 'pictures'}" if args.pictures else ""
+    print(f"engines: {work}/*.engine{pictures}   table: {work / 'demo-table.txt'}")
+    if not args.checkpoint:
+        print("(random weights: NDS/mAP near 0 is expected; fidelity NDS compares each engine with PyTorch)")
     return 0
 
 
@@ -114,6 +123,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model is not None and (args.ops is not None or args.what == "ops"):
+        raise ValueError("--ops / 'ops' benchmark the operators; --model benchmarks models: run them separately")
     if args.model:
         from bevdeploy.eval.bench_models import bench_model
 
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     demo.add_argument("--work-dir", default="out/demo", help="where the engines, pictures and report go")
     demo.add_argument("--pictures", type=int, default=2, help="frames drawn as BEV/camera PNGs (0: none)")
-    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model or an engine over a dataset: full nuScenes metrics and FPS",
@@ -223,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
     ev.add_argument("--results", default=None, help="write the nuScenes detection submission JSON here")
     ev.add_argument("--metrics", default=None, help="write the metrics summary (NDS, mAP, TP errors, per class) as JSON")
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
@@ -272,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--frames", type=int, default=4, help="how many frames to draw (default 4)")
     show.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions at or above this score")
     show.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    show.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    show.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
     show.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     show.set_defaults(func=_show)
 

@@ -248,6 +248,10 @@ def bench_model(
         from bevdeploy.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
+    else:
+        from bevdeploy.eval.detection import warn_random_weights
+
+        warn_random_weights(name, "bench: NDS near 0; fidelity and output SQNR still measure the engines")
     pth_mb = pth_size_mb(model)
     gc.collect()
     torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """``bevdeploy show``: pictures of what a detector sees, as PNG files.
 
 Per frame, a bird's-eye view (ground truth green, predictions red, the ego car, range rings every
-10 m, LiDAR frame: x forward, up in the picture) and the six cameras with the same 3D boxes
+10 m; the nuScenes LiDAR frame: x right, y forward, up in the picture) and the six cameras with the same 3D boxes
 projected. Boxes are drawn by the nuScenes devkit's ``Box.render`` (its corner order and edge
 colours), so a box here is the box the devkit scores.
 """
@@ -37,7 +37,7 @@ def devkit_boxes(boxes: np.ndarray, labels: Sequence[int] | None = None, scores:
         center = [b[0], b[1], b[2] + b[5] / 2]
         heading = -b[6] - np.pi / 2
         out.append(Box(center, list(b[3:6]), Quaternion(axis=[0, 0, 1], angle=heading),
-                       label=None if labels is None else int(labels[i]),
+                       label=np.nan if labels is None else int(labels[i]),
                        score=np.nan if scores is None else float(scores[i]),
                        velocity=(b[7], b[8], 0.0),
                        name=None if labels is None else CLASS_NAMES[int(labels[i])]))
@@ -47,8 +47,8 @@ def devkit_boxes(boxes: np.ndarray, labels: Sequence[int] | None = None, scores:
 def bev_figure(gt: np.ndarray, pred: np.ndarray, title: str = "", size_px: int = 800):
     """The BEV picture as a matplotlib figure (Agg) of ``size_px`` square pixels; returns (fig, ax).
 
-    The axes map LiDAR ``-y`` to the right and ``x`` up (forward is up). ``gt`` and ``pred`` are
-    model boxes ``[N, 9]``.
+    The axes are the LiDAR frame's x (right) and y (forward, up in the picture). ``gt`` and
+    ``pred`` are model boxes ``[N, 9]``.
     """
     import matplotlib
 
@@ -58,20 +58,19 @@ def bev_figure(gt: np.ndarray, pred: np.ndarray, title: str = "", size_px: int =
 
     dpi = 100
     fig = Figure(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
-    ax = fig.add_axes((0.06, 0.06, 0.9, 0.88))
-    ax.set_xlim(BEV_RANGE, -BEV_RANGE)  # LiDAR y to the left: flip the axis so the picture is not mirrored
+    ax = fig.add_axes((0.09, 0.06, 0.88, 0.88))
+    ax.set_xlim(-BEV_RANGE, BEV_RANGE)
     ax.set_ylim(-BEV_RANGE, BEV_RANGE)
     ax.set_aspect("equal")
-    ax.set_xlabel("y (m, left)")
-    ax.set_ylabel("x (m, forward)")
+    ax.set_xlabel("x (m, right)")
+    ax.set_ylabel("y (m, forward)")
     ax.set_title(title, fontsize=9)
     for r in range(10, int(BEV_RANGE) + 1, 10):
         ax.add_patch(Circle((0, 0), r, fill=False, color="0.8", lw=0.6))
         ax.text(r * 0.7071, r * 0.7071, f"{r} m", color="0.6", fontsize=6)
     ax.add_patch(Rectangle((-0.95, -2.3), 1.9, 4.6, color="0.2"))  # the ego car, about 1.9 x 4.6 m
 
-    # Box.render draws in (x, y) of its view; swap axes so the picture reads (y, x): view = [[0,1,0],[1,0,0],[0,0,1]]
-    view = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    view = np.eye(3)  # the nuScenes LiDAR frame: x right, y forward; drawn as seen from above
     for boxes, color, width in ((gt, GT_COLOR, 2.0), (pred, PRED_COLOR, 1.2)):
         for box in devkit_boxes(boxes):
             box.render(ax, view=view, normalize=False, colors=(color, color, color), linewidth=width)
