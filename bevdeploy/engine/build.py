@@ -10,6 +10,7 @@ and can be reused with ``calib_table`` (no calibration data needed then).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -76,11 +77,21 @@ def runtime_facts(device: torch.device) -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "device_type": device.type, "gpu": gpu}
 
 
-def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bool,
-                      overrides: dict | None) -> nn.Module:
+def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow_partial: bool,
+                      overrides: dict | None) -> tuple[str, nn.Module]:
+    """(preset name, float eval model): a fresh ``MODELS`` model, or a copy of the user's module."""
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
+    if isinstance(model_name, nn.Module):
+        family(model_name)  # NotImplementedError for a model the engine cannot take
+        if overrides:
+            raise ValueError("model_overrides apply to a model name; a module is built already")
+        model = copy.deepcopy(model_name).cpu()  # build folds BN and swaps layers: leave the user's module alone
+        model_name = model.config.name
+        if checkpoint:
+            print(load_checkpoint(model, checkpoint, allow_partial=allow_partial), file=sys.stderr)
+        return model_name, model.float().eval()
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     torch.manual_seed(0)  # random weights (no checkpoint) are reproducible
@@ -93,7 +104,7 @@ def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bo
         from bevdeploy.eval.detection import warn_random_weights
 
         warn_random_weights(model_name, "engine build")
-    return model.float().eval()
+    return model_name, model.float().eval()
 
 
 def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dict], str]:
@@ -126,7 +137,7 @@ def _jsonable(obj):
 
 
 def build(
-    model_name: str,
+    model_name: str | nn.Module,
     precision: str,
     *,
     out: str | Path,
@@ -145,7 +156,9 @@ def build(
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
     Args:
-        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet).
+        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet), or your own
+            ``BEVFormer`` / ``BEVDet`` module (e.g. fine-tuned; it is copied, not changed; its
+            ``config.name`` picks the image pipeline).
         precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16`` or ``int8-fp16x2``.
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
@@ -183,7 +196,8 @@ def build(
     import bevdeploy.ops  # noqa: F401  (op registrations)
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides).to(dev)
+    model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides)
+    model = model.to(dev)
     cfg = model.config
     fold_batchnorms(model)
 
