@@ -318,7 +318,7 @@ def load_infos(
         progress: Show a progress bar.
 
     Returns:
-        One dict per sample (fields: see the module docstring and the project's data contract), scenes
+        One dict per sample (fields: see the module docstring), scenes
         ordered by start time, samples within a scene by timestamp, ``frame_idx`` 0 at each scene start.
 
     Raises:
