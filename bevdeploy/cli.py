@@ -15,10 +15,14 @@ EPILOG = """examples:
   bevdeploy demo --ops                 check every op (Triton kernels vs references) and print a table
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
-  bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
+  bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16 int8-fp16   BEVDet-R50-CBGS table (GPU)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy bench ops --ops msda bev_pool_v2
+  bevdeploy eval --engine tiny-int8.engine --data synthetic:32 --results results.json --metrics metrics.json
+  bevdeploy show --engine tiny-int8.engine --data synthetic:4 -o out/show     BEV + camera pictures
+  bevdeploy report bench/results/nvidia-h100-80gb-hbm3 -o report.html
+  bevdeploy export --model bevformer-tiny -o tiny.onnx --check
 """
 
 

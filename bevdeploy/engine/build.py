@@ -188,6 +188,9 @@ def build(
     spec = precision_spec(precision)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not spec.int8 and (calib is not None or calib_table is not None or sensitivity or keep_float):
+        raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 precisions only, "
+                         f"not {precision!r}")
     if spec.int8 and calib is None and calib_table is None:
         raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
                          "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
