@@ -45,3 +45,22 @@ def test_bev_draws_the_ground_truth_box_where_it_is(world, tmp_path):
     want = np.array(GT_COLOR) * 255
     assert (np.abs(patch - want).max(axis=1) < 40).any(), patch
     assert not (np.abs(pixels[5:20, 5:20].reshape(-1, 3) - want).max(axis=1) < 40).any()  # not green everywhere
+
+
+def test_show_draws_a_results_file(world, tmp_path, capsys):
+    """``--results``: the submission file's boxes come back to the LiDAR frame and are drawn in red."""
+    from bevdeploy.eval.detection import DetectionRun, write_results
+    from bevdeploy.eval.visualize import PRED_COLOR
+
+    root, infos = world
+    run = DetectionRun()
+    for info in infos:
+        boxes, labels = boxes_from_info(info)
+        run.boxes[info["token"]] = (boxes, np.ones(len(boxes)), labels)
+    results = write_results(run, infos, tmp_path / "results.json")
+    out = tmp_path / "show"
+    assert cli.main(["show", "--data", f"nuscenes:{root}@{SYNTHETIC_VERSION}", "--results", str(results),
+                     "--frames", "1", "-o", str(out), "-q"]) == 0
+    bev = np.asarray(Image.open(next(out.glob("*_bev.png"))).convert("RGB")).astype(int)
+    red = (np.abs(bev - np.array(PRED_COLOR) * 255).max(axis=-1) < 40).sum()
+    assert red > 50  # prediction outlines present
