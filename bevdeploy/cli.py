@@ -313,7 +313,9 @@ def _logging(args: argparse.Namespace) -> None:
 
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) \
         else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # other libraries (torch, Inductor) stay at warnings; -v/-q set bevdeploy's own messages
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bevdeploy").setLevel(level)
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar, the devkit's too
 
