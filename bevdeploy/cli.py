@@ -26,6 +26,14 @@ EPILOG = """examples:
 """
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, or every core; a warning when the data is not generated (nothing to render)."""
+    if args.workers is not None and not str(args.data).strip().lower().startswith("synthetic"):
+        print(f"warning: --workers renders the synthetic world; {args.data!r} is read from disk, so it is ignored",
+              file=sys.stderr)
+    return args.workers or os.cpu_count() or 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -47,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
     from bevdeploy.eval.demo import format_demo_table
 
     rows = run_demo(model_name=args.model, data=args.data, precisions=args.precisions, checkpoint=args.checkpoint,
-                    work_dir=args.work_dir, workers=args.workers, pictures=args.pictures)
+                    work_dir=args.work_dir, workers=_workers(args), pictures=args.pictures)
     table = format_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
     print(table)
     work = Path(args.work_dir)
@@ -68,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
         from bevdeploy.data.nuscenes import load_infos
         from bevdeploy.data.synthetic import resolve_data_spec
 
-        source = resolve_data_spec(args.data, workers=args.workers)
+        source = resolve_data_spec(args.data, workers=_workers(args))
         infos = load_infos(source.dataroot, source.version, source.split)
         run = DetectionRun.load(args.score_run)
         infos = [i for i in infos if i["token"] in run.boxes]
@@ -80,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
             result.update(NDS=metrics["NDS"], mAP=metrics["mAP"], metrics=metrics)
     else:
         result = evaluate(args.model, args.data, engine=args.engine, checkpoint=args.checkpoint,
-                          allow_partial=args.allow_partial, device=args.device, workers=args.workers,
+                          allow_partial=args.allow_partial, device=args.device, workers=_workers(args),
                           save_run=args.save_run, score=not args.no_score, results_path=args.results,
                           progress=not args.quiet)
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
@@ -171,7 +179,7 @@ def _show(args: argparse.Namespace) -> int:
 
     paths = show(args.data, args.output, model_name=args.model, engine=args.engine, results=args.results,
                  checkpoint=args.checkpoint, frames=args.frames, score_threshold=args.score_threshold,
-                 device=args.device, workers=args.workers, progress=not args.quiet)
+                 device=args.device, workers=_workers(args), progress=not args.quiet)
     print(f"{len(paths)} pictures written to {args.output}: " + ", ".join(p.name for p in paths[:4])
           + (" ..." if len(paths) > 4 else ""))
     return 0
@@ -226,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     demo.add_argument("--work-dir", default="out/demo", help="where the engines, pictures and report go")
     demo.add_argument("--pictures", type=int, default=2, help="frames drawn as BEV/camera PNGs (0: none)")
-    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
+    demo.add_argument("--workers", type=int, default=None,
+                     help="processes rendering the synthetic world (default: all cores)")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="run a model or an engine over a dataset: full nuScenes metrics and FPS",
@@ -238,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
+    ev.add_argument("--workers", type=int, default=None,
+                   help="processes rendering the synthetic world (default: all cores)")
     ev.add_argument("--results", default=None, help="write the nuScenes detection submission JSON here")
     ev.add_argument("--metrics", default=None, help="write the metrics summary (NDS, mAP, TP errors, per class) as JSON")
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
@@ -287,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--frames", type=int, default=4, help="how many frames to draw (default 4)")
     show.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions at or above this score")
     show.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    show.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world (synthetic data only)")
+    show.add_argument("--workers", type=int, default=None,
+                     help="processes rendering the synthetic world (default: all cores)")
     show.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     show.set_defaults(func=_show)
 

@@ -514,7 +514,8 @@ def _plugin_impls() -> dict:
 
     def rot(img, angle, center, interpolation):
         it = t(img)
-        y = rotate.reference(it.float(), t(angle).double(), t(center).double(), rotate._INTERPOLATION_NAMES[interpolation])
+        y = rotate.reference(it.float(), t(angle).double(), t(center).double(),
+                             rotate._INTERPOLATION_NAMES[interpolation])
         return out(y.to(it.dtype))
 
     def inv(x):
@@ -595,8 +596,9 @@ def check_onnx(
 
     The PyTorch model is rebuilt from the file's metadata (or ``model_name`` / ``checkpoint`` /
     ``model_overrides``), both get the same plausible inputs, and each output's SQNR (of its
-    variation around the per-channel mean) and max abs difference are reported. Catches a plugin graph that TensorRT would parse but that computes
-    something else (a wrong layout, scale or attribute).
+    variation around the per-channel mean) and max abs difference are reported. Catches a plugin
+    graph that TensorRT would parse but that computes something else (a wrong layout, scale or
+    attribute).
 
     Returns:
         dict with ``ok`` (every output's SQNR >= ``min_sqnr_db``; both sides compute in fp32, so a
