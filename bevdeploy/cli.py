@@ -16,8 +16,8 @@ EPILOG = """examples:
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
   bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
-  bevdeploy bench --model bevdet-r50 --precisions pytorch fp16 int8-fp16   BEVDet-R50 table (GPU)
-  bevdeploy bench --model bevdet-r50 --precisions pytorch fp16x2 fp8-fp16 --calib synthetic:4   fp8 (H100)
+  bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16 int8-fp16   BEVDet-R50-CBGS table (GPU)
+  bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16x2 fp8-fp16 --calib synthetic:4   fp8 (H100)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy eval --model yolox-x --data coco:/data/coco --checkpoint yolox_x_8x8_300e_coco.pth --results yolox.json
   bevdeploy eval --model centernet-r18-dcn --data synthetic2d:64   COCO mAP (pycocotools) on synthetic views
@@ -27,7 +27,19 @@ EPILOG = """examples:
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
   bevdeploy bench ops --ops msda bev_pool_v2
   bevdeploy bench convs                int8 chain convs vs cuDNN fp16, per conv and per backbone (GPU)
+  bevdeploy eval --engine tiny-int8.engine --data synthetic:32 --results results.json --metrics metrics.json
+  bevdeploy show --engine tiny-int8.engine --data synthetic:4 -o out/show     BEV + camera pictures
+  bevdeploy report bench/results/nvidia-h100-80gb-hbm3 -o report.html
+  bevdeploy export --model bevformer-tiny -o tiny.onnx --check
 """
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, or every core; a warning when the data is not generated (nothing to render)."""
+    if args.workers is not None and not str(args.data).strip().lower().startswith("synthetic"):
+        print(f"warning: --workers renders the synthetic world; {args.data!r} is read from disk, so it is ignored",
+              file=sys.stderr)
+    return args.workers or os.cpu_count() or 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,11 +58,20 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"{len(failed)} check(s) failed", file=sys.stderr)
             return 1
         return 0
-    from bevdeploy.eval.demo import print_demo_table, run_demo
+    from bevdeploy.eval.demo import run_demo
+
+    from bevdeploy.eval.demo import format_demo_table
 
     rows = run_demo(model_name=args.model, data=args.data, precisions=args.precisions, checkpoint=args.checkpoint,
-                    work_dir=args.work_dir, workers=args.workers)
-    print_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
+                    work_dir=args.work_dir, workers=_workers(args), pictures=args.pictures)
+    table = format_demo_table(rows, "cuda" if torch.cuda.is_available() else "cpu")
+    print(table)
+    work = Path(args.work_dir)
+    (work / "demo-table.txt").write_text(table + "\n")
+    pictures = f"   pictures: {work / 'pictures'}" if args.pictures else ""
+    print(f"engines: {work}/*.engine{pictures}   table: {work / 'demo-table.txt'}")
+    if not args.checkpoint:
+        print("(random weights: NDS/mAP near 0 is expected; fidelity NDS compares each engine with PyTorch)")
     return 0
 
 
@@ -72,36 +93,59 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.model in DET2D_MODELS:
         return _eval_det2d(args)
-    from bevdeploy.eval.detection import DetectionRun, evaluate, score_run
+    from bevdeploy.eval.detection import DetectionRun, evaluate, format_metrics, score_run, write_metrics, write_results
 
+    if args.model is None and args.engine is None and args.score_run is None:
+        raise ValueError("say what to evaluate: --model NAME, --engine FILE or --score-run FILE")
     if args.score_run:
         from bevdeploy.data.nuscenes import load_infos
         from bevdeploy.data.synthetic import resolve_data_spec
 
-        source = resolve_data_spec(args.data, workers=args.workers)
+        source = resolve_data_spec(args.data, workers=_workers(args))
         infos = load_infos(source.dataroot, source.version, source.split)
         run = DetectionRun.load(args.score_run)
-        metrics = score_run(run, [i for i in infos if i["token"] in run.boxes], source.dataroot, source.version, source.split)
-        result = {"model": args.model, "data": args.data, "frames": len(run.boxes), "fps": run.fps,
-                  "NDS": metrics["NDS"], "mAP": metrics["mAP"]}
+        infos = [i for i in infos if i["token"] in run.boxes]
+        result = {"model": args.model or args.score_run, "data": args.data, "frames": len(run.boxes), "fps": run.fps}
+        if args.results:
+            result["results_path"] = str(write_results(run, infos, args.results))
+        if not args.no_score:
+            metrics = score_run(run, infos, source.dataroot, source.version, source.split)
+            result.update(NDS=metrics["NDS"], mAP=metrics["mAP"], metrics=metrics)
     else:
-        result = evaluate(args.model, args.data, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
-                          device=args.device, workers=args.workers, save_run=args.save_run, score=not args.no_score)
+        result = evaluate(args.model, args.data, engine=args.engine, checkpoint=args.checkpoint,
+                          allow_partial=args.allow_partial, device=args.device, workers=_workers(args),
+                          save_run=args.save_run, score=not args.no_score, results_path=args.results,
+                          progress=not args.quiet)
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
-    line = f"{result['model']} on {result['data']}: {result['frames']} frames, FPS {fps}"
-    if "NDS" in result:
-        line += f", NDS {result['NDS']:.4f}, mAP {result['mAP']:.4f}"
-    print(line)
+    what = result["model"] if not result.get("engine") else f"{result['model']} engine {result['engine']}"
+    print(f"{what} on {result['data']}: {result['frames']} frames, FPS {fps}")
+    if "metrics" in result:
+        print(format_metrics(result["metrics"]))
+        if args.metrics:
+            print(f"metrics written: {write_metrics(result['metrics'], args.metrics)}")
+    elif args.metrics:
+        raise ValueError("--metrics needs scored data (not --no-score, not a test split)")
+    if result.get("results_path"):
+        print(f"nuScenes results written: {result['results_path']}")
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
     from bevdeploy.engine import build
+    from bevdeploy.engine.deploy import precision_spec
 
     import torch
 
     from bevdeploy.models import DET2D_MODELS
 
+    spec = precision_spec(args.precision)
+    if not spec.quantized:
+        ignored = [flag for flag, on in (("--calib", args.calib), ("--calib-table", args.calib_table),
+                                         ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity),
+                                         ("--qat-steps", args.qat_steps)) if on]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 / fp8 "
+                             f"precisions only, not --precision {args.precision}")
     batch = args.batch
     if batch is None:  # 2D engines: the reference's batch 32 on a GPU, a small one on a CPU
         batch = (32 if torch.cuda.is_available() and args.device != "cpu" else 2) if args.model in DET2D_MODELS else 1
@@ -109,7 +153,7 @@ def _build(args: argparse.Namespace) -> int:
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
-                 batch=batch)
+                 batch=batch, progress=not args.quiet)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -117,10 +161,16 @@ def _build(args: argparse.Namespace) -> int:
         report = [LayerSensitivity(**r) for r in json.loads(Path(f"{path}.sensitivity.json").read_text())]
         print("int8 sensitivity (output SQNR with only that layer in int8; worst first):")
         print(format_report(report))
+    print("next:")
+    print(f"  bevdeploy eval --engine {path} --data synthetic:32          # NDS/mAP and FPS (or --data nuscenes:PATH)")
+    print(f"  bevdeploy show --engine {path} --data synthetic:4 -o out/show   # BEV and camera pictures of its boxes")
+    print(f"  bevdeploy bench --model {args.model} --precisions pytorch {args.precision}   # the speed table (GPU)")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model is not None and (args.ops is not None or args.what == "ops"):
+        raise ValueError("--ops / 'ops' benchmark the operators; --model benchmarks models: run them separately")
     if args.model:
         from bevdeploy.eval.bench_models import bench_model
 
@@ -160,45 +210,118 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_NAMES = "bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs (alias bevdet-r50)"
+DATA_HELP = """data specs:
+  synthetic[:N]                          a generated world of N samples (cached; default 32)
+  nuscenes:PATH                          v1.0-trainval (split val) or v1.0-mini (mini_val) under PATH
+  nuscenes:PATH@v1.0-test:test           any table version and split
+  nuscenes:PATH:val:100                  the first 100 samples (temporal order) of a split
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bevdeploy")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.visualize import show
+
+    paths = show(args.data, args.output, model_name=args.model, engine=args.engine, results=args.results,
+                 checkpoint=args.checkpoint, frames=args.frames, score_threshold=args.score_threshold,
+                 device=args.device, workers=_workers(args), progress=not args.quiet)
+    print(f"{len(paths)} pictures written to {args.output}: " + ", ".join(p.name for p in paths[:4])
+          + (" ..." if len(paths) > 4 else ""))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bevdeploy.eval.report import write_report
+
+    out = args.output or str(Path(args.results_dir) / "report.html")
+    path = write_report(args.results_dir, out)
+    print(f"report written: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bevdeploy.export.onnx import check_onnx, export_model
+
+    if args.model is None and not isinstance(args.check, str):
+        raise ValueError("say what to export: --model NAME -o FILE.onnx (or --check FILE.onnx)")
+    path = args.check if isinstance(args.check, str) else None
+    if args.model is not None:
+        if not args.output:
+            raise ValueError("--model needs -o FILE.onnx")
+        path = export_model(args.model, args.output, checkpoint=args.checkpoint)
+        print(f"ONNX written: {path}")
+    if args.check:
+        report = check_onnx(path, model_name=args.model, checkpoint=args.checkpoint)
+        print(report["text"])
+        return 0 if report["ok"] else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bevdeploy", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bevdeploy", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Deploy camera BEV 3D detectors (BEVFormer, BEVDet) from PyTorch to fast engines: build, "
+                    "evaluate, look at and benchmark them.")
+    parser.add_argument("--version", action="version", version=f"bevdeploy {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    loud = common.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="more messages (debug logging)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    demo = sub.add_parser("demo", help="synthetic world -> PyTorch -> engines -> NDS/fidelity table (--ops: op self-check)")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="synthetic world -> PyTorch -> engines -> NDS/fidelity table (--ops: op self-check)")
     demo.add_argument("--ops", action="store_true", help="instead: every op's kernels against its reference")
     demo.add_argument("--seed", type=int, default=0, help="seed of the op self-check inputs")
-    demo.add_argument("--model", default="bevformer-tiny")
-    demo.add_argument("--data", default="synthetic:3", help="synthetic[:N] (generated, cached) or nuscenes:PATH")
+    demo.add_argument("--model", default="bevformer-tiny", help=f"model name: {MODEL_NAMES}")
+    demo.add_argument("--data", default="synthetic:3", help="synthetic[:N] (generated, cached) or nuscenes:PATH[...]")
     demo.add_argument("--precisions", nargs="*", default=None, help="default: fp32 int8 on a CPU, all on a GPU")
-    demo.add_argument("--checkpoint", default=None)
-    demo.add_argument("--work-dir", default="out/demo", help="where the engine files go")
-    demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    demo.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    demo.add_argument("--work-dir", default="out/demo", help="where the engines, pictures and report go")
+    demo.add_argument("--pictures", type=int, default=2, help="frames drawn as BEV/camera PNGs (0: none)")
+    demo.add_argument("--workers", type=int, default=None,
+                     help="processes rendering the synthetic world (default: all cores)")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="run a model over a dataset and print NDS/mAP and FPS")
-    ev.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs | "
-                    "yolox-x | centernet-r18-dcn")
-    ev.add_argument("--data", default="synthetic", help="synthetic[:N] (generated, cached) or nuscenes:PATH; "
+    ev = sub.add_parser("eval", help="run a model or an engine over a dataset: full nuScenes metrics (COCO mAP for "
+                        "2D models) and FPS", parents=[common], epilog=DATA_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ev.add_mutually_exclusive_group()
+    what.add_argument("--model", default=None, help=f"model name: {MODEL_NAMES}")
+    what.add_argument("--engine", default=None, help="engine file from 'bevdeploy build' (CPU-built engines run on a CPU)")
+    ev.add_argument("--data", default="synthetic", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]; "
                     "2D models: synthetic2d:N or coco:PATH")
-    ev.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    ev.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ev.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the synthetic world")
+    ev.add_argument("--workers", type=int, default=None,
+                   help="processes rendering the synthetic world (default: all cores)")
+    ev.add_argument("--results", default=None, help="write the results file here: the nuScenes detection submission "
+                    "JSON (BEV models) or the COCO results JSON (2D models)")
+    ev.add_argument("--metrics", default=None, help="write the metrics summary (NDS, mAP, TP errors, per class) as JSON")
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
-    ev.add_argument("--results", default=None, help="2D models: write the COCO results JSON to this file")
     ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU)")
     ev.set_defaults(func=_eval)
 
-    bd = sub.add_parser("build", help="build an engine file (deploy form, precision, torch.export, metadata)")
-    bd.add_argument("--model", required=True, help="bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs")
+    bd = sub.add_parser("build", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help="build an engine file (deploy form, precision, torch.export, metadata)")
+    bd.add_argument("--model", required=True, help=f"model name: {MODEL_NAMES}")
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2 | fp8 | fp8-fp16")
-    bd.add_argument("--checkpoint", default=None)
-    bd.add_argument("--allow-partial", action="store_true")
-    bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH "
-                    "(2D models: synthetic2d:N or coco:PATH)")
+    bd.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    bd.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH[...] "
+                    "(default split: train; 2D models: synthetic2d:N or coco:PATH)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
                     help="default: entropy for int8, minmax for fp8")
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
@@ -209,13 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
-    bd.add_argument("--device", default=None)
+    bd.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); build where you run")
     bd.add_argument("--batch", type=int, default=None,
                     help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
 
-    bench = sub.add_parser("bench", help="benchmarks on the GPU; results under bench/results/<gpu>/")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks on the GPU; results under bench/results/<gpu>/")
     bench.add_argument("what", nargs="?", choices=["ops", "convs"],
                        help="'ops' for the op benchmark, 'convs' for int8 vs cuDNN fp16 backbone convs (or use --model)")
     bench.add_argument("--model", nargs="*", default=None, help="model name(s): the reference table for each")
@@ -226,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--calib", default=None, help="int8 / fp8 calibration data (default: --data)")
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
-    bench.add_argument("--checkpoint", default=None)
+    bench.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     bench.add_argument("--batch", type=int, default=None, help="2D models: static batch of every row (default 32)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
@@ -234,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
 
-    tr = sub.add_parser("train", help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
+    tr = sub.add_parser("train", parents=[common], help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
     tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base)")
     tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered at 900x1600 for BEVFormer, 450x800 for BEVDet; cached) or nuscenes:PATH")
     tr.add_argument("--steps", type=int, default=2000)
@@ -250,11 +373,55 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering and loading frames")
     tr.add_argument("-o", "--output", required=True, help="checkpoint file to write")
     tr.set_defaults(func=_train)
+
+    show = sub.add_parser("show", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="draw frames: BEV plot (ground truth vs predictions) and the six cameras with boxes (PNG)")
+    src = show.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help=f"run this model: {MODEL_NAMES}")
+    src.add_argument("--engine", default=None, help="run this engine file")
+    src.add_argument("--results", default=None, help="draw a nuScenes results JSON (eval --results)")
+    show.add_argument("--data", default="synthetic:4", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]")
+    show.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
+    show.add_argument("--frames", type=int, default=4, help="how many frames to draw (default 4)")
+    show.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions at or above this score")
+    show.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    show.add_argument("--workers", type=int, default=None,
+                     help="processes rendering the synthetic world (default: all cores)")
+    show.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    show.set_defaults(func=_show)
+
+    rep = sub.add_parser("report", parents=[common],
+                         help="one self-contained HTML page from the bench JSONs of a results folder")
+    rep.add_argument("results_dir", help="a bench results folder, e.g. bench/results/nvidia-h100-80gb-hbm3")
+    rep.add_argument("-o", "--output", default=None, help="HTML file (default: RESULTS_DIR/report.html)")
+    rep.set_defaults(func=_report)
+
+    ex = sub.add_parser("export", parents=[common],
+                        help="ONNX for TensorRT users (plugin nodes); --check runs it in onnxruntime against PyTorch")
+    ex.add_argument("--model", default=None, help=f"model name: {MODEL_NAMES}")
+    ex.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
+    ex.add_argument("-o", "--output", default=None, help="ONNX file to write")
+    ex.add_argument("--check", nargs="?", const=True, default=None, metavar="ONNX",
+                    help="run the file (the one just written, or ONNX) in onnxruntime and compare with PyTorch")
+    ex.set_defaults(func=_export)
     return parser
+
+
+def _logging(args: argparse.Namespace) -> None:
+    import logging
+
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) \
+        else logging.INFO
+    # other libraries (torch, Inductor) stay at warnings; -v/-q set bevdeploy's own messages
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bevdeploy").setLevel(level)
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar, the devkit's too
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _logging(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -119,6 +120,76 @@ def _split_scene_names(split: str) -> set[str] | None:
     if split not in splits:
         raise ValueError(f"split must be one of {sorted(splits) + [ALL_SPLIT]}, got {split!r}")
     return set(splits[split])
+
+
+#: Split scored by default per table version, and the split calibration takes when the data has it.
+DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
+    "v1.0-trainval": ("val", "train"),
+    "v1.0-mini": ("mini_val", "mini_train"),
+    "v1.0-test": ("test", "test"),
+}
+
+
+@dataclass(frozen=True)
+class NuScenesSpec:
+    """A parsed ``nuscenes:PATH[@version][:split][:N]`` data spec (None: not given, pick the default)."""
+
+    root: Path
+    version: str | None = None
+    split: str | None = None
+    num_samples: int | None = None
+
+
+def parse_nuscenes_spec(arg: str, spec: str | None = None) -> NuScenesSpec:
+    """Parse what follows ``nuscenes:``: ``PATH[@version][:split][:N]``.
+
+    ``/data/nuscenes``, ``/data/nuscenes@v1.0-mini``, ``/data/nuscenes:val:100``,
+    ``/data/nuscenes@v1.0-test:test``, ``/data/nuscenes:50`` (first 50 samples of the default split).
+
+    Raises:
+        ValueError: Empty PATH or version, or more than a split and a sample count after it.
+    """
+    spec = spec if spec is not None else f"nuscenes:{arg}"
+    form = "'nuscenes:PATH[@version][:split][:N]'"
+    head, *tail = arg.strip().split(":")
+    split = num = None
+    if tail and tail[-1].strip().isdigit():
+        num = int(tail.pop().strip())
+        if num < 1:
+            raise ValueError(f"data spec {spec!r}: N in {form} must be a positive number of samples, got {num}")
+    if len(tail) > 1:
+        raise ValueError(f"data spec {spec!r} not understood: use {form}")
+    if tail:
+        split = tail[0].strip()
+        if not split:
+            raise ValueError(f"data spec {spec!r}: empty split in {form}")
+    root, at, version = head.rpartition("@") if "@" in head else (head, "", "")
+    if at and (not version.strip() or "/" in version):
+        raise ValueError(f"data spec {spec!r}: empty or bad version after '@' in {form} (e.g. @v1.0-mini)")
+    if not root.strip():
+        raise ValueError(f"data spec {spec!r}: {form} needs the nuScenes dataroot PATH")
+    return NuScenesSpec(Path(root.strip()).expanduser(), version.strip() or None, split, num)
+
+
+def default_split(dataroot: str | Path, version: str, calibration: bool = False) -> str:
+    """The split a spec without one means: ``val`` / ``mini_val`` / ``test`` to evaluate; to calibrate,
+    ``train`` / ``mini_train`` when the tables hold scenes of it (calibrating on the scored split
+    would tune the scales to the test data), else the evaluation split."""
+    name = version if version in DEFAULT_SPLITS else next(
+        (v for v in DEFAULT_SPLITS if version.endswith(v.split("-")[-1])), None)
+    if name is None:
+        return ALL_SPLIT
+    scored, train = DEFAULT_SPLITS[name]
+    if not calibration or train == scored:
+        return scored
+    try:
+        from nuscenes.utils.splits import create_splits_scenes
+
+        with open(Path(dataroot) / version / "scene.json") as f:
+            names = {s["name"] for s in json.load(f)}
+        return train if names & set(create_splits_scenes()[train]) else scored
+    except (OSError, ValueError, KeyError):
+        return scored
 
 
 class _CanBusPoses:
@@ -247,7 +318,7 @@ def load_infos(
         progress: Show a progress bar.
 
     Returns:
-        One dict per sample (fields: see the module docstring and the project's data contract), scenes
+        One dict per sample (fields: see the module docstring), scenes
         ordered by start time, samples within a scene by timestamp, ``frame_idx`` 0 at each scene start.
 
     Raises:

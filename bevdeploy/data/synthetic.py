@@ -998,8 +998,9 @@ def parse_data_spec(spec: str) -> tuple[str, int | Path]:
     """Parse the CLI's data argument.
 
     ``"synthetic"`` -> ``("synthetic", DEFAULT_NUM_SAMPLES)``; ``"synthetic:N"`` -> ``("synthetic", N)``
-    (N samples); ``"nuscenes:PATH"`` -> ``("nuscenes", Path(PATH))``. Synthetic specs may end in
-    ``@SEED`` (the world seed, see :func:`split_seed`; read by :func:`resolve_data_spec`).
+    (N samples; ``"synthetic:N@SEED"``: the world seed, see :func:`split_seed`, read by
+    :func:`resolve_data_spec`); ``"nuscenes:PATH[@version][:split][:N]"`` -> ``("nuscenes", NuScenesSpec)``
+    (:func:`bevdeploy.data.nuscenes.parse_nuscenes_spec`).
 
     Raises:
         ValueError: Any other form, N not a positive integer, or an empty PATH.
@@ -1021,10 +1022,11 @@ def parse_data_spec(spec: str) -> tuple[str, int | Path]:
             raise ValueError(f"data spec {spec!r}: 'synthetic:N' needs a positive integer number of samples N")
         return "synthetic", n
     if kind == "nuscenes":
-        if not arg.strip():
-            raise ValueError(f"data spec {spec!r}: 'nuscenes:PATH' needs the nuScenes dataroot PATH")
-        return "nuscenes", Path(arg.strip()).expanduser()
-    raise ValueError(f"data spec {spec!r} not understood: use 'synthetic', 'synthetic:N[@SEED]' or 'nuscenes:PATH'")
+        from bevdeploy.data.nuscenes import parse_nuscenes_spec
+
+        return "nuscenes", parse_nuscenes_spec(arg, spec)
+    raise ValueError(f"data spec {spec!r} not understood: use 'synthetic', 'synthetic:N[@SEED]' or "
+                     "'nuscenes:PATH[@version][:split][:N]'")
 
 
 @dataclass(frozen=True)
@@ -1052,12 +1054,15 @@ def resolve_data_spec(
     samples_per_scene: int = DEFAULT_SAMPLES_PER_SCENE,
     workers: int = 1,
     progress: bool = True,
+    calibration: bool = False,
 ) -> DataSource:
     """Turn a data spec into a dataset on disk, generating (or reusing) the synthetic world if asked.
 
     A ``synthetic:N@SEED`` spec's seed overrides ``seed`` (worlds of different seeds share no
-    scene, sample or annotation token). Real nuScenes: the version is ``v1.0-trainval`` (split ``val``) if that folder exists, else
-    ``v1.0-mini`` (split ``mini_val``).
+    scene, sample or annotation token). Real nuScenes: the spec's version, else ``v1.0-trainval`` if
+    that folder exists, else ``v1.0-mini``; the spec's split, else ``val`` / ``mini_val`` / ``test``
+    (with ``calibration``: ``train`` / ``mini_train`` when the tables hold such scenes); the spec's
+    sample count, else all.
 
     Raises:
         ValueError: Bad spec. FileNotFoundError: the nuScenes PATH or its tables are missing.
@@ -1066,13 +1071,23 @@ def resolve_data_spec(
     spec_seed = split_seed(spec)[1] if kind == "synthetic" else None
     seed = int(seed if spec_seed is None else spec_seed)
     if kind == "nuscenes":
-        root = Path(arg).absolute()
+        from bevdeploy.data.nuscenes import default_split
+
+        root = Path(arg.root).absolute()
         if not root.is_dir():
             raise FileNotFoundError(f"nuScenes dataroot {str(root)!r} does not exist")
-        for version, split in (("v1.0-trainval", "val"), ("v1.0-mini", "mini_val")):
-            if (root / version).is_dir():
-                return DataSource(root, version, split)
-        raise FileNotFoundError(f"no v1.0-trainval or v1.0-mini tables under the nuScenes dataroot {str(root)!r}")
+        version = arg.version
+        if version is None:
+            version = next((v for v in ("v1.0-trainval", "v1.0-mini") if (root / v).is_dir()), None)
+            if version is None:
+                found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("v1.0"))
+                raise FileNotFoundError(f"no v1.0-trainval or v1.0-mini tables under the nuScenes dataroot {str(root)!r}"
+                                        + (f"; choose a version: {', '.join(f'nuscenes:{root}@{v}' for v in found)}"
+                                           if found else ""))
+        elif not (root / version).is_dir():
+            raise FileNotFoundError(f"no {version!r} tables under the nuScenes dataroot {str(root)!r}")
+        split = arg.split or default_split(root, version, calibration=calibration)
+        return DataSource(root, version, split, arg.num_samples)
     n = int(arg)
     image_size = _check_image_size(image_size)
     # longer scenes when N needs more than the 150 scene names

@@ -16,6 +16,7 @@ scales (written to ``<out>.qat.calib.json``; metadata ``qat``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -91,11 +92,21 @@ def runtime_facts(device: torch.device) -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "device_type": device.type, "gpu": gpu}
 
 
-def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bool,
-                      overrides: dict | None) -> nn.Module:
+def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow_partial: bool,
+                      overrides: dict | None) -> tuple[str, nn.Module]:
+    """(preset name, float eval model): a fresh ``MODELS`` model, or a copy of the user's module."""
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
+    if isinstance(model_name, nn.Module):
+        family(model_name)  # NotImplementedError for a model the engine cannot take
+        if overrides:
+            raise ValueError("model_overrides apply to a model name; a module is built already")
+        model = copy.deepcopy(model_name).cpu()  # build folds BN and swaps layers: leave the user's module alone
+        model_name = model.config.name
+        if checkpoint:
+            print(load_checkpoint(model, checkpoint, allow_partial=allow_partial), file=sys.stderr)
+        return model_name, model.float().eval()
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     torch.manual_seed(0)  # random weights (no checkpoint) are reproducible
@@ -104,7 +115,11 @@ def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bo
     if checkpoint:
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
         print(report, file=sys.stderr)
-    return model.float().eval()
+    else:
+        from bevdeploy.eval.detection import warn_random_weights
+
+        warn_random_weights(model_name, "engine build")
+    return model_name, model.float().eval()
 
 
 def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dict], str]:
@@ -115,9 +130,9 @@ def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dic
     if isinstance(calib, DataSource):
         source = calib
     elif isinstance(calib, str):
-        source = resolve_data_spec(calib, progress=progress)
+        source = resolve_data_spec(calib, progress=progress, calibration=True)
     else:
-        raise ValueError(f"calib must be a data spec ('synthetic:N' or 'nuscenes:PATH'), got {calib!r}")
+        raise ValueError(f"calib must be a data spec ('synthetic:N' or 'nuscenes:PATH[@version][:split][:N]'), got {calib!r}")
     infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     n = source.num_samples if source.num_samples is not None else DEFAULT_CALIB_SAMPLES
     infos = infos[:n]
@@ -166,7 +181,7 @@ def _jsonable(obj):
 
 
 def build(
-    model_name: str,
+    model_name: str | nn.Module,
     precision: str,
     *,
     out: str | Path,
@@ -193,7 +208,9 @@ def build(
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
     Args:
-        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet).
+        model_name: A key of ``bevdeploy.models.MODELS`` (BEVFormer variants, BEVDet, 2D detectors), or
+            your own ``BEVFormer`` / ``BEVDet`` module (e.g. fine-tuned; it is copied, not changed; its
+            ``config.name`` picks the image pipeline).
         precision: ``fp32``, ``fp16``, ``fp16x2``, ``int8``, ``int8-fp16``, ``int8-fp16x2``, ``fp8`` or
             ``fp8-fp16`` (e4m3 convs / linears, float rest in fp32 / fp16).
         out: The engine file to write (its parent is created).
@@ -201,7 +218,8 @@ def build(
         allow_partial: Passed to ``load_checkpoint``.
         calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``; 2D
             models ``synthetic2d:N`` / ``coco:PATH``) or a ``bevdeploy.data.synthetic.DataSource``; its first
-            N (default 500) samples in temporal order.
+            N (default 500) samples in temporal order. A nuScenes spec without a split calibrates on
+            ``train`` / ``mini_train`` when present.
         calib_method: ``entropy``, ``minmax`` or ``percentile``; default ``entropy`` for int8*, ``minmax``
             for fp8* (e4m3's relative precision gains nothing from clipping; see
             :mod:`bevdeploy.quant.fp8_modules`).
@@ -250,16 +268,20 @@ def build(
         calib_method = "minmax" if spec.fp8 else "entropy"
     if sensitivity and not spec.int8:
         raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
+    if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
+        raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 / fp8 precisions only, "
+                         f"not {precision!r}")
     if spec.quantized and calib is None and calib_table is None:
-        raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
-                         "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
+        raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
+                         "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
     out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     import bevdeploy.ops  # noqa: F401  (op registrations)
     import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides).to(dev)
+    model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides)
+    model = model.to(dev)
     cfg = model.config
     fold_batchnorms(model)
 

@@ -15,7 +15,7 @@ Which layers become INT8 (:func:`int8_scope`) is the model family's scope
 (:mod:`bevdeploy.engine.model_io`): for BEVFormer the image backbone and neck convs and the BEV
 encoder's linears; the decoder layers, the heads, the CAN-bus MLP and every LayerNorm / softmax stay
 float (the reference and NVIDIA's explicit-quantization ports keep them float: quantizing a decoder
-collapsed accuracy in NVIDIA's Far3D port, SPEC section 2). For BEVDet everything before the
+collapsed accuracy in NVIDIA's Far3D port). For BEVDet everything before the
 CenterPoint head, including the int8 ``bev_pool_v2``.
 """
 

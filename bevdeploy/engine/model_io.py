@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: BEVFormer: backbone and neck convs and the BEV encoder's linears (decoder, heads, CAN-bus MLP,
-#: LayerNorm and softmax stay float: SPEC section 2).
+#: LayerNorm and softmax stay float, as in the reference system).
 BEVFORMER_INT8_SCOPE = ("img_backbone.", "img_neck.", "pts_bbox_head.transformer.encoder.")
 #: BEVDet: everything up to the CenterPoint head (image backbone and neck, the depth net, the int8
 #: ``bev_pool_v2`` through the view transformer's calibration point, the BEV encoder); the head's

@@ -108,7 +108,7 @@ def pytorch_row(name: str, model, inputs: dict[str, torch.Tensor], base_mem: flo
 
 def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "",
                   keep_rows: list[dict] | None = None) -> Path:
-    """``<out_dir>/<gpu>/<name>.{json,md}`` in SPEC section 6's shape.
+    """``<out_dir>/<gpu>/<name>.{json,md}`` (the reference system's table: one row per precision).
 
     ``keep_rows``: rows of earlier runs to keep in the file after this run's ``rows`` (see
     :func:`bench_model`'s ``append``); every row names its run, and each ratio is against the
@@ -259,6 +259,10 @@ def bench_model(
         from bevdeploy.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
+    else:
+        from bevdeploy.eval.detection import warn_random_weights
+
+        warn_random_weights(name, "bench: NDS near 0; fidelity and output SQNR still measure the engines")
     pth_mb = pth_size_mb(model)
     gc.collect()
     torch.cuda.empty_cache()

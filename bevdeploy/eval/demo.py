@@ -23,8 +23,13 @@ def run_demo(
     checkpoint: str | None = None,
     work_dir: str | Path = "out/demo",
     workers: int = 1,
+    pictures: int = 0,
 ) -> list[dict]:
-    """Run the pipeline and return one row per precision (PyTorch first)."""
+    """Run the pipeline and return one row per precision (PyTorch first).
+
+    Engines go to ``work_dir``; with ``pictures`` > 0 the first frames are also drawn (BEV and
+    cameras, the PyTorch model's boxes) under ``work_dir/pictures``.
+    """
     from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
@@ -49,16 +54,26 @@ def run_demo(
     model = MODELS[model_name]()
     if checkpoint:
         load_checkpoint(model, checkpoint)
+    else:
+        from bevdeploy.eval.detection import warn_random_weights
+
+        warn_random_weights(model_name, "demo: expect NDS and mAP near 0; fidelity NDS still compares the engines")
     pth_mb = pth_size_mb(model)
     model = model.to(device).eval()
     print(f"[demo] PyTorch {model_name} on {len(infos)} frames ({device.type})", file=sys.stderr)
     ref = run_model(model, infos, model_name, device)
     m = score(ref)
     rows = [{"precision": "pytorch", "fps": ref.fps, "size_mb": pth_mb, "nds": m["NDS"], "map": m["mAP"], "fidelity_nds": None}]
+    work = Path(work_dir)
+    if pictures:
+        from bevdeploy.eval.visualize import show
+
+        paths = show(data, work / "pictures", predictions=ref.boxes, frames=min(pictures, len(infos)), workers=workers,
+                     progress=False)
+        print(f"[demo] {len(paths)} pictures (BEV and cameras, PyTorch boxes) in {work / 'pictures'}", file=sys.stderr)
     ref_records = results_records(ref, infos)
     threshold = fidelity_threshold(ref_records)
     del model
-    work = Path(work_dir)
     for precision in precisions:
         print(f"[demo] build {precision}", file=sys.stderr)
         path = build(model_name, precision, out=work / f"{model_name}-{precision}.engine", checkpoint=checkpoint,
@@ -73,14 +88,21 @@ def run_demo(
     return rows
 
 
-def print_demo_table(rows: list[dict], device: str) -> None:
+def format_demo_table(rows: list[dict], device: str) -> str:
+    """The demo's table: FPS, size, NDS/mAP and fidelity NDS per precision, PyTorch first."""
     base = rows[0]
-    print(f"{'precision':<12}{'FPS':>9}{'x PyTorch':>11}{'size MB':>10}{'x .pth':>8}{'NDS':>8}{'mAP':>8}{'fidelity NDS':>14}")
+    lines = [f"{'precision':<12}{'FPS':>9}{'x PyTorch':>11}{'size MB':>10}{'x .pth':>8}{'NDS':>8}{'mAP':>8}"
+             f"{'fidelity NDS':>14}"]
     for r in rows:
         ratio = "" if not (r["fps"] and base["fps"]) else f"{r['fps'] / base['fps']:.2f}"
         fid = "" if r["fidelity_nds"] is None else f"{r['fidelity_nds']:.4f}"
-        print(f"{r['precision']:<12}{(r['fps'] or 0):>9.2f}{ratio:>11}{r['size_mb']:>10.1f}{r['size_mb'] / base['size_mb']:>8.2f}"
-              f"{r['nds']:>8.4f}{r['map']:>8.4f}{fid:>14}")
+        lines.append(f"{r['precision']:<12}{(r['fps'] or 0):>9.2f}{ratio:>11}{r['size_mb']:>10.1f}"
+                     f"{r['size_mb'] / base['size_mb']:>8.2f}{r['nds']:>8.4f}{r['map']:>8.4f}{fid:>14}")
     if device == "cpu":
-        print("(CPU: ops on their PyTorch references, int8 layers in the PyTorch form of the int8 math; "
-              "FPS is not meaningful here - run on a GPU for speed)")
+        lines.append("(CPU: ops on their PyTorch references, int8 layers in the PyTorch form of the int8 math; "
+                     "FPS is not meaningful here - run on a GPU for speed)")
+    return "\n".join(lines)
+
+
+def print_demo_table(rows: list[dict], device: str) -> None:
+    print(format_demo_table(rows, device))

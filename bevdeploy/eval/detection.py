@@ -227,55 +227,148 @@ def score_run(run: DetectionRun, infos: Sequence[dict], dataroot: str | Path, ve
     return evaluator.evaluate()
 
 
+def random_weights_warning(model_name: str, context: str = "") -> str:
+    """The one line printed whenever a model runs without trained weights (NDS near 0 is then expected)."""
+    where = f" ({context})" if context else ""
+    return (f"WARNING: {model_name} has RANDOM weights{where}: its boxes and NDS/mAP are meaningless; "
+            "pass --checkpoint FILE.pth for real detections")
+
+
+def warn_random_weights(model_name: str, context: str = "") -> None:
+    """Print :func:`random_weights_warning` to stderr."""
+    print(random_weights_warning(model_name, context), file=sys.stderr)
+
+
+def write_results(run: DetectionRun, infos: Sequence[dict], path: str | Path) -> Path:
+    """Write the nuScenes detection submission file of ``run`` (global frame, devkit conventions).
+
+    Every run sample is listed, also those without detections; boxes beyond their class range are
+    dropped as the official tooling does. Needs no ground truth (works for v1.0-test).
+    """
+    from bevdeploy.eval.nuscenes import save_results, to_nusc_results
+
+    by_token = {i["token"]: i for i in infos}
+    missing = [t for t in run.boxes if t not in by_token]
+    if missing:
+        raise ValueError(f"{len(missing)} run sample(s) have no info record (e.g. {missing[:2]})")
+    results = {t: to_nusc_results(t, b, s, lab, by_token[t]) for t, (b, s, lab) in run.boxes.items()}
+    return save_results(results, path)
+
+
+def _plain(value):
+    """JSON-safe copy of a metrics dict: NaN (an undefined TP error) becomes null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def write_metrics(metrics: dict, path: str | Path) -> Path:
+    """Write the metrics summary (NDS, mAP, TP errors, per-class AP) as strict JSON (NaN -> null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(metrics), indent=1, allow_nan=False))
+    return path
+
+
+def format_metrics(metrics: dict) -> str:
+    """The devkit's summary as text: NDS, mAP, the five mean TP errors, then AP and errors per class."""
+    def num(v):
+        return "  nan" if v is None or v != v else f"{v:.4f}"
+
+    lines = [f"NDS: {num(metrics['NDS'])}   mAP: {num(metrics['mAP'])}",
+             "   ".join(f"{k}: {num(metrics.get(k))}" for k in ("mATE", "mASE", "mAOE", "mAVE", "mAAE"))]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        cols = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
+        lines.append(f"{'class':<22}{'AP':>8}" + "".join(f"{c.split('_')[0][:6] + 'E':>9}" for c in cols))
+        for name, row in per_class.items():
+            lines.append(f"{name:<22}{num(row['AP']):>8}" + "".join(f"{num(row.get(c)):>9}" for c in cols))
+    return "\n".join(lines)
+
+
 def evaluate(
-    model_name: str,
+    model_name: str | None,
     data: str,
     *,
+    engine: str | Path | None = None,
     checkpoint: str | None = None,
     allow_partial: bool = False,
     device: str | None = None,
     workers: int = 1,
     save_run: str | Path | None = None,
     score: bool = True,
+    results_path: str | Path | None = None,
+    model_overrides: dict | None = None,
+    progress: bool = True,
     dist=None,
 ) -> dict | None:
-    """Build ``model_name`` (random weights unless ``checkpoint``), run it over ``data`` and score it.
+    """Run ``model_name`` (random weights unless ``checkpoint``) or an ``engine`` file over ``data`` and score it.
 
-    With ``dist`` (a :class:`bevdeploy.distributed.DistContext` of several processes) the scenes are
-    split over the processes and rank 0 scores all boxes once; the other ranks return None.
+    The model and an engine go through the same loop and the same scoring, so their numbers compare.
+    ``results_path`` gets the nuScenes submission JSON. A test split (no annotations) is run and
+    written but not scored. With ``dist`` (a :class:`bevdeploy.distributed.DistContext` of several
+    processes) the scenes are split over the processes and rank 0 scores all boxes once; the other
+    ranks return None.
 
-    Returns a dict with ``NDS``, ``mAP`` (when scored), ``fps``, ``frames``, ``device``.
+    Returns a dict with ``NDS``, ``mAP`` and ``metrics`` (the full summary, when scored), ``fps``,
+    ``frames``, ``device``, ``model``, ``data``, ``checkpoint``, ``engine``, ``results_path``.
     """
     from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
-    if model_name not in MODELS:
+    if engine is None and model_name is None:
+        raise ValueError("say what to evaluate: a model name (--model) or an engine file (--engine)")
+    if engine is None and model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dist is not None and dist.enabled and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
+    if engine is not None:
+        from bevdeploy.engine import Engine
+
+        if checkpoint:
+            raise ValueError("--checkpoint applies to --model only: an engine holds the weights it was built with")
+        runner = Engine.load(engine, device=dev)
+        built = runner.metadata["model"]
+        if model_name is not None and MODELS.get(model_name) is not MODELS.get(built):
+            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, not --model {model_name!r}")
+        model_name = built
+        checkpoint = runner.metadata.get("checkpoint")
+        if not checkpoint:
+            warn_random_weights(model_name, f"engine {Path(engine).name}")
     source = resolve_data_spec(data, workers=workers)
-    infos = load_infos(source.dataroot, source.version, source.split)
+    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     if source.num_samples is not None:
         infos = infos[: source.num_samples]
     if not infos:
         raise ValueError(f"data {data!r} holds no samples")
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-    if checkpoint:
-        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
-        print(report, file=sys.stderr)
-    model = model.to(dev).eval()
-    run = run_sharded(model, infos, model_name, dev, dist)
+    if engine is None:
+        torch.manual_seed(0)
+        model = MODELS[model_name](**(model_overrides or {}))
+        if checkpoint:
+            report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+            print(report, file=sys.stderr)
+        else:
+            warn_random_weights(model_name)
+        runner = model.to(dev).eval()
+    run = run_sharded(runner, infos, model_name, dev, dist, progress=progress)
     if run is None:
         return None
     if save_run:
         run.save(save_run)
     result = {"model": model_name, "data": data, "frames": len(run.latencies_ms), "fps": run.fps, "device": str(dev),
-              "checkpoint": checkpoint}
-    if score:
+              "checkpoint": checkpoint, "engine": None if engine is None else str(engine), "results_path": None}
+    if results_path:
+        result["results_path"] = str(write_results(run, infos, results_path))
+    if score and source.version.endswith("test"):
+        print(f"{source.version} has no annotations: not scored", file=sys.stderr)
+    elif score:
         metrics = score_run(run, infos, source.dataroot, source.version, source.split)
         result.update(NDS=metrics["NDS"], mAP=metrics["mAP"], metrics=metrics)
     return result

@@ -811,6 +811,10 @@ class NuScenesEvaluator:
         if self._gt is None:
             source = self._gt_source
             if isinstance(source, NuScenes):
+                # the devkit's loader shows an unlabelled bar even when not verbose: silence it then
+                quiet, before = not self.verbose, os.environ.get("TQDM_DISABLE")
+                if quiet:
+                    os.environ["TQDM_DISABLE"] = "1"
                 try:
                     if is_predefined_split(self.split):
                         boxes = load_gt(source, self.split, DetectionBox, verbose=self.verbose)
@@ -819,6 +823,9 @@ class NuScenesEvaluator:
                         boxes = load_gt_of_sample_tokens(source, tokens, DetectionBox, verbose=self.verbose)
                 except AssertionError as e:
                     raise ValueError(f"split={self.split!r} of NuScenes {source.version!r}: {e}") from None
+                finally:
+                    if quiet and before is None:
+                        os.environ.pop("TQDM_DISABLE", None)
                 self._gt = (boxes, source)
             else:
                 self._gt = _gt_from_infos(source, self.verbose)

@@ -327,7 +327,7 @@ def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] |
 
 def quantize_modules(
     model: nn.Module,
-    scales: dict[str, float],
+    scales,
     *,
     keep_float: set[str] | frozenset[str] = frozenset(),
     fuse_relu: bool = True,
@@ -348,7 +348,8 @@ def quantize_modules(
 
     Args:
         model (nn.Module): float model (eval mode), modified in place.
-        scales (dict[str, float]): calibrated per-tensor input scale (amax / 127) per layer name.
+        scales (dict[str, float] | CalibrationTable): calibrated per-tensor input scale (amax / 127)
+            per layer name, or the table :func:`bevdeploy.quant.calibrate.calibrate` returns.
         keep_float (set[str]): layer names to leave float even when calibrated.
         fuse_relu (bool): fuse following ReLU / SiLU modules into the int8 epilogue.
         out_dtype (torch.dtype): output dtype of the int8 layers (torch.float16 or torch.float32).
@@ -363,6 +364,8 @@ def quantize_modules(
         of the model, in module order, plus ``(name, "fused", ...)`` rows for the activations folded into
         an int8 layer's epilogue.
     """
+    if hasattr(scales, "amax") and hasattr(scales, "scale"):  # a CalibrationTable, straight from calibrate()
+        scales = {name: scales.scale(name) for name in scales.amax}
     unknown = set(keep_float) - {n for n, _ in model.named_modules()}
     if unknown:
         raise ValueError(f"keep_float names no module of the model: {sorted(unknown)}")

@@ -69,7 +69,8 @@ def test_generate_rejects_bad_arguments(tmp_path):
 def test_parse_data_spec():
     assert syn.parse_data_spec("synthetic") == ("synthetic", syn.DEFAULT_NUM_SAMPLES)
     assert syn.parse_data_spec("synthetic:32") == ("synthetic", 32)
-    assert syn.parse_data_spec("nuscenes:/data/nuscenes") == ("nuscenes", Path("/data/nuscenes"))
+    kind, nusc = syn.parse_data_spec("nuscenes:/data/nuscenes")
+    assert kind == "nuscenes" and nusc.root == Path("/data/nuscenes") and nusc.version is None
     for bad in ("synthetic:0", "synthetic:x", "nuscenes:", "coco:/x", ""):
         with pytest.raises(ValueError, match="data spec"):
             syn.parse_data_spec(bad)

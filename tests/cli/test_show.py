@@ -1,0 +1,66 @@
+"""``bevdeploy show``: BEV and camera PNGs, with a box drawn where the ground truth says."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bevdeploy import cli
+from bevdeploy.data.nuscenes import load_infos
+from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, generate
+from bevdeploy.eval.nuscenes import boxes_from_info
+from bevdeploy.eval.visualize import GT_COLOR, bev_figure, devkit_boxes
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = generate(tmp_path_factory.mktemp("world"), num_scenes=1, samples_per_scene=2, seed=5, image_size=(90, 160),
+                    progress=False)
+    return root, load_infos(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
+
+
+def test_show_writes_bev_and_camera_pngs(world, tmp_path, capsys):
+    root, infos = world
+    out = tmp_path / "show"
+    assert cli.main(["show", "--data", f"nuscenes:{root}@{SYNTHETIC_VERSION}", "--frames", "2", "-o", str(out), "-q"]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name.split("_")[-1] for p in pngs] == ["bev.png", "cams.png"] * 2
+    assert Image.open(pngs[0]).size == (800, 800)
+    w, h = Image.open(pngs[1]).size
+    assert w == 1500 and 400 < h < 800  # 2 x 3 cameras of 16:9
+    assert "4 pictures written" in capsys.readouterr().out
+
+
+def test_bev_draws_the_ground_truth_box_where_it_is(world, tmp_path):
+    _, infos = world
+    gt = next(boxes_from_info(i)[0] for i in infos if len(boxes_from_info(i)[0]))
+    fig, ax = bev_figure(gt, np.zeros((0, 9)))
+    path = tmp_path / "bev.png"
+    fig.savefig(path, dpi=fig.dpi)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    corners = devkit_boxes(gt[:1])[0].bottom_corners()[:2].T  # LiDAR (x, y) of the 4 bottom corners
+    mid = (corners[0] + corners[1]) / 2  # the middle of one edge: the line passes there
+    px, py = ax.transData.transform(mid)
+    row, col = int(round(pixels.shape[0] - py)), int(round(px))
+    patch = pixels[row - 1:row + 2, col - 1:col + 2].reshape(-1, 3)
+    want = np.array(GT_COLOR) * 255
+    assert (np.abs(patch - want).max(axis=1) < 40).any(), patch
+    assert not (np.abs(pixels[5:20, 5:20].reshape(-1, 3) - want).max(axis=1) < 40).any()  # not green everywhere
+
+
+def test_show_draws_a_results_file(world, tmp_path, capsys):
+    """``--results``: the submission file's boxes come back to the LiDAR frame and are drawn in red."""
+    from bevdeploy.eval.detection import DetectionRun, write_results
+    from bevdeploy.eval.visualize import PRED_COLOR
+
+    root, infos = world
+    run = DetectionRun()
+    for info in infos:
+        boxes, labels = boxes_from_info(info)
+        run.boxes[info["token"]] = (boxes, np.ones(len(boxes)), labels)
+    results = write_results(run, infos, tmp_path / "results.json")
+    out = tmp_path / "show"
+    assert cli.main(["show", "--data", f"nuscenes:{root}@{SYNTHETIC_VERSION}", "--results", str(results),
+                     "--frames", "1", "-o", str(out), "-q"]) == 0
+    bev = np.asarray(Image.open(next(out.glob("*_bev.png"))).convert("RGB")).astype(int)
+    red = (np.abs(bev - np.array(PRED_COLOR) * 255).max(axis=-1) < 40).sum()
+    assert red > 50  # prediction outlines present
