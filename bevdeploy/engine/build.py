@@ -3,18 +3,23 @@
 The engine file is ``torch.export.save`` of the deploy form (:mod:`bevdeploy.engine.deploy`),
 exported with static shapes, with the metadata JSON in ``extra_files["bevdeploy.json"]``: model
 config, precision, calibration table, layer precisions, torch / triton versions, GPU name and
-compute capability, input spec and a content hash of the weights (re-checked on load). For the
-int8 precisions the calibration table is also written next to the engine (``<out>.calib.json``)
-and can be reused with ``calib_table`` (no calibration data needed then).
+compute capability, input spec, the program's content hash and one integrity hash over graph,
+weights, constants and metadata (re-checked on load, :mod:`bevdeploy.engine.engine_file`). The
+archive holds no pickled member (weights and constants as raw bytes, no sample inputs), which the
+build verifies on the file it wrote. Output paths are checked before any work, and an existing
+engine is replaced atomically. For the int8 precisions the calibration table is also written
+next to the engine (``<out>.calib.json``) and can be reused with ``calib_table`` (no calibration
+data needed then); it must cover the int8 layers exactly unless ``allow_partial_calib``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
+import io
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,35 +35,23 @@ from bevdeploy.engine.deploy import (
     layer_precisions,
     precision_spec,
 )
+from bevdeploy.engine.engine_file import (
+    ENGINE_FORMAT,
+    ENGINE_VERSION,
+    METADATA_KEY,
+    _members,
+    integrity_hash,
+    program_hash,
+    read_archive,
+)
 from bevdeploy.engine.model_io import calibration_forward_loop, example_inputs, family, input_names, output_names
+from bevdeploy.paths import atomic_output, check_output_path
 
-__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts"]
+__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "resolve_device", "runtime_facts"]
 
 logger = logging.getLogger(__name__)
-
-ENGINE_FORMAT = "bevdeploy.engine"
-ENGINE_VERSION = 1
-#: Name of the metadata entry in the engine file's ``extra_files``.
-METADATA_KEY = "bevdeploy.json"
 #: Calibration samples taken from a dataset when the data spec does not say how many (the reference: 500).
 DEFAULT_CALIB_SAMPLES = 500
-
-
-def content_hash(ep: torch.export.ExportedProgram) -> str:
-    """sha256 over the exported program's weights and constants (name, dtype, shape, bytes), sorted by name.
-
-    The same on save and after load, so a changed byte in any weight is caught on load.
-    """
-    h = hashlib.sha256()
-    items = list(ep.state_dict.items()) + [(f"const:{k}", v) for k, v in ep.constants.items()]
-    for name, t in sorted(items, key=lambda kv: kv[0]):
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{name}:{type(t).__name__}".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def runtime_facts(device: torch.device) -> dict:
@@ -76,8 +69,25 @@ def runtime_facts(device: torch.device) -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "device_type": device.type, "gpu": gpu}
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: cuda when available) as a torch.device; ValueError for an unknown name
+    or for CUDA on a machine without a usable GPU."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    return dev
+
+
 def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bool,
-                      overrides: dict | None) -> nn.Module:
+                      overrides: dict | None, allow_nonfinite: bool = False) -> nn.Module:
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
@@ -87,7 +97,7 @@ def _load_float_model(model_name: str, checkpoint: str | None, allow_partial: bo
     model = MODELS[model_name](**(overrides or {}))
     family(model)  # NotImplementedError for a model the engine cannot take
     if checkpoint:
-        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial, allow_nonfinite=allow_nonfinite)
         print(report, file=sys.stderr)
     return model.float().eval()
 
@@ -137,6 +147,8 @@ def build(
     device: str | None = None,
     progress: bool = True,
     sensitivity: bool = False,
+    allow_partial_calib: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -146,6 +158,7 @@ def build(
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
         allow_partial: Passed to ``load_checkpoint``.
+        allow_nonfinite: Passed to ``load_checkpoint`` (NaN / inf weights are refused otherwise).
         calib: Calibration data for int8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``) or a
             ``bevdeploy.data.synthetic.DataSource``; its first N (default 500) samples in temporal order.
         calib_method: ``entropy`` (default), ``minmax`` or ``percentile``.
@@ -158,14 +171,19 @@ def build(
         sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
             runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
             the worst layers are the ones to pass as ``keep_float``.
+        allow_partial_calib: Build although the calibration table misses int8 layers, names layers
+            the model lacks, or has zero / non-finite ranges (warned; those layers stay float).
+            Without it any of these is an error naming the layers.
 
     Returns:
         Path of the engine file; for int8* also ``<out>.calib.json`` is written.
 
     Raises:
-        ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch.
+        ValueError: Unknown precision / model, int8* without ``calib`` or ``calib_table``, bad batch,
+            an output path that cannot take a file (checked before any work), a calibration table
+            that does not cover the int8 layers.
     """
-    from bevdeploy.quant.calibrate import CalibrationTable, calibrate
+    from bevdeploy.quant.calibrate import CalibrationPoint, CalibrationTable, calibrate
 
     spec = precision_spec(precision)
     if not (isinstance(batch, int) and batch >= 1):
@@ -173,12 +191,18 @@ def build(
     if spec.int8 and calib is None and calib_table is None:
         raise ValueError(f"precision {precision!r} needs calibration data (calib='synthetic:N' or "
                          "'nuscenes:PATH') or a saved calibration table (calib_table=PATH)")
-    out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = check_output_path(out, "engine file")
+    if spec.int8:
+        check_output_path(f"{out}.calib.json", "calibration table output")
+        if sensitivity:
+            check_output_path(f"{out}.sensitivity.json", "sensitivity report output")
+    if calib_table is not None and spec.int8:
+        table_in = CalibrationTable.load(calib_table)  # a bad table fails before the model is built
+    dev = resolve_device(device)
     import bevdeploy.ops  # noqa: F401  (op registrations)
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides).to(dev)
+    model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides, allow_nonfinite).to(dev)
     cfg = model.config
     fold_batchnorms(model)
 
@@ -186,11 +210,7 @@ def build(
     table_path = None
     if spec.int8:
         if calib_table is not None:
-            table = CalibrationTable.load(calib_table)
-            missing = [n for n in int8_scope(model) if n not in table]
-            if len(missing) == len(int8_scope(model)):
-                raise ValueError(f"{calib_table}: the calibration table names none of this model's layers "
-                                 f"(was it made for another model?)")
+            table = table_in
         else:
             infos, dataset = _calibration_infos(calib, model_name, progress)
             loop = calibration_forward_loop(infos, model_name, model, dev, progress)
@@ -209,10 +229,14 @@ def build(
                 sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
                                           out_dtype=torch.float32)
                 save_report(sens, f"{out}.sensitivity.json")
+        layers = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, CalibrationPoint)]
+        table.check_coverage(int8_scope(model), layers, keep_float,
+                             source=str(calib_table) if calib_table is not None else "the calibration run",
+                             allow_partial=allow_partial_calib)
         table_path = Path(f"{out}.calib.json")
-        table_path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(table_path)
-        scales = {n: table.scale(n) for n in table.amax}
+        with atomic_output(table_path, "calibration table output") as tmp:
+            table.save(tmp)
+        scales = {n: table.scale(n) for n in table.amax if math.isfinite(table.amax[n])}
     else:
         scales = None
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float)
@@ -247,18 +271,25 @@ def build(
         "outputs": list(outputs),
         "bev_shape": list(model.bev_shape) if family(model) == "bevformer" else None,
         "preprocess": model_name,
-        "content_hash": content_hash(ep),
+        "content_hash": None,  # filled in below, from the archive's members
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **runtime_facts(dev),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
-        # export keeps the example inputs for re-tracing; an engine never re-traces, and they are
-        # the size of a frame (tiny: 30 MB of zeros, base: 74 MB); the metadata has their spec
-        ep.example_inputs = None
-        torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
-    tmp.replace(out)
+    # export keeps the example inputs for re-tracing; an engine never re-traces, they are the size
+    # of a frame (tiny: 30 MB of zeros), and torch would pickle them: the metadata has their spec
+    ep.example_inputs = None
+    first = io.BytesIO()  # the hashes are over the archive's members, so save once to read them
+    torch.export.save(ep, first, extra_files={METADATA_KEY: json.dumps(metadata)})
+    metadata["content_hash"] = program_hash(_members(first.getvalue(), "engine being built"))
+    del first
+    metadata["integrity_hash"] = integrity_hash(metadata["content_hash"], metadata)
+    with atomic_output(out, "engine file") as tmp:
+        with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
+            torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
+        written = read_archive(tmp)  # the loader's own checks: no pickled member, hashes reproduce
+        if (written.content_hash, written.integrity_hash) != (metadata["content_hash"], metadata["integrity_hash"]):
+            raise RuntimeError(f"torch {torch.__version__} wrote a different archive for the same program on a "
+                               "second save; the engine's hash cannot be recorded")
     logger.info("wrote %s (%.1f MB, %s, %d int8 layers)", out, out.stat().st_size / 2**20, precision,
                 metadata["int8_layers"])
     return out

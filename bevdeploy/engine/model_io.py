@@ -24,6 +24,8 @@ __all__ = [
     "int8_scope_prefixes",
     "input_names",
     "output_names",
+    "family_input_names",
+    "family_output_names",
     "example_inputs",
     "calibration_forward_loop",
 ]
@@ -57,22 +59,32 @@ def int8_scope_prefixes(model: nn.Module) -> tuple[str, ...]:
     return BEVFORMER_INT8_SCOPE if family(model) == "bevformer" else BEVDET_INT8_SCOPE
 
 
-def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The engine's inputs, in the model forward's positional order."""
-    if family(model) == "bevformer":
+def family_input_names(name: str) -> tuple[str, ...]:
+    """The inputs of an engine of family ``name`` (``bevformer`` / ``bevdet``), in positional order."""
+    if name == "bevformer":
         return _BEVFORMER_INPUTS
     from bevdeploy.models.bevdet import BEVPoolRanks
 
     return ("image", *BEVPoolRanks._fields)
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    """The keys of the model's output dict that the engine returns, in order."""
-    if family(model) == "bevformer":
+def family_output_names(name: str) -> tuple[str, ...]:
+    """The outputs of an engine of family ``name``, in the order the exported graph returns them."""
+    if name == "bevformer":
         return _BEVFORMER_OUTPUTS
     from bevdeploy.models.bevdet import HEAD_OUTPUTS
 
     return tuple(HEAD_OUTPUTS)
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The engine's inputs, in the model forward's positional order."""
+    return family_input_names(family(model))
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The keys of the model's output dict that the engine returns, in order."""
+    return family_output_names(family(model))
 
 
 def example_inputs(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
