@@ -1,4 +1,9 @@
-"""``bevdeploy <verb>``: the command line. Thin: parse, call the public API, print one-line errors."""
+"""``bevdeploy <verb>``: the command line. Thin: parse, call the public API, print one-line errors.
+
+Every error is one line on stderr naming the problem (exit code 2 for bad input / files / machine,
+1 for an unexpected internal error, 130 when interrupted); ``--debug`` (anywhere on the line) shows
+the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +65,10 @@ def _eval(args: argparse.Namespace) -> int:
         result = {"model": args.model, "data": args.data, "frames": len(run.boxes), "fps": run.fps,
                   "NDS": metrics["NDS"], "mAP": metrics["mAP"]}
     else:
+        if args.save_run:  # before the run, not after it
+            from bevdeploy.paths import check_output_path
+
+            check_output_path(args.save_run, "--save-run file")
         result = evaluate(args.model, args.data, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                           device=args.device, workers=args.workers, save_run=args.save_run, score=not args.no_score)
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
@@ -75,7 +84,8 @@ def _build(args: argparse.Namespace) -> int:
 
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
-                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity)
+                 keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
+                 allow_partial_calib=args.allow_partial_calib, allow_nonfinite=args.allow_nonfinite)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -139,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--precision", required=True, help="fp32 | fp16 | fp16x2 | int8 | int8-fp16 | int8-fp16x2")
     bd.add_argument("--checkpoint", default=None)
     bd.add_argument("--allow-partial", action="store_true")
+    bd.add_argument("--allow-partial-calib", action="store_true",
+                    help="build although the calibration table does not cover the int8 layers exactly (warned)")
+    bd.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint holding NaN/inf weights (warned)")
     bd.add_argument("--calib", default=None, help="int8 calibration data: synthetic:N or nuscenes:PATH")
     bd.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"])
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
@@ -164,13 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            from bevdeploy.engine.build import resolve_device
+
+            resolve_device(args.device)  # "--device cuda" on a machine without a GPU: one line, before any work
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
-        print(f"bevdeploy {args.verb}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError, OSError, KeyError) as e:
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  (an unexpected failure: still one line; --debug shows where)
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

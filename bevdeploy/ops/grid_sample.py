@@ -293,6 +293,10 @@ if triton_available():
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0 + 1, y0, pmask, H, W, stride_h, stride_w), wx1 * wy0, FP16_MATH)
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0, y0 + 1, pmask, H, W, stride_h, stride_w), wx0 * wy1, FP16_MATH)
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0 + 1, y0 + 1, pmask, H, W, stride_h, stride_w), wx1 * wy1, FP16_MATH)
+            if PADDING == 0:
+                # ATen's bilinear-zeros weights come from the raw coordinate: NaN/inf there gives NaN out
+                bad = (ix != ix) | (iy != iy) | (tl.abs(ix) == float("inf")) | (tl.abs(iy) == float("inf"))
+                acc = tl.where(bad[None, :], float("nan"), acc)
         elif MODE == 1:
             xi = _round_half_even(_source_coord(ix, W, PADDING, ALIGN)).to(tl.int32)
             yi = _round_half_even(_source_coord(iy, H, PADDING, ALIGN)).to(tl.int32)
