@@ -101,3 +101,28 @@ def test_valid_indices_pass_and_match(case, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     depth, feat, r = case
     torch.testing.assert_close(_call(bev_pool_v2, depth, feat, r), _call(reference, depth, feat, r), atol=1e-5, rtol=1e-5)
+
+
+BEVDET_SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12.8, 1.6),
+                    grid_y=(-12.8, 12.8, 1.6), fpn_out_channels=32, bev_channels=16, bev_layer_channels=(16, 32, 64),
+                    bev_neck_out_channels=32, share_conv_channels=16, head_conv_channels=16)
+
+
+def test_bevdet_engine_refuses_out_of_range_index_inputs(tmp_path, monkeypatch):
+    """The index arrays are engine inputs: a bad one is an error naming it, never a stray read."""
+    from bevdeploy.engine import Engine, build
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU engine runs the op's reference path
+    path = build("bevdet-r50-cbgs", "fp32", out=tmp_path / "bevdet.engine", model_overrides=BEVDET_SMALL,
+                 progress=False)
+    engine = Engine.load(path, device="cpu")
+    inputs = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in engine.input_spec.items()}
+    engine(**inputs)  # all-zero indices: a valid empty pooling
+    P = inputs["ranks_depth"].shape[0]
+    for name, value, match in (("ranks_feat", -1, r"ranks_feat\[0\] = -1"),
+                               ("interval_lengths", P + 1, r"interval_lengths\[0\] = \d+ is out of range")):
+        bad = dict(inputs)
+        bad[name] = inputs[name].clone()
+        bad[name][0] = value
+        with pytest.raises(ValueError, match=match):
+            engine(**bad)
