@@ -334,7 +334,9 @@ def rotate(
         img (Tensor[C, H, W] or Tensor[B, C, H, W]): float32, float16 or int8 (with ``img_scale``);
             any strides, fastest channels-last.
         angle (float or Tensor[] / Tensor[1] / Tensor[B]): degrees, counter-clockwise; a tensor
-            stays on the device (no host sync), one angle for all images or one per image.
+            stays on the device (no host sync), one angle for all images or one per image. A
+            NaN/inf float is a ValueError; a NaN/inf in a tensor gives that image all NaN (as
+            :func:`reference`), so a bad angle shows downstream instead of a blank image.
         center (sequence of 2 floats or Tensor[2], optional): (x, y) in pixels, the image centre
             being (W / 2, H / 2) (the default).
         interpolation (str): ``"nearest"`` (default) | ``"bilinear"``.
@@ -358,6 +360,8 @@ def rotate(
     variant = resolve_variant(variant, img.dtype, "img")
     img_scale = check_int8_scale("img_scale", img_scale, variant)
     if _is_number(angle):
+        if not math.isfinite(float(angle)):
+            raise ValueError(f"angle must be a finite number of degrees, got {angle}")
         angle = _device_scalars(img, [angle])
     elif not isinstance(angle, Tensor):
         raise TypeError(f"angle must be a float or a Tensor, got {type(angle).__name__}")

@@ -86,3 +86,32 @@ def test_engine_step_resets_on_missing_scene_and_nan(tiny_engine_path, ops_on_re
         warnings.simplefilter("error")
         carried = engine.step(named)  # finite again: carried, no warning
     assert not torch.allclose(carried["bev_embed"], first["bev_embed"])
+
+
+def test_grid_sample_and_rotate_propagate_nan(monkeypatch):
+    """A NaN grid or angle shows as NaN (as the references), never as a silently blank output."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from bevdeploy.ops.grid_sample import grid_sample
+    from bevdeploy.ops.rotate import rotate
+    from bevdeploy.ops.grid_sample import reference as grid_reference
+    from bevdeploy.ops.rotate import reference as rotate_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 5, 7, generator=g)
+    grid = torch.rand(1, 2, 3, 2, generator=g) * 2 - 1
+    grid[0, 0, 1, 0] = float("nan")
+    grid[0, 1, 2, 1] = float("inf")
+    out = grid_sample(x, grid)
+    assert torch.equal(out.isnan(), grid_reference(x, grid).isnan())
+    assert out[0, :, 0, 1].isnan().all() and out[0, :, 1, 2].isnan().all() and out.isfinite().sum() == 3 * 4
+    img = torch.randn(2, 3, 6, 6, generator=g)
+    angle = torch.tensor([float("nan"), 30.0])
+    center = torch.tensor([3.0, 3.0])
+    out = rotate(img, angle, center)
+    ref = rotate_reference(img, angle, center)
+    assert out[0].isnan().all() and torch.isfinite(out[1]).all()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[1], ref[1])
+    for fn in (rotate, rotate_reference):
+        with pytest.raises(ValueError, match="angle must be a finite number of degrees, got inf"):
+            fn(img, float("inf"), center)
