@@ -24,16 +24,23 @@ def main() -> int:
     p.add_argument("--scene-len", type=int, default=40)
     p.add_argument("--precision", default="fp16x2")
     p.add_argument("--work", default="out/soak")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="check the script on a CPU: reduced model and images, no memory numbers")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_soak: needs a CUDA GPU", file=sys.stderr)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_soak: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
+    overrides = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1,
+                     num_decoder_layers=1) if smoke else None
     root = f"{args.work}/world"
-    generate(root, num_scenes=1, samples_per_scene=4, seed=0, progress=False)
+    generate(root, num_scenes=1, samples_per_scene=4, seed=0, progress=False,
+             **({"image_size": (128, 192)} if smoke else {}))
     infos = load_infos(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
     frames = [prepare_frame(infos[i], infos[i - 1] if i else None, BEVFORMER_TINY) for i in range(len(infos))]
-    path = build("bevformer-tiny", args.precision, out=f"{args.work}/tiny-{args.precision}.engine", progress=False)
-    engine = Engine.load(path)
+    path = build("bevformer-tiny", args.precision, out=f"{args.work}/tiny-{args.precision}.engine", progress=False,
+                 model_overrides=overrides, device="cpu" if smoke else None)
+    engine = Engine.load(path, device="cpu" if smoke else None)
 
     resets = []  # per step: was the prev_bev fed zeros with the gate closed?
     engine_call = Engine.__call__
@@ -52,7 +59,7 @@ def main() -> int:
             frame = dict(frames[i % len(frames)], scene_token=f"scene-{scene}", token=f"s{scene}-f{i % args.scene_len}",
                          use_prev_bev=torch.ones(1) if i % args.scene_len else torch.zeros(1))
             out = engine.step(frame)
-            if i >= warmup and i % 10 == 0:
+            if i >= warmup and i % 10 == 0 and not smoke:
                 torch.cuda.synchronize()
                 free, total = torch.cuda.mem_get_info()
                 alloc.append(torch.cuda.memory_allocated())
@@ -60,13 +67,15 @@ def main() -> int:
             assert torch.isfinite(out["bev_embed"]).all(), f"step {i}: non-finite bev_embed"
     finally:
         Engine.__call__ = engine_call
-    torch.cuda.synchronize()
+    if not smoke:
+        torch.cuda.synchronize()
     secs = time.time() - t0
     firsts = [i for i in range(args.steps) if i % args.scene_len == 0]
     missed = [i for i in firsts if not resets[i]]
     spurious = [i for i in range(args.steps) if i % args.scene_len and resets[i]]
-    d_alloc, d_used = max(alloc) - min(alloc), max(used) - min(used)
-    print(f"gpu_soak: {args.steps} steps of {path} ({args.precision}) on {torch.cuda.get_device_name()} in {secs:.1f} s")
+    d_alloc, d_used = (max(alloc) - min(alloc), max(used) - min(used)) if alloc else (0, 0)
+    where = "the CPU (smoke)" if smoke else torch.cuda.get_device_name()
+    print(f"gpu_soak: {args.steps} steps of {path} ({args.precision}) on {where} in {secs:.1f} s")
     print(f"  memory_allocated max-min after warm-up: {d_alloc} B; mem_get_info used max-min: {d_used} B "
           f"({len(alloc)} samples)")
     print(f"  scenes: {len(firsts)}, first frames reset: {len(firsts) - len(missed)}/{len(firsts)}, "

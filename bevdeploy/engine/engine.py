@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from bevdeploy.engine.build import resolve_device
-from bevdeploy.engine.engine_file import ENGINE_VERSION, METADATA_KEY, read_archive, validate_metadata
+from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
 __all__ = ["Engine", "read_metadata"]
 
@@ -60,6 +60,7 @@ def read_metadata(path: str | Path) -> tuple[torch.export.ExportedProgram, dict]
         RuntimeError: another engine format version (rebuild advice).
     """
     archive = _inspect(Path(path))
+    _check_integrity(Path(path), archive)
     return _deserialize(Path(path), archive), archive.metadata
 
 
