@@ -229,7 +229,7 @@ def build(
                 sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
                                           out_dtype=torch.float32)
                 save_report(sens, f"{out}.sensitivity.json")
-        layers = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, CalibrationPoint)]
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, CalibrationPoint))]
         table.check_coverage(int8_scope(model), layers, keep_float,
                              source=str(calib_table) if calib_table is not None else "the calibration run",
                              allow_partial=allow_partial_calib)
