@@ -38,7 +38,8 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
         if stat.S_ISDIR(mode):
             raise ValueError(f"{what} {str(p)!r} is a directory; give a file path")
         if not stat.S_ISREG(mode):
-            raise ValueError(f"{what} {str(p)!r} is a device or special file, not a regular file; refusing to replace it")
+            raise ValueError(f"{what} {str(p)!r} is a device or special file, not a regular file; "
+                             "refusing to replace it")
         if not os.access(p, os.W_OK):
             raise ValueError(f"{what} {str(p)!r} exists and is not writable (permission denied)")
     parent = p.parent if str(p.parent) else Path(".")

@@ -659,12 +659,12 @@ def bev_pool_v2(
 
     Returns:
         Tensor[B, C, Z, Y, X]: pooled features (fp32, or fp16 for fp16/fp16x2/int8), 0 in voxels no
-        interval names.
+        interval names. Stored channels last (strides ``(Z*Y*X*C, 1, Y*X*C, X*C, C)``); call
+        ``.contiguous()`` for BEVDet's exact layout (one extra read+write of the map).
 
     Raises:
         ValueError: bad shapes / dtypes, or indices out of range (:func:`check_ranks` on the
-            reference path; the kernel's guard flag, read after eager calls). Stored channels last (strides ``(Z*Y*X*C, 1, Y*X*C, X*C, C)``); call
-        ``.contiguous()`` for BEVDet's exact layout (one extra read+write of the map).
+            reference path; the kernel's guard flag, read after eager calls).
 
     Example:
         >>> coor = bevdet_like_geometry(num_cams=2, depth_bins=8, feat_h=4, feat_w=8)

@@ -163,7 +163,8 @@ class CalibrationTable:
             raise ValueError(f"{os.fspath(path)}: not a calibration table (not UTF-8 text)") from None
         return cls.from_json(text, source=os.fspath(path))
 
-    def coverage_problems(self, scope: Sequence[str], layers: Sequence[str], keep_float: Sequence[str] = ()) -> list[str]:
+    def coverage_problems(self, scope: Sequence[str], layers: Sequence[str],
+                          keep_float: Sequence[str] = ()) -> list[str]:
         """Why this table does not cover the int8 ``scope`` exactly (empty list: it does).
 
         Args:
@@ -183,8 +184,10 @@ class CalibrationTable:
         extra = [n for n in self.amax if n not in known]
         zero = [n for n in need if n in self.amax and self.amax[n] == 0]
         nonfinite = [n for n in need if n in self.amax and not math.isfinite(self.amax[n])]
-        for what, names in (("int8 layers without a range", missing), ("layers this model does not have", extra),
-                            ("int8 layers with a zero range", zero), ("int8 layers with a non-finite range", nonfinite)):
+        for what, names in (("int8 layers without a range", missing),
+                            ("layers this model does not have", extra),
+                            ("int8 layers with a zero range", zero),
+                            ("int8 layers with a non-finite range", nonfinite)):
             if names:
                 more = f", ... ({len(names) - 5} more)" if len(names) > 5 else ""
                 problems.append(f"{len(names)} {what}: {', '.join(names[:5])}{more}")
