@@ -1,4 +1,9 @@
-"""``bevdeploy <verb>``: the command line. Thin: parse, call the public API, print one-line errors."""
+"""``bevdeploy <verb>``: the command line. Thin: parse, call the public API, print one-line errors.
+
+Every error is one line on stderr naming the problem (exit code 2 for bad input / files / machine,
+1 for an unexpected internal error, 130 when interrupted); ``--debug`` (anywhere on the line) shows
+the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -112,6 +117,10 @@ def _eval(args: argparse.Namespace) -> int:
             metrics = score_run(run, infos, source.dataroot, source.version, source.split)
             result.update(NDS=metrics["NDS"], mAP=metrics["mAP"], metrics=metrics)
     else:
+        if args.save_run:  # before the run, not after it
+            from bevdeploy.paths import check_output_path
+
+            check_output_path(args.save_run, "--save-run file")
         result = evaluate(args.model, args.data, engine=args.engine, checkpoint=args.checkpoint,
                           allow_partial=args.allow_partial, device=args.device, workers=_workers(args),
                           save_run=args.save_run, score=not args.no_score, results_path=args.results,
@@ -153,7 +162,8 @@ def _build(args: argparse.Namespace) -> int:
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
-                 batch=batch, progress=not args.quiet)
+                 batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
+                 allow_nonfinite=args.allow_nonfinite)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -213,6 +223,7 @@ def _train(args: argparse.Namespace) -> int:
 MODEL_NAMES = "bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs (alias bevdet-r50)"
 DATA_HELP = """data specs:
   synthetic[:N]                          a generated world of N samples (cached; default 32)
+  synthetic:N@SEED                       a world of another seed (disjoint scenes: train on @1, score on @2)
   nuscenes:PATH                          v1.0-trainval (split val) or v1.0-mini (mini_val) under PATH
   nuscenes:PATH@v1.0-test:test           any table version and split
   nuscenes:PATH:val:100                  the first 100 samples (temporal order) of a split
@@ -324,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default split: train; 2D models: synthetic2d:N or coco:PATH)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
                     help="default: entropy for int8, minmax for fp8")
+    bd.add_argument("--allow-partial-calib", action="store_true",
+                    help="build although the calibration table does not cover the int8 layers exactly (warned)")
+    bd.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint holding NaN/inf weights (warned)")
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float (int8 / fp8)")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
@@ -419,14 +433,41 @@ def _logging(args: argparse.Namespace) -> None:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar, the devkit's too
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     _logging(args)
     try:
+        if getattr(args, "device", None):
+            from bevdeploy.engine.build import resolve_device
+
+            resolve_device(args.device)  # "--device cuda" on a machine without a GPU: one line, before any work
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
-        print(f"bevdeploy {args.verb}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError, OSError, KeyError) as e:
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  (an unexpected failure: still one line; --debug shows where)
+        if debug:
+            raise
+        print(f"bevdeploy {args.verb}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

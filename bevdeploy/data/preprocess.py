@@ -16,11 +16,15 @@ Shared by real and synthetic data; everything a BEVFormer engine needs per frame
   the previous frame's) the previous BEV is dropped (``use_prev_bev = 0``) and ``can_bus[:3]`` and
   ``can_bus[-1]`` are zeroed; otherwise they become the deltas to the previous frame (position in the
   global frame, yaw in degrees, not wrapped, as the original). ``can_bus[-2]`` stays the absolute yaw.
+- previous BEV (:func:`carry_prev_bev`, shared by the eval loop and ``Engine.step``): dropped (zeros,
+  gate closed) at a scene start, when either scene token is missing, and when it holds NaN/inf (a
+  closed gate alone multiplies it by 0, and ``0 * NaN`` is NaN: one bad frame would poison the rest).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -172,6 +176,34 @@ def frame_inputs(info: dict, prev_info: dict | None) -> dict:
         can_bus[:3] = 0.0
         can_bus[-1] = 0.0
     return {"can_bus": can_bus, "use_prev_bev": 1.0 if use_prev else 0.0}
+
+
+def carry_prev_bev(
+    prev_bev: Tensor | None,
+    prev_scene: str | None,
+    scene: str | None,
+    use_prev_bev: float,
+    *,
+    shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    token: str = "",
+) -> tuple[Tensor, float]:
+    """The ``(prev_bev, use_prev_bev)`` to feed one frame: the carried BEV, or zeros with the gate closed.
+
+    Reset (zeros of ``shape``, gate 0) when there is no previous BEV, the gate is already 0, either
+    scene token is None or empty, the scene changed, or the previous BEV holds NaN / inf; the last
+    case is reported with a RuntimeWarning naming the frame ``token``. (One host sync per frame:
+    the finiteness check.)
+    """
+    reset = (prev_bev is None or float(use_prev_bev) == 0.0 or not scene or not prev_scene or scene != prev_scene)
+    if not reset and not bool(torch.isfinite(prev_bev).all()):
+        warnings.warn(f"frame {token or '?'}: the previous BEV holds NaN/inf; treated as a scene start "
+                      "(previous BEV reset to zeros)", RuntimeWarning, stacklevel=2)
+        reset = True
+    if reset:
+        return torch.zeros(*shape, device=device, dtype=dtype), 0.0
+    return prev_bev, float(use_prev_bev)
 
 
 class TemporalState:

@@ -3,10 +3,15 @@
 The engine file is ``torch.export.save`` of the deploy form (:mod:`bevdeploy.engine.deploy`),
 exported with static shapes, with the metadata JSON in ``extra_files["bevdeploy.json"]``: model
 config, precision, calibration table, layer precisions, torch / triton versions, GPU name and
-compute capability, input spec and a content hash of the weights (re-checked on load). For the
-int8 and fp8 precisions the calibration table (activation ranges ``amax``, the same for both:
-int8 scales are ``amax / 127``, fp8 scales ``amax / 448``) is also written next to the engine
-(``<out>.calib.json``) and can be reused with ``calib_table`` (no calibration data needed then).
+compute capability, input spec, the program's content hash and one integrity hash over graph,
+weights, constants and metadata (re-checked on load, :mod:`bevdeploy.engine.engine_file`). The
+archive holds no pickled member (weights and constants as raw bytes, no sample inputs), which the
+build verifies on the file it wrote. Output paths are checked before any work, and an existing
+engine is replaced atomically. For the int8 and fp8 precisions the calibration table (activation
+ranges ``amax``, the same for both: int8 scales are ``amax / 127``, fp8 scales ``amax / 448``) is
+also written next to the engine (``<out>.calib.json``) and can be reused with ``calib_table`` (no
+calibration data needed then); it must cover the quantized layers exactly unless
+``allow_partial_calib``.
 
 With ``qat_steps`` the int8 form is fine-tuned first (quantization-aware training,
 :mod:`bevdeploy.quant.qat`), starting from the calibrated scales, with the model family's training
@@ -19,9 +24,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import hashlib
+import io
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +43,15 @@ from bevdeploy.engine.deploy import (
     layer_precisions,
     precision_spec,
 )
+from bevdeploy.engine.engine_file import (
+    ENGINE_FORMAT,
+    ENGINE_VERSION,
+    METADATA_KEY,
+    _members,
+    integrity_hash,
+    program_hash,
+    read_archive,
+)
 from bevdeploy.engine.model_io import (
     DET2D_FAMILIES,
     calibration_forward_loop,
@@ -47,34 +62,13 @@ from bevdeploy.engine.model_io import (
     int8_scope_prefixes,
     output_names,
 )
+from bevdeploy.paths import atomic_output, check_output_path
 
-__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "content_hash", "runtime_facts"]
+__all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "resolve_device", "runtime_facts"]
 
 logger = logging.getLogger(__name__)
-
-ENGINE_FORMAT = "bevdeploy.engine"
-ENGINE_VERSION = 1
-#: Name of the metadata entry in the engine file's ``extra_files``.
-METADATA_KEY = "bevdeploy.json"
 #: Calibration samples taken from a dataset when the data spec does not say how many (the reference: 500).
 DEFAULT_CALIB_SAMPLES = 500
-
-
-def content_hash(ep: torch.export.ExportedProgram) -> str:
-    """sha256 over the exported program's weights and constants (name, dtype, shape, bytes), sorted by name.
-
-    The same on save and after load, so a changed byte in any weight is caught on load.
-    """
-    h = hashlib.sha256()
-    items = list(ep.state_dict.items()) + [(f"const:{k}", v) for k, v in ep.constants.items()]
-    for name, t in sorted(items, key=lambda kv: kv[0]):
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{name}:{type(t).__name__}".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def runtime_facts(device: torch.device) -> dict:
@@ -92,8 +86,25 @@ def runtime_facts(device: torch.device) -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "device_type": device.type, "gpu": gpu}
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: cuda when available) as a torch.device; ValueError for an unknown name
+    or for CUDA on a machine without a usable GPU."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    return dev
+
+
 def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow_partial: bool,
-                      overrides: dict | None) -> tuple[str, nn.Module]:
+                      overrides: dict | None, allow_nonfinite: bool = False) -> tuple[str, nn.Module]:
     """(preset name, float eval model): a fresh ``MODELS`` model, or a copy of the user's module."""
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
@@ -113,7 +124,7 @@ def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow
     model = MODELS[model_name](**(overrides or {}))
     family(model)  # NotImplementedError for a model the engine cannot take
     if checkpoint:
-        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+        report = load_checkpoint(model, checkpoint, allow_partial=allow_partial, allow_nonfinite=allow_nonfinite)
         print(report, file=sys.stderr)
     else:
         from bevdeploy.eval.detection import warn_random_weights
@@ -204,6 +215,8 @@ def build(
     qat_seed: int = 0,
     int8_chain: bool | str = True,
     autotune: bool = True,
+    allow_partial_calib: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
@@ -216,6 +229,7 @@ def build(
         out: The engine file to write (its parent is created).
         checkpoint: Official checkpoint to load (random weights, seed 0, otherwise).
         allow_partial: Passed to ``load_checkpoint``.
+        allow_nonfinite: Passed to ``load_checkpoint`` (NaN / inf weights are refused otherwise).
         calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``; 2D
             models ``synthetic2d:N`` / ``coco:PATH``) or a ``bevdeploy.data.synthetic.DataSource``; its first
             N (default 500) samples in temporal order. A nuScenes spec without a split calibrates on
@@ -243,15 +257,20 @@ def build(
             ``"float-identity"``: residual blocks keep float boundaries (more accurate).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
+        allow_partial_calib: Build although the calibration table misses int8 layers, names layers
+            the model lacks, or has zero / non-finite ranges (warned; those layers stay float).
+            Without it any of these is an error naming the layers.
 
     Returns:
         Path of the engine file; for int8* / fp8* also ``<out>.calib.json`` is written (with
         ``qat_steps`` it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
 
     Raises:
-        ValueError: Unknown precision / model, int8* / fp8* without ``calib`` or ``calib_table``, bad batch.
+        ValueError: Unknown precision / model, int8* / fp8* without ``calib`` or ``calib_table``, bad
+            batch, an output path that cannot take a file (checked before any work), a calibration
+            table that does not cover the quantized layers.
     """
-    from bevdeploy.quant.calibrate import CalibrationTable, calibrate
+    from bevdeploy.quant.calibrate import CalibrationPoint, CalibrationTable, calibrate
 
     spec = precision_spec(precision)
     if not (isinstance(batch, int) and batch >= 1):
@@ -274,13 +293,21 @@ def build(
     if spec.quantized and calib is None and calib_table is None:
         raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
                          "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
-    out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = check_output_path(out, "engine file")
+    if spec.quantized:
+        check_output_path(f"{out}.calib.json", "calibration table output")
+        if sensitivity:
+            check_output_path(f"{out}.sensitivity.json", "sensitivity report output")
+        if qat_steps:
+            check_output_path(f"{out}.qat.calib.json", "QAT calibration table output")
+    if calib_table is not None and spec.quantized:
+        table_in = CalibrationTable.load(calib_table)  # a bad table fails before the model is built
+    dev = resolve_device(device)
     import bevdeploy.ops  # noqa: F401  (op registrations)
     import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides)
+    model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides, allow_nonfinite)
     model = model.to(dev)
     cfg = model.config
     fold_batchnorms(model)
@@ -289,11 +316,7 @@ def build(
     table_path = None
     if spec.quantized:
         if calib_table is not None:
-            table = CalibrationTable.load(calib_table)
-            missing = [n for n in int8_scope(model) if n not in table]
-            if len(missing) == len(int8_scope(model)):
-                raise ValueError(f"{calib_table}: the calibration table names none of this model's layers "
-                                 f"(was it made for another model?)")
+            table = table_in
         else:
             if family(model) in DET2D_FAMILIES:
                 loop, dataset = det2d_calibration_loop(calib, model_name, model, dev, progress=progress)
@@ -315,15 +338,19 @@ def build(
                 sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
                                           out_dtype=torch.float32)
                 save_report(sens, f"{out}.sensitivity.json")
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, CalibrationPoint))]
+        table.check_coverage(int8_scope(model), layers, keep_float,
+                             source=str(calib_table) if calib_table is not None else "the calibration run",
+                             allow_partial=allow_partial_calib)
         table_path = Path(f"{out}.calib.json")
-        table_path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(table_path)
+        with atomic_output(table_path, "calibration table output") as tmp:
+            table.save(tmp)
         if spec.fp8:
             from bevdeploy.quant.fp8_kernels import FP8_MAX
 
-            scales = {n: a / FP8_MAX for n, a in table.amax.items()}
+            scales = {n: a / FP8_MAX for n, a in table.amax.items() if math.isfinite(a)}
         else:
-            scales = {n: table.scale(n) for n in table.amax}
+            scales = {n: table.scale(n) for n in table.amax if math.isfinite(table.amax[n])}
     else:
         scales = None
     qat_meta = None
@@ -384,18 +411,25 @@ def build(
         "outputs": list(outputs),
         "bev_shape": list(model.bev_shape) if family(model) == "bevformer" else None,
         "preprocess": model_name,
-        "content_hash": content_hash(ep),
+        "content_hash": None,  # filled in below, from the archive's members
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **runtime_facts(dev),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
-        # export keeps the example inputs for re-tracing; an engine never re-traces, and they are
-        # the size of a frame (tiny: 30 MB of zeros, base: 74 MB); the metadata has their spec
-        ep.example_inputs = None
-        torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
-    tmp.replace(out)
+    # export keeps the example inputs for re-tracing; an engine never re-traces, they are the size
+    # of a frame (tiny: 30 MB of zeros), and torch would pickle them: the metadata has their spec
+    ep.example_inputs = None
+    first = io.BytesIO()  # the hashes are over the archive's members, so save once to read them
+    torch.export.save(ep, first, extra_files={METADATA_KEY: json.dumps(metadata)})
+    metadata["content_hash"] = program_hash(_members(first.getvalue(), "engine being built"))
+    del first
+    metadata["integrity_hash"] = integrity_hash(metadata["content_hash"], metadata)
+    with atomic_output(out, "engine file") as tmp:
+        with open(tmp, "wb") as f:  # a file object: torch wants a ".pt2" suffix on paths
+            torch.export.save(ep, f, extra_files={METADATA_KEY: json.dumps(metadata)})
+        written = read_archive(tmp)  # the loader's own checks: no pickled member, hashes reproduce
+        if (written.content_hash, written.integrity_hash) != (metadata["content_hash"], metadata["integrity_hash"]):
+            raise RuntimeError(f"torch {torch.__version__} wrote a different archive for the same program on a "
+                               "second save; the engine's hash cannot be recorded")
     logger.info("wrote %s (%.1f MB, %s, %d int8 / %d fp8 layers)", out, out.stat().st_size / 2**20, precision,
                 metadata["int8_layers"], metadata["fp8_layers"])
     return out

@@ -1,7 +1,10 @@
 """Loading and running an engine file: checks, Inductor compile, CUDA-graph replay, temporal state.
 
-``Engine.load`` refuses files it cannot trust with a clear error: unreadable / truncated / not an
-engine, or weights whose hash differs from the one recorded at build (ValueError: corrupt); built
+``Engine.load`` never unpickles: the archive is inspected before torch reads it
+(:mod:`bevdeploy.engine.engine_file`: members torch would unpickle, foreign ops, symbolic shapes are
+refused). It refuses files it cannot trust with a clear error: unreadable / truncated / not an
+engine, metadata failing its schema (the field named), or an integrity hash over graph, weights,
+constants and metadata that differs from the one recorded at build (ValueError: corrupt); built
 with another torch major.minor or on a GPU of another compute capability (RuntimeError: rebuild).
 On CUDA the exported module is compiled with ``torch.compile`` (Inductor, on-disk cache under
 ``~/.cache/bevdeploy/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set) and one call is captured
@@ -11,7 +14,7 @@ of the outputs. On the CPU the exported module runs eagerly (no compile, no grap
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bevdeploy.engine.build import ENGINE_FORMAT, ENGINE_VERSION, METADATA_KEY, content_hash
+from bevdeploy.engine.build import resolve_device
+from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
 __all__ = ["Engine", "read_metadata"]
 
@@ -43,32 +47,56 @@ def _major_minor(version: str | None) -> tuple[str, ...] | None:
 
 
 def read_metadata(path: str | Path) -> tuple[torch.export.ExportedProgram, dict]:
-    """Load the exported program and its metadata; ValueError naming ``path`` for anything unreadable."""
+    """Inspect, check and load an engine file: (exported program, metadata).
+
+    Order: the archive is inspected without unpickling anything (no pickled member, only ATen /
+    bevdeploy ops), the format version and metadata schema are checked, then the integrity hash,
+    and only then torch deserializes the inspected bytes. Machine checks (torch version, GPU) are
+    :meth:`Engine.load`'s.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, corrupt, tampered with, unsafe or failing the schema (named).
+        RuntimeError: another engine format version (rebuild advice).
+    """
+    archive = _inspect(Path(path))
+    _check_integrity(Path(path), archive)
+    return _deserialize(Path(path), archive), archive.metadata
+
+
+def _inspect(path: Path):
+    archive = read_archive(path)
+    meta = archive.metadata
+    if meta.get("version") != ENGINE_VERSION:
+        raise RuntimeError(f"{path}: engine format version {meta.get('version')!r}, this bevdeploy reads "
+                           f"{ENGINE_VERSION}: {_rebuild_advice(meta)}")
+    validate_metadata(meta, str(path))
+    if archive.num_inputs != len(meta["inputs"]) or archive.num_outputs != len(meta["outputs"]):
+        raise ValueError(f"{path}: corrupt engine file: the graph takes {archive.num_inputs} inputs and returns "
+                         f"{archive.num_outputs} outputs, the metadata names {len(meta['inputs'])} and "
+                         f"{len(meta['outputs'])}")
+    return archive
+
+
+def _check_integrity(path: Path, archive) -> None:
+    meta = archive.metadata
+    if archive.content_hash != meta["content_hash"] or archive.integrity_hash != meta["integrity_hash"]:
+        part = "graph / weights / constants" if archive.content_hash != meta["content_hash"] else "metadata"
+        raise ValueError(f"{path}: corrupt engine file: its integrity hash {archive.integrity_hash[:12]}... differs "
+                         f"from the one recorded at build {meta['integrity_hash'][:12]}... (the {part} changed "
+                         "since the build); rebuild it")
+
+
+def _deserialize(path: Path, archive) -> torch.export.ExportedProgram:
     import bevdeploy.ops  # noqa: F401  (the ops must be registered before the program deserializes)
     import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"engine file {str(path)!r} does not exist")
-    extra = {METADATA_KEY: ""}
-    try:
-        with open(path, "rb") as f:  # a file object: torch wants a ".pt2" suffix on paths
-            ep = torch.export.load(f, extra_files=extra)
+    try:  # the very bytes inspected above (the file is not read again)
+        return torch.export.load(io.BytesIO(archive.data))
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged archive)
         raise ValueError(f"{path}: not a readable bevdeploy engine file (corrupt or truncated?): "
                          f"{type(e).__name__}: {str(e)[:300]}") from e
-    raw = extra[METADATA_KEY]
-    try:
-        meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: engine metadata ({METADATA_KEY}) is missing or corrupt: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
-        raise ValueError(f"{path}: not a bevdeploy engine file (no {ENGINE_FORMAT!r} metadata)")
-    if meta.get("version") != ENGINE_VERSION:
-        raise RuntimeError(f"{path}: engine format version {meta.get('version')!r}, this bevdeploy reads "
-                           f"{ENGINE_VERSION}: {_rebuild_advice(meta)}")
-    return ep, meta
 
 
 def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
@@ -147,20 +175,19 @@ class Engine:
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: Unreadable, truncated or corrupt file (the message names it).
+            ValueError: Unreadable, truncated, corrupt or tampered-with file, a member torch would
+                unpickle, metadata failing its schema (the message names the file and the problem),
+                or ``device`` cuda without a GPU.
             RuntimeError: Built for another torch major.minor or GPU compute capability (rebuild advice).
         """
         path = Path(path)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ep, meta = read_metadata(path)
+        dev = resolve_device(device)
+        archive = _inspect(path)
+        meta = archive.metadata
         _check_runtime(path, meta, dev)
-        try:
-            digest = content_hash(ep)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{path}: corrupt engine file: its weights cannot be read ({e})") from e
-        if digest != meta.get("content_hash"):
-            raise ValueError(f"{path}: corrupt engine file: the weights' content hash {digest[:12]}... differs "
-                             f"from the one recorded at build {str(meta.get('content_hash'))[:12]}...; rebuild it")
+        _check_integrity(path, archive)
+        ep = _deserialize(path, archive)
+        del archive
         if meta.get("device_type") != dev.type:
             from torch.export.passes import move_to_device_pass
 
@@ -234,6 +261,10 @@ class Engine:
                 outs = tuple(o.clone() for o in self._static_out)
             else:
                 outs = tuple(self._fn(*args))
+        if self.family == "bevdet":  # the pooling kernel's index guard, read outside the graph (one sync)
+            from bevdeploy.ops.bev_pool_v2 import raise_if_bad_indices
+
+            raise_if_bad_indices(self.device)
         return {k: v.float() for k, v in zip(self.output_names, outs)}
 
     forward = __call__
@@ -249,21 +280,21 @@ class Engine:
         """The temporal host loop for one stream and one frame (``prepare_frame``'s dict).
 
         Holds ``prev_bev`` per stream and feeds each ``bev_embed`` back; ``prev_bev`` is reset to
-        zeros (and the gate closed) when ``frame["use_prev_bev"]`` is 0 or the scene token changes.
-        Needs a BEVFormer engine built with ``batch=1``.
+        zeros (and the gate closed) by :func:`bevdeploy.data.preprocess.carry_prev_bev`, the rule of
+        the eval loop: ``frame["use_prev_bev"]`` 0, a changed or missing scene token, or a previous
+        BEV holding NaN/inf (warned). Needs a BEVFormer engine built with ``batch=1``.
         """
         if self.family != "bevformer":
             raise ValueError(f"step() carries BEVFormer's previous BEV; this is a {self.family} engine: call it directly")
         if self.batch != 1:
             raise ValueError(f"step() runs one stream per call: build the engine with batch=1 (it has {self.batch})")
-        state = self._streams.get(stream)
-        gate = float(torch.as_tensor(frame["use_prev_bev"]).reshape(-1)[0])
+        from bevdeploy.data.preprocess import carry_prev_bev
+
+        state = self._streams.get(stream) or {"prev_bev": None, "scene": None}
         scene = frame.get("scene_token")
-        if state is None or gate == 0.0 or (scene and state["scene"] and scene != state["scene"]):
-            prev_bev = torch.zeros(1, *self.bev_shape, device=self.device)
-            gate = 0.0
-        else:
-            prev_bev = state["prev_bev"]
+        prev_bev, gate = carry_prev_bev(state["prev_bev"], state["scene"], scene,
+                                        float(torch.as_tensor(frame["use_prev_bev"]).reshape(-1)[0]),
+                                        shape=(1, *self.bev_shape), device=self.device, token=frame.get("token", ""))
         outputs = self(image=frame["image"][None], lidar2img=frame["lidar2img"][None],
                        can_bus=frame["can_bus"][None], prev_bev=prev_bev,
                        use_prev_bev=torch.tensor([gate], device=self.device))
@@ -281,14 +312,25 @@ class Engine:
 
     def prepare(self, sensor2ego: Tensor, intrinsics: Tensor, post_rots: Tensor, post_trans: Tensor,
                 bda: Tensor | None = None):
-        """BEVDet: the index inputs for these cameras (``BEVDet.prepare``, cached per camera geometry)."""
+        """BEVDet: the index inputs for these cameras (``BEVDet.prepare``, cached per camera geometry),
+        checked against the engine's sizes (ValueError for an index out of range)."""
         if self.family != "bevdet":
             raise ValueError(f"prepare() computes BEVDet's pooling indices; this is a {self.family} engine")
+        from bevdeploy.ops.bev_pool_v2 import check_ranks
+
         if self._geometry is None:
             from bevdeploy.models.bevdet import BEVDetGeometry
 
             self._geometry = BEVDetGeometry.from_config(self._model_config())
-        return self._geometry.ranks(sensor2ego, intrinsics, post_rots, post_trans, bda)
+        ranks = self._geometry.ranks(sensor2ego, intrinsics, post_rots, post_trans, bda)
+        g, cams = self._geometry, self.input_spec["image"][0][1]
+        voxels = g.num_voxels(self.batch)
+        frustum = g.num_points(self.batch, cams) - voxels  # depth entries: B * N * D * fH * fW
+        fH, fW = g.feature_size
+        check_ranks(ranks.ranks_depth, ranks.ranks_feat, ranks.ranks_bev, ranks.interval_starts,
+                    ranks.interval_lengths, num_depth=frustum, num_pixels=self.batch * cams * fH * fW,
+                    num_voxels=voxels)
+        return ranks
 
     def decode(self, outputs: dict[str, Tensor], bev2lidar: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Boxes per sample by the model's own decoder, rebuilt from the config in the metadata.

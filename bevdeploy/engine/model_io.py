@@ -29,6 +29,8 @@ __all__ = [
     "int8_scope_prefixes",
     "input_names",
     "output_names",
+    "family_input_names",
+    "family_output_names",
     "example_inputs",
     "calibration_forward_loop",
 ]
@@ -75,32 +77,42 @@ def int8_scope_prefixes(model: nn.Module) -> tuple[str, ...]:
     return BEVFORMER_INT8_SCOPE if fam == "bevformer" else BEVDET_INT8_SCOPE
 
 
-def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The engine's inputs, in the model forward's positional order."""
-    if family(model) in DET2D_FAMILIES:
+def family_input_names(name: str) -> tuple[str, ...]:
+    """The inputs of an engine of family ``name`` (``bevformer``, ``bevdet``, ``yolox``, ``centernet``), in positional order."""
+    if name in DET2D_FAMILIES:
         return ("image",)
-    if family(model) == "bevformer":
+    if name == "bevformer":
         return _BEVFORMER_INPUTS
     from bevdeploy.models.bevdet import BEVPoolRanks
 
     return ("image", *BEVPoolRanks._fields)
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    """The keys of the model's output dict that the engine returns, in order."""
-    if family(model) == "yolox":
+def family_output_names(name: str) -> tuple[str, ...]:
+    """The outputs of an engine of family ``name``, in the order the exported graph returns them."""
+    if name == "yolox":
         from bevdeploy.models.yolox import YOLOX_OUTPUTS
 
         return YOLOX_OUTPUTS
-    if family(model) == "centernet":
+    if name == "centernet":
         from bevdeploy.models.centernet import CENTERNET_OUTPUTS
 
         return CENTERNET_OUTPUTS
-    if family(model) == "bevformer":
+    if name == "bevformer":
         return _BEVFORMER_OUTPUTS
     from bevdeploy.models.bevdet import HEAD_OUTPUTS
 
     return tuple(HEAD_OUTPUTS)
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The engine's inputs, in the model forward's positional order."""
+    return family_input_names(family(model))
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The keys of the model's output dict that the engine returns, in order."""
+    return family_output_names(family(model))
 
 
 def example_inputs(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:

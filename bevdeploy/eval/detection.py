@@ -102,22 +102,25 @@ def run_bevformer(
     """
     from tqdm import tqdm
 
-    from bevdeploy.data.preprocess import prepare_frame
+    from bevdeploy.data.preprocess import carry_prev_bev, prepare_frame
 
     run = DetectionRun()
-    prev_bev = torch.zeros(1, *bev_shape, device=device, dtype=dtype)
+    prev_bev = None
     prev_info = None
     begin, finish = _timer(device)
     for info in tqdm(infos, desc="frames", disable=not progress, file=sys.stderr):
         if prev_info is not None and prev_info.get("scene_token") != info.get("scene_token"):
             prev_info = None  # a new scene: the gate closes, ego deltas are zeroed
         frame = prepare_frame(info, prev_info, preprocess)
+        prev_bev, gate = carry_prev_bev(prev_bev, prev_info and prev_info.get("scene_token"), info.get("scene_token"),
+                                        frame["use_prev_bev"].item(), shape=(1, *bev_shape), device=device,
+                                        dtype=dtype, token=info.get("token", ""))
         inputs = {
             "image": frame["image"][None].to(device, dtype),
             "lidar2img": frame["lidar2img"][None].to(device),
             "can_bus": frame["can_bus"][None].to(device),
             "prev_bev": prev_bev,
-            "use_prev_bev": frame["use_prev_bev"].to(device),
+            "use_prev_bev": torch.tensor([gate], device=device),
         }
         with torch.no_grad():
             begin()

@@ -5,7 +5,8 @@
 bare state dict; DataParallel adds a ``module.`` prefix. A checkpoint that does not match the
 model key for key and shape for shape is an error (a half-loaded detector still runs and quietly
 scores zero), unless the caller opts into a partial load (``allow_partial=True``, the CLI's
-``--allow-partial``).
+``--allow-partial``). Weights that are NaN or infinite are refused too (a NaN weight yields no
+boxes, silently), unless ``allow_nonfinite=True``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoadReport", "load_checkpoint", "read_state_dict"]
+__all__ = ["LoadReport", "load_checkpoint", "nonfinite_keys", "read_state_dict"]
 
 #: Wrapper keys under which trainers store the weights, tried in order.
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -90,6 +91,12 @@ def _numpy_safe_globals() -> list:
 
 
 def _torch_load(path: str) -> object:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+: 0x80)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+                         f"starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
@@ -102,7 +109,7 @@ def _torch_load(path: str) -> object:
                 f"{path}: cannot be read as weights only ({first}). It holds Python objects beyond "
                 "tensors and numpy scalars; re-save just its state_dict with torch.save."
             ) from first
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from err
 
 
@@ -114,8 +121,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         ValueError: the file is not a readable checkpoint, or holds no tensor dict.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} is not a regular file")
     obj = _torch_load(path)
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -135,7 +146,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, allow_partial: bool = False) -> LoadReport:
+def nonfinite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, allow_partial: bool = False,
+                    allow_nonfinite: bool = False) -> LoadReport:
     """Load ``path`` into ``model`` (in place), checking every key and shape first.
 
     Args:
@@ -143,16 +160,24 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, allow_partial: bo
         path: A ``.pth`` file: mmcv-style ``{"state_dict": ...}``, ``{"model": ...}``, or a bare state
             dict, with or without DataParallel's ``module.`` prefix.
         allow_partial: Load the keys that match and warn about the rest, instead of raising.
+        allow_nonfinite: Load NaN / inf weights (warned) instead of raising.
 
     Returns:
         LoadReport: counts and names of what was loaded, missing, unexpected and mis-shaped.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unreadable file; or (without ``allow_partial``) any missing, unexpected or
+        ValueError: unreadable file (a directory, not a checkpoint); NaN / inf weights (without
+            ``allow_nonfinite``); or (without ``allow_partial``) any missing, unexpected or
             mis-shaped key, named in the message.
     """
     state = read_state_dict(path)
+    bad = nonfinite_keys(state)
+    if bad:
+        message = f"{os.fspath(path)}: {len(bad)} weight tensor(s) hold NaN or inf: {_first(bad)}"
+        if not allow_nonfinite:
+            raise ValueError(message + " (a corrupt or diverged checkpoint; allow_nonfinite=True loads it anyway)")
+        warnings.warn(message + " (loaded anyway: allow_nonfinite)", stacklevel=2)
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIXES)]
     unexpected = [k for k in state if k not in own]

@@ -36,6 +36,14 @@ multiply-accumulate in fp16, paired over channels into HFMA2; steps summed in fp
 (int8 depth and feat with per-tensor scales, fp32 math on the integers, scaled once per row,
 fp16 out).
 
+Untrusted indices: the index arrays are engine inputs, so a bad one must never touch memory out
+of bounds. :func:`check_ranks` validates them on the host (ranges of the three ``ranks_*``,
+intervals non-negative and inside the points) with a ValueError: at prepare time, in the
+reference path (which would otherwise wrap negatives as Python indexing does) and in eager calls.
+The kernel guards itself too: loads and stores at out-of-range indices are masked off (they move
+no bytes), and a per-device error flag is raised; :func:`raise_if_bad_indices` reads and clears
+it outside any CUDA graph (the eager wrapper does, and ``Engine`` after every BEVDet call).
+
 Origin: HuangJunJie2017/BEVDet ``mmdet3d/ops/bev_pool_v2`` (kernel, argument order, layouts) and
 ``LSSViewTransformer.voxel_pooling_prepare_v2`` (index preparation). Our own code.
 """
@@ -68,6 +76,8 @@ __all__ = [
     "bev_pool_v2",
     "bev_pool_v2_prepare",
     "bevdet_like_geometry",
+    "check_ranks",
+    "raise_if_bad_indices",
     "reference",
     "scatter_add_reference",
 ]
@@ -127,6 +137,80 @@ def _check_inputs(
     return variant, depth_scale, feat_scale
 
 
+def check_ranks(
+    ranks_depth: Tensor,
+    ranks_feat: Tensor,
+    ranks_bev: Tensor,
+    interval_starts: Tensor,
+    interval_lengths: Tensor,
+    *,
+    num_depth: int,
+    num_pixels: int,
+    num_voxels: int,
+) -> None:
+    """Host-side check of the index arrays (one sync): every ``ranks_depth`` in ``[0, num_depth)``,
+    ``ranks_feat`` in ``[0, num_pixels)``, ``ranks_bev`` in ``[0, num_voxels)``; every interval
+    start and length >= 0 with ``start + length <= P``. ValueError naming the array, the first bad
+    position, its value and the valid range."""
+    P = int(ranks_depth.shape[0])
+    for name, t, hi in (("ranks_depth", ranks_depth, num_depth), ("ranks_feat", ranks_feat, num_pixels),
+                        ("ranks_bev", ranks_bev, num_voxels), ("interval_starts", interval_starts, P + 1),
+                        ("interval_lengths", interval_lengths, P + 1)):
+        if t.numel() == 0:
+            continue
+        bad = (t < 0) | (t >= hi)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad.reshape(-1))[0])
+            raise ValueError(f"bev_pool_v2: {name}[{i}] = {int(t.reshape(-1)[i])} is out of range: must be in "
+                             f"[0, {hi - 1}] ({int(bad.sum())} bad entries)")
+    if interval_starts.numel():
+        ends = interval_starts.long() + interval_lengths.long()
+        bad = ends > P
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(f"bev_pool_v2: interval {i} (start {int(interval_starts[i])}, length "
+                             f"{int(interval_lengths[i])}) runs past the {P} points")
+
+
+def _is_concrete(t: Tensor) -> bool:
+    """A real tensor with data (not a fake / traced one), outside torch.compile tracing."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or is_fake(t) or isinstance(t, torch.fx.Proxy))
+
+
+def _check_ranks_for(depth: Tensor, feat: Tensor, ranks_depth, ranks_feat, ranks_bev, interval_starts,
+                     interval_lengths, bev_feat_shape) -> None:
+    B, Z, Y, X, C = (int(s) for s in bev_feat_shape)
+    check_ranks(ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, num_depth=depth.numel(),
+                num_pixels=feat.numel() // max(C, 1), num_voxels=B * Z * Y * X)
+
+
+_ERROR_FLAGS: dict[str, Tensor] = {}
+
+
+def _error_flag(device: torch.device) -> Tensor:
+    """The kernel's per-device error flag (int32 [1]); allocated once, so CUDA graphs capture its address."""
+    key = str(device)
+    if key not in _ERROR_FLAGS:
+        _ERROR_FLAGS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _ERROR_FLAGS[key]
+
+
+def raise_if_bad_indices(device: torch.device | str | None = None) -> None:
+    """Raise ValueError if a ``bev_pool_v2`` kernel on ``device`` (all devices when None) met an
+    out-of-range index since the last check, and clear the flag. One host sync; call it outside
+    CUDA graph capture (after a replay)."""
+    for key, flag in _ERROR_FLAGS.items():
+        if device is not None and key != str(torch.device(device)):
+            continue
+        if int(flag.item()):
+            flag.zero_()
+            raise ValueError("bev_pool_v2: out-of-range indices (ranks_* or intervals) were passed to the kernel; "
+                             "the bad points were skipped and their output is incomplete. Recompute the indices "
+                             "(bev_pool_v2_prepare / Engine.prepare)")
+
+
 def _compute_inputs(depth: Tensor, feat: Tensor, variant: str, depth_scale: float, feat_scale: float):
     """The float tensors the references compute on: dequantised int8, float64 kept as float64."""
     if variant == "int8" and depth.dtype == torch.int8:
@@ -161,7 +245,11 @@ def reference(
     data-dependent shapes), so it also runs under fake tensors. Intervals must not overlap.
     Float64 inputs are computed and returned in float64 (for gradcheck); otherwise fp32 math and
     the variant's output dtype. Returns ``[B, C, Z, Y, X]`` with the op's channels-last strides.
+    Out-of-range indices raise ValueError (:func:`check_ranks`) when the tensors hold data.
     """
+    if _is_concrete(ranks_depth):  # Python indexing would wrap a negative index silently
+        _check_ranks_for(depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths,
+                         bev_feat_shape)
     B, Z, Y, X, C = (int(s) for s in bev_feat_shape)
     d, f = _compute_inputs(depth, feat, variant, depth_scale, feat_scale)
     P = ranks_depth.shape[0]
@@ -284,9 +372,14 @@ if triton_available():
         starts_ptr,
         lengths_ptr,
         out_ptr,
+        flag_ptr,
         # sizes
         first,
         n_intervals,
+        n_points,
+        n_depth,
+        n_pixels,
+        n_voxels,
         stride_feat,
         out_scale,
         # constexpr
@@ -301,11 +394,18 @@ if triton_available():
 
         Software-pipelined two deep: the iteration that accumulates step t has the gathers of
         step t + 1 and the indices of step t + 2 in flight, so a step costs one L2 round trip
-        instead of two dependent ones (index, then data). Masked lanes move no bytes."""
+        instead of two dependent ones (index, then data). Masked lanes move no bytes.
+
+        Guard: an interval outside [0, n_points) and a point or voxel index outside its tensor are
+        masked off (nothing read or written through them) and set ``flag_ptr[0] = 1``."""
         ks = first + tl.arange(0, BLOCK_I)
         kmask = ks < n_intervals
         start = tl.load(starts_ptr + ks, mask=kmask, other=0)
         length = tl.load(lengths_ptr + ks, mask=kmask, other=0)
+        kvalid = (start >= 0) & (length >= 0) & (start <= n_points - length)
+        nbad = tl.sum((kmask & (kvalid == 0)).to(tl.int32), axis=0)
+        start = tl.where(kvalid, start, 0)
+        length = tl.where(kvalid & kmask, length, 0)
         max_len = tl.max(length, axis=0)
         j = tl.arange(0, BLOCK_J)
         c3 = tl.arange(0, BLOCK_C)[None, None, :]
@@ -319,8 +419,11 @@ if triton_available():
         pmask = j[None, :] < length[:, None]
         rd = tl.load(ranks_depth_ptr + pidx, mask=pmask, other=0)
         rf = tl.load(ranks_feat_ptr + pidx, mask=pmask, other=0)
-        d = tl.load(depth_ptr + rd, mask=pmask, other=0)  # one depth scalar per point
-        f = tl.load(feat_ptr + rf[:, :, None] * stride_feat + c3, mask=pmask[:, :, None] & cmask, other=0)
+        ok = (rd >= 0) & (rd < n_depth) & (rf >= 0) & (rf < n_pixels)
+        bad = (pmask & (ok == 0)).to(tl.int32)
+        gmask = pmask & ok
+        d = tl.load(depth_ptr + rd, mask=gmask, other=0)  # one depth scalar per point
+        f = tl.load(feat_ptr + rf[:, :, None] * stride_feat + c3, mask=gmask[:, :, None] & cmask, other=0)
         # step 1: indices
         pidx += BLOCK_J
         pmask = (j[None, :] + BLOCK_J) < length[:, None]
@@ -331,8 +434,11 @@ if triton_available():
             nmask = (j[None, :] + (j0 + 2 * BLOCK_J)) < length[:, None]
             rd_next = tl.load(ranks_depth_ptr + nidx, mask=nmask, other=0)
             rf_next = tl.load(ranks_feat_ptr + nidx, mask=nmask, other=0)
-            d_next = tl.load(depth_ptr + rd, mask=pmask, other=0)
-            f_next = tl.load(feat_ptr + rf[:, :, None] * stride_feat + c3, mask=pmask[:, :, None] & cmask, other=0)
+            ok = (rd >= 0) & (rd < n_depth) & (rf >= 0) & (rf < n_pixels)
+            bad += (pmask & (ok == 0)).to(tl.int32)
+            gmask = pmask & ok
+            d_next = tl.load(depth_ptr + rd, mask=gmask, other=0)
+            f_next = tl.load(feat_ptr + rf[:, :, None] * stride_feat + c3, mask=gmask[:, :, None] & cmask, other=0)
             if HALF2:
                 acc += d[:, :, None] * f  # fp16 multiply-add, paired over channels (HFMA2)
             else:
@@ -342,8 +448,12 @@ if triton_available():
         rows = tl.sum(acc.to(tl.float32), axis=1) * out_scale  # [BLOCK_I, BLOCK_C]
         write = kmask & (length > 0)
         cell = tl.load(ranks_bev_ptr + start, mask=write, other=0)
+        cell_ok = (cell >= 0) & (cell < n_voxels)
+        nbad += tl.sum((write & (cell_ok == 0)).to(tl.int32), axis=0) + tl.sum(tl.sum(bad, axis=1), axis=0)
+        write = write & cell_ok
         c = tl.arange(0, BLOCK_C)[None, :]
         tl.store(out_ptr + cell[:, None] * C + c, rows.to(out_ptr.dtype.element_ty), mask=write[:, None] & (c < C))
+        tl.store(flag_ptr, nbad.to(tl.int32) * 0 + 1, mask=nbad > 0)
 
     @triton.jit
     def _bev_pool_v2_fwd_kernel(
@@ -356,9 +466,14 @@ if triton_available():
         starts_ptr,
         lengths_ptr,
         out_ptr,
+        flag_ptr,
         # sizes
         n_intervals,
         n_wide,
+        n_points,
+        n_depth,
+        n_pixels,
+        n_voxels,
         stride_feat,
         out_scale,
         # constexpr
@@ -375,13 +490,14 @@ if triton_available():
         if pid < n_wide:
             _pool_intervals(
                 depth_ptr, feat_ptr, ranks_depth_ptr, ranks_feat_ptr, ranks_bev_ptr, starts_ptr, lengths_ptr, out_ptr,
-                pid, n_intervals, stride_feat, out_scale,
+                flag_ptr, pid, n_intervals, n_points, n_depth, n_pixels, n_voxels, stride_feat, out_scale,
                 C=C, BLOCK_C=BLOCK_C, BLOCK_I=1, BLOCK_J=WIDE_J, HALF2=HALF2,
             )
         else:
             _pool_intervals(
                 depth_ptr, feat_ptr, ranks_depth_ptr, ranks_feat_ptr, ranks_bev_ptr, starts_ptr, lengths_ptr, out_ptr,
-                n_wide + (pid - n_wide) * BLOCK_I, n_intervals, stride_feat, out_scale,
+                flag_ptr, n_wide + (pid - n_wide) * BLOCK_I, n_intervals, n_points, n_depth, n_pixels, n_voxels,
+                stride_feat, out_scale,
                 C=C, BLOCK_C=BLOCK_C, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, HALF2=HALF2,
             )
 
@@ -450,8 +566,13 @@ def _bev_pool_v2_triton(
         interval_starts.contiguous(),
         interval_lengths.contiguous(),
         buf,
+        _error_flag(feat.device),
         num_intervals,
         n_wide,
+        ranks_depth.shape[0],
+        depth_flat.numel(),
+        feat_rows.shape[0],
+        B * Z * Y * X,
         stride_feat,
         depth_scale * feat_scale if variant == "int8" else 1.0,
         C=C,
@@ -479,7 +600,7 @@ def _bev_pool_v2_op(
     args = (depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, bev_feat_shape)
     if use_triton(feat):
         return _bev_pool_v2_triton(*args, variant, depth_scale, feat_scale)
-    return reference(
+    return reference(  # checks the indices (ValueError) before any gather
         depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, bev_feat_shape,
         variant, depth_scale, feat_scale,
     )
@@ -543,6 +664,10 @@ def bev_pool_v2(
         interval names. Stored channels last (strides ``(Z*Y*X*C, 1, Y*X*C, X*C, C)``); call
         ``.contiguous()`` for BEVDet's exact layout (one extra read+write of the map).
 
+    Raises:
+        ValueError: bad shapes / dtypes, or indices out of range (:func:`check_ranks` on the
+            reference path; the kernel's guard flag, read after eager calls).
+
     Example:
         >>> coor = bevdet_like_geometry(num_cams=2, depth_bins=8, feat_h=4, feat_w=8)
         >>> ranks_bev, ranks_depth, ranks_feat, starts, lengths = bev_pool_v2_prepare(coor)
@@ -555,10 +680,14 @@ def bev_pool_v2(
         depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, bev_feat_shape,
         variant, depth_scale, feat_scale,
     )
-    return _bev_pool_v2_op(
+    out = _bev_pool_v2_op(
         depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths,
         [int(s) for s in bev_feat_shape], variant, depth_scale, feat_scale,
     )
+    capturing = feat.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if _is_concrete(feat) and not capturing and str(feat.device) in _ERROR_FLAGS:
+        raise_if_bad_indices(feat.device)  # eager calls: the kernel's guard reported here
+    return out
 
 
 class BEVPoolV2(nn.Module):

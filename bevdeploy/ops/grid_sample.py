@@ -86,9 +86,18 @@ def reference(
     input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False
 ) -> Tensor:
     """Plain PyTorch (CPU and GPU, differentiable; the test oracle): ``F.grid_sample`` in float32,
-    or in float64 when ``input`` is float64. Dequantize an int8 input before calling it."""
+    or in float64 when ``input`` is float64. Dequantize an int8 input before calling it.
+
+    Non-finite grid points give NaN in bilinear mode with zeros padding and in bicubic mode, on
+    every device: ATen's CPU kernel does so (its weights come from the raw coordinate), its CUDA
+    kernel reads 0 there instead; NaN is kept so a bad grid shows, and the kernel does the same.
+    Nearest mode and the clamped paddings of bilinear sample a finite pixel, as ATen."""
     x = input if input.dtype == torch.float64 else input.float()
-    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    out = F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    if mode == "bicubic" or (mode == "bilinear" and padding_mode == "zeros"):
+        bad = ~torch.isfinite(grid).all(-1)  # [N, Hout, Wout]
+        out = out.masked_fill(bad.unsqueeze(1), float("nan"))
+    return out
 
 
 def _grid_sample_cpu(
@@ -294,6 +303,10 @@ if triton_available():
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0 + 1, y0, pmask, H, W, stride_h, stride_w), wx1 * wy0, FP16_MATH)
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0, y0 + 1, pmask, H, W, stride_h, stride_w), wx0 * wy1, FP16_MATH)
             acc = _fma(acc, _gather(img_ptr, c_off, cmask, x0 + 1, y0 + 1, pmask, H, W, stride_h, stride_w), wx1 * wy1, FP16_MATH)
+            if PADDING == 0:
+                # ATen's bilinear-zeros weights come from the raw coordinate: NaN/inf there gives NaN out
+                bad = (ix != ix) | (iy != iy) | (tl.abs(ix) == float("inf")) | (tl.abs(iy) == float("inf"))
+                acc = tl.where(bad[None, :], float("nan"), acc)
         elif MODE == 1:
             xi = _round_half_even(_source_coord(ix, W, PADDING, ALIGN)).to(tl.int32)
             yi = _round_half_even(_source_coord(iy, H, PADDING, ALIGN)).to(tl.int32)

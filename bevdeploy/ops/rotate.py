@@ -36,6 +36,8 @@ reduction, so multiples of 90 degrees move pixels exactly. Variants as grid_samp
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -93,6 +95,8 @@ def reference(
         x = x.unsqueeze(0)
     B, C, H, W = x.shape
     f64 = dict(dtype=torch.float64, device=x.device)
+    if isinstance(angle, (int, float)) and not math.isfinite(angle):
+        raise ValueError(f"angle must be a finite number of degrees, got {angle}")
     a = torch.as_tensor(angle, **f64).reshape(-1).expand(B)
     c = torch.as_tensor([W * 0.5, H * 0.5] if center is None else center, **f64).reshape(2)
     # _get_inverse_affine_matrix(center_f, -angle, translate=0, scale=1, shear=0), in float64 as
@@ -110,6 +114,9 @@ def reference(
     rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * W, 0.5 * H], dtype=x.dtype, device=x.device)
     grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(rescaled).view(B, H, W, 2)
     out = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    # a NaN/inf angle (a device tensor: no host check) gives NaN, not a blank image
+    out = torch.where(torch.isfinite(a).view(B, 1, 1, 1), out, torch.full((), float("nan"), dtype=out.dtype,
+                                                                             device=out.device))
     return out if batched else out[0]
 
 
@@ -201,7 +208,8 @@ if triton_available():
         pid_p = pid_bp % num_pblocks
         b = (pid_bp // num_pblocks).to(tl.int64)
 
-        cos_t, sin_t = _cos_sin_degrees(tl.load(angle_ptr + b * stride_ab).to(tl.float32))
+        angle = tl.load(angle_ptr + b * stride_ab).to(tl.float32)
+        cos_t, sin_t = _cos_sin_degrees(angle)
         cx = tl.load(center_ptr).to(tl.float32)
         cy = tl.load(center_ptr + stride_ck).to(tl.float32)
 
@@ -224,6 +232,9 @@ if triton_available():
                            MODE, 0, False, FP16_MATH, BLOCK_C, BLOCK_P)
         if SCALED:
             acc = acc.to(tl.float32) * scale
+        # a NaN/inf angle has no rotation: NaN out (as the reference), which the temporal loop then
+        # sees in the BEV and resets, instead of a silently blank image
+        acc = tl.where((angle == angle) & (tl.abs(angle) != float("inf")), acc, float("nan"))
         y_img = y_ptr + b * C * P
         if OUT_CL:
             y_off = p[None, :] * C + c[:, None]
@@ -325,7 +336,9 @@ def rotate(
         img (Tensor[C, H, W] or Tensor[B, C, H, W]): float32, float16 or int8 (with ``img_scale``);
             any strides, fastest channels-last.
         angle (float or Tensor[] / Tensor[1] / Tensor[B]): degrees, counter-clockwise; a tensor
-            stays on the device (no host sync), one angle for all images or one per image.
+            stays on the device (no host sync), one angle for all images or one per image. A
+            NaN/inf float is a ValueError; a NaN/inf in a tensor gives that image all NaN (as
+            :func:`reference`), so a bad angle shows downstream instead of a blank image.
         center (sequence of 2 floats or Tensor[2], optional): (x, y) in pixels, the image centre
             being (W / 2, H / 2) (the default).
         interpolation (str): ``"nearest"`` (default) | ``"bilinear"``.
@@ -349,6 +362,8 @@ def rotate(
     variant = resolve_variant(variant, img.dtype, "img")
     img_scale = check_int8_scale("img_scale", img_scale, variant)
     if _is_number(angle):
+        if not math.isfinite(float(angle)):
+            raise ValueError(f"angle must be a finite number of degrees, got {angle}")
         angle = _device_scalars(img, [angle])
     elif not isinstance(angle, Tensor):
         raise TypeError(f"angle must be a float or a Tensor, got {type(angle).__name__}")

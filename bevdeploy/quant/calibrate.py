@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,51 @@ class CalibrationTable:
         except UnicodeDecodeError:
             raise ValueError(f"{os.fspath(path)}: not a calibration table (not UTF-8 text)") from None
         return cls.from_json(text, source=os.fspath(path))
+
+    def coverage_problems(self, scope: Sequence[str], layers: Sequence[str],
+                          keep_float: Sequence[str] = ()) -> list[str]:
+        """Why this table does not cover the int8 ``scope`` exactly (empty list: it does).
+
+        Args:
+            scope: The layers that will run int8 (names, e.g. ``int8_scope(model)``).
+            layers: Every layer of the model a table may name (its convs / linears / points).
+            keep_float: Layers of ``scope`` that stay float and need no range.
+
+        Problems, each naming up to 5 layers: scope layers without a range; table layers the model
+        does not have (a table of another model or config); scope layers whose range is 0 or not
+        finite (they would quantize to nothing).
+        """
+        keep = set(keep_float)
+        need = [n for n in scope if n not in keep]
+        known = set(layers)
+        problems = []
+        missing = [n for n in need if n not in self.amax]
+        extra = [n for n in self.amax if n not in known]
+        zero = [n for n in need if n in self.amax and self.amax[n] == 0]
+        nonfinite = [n for n in need if n in self.amax and not math.isfinite(self.amax[n])]
+        for what, names in (("int8 layers without a range", missing),
+                            ("layers this model does not have", extra),
+                            ("int8 layers with a zero range", zero),
+                            ("int8 layers with a non-finite range", nonfinite)):
+            if names:
+                more = f", ... ({len(names) - 5} more)" if len(names) > 5 else ""
+                problems.append(f"{len(names)} {what}: {', '.join(names[:5])}{more}")
+        return problems
+
+    def check_coverage(self, scope: Sequence[str], layers: Sequence[str], keep_float: Sequence[str] = (), *,
+                       source: str = "calibration table", allow_partial: bool = False) -> list[str]:
+        """Raise ValueError naming the layers unless the table covers ``scope`` exactly
+        (:meth:`coverage_problems`); with ``allow_partial`` warn and return the problems instead
+        (layers without a usable range then stay float)."""
+        problems = self.coverage_problems(scope, layers, keep_float)
+        if problems and not allow_partial:
+            raise ValueError(f"{source} does not cover this model's int8 layers exactly: {'; '.join(problems)}. "
+                             "Recalibrate for this model, or pass --allow-partial-calib (allow_partial_calib=True) "
+                             "to build with those layers in float")
+        if problems:
+            warnings.warn(f"{source}: partial calibration accepted (allow_partial_calib): {'; '.join(problems)}; "
+                          "layers without a usable range stay float", stacklevel=2)
+        return problems
 
     def __str__(self) -> str:
         return self.format(top=20)

@@ -41,8 +41,9 @@ def test_loop_feeds_prev_bev_and_gates_scene_starts(world, tiny_model):
     gates = [g for g, _, _ in seen]
     scene_start = [i == 0 or infos[i]["scene_token"] != infos[i - 1]["scene_token"] for i in range(4)]
     assert gates == [0.0 if s else 1.0 for s in scene_start]
-    for i in range(1, 4):  # the previous frame's bev_embed comes back as prev_bev
-        assert torch.equal(seen[i][1], seen[i - 1][2])
+    for i in range(1, 4):  # the previous frame's bev_embed comes back as prev_bev; zeros at a scene start
+        assert torch.equal(seen[i][1], torch.zeros_like(seen[i][1]) if scene_start[i] else seen[i - 1][2])
+    assert scene_start.count(True) >= 2 and not seen[0][1].any()
     for boxes, scores, labels in run.boxes.values():
         assert boxes.shape[1] == 9 and len(scores) == len(labels) == len(boxes)
 

@@ -109,13 +109,19 @@ def test_nearest_rounds_half_to_even(device):
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_non_finite_and_huge_coordinates(device, mode):
-    # ATen's CUDA kernel sends NaN/inf/huge coordinates to -100 (outside: the pixel reads 0); its CPU
-    # kernel returns NaN for NaN. We follow CUDA: same as a grid with those entries far outside.
+    # Huge finite coordinates read 0 (outside the image). NaN/inf: bilinear gives NaN there (as
+    # ATen's CPU kernel and our reference on every device), nearest reads 0 (as ATen).
     x = torch.randn(1, 3, 4, 5, device=device)
     bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e10, -1e10, 0.3], device=device)
     grid = torch.stack([bad, bad.roll(1)], -1).view(1, 2, 3, 2)
     outside = torch.where(grid.isfinite() & (grid.abs() < 1e6), grid, torch.full_like(grid, -10.0))
-    assert_rel_close(_run(x, grid, mode, "zeros", False, "fp32"), _ref64(x.double(), outside, mode, "zeros", False), REL_TOL["fp32"])
+    out = _run(x, grid, mode, "zeros", False, "fp32")
+    nonfinite = ~grid.isfinite().all(-1)
+    assert nonfinite.any() and torch.equal(out.isnan(), nonfinite.unsqueeze(1).expand_as(out) & (mode == "bilinear"))
+    torch.testing.assert_close(out.isnan(), reference(x, grid, mode, "zeros", False).isnan())
+    keep = ~nonfinite.unsqueeze(1).expand_as(out)
+    expected = _ref64(x.double(), outside, mode, "zeros", False)
+    assert_rel_close(out[keep], expected[keep], REL_TOL["fp32"])
     finite = torch.stack([bad[3:], bad[3:].flip(0)], -1).view(1, 1, 3, 2)
     out = _run(x, finite, mode, "border", False, "fp32")
     assert_rel_close(out, _ref64(x.double(), finite, mode, "border", False), REL_TOL["fp32"])
