@@ -220,7 +220,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_NAMES = "bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs (alias bevdet-r50)"
+MODEL_NAMES = ("bevformer-tiny | bevformer-small | bevformer-base | bevdet-r50-cbgs (alias bevdet-r50) | yolox-x | "
+               "centernet-r18-dcn")
 DATA_HELP = """data specs:
   synthetic[:N]                          a generated world of N samples (cached; default 32)
   synthetic:N@SEED                       a world of another seed (disjoint scenes: train on @1, score on @2)

@@ -102,6 +102,7 @@ def train(
     log_every: int = 10,
     time_limit: float | None = None,
     fit_at: int = 25,
+    dist=None,
 ) -> list[dict]:
     """Train ``model`` in place for ``steps`` optimizer steps.
 
@@ -123,6 +124,11 @@ def train(
             history's entries then carry ``steps_fitted``); past the limit it stops anyway (the last
             entry has ``stopped_early: True``).
         fit_at: Step at which the time per step is measured (from step 5, after start-up).
+        dist: a :class:`bevdeploy.distributed.DistContext` of several processes (torchrun): each
+            process draws its own batches (seed + rank), gradients are averaged over the processes
+            after every backward (DDP's all-reduce; the families call the model's parts, which DDP's
+            forward hook would not see), so the global batch is ``batch_size * world_size``; the
+            time budget's step count and stop are agreed across processes.
 
     Returns:
         The loss history: dicts with ``step``, ``lr``, ``loss`` and each named term (floats),
@@ -150,7 +156,9 @@ def train(
     use_amp = amp and device.type == "cuda"
     model.train()
     history: list[dict] = []
-    batches = training.batches(batch_size, seed)
+    distributed = dist is not None and dist.enabled
+    batches = training.batches(batch_size, seed + (dist.rank if distributed else 0))
+    params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     bar = tqdm(total=steps, desc="train", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     running = None
@@ -168,6 +176,8 @@ def train(
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed:
+            average_gradients(params, dist.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         if time_limit is not None and fitted is None and step in (5, fit_at):
@@ -180,6 +190,8 @@ def train(
                 # 90% of the time left: steps vary, and a hard stop would cut the cosine short
                 fit = step + 1 + int(0.9 * (time_limit - (time.perf_counter() - t0)) / per_step)
                 fitted = min(steps, max(step + 1, fit))
+                if distributed:  # every process must run the same number of steps
+                    fitted = int(_all_reduce_scalar(fitted, "min"))
                 if fitted < steps:
                     print(f"train: {per_step:.3f} s/step: {steps} steps exceed the {time_limit:.0f} s budget; "
                           f"the schedule is shortened to {fitted} steps", file=sys.stderr)
@@ -190,6 +202,8 @@ def train(
                     bar.refresh()
         elapsed = time.perf_counter() - t0
         out_of_time = time_limit is not None and elapsed > time_limit and step < steps - 1
+        if distributed and time_limit is not None:
+            out_of_time = bool(_all_reduce_scalar(float(out_of_time), "max"))
         if step % log_every == 0 or step == steps - 1 or out_of_time:
             # reading values waits for the GPU: only every log_every steps, so launches run ahead
             value = float(loss.detach())
@@ -212,6 +226,42 @@ def train(
     model.eval()
     return history
 
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int, bucket_bytes: int = 25 * 2**20) -> None:
+    """Average the gradients of ``params`` over the processes (``torch.distributed.all_reduce`` in
+    flattened buckets, as DDP does). A parameter without a gradient here counts as a zero gradient,
+    so every process reduces the same buckets."""
+    import torch.distributed as torch_dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= bucket_bytes or i == len(grads) - 1:
+            flat = _flatten_dense_tensors(bucket)
+            torch_dist.all_reduce(flat)
+            flat /= world_size
+            for g_, f in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g_.copy_(f)
+            bucket, size = [], 0
+
+
+def _all_reduce_scalar(value: float, op: str) -> float:
+    import torch.distributed as torch_dist
+
+    from bevdeploy.distributed import comm_device
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN if op == "min" else torch_dist.ReduceOp.MAX)
+    return float(t.item())
 
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``{"state_dict": ..., "meta": ...}`` (CPU tensors, the official mmcv layout) to ``path``.
@@ -256,7 +306,8 @@ def train_model(
     cache_dir: str | Path | None = None,
     extra_meta: dict | None = None,
     time_limit: float | None = None,
-) -> Path:
+    dist=None,
+) -> Path | None:
     """Render (or reuse) the world of ``data``, train ``model_name`` from scratch, save the checkpoint.
 
     Args:
@@ -273,6 +324,10 @@ def train_model(
         cache_dir: Where synthetic worlds are cached (default ``$BEVDEPLOY_CACHE``).
         extra_meta: More entries for the checkpoint's ``meta`` (e.g. the caller's render time).
         time_limit: Seconds of training after which it stops early (see :func:`train`).
+        dist: a :class:`bevdeploy.distributed.DistContext` of several processes (``torchrun``): rank 0
+            renders the world first (the others then reuse it), every rank trains on its own batches
+            with averaged gradients (global batch ``batch * world_size``), rank 0 writes the checkpoint
+            and returns its path, the other ranks return None.
 
     Returns:
         The checkpoint path. Its ``meta`` holds the training budget, the final loss and the history.
@@ -286,8 +341,18 @@ def train_model(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     render_size = default_render_size(model_name) if render_size is None else render_size
     t0 = time.perf_counter()
-    source = resolve_data_spec(data, workers=workers, image_size=tuple(render_size), progress=progress,
-                               cache_dir=cache_dir)
+    distributed = dist is not None and dist.enabled
+    if distributed:
+        import torch.distributed as torch_dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if not dist.is_main:
+            torch_dist.barrier()  # rank 0 renders (or finds) the world; the others then read it
+    source = resolve_data_spec(data, workers=workers, image_size=tuple(render_size),
+                               progress=progress and (not distributed or dist.is_main), cache_dir=cache_dir)
+    if distributed and dist.is_main:
+        torch_dist.barrier()
     infos = load_infos(source.dataroot, source.version, source.split, progress=False)
     if source.num_samples is not None:
         infos = infos[: source.num_samples]
@@ -305,14 +370,18 @@ def train_model(
     clip = default_clip(model_name) if clip is None else clip
     t2 = time.perf_counter()
     history = train(model, training, steps=steps, batch_size=batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                    clip=clip, seed=seed, progress=progress, time_limit=time_limit)
+                    clip=clip, seed=seed, progress=progress and (not distributed or dist.is_main), time_limit=time_limit,
+                    dist=dist)
     t_train = time.perf_counter() - t2
     steps_done = history[-1]["step"] + 1
-    frames = steps_done * batch
+    world = dist.world_size if distributed else 1
+    frames = steps_done * batch * world
+    if distributed and not dist.is_main:
+        return None
     meta = {
         "model": model_name, "data": data, "frames_in_world": len(infos), "steps": steps_done, "steps_planned": steps,
         "warmup": history[-1]["warmup"],
-        "batch": batch, "lr": lr,
+        "batch": batch, "processes": world, "global_batch": batch * world, "lr": lr,
         "weight_decay": weight_decay, "clip": clip, "seed": seed, "render_size": list(render_size),
         "model_overrides": dict(model_overrides or {}), "training_options": dict(training_options or {}),
         "final_loss": history[-1]["loss"], "final_terms": history[-1],
