@@ -37,6 +37,7 @@ from bevdeploy.engine.deploy import (
 )
 from bevdeploy.engine.model_io import (
     calibration_forward_loop,
+    calibration_method_overrides,
     example_inputs,
     family,
     input_names,
@@ -268,7 +269,8 @@ def build(
             hook = model.register_forward_pre_hook(
                 lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
             try:
-                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
+                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset,
+                                  method_overrides=calibration_method_overrides(model))
             finally:
                 hook.remove()
             if sensitivity:
