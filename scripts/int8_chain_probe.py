@@ -150,7 +150,8 @@ def main() -> None:
             per[k] = min(vals) if vals else None
         results[label] = (head, per)
     print(f"calibration: {args.calib_method} on {args.calib_frames} frames, BEV-grid readers by max: "
-          f"{not args.no_bev_max}; precision {args.precision}; SQNR (dB) vs the float model, worst of 2 held-out frames")
+          f"{not args.no_bev_max}; precision {args.precision}; SQNR (dB) vs the float model, worst of 2 held-out "
+          "frames")
     print("| layer | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     print("| **head outputs (worst)** | " + " | ".join(f"{h:.1f}" for h, _ in results.values()) + " |")
