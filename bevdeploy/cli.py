@@ -139,6 +139,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``--int8-chain`` -> ``build(int8_chain=...)``.
+_INT8_CHAIN = {"on": True, "off": False, "float-identity": "float-identity"}
+_INT8_CHAIN_HELP = ("int8*: on (default): int8 activations flow between int8 layers; off: every int8 layer writes "
+                    "floats; float-identity: chained, but residual blocks keep float boundaries")
+
+
 def _build(args: argparse.Namespace) -> int:
     from bevdeploy.engine import build
     from bevdeploy.engine.deploy import precision_spec
@@ -163,7 +169,8 @@ def _build(args: argparse.Namespace) -> int:
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
-                 allow_nonfinite=args.allow_nonfinite)
+                 allow_nonfinite=args.allow_nonfinite,
+                 int8_chain=_INT8_CHAIN[args.int8_chain])
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -188,7 +195,8 @@ def _bench(args: argparse.Namespace) -> int:
         command = "bevdeploy " + " ".join(sys.argv[1:])
         for name in args.model:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
-                               out_dir=args.out, command=command, append=args.append, batch=args.batch)
+                               out_dir=args.out, command=command, append=args.append, batch=args.batch,
+                               int8_chain=_INT8_CHAIN[args.int8_chain])
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -347,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
+    bd.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bd.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); build where you run")
     bd.add_argument("--batch", type=int, default=None,
                     help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")
@@ -366,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     bench.add_argument("--batch", type=int, default=None, help="2D models: static batch of every row (default 32)")
+    bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
                        help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")

@@ -56,6 +56,7 @@ from bevdeploy.engine.model_io import (
     DET2D_FAMILIES,
     calibration_forward_loop,
     det2d_calibration_loop,
+    calibration_method_overrides,
     example_inputs,
     family,
     input_names,
@@ -328,7 +329,8 @@ def build(
             hook = model.register_forward_pre_hook(
                 lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
             try:
-                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset)
+                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset,
+                                  method_overrides=calibration_method_overrides(model))
             finally:
                 hook.remove()
             if sensitivity and spec.int8:

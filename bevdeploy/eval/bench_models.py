@@ -202,6 +202,7 @@ def bench_model(
     command: str = "",
     append: bool = False,
     batch: int | None = None,
+    int8_chain: bool | str = True,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
 
@@ -217,6 +218,8 @@ def bench_model(
     ``append``: keep the rows of earlier runs in the results file for precisions this run does not
     measure (for tables too long to build in one sitting); this run measures its own PyTorch row
     and its ratios are against it. Without it the file holds this run alone.
+
+    ``int8_chain``: the int8* engines' ``int8_chain`` (``bevdeploy.engine.build``).
     """
     import gc
 
@@ -288,7 +291,8 @@ def bench_model(
     for precision in precisions:
         path = work / f"{name}-{precision}.engine"
         build(name, precision, out=path, checkpoint=checkpoint,
-              calib=(calib or data) if precision_spec(precision).quantized else None)
+              calib=(calib or data) if precision_spec(precision).quantized else None,
+              int8_chain=int8_chain)
         gc.collect()
         torch.cuda.empty_cache()
         engine = Engine.load(path, device="cuda")

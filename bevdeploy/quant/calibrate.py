@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +251,7 @@ def calibrate(
     dataset: str = "",
     two_pass: bool = False,
     dist: DistContext | None = None,
+    method_overrides: Mapping[str, str] | None = None,
 ) -> CalibrationTable:
     """Calibrate the input range of every layer of ``layer_types`` in ``model``.
 
@@ -279,6 +280,9 @@ def calibrate(
             on its own share of the data, and the ranges (minmax) or the two-pass histograms are
             merged across processes before the threshold search, so every process gets the table
             that one process running all the data computes with ``two_pass=True``.
+        method_overrides: layer name -> the method for that layer instead of ``method`` (e.g.
+            ``"minmax"`` for a sparse input whose rare large values carry the signal: the entropy
+            threshold of a histogram dominated by zeros clips them). Recorded in the metadata.
 
     Returns:
         The :class:`CalibrationTable`.
@@ -294,10 +298,18 @@ def calibrate(
     if not names:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(f"{type(model).__name__} has no module of the types to calibrate ({kinds})")
+    overrides = dict(method_overrides or {})
+    for name, m in overrides.items():
+        if name not in names:
+            raise ValueError(f"method_overrides names {name!r}, not a calibrated layer of the model "
+                             f"(a {', '.join(t.__name__ for t in layer_types)} module)")
+        if m not in CALIB_METHODS:
+            raise ValueError(f"method_overrides[{name!r}] must be one of {CALIB_METHODS}, got {m!r}")
+    method_of = {name: overrides.get(name, method) for name in names}
     if model.training:
         logger.warning("calibrating a model in training mode (BatchNorm batch statistics, dropout): call model.eval()")
     merge = dist is not None and dist.enabled
-    if method != "minmax" and (two_pass or merge):
+    if any(m != "minmax" for m in method_of.values()) and (two_pass or merge):
         # pass 1: every layer's range (merged over processes); pass 2: histograms over exactly that range
         ranges = {name: MaxCalibrator() for name in names}
         _run_hooked(model, forward_loop, ranges)
@@ -305,13 +317,16 @@ def calibrate(
         for name, cal in ranges.items():
             if merge:
                 cal.all_reduce()
-            calibrators[name] = make_calibrator(method, percentile=percentile)
+            if method_of[name] == "minmax":
+                calibrators[name] = cal  # a max is idempotent: collecting the same data again keeps it
+                continue
+            calibrators[name] = make_calibrator(method_of[name], percentile=percentile)
             try:
                 calibrators[name].fix_range(cal.compute_amax())
             except RuntimeError:
                 pass  # the layer never ran (anywhere): left out of the table below
     else:
-        calibrators = {name: make_calibrator(method, percentile=percentile) for name in names}
+        calibrators = {name: make_calibrator(method_of[name], percentile=percentile) for name in names}
     calls, forward_calls, returned = _run_hooked(model, forward_loop, calibrators)
     if merge:
         for cal in calibrators.values():
@@ -349,11 +364,13 @@ def calibrate(
         "torch": torch.__version__,
         "layer_types": [t.__name__ for t in layer_types],
         "not_run": not_run,
-        "two_pass": method != "minmax" and (two_pass or merge),
+        "two_pass": any(m != "minmax" for m in method_of.values()) and (two_pass or merge),
         "processes": dist.world_size if merge else 1,
     }
-    if method == "percentile":
+    if "percentile" in method_of.values():
         metadata["percentile"] = percentile
+    if overrides:
+        metadata["method_overrides"] = overrides
     return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata)
 
 

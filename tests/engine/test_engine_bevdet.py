@@ -16,8 +16,11 @@ from bevdeploy.data.nuscenes import load_infos
 from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
 from bevdeploy.engine import Engine, build
+from bevdeploy.engine.deploy import fold_batchnorms
+from bevdeploy.engine.model_io import calibration_forward_loop, calibration_method_overrides
 from bevdeploy.eval.detection import run_model
 from bevdeploy.models import MODELS
+from bevdeploy.quant.calibrate import calibrate
 from bevdeploy.quant.sensitivity import sqnr_db
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
 
@@ -109,6 +112,16 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
     meta = engine.metadata
     assert meta["calibration"]["num_samples"] == 3
     assert meta["calibration"]["amax"]["img_view_transformer.feat_point"] > 0
+    # the convs reading the splatted BEV grid (sparse: entropy would clip its occupied cells) take its max
+    overrides = calibration_method_overrides(_model())
+    assert set(overrides) == {f"img_bev_encoder_backbone.layers.0.0.{c}" for c in ("conv1", "downsample")}
+    assert meta["calibration"]["metadata"]["method_overrides"] == overrides
+    folded = _model()
+    fold_batchnorms(folded)
+    minmax = calibrate(folded, calibration_forward_loop(world[1][:3], "bevdet-r50-cbgs", folded, torch.device("cpu"),
+                                                        False), "minmax")
+    for name in overrides:
+        assert meta["calibration"]["amax"][name] == pytest.approx(minmax.amax[name], rel=1e-4), name
     precisions = dict(engine.layer_precisions)
     assert precisions["img_view_transformer (op)"] == "int8"
     for name in ("img_backbone.conv1", "img_neck.fpn_convs.0.conv", "img_view_transformer.depth_net",

@@ -219,3 +219,36 @@ def test_scale_of_unknown_layer():
     assert table.scale("conv") == pytest.approx(0.02)
     with pytest.raises(KeyError, match="no calibrated range for layer 'fc'"):
         table.scale("fc")
+
+
+def sparse_grid_batches(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Inputs like a splatted BEV grid: empty cells exactly zero, the occupied ones heavy-tailed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(2, 3, 12, 12, generator=g).abs() ** 3 * 4
+        out.append(x * (torch.rand(2, 1, 12, 12, generator=g) < 0.5))
+    return out
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_method_overrides_take_the_max_of_the_named_layer(model, two_pass):
+    batches = sparse_grid_batches()
+    seen = capture_inputs(model, batches)
+    peak = max(t.abs().max().item() for t in seen["stem"])
+    plain = calibrate(model, loop_over(batches), "entropy", two_pass=two_pass)
+    # the failure the override exists for: entropy clips most of a sparse input's range
+    assert plain.amax["stem"] < 0.5 * peak
+    table = calibrate(model, loop_over(batches), "entropy", two_pass=two_pass, method_overrides={"stem": "minmax"})
+    assert table.amax["stem"] == peak
+    for name in RUN_LAYERS[1:]:  # the others keep the build's method
+        assert table.amax[name] == plain.amax[name], name
+    assert table.method == "entropy" and table.metadata["method_overrides"] == {"stem": "minmax"}
+    assert no_hooks_left(model)
+
+
+def test_method_overrides_refuse_unknown_layers_and_methods(model):
+    with pytest.raises(ValueError, match="method_overrides names 'nope'"):
+        calibrate(model, loop_over(make_batches(1)), "entropy", method_overrides={"nope": "minmax"})
+    with pytest.raises(ValueError, match=r"method_overrides\['stem'\] must be one of"):
+        calibrate(model, loop_over(make_batches(1)), "entropy", method_overrides={"stem": "kl"})

@@ -254,7 +254,9 @@ def test_build_refuses_qat_without_int8_or_data(tmp_path, capsys):
 
     assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "fp16", "--qat-steps", "2",
                  "-o", str(tmp_path / "x.engine")]) == 2
-    assert "qat_steps fine-tunes an int8 form" in capsys.readouterr().err
+    assert "--qat-steps applies to the int8 / fp8 precisions only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="qat_steps fine-tunes an int8 form"):
+        build("bevdet-r50-cbgs", "fp16", out=tmp_path / "x.engine", qat_steps=2)
     with pytest.raises(ValueError, match="QAT needs training data"):
         build("bevdet-r50-cbgs", "int8", out=tmp_path / "x.engine", calib_table="t.json", qat_steps=2)
     with pytest.raises(ValueError, match="qat_steps must be an int >= 0"):

@@ -1,0 +1,41 @@
+"""``--int8-chain`` on ``bevdeploy build`` and ``bevdeploy bench``: each choice reaches ``build(int8_chain=...)``."""
+
+from pathlib import Path
+
+import pytest
+
+import bevdeploy.engine
+import bevdeploy.eval.bench_models
+from bevdeploy.cli import main
+
+
+@pytest.mark.parametrize("flag, expected", [(None, True), ("on", True), ("off", False),
+                                            ("float-identity", "float-identity")])
+def test_build_and_bench_pass_the_int8_chain_choice(flag, expected, tmp_path, monkeypatch):
+    seen = {}
+    engine = tmp_path / "x.engine"
+
+    def fake_build(*args, **kwargs):
+        seen["build"] = kwargs["int8_chain"]
+        engine.write_bytes(b"")
+        return engine
+
+    def fake_bench_model(name, precisions, **kwargs):
+        seen["bench"] = kwargs["int8_chain"]
+        table = Path(tmp_path / "t.json")
+        table.with_suffix(".md").write_text("table\n")
+        return table
+
+    monkeypatch.setattr(bevdeploy.engine, "build", fake_build)
+    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", fake_bench_model)
+    extra = [] if flag is None else ["--int8-chain", flag]
+    assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "--calib", "synthetic:2",
+                 "-o", str(engine), *extra]) == 0
+    assert main(["bench", "--model", "bevdet-r50-cbgs", "--precisions", "int8", *extra]) == 0
+    assert seen == {"build": expected, "bench": expected}
+
+
+def test_bad_int8_chain_choice_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "-o", "x", "--int8-chain", "yes"])
+    assert "--int8-chain" in capsys.readouterr().err
