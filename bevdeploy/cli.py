@@ -124,7 +124,9 @@ def _eval(args: argparse.Namespace) -> int:
         result = evaluate(args.model, args.data, engine=args.engine, checkpoint=args.checkpoint,
                           allow_partial=args.allow_partial, device=args.device, workers=_workers(args),
                           save_run=args.save_run, score=not args.no_score, results_path=args.results,
-                          progress=not args.quiet)
+                          progress=not args.quiet, dist=args.dist)
+        if result is None:  # another torchrun process: rank 0 scores and prints
+            return 0
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
     what = result["model"] if not result.get("engine") else f"{result['model']} engine {result['engine']}"
     print(f"{what} on {result['data']}: {result['frames']} frames, FPS {fps}")
@@ -223,8 +225,10 @@ def _train(args: argparse.Namespace) -> int:
                        weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
                        device=args.device,
                        workers=args.workers, training_options=({"depth_weight": args.depth_weight}
-                                                               if args.depth_weight is not None else None))
-    print(f"checkpoint written: {path} (load it with --checkpoint)")
+                                                               if args.depth_weight is not None else None),
+                       dist=args.dist)
+    if path is not None:  # rank 0 of a torchrun job (or the only process)
+        print(f"checkpoint written: {path} (load it with --checkpoint)")
     return 0
 
 
@@ -457,7 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     _logging(args)
+    args.dist = None
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join its process group
+            if args.verb not in ("eval", "train"):
+                raise ValueError(f"'{args.verb}' runs in one process; under torchrun use 'eval' or 'train'")
+            from bevdeploy.distributed import init_from_env
+
+            args.dist = init_from_env(getattr(args, "device", None))
         if getattr(args, "device", None):
             from bevdeploy.engine.build import resolve_device
 
