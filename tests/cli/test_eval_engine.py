@@ -24,12 +24,13 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_path(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")
+    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
     try:
-        yield build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("e") / "tiny.engine", model_overrides=TINY,
+        built = build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("e") / "tiny.engine", model_overrides=TINY,
                     progress=False, device="cpu")
     finally:
         mp.undo()
+    yield built
 
 
 def test_eval_engine_equals_model_and_results_file_reproduces_nds(world, engine_path, tmp_path, capsys):

@@ -22,12 +22,13 @@ def _refs(ops_on_references):
 @pytest.fixture(scope="module")
 def bevdet_onnx(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")
+    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
     try:
-        yield export_model("bevdet-r50-cbgs", tmp_path_factory.mktemp("onnx") / "bevdet.onnx",
+        built = export_model("bevdet-r50-cbgs", tmp_path_factory.mktemp("onnx") / "bevdet.onnx",
                            model_overrides=BEVDET_SMALL)
     finally:
         mp.undo()
+    yield built
 
 
 def _plugin_shapes(path):

@@ -15,12 +15,13 @@ TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_lay
 @pytest.fixture(scope="session")
 def tiny_engine_path(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")
+    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
     try:
-        yield build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("tiny") / "tiny.engine",
+        built = build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("tiny") / "tiny.engine",
                     model_overrides=TINY, progress=False)
     finally:
         mp.undo()
+    yield built
 
 
 def members(path) -> dict[str, bytes]:
