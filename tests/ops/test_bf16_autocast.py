@@ -7,11 +7,9 @@ from bevdeploy.engine.model_io import example_inputs
 from bevdeploy.models import MODELS
 from bevdeploy.ops.grid_sample import grid_sample
 from bevdeploy.ops.msda import msda
+from tests.engine.test_engine import TINY
+from tests.engine.test_engine_bevdet import SMALL as BEVDET
 
-TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1, num_decoder_layers=1)
-BEVDET = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12.8, 1.6), grid_y=(-12.8, 12.8, 1.6),
-              fpn_out_channels=32, bev_channels=16, bev_layer_channels=(16, 32, 64), bev_neck_out_channels=32,
-              share_conv_channels=16, head_conv_channels=16)
 
 
 def test_bf16_op_call_equals_float32_call(ops_on_references):

@@ -17,10 +17,8 @@ from bevdeploy.engine.deploy import precision_spec
 from bevdeploy.models import MODELS
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
 from bevdeploy.quant.sensitivity import sqnr_db
+from tests.engine.test_engine_bevdet import SMALL
 
-SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12.8, 1.6), grid_y=(-12.8, 12.8, 1.6),
-             fpn_out_channels=32, bev_channels=16, bev_layer_channels=(16, 32, 64), bev_neck_out_channels=32,
-             share_conv_channels=16, head_conv_channels=16)
 #: Minimum SQNR (dB) of the fp8 engines' head maps against the eager fp32 model's (random weights, 2
 #: calibration samples). Measured on this reduced BEVDet: 74-115 dB with max calibration (fp8's
 #: default), 67-110 dB with entropy calibration (int8's KL threshold clips what e4m3 could hold).
