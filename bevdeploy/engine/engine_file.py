@@ -228,9 +228,11 @@ def _type_names(types) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
-def _positive_ints(value, key: str, where: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ValueError(f"{where}: engine metadata field {key!r} must be a list of positive ints, got {value!r:.80}")
+def _positive_ints(value, key: str, where: str, *, minimum: int = 1) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                              for v in value):
+        kind = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{where}: engine metadata field {key!r} must be a list of {kind} ints, got {value!r:.80}")
     return value
 
 
@@ -292,7 +294,7 @@ def validate_metadata(meta: dict, where: str) -> None:
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"{where}: engine metadata field 'device_type' must be 'cpu' or 'cuda', got {device_type!r}")
     gpu = _field(meta, "gpu", dict, where, allow_none=True)
-    if gpu is not None and (len(_positive_ints(gpu.get("capability"), "gpu.capability", where)) != 2
+    if gpu is not None and (len(_positive_ints(gpu.get("capability"), "gpu.capability", where, minimum=0)) != 2
                             or not isinstance(gpu.get("name"), str)):
         raise ValueError(f"{where}: engine metadata field 'gpu' must be {{name, capability: [major, minor]}}")
     _field(meta, "calibration", dict, where, allow_none=True)

@@ -79,6 +79,14 @@ def test_metadata_schema_names_the_field(tiny_engine_path):
     _expect(meta, lambda m: m.update(batch="1"), r"'batch' must be int")
     _expect(meta, lambda m: m.update(family="yolo"), r"'family' must be one of")
     _expect(meta, lambda m: m.update(content_hash="abc"), r"'content_hash' must be 64 hex")
+    _expect(meta, lambda m: m.update(gpu={"name": "H100", "capability": [9, -1]}), r"'gpu\.capability' must be a list of >= 0")
+
+
+def test_gpu_engines_metadata_validates(tiny_engine_path):
+    # a CUDA build records e.g. sm_90 as [9, 0]: a zero minor version is valid (it was refused once,
+    # so every engine built on an H100 failed to load)
+    meta = dict(_meta(tiny_engine_path), device_type="cuda", gpu={"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0]})
+    validate_metadata(meta, "x.engine")
 
 
 def test_schema_errors_come_through_load(tiny_engine_path, tmp_path):
