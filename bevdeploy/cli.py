@@ -172,7 +172,7 @@ def _build(args: argparse.Namespace) -> int:
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite,
-                 int8_chain=_INT8_CHAIN[args.int8_chain])
+                 int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem)
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
+    bd.add_argument("--int8-stem", action="store_true",
+                    help="int8/fp8: quantize the convs reading the camera image too (default: they stay float, "
+                         "which is faster)")
     bd.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); build where you run")
     bd.add_argument("--batch", type=int, default=None,
                     help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")

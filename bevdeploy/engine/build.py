@@ -57,6 +57,7 @@ from bevdeploy.engine.model_io import (
     calibration_forward_loop,
     det2d_calibration_loop,
     calibration_method_overrides,
+    image_input_convs,
     example_inputs,
     family,
     input_names,
@@ -215,6 +216,7 @@ def build(
     qat_batch: int = 1,
     qat_seed: int = 0,
     int8_chain: bool | str = True,
+    int8_stem: bool = False,
     autotune: bool = True,
     allow_partial_calib: bool = False,
     allow_nonfinite: bool = False,
@@ -256,6 +258,8 @@ def build(
         qat_seed: Seed of the QAT batch order.
         int8_chain: int8*: int8 activations flow between int8 layers (``chain_int8``); False: off;
             ``"float-identity"``: residual blocks keep float boundaries (more accurate).
+        int8_stem: int8* / fp8*: quantize the convs reading the camera image too (the backbone stem;
+            :func:`~bevdeploy.engine.model_io.image_input_convs`). Off by default: they are faster float.
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         allow_partial_calib: Build although the calibration table misses int8 layers, names layers
@@ -312,6 +316,8 @@ def build(
     model = model.to(dev)
     cfg = model.config
     fold_batchnorms(model)
+    if spec.quantized and not int8_stem:
+        keep_float = list(dict.fromkeys([*keep_float, *image_input_convs(model)]))
 
     table = None
     table_path = None

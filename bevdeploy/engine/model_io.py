@@ -28,6 +28,8 @@ __all__ = [
     "family",
     "int8_scope_prefixes",
     "calibration_method_overrides",
+    "image_input_convs",
+    "reads_camera_image",
     "input_names",
     "output_names",
     "family_input_names",
@@ -224,6 +226,23 @@ def det2d_calibration_loop(calib: str, model_name: str, model: nn.Module, device
         return len(records)
 
     return loop, f"{data.ann_file} [:{len(records)}]"
+
+
+def image_input_convs(model: nn.Module) -> list[str]:
+    """Convs of the int8 scope that read the camera image (<= 3 input channels): the backbone stem.
+
+    The int8 and fp8 builds keep them float unless asked (``build(..., int8_stem=True)``): with 3
+    channels per tap the implicit GEMM's K tile is mostly padding, and the 7x7 stem ran 2.9x
+    (BEVDet-R50) to 4.8x (BEVFormer-small) slower in int8 than cuDNN fp16 on an H100, which cost
+    more than all the other int8 convs of the backbone gained (``bevdeploy bench convs``).
+    """
+    prefixes = int8_scope_prefixes(model)
+    return [n for n, m in model.named_modules() if reads_camera_image(m) and n.startswith(prefixes)]
+
+
+def reads_camera_image(module: nn.Module) -> bool:
+    """A plain conv with at most 3 input channels (an image's): see :func:`image_input_convs`."""
+    return type(module) is nn.Conv2d and module.in_channels <= 3
 
 
 def calibration_method_overrides(model: nn.Module) -> dict[str, str]:

@@ -16,7 +16,7 @@ both timed in the same run inside CUDA graphs (median of replays). Rows: shape, 
 TOPS (2 * M * N * K / t), fp16 / int8 time ratio. Totals weight each row by its occurrences. Then
 the whole backbone + neck module end to end, int8 chain (eager ops captured in one CUDA graph) vs
 the BN-folded fp16 channels-last module (cuDNN, same capture); DCN layers run our fp16 DCN kernel
-in both (they are not int8 convs). Results in ``<out>/<gpu>/convs.{json,md}``.
+in both (they are not int8 convs), and so does the stem (cuDNN fp16: the int8 engine keeps it float). Results in ``<out>/<gpu>/convs.{json,md}``.
 """
 
 from __future__ import annotations
@@ -94,12 +94,14 @@ def backbone_module(name: str) -> nn.Module:
 
 
 def _int8_module(float_module: nn.Module, scale: float = 0.02) -> nn.Module:
-    """Every plain conv int8 (one placeholder input scale: timing does not depend on the values), chained."""
+    """Every plain conv int8 but the stem (one placeholder input scale: timing does not depend on the
+    values), chained, as the int8 engine builds it (the stem stays float: ``image_input_convs``)."""
+    from bevdeploy.engine.model_io import reads_camera_image
     from bevdeploy.quant.chain import chain_int8
     from bevdeploy.quant.modules import quantize_modules
 
     m = copy.deepcopy(float_module).half()  # the float layers (DCN) in fp16, as an int8-fp16 engine
-    names = {n: scale for n, c in m.named_modules() if type(c) is nn.Conv2d}
+    names = {n: scale for n, c in m.named_modules() if type(c) is nn.Conv2d and not reads_camera_image(c)}
     quantize_modules(m, names, out_dtype=torch.float16)
     chain_int8(m)
     return m

@@ -103,7 +103,9 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
     assert meta["calibration"]["method"] == "entropy" and meta["calibration"]["num_samples"] == 2
     int8 = [n for n, p in engine.layer_precisions if p == "int8"]
     assert meta["int8_layers"] == len(int8) > 50
-    assert "img_backbone.conv1" in int8 and "img_neck.lateral_convs.0.conv" in int8
+    assert "img_backbone.layer1.0.conv1" in int8 and "img_neck.lateral_convs.0.conv" in int8
+    # the stem reads the 3-channel image: kept float by default (faster), and recorded as such
+    assert "img_backbone.conv1" not in int8 and meta["keep_float"] == ["img_backbone.conv1"]
     assert any(n.startswith("pts_bbox_head.transformer.encoder.") for n in int8)
     assert not any(n.startswith(("pts_bbox_head.transformer.decoder.", "pts_bbox_head.cls_branches",
                                  "pts_bbox_head.reg_branches")) for n in int8)  # decoder and heads stay float

@@ -124,7 +124,8 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
         assert meta["calibration"]["amax"][name] == pytest.approx(minmax.amax[name], rel=1e-4), name
     precisions = dict(engine.layer_precisions)
     assert precisions["img_view_transformer (op)"] == "int8"
-    for name in ("img_backbone.conv1", "img_neck.fpn_convs.0.conv", "img_view_transformer.depth_net",
+    assert precisions["img_backbone.conv1"] == "fp32"  # the stem (3 input channels) stays float by default
+    for name in ("img_backbone.layer1.0.conv1", "img_neck.fpn_convs.0.conv", "img_view_transformer.depth_net",
                  "img_bev_encoder_backbone.layers.0.0.conv1", "img_bev_encoder_neck.conv.0"):
         assert precisions[name] == "int8", name
     head = [n for n, p in engine.layer_precisions if n.startswith("pts_bbox_head")]

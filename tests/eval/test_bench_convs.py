@@ -10,9 +10,9 @@ from bevdeploy.eval.bench_convs import _int8_module, backbone_module, conv_calls
 def test_bevdet_conv_calls_are_the_chained_engines():
     calls = conv_calls(_int8_module(backbone_module("bevdet-r50")), (64, 176))
     by_layer = {name: call for call, names in calls.items() for name in names}
-    assert len(by_layer) == 53 + 3 + 1  # ResNet-50 convs (with 4 downsamples), CustomFPN, the depth net
-    stem = by_layer["img_backbone.conv1"]
-    assert stem.in_shape == (6, 3, 64, 176) and stem.activation == "relu" and stem.int8_out
+    assert len(by_layer) == 52 + 3 + 1  # ResNet-50 convs (with 4 downsamples) but the stem, CustomFPN, the depth net
+    assert "img_backbone.conv1" not in by_layer  # the stem stays a float conv in the int8 engine
+    assert by_layer["img_backbone.layer1.0.conv1"].in_shape == (6, 64, 16, 44)  # reads the (float) stem's pool
     first = by_layer["img_backbone.layer1.0.conv3"]
     assert first.residual == "fp16" and first.int8_out  # the downsample branch is the residual
     assert by_layer["img_backbone.layer1.1.conv3"].residual == "int8"  # the identity, as int8 codes
