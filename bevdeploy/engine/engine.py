@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from bevdeploy.engine.build import resolve_device
 from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
-__all__ = ["Engine", "read_metadata"]
+__all__ = ["Engine", "compile_module", "held_weight_bytes", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,45 @@ def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
         pass
 
 
+def compile_module(module: torch.nn.Module, freeze: bool = True) -> Callable:
+    """``torch.compile`` (Inductor, static shapes) of an exported program's module, as engines run it.
+
+    With ``freeze`` the weights become Inductor constants (folded, in the layouts the kernels want)
+    and the module's own parameters and buffers are discarded once compiled (Inductor's
+    ``freezing_discard_parameters``: each becomes a meta-device placeholder that raises if an eager
+    call ever reads it). Without the discard the process keeps two copies of every weight that
+    freezing transforms (BEVFormer-base fp16x2: the eager fp32 parameters beside the fp16 constants).
+    Nothing reads them afterwards: the engine runs only the compiled function, with fixed shapes,
+    dtypes and grad mode (a recompile would raise instead of silently using stale weights), and a
+    reload reads the file again.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module, dynamic=False)
+    flags = {"freezing": bool(freeze), "freezing_discard_parameters": bool(freeze)}
+
+    def run(*args):
+        # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
+        # compiling (and discarding): both happen inside the first call, so the flags are set
+        # around every call.
+        with inductor_config.patch(flags):
+            return compiled(*args)
+
+    return run
+
+
+def held_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers ``module`` still holds on a real device (0 after a frozen
+    compile discarded them; shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 class Engine:
     """A loaded engine: call it with the model's inputs as keywords, or :meth:`step` it frame by frame.
 
@@ -199,19 +238,7 @@ class Engine:
         return cls(path, ep, meta, dev, compile, cuda_graphs, freeze)
 
     def _compile(self, freeze: bool) -> None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                              os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
-        import torch._inductor.config as inductor_config
-
-        compiled = torch.compile(self._module, dynamic=False)
-
-        def run(*args):
-            # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
-            # compiling: both happen inside the first call, so the flag is set around every call.
-            with inductor_config.patch(freezing=bool(freeze)):
-                return compiled(*args)
-
-        self._fn = run
+        self._fn = compile_module(self._module, freeze)
 
     def _example(self) -> dict[str, Tensor]:
         ex = {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self.input_spec.items()}
@@ -233,6 +260,15 @@ class Engine:
         self._graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self._graph):
             self._static_out = tuple(self._fn(*args))
+        # compile-time blocks (autotuning, the warm-up outside the graph) are never used again: the
+        # replays run in the graph's own pool, so give them back rather than keep them cached
+        torch.cuda.empty_cache()
+
+    @property
+    def eager_weights_mb(self) -> float:
+        """MB of weights the engine holds outside the compiled program: 0 once a frozen compile
+        discarded the exported module's parameters; the whole model when it runs eagerly (CPU)."""
+        return held_weight_bytes(self._module) / 2**20
 
     # ---------------------------------------------------------------- running
     def _inputs(self, **inputs: Tensor) -> list[Tensor]:
@@ -287,7 +323,8 @@ class Engine:
         if self.family != "bevformer":
             raise ValueError(f"step() carries BEVFormer's previous BEV; this is a {self.family} engine: call it directly")
         if self.batch != 1:
-            raise ValueError(f"step() runs one stream per call: build the engine with batch=1 (it has {self.batch})")
+            raise ValueError(f"step() runs one stream per call and this engine has batch {self.batch}: call "
+                             f"step_batch() with {self.batch} frames (one per stream)")
         from bevdeploy.data.preprocess import carry_prev_bev
 
         state = self._streams.get(stream) or {"prev_bev": None, "scene": None}
@@ -299,6 +336,49 @@ class Engine:
                        can_bus=frame["can_bus"][None], prev_bev=prev_bev,
                        use_prev_bev=torch.tensor([gate], device=self.device))
         self._streams[stream] = {"prev_bev": outputs["bev_embed"], "scene": scene}
+        return outputs
+
+    def step_batch(self, frames: Sequence[dict]) -> dict[str, Tensor]:
+        """The temporal host loop for ``batch`` independent streams: frame ``i`` belongs to stream ``i``.
+
+        Each stream keeps its own previous BEV and scene token and is reset on its own by the rule of
+        :meth:`step` (its frame's ``use_prev_bev`` 0, a changed or missing ``scene_token``, or its
+        previous BEV holding NaN/inf, warned with the frame's ``token``); one engine call runs all
+        streams. A batch-1 engine takes a list of one frame (stream 0, the state of ``step()``).
+
+        Args:
+            frames: ``batch`` frames as :func:`bevdeploy.data.preprocess.prepare_frame` makes them
+                (``image`` [6, 3, H, W], ``lidar2img``, ``can_bus``, ``use_prev_bev``, ``scene_token``,
+                ``token``).
+
+        Returns:
+            The model's outputs for the batch (stream ``i`` at index ``i`` of the first dimension;
+            :meth:`decode` gives the boxes per stream).
+
+        Raises:
+            ValueError: Not a BEVFormer engine, or ``len(frames)`` differs from the engine's batch.
+        """
+        if self.family != "bevformer":
+            raise ValueError(f"step_batch() carries BEVFormer's previous BEV; this is a {self.family} engine: "
+                             "call it directly")
+        if isinstance(frames, dict) or len(frames) != self.batch:
+            got = "one frame dict" if isinstance(frames, dict) else f"{len(frames)} frames"
+            raise ValueError(f"step_batch() takes one frame per stream: this engine has batch {self.batch}, got {got}")
+        from bevdeploy.data.preprocess import carry_prev_bevs
+
+        states = [self._streams.get(i) or {"prev_bev": None, "scene": None} for i in range(self.batch)]
+        scenes = [f.get("scene_token") for f in frames]
+        prev_bev, gates = carry_prev_bevs(
+            [st["prev_bev"] for st in states], [st["scene"] for st in states], scenes,
+            [float(torch.as_tensor(f["use_prev_bev"]).reshape(-1)[0]) for f in frames],
+            shape=self.bev_shape, device=self.device, tokens=[f.get("token", "") for f in frames])
+        outputs = self(image=torch.stack([f["image"] for f in frames]),
+                       lidar2img=torch.stack([torch.as_tensor(f["lidar2img"]) for f in frames]),
+                       can_bus=torch.stack([torch.as_tensor(f["can_bus"]) for f in frames]),
+                       prev_bev=prev_bev, use_prev_bev=gates)
+        bev = outputs["bev_embed"]
+        for i, scene in enumerate(scenes):
+            self._streams[i] = {"prev_bev": bev[i:i + 1], "scene": scene}
         return outputs
 
     def _model_config(self):
