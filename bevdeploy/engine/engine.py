@@ -352,8 +352,9 @@ class Engine:
                 ``token``).
 
         Returns:
-            The model's outputs for the batch (stream ``i`` at index ``i`` of the first dimension;
-            :meth:`decode` gives the boxes per stream).
+            The model's outputs for the batch: ``bev_embed`` [B, Q, C], ``all_cls_scores`` /
+            ``all_bbox_preds`` [L, B, ...]; :meth:`decode` gives the boxes per stream and
+            :meth:`split_streams` the outputs per stream.
 
         Raises:
             ValueError: Not a BEVFormer engine, or ``len(frames)`` differs from the engine's batch.
@@ -380,6 +381,14 @@ class Engine:
         for i, scene in enumerate(scenes):
             self._streams[i] = {"prev_bev": bev[i:i + 1], "scene": scene}
         return outputs
+
+    def split_streams(self, outputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """BEVFormer outputs of a batch as one dict per stream, each shaped as a batch-1 engine's
+        (views: ``bev_embed`` split on dim 0, the per-layer head outputs on dim 1)."""
+        if self.family != "bevformer":
+            raise ValueError(f"split_streams() splits BEVFormer's outputs; this is a {self.family} engine")
+        dims = {k: 0 if k == "bev_embed" else 1 for k in outputs}
+        return [{k: v.narrow(dims[k], i, 1) for k, v in outputs.items()} for i in range(self.batch)]
 
     def _model_config(self):
         from bevdeploy.models import BEVDetConfig, BEVFormerConfig
