@@ -13,11 +13,15 @@ from bevdeploy.data.nuscenes import load_infos
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
 from bevdeploy.models import MODELS
 from tests.engine.test_engine import TINY
+from tests.engine.test_engine_bevdet import SMALL
+
+REDUCED = {"bevformer-tiny": TINY, "bevdet-r50-cbgs": SMALL}
+BATCHES = {"bevformer-tiny": [1, 4], "bevdet-r50-cbgs": [1, 2]}
 
 
-@pytest.fixture
-def cpu_bench(monkeypatch, tmp_path):
-    """bench_model's GPU-only calls replaced; timings: 10 ms per call at batch 1, 20 ms at batch 4."""
+@pytest.fixture(params=list(REDUCED))
+def cpu_bench(request, monkeypatch, tmp_path):
+    """bench_model's GPU-only calls replaced; timings: 10 ms per call at batch 1, 20 ms at batch N."""
     import bevdeploy.data.synthetic as synthetic
     import bevdeploy.engine as engine_pkg
 
@@ -41,8 +45,9 @@ def cpu_bench(monkeypatch, tmp_path):
                 "allocated_mb": 100.0, "peak_allocated_mb": 200.0}
 
     monkeypatch.setattr(bm, "measure", measure)
-    full = MODELS["bevformer-tiny"]
-    monkeypatch.setitem(MODELS, "bevformer-tiny", lambda **kw: full(**{**TINY, **kw}))
+    name = request.param
+    full = MODELS[name]
+    monkeypatch.setitem(MODELS, name, lambda **kw: full(**{**REDUCED[name], **kw}))
     real_build, real_load = engine_pkg.build, engine_pkg.Engine.load
     builds = []
 
@@ -52,20 +57,22 @@ def cpu_bench(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine_pkg, "build", build)
     monkeypatch.setattr(engine_pkg.Engine, "load", classmethod(lambda cls, path, device=None: real_load(path, "cpu")))
-    return tmp_path, builds
+    return name, tmp_path, builds
 
 
 def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
-    tmp_path, builds = cpu_bench
-    path = bm.bench_model("bevformer-tiny", ["fp32"], data="synthetic:2", work_dir=tmp_path / "engines",
-                          out_dir=tmp_path / "results", iters=2, batch=[1, 4], command="test")
-    assert path == tmp_path / "results" / "test-gpu" / "bevformer-tiny-batch.json"  # the main table untouched
-    assert builds == [1, 4] and (tmp_path / "engines" / "bevformer-tiny-fp32-b4.engine").is_file()
+    """BEVFormer-tiny and BEVDet (no temporal state: a batch is N frames in one call) at batch 1 and N."""
+    name, tmp_path, builds = cpu_bench
+    n = BATCHES[name][1]
+    path = bm.bench_model(name, ["fp32"], data="synthetic:2", work_dir=tmp_path / "engines",
+                          out_dir=tmp_path / "results", iters=2, batch=[1, n], command="test")
+    assert path == tmp_path / "results" / "test-gpu" / f"{name}-batch.json"  # the main table untouched
+    assert builds == [1, n] and (tmp_path / "engines" / f"{name}-fp32-b{n}.engine").is_file()
     rows = {(r["precision"], r["batch"]): r for r in json.loads(path.read_text())["rows"]}
-    assert list(rows) == [("pytorch", 1), ("pytorch", 4), ("fp32", 1), ("fp32", 4)]
-    one, four = rows["fp32", 1], rows["fp32", 4]
-    assert one["fps"] == 100.0 and four["fps"] == 200.0 and four["fps_vs_batch1"] == 2.0  # frames/s = 4 / 20 ms
-    assert rows["pytorch", 4]["fps"] == 200.0 and four["fps_ratio"] == 1.0
+    assert list(rows) == [("pytorch", 1), ("pytorch", n), ("fp32", 1), ("fp32", n)]
+    one, four = rows["fp32", 1], rows["fp32", n]
+    assert one["fps"] == 100.0 and four["fps"] == 50.0 * n and four["fps_vs_batch1"] == n / 2  # frames/s = n / 20 ms
+    assert rows["pytorch", n]["fps"] == 50.0 * n and four["fps_ratio"] == 1.0
     assert one["memory_ratio"] == 0.6 and one["peak_ratio"] == 1.0 and one["eager_weights_mb"] > 0  # CPU: eager
     assert one["nds"] is not None and one["fidelity_nds"] is not None
     assert four["nds"] is None and four["fidelity_nds"] is None and "batch 1" in four["note"]
