@@ -349,6 +349,7 @@ def bench_model(
         pytorch[b] = row
         del inputs, ref
     _fps_vs_batch1(rows)
+    write_results(results_name, rows, out_dir, command, keep_rows)
     del model
     _free()
     work = Path(work_dir)
