@@ -26,7 +26,7 @@ from torch import Tensor
 from bevdeploy.engine.build import resolve_device
 from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
-__all__ = ["Engine", "compile_module", "held_weight_bytes", "read_metadata"]
+__all__ = ["Engine", "held_weight_bytes", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,35 +124,6 @@ def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
         pass
 
 
-def compile_module(module: torch.nn.Module, freeze: bool = True) -> Callable:
-    """``torch.compile`` (Inductor, static shapes) of an exported program's module, as engines run it.
-
-    With ``freeze`` the weights become Inductor constants (folded, in the layouts the kernels want)
-    and the module's own parameters and buffers are discarded once compiled (Inductor's
-    ``freezing_discard_parameters``: each becomes a meta-device placeholder that raises if an eager
-    call ever reads it). Without the discard the process keeps two copies of every weight that
-    freezing transforms (BEVFormer-base fp16x2: the eager fp32 parameters beside the fp16 constants).
-    Nothing reads them afterwards: the engine runs only the compiled function, with fixed shapes,
-    dtypes and grad mode (a recompile would raise instead of silently using stale weights), and a
-    reload reads the file again.
-    """
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(module, dynamic=False)
-    flags = {"freezing": bool(freeze), "freezing_discard_parameters": bool(freeze)}
-
-    def run(*args):
-        # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
-        # compiling (and discarding): both happen inside the first call, so the flags are set
-        # around every call.
-        with inductor_config.patch(flags):
-            return compiled(*args)
-
-    return run
-
-
 def held_weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers ``module`` still holds on a real device (0 after a frozen
     compile discarded them; shared tensors counted once)."""
@@ -238,7 +209,26 @@ class Engine:
         return cls(path, ep, meta, dev, compile, cuda_graphs, freeze)
 
     def _compile(self, freeze: bool) -> None:
-        self._fn = compile_module(self._module, freeze)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                              os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(self._module, dynamic=False)
+        # Freezing makes the weights Inductor constants (folded, in the layouts the kernels want);
+        # freezing_discard_parameters then drops the module's own parameters and buffers (each
+        # becomes a meta placeholder that raises if read), else every weight that freezing
+        # transforms is kept twice. Nothing reads them afterwards: the engine runs only the compiled
+        # function with fixed shapes, dtypes and grad mode (a recompile would raise rather than run
+        # on stale weights), and a reload reads the file again.
+        flags = {"freezing": bool(freeze), "freezing_discard_parameters": bool(freeze)}
+
+        def run(*args):
+            # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
+            # compiling: both happen inside the first call, so the flag is set around every call.
+            with inductor_config.patch(flags):
+                return compiled(*args)
+
+        self._fn = run
 
     def _example(self) -> dict[str, Tensor]:
         ex = {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self.input_spec.items()}
