@@ -7,7 +7,8 @@
 # tiny fp16x2 batch 8 >= 2.5x the frames/s of batch 1; base fp16x2 device memory <= 0.45x PyTorch's.
 # Needs nuscenes-devkit: carry the wheels in .whl (installed into /tmp/site, as gpu_bench.sh does).
 # Env: TINY_TIMEOUT (170), BASE_TIMEOUT (cap; what is left of 230 s), DATA (synthetic:2), SKIP_BASE=1,
-#      SKIP_TINY=1 (a second call for the base rows alone if the first had no time left for them).
+#      SKIP_TINY=1 (a second call for the base rows alone if the first had no time left for them),
+#      BEVDET=1 (also BEVDet-R50 pytorch + fp16x2 at batch 1/4/8 with the time left, bevdet-r50-batch.json).
 # Expected: tiny ~2-3 min (three fp16x2 builds + Inductor compiles, cold cache), base only if >= 60 s remain.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -37,7 +38,17 @@ else
   echo "base memory rows skipped (${LEFT}s left; SKIP_TINY=1 runs them alone)"
 fi
 
-cp bench/results/*/bevformer-tiny-batch.* bench/results/*/bevformer-base-memory.* "$OUT/" 2>/dev/null
+# (3) optional (BEVDET=1): BEVDet-R50 rows per batch (no temporal state: a batch is N frames in one call)
+LEFT=$((230 - SECONDS))
+if [ -n "${BEVDET:-}" ] && [ "$LEFT" -ge 60 ]; then
+  timeout "$LEFT" python3 -m bevdeploy.cli bench --model bevdet-r50 --precisions pytorch fp16x2 --batch 1 4 8 \
+    --data "$DATA" > "$OUT/bench_bevdet_batch.txt" 2>&1
+  echo "bevdet rc=$? at ${SECONDS}s"
+  grep -E "FPS|Error|error|Traceback" "$OUT/bench_bevdet_batch.txt" | tail -8
+fi
+
+cp bench/results/*/bevformer-tiny-batch.* bench/results/*/bevformer-base-memory.* bench/results/*/bevdet-r50-batch.* \
+  "$OUT/" 2>/dev/null
 timeout 20 python3 - <<'EOF' | tee "$OUT/targets.txt"
 import glob, json
 
@@ -54,6 +65,9 @@ r8 = tiny.get(("fp16x2", 8))
 print("target tiny fp16x2 batch 8 >= 2.5x batch 1:",
       "not measured" if r8 is None or r8.get("fps_vs_batch1") is None
       else f"{r8['fps_vs_batch1']}x -> {'met' if r8['fps_vs_batch1'] >= 2.5 else 'missed'}")
+for r in rows("bevdet-r50-batch"):
+    print(f"bevdet {r['precision']} batch {r['batch']}: {r['fps']} frames/s ({r.get('fps_vs_batch1')}x batch 1), "
+          f"mem {r['memory_mb']} MB, SQNR {r.get('output_sqnr_db')} dB")
 base = {r["precision"]: r for r in rows("bevformer-base-memory")}
 for p, r in base.items():
     print(f"base {p}: mem {r['memory_mb']} MB ({r['memory_ratio']}x), peak {r.get('peak_allocated_mb')} MB "
