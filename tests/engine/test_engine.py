@@ -365,6 +365,10 @@ def test_batch_step_api_errors(world, fp32_engine, batch2_engine, ops_on_referen
     with pytest.raises(ValueError, match="this engine has batch 2, got one frame dict"):
         batch2_engine.step_batch(f)
     assert batch2_engine.metadata["inputs"]["image"]["shape"][0] == 2 and batch2_engine.batch == 2
+    from bevdeploy.eval.detection import run_model
+
+    with pytest.raises(ValueError, match="one frame per call and this engine has batch 2"):
+        run_model(batch2_engine, infos, "bevformer-tiny", torch.device("cpu"))
     fp32_engine.reset()
     one = fp32_engine.step_batch([f])  # batch 1: a list of one frame, stream 0's state
     torch.testing.assert_close(fp32_engine._streams[0]["prev_bev"], one["bev_embed"])
