@@ -22,6 +22,7 @@ EPILOG = """examples:
   bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16 int8-fp16   BEVDet-R50-CBGS table (GPU)
+  bevdeploy bench --model bevformer-tiny --precisions pytorch fp16x2 --batch 1 4 8   frames/s per batch (bevformer-tiny-batch)
   bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16x2 fp8-fp16 --calib synthetic:4   fp8 (H100)
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:16   BEVDet with its 256x704 pipeline
   bevdeploy eval --model yolox-x --data coco:/data/coco --checkpoint yolox_x_8x8_300e_coco.pth --results yolox.json
@@ -198,7 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
         for name in args.model:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
                                out_dir=args.out, command=command, append=args.append, batch=args.batch,
-                               int8_chain=_INT8_CHAIN[args.int8_chain])
+                               int8_chain=_INT8_CHAIN[args.int8_chain], results_name=args.results_name)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -365,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "which is faster)")
     bd.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); build where you run")
     bd.add_argument("--batch", type=int, default=None,
-                    help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU)")
+                    help="static batch (default 1; 2D models 32 on a GPU, 2 on a CPU); BEVFormer: N independent "
+                         "temporal streams, run frame by frame with Engine.step_batch")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
     bd.set_defaults(func=_build)
 
@@ -381,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--append", action="store_true",
                        help="keep earlier runs' rows for precisions not measured now (each run keeps its own PyTorch row)")
     bench.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
-    bench.add_argument("--batch", type=int, default=None, help="2D models: static batch of every row (default 32)")
+    bench.add_argument("--batch", type=int, nargs="+", default=None,
+                       help="BEV models: one row per batch for each precision (e.g. 1 4 8: independent streams, "
+                            "FPS = frames/s on the GPU; default 1); 2D models: one static batch (default 32)")
+    bench.add_argument("--results-name", default=None,
+                       help="results file stem under --out/<gpu>/ (default: the model name; '<model>-batch' when "
+                            "--batch is not just 1)")
     bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,

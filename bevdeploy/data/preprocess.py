@@ -196,14 +196,73 @@ def carry_prev_bev(
     case is reported with a RuntimeWarning naming the frame ``token``. (One host sync per frame:
     the finiteness check.)
     """
-    reset = (prev_bev is None or float(use_prev_bev) == 0.0 or not scene or not prev_scene or scene != prev_scene)
+    reset = _starts_over(prev_bev is not None, prev_scene, scene, use_prev_bev)
     if not reset and not bool(torch.isfinite(prev_bev).all()):
-        warnings.warn(f"frame {token or '?'}: the previous BEV holds NaN/inf; treated as a scene start "
-                      "(previous BEV reset to zeros)", RuntimeWarning, stacklevel=2)
+        _warn_nonfinite(token, stacklevel=2)
         reset = True
     if reset:
         return torch.zeros(*shape, device=device, dtype=dtype), 0.0
     return prev_bev, float(use_prev_bev)
+
+
+def carry_prev_bevs(
+    prev_bevs: Sequence[Tensor | None],
+    prev_scenes: Sequence[str | None],
+    scenes: Sequence[str | None],
+    use_prev_bevs: Sequence[float],
+    *,
+    shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    tokens: Sequence[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`carry_prev_bev` for a batch of independent streams, stream ``i`` by its own entries.
+
+    Args:
+        prev_bevs: Each stream's previous BEV (any shape with ``prod(shape)`` elements) or None.
+        prev_scenes: Each stream's previous scene token.
+        scenes: Each stream's scene token for this frame.
+        use_prev_bevs: Each frame's gate (0/1).
+        shape: One stream's BEV shape (e.g. ``(bev_h * bev_w, C)``).
+        device: Where the result lives.
+        dtype: Its dtype.
+        tokens: Frame tokens, named in the NaN/inf warning.
+
+    Returns:
+        ``prev_bev`` [N, *shape] (zeros for the streams that start over) and the gates [N] (float32):
+        each stream reset by the same rule as :func:`carry_prev_bev`, one host sync for all the
+        finiteness checks.
+    """
+    n = len(prev_bevs)
+    if not (len(prev_scenes) == len(scenes) == len(use_prev_bevs) == n) or (tokens is not None and len(tokens) != n):
+        raise ValueError(f"one entry per stream: got {len(prev_bevs)} prev_bevs, {len(prev_scenes)} prev_scenes, "
+                         f"{len(scenes)} scenes, {len(use_prev_bevs)} use_prev_bevs"
+                         + (f", {len(tokens)} tokens" if tokens is not None else ""))
+    keep = [not _starts_over(p is not None, ps, s, u)
+            for p, ps, s, u in zip(prev_bevs, prev_scenes, scenes, use_prev_bevs)]
+    kept = [i for i in range(n) if keep[i]]
+    out = torch.zeros(n, *shape, device=device, dtype=dtype)
+    if kept:
+        carried = torch.stack([prev_bevs[i].reshape(*shape).to(device, dtype) for i in kept])
+        finite = torch.isfinite(carried).flatten(1).all(1).tolist()  # the one sync
+        for j, i in enumerate(kept):
+            if finite[j]:
+                out[i] = carried[j]
+            else:
+                _warn_nonfinite(tokens[i] if tokens is not None else "", stacklevel=2)
+                keep[i] = False
+    gates = torch.tensor([float(u) if k else 0.0 for k, u in zip(keep, use_prev_bevs)], device=device)
+    return out, gates
+
+
+def _starts_over(has_prev: bool, prev_scene: str | None, scene: str | None, use_prev_bev: float) -> bool:
+    """The reset rule of :func:`carry_prev_bev` before its finiteness check."""
+    return not has_prev or float(use_prev_bev) == 0.0 or not scene or not prev_scene or scene != prev_scene
+
+
+def _warn_nonfinite(token: str, stacklevel: int) -> None:
+    warnings.warn(f"frame {token or '?'}: the previous BEV holds NaN/inf; treated as a scene start "
+                  "(previous BEV reset to zeros)", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 class TemporalState:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from bevdeploy.engine.build import resolve_device
 from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
-__all__ = ["Engine", "read_metadata"]
+__all__ = ["Engine", "held_weight_bytes", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,16 @@ def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
         pass
 
 
+def held_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers ``module`` still holds on a real device (0 after a frozen
+    compile discarded them; shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 class Engine:
     """A loaded engine: call it with the model's inputs as keywords, or :meth:`step` it frame by frame.
 
@@ -204,11 +214,18 @@ class Engine:
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(self._module, dynamic=False)
+        # Freezing makes the weights Inductor constants (folded, in the layouts the kernels want);
+        # freezing_discard_parameters then drops the module's own parameters and buffers (each
+        # becomes a meta placeholder that raises if read), else every weight that freezing
+        # transforms is kept twice. Nothing reads them afterwards: the engine runs only the compiled
+        # function with fixed shapes, dtypes and grad mode (a recompile would raise rather than run
+        # on stale weights), and a reload reads the file again.
+        flags = {"freezing": bool(freeze), "freezing_discard_parameters": bool(freeze)}
 
         def run(*args):
             # Dynamo reads the freezing flag while tracing (weights as constants), Inductor while
             # compiling: both happen inside the first call, so the flag is set around every call.
-            with inductor_config.patch(freezing=bool(freeze)):
+            with inductor_config.patch(flags):
                 return compiled(*args)
 
         self._fn = run
@@ -233,6 +250,15 @@ class Engine:
         self._graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self._graph):
             self._static_out = tuple(self._fn(*args))
+        # compile-time blocks (autotuning, the warm-up outside the graph) are never used again: the
+        # replays run in the graph's own pool, so give them back rather than keep them cached
+        torch.cuda.empty_cache()
+
+    @property
+    def eager_weights_mb(self) -> float:
+        """MB of weights the engine holds outside the compiled program: 0 once a frozen compile
+        discarded the exported module's parameters; the whole model when it runs eagerly (CPU)."""
+        return held_weight_bytes(self._module) / 2**20
 
     # ---------------------------------------------------------------- running
     def _inputs(self, **inputs: Tensor) -> list[Tensor]:
@@ -287,7 +313,8 @@ class Engine:
         if self.family != "bevformer":
             raise ValueError(f"step() carries BEVFormer's previous BEV; this is a {self.family} engine: call it directly")
         if self.batch != 1:
-            raise ValueError(f"step() runs one stream per call: build the engine with batch=1 (it has {self.batch})")
+            raise ValueError(f"step() runs one stream per call and this engine has batch {self.batch}: call "
+                             f"step_batch() with {self.batch} frames (one per stream)")
         from bevdeploy.data.preprocess import carry_prev_bev
 
         state = self._streams.get(stream) or {"prev_bev": None, "scene": None}
@@ -300,6 +327,58 @@ class Engine:
                        use_prev_bev=torch.tensor([gate], device=self.device))
         self._streams[stream] = {"prev_bev": outputs["bev_embed"], "scene": scene}
         return outputs
+
+    def step_batch(self, frames: Sequence[dict]) -> dict[str, Tensor]:
+        """The temporal host loop for ``batch`` independent streams: frame ``i`` belongs to stream ``i``.
+
+        Each stream keeps its own previous BEV and scene token and is reset on its own by the rule of
+        :meth:`step` (its frame's ``use_prev_bev`` 0, a changed or missing ``scene_token``, or its
+        previous BEV holding NaN/inf, warned with the frame's ``token``); one engine call runs all
+        streams. A batch-1 engine takes a list of one frame (stream 0, the state of ``step()``).
+
+        Args:
+            frames: ``batch`` frames as :func:`bevdeploy.data.preprocess.prepare_frame` makes them
+                (``image`` [6, 3, H, W], ``lidar2img``, ``can_bus``, ``use_prev_bev``, ``scene_token``,
+                ``token``).
+
+        Returns:
+            The model's outputs for the batch: ``bev_embed`` [B, Q, C], ``all_cls_scores`` /
+            ``all_bbox_preds`` [L, B, ...]; :meth:`decode` gives the boxes per stream and
+            :meth:`split_streams` the outputs per stream.
+
+        Raises:
+            ValueError: Not a BEVFormer engine, or ``len(frames)`` differs from the engine's batch.
+        """
+        if self.family != "bevformer":
+            raise ValueError(f"step_batch() carries BEVFormer's previous BEV; this is a {self.family} engine: "
+                             "call it directly")
+        if isinstance(frames, dict) or len(frames) != self.batch:
+            got = "one frame dict" if isinstance(frames, dict) else f"{len(frames)} frames"
+            raise ValueError(f"step_batch() takes one frame per stream: this engine has batch {self.batch}, got {got}")
+        from bevdeploy.data.preprocess import carry_prev_bevs
+
+        states = [self._streams.get(i) or {"prev_bev": None, "scene": None} for i in range(self.batch)]
+        scenes = [f.get("scene_token") for f in frames]
+        prev_bev, gates = carry_prev_bevs(
+            [st["prev_bev"] for st in states], [st["scene"] for st in states], scenes,
+            [float(torch.as_tensor(f["use_prev_bev"]).reshape(-1)[0]) for f in frames],
+            shape=self.bev_shape, device=self.device, tokens=[f.get("token", "") for f in frames])
+        outputs = self(image=torch.stack([f["image"] for f in frames]),
+                       lidar2img=torch.stack([torch.as_tensor(f["lidar2img"]) for f in frames]),
+                       can_bus=torch.stack([torch.as_tensor(f["can_bus"]) for f in frames]),
+                       prev_bev=prev_bev, use_prev_bev=gates)
+        bev = outputs["bev_embed"]
+        for i, scene in enumerate(scenes):
+            self._streams[i] = {"prev_bev": bev[i:i + 1], "scene": scene}
+        return outputs
+
+    def split_streams(self, outputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """BEVFormer outputs of a batch as one dict per stream, each shaped as a batch-1 engine's
+        (views: ``bev_embed`` split on dim 0, the per-layer head outputs on dim 1)."""
+        if self.family != "bevformer":
+            raise ValueError(f"split_streams() splits BEVFormer's outputs; this is a {self.family} engine")
+        dims = {k: 0 if k == "bev_embed" else 1 for k in outputs}
+        return [{k: v.narrow(dims[k], i, 1) for k, v in outputs.items()} for i in range(self.batch)]
 
     def _model_config(self):
         from bevdeploy.models import BEVDetConfig, BEVFormerConfig

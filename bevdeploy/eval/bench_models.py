@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from bevdeploy.eval.timing import gpu_dirname, time_eager
 from bevdeploy.quant.sensitivity import sqnr_db
 
+#: Where the model tables run (the tests dry-run bench_model on the CPU by changing it).
+_DEVICE = "cuda"
 _ROW_KEYS = ("model", "precision", "batch", "fps", "fps_ratio", "engine_mb", "memory_mb", "memory_ratio",
              "size_ratio", "nds", "map", "fidelity_nds", "output_sqnr_db")
 
@@ -50,20 +53,20 @@ def rig_lidar2img(scale: float) -> torch.Tensor:
     return torch.tensor(np.stack(mats), dtype=torch.float32)
 
 
-def random_inputs(model, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_inputs(model, batch: int = 1, seed: int = 0, device: str = "cuda") -> dict[str, torch.Tensor]:
     """Full-resolution inputs of a BEVFormer-like model (random image, a plausible camera rig)."""
     cfg = model.config
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     H, W = cfg.image_size
-    image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
-    lidar2img = rig_lidar2img(W / 1600.0).cuda().expand(batch, 6, 4, 4).contiguous()
-    can_bus = torch.zeros(batch, 18, device="cuda")
-    prev_bev = torch.randn(batch, cfg.bev_h * cfg.bev_w, cfg.embed_dims, device="cuda", generator=g)
-    use_prev_bev = torch.ones(batch, device="cuda")
+    image = torch.randn(batch, 6, 3, H, W, device=device, generator=g)
+    lidar2img = rig_lidar2img(W / 1600.0).to(device).expand(batch, 6, 4, 4).contiguous()
+    can_bus = torch.zeros(batch, 18, device=device)
+    prev_bev = torch.randn(batch, cfg.bev_h * cfg.bev_w, cfg.embed_dims, device=device, generator=g)
+    use_prev_bev = torch.ones(batch, device=device)
     return {"image": image, "lidar2img": lidar2img, "can_bus": can_bus, "prev_bev": prev_bev, "use_prev_bev": use_prev_bev}
 
 
-def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0, device: str = "cuda") -> dict[str, torch.Tensor]:
     """Full-resolution inputs of BEVDet: a random image and the pooling indices of ``info``'s camera
     geometry (images not loaded: the original size is the pipeline's ``src_size``)."""
     from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
@@ -71,36 +74,63 @@ def bevdet_inputs(model, info: dict, batch: int = 1, seed: int = 0) -> dict[str,
 
     H, W = model.config.image_size
     x = prepare_bevdet_inputs(info, BEVDetPreprocess(input_size=(H, W)), load=False)
-    geometry = [x[k].expand(batch, *x[k].shape).to("cuda") for k in GEOMETRY_KEYS]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    image = torch.randn(batch, 6, 3, H, W, device="cuda", generator=g)
+    geometry = [x[k].expand(batch, *x[k].shape).to(device) for k in GEOMETRY_KEYS]
+    g = torch.Generator(device=device).manual_seed(seed)
+    image = torch.randn(batch, 6, 3, H, W, device=device, generator=g)
     return {"image": image, **dict(zip(BEVPoolRanks._fields, model.prepare(*geometry)))}
 
 
-def timing_inputs(model, infos, batch: int = 1) -> dict[str, torch.Tensor]:
+def timing_inputs(model, infos, batch: int = 1, device: str = "cuda") -> dict[str, torch.Tensor]:
     """The inputs every row of a table is timed and compared on: BEVFormer a random frame with the
     synthetic rig, BEVDet a random image with the first sample's camera geometry."""
     from bevdeploy.engine.model_io import family
 
     if family(model) == "bevdet":
-        return bevdet_inputs(model, infos[0], batch)
-    return random_inputs(model, batch)
+        return bevdet_inputs(model, infos[0], batch, device=device)
+    return random_inputs(model, batch, device=device)
+
+
+def measure(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Time ``fn`` and read its memory, the same way for the PyTorch row and every engine row.
+
+    Warm-up calls (compile, autotune, the allocator's first growth), then the cached blocks nobody
+    holds are given back and one more call settles the working set; the allocator's peak is reset
+    and the timed calls run (CUDA events, median). Then: ``memory_mb`` the device memory in use by
+    the process (total - free: CUDA context, weights, cached and graph-pool blocks, as nvidia-smi
+    shows), ``allocated_mb`` the tensors alive, ``peak_allocated_mb`` the allocator's peak during
+    the timed calls (weights + the largest working set of one call).
+    """
+    import gc
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_eager(fn, iters=iters, warmup=0)
+    return {"ms": ms, "memory_mb": round(_device_memory_mb(), 1),
+            "allocated_mb": round(torch.cuda.memory_allocated() / 2**20, 1),
+            "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def pytorch_row(name: str, model, inputs: dict[str, torch.Tensor], base_mem: float, iters: int = 20
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """PyTorch eager FP32 FPS and memory of ``model`` (already on the GPU) on ``inputs``, and its
-    outputs on them (the reference of every engine row's ``output_sqnr_db``)."""
+    """PyTorch eager FP32 FPS and memory of ``model`` (already on the GPU) on ``inputs``
+    (:func:`measure`), and its outputs on them (the reference of every engine row's ``output_sqnr_db``)."""
+    mem = measure(lambda: model(**inputs), iters=iters)
     with torch.no_grad():
-        ms = time_eager(lambda: model(**inputs), iters=iters, warmup=3)
         ref = {k: v.detach().clone() for k, v in model(**inputs).items()}
+    b = int(inputs["image"].shape[0])
     row = dict.fromkeys(_ROW_KEYS)
     row.update(
-        model=name, precision="pytorch", batch=int(inputs["image"].shape[0]),
-        fps=round(1000.0 * inputs["image"].shape[0] / ms, 2), fps_ratio=1.0,
-        memory_mb=round(_device_memory_mb(), 1), memory_ratio=1.0,
-        peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
-        memory_before_model_mb=round(base_mem, 1), latency_ms=round(ms, 3),
+        model=name, precision="pytorch", batch=b, fps=round(1000.0 * b / mem["ms"], 2), fps_ratio=1.0,
+        memory_mb=mem["memory_mb"], memory_ratio=1.0, allocated_mb=mem["allocated_mb"],
+        peak_allocated_mb=mem["peak_allocated_mb"], peak_ratio=1.0,
+        memory_before_model_mb=round(base_mem, 1), latency_ms=round(mem["ms"], 3),
         params_mb=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
     )
     return row, ref
@@ -140,9 +170,10 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/resu
     return path
 
 
-def earlier_rows(path: str | Path, replaced: set[str]) -> list[dict]:
+def earlier_rows(path: str | Path, replaced: set[str], batches: set[int] | None = None) -> list[dict]:
     """Rows of the results file ``path`` (``<out_dir>/<gpu>/<name>.json``) from earlier runs that
-    this run does not re-measure (precisions in ``replaced``).
+    this run does not re-measure (precisions in ``replaced``, at the ``batches`` this run measures;
+    all batches when None; a row without a batch counts as batch 1).
 
     A run's engine rows are kept only with that run's PyTorch row (their ratios refer to it); an
     earlier run left with no engine row is dropped whole. Rows from files without run stamps count
@@ -157,7 +188,10 @@ def earlier_rows(path: str | Path, replaced: set[str]) -> list[dict]:
         raise ValueError(f"{path}: cannot append to a results file that is not JSON ({e}); move it away") from e
     rows = [dict(r, run=r.get("run", doc.get("date")), command=r.get("command", doc.get("command")))
             for r in doc.get("rows", [])]
-    keep = [r for r in rows if r["precision"] == "pytorch" or r["precision"] not in replaced]
+    def remeasured(r: dict) -> bool:
+        return r["precision"] in replaced and (batches is None or (r.get("batch") or 1) in batches)
+
+    keep = [r for r in rows if r["precision"] == "pytorch" or not remeasured(r)]
     runs_with_engines = {r["run"] for r in keep if r["precision"] != "pytorch"}
     return [r for r in keep if r["run"] in runs_with_engines]
 
@@ -201,19 +235,30 @@ def bench_model(
     out_dir: str | Path = "bench/results",
     command: str = "",
     append: bool = False,
-    batch: int | None = None,
+    batch: int | Sequence[int] | None = None,
     int8_chain: bool | str = True,
+    results_name: str | None = None,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
 
     The 2D models (``yolox-x``, ``centernet-r18-dcn``) go to :func:`bevdeploy.eval.bench_det2d.bench_det2d`
-    (COCO mAP, images/s at ``batch``, default 32); the BEV models run at batch 1 (``batch`` unused).
+    (COCO mAP, images/s at ``batch``, default 32). The BEV models run at each of ``batch`` (an int
+    or ints, default 1): a batch-N row times a batch-N engine (N independent streams in one call;
+    ``bevdeploy build --batch N``) and PyTorch eager on the same N frames; ``fps`` is frames per
+    second on the GPU (N x calls per second), ``fps_ratio`` against PyTorch at the same batch,
+    ``fps_vs_batch1`` against the same precision at batch 1. NDS/mAP and fidelity are scored at batch
+    1 only (a batch-N row states its numerics by ``output_sqnr_db`` against PyTorch at batch N).
+    Results go to ``<model>.json`` for batch 1 alone, ``<model>-batch.json`` otherwise, or
+    ``<results_name>.json``.
 
     PyTorch eager FP32 first (FPS on random full-size inputs, NDS/mAP over ``data``), then for each
     precision: build the engine (int8*: calibrated on ``calib``, default the same data spec), load it
     (Inductor + CUDA graphs), time it on the same inputs, score it over ``data`` and against the
-    PyTorch boxes (fidelity). Memory is the device memory in use (total - free) while each runs,
-    after freeing the previous row's objects; it includes the CUDA context, as nvidia-smi would.
+    PyTorch boxes (fidelity). Memory the same way for every row (:func:`measure`, after freeing the
+    previous row's objects): the device memory in use (total - free; it includes the CUDA context, as
+    nvidia-smi would) after warm-up, and the allocator's peak during the timed calls
+    (``peak_allocated_mb``, ``peak_ratio``); engine rows also give ``eager_weights_mb``, the weights
+    held outside the compiled program (0: discarded after freezing).
 
     ``append``: keep the rows of earlier runs in the results file for precisions this run does not
     measure (for tables too long to build in one sitting); this run measures its own PyTorch row
@@ -236,8 +281,15 @@ def bench_model(
     if name in DET2D_MODELS:  # the 2D table: COCO mAP, images/s at a static batch
         from bevdeploy.eval.bench_det2d import bench_det2d
 
+        if batch is not None and not isinstance(batch, int):
+            if len(batch) != 1:
+                raise ValueError(f"{name}: the 2D table runs one static batch per run, got batch {list(batch)}")
+            batch = batch[0]
         return bench_det2d(name, precisions, data=data, calib=calib, checkpoint=checkpoint, batch=batch or 32,
                            work_dir=work_dir, iters=iters, out_dir=out_dir, command=command, append=append)
+    batches = bench_batches(batch)
+    if results_name is None:
+        results_name = name if batches == [1] else f"{name}-batch"
     if not torch.cuda.is_available():
         raise RuntimeError("bevdeploy bench --model times engines on a CUDA GPU and none is visible here; on a CPU, "
                            "`bevdeploy demo --model NAME` runs the same pipeline (without meaningful timings)")
@@ -251,11 +303,12 @@ def bench_model(
         infos = infos[: source.num_samples]
     if not infos:
         raise ValueError(f"data {data!r} holds no samples")
-    dev = torch.device("cuda")
-    keep_rows = earlier_rows(Path(out_dir) / gpu_dirname() / f"{name}.json", set(precisions)) if append else []
+    dev = torch.device(_DEVICE)
+    keep_rows = (earlier_rows(Path(out_dir) / gpu_dirname() / f"{results_name}.json", set(precisions),
+                              batches=set(batches)) if append else [])
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-    # PyTorch eager FP32
+    # PyTorch eager FP32, at every batch (NDS/mAP and the fidelity reference at batch 1)
     torch.manual_seed(0)
     model = MODELS[name]()
     if checkpoint:
@@ -269,54 +322,111 @@ def bench_model(
     pth_mb = pth_size_mb(model)
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     base_mem = _device_memory_mb()
     model = model.to(dev).eval()
-    inputs = timing_inputs(model, infos)
-    row, ref_out = pytorch_row(name, model, inputs, base_mem, iters=iters)
-    ref_run = run_model(model, infos, name, dev)
-    metrics = score_run(ref_run, infos, source.dataroot, source.version, source.split)
-    row.update(nds=round(metrics["NDS"], 4), map=round(metrics["mAP"], 4), engine_mb=round(pth_mb, 1), size_ratio=1.0,
-               note="engine_mb = the .pth of the state dict", run=run_id)
-    rows = [row]
-    base_fps, base_mem = row["fps"], row["memory_mb"]
-    ref_records = results_records(ref_run, infos)
-    threshold = fidelity_threshold(ref_records)
-    row["fidelity_threshold"] = round(threshold, 4)
+    # the timing inputs of every batch, kept on the host so no row carries another batch's frames
+    host_inputs = {b: {k: v.cpu() for k, v in timing_inputs(model, infos, b).items()} for b in batches}
+    rows: list[dict] = []
+    pytorch: dict[int, dict] = {}  # batch -> this run's PyTorch row
+    ref_outs: dict[int, dict[str, torch.Tensor]] = {}
+    ref_records = threshold = None
+    for b in batches:
+        inputs = _to_cuda(host_inputs[b])
+        row, ref = pytorch_row(name, model, inputs, base_mem, iters=iters)
+        ref_outs[b] = {k: v.cpu() for k, v in ref.items()}
+        row.update(engine_mb=round(pth_mb, 1), size_ratio=1.0, note="engine_mb = the .pth of the state dict",
+                   run=run_id, fps_vs_batch1=1.0 if b == 1 else None)
+        if b == 1:
+            ref_run = run_model(model, infos, name, dev)
+            metrics = score_run(ref_run, infos, source.dataroot, source.version, source.split)
+            row.update(nds=round(metrics["NDS"], 4), map=round(metrics["mAP"], 4))
+            ref_records = results_records(ref_run, infos)
+            threshold = fidelity_threshold(ref_records)
+            row["fidelity_threshold"] = round(threshold, 4)
+        else:
+            row["note"] += "; accuracy is measured at batch 1"
+        rows.append(row)
+        pytorch[b] = row
+        del inputs, ref
+    _fps_vs_batch1(rows)
+    write_results(results_name, rows, out_dir, command, keep_rows)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     for precision in precisions:
-        path = work / f"{name}-{precision}.engine"
-        build(name, precision, out=path, checkpoint=checkpoint,
-              calib=(calib or data) if precision_spec(precision).quantized else None,
-              int8_chain=int8_chain)
-        gc.collect()
-        torch.cuda.empty_cache()
-        engine = Engine.load(path, device="cuda")
-        ms = time_eager(lambda: engine(**inputs), iters=iters, warmup=3)
-        mem = _device_memory_mb()
-        out = engine(**inputs)
-        sqnr = {k: round(sqnr_db(ref_out[k], out[k]), 1) for k in engine.output_names}
-        run = run_model(engine, infos, name, dev)
-        m = score_run(run, infos, source.dataroot, source.version, source.split)
-        fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
-        r = dict.fromkeys(_ROW_KEYS)
-        r.update(model=name, precision=precision, batch=1, fps=round(1000.0 / ms, 2), fps_ratio=round(1000.0 / ms / base_fps, 2),
-                 engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3), memory_mb=round(mem, 1),
-                 memory_ratio=round(mem / base_mem, 3), nds=round(m["NDS"], 4), map=round(m["mAP"], 4),
-                 fidelity_nds=round(fid["NDS"], 4), latency_ms=round(ms, 3),
-                 output_sqnr_db=min(sqnr.values()), output_sqnr_db_each=sqnr,
-                 int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
-                 fp8_layers=sum(1 for _, p in engine.layer_precisions if p == "fp8") if precision.startswith("fp8") else None,
-                 run=run_id)
-        rows.append(r)
-        print(f"{name} {precision}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
-              f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}", file=sys.stderr)
-        del engine, out
-        gc.collect()
-        torch.cuda.empty_cache()
-        write_results(name, rows, out_dir, command, keep_rows)  # after every row: a run cut short keeps what it measured
-    return write_results(name, rows, out_dir, command, keep_rows)
+        table = None  # int8 / fp8: calibrate for the first batch, reuse the table for the others
+        for b in batches:
+            path = work / (f"{name}-{precision}.engine" if b == 1 else f"{name}-{precision}-b{b}.engine")
+            quantized = precision_spec(precision).quantized
+            build(name, precision, out=path, checkpoint=checkpoint, batch=b, int8_chain=int8_chain,
+                  calib=(calib or data) if quantized and table is None else None, calib_table=table)
+            if quantized and table is None:
+                table = str(path) + ".calib.json"
+            _free()
+            engine = Engine.load(path, device="cuda")
+            inputs = _to_cuda(host_inputs[b])
+            mem = measure(lambda: engine(**inputs), iters=iters)
+            out = engine(**inputs)
+            sqnr = {k: round(sqnr_db(ref_outs[b][k], out[k].cpu()), 1) for k in engine.output_names}
+            base = pytorch[b]
+            r = dict.fromkeys(_ROW_KEYS)
+            r.update(model=name, precision=precision, batch=b, fps=round(1000.0 * b / mem["ms"], 2),
+                     fps_ratio=round(1000.0 * b / mem["ms"] / base["fps"], 2),
+                     engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3),
+                     memory_mb=mem["memory_mb"], memory_ratio=round(mem["memory_mb"] / base["memory_mb"], 3),
+                     allocated_mb=mem["allocated_mb"], peak_allocated_mb=mem["peak_allocated_mb"],
+                     peak_ratio=round(mem["peak_allocated_mb"] / base["peak_allocated_mb"], 3),
+                     eager_weights_mb=round(engine.eager_weights_mb, 1), latency_ms=round(mem["ms"], 3),
+                     output_sqnr_db=min(sqnr.values()), output_sqnr_db_each=sqnr,
+                     int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
+                     fp8_layers=sum(1 for _, p in engine.layer_precisions if p == "fp8") if precision.startswith("fp8") else None,
+                     run=run_id)
+            if b == 1:
+                run = run_model(engine, infos, name, dev)
+                m = score_run(run, infos, source.dataroot, source.version, source.split)
+                fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
+                r.update(nds=round(m["NDS"], 4), map=round(m["mAP"], 4), fidelity_nds=round(fid["NDS"], 4))
+            else:
+                r["note"] = "accuracy is measured at batch 1"
+            rows.append(r)
+            _fps_vs_batch1(rows)
+            print(f"{name} {precision} batch {b}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, "
+                  f"mem {r['memory_mb']} MB ({r['memory_ratio']}x), peak {r['peak_allocated_mb']} MB, "
+                  f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}, SQNR {r['output_sqnr_db']} dB", file=sys.stderr)
+            del engine, out, inputs
+            _free()
+            # after every row: a run cut short keeps what it measured
+            write_results(results_name, rows, out_dir, command, keep_rows)
+    return write_results(results_name, rows, out_dir, command, keep_rows)
+
+
+def bench_batches(batch: int | Sequence[int] | None) -> list[int]:
+    """The batches of a BEV table: ``None`` -> [1]; an int or ints (each >= 1, in the order given)."""
+    batches = [1] if batch is None else [batch] if isinstance(batch, int) else list(batch)
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batch must be positive ints, got {batch!r}")
+    if len(set(batches)) != len(batches):
+        raise ValueError(f"batch lists a batch twice: {batches}")
+    return batches
+
+
+def _fps_vs_batch1(rows: list[dict]) -> None:
+    """Each row's throughput against its precision's batch-1 row of the same run (when measured)."""
+    one = {(r["precision"], r.get("run")): r["fps"] for r in rows if r.get("batch") == 1}
+    for r in rows:
+        ref = one.get((r["precision"], r.get("run")))
+        r["fps_vs_batch1"] = round(r["fps"] / ref, 2) if ref else None
+
+
+def _to_cuda(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(_DEVICE) for k, v in inputs.items()}
+
+
+def _free() -> None:
+    """Drop the previous row's objects: Python garbage, Dynamo's compiled frames, the cached blocks."""
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()

@@ -180,6 +180,10 @@ def run_model(model, infos: Sequence[dict], model_name: str, device: torch.devic
     from bevdeploy.engine.model_io import family
 
     if isinstance(model, Engine):
+        if model.batch != 1:
+            raise ValueError(f"{model.path.name}: the detection loop runs one frame per call and this engine has "
+                             f"batch {model.batch}; evaluate a batch-1 engine (a batch-N engine runs N streams "
+                             "with Engine.step_batch)")
         fam, image_size = model.family, tuple(model.input_spec["image"][0][-2:])
     else:
         fam, image_size = family(model), tuple(model.config.image_size)

@@ -262,3 +262,117 @@ def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
         assert isinstance(model[0], QuantConv2d) and isinstance(offset, QuantConv2d), precision
         rows = dict(layer_precisions(model, report, precision))
         assert sum(p == "int8" for p in rows.values()) == 2, (precision, rows)
+
+
+def test_frozen_compile_discards_the_eager_weights(tmp_path):
+    """The compiled engine keeps the weights once, as Inductor's frozen constants: the exported
+    module's parameters and buffers are gone after the first call (and an eager call would raise)."""
+    from bevdeploy.engine.engine import held_weight_bytes
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.register_buffer("offset", torch.randn(8, 1, 1))
+
+        def forward(self, image):
+            return (self.conv(image) * 2 + self.offset,)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 10, 10)
+    ep = torch.export.export(Net().eval(), (x,))
+    with torch.no_grad():
+        ref = ep.module()(x)[0]
+    path = tmp_path / "net.engine"
+    path.write_bytes(b"")
+    meta = {"model": "net", "family": "net", "inputs": {"image": {"shape": [1, 3, 10, 10], "dtype": "float32"}},
+            "outputs": ["out"]}
+    engine = Engine(path, ep, meta, torch.device("cpu"), compile=True, cuda_graphs=False)
+    assert engine.eager_weights_mb > 0  # compiled on the first call
+    torch.testing.assert_close(engine(image=x)["out"], ref, rtol=1e-5, atol=1e-5)
+    assert engine.eager_weights_mb == 0 and held_weight_bytes(engine._module) == 0
+    y = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(image=y)["out"], ep.module()(y)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="discarded"):
+        engine._module(y)
+    uncompiled = Engine(path, ep, meta, torch.device("cpu"), compile=False, cuda_graphs=False)
+    assert uncompiled.eager_weights_mb > 0  # the CPU path runs the module itself
+
+
+@pytest.fixture(scope="module")
+def batch2_engine(tmp_path_factory):
+    mp = _on_references()
+    try:
+        path = build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("b2") / "tiny-b2.engine",
+                     model_overrides=TINY, batch=2, progress=False)
+    finally:
+        mp.undo()
+    return Engine.load(path, device="cpu")
+
+
+def test_batch2_streams_equal_two_batch1_engines(world, fp32_engine_path, batch2_engine, ops_on_references):
+    """Stream i of a batch-2 engine = a batch-1 engine stepped on stream i's frames, with a scene
+    change in stream 0 only and a NaN frame in stream 0 only (its reset leaves stream 1 alone)."""
+    _, infos = world
+    assert [i["scene_token"] for i in infos][1:3] == [infos[0]["scene_token"], infos[3]["scene_token"]]
+
+    def frame(i, prev):
+        return prepare_frame(infos[i], None if prev is None else infos[prev], BEVFORMER_TINY)
+
+    nan_frame = frame(3, 2)
+    nan_frame["image"] = nan_frame["image"].clone()
+    nan_frame["image"][2, :, 10:20, 30:40] = float("nan")
+    streams = [
+        [frame(0, None), frame(1, 0), frame(2, 1), nan_frame, dict(frame(3, 3), token="after-nan")],  # scene A -> B
+        [frame(2, None), frame(3, 2), frame(3, 3), frame(3, 3), frame(3, 3)],  # scene B throughout
+    ]
+    assert [f["use_prev_bev"].item() for f in streams[0]] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    singles = [Engine.load(fp32_engine_path, device="cpu") for _ in streams]
+    batched = batch2_engine
+    batched.reset()
+    for t in range(5):
+        frames = [s[t] for s in streams]
+        if t == 4:  # stream 0's previous BEV is NaN: reset, warned with its frame token, once
+            with pytest.warns(RuntimeWarning, match="frame after-nan: the previous BEV holds NaN") as caught:
+                out = batched.step_batch(frames)
+            assert len([w for w in caught if "NaN" in str(w.message)]) == 1
+            with pytest.warns(RuntimeWarning, match="after-nan"):
+                single = [singles[0].step(frames[0])]
+            single.append(singles[1].step(frames[1]))
+        else:
+            out = batched.step_batch(frames)
+            single = [e.step(f) for e, f in zip(singles, frames)]
+        for i, per_stream in enumerate(batched.split_streams(out)):
+            for k in per_stream:
+                torch.testing.assert_close(per_stream[k], single[i][k], rtol=1e-4, atol=1e-4, equal_nan=True,
+                                           msg=lambda m: f"t={t} stream {i} {k}: {m}")
+        if t == 3:
+            assert not torch.isfinite(out["bev_embed"][0]).all() and torch.isfinite(out["bev_embed"][1]).all()
+    assert torch.isfinite(out["bev_embed"]).all()
+    # the carried state matters: stream 1 at t=4 differs from a fresh start on the same frame
+    fresh = singles[1]
+    fresh.reset()
+    assert not torch.allclose(fresh.step(dict(streams[1][4], use_prev_bev=torch.zeros(1)))["bev_embed"],
+                              out["bev_embed"][1:2], atol=1e-3)
+
+
+def test_batch_step_api_errors(world, fp32_engine, batch2_engine, ops_on_references):
+    _, infos = world
+    f = prepare_frame(infos[0], None, BEVFORMER_TINY)
+    with pytest.raises(ValueError, match="batch 2: call step_batch\\(\\) with 2 frames"):
+        batch2_engine.step(f)
+    with pytest.raises(ValueError, match="this engine has batch 2, got 1 frames"):
+        batch2_engine.step_batch([f])
+    with pytest.raises(ValueError, match="this engine has batch 2, got one frame dict"):
+        batch2_engine.step_batch(f)
+    assert batch2_engine.metadata["inputs"]["image"]["shape"][0] == 2 and batch2_engine.batch == 2
+    from bevdeploy.eval.detection import run_model
+
+    with pytest.raises(ValueError, match="one frame per call and this engine has batch 2"):
+        run_model(batch2_engine, infos, "bevformer-tiny", torch.device("cpu"))
+    fp32_engine.reset()
+    one = fp32_engine.step_batch([f])  # batch 1: a list of one frame, stream 0's state
+    torch.testing.assert_close(fp32_engine._streams[0]["prev_bev"], one["bev_embed"])
+    fp32_engine.reset()
+    torch.testing.assert_close(fp32_engine.step(f)["bev_embed"], one["bev_embed"])

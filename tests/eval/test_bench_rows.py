@@ -36,3 +36,22 @@ def test_corrupt_results_file_is_named(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="m.json.*not JSON"):
         earlier_rows(path, {"fp16"})
+
+
+def test_append_replaces_only_the_batches_measured_now(tmp_path):
+    path = tmp_path / "m.json"
+    rows = [dict(_row("pytorch", "r1", 10), batch=1), dict(_row("fp16", "r1", 50), batch=1),
+            dict(_row("pytorch", "r1", 20), batch=4), dict(_row("fp16", "r1", 120), batch=4)]
+    path.write_text(json.dumps({"date": "r1", "command": "x", "rows": rows}))
+    kept = earlier_rows(path, {"fp16"}, batches={4})
+    assert [(r["precision"], r["batch"]) for r in kept] == [("pytorch", 1), ("fp16", 1), ("pytorch", 4)]
+    assert earlier_rows(path, {"fp16"}) == []  # no batches given: every batch is re-measured
+
+
+def test_bench_batches_are_checked():
+    from bevdeploy.eval.bench_models import bench_batches
+
+    assert bench_batches(None) == [1] and bench_batches(4) == [4] and bench_batches([1, 4, 8]) == [1, 4, 8]
+    for bad in (0, [1, 0], [], [2, 2], [1.5], True):
+        with pytest.raises(ValueError, match="batch"):
+            bench_batches(bad)

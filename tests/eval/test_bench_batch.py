@@ -1,0 +1,81 @@
+"""``bench_model`` with several batches, dry-run on the CPU: the GPU-only calls (timing, device
+memory, the GPU name) are replaced, the rest (PyTorch rows, batch-N builds, loads, SQNR, scoring at
+batch 1, the results file) runs for real on reduced models."""
+
+import functools
+import json
+
+import pytest
+import torch
+
+import bevdeploy.eval.bench_models as bm
+from bevdeploy.data.nuscenes import load_infos
+from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
+from bevdeploy.models import MODELS
+from tests.engine.test_engine import TINY
+from tests.engine.test_engine_bevdet import SMALL
+
+REDUCED = {"bevformer-tiny": TINY, "bevdet-r50-cbgs": SMALL}
+BATCHES = {"bevformer-tiny": [1, 4], "bevdet-r50-cbgs": [1, 2]}
+
+
+@pytest.fixture(params=list(REDUCED))
+def cpu_bench(request, monkeypatch, tmp_path):
+    """bench_model's GPU-only calls replaced; timings: 10 ms per call at batch 1, 20 ms at batch N."""
+    import bevdeploy.data.synthetic as synthetic
+    import bevdeploy.engine as engine_pkg
+
+    root = tmp_path / "world"
+    generate(root, num_scenes=1, samples_per_scene=2, seed=3, image_size=(128, 192), progress=False)
+    source = DataSource(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)
+    monkeypatch.setattr(synthetic, "resolve_data_spec", lambda spec, **kw: source)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setattr(bm, "gpu_dirname", lambda *a: "test-gpu")
+    monkeypatch.setattr(bm, "_device_memory_mb", lambda: 1000.0)
+    monkeypatch.setattr(bm, "_DEVICE", "cpu")
+    monkeypatch.setattr(bm, "timing_inputs", functools.partial(bm.timing_inputs, device="cpu"))
+    calls = []
+
+    def measure(fn, iters=20, warmup=3):
+        with torch.no_grad():
+            fn()
+        calls.append(fn)
+        return {"ms": 10.0 if len(calls) % 2 else 20.0, "memory_mb": 900.0 if len(calls) > 2 else 1500.0,
+                "allocated_mb": 100.0, "peak_allocated_mb": 200.0}
+
+    monkeypatch.setattr(bm, "measure", measure)
+    name = request.param
+    full = MODELS[name]
+    monkeypatch.setitem(MODELS, name, lambda **kw: full(**{**REDUCED[name], **kw}))
+    real_build, real_load = engine_pkg.build, engine_pkg.Engine.load
+    builds = []
+
+    def build(name, precision, **kw):
+        builds.append(kw["batch"])
+        return real_build(name, precision, **kw, device="cpu", progress=False)
+
+    monkeypatch.setattr(engine_pkg, "build", build)
+    monkeypatch.setattr(engine_pkg.Engine, "load", classmethod(lambda cls, path, device=None: real_load(path, "cpu")))
+    return name, tmp_path, builds
+
+
+def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
+    """BEVFormer-tiny and BEVDet (no temporal state: a batch is N frames in one call) at batch 1 and N."""
+    name, tmp_path, builds = cpu_bench
+    n = BATCHES[name][1]
+    path = bm.bench_model(name, ["fp32"], data="synthetic:2", work_dir=tmp_path / "engines",
+                          out_dir=tmp_path / "results", iters=2, batch=[1, n], command="test")
+    assert path == tmp_path / "results" / "test-gpu" / f"{name}-batch.json"  # the main table untouched
+    assert builds == [1, n] and (tmp_path / "engines" / f"{name}-fp32-b{n}.engine").is_file()
+    rows = {(r["precision"], r["batch"]): r for r in json.loads(path.read_text())["rows"]}
+    assert list(rows) == [("pytorch", 1), ("pytorch", n), ("fp32", 1), ("fp32", n)]
+    one, four = rows["fp32", 1], rows["fp32", n]
+    assert one["fps"] == 100.0 and four["fps"] == 50.0 * n and four["fps_vs_batch1"] == n / 2  # frames/s = n / 20 ms
+    assert rows["pytorch", n]["fps"] == 50.0 * n and four["fps_ratio"] == 1.0
+    assert one["memory_ratio"] == 0.6 and one["peak_ratio"] == 1.0 and one["eager_weights_mb"] > 0  # CPU: eager
+    assert one["nds"] is not None and one["fidelity_nds"] is not None
+    assert four["nds"] is None and four["fidelity_nds"] is None and "batch 1" in four["note"]
+    assert four["output_sqnr_db"] > 60 and one["output_sqnr_db"] > 60  # fp32 engine vs eager, same frames
+    md = path.with_suffix(".md").read_text()
+    assert "fps_vs_batch1" in md and "peak_allocated_mb" in md
