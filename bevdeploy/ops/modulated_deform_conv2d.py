@@ -621,6 +621,43 @@ if triton_available():
 
 
     @triton.jit
+    def _igemm_tap_plan(o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                        stride_oc, stride_mc, stride_xh, stride_xw, KK: tl.constexpr):
+        """One kernel point's sampling for BLOCK_M pixels: the element offset of the top-left corner in the
+        image and the four corner weights (bilinear x mask, 0 for corners outside the image)."""
+        # mmcv's rule: y = ho*sh - ph + i*dh + dy (x alike); a sample with y <= -1, y >= H,
+        # x <= -1 or x >= W is zero (NaN offsets too); corners outside the image read zero.
+        oc = d * (2 * KK) + 2 * kp
+        dy = tl.load(o_row + oc * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
+        dx = tl.load(o_row + (oc + 1) * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
+        mk = tl.load(k_row + (d * KK + kp) * stride_mc, mask=m_ok, other=0.0).to(tl.float32)
+        sy = (y_top + ki * dil_h).to(tl.float32) + dy
+        sx = (x_left + kj * dil_w).to(tl.float32) + dx
+        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
+        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0) & m_ok
+        sy = tl.where(inside, sy, 0.0)
+        sx = tl.where(inside, sx, 0.0)
+        y0f = tl.floor(sy)
+        x0f = tl.floor(sx)
+        ly = sy - y0f
+        lx = sx - x0f
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        mk = tl.where(inside, mk, 0.0)
+        top = y0 >= 0
+        bottom = y0 < H - 1
+        left = x0 >= 0
+        right = x0 < W - 1
+        w00 = tl.where(top & left, hy * hx * mk, 0.0)
+        w01 = tl.where(top & right, hy * lx * mk, 0.0)
+        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
+        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        base = y0 * stride_xh + x0 * stride_xw
+        return base, w00, w01, w10, w11
+
+    @triton.jit
     def _modulated_deform_conv2d_igemm_kernel(
         # pointers
         x_ptr,  # input [N, Cin, H, W], any strides (channels-last: vector loads along C)
@@ -672,6 +709,7 @@ if triton_available():
         N_MASK: tl.constexpr,  # Cout % BLOCK_N != 0
         BASE_ALIGN: tl.constexpr,  # stride_xh and stride_xw are multiples of this
         USE_ASM: tl.constexpr,  # inline PTX (GPU); the interpreter runs the plain-Triton twin
+        CARRY: tl.constexpr,  # compute a kernel point's sampling once and carry it over its channel blocks
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -720,37 +758,15 @@ if triton_available():
             d = td % DG
             ki = kp // KW
             kj = kp % KW
-            if cb == 0:
-                # mmcv's rule: y = ho*sh - ph + i*dh + dy (x alike); a sample with y <= -1, y >= H,
-                # x <= -1 or x >= W is zero (NaN offsets too); corners outside the image read zero.
-                oc = d * (2 * KK) + 2 * kp
-                dy = tl.load(o_row + oc * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
-                dx = tl.load(o_row + (oc + 1) * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
-                mk = tl.load(k_row + (d * KK + kp) * stride_mc, mask=m_ok, other=0.0).to(tl.float32)
-                sy = (y_top + ki * dil_h).to(tl.float32) + dy
-                sx = (x_left + kj * dil_w).to(tl.float32) + dx
-                # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
-                inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0) & m_ok
-                sy = tl.where(inside, sy, 0.0)
-                sx = tl.where(inside, sx, 0.0)
-                y0f = tl.floor(sy)
-                x0f = tl.floor(sx)
-                ly = sy - y0f
-                lx = sx - x0f
-                hy = 1.0 - ly
-                hx = 1.0 - lx
-                y0 = y0f.to(tl.int32)
-                x0 = x0f.to(tl.int32)
-                mk = tl.where(inside, mk, 0.0)
-                top = y0 >= 0
-                bottom = y0 < H - 1
-                left = x0 >= 0
-                right = x0 < W - 1
-                w00 = tl.where(top & left, hy * hx * mk, 0.0)
-                w01 = tl.where(top & right, hy * lx * mk, 0.0)
-                w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
-                w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
-                base = y0 * stride_xh + x0 * stride_xw
+            if CARRY:
+                if cb == 0:
+                    base, w00, w01, w10, w11 = _igemm_tap_plan(
+                        o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                        stride_oc, stride_mc, stride_xh, stride_xw, KK)
+            else:
+                base, w00, w01, w10, w11 = _igemm_tap_plan(
+                    o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                    stride_oc, stride_mc, stride_xh, stride_xw, KK)
             cl = cb * BLOCK_K + kc  # channel inside the deform group
             c = d * Cd + cl
             bm = tl.multiple_of(base, BASE_ALIGN)
@@ -950,6 +966,7 @@ def _tuned_config(key, fitted, launch):
 
 _IGEMM_VARIANTS = ("fp16", "fp16x2")  # where the implicit GEMM is the default (fp32 keeps the plan kernel)
 _IGEMM_SUPPORTED = ("fp32", "fp16", "fp16x2")
+_IGEMM_CARRY = True
 
 
 def _uses_igemm(variant: str, groups: int) -> bool:
@@ -961,15 +978,19 @@ def _uses_igemm(variant: str, groups: int) -> bool:
     return variant in _IGEMM_VARIANTS and int(groups) == 1
 
 
-def _igemm_candidate_configs(variant: str) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages); the first is
-    the untuned default. The accumulator is [BLOCK_M, BLOCK_N] fp32 (128x128 = 64 registers a thread at
-    8 warps); BLOCK_K=32-64 keeps the four [BLOCK_M, BLOCK_K] corner gathers of one chunk in registers.
-    Timed on the GPU at the first call of a shape (see :func:`_tuned_config`)."""
-    if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the registers
+def _igemm_candidate_configs(variant: str) -> list[tuple]:
+    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, carry]); the
+    first is the untuned default, all timed on the GPU at the first call of a shape (:func:`_tuned_config`).
+    Compiled offline for sm_90 with Triton 3.9 (ptxas -v, channels-last strides specialised as at run
+    time): the fp16 ones use 127-235 registers without spills, and the software pipeliner turns the
+    four corner gathers into cp.async copies ``num_stages`` chunks ahead (192 KB of shared memory at
+    128x128x64, 3 stages). ``carry=False`` recomputes a kernel point's sampling at every channel block
+    (more ALU work, no scf.if in the loop)."""
+    if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (128, 128, 16, 8, 2)]
-    return [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 256, 32, 8, 3),
-            (64, 128, 64, 4, 3), (256, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]
+    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 128, 64, 4, 2),
+            (128, 256, 32, 8, 3), (64, 256, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3, False),
+            (64, 128, 64, 4, 3, False)]
 
 
 def _igemm_fit_configs(configs, m_total, cout, cd):
@@ -977,11 +998,11 @@ def _igemm_fit_configs(configs, m_total, cout, cd):
     has fewer than two programs per SM of an H100 (132 SMs); drop duplicates."""
     p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
     fitted = []
-    for bm, bn, bk, warps, stages in configs:
+    for bm, bn, bk, warps, stages, *carry in configs:
         bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
         while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 264:
             bm //= 2
-        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages)
+        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *carry)
         if cfg not in fitted:
             fitted.append(cfg)
     return fitted
@@ -1013,7 +1034,7 @@ def _modulated_deform_conv2d_igemm(
     variant: str,
     out: Tensor | None = None,
     *,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple | None = None,
     relayout: bool = True,
 ) -> Tensor:
     """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory.
@@ -1046,7 +1067,7 @@ def _modulated_deform_conv2d_igemm(
     b = y if bias is None else bias
 
     def launch(cfg):
-        bm, bn, bk, warps, stages = cfg
+        bm, bn, bk, warps, stages, *carry = cfg
         num_n_tiles = triton.cdiv(cout, bn)
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
@@ -1057,7 +1078,7 @@ def _modulated_deform_conv2d_igemm(
             KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            CARRY=carry[0] if carry else _IGEMM_CARRY, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if config is not None:
@@ -1075,7 +1096,10 @@ def _modulated_deform_conv2d_igemm(
     return y
 
 
-@torch.library.custom_op("bevdeploy::modulated_deform_conv2d", mutates_args=())
+# flexible_layout: Inductor may hand the op its inputs in whatever layout it chose (channels-last after its
+# conv layout optimisation) instead of forcing the traced NCHW strides: the kernels take any strides.
+@torch.library.custom_op("bevdeploy::modulated_deform_conv2d", mutates_args=(),
+                         tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
 def _modulated_deform_conv2d_op(
     input: Tensor,
     offset: Tensor,
@@ -1187,6 +1211,14 @@ def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(memory_format=torch.channels_last), scale
 
 
+def split_offset_mask(out: Tensor) -> tuple[Tensor, Tensor]:
+    """mmcv ``DCNv2``'s split of the offset conv's output [N, 3*dg*kh*kw, Ho, Wo]: its first two thirds
+    are the offsets (mmcv concatenates the first two chunks, which are adjacent, so this is a view of
+    ``out``: the op reads it in place, with any strides), the last third the mask logits (sigmoided)."""
+    k = out.shape[1] // 3
+    return out[:, : 2 * k], torch.sigmoid(out[:, 2 * k :])
+
+
 class ModulatedDeformConv2d(nn.Module):
     """See :func:`modulated_deform_conv2d`. Parameters ``weight`` [Cout, Cin/g, kh, kw] and ``bias``
     [Cout] as mmcv; ``weight`` is kept in channels-last memory, the kernel's K-contiguous layout."""
@@ -1272,9 +1304,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
                 self.conv_offset.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        out = self.conv_offset(x)
-        o1, o2, m = torch.chunk(out, 3, dim=1)
-        offset = torch.cat((o1, o2), dim=1)
-        mask = torch.sigmoid(m)
+        offset, mask = split_offset_mask(self.conv_offset(x))
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
                                        self.dilation, self.groups, self.deform_groups)
