@@ -988,9 +988,8 @@ def _igemm_candidate_configs(variant: str) -> list[tuple]:
     (more ALU work, no scf.if in the loop)."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (128, 128, 16, 8, 2)]
-    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 128, 64, 4, 2),
-            (128, 256, 32, 8, 3), (64, 256, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3, False),
-            (64, 128, 64, 4, 3, False)]
+    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (128, 256, 32, 8, 3),
+            (64, 256, 32, 8, 3), (128, 128, 64, 8, 3, False)]
 
 
 def _igemm_fit_configs(configs, m_total, cout, cd):
