@@ -710,6 +710,7 @@ if triton_available():
         BASE_ALIGN: tl.constexpr,  # stride_xh and stride_xw are multiples of this
         USE_ASM: tl.constexpr,  # inline PTX (GPU); the interpreter runs the plain-Triton twin
         CARRY: tl.constexpr,  # compute a kernel point's sampling once and carry it over its channel blocks
+        SWAP: tl.constexpr,  # weight tile as the MMA's left operand (acc [BLOCK_N, BLOCK_M]), samples via smem
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -750,7 +751,10 @@ if triton_available():
         w01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for t in range(0, KK * DG * NCB):
             cb = t % NCB
             td = t // NCB
@@ -809,17 +813,31 @@ if triton_available():
                     b = tl.load(wp, mask=o_ok[None, :], other=0.0)
                 else:
                     b = tl.load(wp)
-            if VARIANT == 0:
-                acc = tl.dot(a, b, acc, input_precision="tf32x3")
+            if SWAP:
+                if VARIANT == 0:
+                    acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(tl.trans(b), tl.trans(a), acc)
             else:
-                acc = tl.dot(a, b, acc)
+                if VARIANT == 0:
+                    acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(a, b, acc)
 
-        res = acc
-        if HAS_BIAS:
-            res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-        # [BLOCK_M, BLOCK_N] tile of the channels-last output: output channels contiguous.
-        y_off = m.to(tl.int64)[:, None] * Cout + o[None, :]
-        tl.store(y_ptr + y_off, res.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+        # the tile of the channels-last output: output channels contiguous
+        m64 = m.to(tl.int64)
+        if SWAP:
+            res = acc
+            if HAS_BIAS:
+                res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + (m64[None, :] * Cout + o[:, None]), res.to(y_ptr.dtype.element_ty),
+                     mask=o_ok[:, None] & m_ok[None, :])
+        else:
+            res = acc
+            if HAS_BIAS:
+                res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + (m64[:, None] * Cout + o[None, :]), res.to(y_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & o_ok[None, :])
 
 
 def _span(t: Tensor) -> int:
@@ -966,7 +984,11 @@ def _tuned_config(key, fitted, launch):
 
 _IGEMM_VARIANTS = ("fp16", "fp16x2")  # where the implicit GEMM is the default (fp32 keeps the plan kernel)
 _IGEMM_SUPPORTED = ("fp32", "fp16", "fp16x2")
-_IGEMM_CARRY = True
+# Carrying a kernel point's sampling (loop-carried [BLOCK_M] vectors through an scf.if) saves ALU work
+# but, compiled offline for sm_90, made Triton 3.6 give the corner gathers a scalar layout (255
+# registers, ~2 KB of spills, no cp.async for them); recomputing it at every chunk compiles clean on
+# 3.6 and 3.9 (126-235 registers, gathers pipelined). Kept as a switch for experiments.
+_IGEMM_CARRY = False
 
 
 def _uses_igemm(variant: str, groups: int) -> bool:
@@ -979,17 +1001,20 @@ def _uses_igemm(variant: str, groups: int) -> bool:
 
 
 def _igemm_candidate_configs(variant: str) -> list[tuple]:
-    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, carry]); the
-    first is the untuned default, all timed on the GPU at the first call of a shape (:func:`_tuned_config`).
-    Compiled offline for sm_90 with Triton 3.9 (ptxas -v, channels-last strides specialised as at run
-    time): the fp16 ones use 127-235 registers without spills, and the software pipeliner turns the
-    four corner gathers into cp.async copies ``num_stages`` chunks ahead (192 KB of shared memory at
-    128x128x64, 3 stages). ``carry=False`` recomputes a kernel point's sampling at every channel block
-    (more ALU work, no scf.if in the loop)."""
+    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, swap]); the
+    first is the untuned default, all are timed on the GPU at the first call of a shape
+    (:func:`_tuned_config`). ``swap``: the weight tile is the MMA's left operand and the samples go
+    through shared memory (acc [BLOCK_N, BLOCK_M]); otherwise the samples are the left operand.
+
+    Compiled offline for sm_90 (ptxas -v, strides specialised as at run time) with Triton 3.6 (the GPU
+    machine's) and 3.9: all fp16 ones fit in 118-235 registers without spills, and the software
+    pipeliner turns the four corner gathers into cp.async copies ``num_stages`` chunks ahead. With
+    Triton 3.6 the un-swapped ones draw ptxas' C7515 warning (wgmma serialised: the accumulator is
+    touched by other instructions inside the pipeline stage); the swapped ones do not, so one leads."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
-        return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (128, 128, 16, 8, 2)]
-    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (128, 256, 32, 8, 3),
-            (64, 256, 32, 8, 3), (128, 128, 64, 8, 3, False)]
+        return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
+    return [(64, 256, 32, 8, 3, True), (64, 256, 64, 8, 2, True), (128, 256, 32, 8, 2, True),
+            (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 256, 32, 8, 3)]
 
 
 def _igemm_fit_configs(configs, m_total, cout, cd):
@@ -997,11 +1022,11 @@ def _igemm_fit_configs(configs, m_total, cout, cd):
     has fewer than two programs per SM of an H100 (132 SMs); drop duplicates."""
     p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
     fitted = []
-    for bm, bn, bk, warps, stages, *carry in configs:
+    for bm, bn, bk, warps, stages, *swap in configs:
         bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
         while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 264:
             bm //= 2
-        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *carry)
+        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *swap)
         if cfg not in fitted:
             fitted.append(cfg)
     return fitted
@@ -1066,7 +1091,7 @@ def _modulated_deform_conv2d_igemm(
     b = y if bias is None else bias
 
     def launch(cfg):
-        bm, bn, bk, warps, stages, *carry = cfg
+        bm, bn, bk, warps, stages, *swap = cfg
         num_n_tiles = triton.cdiv(cout, bn)
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
@@ -1077,7 +1102,7 @@ def _modulated_deform_conv2d_igemm(
             KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
-            CARRY=carry[0] if carry else _IGEMM_CARRY, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            CARRY=_IGEMM_CARRY, SWAP=bool(swap and swap[0]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if config is not None:

@@ -78,8 +78,8 @@ def test_igemm_matches_reference(device, variant, name):
     want = _ref64(x, off, m, wt, b, kw)
     assert torch.isfinite(want).all()
     # the default (interpreter: one large block) and forced small blocks: several pixel and output-channel
-    # tiles, partial channel blocks, and both ways of computing a kernel point's sampling
-    for config in (None, (16, 16, 16, 1, 1), (32, 16, 16, 1, 1, False)):
+    # tiles, partial channel blocks; both operand orders of the MMA
+    for config in (None, (16, 16, 16, 1, 1), (32, 16, 16, 1, 1, True)):
         y = _call(x, off, m, wt, b, kw, variant, config=config)
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert_rel_close(y, want, REL_TOL[variant], name=f"{variant} {name} {config}")
@@ -190,3 +190,11 @@ def test_gpu_resnet_like_shape(variant):
     s, p, d = (list(v) for v in mdc._pairs(kw["stride"], kw["padding"], kw["dilation"]))
     y = mdc._modulated_deform_conv2d_igemm(x, off, m, wt, b, s, p, d, 1, variant)
     assert_rel_close(y, _ref64(x, off, m, wt, b, kw), REL_TOL[variant])
+
+
+def test_igemm_carried_sampling(device, monkeypatch):
+    # the experimental switch: a kernel point's sampling computed once and carried over its channel blocks
+    monkeypatch.setattr(mdc, "_IGEMM_CARRY", True)
+    x, off, m, wt, b, kw = _make(CASES["s2-dg2"], device, "fp16", seed=18)
+    y = _call(x, off, m, wt, b, kw, "fp16", config=(16, 16, 16, 1, 1))
+    assert_rel_close(y, _ref64(x, off, m, wt, b, kw), REL_TOL["fp16"])
