@@ -711,6 +711,7 @@ if triton_available():
         USE_ASM: tl.constexpr,  # inline PTX (GPU); the interpreter runs the plain-Triton twin
         CARRY: tl.constexpr,  # compute a kernel point's sampling once and carry it over its channel blocks
         SWAP: tl.constexpr,  # weight tile as the MMA's left operand (acc [BLOCK_N, BLOCK_M]), samples via smem
+        TAP_INNER: tl.constexpr,  # chunk order channel block outer, kernel point inner (input slab reuse in L1)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -756,10 +757,16 @@ if triton_available():
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for t in range(0, KK * DG * NCB):
-            cb = t % NCB
-            td = t // NCB
-            kp = td // DG
-            d = td % DG
+            if TAP_INNER:
+                kp = t % KK
+                r = t // KK
+                cb = r % NCB
+                d = r // NCB
+            else:
+                cb = t % NCB
+                td = t // NCB
+                kp = td // DG
+                d = td % DG
             ki = kp // KW
             kj = kp % KW
             if CARRY:
@@ -1001,20 +1008,25 @@ def _uses_igemm(variant: str, groups: int) -> bool:
 
 
 def _igemm_candidate_configs(variant: str) -> list[tuple]:
-    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, swap]); the
-    first is the untuned default, all are timed on the GPU at the first call of a shape
-    (:func:`_tuned_config`). ``swap``: the weight tile is the MMA's left operand and the samples go
-    through shared memory (acc [BLOCK_N, BLOCK_M]); otherwise the samples are the left operand.
+    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, swap[,
+    tap_inner]]); the first is the untuned default, all are timed on the GPU at the first call of a
+    shape (:func:`_tuned_config`). ``swap``: the weight tile is the MMA's left operand and the samples
+    go through shared memory (acc [BLOCK_N, BLOCK_M]); otherwise the samples are the left operand.
+    ``tap_inner``: chunks run channel block outer, kernel point inner.
 
     Compiled offline for sm_90 (ptxas -v, strides specialised as at run time) with Triton 3.6 (the GPU
-    machine's) and 3.9: all fp16 ones fit in 118-235 registers without spills, and the software
-    pipeliner turns the four corner gathers into cp.async copies ``num_stages`` chunks ahead. With
-    Triton 3.6 the un-swapped ones draw ptxas' C7515 warning (wgmma serialised: the accumulator is
-    touched by other instructions inside the pipeline stage); the swapped ones do not, so one leads."""
+    machine's) and 3.9: all fp16 ones fit in 118-235 registers without spills. With num_stages > 1 the
+    software pipeliner turns the four corner gathers into 16-byte ``cp.async.cg`` copies, which bypass
+    L1: every corner is read from L2 (at R101 stage 3: ~0.64 GB of gathers a layer, plus the weight
+    once per pixel tile, 1.2 MB x M/BLOCK_M). num_stages=1 keeps them plain loads, cached in L1, where
+    the 3x3 neighbourhood of a channel block is reused across kernel points (tap_inner), latency hidden
+    by several programs per SM instead. Which wins is for the GPU to say. With Triton 3.6 the
+    un-swapped forms draw ptxas' C7515 warning (wgmma serialised); the swapped ones do not."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
-    return [(64, 256, 32, 8, 3, True), (64, 256, 64, 8, 2, True), (128, 256, 32, 8, 2, True),
-            (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 256, 32, 8, 3)]
+    return [(64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True), (64, 256, 64, 8, 2, True),
+            (128, 128, 64, 8, 3), (64, 256, 32, 8, 1, True, True), (128, 256, 32, 8, 1, True, True),
+            (64, 256, 64, 8, 1, True, True), (128, 128, 64, 8, 1, False, True)]
 
 
 def _igemm_fit_configs(configs, m_total, cout, cd):
@@ -1022,11 +1034,11 @@ def _igemm_fit_configs(configs, m_total, cout, cd):
     has fewer than two programs per SM of an H100 (132 SMs); drop duplicates."""
     p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
     fitted = []
-    for bm, bn, bk, warps, stages, *swap in configs:
+    for bm, bn, bk, warps, stages, *order in configs:
         bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
         while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 264:
             bm //= 2
-        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *swap)
+        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *order)
         if cfg not in fitted:
             fitted.append(cfg)
     return fitted
@@ -1091,7 +1103,7 @@ def _modulated_deform_conv2d_igemm(
     b = y if bias is None else bias
 
     def launch(cfg):
-        bm, bn, bk, warps, stages, *swap = cfg
+        bm, bn, bk, warps, stages, *order = cfg  # optional: swap, tap_inner
         num_n_tiles = triton.cdiv(cout, bn)
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
@@ -1102,7 +1114,8 @@ def _modulated_deform_conv2d_igemm(
             KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
-            CARRY=_IGEMM_CARRY, SWAP=bool(swap and swap[0]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            CARRY=_IGEMM_CARRY and not (order[1:] and order[1]),
+            SWAP=bool(order and order[0]), TAP_INNER=bool(order[1:] and order[1]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if config is not None:

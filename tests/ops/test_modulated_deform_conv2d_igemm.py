@@ -78,8 +78,8 @@ def test_igemm_matches_reference(device, variant, name):
     want = _ref64(x, off, m, wt, b, kw)
     assert torch.isfinite(want).all()
     # the default (interpreter: one large block) and forced small blocks: several pixel and output-channel
-    # tiles, partial channel blocks; both operand orders of the MMA
-    for config in (None, (16, 16, 16, 1, 1), (32, 16, 16, 1, 1, True)):
+    # tiles, partial channel blocks; both operand orders of the MMA and both chunk orders
+    for config in (None, (16, 16, 16, 1, 1), (32, 16, 16, 1, 1, True, True)):
         y = _call(x, off, m, wt, b, kw, variant, config=config)
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert_rel_close(y, want, REL_TOL[variant], name=f"{variant} {name} {config}")
