@@ -13,7 +13,8 @@ Bilinear sampling reads zero outside the image (a sample at y <= -1 or y >= H is
 
 Shapes: ``input (Tensor[N, Cin, H, W])``, ``offset (Tensor[N, 2*dg*kh*kw, Ho, Wo])``,
 ``mask (Tensor[N, dg*kh*kw, Ho, Wo])`` (already sigmoided), ``weight (Tensor[Cout, Cin/groups, kh, kw])``,
-``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous).
+``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous; channels-last memory where the
+implicit-GEMM kernel runs: ``fp16``/``fp16x2`` with groups == 1).
 
 Kernels (no column buffer is ever written):
 
@@ -29,6 +30,18 @@ Kernels (no column buffer is ever written):
    side, which amortises the sampling) and the pixels are contiguous in the stored NCHW tile. Chunks
    run channel-block outer, kernel-point inner, so the kernel points of one channel block reuse the
    input slab from L1.
+
+3. Implicit GEMM (the default for ``fp16``/``fp16x2`` with groups == 1; ``BEVDEPLOY_DCN_IGEMM=0`` turns
+   it off): no plan pass. out[m, o] over M = N*Ho*Wo output pixels (images flattened) x N = Cout, K
+   loop over (kernel point x deform group) x channel blocks. Per chunk a program reads dy, dx, mask of
+   its BLOCK_M pixels straight from ``offset``/``mask`` (any strides: the offset is a channel slice of
+   the offset conv's output, read in place), computes the four corner weights, gathers the corners as
+   [BLOCK_M, BLOCK_K] channel-contiguous loads of the channels-last input, blends them (times the
+   mask) in registers and feeds ``tl.dot`` with the weight tile: channels-last weight is already the
+   packed, K-contiguous [Cout, kh*kw*Cin] matrix (``ModulatedDeformConv2d`` keeps it that way), so
+   nothing is packed at run time. fp32 accumulate, bias epilogue, channels-last output
+   ([N, Cout, Ho, Wo] with channels-last strides; the fake says so). Tiles are timed per layer shape
+   on the GPU (:func:`_igemm_candidate_configs`); groups > 1 and ``int8`` run kernel 2.
 
 Variants: ``fp32`` (fp32 blend, fp32-accurate 3xTF32 dot: ``input_precision="tf32x3"``), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
 dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
@@ -1213,7 +1226,8 @@ def modulated_deform_conv2d(
             (``int8`` only); see :func:`quantize_weight_per_channel`.
 
     Returns:
-        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise.
+        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise; channels-last memory for
+        ``fp16``/``fp16x2`` with ``groups == 1`` (the implicit-GEMM kernel's output), contiguous otherwise.
 
     Example:
         >>> x = torch.randn(1, 4, 5, 5)
