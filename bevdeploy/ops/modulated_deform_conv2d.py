@@ -1044,12 +1044,13 @@ def _igemm_candidate_configs(variant: str) -> list[tuple]:
 
 def _igemm_fit_configs(configs, m_total, cout, cd):
     """Shrink blocks to the problem (powers of two, >= 16 for the MMA); halve BLOCK_M while the grid
-    has fewer than two programs per SM of an H100 (132 SMs); drop duplicates."""
+    has fewer programs than an H100 has SMs (132); drop duplicates. (A large BLOCK_M reads the weight
+    fewer times: once per pixel tile.)"""
     p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
     fitted = []
     for bm, bn, bk, warps, stages, *order in configs:
         bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
-        while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 264:
+        while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 132:
             bm //= 2
         cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *order)
         if cfg not in fitted:
