@@ -1118,6 +1118,7 @@ def _modulated_deform_conv2d_igemm(
 
     def launch(cfg):
         bm, bn, bk, warps, stages, *order = cfg  # optional: swap, tap_inner
+        swap, tap_inner = (bool(v) for v in (tuple(order) + (False, False))[:2])
         num_n_tiles = triton.cdiv(cout, bn)
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
@@ -1128,8 +1129,8 @@ def _modulated_deform_conv2d_igemm(
             KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
-            CARRY=_IGEMM_CARRY and not (order[1:] and order[1]),
-            SWAP=bool(order and order[0]), TAP_INNER=bool(order[1:] and order[1]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            CARRY=_IGEMM_CARRY and not tap_inner, SWAP=swap, TAP_INNER=tap_inner,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if config is not None:
