@@ -732,10 +732,12 @@ if triton_available():
         """Implicit GEMM, out[m, o] = bias[o] + sum_{k, c} A[m, (k, c)] * W[(k, c), o], over M = N*Ho*Wo
         output pixels (rows, images flattened), K = KH*KW*Cin, N = Cout. A[m, (k, c)] = mask * bilinear
         sample of channel c at kernel point k's deformed position, gathered from the input and blended in
-        registers, never stored: it is the MMA's left operand ([BLOCK_M, BLOCK_K], register-sourced on
-        Hopper), the weight tile [BLOCK_K, BLOCK_N] its right one. Chunks run kernel point (x deform
-        group) outer, channel block inner; the sampling coordinates and the four corner weights of a
-        kernel point are computed from offset/mask at its first channel block and carried to the others."""
+        registers, never written to memory: the MMA's left operand ([BLOCK_M, BLOCK_K]) with the weight tile
+        [BLOCK_K, BLOCK_N] on the right, or (SWAP) the weight tile [BLOCK_N, BLOCK_K] on the left and the
+        samples on the right (acc [BLOCK_N, BLOCK_M]). Chunks run kernel point (x deform group) outer and
+        channel block inner, or (TAP_INNER) the reverse. Each chunk computes its kernel point's sampling
+        (coordinates, four corner weights x mask) from offset/mask, or (CARRY) takes it from the chunk
+        before when only the channel block changed."""
         KK: tl.constexpr = KH * KW
         pid = tl.program_id(0)
         pid_m = pid // num_n_tiles
