@@ -18,6 +18,16 @@ import pytest  # noqa: E402
 # the references (TRITON_INTERPRET=0 at call time) must not be the first to import a kernel module.
 import bevdeploy.ops  # noqa: E402,F401
 import bevdeploy.quant.int8_kernels  # noqa: E402,F401
+from bevdeploy.ops._utils import FAKE_LAYOUT_VERSION  # noqa: E402
+
+# Inductor's shared FX-graph cache (/tmp/torchinductor_<user>) does not key on our ops' fakes: a
+# checkout whose fakes promise other strides would reuse another checkout's compiled graphs.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_bevdeploy_ops{FAKE_LAYOUT_VERSION}")
 
 
 @pytest.fixture

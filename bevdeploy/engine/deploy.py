@@ -157,11 +157,11 @@ class _VariantDCN(nn.Module):
         self.op_variant = variant
 
     def forward(self, x: Tensor) -> Tensor:
-        from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d
+        from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, split_offset_mask
 
         p = self.pack
-        o1, o2, m = torch.chunk(p.conv_offset(x), 3, dim=1)
-        return modulated_deform_conv2d(x, torch.cat((o1, o2), dim=1), torch.sigmoid(m), p.weight, p.bias, p.stride,
+        offset, mask = split_offset_mask(p.conv_offset(x))  # offset: a view, read in place by the op
+        return modulated_deform_conv2d(x, offset, mask, p.weight, p.bias, p.stride,
                                        p.padding, p.dilation, p.groups, p.deform_groups, variant=self.op_variant)
 
 

@@ -7,7 +7,7 @@ engine, metadata failing its schema (the field named), or an integrity hash over
 constants and metadata that differs from the one recorded at build (ValueError: corrupt); built
 with another torch major.minor or on a GPU of another compute capability (RuntimeError: rebuild).
 On CUDA the exported module is compiled with ``torch.compile`` (Inductor, on-disk cache under
-``~/.cache/bevdeploy/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set) and one call is captured
+``~/.cache/bevdeploy/inductor-ops<FAKE_LAYOUT_VERSION>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set) and one call is captured
 in a CUDA graph on static input buffers; each call copies the inputs in, replays and returns copies
 of the outputs. On the CPU the exported module runs eagerly (no compile, no graphs).
 """
@@ -209,8 +209,10 @@ class Engine:
         return cls(path, ep, meta, dev, compile, cuda_graphs, freeze)
 
     def _compile(self, freeze: bool) -> None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                              os.path.join(os.path.expanduser("~"), ".cache", "bevdeploy", "inductor"))
+        from bevdeploy.ops._utils import FAKE_LAYOUT_VERSION
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+            os.path.expanduser("~"), ".cache", "bevdeploy", f"inductor-ops{FAKE_LAYOUT_VERSION}"))
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(self._module, dynamic=False)

@@ -241,6 +241,81 @@ def dcn_cases() -> list[Case]:
     return cases
 
 
+#: BEVFormer's R101-DCN layers (caffe style: every DCN is a stride-1 3x3 conv2), 6 cameras, feature
+#: maps of the padded images (small 736x1280, base 928x1600): stage 3 at /16 (23 layers a frame),
+#: stage 4 at /32 (3 layers).
+DCN_BEVFORMER_LAYERS = [
+    ("BEVFormer-base R101 stage3 6x256x58x100 3x3 (x23)", (6, 256, 58, 100)),
+    ("BEVFormer-base R101 stage4 6x512x29x50 3x3 (x3)", (6, 512, 29, 50)),
+    ("BEVFormer-small R101 stage3 6x256x46x80 3x3 (x23)", (6, 256, 46, 80)),
+    ("BEVFormer-small R101 stage4 6x512x23x40 3x3 (x3)", (6, 512, 23, 40)),
+]
+
+
+def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
+                    variants: tuple[str, ...] = ("fp16", "fp16x2", "fp32")) -> list[Case]:
+    """The implicit-GEMM DCN kernel (the default for fp16/fp16x2) at BEVFormer's R101-DCN layer shapes,
+    timed beside the previous plan + fused kernel on the same inputs and beside cuDNN's fp16
+    channels-last plain 3x3 conv of the same shape (the FLOPs floor; target: DCN <= 1.5x cuDNN).
+    Inputs as the engine feeds them: channels-last activations and weights, offset a channel slice of
+    the offset conv's channels-last output, mask its sigmoid."""
+    from bevdeploy.ops import modulated_deform_conv2d as mdc
+
+    cases = []
+    for label, (N, C, H, W) in layers:
+        g = torch.Generator(device=device).manual_seed(3)
+        x = torch.randn(N, C, H, W, device=device, generator=g)
+        conv_out = torch.randn(N, 27, H, W, device=device, generator=g).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(C, C, 3, 3, device=device, generator=g) / math.sqrt(9 * C)
+        bias = torch.randn(C, device=device, generator=g)
+        flops = 2 * N * C * C * 9 * H * W
+        cudnn_ms: dict[str, float] = {}
+
+        def inputs(variant, x=x, conv_out=conv_out, weight=weight, bias=bias):
+            dt = _FLOAT_DTYPE[variant]
+            out = conv_out.to(dt)
+            return (x.to(dt).contiguous(memory_format=torch.channels_last), out[:, :18], torch.sigmoid(out[:, 18:]),
+                    weight.to(dt).contiguous(memory_format=torch.channels_last), bias.to(dt))
+
+        def make(variant, inputs=inputs):
+            xs, o, m, w, b = inputs(variant)
+            return lambda: mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant)
+
+        def old_kernel_ms(variant, _ms, inputs=inputs, cache={}):  # noqa: B006 (one cache per case)
+            if variant not in cache:
+                xs, o, m, w, b = inputs(variant)
+                cache[variant] = time_cuda_graph(lambda: mdc._modulated_deform_conv2d_triton(
+                    xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, 1, variant, 1.0, None))
+            return cache[variant]
+
+        def cudnn_fp16_ms(variant, _ms, x=x, weight=weight, bias=bias, cache=cudnn_ms):
+            if "ms" not in cache:
+                torch.backends.cudnn.benchmark = True
+                xs = x.half().contiguous(memory_format=torch.channels_last)
+                w = weight.half().contiguous(memory_format=torch.channels_last)
+                cache["ms"] = time_cuda_graph(lambda: F.conv2d(xs, w, bias.half(), 1, 1))
+            return cache["ms"]
+
+        def reference(x=x, conv_out=conv_out, weight=weight, bias=bias):
+            return mdc.reference(x, conv_out[:, :18], torch.sigmoid(conv_out[:, 18:]), weight, bias, 1, 1, 1)
+
+        def bytes_moved(variant, N=N, C=C, H=H, W=W):
+            small = 4 if variant == "fp32" else 2
+            return N * C * H * W * _ELT[variant] * 2 + N * 27 * H * W * small + C * C * 9 * _ELT[variant]
+
+        cases.append(Case(
+            "modulated_deform_conv2d_igemm", label, tuple(variants), make, reference, bytes_moved,
+            {
+                "TFLOPs": lambda variant, ms, flops=flops: flops / (ms * 1e-3) / 1e12,
+                "old_kernel_ms": old_kernel_ms,
+                "speedup_vs_old_kernel": lambda variant, ms, f=old_kernel_ms: f(variant, ms) / ms,
+                "cudnn_fp16_ms": cudnn_fp16_ms,
+                "ratio_vs_cudnn_fp16": lambda variant, ms, f=cudnn_fp16_ms: ms / f(variant, ms),
+            },
+        ))  # fmt: skip
+    return cases
+
+
 # ----------------------------------------------------------------------------------- bev_pool_v2
 
 
@@ -379,6 +454,7 @@ ALL_CASES = {
     "rotate": rotate_cases,
     "inverse": inverse_cases,
     "modulated_deform_conv2d": dcn_cases,
+    "modulated_deform_conv2d_igemm": dcn_igemm_cases,
     "bev_pool_v2": bev_pool_cases,
     "flash_attention": attention_cases,
     "int8_layers": int8_layer_cases,

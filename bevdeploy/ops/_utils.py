@@ -25,6 +25,12 @@ from torch import Tensor
 
 VARIANTS = ("fp32", "fp16", "fp16x2", "int8")
 
+#: Bumped whenever an op's fake changes the strides it promises (Inductor's on-disk FX-graph cache
+#: key does not cover fake implementations: a graph compiled against the old fake would be reused and
+#: fail its stride asserts). The engine's and the tests' Inductor cache folders carry it.
+#: 2: modulated_deform_conv2d returns channels-last memory where its implicit-GEMM kernel runs.
+FAKE_LAYOUT_VERSION = 2
+
 #: dtype each variant stores its main (large) input in.
 VARIANT_INPUT_DTYPE = {
     "fp32": torch.float32,

@@ -13,7 +13,8 @@ Bilinear sampling reads zero outside the image (a sample at y <= -1 or y >= H is
 
 Shapes: ``input (Tensor[N, Cin, H, W])``, ``offset (Tensor[N, 2*dg*kh*kw, Ho, Wo])``,
 ``mask (Tensor[N, dg*kh*kw, Ho, Wo])`` (already sigmoided), ``weight (Tensor[Cout, Cin/groups, kh, kw])``,
-``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous).
+``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous; channels-last memory where the
+implicit-GEMM kernel runs: ``fp16``/``fp16x2`` with groups == 1).
 
 Kernels (no column buffer is ever written):
 
@@ -29,6 +30,18 @@ Kernels (no column buffer is ever written):
    side, which amortises the sampling) and the pixels are contiguous in the stored NCHW tile. Chunks
    run channel-block outer, kernel-point inner, so the kernel points of one channel block reuse the
    input slab from L1.
+
+3. Implicit GEMM (the default for ``fp16``/``fp16x2`` with groups == 1; ``BEVDEPLOY_DCN_IGEMM=0`` turns
+   it off): no plan pass. out[m, o] over M = N*Ho*Wo output pixels (images flattened) x N = Cout, K
+   loop over (kernel point x deform group) x channel blocks. Per chunk a program reads dy, dx, mask of
+   its BLOCK_M pixels straight from ``offset``/``mask`` (any strides: the offset is a channel slice of
+   the offset conv's output, read in place), computes the four corner weights, gathers the corners as
+   [BLOCK_M, BLOCK_K] channel-contiguous loads of the channels-last input, blends them (times the
+   mask) in registers and feeds ``tl.dot`` with the weight tile: channels-last weight is already the
+   packed, K-contiguous [Cout, kh*kw*Cin] matrix (``ModulatedDeformConv2d`` keeps it that way), so
+   nothing is packed at run time. fp32 accumulate, bias epilogue, channels-last output
+   ([N, Cout, Ho, Wo] with channels-last strides; the fake says so). Tiles are timed per layer shape
+   on the GPU (:func:`_igemm_candidate_configs`); groups > 1 and ``int8`` run kernel 2.
 
 Variants: ``fp32`` (fp32 blend, fp32-accurate 3xTF32 dot: ``input_precision="tf32x3"``), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
 dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
@@ -620,6 +633,235 @@ if triton_available():
         tl.store(y_ptr + y_off, res.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
 
 
+    @triton.jit
+    def _igemm_tap_plan(o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                        stride_oc, stride_mc, stride_xh, stride_xw, KK: tl.constexpr):
+        """One kernel point's sampling for BLOCK_M pixels: the element offset of the top-left corner in the
+        image and the four corner weights (bilinear x mask, 0 for corners outside the image)."""
+        # mmcv's rule: y = ho*sh - ph + i*dh + dy (x alike); a sample with y <= -1, y >= H,
+        # x <= -1 or x >= W is zero (NaN offsets too); corners outside the image read zero.
+        oc = d * (2 * KK) + 2 * kp
+        dy = tl.load(o_row + oc * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
+        dx = tl.load(o_row + (oc + 1) * stride_oc, mask=m_ok, other=0.0).to(tl.float32)
+        mk = tl.load(k_row + (d * KK + kp) * stride_mc, mask=m_ok, other=0.0).to(tl.float32)
+        sy = (y_top + ki * dil_h).to(tl.float32) + dy
+        sx = (x_left + kj * dil_w).to(tl.float32) + dx
+        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
+        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0) & m_ok
+        sy = tl.where(inside, sy, 0.0)
+        sx = tl.where(inside, sx, 0.0)
+        y0f = tl.floor(sy)
+        x0f = tl.floor(sx)
+        ly = sy - y0f
+        lx = sx - x0f
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        mk = tl.where(inside, mk, 0.0)
+        top = y0 >= 0
+        bottom = y0 < H - 1
+        left = x0 >= 0
+        right = x0 < W - 1
+        w00 = tl.where(top & left, hy * hx * mk, 0.0)
+        w01 = tl.where(top & right, hy * lx * mk, 0.0)
+        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
+        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        base = y0 * stride_xh + x0 * stride_xw
+        return base, w00, w01, w10, w11
+
+    @triton.jit
+    def _modulated_deform_conv2d_igemm_kernel(
+        # pointers
+        x_ptr,  # input [N, Cin, H, W], any strides (channels-last: vector loads along C)
+        off_ptr,  # offset [N, 2*DG*KK, Ho, Wo], any strides (e.g. a channel slice of the offset conv's output)
+        msk_ptr,  # mask [N, DG*KK, Ho, Wo], any strides
+        w_ptr,  # weight [Cout, Cin, KH, KW] (channels-last memory = [Cout, KH*KW*Cin], K-contiguous)
+        b_ptr,  # bias [Cout] (unused unless HAS_BIAS)
+        y_ptr,  # out [N, Cout, Ho, Wo] in channels-last memory: row m = n*HoWo + p holds Cout values
+        # sizes
+        M,  # N*Ho*Wo
+        HoWo,
+        Wo,
+        H,
+        W,
+        Cout,
+        Cd,  # channels per deform group
+        DG,
+        num_n_tiles,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        # strides (elements)
+        stride_xn,
+        stride_xc,
+        stride_xh,
+        stride_xw,
+        stride_on,
+        stride_oc,
+        stride_oh,
+        stride_ow,
+        stride_mn,
+        stride_mc,
+        stride_mh,
+        stride_mw,
+        stride_wo,
+        stride_wc,
+        stride_wh,
+        stride_ww,
+        # constexpr
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        VARIANT: tl.constexpr,  # 0 fp32, 1 fp16, 2 fp16x2
+        HAS_BIAS: tl.constexpr,
+        NCB: tl.constexpr,  # channel blocks per deform group
+        CH_MASK: tl.constexpr,  # Cd % BLOCK_K != 0
+        N_MASK: tl.constexpr,  # Cout % BLOCK_N != 0
+        BASE_ALIGN: tl.constexpr,  # stride_xh and stride_xw are multiples of this
+        USE_ASM: tl.constexpr,  # inline PTX (GPU); the interpreter runs the plain-Triton twin
+        CARRY: tl.constexpr,  # compute a kernel point's sampling once and carry it over its channel blocks
+        SWAP: tl.constexpr,  # weight tile as the MMA's left operand (acc [BLOCK_N, BLOCK_M]), samples via smem
+        TAP_INNER: tl.constexpr,  # chunk order channel block outer, kernel point inner (input slab reuse in L1)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Implicit GEMM, out[m, o] = bias[o] + sum_{k, c} A[m, (k, c)] * W[(k, c), o], over M = N*Ho*Wo
+        output pixels (rows, images flattened), K = KH*KW*Cin, N = Cout. A[m, (k, c)] = mask * bilinear
+        sample of channel c at kernel point k's deformed position, gathered from the input and blended in
+        registers, never written to memory: the MMA's left operand ([BLOCK_M, BLOCK_K]) with the weight tile
+        [BLOCK_K, BLOCK_N] on the right, or (SWAP) the weight tile [BLOCK_N, BLOCK_K] on the left and the
+        samples on the right (acc [BLOCK_N, BLOCK_M]). Chunks run kernel point (x deform group) outer and
+        channel block inner, or (TAP_INNER) the reverse. Each chunk computes its kernel point's sampling
+        (coordinates, four corner weights x mask) from offset/mask, or (CARRY) takes it from the chunk
+        before when only the channel block changed."""
+        KK: tl.constexpr = KH * KW
+        pid = tl.program_id(0)
+        pid_m = pid // num_n_tiles
+        pid_n = pid % num_n_tiles
+
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        mm = tl.where(m_ok, m, 0)
+        n = mm // HoWo
+        pix = mm % HoWo
+        ho = pix // Wo
+        wo = pix % Wo
+        n64 = n.to(tl.int64)
+        x_row = x_ptr + n64 * stride_xn  # [BLOCK_M] image bases
+        o_row = off_ptr + n64 * stride_on + ho * stride_oh + wo * stride_ow
+        k_row = msk_ptr + n64 * stride_mn + ho * stride_mh + wo * stride_mw
+        y_top = ho * stride_h - pad_h
+        x_left = wo * stride_w - pad_w
+
+        o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_ok = o < Cout
+        w_col = w_ptr + o * stride_wo  # [BLOCK_N]
+        kc = tl.arange(0, BLOCK_K)
+
+        base = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        w00 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(0, KK * DG * NCB):
+            if TAP_INNER:
+                kp = t % KK
+                r = t // KK
+                cb = r % NCB
+                d = r // NCB
+            else:
+                cb = t % NCB
+                td = t // NCB
+                kp = td // DG
+                d = td % DG
+            ki = kp // KW
+            kj = kp % KW
+            if CARRY:
+                if cb == 0:
+                    base, w00, w01, w10, w11 = _igemm_tap_plan(
+                        o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                        stride_oc, stride_mc, stride_xh, stride_xw, KK)
+            else:
+                base, w00, w01, w10, w11 = _igemm_tap_plan(
+                    o_row, k_row, m_ok, y_top, x_left, kp, d, ki, kj, H, W, dil_h, dil_w,
+                    stride_oc, stride_mc, stride_xh, stride_xw, KK)
+            cl = cb * BLOCK_K + kc  # channel inside the deform group
+            c = d * Cd + cl
+            bm = tl.multiple_of(base, BASE_ALIGN)
+            # A zero weight means the corner is outside (or contributes nothing): skip its load.
+            m00 = (w00 != 0.0)[:, None]
+            m01 = (w01 != 0.0)[:, None]
+            m10 = (w10 != 0.0)[:, None]
+            m11 = (w11 != 0.0)[:, None]
+            if CH_MASK:
+                c_ok = (cl < Cd)[None, :]
+                m00 = m00 & c_ok
+                m01 = m01 & c_ok
+                m10 = m10 & c_ok
+                m11 = m11 & c_ok
+            pa = x_row[:, None] + (bm[:, None] + (c * stride_xc)[None, :])
+            v00 = tl.load(pa, mask=m00, other=0.0)
+            v01 = tl.load(pa + stride_xw, mask=m01, other=0.0)
+            v10 = tl.load(pa + stride_xh, mask=m10, other=0.0)
+            v11 = tl.load(pa + (stride_xh + stride_xw), mask=m11, other=0.0)
+            if VARIANT == 2:
+                # paired fp16 blend with fp16 corner weights (carried in fp32: one loop-carried type)
+                a = _blend_f16(v00, v01, v10, v11, w00.to(tl.float16), w01.to(tl.float16), w10.to(tl.float16),
+                               w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
+            else:
+                a = v00.to(tl.float32) * w00[:, None]
+                a = a + v01.to(tl.float32) * w01[:, None]
+                a = a + v10.to(tl.float32) * w10[:, None]
+                a = a + v11.to(tl.float32) * w11[:, None]
+                a = a.to(x_ptr.dtype.element_ty)
+
+            # Weight tile [BLOCK_K, BLOCK_N], K-contiguous columns for channels-last weight.
+            wp = w_col[None, :] + ((c * stride_wc)[:, None] + (ki * stride_wh + kj * stride_ww))
+            if CH_MASK:
+                if N_MASK:
+                    b = tl.load(wp, mask=(cl < Cd)[:, None] & o_ok[None, :], other=0.0)
+                else:
+                    b = tl.load(wp, mask=(cl < Cd)[:, None], other=0.0)
+            else:
+                if N_MASK:
+                    b = tl.load(wp, mask=o_ok[None, :], other=0.0)
+                else:
+                    b = tl.load(wp)
+            if SWAP:
+                if VARIANT == 0:
+                    acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+            else:
+                if VARIANT == 0:
+                    acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(a, b, acc)
+
+        # the tile of the channels-last output: output channels contiguous
+        m64 = m.to(tl.int64)
+        if SWAP:
+            res = acc
+            if HAS_BIAS:
+                res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + (m64[None, :] * Cout + o[:, None]), res.to(y_ptr.dtype.element_ty),
+                     mask=o_ok[:, None] & m_ok[None, :])
+        else:
+            res = acc
+            if HAS_BIAS:
+                res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + (m64[:, None] * Cout + o[None, :]), res.to(y_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & o_ok[None, :])
+
+
 def _span(t: Tensor) -> int:
     """Largest element offset inside one batch item (int32 addressing inside the kernel)."""
     return sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
@@ -760,7 +1002,158 @@ def _tuned_config(key, fitted, launch):
     return best
 
 
-@torch.library.custom_op("bevdeploy::modulated_deform_conv2d", mutates_args=())
+# ---- tensor-core implicit GEMM (groups == 1; fp16/fp16x2 by default, fp32 on request) ----
+
+_IGEMM_VARIANTS = ("fp16", "fp16x2")  # where the implicit GEMM is the default (fp32 keeps the plan kernel)
+_IGEMM_SUPPORTED = ("fp32", "fp16", "fp16x2")
+# Carrying a kernel point's sampling (loop-carried [BLOCK_M] vectors through an scf.if) saves ALU work
+# but, compiled offline for sm_90, made Triton 3.6 give the corner gathers a scalar layout (255
+# registers, ~2 KB of spills, no cp.async for them); recomputing it at every chunk compiles clean on
+# 3.6 and 3.9 (126-235 registers, gathers pipelined). Kept as a switch for experiments.
+_IGEMM_CARRY = False
+
+
+def _uses_igemm(variant: str, groups: int) -> bool:
+    """Whether the op runs the implicit-GEMM kernel (channels-last output) for these arguments. Read by
+    the op, its CPU path and its fake alike, so the output strides agree everywhere.
+    ``BEVDEPLOY_DCN_IGEMM=0`` turns it off (the plan kernel, NCHW output, as before)."""
+    if os.environ.get("BEVDEPLOY_DCN_IGEMM", "1") == "0":
+        return False
+    return variant in _IGEMM_VARIANTS and int(groups) == 1
+
+
+def _igemm_candidate_configs(variant: str) -> list[tuple]:
+    """(BLOCK_M pixels, BLOCK_N output channels, BLOCK_K channels, num_warps, num_stages[, swap[,
+    tap_inner]]); the first is the untuned default, all are timed on the GPU at the first call of a
+    shape (:func:`_tuned_config`). ``swap``: the weight tile is the MMA's left operand and the samples
+    go through shared memory (acc [BLOCK_N, BLOCK_M]); otherwise the samples are the left operand.
+    ``tap_inner``: chunks run channel block outer, kernel point inner.
+
+    Compiled offline for sm_90 (ptxas -v, strides specialised as at run time) with Triton 3.6 (the GPU
+    machine's) and 3.9: all fp16 ones fit in 118-235 registers without spills. With num_stages > 1 the
+    software pipeliner turns the four corner gathers into 16-byte ``cp.async.cg`` copies, which bypass
+    L1: every corner is read from L2 (at R101 stage 3: ~0.64 GB of gathers a layer, plus the weight
+    once per pixel tile, 1.2 MB x M/BLOCK_M). num_stages=1 keeps them plain loads, cached in L1, where
+    the 3x3 neighbourhood of a channel block is reused across kernel points (tap_inner), latency hidden
+    by several programs per SM instead. Which wins is for the GPU to say. With Triton 3.6 the
+    un-swapped forms draw ptxas' C7515 warning (wgmma serialised); the swapped ones do not."""
+    if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
+        return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
+    return [(64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True), (64, 256, 64, 8, 2, True),
+            (128, 128, 64, 8, 3), (64, 256, 32, 8, 1, True, True), (128, 256, 32, 8, 1, True, True),
+            (64, 256, 64, 8, 1, True, True), (128, 128, 64, 8, 1, False, True)]
+
+
+def _igemm_fit_configs(configs, m_total, cout, cd):
+    """Shrink blocks to the problem (powers of two, >= 16 for the MMA); halve BLOCK_M while the grid
+    has fewer programs than an H100 has SMs (132); drop duplicates. (A large BLOCK_M reads the weight
+    fewer times: once per pixel tile.)"""
+    p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
+    fitted = []
+    for bm, bn, bk, warps, stages, *order in configs:
+        bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
+        while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 132:
+            bm //= 2
+        cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *order)
+        if cfg not in fitted:
+            fitted.append(cfg)
+    return fitted
+
+
+def _new_channels_last_output(shape, variant, device, out):
+    """[N, Cout, Ho, Wo] in channels-last memory, or a caller-given one of that layout (tests poison it)."""
+    dtype = VARIANT_OUTPUT_DTYPE[variant]
+    n, c, h, w = shape
+    if out is None:
+        return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device
+            or not out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"out must be a channels-last {dtype} tensor of shape {list(shape)} on {device}, "
+                         f"got {out.dtype} {list(out.shape)} strides {out.stride()} on {out.device}")
+    return out
+
+
+def _modulated_deform_conv2d_igemm(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    deform_groups: int,
+    variant: str,
+    out: Tensor | None = None,
+    *,
+    config: tuple | None = None,
+    relayout: bool = True,
+) -> Tensor:
+    """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory.
+    offset and mask are read in place with any strides (a channel slice of the offset conv's output
+    needs no copy). ``relayout`` copies a non-channels-last input / weight to channels-last (tests turn
+    it off to cover arbitrary strides); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages). On the GPU the first call of each shape times the candidate configs."""
+    if variant not in _IGEMM_SUPPORTED:
+        raise NotImplementedError(f"the implicit-GEMM kernel takes {_IGEMM_SUPPORTED}, got {variant=}")
+    n, cin, h, w = input.shape
+    cout, cg, kh, kw = weight.shape
+    if cg != cin:
+        raise NotImplementedError(f"the implicit-GEMM kernel needs groups == 1 (weight has {cg} of {cin} channels)")
+    ho, wo = offset.shape[-2:]
+    y = _new_channels_last_output((n, cout, ho, wo), variant, input.device, out)
+    if y.numel() == 0:
+        return y
+    if relayout:
+        if input.stride(1) != 1:
+            input = input.contiguous(memory_format=torch.channels_last)
+        if weight.stride(1) != 1:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
+        if _span(t) > _MAX_I32:
+            raise ValueError(f"{name}: one batch item spans more than 2^31 elements; split the batch spatially")
+    if weight.numel() > _MAX_I32:
+        raise ValueError(f"weight: more than 2^31 elements ({weight.numel()})")
+    cd = cin // deform_groups
+    m_total = n * ho * wo
+    b = y if bias is None else bias
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages, *order = cfg  # optional: swap, tap_inner
+        swap, tap_inner = (bool(v) for v in (tuple(order) + (False, False))[:2])
+        num_n_tiles = triton.cdiv(cout, bn)
+        grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
+        _modulated_deform_conv2d_igemm_kernel[grid](
+            input, offset, mask, weight, b, y,
+            m_total, ho * wo, wo, h, w, cout, cd, deform_groups, num_n_tiles,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *input.stride(), *offset.stride(), *mask.stride(), *weight.stride(),
+            KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
+            CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
+            BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
+            CARRY=_IGEMM_CARRY and not tap_inner, SWAP=swap, TAP_INNER=tap_inner,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    if config is not None:
+        launch(config)
+    elif interpreter_enabled() or input.device.type != "cuda":
+        p2 = lambda v, hi: min(hi, max(16, 1 << max(0, int(v) - 1).bit_length()))  # noqa: E731
+        launch((p2(m_total, 64), p2(cout, 64), p2(cd, 64), 4, 1))
+    else:
+        fitted = _igemm_fit_configs(_igemm_candidate_configs(variant), m_total, cout, cd)
+        key = ("igemm", variant, input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
+               weight.stride(1) == 1, offset.dtype, offset.stride(1) == 1, mask.dtype,
+               None if bias is None else bias.dtype, tuple(stride), tuple(padding), tuple(dilation), deform_groups)
+        flops = 2 * m_total * cout * cin * kh * kw
+        launch(_tuned_config(key, fitted, launch) if flops >= _TUNE_MIN_FLOPS else fitted[0])
+    return y
+
+
+# flexible_layout: Inductor may hand the op its inputs in whatever layout it chose (channels-last after its
+# conv layout optimisation) instead of forcing the traced NCHW strides: the kernels take any strides.
+@torch.library.custom_op("bevdeploy::modulated_deform_conv2d", mutates_args=(),
+                         tags=(torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ())
 def _modulated_deform_conv2d_op(
     input: Tensor,
     offset: Tensor,
@@ -776,11 +1169,17 @@ def _modulated_deform_conv2d_op(
     input_scale: float,
     weight_scale: Tensor | None,
 ) -> Tensor:
+    igemm = _uses_igemm(variant, groups)
     if use_triton(input):
+        if igemm:
+            return _modulated_deform_conv2d_igemm(input, offset, mask, weight, bias, stride, padding, dilation,
+                                                  deform_groups, variant)
         return _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                                                deform_groups, variant, input_scale, weight_scale)
-    return _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
-                     input_scale, weight_scale)
+    out = _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
+                    input_scale, weight_scale)
+    # the same strides as the GPU path (and the fake): channels-last where the implicit GEMM runs
+    return out.contiguous(memory_format=torch.channels_last) if igemm else out
 
 
 @_modulated_deform_conv2d_op.register_fake
@@ -788,7 +1187,8 @@ def _(input, offset, mask, weight, bias, stride, padding, dilation, groups, defo
       weight_scale):
     variant, shape = _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                                    deform_groups, variant, input_scale, weight_scale)
-    return input.new_empty(shape, dtype=VARIANT_OUTPUT_DTYPE[variant])
+    out = input.new_empty(shape, dtype=VARIANT_OUTPUT_DTYPE[variant])
+    return out.contiguous(memory_format=torch.channels_last) if _uses_igemm(variant, groups) else out
 
 
 register_reference_autograd(_modulated_deform_conv2d_op, _cpu_impl)
@@ -830,7 +1230,8 @@ def modulated_deform_conv2d(
             (``int8`` only); see :func:`quantize_weight_per_channel`.
 
     Returns:
-        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise.
+        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise; channels-last memory for
+        ``fp16``/``fp16x2`` with ``groups == 1`` (the implicit-GEMM kernel's output), contiguous otherwise.
 
     Example:
         >>> x = torch.randn(1, 4, 5, 5)
@@ -863,6 +1264,14 @@ def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     check_tensor("weight", weight, shape=("Cout", "Cin/g", "kh", "kw"), dtypes=(torch.float32, torch.float16))
     q, scale = _quantize_weight_per_channel(weight)
     return q.contiguous(memory_format=torch.channels_last), scale
+
+
+def split_offset_mask(out: Tensor) -> tuple[Tensor, Tensor]:
+    """mmcv ``DCNv2``'s split of the offset conv's output [N, 3*dg*kh*kw, Ho, Wo]: its first two thirds
+    are the offsets (mmcv concatenates the first two chunks, which are adjacent, so this is a view of
+    ``out``: the op reads it in place, with any strides), the last third the mask logits (sigmoided)."""
+    k = out.shape[1] // 3
+    return out[:, : 2 * k], torch.sigmoid(out[:, 2 * k :])
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -950,9 +1359,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
                 self.conv_offset.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        out = self.conv_offset(x)
-        o1, o2, m = torch.chunk(out, 3, dim=1)
-        offset = torch.cat((o1, o2), dim=1)
-        mask = torch.sigmoid(m)
+        offset, mask = split_offset_mask(self.conv_offset(x))
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
                                        self.dilation, self.groups, self.deform_groups)
