@@ -128,9 +128,9 @@ def sca_cases() -> list[Case]:
     """
     from bevdeploy.eval.bench_models import rig_lidar2img
     from bevdeploy.models.bevformer import BEVFORMER_CONFIGS, BEVFormerEncoder
-    from bevdeploy.ops.msda import _launch_config, msda_fused
+    from bevdeploy.ops.msda import msda_fused
+    from bevdeploy.ops.sca import _launch_config_sca, _sca_triton, sca_gathered
     from bevdeploy.ops.sca import reference as sca_reference
-    from bevdeploy.ops.sca import sca_gathered
 
     cfg = BEVFORMER_CONFIGS["bevformer-base"]
     img_h, img_w = cfg.image_size  # padded 928x1600
@@ -150,7 +150,7 @@ def sca_cases() -> list[Case]:
     logits = torch.randn(B, Q, H, L * P, device="cuda", generator=g)
 
     seen = bev_mask.sum(1)  # cameras per query
-    block_q = _launch_config(B, Q, H, P, D, torch.device("cuda"))[0]
+    block_q, _, _, num_warps = _launch_config_sca(B, Q, H, P, D, torch.device("cuda"))
     pad = -Q % block_q
     per_block = F.pad(bev_mask, (0, pad)).view(B, N, -1, block_q).amax(-1)  # [B, N, blocks]: camera visited
     stats = {
@@ -189,6 +189,17 @@ def sca_cases() -> list[Case]:
     def speedup_vs_static(variant: str, ms: float) -> float:
         return static_cache[variant] / ms
 
+    def launch_ms(block_q: int, num_warps: int):
+        """fp16 only: the gathered kernel at another (BLOCK_Q, num_warps) than the heuristic's."""
+
+        def timed(variant: str, _ms: float) -> float | None:
+            if variant != "fp16":
+                return None
+            v, r, o, lg, m = value.half(), ref_cam.half(), offsets.half(), logits.half(), bev_mask.half()
+            return time_cuda_graph(lambda: _sca_triton(v, shapes, r, m, o, lg, "fp16", launch=(block_q, num_warps)))
+
+        return timed
+
     def reference():
         return sca_reference(value, shapes, ref_cam, bev_mask, offsets, logits)
 
@@ -205,6 +216,9 @@ def sca_cases() -> list[Case]:
         "speedup_vs_static": speedup_vs_static,  # after static_ms (it reads its measurement)
         "corner_TBps": corner_tbps,
         **{k: (lambda variant, ms, x=x: x) for k, x in stats.items()},
+        "block_q": lambda variant, ms: block_q,
+        "num_warps": lambda variant, ms: num_warps,
+        **{f"ms_block{bq}_warps{nw}": launch_ms(bq, nw) for bq, nw in ((8, 4), (4, 4), (16, 8)) if (bq, nw) != (block_q, num_warps)},
     }
     label = f"base layer {N} cams x {Q}q {L}lvl P{P} R{R}, rig mask"
     # fp16 first: the target row (<= 0.6 ms on an H100) is on disk early in a run cut short
@@ -528,7 +542,9 @@ def run(ops: list[str] | None = None, out_dir: str | Path = "bench/results", com
                     if ref_timing != "graph":
                         row["reference_timing"] = ref_timing
                     for key, fn in case.extra.items():
-                        row[key] = round(fn(variant, ms), 4)
+                        extra = fn(variant, ms)  # None: does not apply to this variant
+                        if extra is not None:
+                            row[key] = round(extra, 4)
                     result["rows"].append(row)
                     # written after every row: a run cut short keeps what it measured
                     (folder / "ops.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -179,7 +179,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from bevdeploy.ops.msda import _to_f32
+    from bevdeploy.ops.msda import _bilinear_accumulate
 
     @triton.jit
     def _sca_fwd_kernel(
@@ -261,7 +261,6 @@ if triton_available():
         g_rows = lg_ptr + b * stride_gb + h * stride_gh + offs_q * stride_gq + offs_p * stride_gk
         r_rows = ref_ptr + b * stride_rb + offs_q * stride_rq + (offs_p % NUM_REFS) * stride_rr
         m_base = mask_ptr + b * stride_mb
-        d_mask = offs_d[None, :] < HEAD_DIM
 
         acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
         count = tl.zeros([BLOCK_Q], tl.float32)
@@ -291,58 +290,32 @@ if triton_available():
                         hl = H3
                         wl = W3
                         start = H0 * W0 + H1 * W1 + H2 * W2
-                    wf = wl * 1.0
-                    hf = hl * 1.0
                     # dead rows read x = -1e4: all four corners fall outside, no per-corner row test
                     lx = tl.load(f_rows + l * stride_fl, mask=live, other=-1.0e4).to(tl.float32)
                     ly = tl.load(f_rows + l * stride_fl + stride_fc, mask=live, other=0.0).to(tl.float32)
                     lg = tl.load(g_rows + (l * NUM_POINTS) * stride_gk, mask=live, other=0.0).to(tl.float32)
                     a = tl.exp(lg - m_i) * inv_s
-                    x = rx * wf + lx - 0.5
-                    y = ry * hf + ly - 0.5
-                    x0 = tl.floor(x)
-                    y0 = tl.floor(y)
-                    fx = x - x0
-                    fy = y - y0
-                    # zero padding; the (x0, y0) offset of a far-away point may wrap in int32, but it
-                    # is only dereferenced under a mask that proves it inside the map
-                    vx0 = (x0 >= 0.0) & (x0 < wf)
-                    vx1 = (x0 >= -1.0) & (x0 < wf - 1.0)
-                    vy0 = (y0 >= 0.0) & (y0 < hf)
-                    vy1 = (y0 >= -1.0) & (y0 < hf - 1.0)
-                    off00 = ((start + (x0 + y0 * wf).to(tl.int32)) * ROW_STRIDE)[:, None]
-                    wy1 = a * fy
-                    wy0 = a - wy1
-                    w00 = (wy0 - wy0 * fx)[:, None]
-                    w01 = (wy0 * fx)[:, None]
-                    w10 = (wy1 - wy1 * fx)[:, None]
-                    w11 = (wy1 * fx)[:, None]
-                    m00 = (vy0 & vx0)[:, None] & d_mask
-                    m01 = (vy0 & vx1)[:, None] & d_mask
-                    m10 = (vy1 & vx0)[:, None] & d_mask
-                    m11 = (vy1 & vx1)[:, None] & d_mask
-                    p00 = v_base + off00
-                    v00 = tl.load(p00, mask=m00, other=0.0)
-                    v01 = tl.load(p00 + ROW_STRIDE, mask=m01, other=0.0)
-                    v10 = tl.load(p00 + wl * ROW_STRIDE, mask=m10, other=0.0)
-                    v11 = tl.load(p00 + (wl + 1) * ROW_STRIDE, mask=m11, other=0.0)
-                    if HALF2:
-                        acc16 = v00 * w00.to(tl.float16)
-                        acc16 += v01 * w01.to(tl.float16)
-                        acc16 += v10 * w10.to(tl.float16)
-                        acc16 += v11 * w11.to(tl.float16)
-                        acc += acc16.to(tl.float32)
-                    else:
-                        acc += _to_f32(v00) * w00
-                        acc += _to_f32(v01) * w01
-                        acc += _to_f32(v10) * w10
-                        acc += _to_f32(v11) * w11
+                    x = rx * (wl * 1.0) + lx - 0.5
+                    y = ry * (hl * 1.0) + ly - 0.5
+                    acc = _bilinear_accumulate(
+                        acc, v_base, x, y, a, offs_d, start, hl, wl, ROW_STRIDE, HEAD_DIM, BLOCK_D, HALF2
+                    )
 
         scale_q = value_scale / tl.maximum(count, 1.0)  # a query no camera sees: acc = 0, out = 0
         out = tl.sum(tl.reshape(acc, [BLOCK_Q, BLOCK_P, BLOCK_D]), axis=1) * scale_q[:, None]
         o_ptrs = out_ptr + b * stride_ob + qq[:, None] * stride_oq + h * HEAD_DIM + offs_d[None, :]
         o_mask = q_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _launch_config_sca(B: int, Q: int, H: int, P: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps): msda's tile (same gather width per program), twice
+    msda's warps. ptxas (sm_90, Triton 3.9) spills 1.3 KB per thread in the camera loop at 4 warps
+    for the base tile (64 rows x 32 channels), 0.3 KB at 8 warps (msda: 0.5 KB at 4 warps, none at 8).
+    ``bevdeploy bench ops --ops sca`` also times other (BLOCK_Q, num_warps) pairs for fp16."""
+    block_q, block_p, block_d, _ = _launch_config(B, Q, H, P, D, device)
+    num_warps = max(1, min(8, block_q * block_p * block_d // 256))
+    return block_q, block_p, block_d, num_warps
 
 
 def _sca_triton(
@@ -355,8 +328,12 @@ def _sca_triton(
     variant: str,
     value_scale: float = 1.0,
     out: Tensor | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Triton :func:`sca_gathered` (CUDA tensors, or CPU tensors under the interpreter)."""
+    """Triton :func:`sca_gathered` (CUDA tensors, or CPU tensors under the interpreter).
+
+    ``launch``: (BLOCK_Q, num_warps) instead of the heuristic's (benchmark sweeps; BLOCK_Q a power of 2).
+    """
     if isinstance(spatial_shapes, Sequence) and spatial_shapes and isinstance(spatial_shapes[0], int):
         shapes = _pair_shapes(spatial_shapes)
     else:
@@ -376,7 +353,9 @@ def _sca_triton(
     levels = {}
     for i in range(MAX_LEVELS):
         levels[f"H{i}"], levels[f"W{i}"] = shapes[i] if i < L else (0, 0)
-    block_q, block_p, block_d, num_warps = _launch_config(B, Q, H, P, D, value.device)
+    block_q, block_p, block_d, num_warps = _launch_config_sca(B, Q, H, P, D, value.device)
+    if launch is not None:
+        block_q, num_warps = launch
     num_q_blocks = triton.cdiv(Q, block_q)
     grid = (B * num_q_blocks * H,)
     _sca_fwd_kernel[grid](

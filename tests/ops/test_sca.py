@@ -379,3 +379,13 @@ def test_apply_precision_turns_the_gathered_op_on():
     apply_precision(model, "fp16x2")
     assert all(m.gathered for m in scas)
     assert all(m.deformable_attention.op_variant == "fp16x2" for m in scas)
+
+
+@pytest.mark.parametrize("launch", [(2, 1), (16, 8)])
+def test_other_launch_configs_agree(device, launch):
+    # the benchmark's (BLOCK_Q, num_warps) sweep: smaller and larger query blocks give the same result
+    value, ref, offsets, logits = _inputs(device, 4)
+    mask = _mask().to(device)
+    out = poisoned((B, Q, H * 4), torch.float32, device)
+    _sca_triton(value, SHAPES, ref, mask, offsets, logits, "fp32", out=out, launch=launch)
+    assert_rel_close(out, _expected(value.double(), ref, mask, offsets, logits), REL_TOL["fp32"])
