@@ -11,14 +11,16 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled kernels only (tests/conftest.py turns the interpreter on only without CUDA)
-timeout 15 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+timeout 10 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 PY
-timeout 50 python3 -m pytest -q -p no:cacheprovider tests/ops/test_sca.py > "$OUT/sca_tests.txt" 2>&1
+# most of the test time is Triton compiling ~25 kernel specialisations: spread them over workers
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
+timeout 60 python3 -m pytest -q -p no:cacheprovider $XDIST tests/ops/test_sca.py > "$OUT/sca_tests.txt" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/sca_tests.txt" | tail -20
 TMP_RES=$(mktemp -d)
-timeout 80 python3 -m bevdeploy.cli bench ops --ops sca --out "$TMP_RES" > "$OUT/sca_bench.txt" 2> "$OUT/sca_bench_stderr.txt"
+timeout 70 python3 -m bevdeploy.cli bench ops --ops sca --out "$TMP_RES" > "$OUT/sca_bench.txt" 2> "$OUT/sca_bench_stderr.txt"
 echo "bench rc=$?"; tail -12 "$OUT/sca_bench.txt"; tail -3 "$OUT/sca_bench_stderr.txt"
 for dir in "$TMP_RES"/*/; do
   [ -f "$dir/ops.json" ] || continue
