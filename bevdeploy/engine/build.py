@@ -403,6 +403,7 @@ def build(
         "checkpoint": str(checkpoint) if checkpoint else None,
         "precision": precision,
         "op_variant": spec.op_variant,
+        "sca_gathered": any(getattr(m, "gathered", None) is True for m in model.modules()),
         "float_dtype": str(spec.float_dtype).replace("torch.", ""),
         "int8_layers": sum(p == "int8" for _, p in precisions),
         "fp8_layers": sum(p == "fp8" for _, p in precisions),

@@ -6,8 +6,9 @@ Steps, in this order (each is a plain in-place function so the engine builder an
    conv becomes ``conv + bias``; the BN becomes ``nn.Identity``), so INT8 convs see the folded
    weights and the exported graph has no BN.
 2. Calibration (``bevdeploy.quant.calibrate``) runs on this float, folded model (the builder's job).
-3. ``apply_precision``: ``model.half()`` for the fp16 precisions, the ops' variant set on every module
-   that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions
+3. ``apply_precision``: ``model.half()`` for the fp16 precisions, BEVFormer's spatial cross-attention
+   switched to the camera-gathered op (``set_sca_gathered``; every precision), the ops' variant set on
+   every module that calls an op (``op_variant``), then ``quantize_modules`` for the int8 precisions
    (``quantize_modules_fp8`` for the fp8 ones: e4m3 convs / linears in the same scope, same
    keep-float list; the ops, BEVDet's pooling included, stay float there).
 
@@ -33,6 +34,7 @@ __all__ = [
     "precision_spec",
     "fold_batchnorms",
     "set_op_variant",
+    "set_sca_gathered",
     "int8_scope",
     "apply_precision",
     "layer_precisions",
@@ -186,6 +188,19 @@ def set_op_variant(model: nn.Module, variant: str | None) -> list[str]:
     return names
 
 
+def set_sca_gathered(model: nn.Module, gathered: bool = True) -> list[str]:
+    """Switch every spatial cross-attention of ``model`` (modules with a ``gathered`` knob, BEVFormer's
+    ``SpatialCrossAttention``) between the camera-gathered op (:func:`bevdeploy.ops.sca.sca_gathered`)
+    and the static form; returns their names. Same result either way; the gathered op samples only
+    the cameras that see each BEV query."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "gathered", None), bool):
+            module.gathered = gathered
+            names.append(name)
+    return names
+
+
 def int8_scope(model: nn.Module, scope: Sequence[str] | None = None) -> list[str]:
     """Names of the plain Conv2d / Linear layers and calibration points of ``model`` under the INT8
     ``scope`` prefixes (default: the model family's, :func:`bevdeploy.engine.model_io.int8_scope_prefixes`)."""
@@ -217,6 +232,7 @@ def apply_precision(
     keep_float: Iterable[str] = (),
     scope: Sequence[str] | None = None,
     int8_chain: bool | str = True,
+    gathered_sca: bool = True,
 ) -> list:
     """Turn the folded float32 model into ``precision``'s deploy form, in place.
 
@@ -233,6 +249,8 @@ def apply_precision(
             instead of every int8 layer writing floats that the next one quantizes again;
             ``"float-identity"``: the same, but residual blocks keep float boundaries (their identity
             is not quantized: more accurate, less int8 traffic saved).
+        gathered_sca: BEVFormer's spatial cross-attention runs the camera-gathered op
+            (:func:`set_sca_gathered`) instead of the static form (same result, less work).
 
     Returns:
         list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
@@ -243,6 +261,7 @@ def apply_precision(
     spec = precision_spec(precision)
     if spec.float_dtype != torch.float32:
         model.half()
+    set_sca_gathered(model, gathered_sca)
     if not spec.quantized:
         set_op_variant(model, spec.op_variant)
         return []

@@ -10,6 +10,9 @@ our op (variant)            ONNX node
 ==========================  ===========================================================
 grid_sample                 ``GridSampler2DTRT`` (grid channel-first, scaled by 10)
 msda / msda_fused           ``MultiScaleDeformableAttnTRT`` (pixel offsets, logits)
+sca_gathered                the reference's static SCA: offsets/logits expanded over cameras,
+                            ``MultiScaleDeformableAttnTRT`` on ``[B*N, ...]``, mask Mul, ReduceSum,
+                            Div by Max(count, 1)
 modulated_deform_conv2d     ``ModulatedDeformableConv2dTRT``
 rotate                      ``RotateTRT`` (one node per image: the plugin takes [C, H, W])
 inverse                     ``InverseTRT``
@@ -189,6 +192,30 @@ def _msda_fused(value, spatial_shapes, reference_points, sampling_offsets, atten
     return _msda_node(value, spatial_shapes, ref, offsets, attention_logits, variant, value_scale, [B, Q, H * D])
 
 
+def _sca_gathered(value, spatial_shapes, reference_points_cam, bev_mask, sampling_offsets, attention_logits, variant,
+                  value_scale):
+    """The camera-gathered SCA as the reference system's graph computes SCA: every query in every camera
+    (one MSDA node over B*N images), the mask multiply, the sum over cameras and the clamped count."""
+    op = _op()
+    B, N, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_offsets.shape
+    R = reference_points_cam.shape[3]
+
+    def per_camera(x, shape):  # [B, ...] -> [B*N, ...] repeated over cameras
+        x = op.Expand(op.Unsqueeze(x, _const_i64([1])), _const_i64([B, N, *x.shape[1:]]))
+        return op.Reshape(x, _const_i64(shape))
+
+    v = op.Reshape(value, _const_i64([B * N, S, H, D]))
+    ref = op.Reshape(reference_points_cam, _const_i64([B * N, Q, 1, R * 2]))
+    offsets = per_camera(sampling_offsets, [B * N, Q, H, L * P * 2])
+    logits = per_camera(attention_logits, [B * N, Q, H, L * P])
+    y = _msda_node(v, spatial_shapes, ref, offsets, logits, variant, value_scale, [B, N, Q, H * D])
+    seen = op.CastLike(op.Cast(bev_mask, to=TensorProto.BOOL), y)  # nonzero -> 1, in the output's dtype
+    total = op.ReduceSum(op.Mul(y, op.Unsqueeze(seen, _const_i64([3]))), _const_i64([1]), keepdims=0)
+    count = op.Max(op.ReduceSum(seen, _const_i64([1]), keepdims=1), op.CastLike(op.Constant(value_float=1.0), y))
+    return op.Div(total, op.Reshape(count, _const_i64([B, Q, 1])))
+
+
 def _modulated_deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups,
                              variant, input_scale, weight_scale):
     op = _op()
@@ -275,6 +302,7 @@ def translation_table() -> dict:
         ops.grid_sample.default: _grid_sample,
         ops.msda.default: _msda,
         ops.msda_fused.default: _msda_fused,
+        ops.sca_gathered.default: _sca_gathered,
         ops.modulated_deform_conv2d.default: _modulated_deform_conv2d,
         ops.rotate.default: _rotate,
         ops.flash_attention.default: _flash_attention,

@@ -36,7 +36,9 @@ layer, TSA's values are ``u * [rotated prev_bev, bev_query] + (1 - u) * [query, 
 whose pillar hits the image (data-dependent sizes). Here every BEV query attends in every camera,
 the contributions of cameras its pillar misses are zeroed, and the sum is divided by the number of
 cameras that see it (at least 1): the official result, with static shapes. The per-camera query
-projection is separated (:meth:`SpatialCrossAttention.forward`) so a gathered variant can slot in.
+projection is separated (:meth:`SpatialCrossAttention.forward`); with ``gathered`` set (the engine's
+deploy form) the camera-gathered op :func:`~bevdeploy.ops.sca.sca_gathered` computes the same result
+sampling only the cameras that see each query, with static shapes.
 
 **Outputs**: ``bev_embed`` [B, bev_h*bev_w, C], ``all_cls_scores`` [num_dec_layers, B, num_query,
 10] (logits) and ``all_bbox_preds`` [num_dec_layers, B, num_query, 10] (cx, cy, log w, log l, cz,
@@ -59,6 +61,7 @@ from bevdeploy.models.fpn import FPN
 from bevdeploy.models.resnet import ResNet
 from bevdeploy.ops.msda import msda_fused
 from bevdeploy.ops.rotate import rotate
+from bevdeploy.ops.sca import sca_gathered
 
 __all__ = [
     "BEVFormerConfig",
@@ -462,6 +465,11 @@ class MSDeformableAttention3D(nn.Module):
         logits = self.attention_weights(query).view(B, Q, H, L * P)
         return offsets, logits
 
+    def project_value(self, value: Tensor) -> Tensor:
+        """``value_proj`` of ``[B', S, C]`` image features, split into heads: ``[B', S, H, C // H]``."""
+        Bc, S, C = value.shape
+        return self.value_proj(value).view(Bc, S, self.num_heads, C // self.num_heads)
+
     def forward(
         self,
         value: Tensor,  # [B', S, C] image features of B' (batch, camera) pairs
@@ -470,10 +478,8 @@ class MSDeformableAttention3D(nn.Module):
         offsets: Tensor,  # [B', Q, H, L, P, 2]
         logits: Tensor,  # [B', Q, H, L*P]
     ) -> Tensor:
-        Bc, S, C = value.shape
-        value = self.value_proj(value).view(Bc, S, self.num_heads, C // self.num_heads)
         return msda_fused(  # [B', Q, C]
-            value, list(spatial_shapes), reference_points, offsets, logits, variant=self.op_variant
+            self.project_value(value), list(spatial_shapes), reference_points, offsets, logits, variant=self.op_variant
         )
 
 
@@ -485,6 +491,11 @@ class SpatialCrossAttention(nn.Module):
     cameras is divided by the number of cameras that see the query (clamped to >= 1), then
     ``output_proj`` and the residual. Equal to the official gathered computation, which runs each
     camera only on its visible queries (each query's attention depends on that query alone).
+
+    Gathered form (``gathered = True``, which the engine's deploy form sets): the same result from
+    :func:`~bevdeploy.ops.sca.sca_gathered`, which samples each query only in the cameras that see
+    it and writes ``[B, Q, C]`` directly (no ``[B, N, Q, C]`` intermediate, no offsets copied per
+    camera). The static form stays the reference and what the ONNX export writes by default.
     """
 
     def __init__(self, *, embed_dims: int, num_heads: int, num_levels: int, num_points: int, num_cams: int) -> None:
@@ -495,6 +506,9 @@ class SpatialCrossAttention(nn.Module):
             embed_dims=embed_dims, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        #: deploy knob (not in the state dict): use the gathered op; its variant is
+        #: ``deformable_attention.op_variant``. ``bevdeploy.engine.deploy.set_sca_gathered`` sets it.
+        self.gathered = False
 
     def init_weights(self) -> None:
         self.deformable_attention.init_weights()
@@ -511,6 +525,14 @@ class SpatialCrossAttention(nn.Module):
         B, Q, C = query.shape
         N = value.shape[1]
         offsets, logits = self.deformable_attention.project_queries(query)
+        if self.gathered:
+            attn = self.deformable_attention
+            v = attn.project_value(value.reshape(B * N, value.shape[2], C))  # [B*N, S, H, C // H]
+            out = sca_gathered(  # [B, Q, C]
+                v.view(B, N, *v.shape[1:]), list(spatial_shapes), reference_points_cam, bev_mask, offsets, logits,
+                variant=attn.op_variant,
+            )
+            return query + self.output_proj(out)
         # All cameras share the query's offsets and logits: broadcast them over the camera axis.
         offsets = offsets[:, None].expand(B, N, *offsets.shape[1:]).reshape(B * N, *offsets.shape[1:])
         logits = logits[:, None].expand(B, N, *logits.shape[1:]).reshape(B * N, *logits.shape[1:])

@@ -15,6 +15,7 @@ from bevdeploy.ops import (  # noqa: F401  (imported for their op registrations)
     modulated_deform_conv2d,
     msda,
     rotate,
+    sca,
 )
 
-OP_MODULES = ("bev_pool_v2", "flash_attention", "grid_sample", "inverse", "modulated_deform_conv2d", "msda", "rotate")
+OP_MODULES = ("bev_pool_v2", "flash_attention", "grid_sample", "inverse", "modulated_deform_conv2d", "msda", "rotate", "sca")

@@ -294,6 +294,74 @@ if triton_available():
             return v.to(tl.float32)
 
     @triton.jit
+    def _bilinear_accumulate(
+        acc,  # [ROWS, BLOCK_D] fp32
+        v_base,  # pointers [1, BLOCK_D]: the value's channels of this (image, head) at key 0
+        x,  # [ROWS] fp32 pixel coordinates in the level (align_corners=False, -0.5 applied)
+        y,
+        a,  # [ROWS] fp32 attention weight of the row's point
+        offs_d,
+        START: tl.constexpr,  # first key of the level
+        HL: tl.constexpr,
+        WL: tl.constexpr,
+        ROW_STRIDE: tl.constexpr,  # value elements from one key to the next
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HALF2: tl.constexpr,
+    ):
+        """acc + a * bilinear(value level, x, y) per row, zero padding: the sampling step that
+        msda and the gathered SCA (``ops/sca.py``) share (inlined into both kernels)."""
+        wf = WL * 1.0
+        hf = HL * 1.0
+        x0 = tl.floor(x)
+        y0 = tl.floor(y)
+        fx = x - x0
+        fy = y - y0
+        # zero padding: a corner counts only inside the map. The (x0, y0) offset of a point
+        # far outside may wrap: it is only dereferenced under a mask that proves it in range.
+        vx0 = (x0 >= 0.0) & (x0 < wf)
+        vx1 = (x0 >= -1.0) & (x0 < wf - 1.0)
+        vy0 = (y0 >= 0.0) & (y0 < hf)
+        vy1 = (y0 >= -1.0) & (y0 < hf - 1.0)
+        off00 = ((START + (x0 + y0 * wf).to(tl.int32)) * ROW_STRIDE)[:, None]
+        wy1 = a * fy
+        wy0 = a - wy1
+        w00 = (wy0 - wy0 * fx)[:, None]
+        w01 = (wy0 * fx)[:, None]
+        w10 = (wy1 - wy1 * fx)[:, None]
+        w11 = (wy1 * fx)[:, None]
+        m00 = (vy0 & vx0)[:, None]
+        m01 = (vy0 & vx1)[:, None]
+        m10 = (vy1 & vx0)[:, None]
+        m11 = (vy1 & vx1)[:, None]
+        if BLOCK_D != HEAD_DIM:
+            d_mask = offs_d[None, :] < HEAD_DIM
+            m00 = m00 & d_mask
+            m01 = m01 & d_mask
+            m10 = m10 & d_mask
+            m11 = m11 & d_mask
+        # constant steps from the (x0, y0) pointer fold into the gathers' address immediates
+        p00 = v_base + off00
+        v00 = tl.load(p00, mask=m00, other=0.0)
+        v01 = tl.load(p00 + ROW_STRIDE, mask=m01, other=0.0)
+        v10 = tl.load(p00 + WL * ROW_STRIDE, mask=m10, other=0.0)
+        v11 = tl.load(p00 + (WL + 1) * ROW_STRIDE, mask=m11, other=0.0)
+        if HALF2:
+            # paired fp16 multiply-adds (HFMA2) into a per-level fp16 accumulator; the corner
+            # weights are rounded to fp16 once per point
+            acc16 = v00 * w00.to(tl.float16)
+            acc16 += v01 * w01.to(tl.float16)
+            acc16 += v10 * w10.to(tl.float16)
+            acc16 += v11 * w11.to(tl.float16)
+            acc += acc16.to(tl.float32)
+        else:
+            acc += _to_f32(v00) * w00
+            acc += _to_f32(v01) * w01
+            acc += _to_f32(v10) * w10
+            acc += _to_f32(v11) * w11
+        return acc
+
+    @triton.jit
     def _msda_fwd_kernel(
         # pointers
         v_ptr,  # [B, S, H, D] fp32 / fp16 / int8, channels contiguous
@@ -413,52 +481,9 @@ if triton_available():
                 x = lx * wf - 0.5
                 y = ly * hf - 0.5
                 a = tl.load(w_rows + l * stride_wl, mask=row_mask, other=0.0).to(tl.float32)
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            # zero padding: a corner counts only inside the map. The (x0, y0) offset of a point
-            # far outside may wrap: it is only dereferenced under a mask that proves it in range.
-            vx0 = (x0 >= 0.0) & (x0 < wf)
-            vx1 = (x0 >= -1.0) & (x0 < wf - 1.0)
-            vy0 = (y0 >= 0.0) & (y0 < hf)
-            vy1 = (y0 >= -1.0) & (y0 < hf - 1.0)
-            off00 = ((start + (x0 + y0 * wf).to(tl.int32)) * ROW_STRIDE)[:, None]
-            wy1 = a * fy
-            wy0 = a - wy1
-            w00 = (wy0 - wy0 * fx)[:, None]
-            w01 = (wy0 * fx)[:, None]
-            w10 = (wy1 - wy1 * fx)[:, None]
-            w11 = (wy1 * fx)[:, None]
-            m00 = (vy0 & vx0)[:, None]
-            m01 = (vy0 & vx1)[:, None]
-            m10 = (vy1 & vx0)[:, None]
-            m11 = (vy1 & vx1)[:, None]
-            if BLOCK_D != HEAD_DIM:
-                d_mask = offs_d[None, :] < HEAD_DIM
-                m00 = m00 & d_mask
-                m01 = m01 & d_mask
-                m10 = m10 & d_mask
-                m11 = m11 & d_mask
-            # constant steps from the (x0, y0) pointer fold into the gathers' address immediates
-            p00 = v_base + off00
-            v00 = tl.load(p00, mask=m00, other=0.0)
-            v01 = tl.load(p00 + ROW_STRIDE, mask=m01, other=0.0)
-            v10 = tl.load(p00 + wl * ROW_STRIDE, mask=m10, other=0.0)
-            v11 = tl.load(p00 + (wl + 1) * ROW_STRIDE, mask=m11, other=0.0)
-            if HALF2:
-                # paired fp16 multiply-adds (HFMA2) into a per-level fp16 accumulator; the corner
-                # weights are rounded to fp16 once per point
-                acc16 = v00 * w00.to(tl.float16)
-                acc16 += v01 * w01.to(tl.float16)
-                acc16 += v10 * w10.to(tl.float16)
-                acc16 += v11 * w11.to(tl.float16)
-                acc += acc16.to(tl.float32)
-            else:
-                acc += _to_f32(v00) * w00
-                acc += _to_f32(v01) * w01
-                acc += _to_f32(v10) * w10
-                acc += _to_f32(v11) * w11
+            acc = _bilinear_accumulate(
+                acc, v_base, x, y, a, offs_d, start, hl, wl, ROW_STRIDE, HEAD_DIM, BLOCK_D, HALF2
+            )
 
         out = tl.sum(tl.reshape(acc, [BLOCK_Q, BLOCK_P, BLOCK_D]), axis=1) * value_scale
         oq = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)

@@ -49,6 +49,8 @@ def _checks(device: torch.device, g: torch.Generator) -> list[tuple[str, str, Ca
     from bevdeploy.ops.msda import reference as msda_reference
     from bevdeploy.ops.rotate import reference as rotate_reference
     from bevdeploy.ops.rotate import rotate
+    from bevdeploy.ops.sca import reference as sca_reference
+    from bevdeploy.ops.sca import sca_gathered
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device)
@@ -83,6 +85,20 @@ def _checks(device: torch.device, g: torch.Generator) -> list[tuple[str, str, Ca
         loc = small(ref_pts, v).double()[:, :, None, None, torch.arange(P) % R, :] + small(offsets, v).double() / wh[:, None, :]
         w = small(logits, v).double().softmax(-1).view(B, Q, H, L, P)
         return out, msda_reference(v64, shapes, loc, w)
+
+    def c_sca(v):
+        shapes = [(5, 7), (3, 4)]
+        B, N, Q, H, D, L, P, R = 1, 3, 11, 2, 8, 2, 4, 2
+        value = rnd(B, N, sum(h * w for h, w in shapes), H, D)
+        ref_pts = torch.rand(B, N, Q, R, 2, generator=g).to(device)
+        mask = (torch.rand(B, N, Q, generator=g) < 0.5).to(device)
+        mask[:, :, 0] = False  # a query no camera sees
+        offsets = rnd(B, Q, H, L, P, 2) * 2
+        logits = rnd(B, Q, H, L * P)
+        vs, scale, v64 = _store(value, v)
+        r, o, lg = small(ref_pts, v), small(offsets, v), small(logits, v)
+        out = sca_gathered(vs, shapes, r, mask, o, lg, variant=v, value_scale=scale)
+        return out, sca_reference(v64, shapes, r.double(), mask, o.double(), lg.double())
 
     def c_dcn(v):
         x, off, mask = rnd(2, 6, 7, 9), rnd(2, 18, 7, 9), torch.rand(2, 9, 7, 9, generator=g).to(device)
@@ -136,6 +152,7 @@ def _checks(device: torch.device, g: torch.Generator) -> list[tuple[str, str, Ca
     variants = ("fp32", "fp16", "fp16x2", "int8")
     add("grid_sample", variants, c_grid)
     add("msda_fused", variants, c_msda)
+    add("sca_gathered", variants, c_sca)
     add("modulated_deform_conv2d", variants, c_dcn)
     add("rotate", variants, c_rotate)
     add("inverse", ("fp32",), c_inverse)

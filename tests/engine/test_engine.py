@@ -68,6 +68,7 @@ def test_fp32_round_trip_equals_eager_model(fp32_engine, fp32_engine_path, ops_o
     engine = fp32_engine
     meta = engine.metadata
     assert meta["precision"] == "fp32" and meta["model_config"]["bev_h"] == 8 and meta["calibration"] is None
+    assert meta["sca_gathered"] is True  # the deploy form runs the camera-gathered SCA op
     assert meta["torch"] == torch.__version__ and meta["inputs"]["image"]["shape"] == [1, 6, 3, 64, 96]
     assert engine.file_mb == pytest.approx(os.path.getsize(fp32_engine_path) / 2**20)
     with zipfile.ZipFile(fp32_engine_path) as z:  # the export's example inputs (a frame of zeros) are not kept
