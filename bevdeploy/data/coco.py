@@ -57,7 +57,8 @@ COCO_NAME_OF_CLASS: dict[str, str] = {
 }
 
 _MANIFEST = "synthetic_coco.json"
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2  # 2: image ids carry the seed (seed * 10**6 + index), so sets of two seeds share none
+_IDS_PER_SEED = 10**6
 _SAMPLES_PER_SCENE = 10
 
 
@@ -76,7 +77,8 @@ def generate_coco(
     Args:
         out_dir: Dataset root to create.
         num_images: Images to write (camera views, 6 per synthetic key frame).
-        seed: World seed (same parameters and seed give the same bytes).
+        seed: World seed (same parameters and seed give the same bytes; other seeds give other scenes,
+            and image ids ``seed * 10**6 + 1 ...``, so two seeds' sets share no image id).
         image_size: (H, W) of each image (intrinsics keep nuScenes' square pixels at 16:9).
         min_area: Boxes with fewer visible pixels are not annotated.
         jpeg_quality: JPEG quality.
@@ -85,8 +87,10 @@ def generate_coco(
     Returns:
         ``out_dir``; the annotation file is ``out_dir / "annotations/instances_val2017.json"``.
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 1 <= num_images < _IDS_PER_SEED:
+        raise ValueError(f"num_images must be in [1, {_IDS_PER_SEED}), got {num_images}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     h, w = _check_image_size(image_size)
     root = Path(out_dir).expanduser().absolute()
     manifest = {"generator": "bevdeploy.data.coco", "generator_version": _GENERATOR_VERSION, "seed": int(seed),
@@ -124,7 +128,7 @@ def generate_coco(
             for cam, (img, ids) in zip(CAMERA_NAMES, world.render_with_ids(scene.index, frame)):
                 if len(images) == num_images:
                     break
-                image_id = len(images) + 1
+                image_id = int(seed) * _IDS_PER_SEED + len(images) + 1
                 file_name = f"{image_id:012d}.jpg"
                 Image.fromarray(img).save(root / "val2017" / file_name, quality=int(jpeg_quality))
                 images.append({"id": image_id, "file_name": file_name, "height": h, "width": w,
