@@ -62,10 +62,11 @@ class CocoSet:
 
 
 def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: int = 0,
-                       image_size: tuple[int, int] = (360, 640), progress: bool = True) -> CocoSet:
+                       image_size: tuple[int, int] = (360, 640), progress: bool = True, workers: int = 1) -> CocoSet:
     """``coco:PATH`` or ``synthetic2d:N[@SEED]`` -> :class:`CocoSet` (the synthetic set is generated if needed).
 
-    A spec's ``@SEED`` overrides ``seed``; ``image_size`` is the (H, W) the synthetic views are rendered at.
+    A spec's ``@SEED`` overrides ``seed``; ``image_size`` is the (H, W) the synthetic views are rendered at,
+    by ``workers`` processes.
 
     Raises:
         ValueError: a spec of another form. FileNotFoundError: COCO PATH without its annotation file.
@@ -96,7 +97,7 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
 
         base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         root = generate_coco(base / f"coco-seed{seed}-n{n}-{image_size[0]}x{image_size[1]}", n, seed=seed,
-                             image_size=image_size, progress=progress)
+                             image_size=image_size, progress=progress, workers=workers)
         return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n)
     raise ValueError(f"2D data must be 'coco:PATH' or 'synthetic2d:N[@SEED]', got {spec!r}")
 

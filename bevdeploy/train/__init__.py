@@ -395,7 +395,8 @@ def train_model(
     if det2d:
         from bevdeploy.data.det2d import resolve_det2d_spec
 
-        samples = resolve_det2d_spec(data, cache_dir=cache_dir, image_size=tuple(render_size), progress=show)
+        samples = resolve_det2d_spec(data, cache_dir=cache_dir, image_size=tuple(render_size), progress=show,
+                                     workers=workers)
         num_samples = len(samples.images())
     else:
         from bevdeploy.data.nuscenes import load_infos
