@@ -39,11 +39,13 @@ _YOLOX_PAD = 114.0
 
 @dataclass(frozen=True)
 class CocoSet:
-    """A COCO-format detection set on disk: annotation file, image folder, and how many images to use."""
+    """A COCO-format detection set on disk: annotation file, image folder, how many images to use, and
+    the data spec it was resolved from (for tables; empty if none)."""
 
     ann_file: Path
     image_dir: Path
     num_images: int | None = None
+    spec: str = ""
 
     def coco(self):
         """The ``pycocotools.coco.COCO`` of the annotation file (quietly loaded)."""
@@ -84,7 +86,7 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
         if not ann.is_file():
             raise FileNotFoundError(f"COCO annotations not found: {str(ann)!r} (PATH must hold "
                                     "annotations/instances_val2017.json and val2017/)")
-        return CocoSet(ann, root / "val2017")
+        return CocoSet(ann, root / "val2017", spec=str(spec))
     if kind == "synthetic2d":
         try:
             n = int(arg) if arg else 64
@@ -98,7 +100,7 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
         base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         root = generate_coco(base / f"coco-seed{seed}-n{n}-{image_size[0]}x{image_size[1]}", n, seed=seed,
                              image_size=image_size, progress=progress, workers=workers)
-        return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n)
+        return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n, spec=str(spec))
     raise ValueError(f"2D data must be 'coco:PATH' or 'synthetic2d:N[@SEED]', got {spec!r}")
 
 
