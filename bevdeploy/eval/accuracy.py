@@ -273,6 +273,10 @@ def stage_eval_det2d(args) -> Path:
     overrides = meta.get("model_overrides") or _det2d_overrides(args)
     if overrides and "image_size" in overrides:
         overrides = dict(overrides, image_size=tuple(overrides["image_size"]))
+    trained_size = (overrides or {}).get("image_size")
+    if args.image_size is not None and tuple(args.image_size) != (trained_size or ()):
+        raise ValueError(f"--image-size {tuple(args.image_size)}: the checkpoint was trained at "
+                         f"{trained_size or 'the official size'}; score it there (drop --image-size)")
     train_set, eval_set, _ = _det2d_sets(args, progress=False)
     n_calib = min(args.calib_frames, len(train_set.images()))
     calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")

@@ -168,23 +168,24 @@ def test_train_model_writes_a_strict_official_layout_checkpoint(name, tmp_path, 
 
 @pytest.mark.slow
 def test_a_reduced_yolox_learns_its_training_images(tmp_path, monkeypatch, ops_on_references):
-    """The whole 2D training path learns: a reduced YOLOX trained ~100 steps on 8 views scores mAP > 0
-    on those views (pycocotools); untrained, the same model scores ~0."""
+    """The whole 2D training path learns: a reduced YOLOX trained 150 steps on 8 views scores mAP50 > 0.1
+    on those views (pycocotools; memorising, not generalising: the held-out mAP is the GPU table's job);
+    untrained, the same model scores ~0. About a minute on two CPU cores."""
     from bevdeploy.eval.coco import evaluate_det2d
     from bevdeploy.train import train_model
 
     monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    overrides = dict(deepen_factor=0.33, widen_factor=0.125, image_size=(64, 128))
-    path = train_model("yolox-x", "synthetic2d:8@1", steps=100, batch=4, out=tmp_path / "y.pth", lr=3e-3, warmup=5,
-                       device="cpu", workers=1, render_size=(72, 128), model_overrides=overrides, progress=False)
-    kw = dict(device="cpu", batch=4, progress=False, model_overrides=overrides)
+    overrides = dict(deepen_factor=0.33, widen_factor=0.125, image_size=(96, 160))
+    path = train_model("yolox-x", "synthetic2d:8@1", steps=150, batch=8, out=tmp_path / "y.pth", lr=2e-3, warmup=5,
+                       device="cpu", workers=1, render_size=(90, 160), model_overrides=overrides, progress=False)
+    kw = dict(device="cpu", batch=8, progress=False, model_overrides=overrides)
     from bevdeploy.data import det2d
 
-    monkeypatch.setattr(det2d, "resolve_det2d_spec", _at_size(det2d.resolve_det2d_spec, (72, 128)))
+    monkeypatch.setattr(det2d, "resolve_det2d_spec", _at_size(det2d.resolve_det2d_spec, (90, 160)))
     before = evaluate_det2d("yolox-x", "synthetic2d:8@1", **kw)
     after = evaluate_det2d("yolox-x", "synthetic2d:8@1", checkpoint=str(path), **kw)
-    assert after["mAP_50"] > 0.05 and after["mAP_50"] > before["mAP_50"] + 0.05, (before, after)
+    assert after["mAP_50"] > 0.1 and after["mAP_50"] > before["mAP_50"] + 0.1, (before["mAP_50"], after["mAP_50"])
 
 
 def _at_size(resolve, size):
