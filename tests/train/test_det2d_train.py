@@ -190,3 +190,29 @@ def test_a_reduced_yolox_learns_its_training_images(tmp_path, monkeypatch, ops_o
 
 def _at_size(resolve, size):
     return lambda spec, **kw: resolve(spec, **{**kw, "image_size": size})
+
+
+def test_simota_dynamic_k_per_gt_matches_a_loop():
+    """The vectorised dynamic-k match equals the per-GT loop of mmdet's ``dynamic_k_matching``."""
+    g = torch.Generator().manual_seed(0)
+    v, n = 40, 5
+    cost = torch.rand(v, n, generator=g) * 10
+    iou = torch.rand(v, n, generator=g)
+    k = 10
+    dyn = iou.topk(k, dim=0).values.sum(0).int().clamp(min=1, max=k)
+    loop = torch.zeros(v, n, dtype=torch.bool)
+    for j in range(n):
+        loop[cost[:, j].topk(int(dyn[j]), largest=False).indices, j] = True
+    vec = torch.zeros(v, n, dtype=torch.bool)
+    vec.scatter_(0, cost.topk(k, dim=0, largest=False).indices, torch.arange(k)[:, None] < dyn[None, :])
+    assert torch.equal(loop, vec)
+
+
+def test_centernet_prebuilt_targets_equal_the_per_batch_ones(tiny_set, ops_on_references):
+    torch.manual_seed(0)
+    training = CenterNetTraining(MODELS["centernet-r18-dcn"](image_size=(64, 96)), tiny_set, "cpu")
+    batch = next(training.batches(3, seed=1))
+    want = centernet_targets(batch.boxes, batch.labels, 80, (16, 24), (64, 96))
+    assert set(batch.targets) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(batch.targets[key], value, atol=1e-3, rtol=1e-3)  # heatmap kept in fp16
