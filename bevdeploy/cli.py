@@ -31,6 +31,8 @@ EPILOG = """examples:
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
+  bevdeploy train --model centernet-r18-dcn --data synthetic2d:600@1 --steps 3000 --batch 32 --lr 1e-3 --train-seconds 90 -o ct.pth
+  bevdeploy eval --model centernet-r18-dcn --data synthetic2d:120@2 --checkpoint ct.pth   held-out 2D views
   bevdeploy bench ops --ops msda bev_pool_v2
   bevdeploy bench convs                int8 chain convs vs cuDNN fp16, per conv and per backbone (GPU)
   bevdeploy eval --engine tiny-int8.engine --data synthetic:32 --results results.json --metrics metrics.json
@@ -222,9 +224,16 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from bevdeploy.train import train_model
 
+    from bevdeploy.train import is_det2d
+
+    if args.image_size is not None and not is_det2d(args.model):
+        raise ValueError("--image-size sets a 2D model's network input (yolox-x, centernet-r18-dcn); "
+                         f"{args.model} has its official input size")
+    overrides = {"image_size": tuple(args.image_size)} if args.image_size is not None else None
     path = train_model(args.model, args.data, steps=args.steps, batch=args.batch, out=args.output, lr=args.lr,
                        weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
-                       device=args.device,
+                       device=args.device, model_overrides=overrides,
+                       time_limit=args.train_seconds,
                        workers=args.workers, training_options=({"depth_weight": args.depth_weight}
                                                                if args.depth_weight is not None else None),
                        dist=args.dist)
@@ -397,8 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     tr = sub.add_parser("train", parents=[common], help="train a model from scratch on a (synthetic) world; writes an official-layout .pth")
-    tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base)")
-    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered at 900x1600 for BEVFormer, 450x800 for BEVDet; cached) or nuscenes:PATH")
+    tr.add_argument("--model", required=True, help="bevdet-r50-cbgs | bevformer-tiny (| bevformer-small | bevformer-base) "
+                    "| yolox-x | centernet-r18-dcn")
+    tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered at 900x1600 for BEVFormer, "
+                    "450x800 for BEVDet; cached) or nuscenes:PATH; 2D models: synthetic2d:N[@SEED] (360x640 views) "
+                    "or coco:PATH")
+    tr.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="2D models: network input canvas (default: official, YOLOX 640 640, CenterNet 512 512); "
+                         "recorded in the checkpoint's meta (model_overrides); `python -m bevdeploy.eval.accuracy "
+                         "--image-size` trains, builds and scores at one size")
+    tr.add_argument("--train-seconds", type=float, default=None,
+                    help="time budget: the cosine schedule is shortened to the steps that fit (measured after 25 steps)")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch", type=int, default=8)
     tr.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (official 2e-4)")

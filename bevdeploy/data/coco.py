@@ -57,7 +57,8 @@ COCO_NAME_OF_CLASS: dict[str, str] = {
 }
 
 _MANIFEST = "synthetic_coco.json"
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2  # 2: image ids carry the seed (seed * 10**6 + index), so sets of two seeds share none
+_IDS_PER_SEED = 10**6
 _SAMPLES_PER_SCENE = 10
 
 
@@ -70,23 +71,30 @@ def generate_coco(
     min_area: int = 16,
     jpeg_quality: int = 92,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Write a synthetic COCO-format detection set (cached: the same parameters reuse ``out_dir``).
 
     Args:
         out_dir: Dataset root to create.
         num_images: Images to write (camera views, 6 per synthetic key frame).
-        seed: World seed (same parameters and seed give the same bytes).
+        seed: World seed (same parameters and seed give the same bytes; other seeds give other scenes,
+            and image ids ``seed * 10**6 + 1 ...``, so two seeds' sets share no image id).
         image_size: (H, W) of each image (intrinsics keep nuScenes' square pixels at 16:9).
         min_area: Boxes with fewer visible pixels are not annotated.
         jpeg_quality: JPEG quality.
         progress: Show a progress bar.
+        workers: Processes rendering key frames in parallel (the files do not depend on it).
 
     Returns:
         ``out_dir``; the annotation file is ``out_dir / "annotations/instances_val2017.json"``.
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 1 <= num_images < _IDS_PER_SEED:
+        raise ValueError(f"num_images must be in [1, {_IDS_PER_SEED}), got {num_images}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     h, w = _check_image_size(image_size)
     root = Path(out_dir).expanduser().absolute()
     manifest = {"generator": "bevdeploy.data.coco", "generator_version": _GENERATOR_VERSION, "seed": int(seed),
@@ -107,30 +115,38 @@ def generate_coco(
             shutil.rmtree(root / sub)
         (root / sub).mkdir(parents=True)
 
-    from PIL import Image
-
     num_samples = math.ceil(num_images / len(CAMERA_NAMES))
     lengths = [_SAMPLES_PER_SCENE] * (num_samples // _SAMPLES_PER_SCENE)
     if num_samples % _SAMPLES_PER_SCENE:
         lengths.append(num_samples % _SAMPLES_PER_SCENE)
     # a different stream of worlds than the 3D set of the same seed
     world = SyntheticWorld(lengths, seed=int(seed) + 1_000_003, image_size=(h, w))
-    name_to_id = {name: cid for cid, name in COCO_CATEGORIES}
+    # image k (0-based) is camera k % 6 of key frame k // 6, in scene order: jobs are independent
+    frames = [(scene.index, frame) for scene in world.scenes for frame in range(scene.num_samples)]
+    jobs = [(i * len(CAMERA_NAMES), sc, fr, str(root), int(seed), int(num_images), int(min_area), int(jpeg_quality))
+            for i, (sc, fr) in enumerate(frames)]
     images, annotations = [], []
     bar = tqdm(total=num_images, desc="synthetic COCO", unit="image", disable=not progress)
-    for scene in world.scenes:
-        for frame in range(scene.num_samples):
-            boxes = {b.actor: b for b in world.boxes(scene, frame)}
-            for cam, (img, ids) in zip(CAMERA_NAMES, world.render_with_ids(scene.index, frame)):
-                if len(images) == num_images:
-                    break
-                image_id = len(images) + 1
-                file_name = f"{image_id:012d}.jpg"
-                Image.fromarray(img).save(root / "val2017" / file_name, quality=int(jpeg_quality))
-                images.append({"id": image_id, "file_name": file_name, "height": h, "width": w,
-                               "scene": scene.name, "camera": cam, "frame": frame})
-                annotations.extend(_annotations(ids, boxes, image_id, name_to_id, len(annotations), min_area))
-                bar.update(1)
+    if workers == 1:
+        done = (_render_frame(world, *job) for job in jobs)
+    else:
+        import multiprocessing as mp
+
+        global _WORKER_WORLD
+        _WORKER_WORLD = world
+        pool = mp.get_context("fork").Pool(min(workers, len(jobs)))
+        done = pool.imap(_render_frame_job, jobs)  # in order: ids and annotation ids as in one process
+    try:
+        for frame_images, frame_anns in done:
+            images += frame_images
+            for ann in frame_anns:
+                annotations.append(dict(ann, id=len(annotations) + 1))
+            bar.update(len(frame_images))
+    finally:
+        if workers != 1:
+            pool.close()
+            pool.join()
+            _WORKER_WORLD = None
     bar.close()
     categories = [{"id": cid, "name": name, "supercategory": ""} for cid, name in COCO_CATEGORIES]
     ann = {"info": {"description": f"bevdeploy synthetic COCO, seed {seed}"}, "licenses": [], "images": images,
@@ -138,6 +154,36 @@ def generate_coco(
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann, separators=(",", ":")))
     marker.write_text(json.dumps(manifest))
     return root
+
+
+_WORKER_WORLD: SyntheticWorld | None = None  # the forked workers' world (generate_coco's workers > 1)
+
+
+def _render_frame_job(job: tuple) -> tuple[list[dict], list[dict]]:
+    return _render_frame(_WORKER_WORLD, *job)
+
+
+def _render_frame(world: SyntheticWorld, first: int, scene_index: int, frame: int, root: str, seed: int,
+                  num_images: int, min_area: int, jpeg_quality: int) -> tuple[list[dict], list[dict]]:
+    """Render one key frame's camera views (images ``first``, ``first + 1``, ... below ``num_images``),
+    write their JPEGs; returns their image records and annotations (ids to be numbered by the caller)."""
+    from PIL import Image
+
+    scene = world.scenes[scene_index]
+    h, w = world.image_size
+    boxes = {b.actor: b for b in world.boxes(scene, frame)}
+    name_to_id = {name: cid for cid, name in COCO_CATEGORIES}
+    images, annotations = [], []
+    for k, (cam, (img, ids)) in enumerate(zip(CAMERA_NAMES, world.render_with_ids(scene_index, frame))):
+        if first + k >= num_images:
+            break
+        image_id = seed * _IDS_PER_SEED + first + k + 1
+        file_name = f"{image_id:012d}.jpg"
+        Image.fromarray(img).save(Path(root) / "val2017" / file_name, quality=jpeg_quality)
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w,
+                       "scene": scene.name, "camera": cam, "frame": frame})
+        annotations += _annotations(ids, boxes, image_id, name_to_id, 0, min_area)
+    return images, annotations
 
 
 def _annotations(ids: np.ndarray, boxes: dict, image_id: int, name_to_id: dict, first_id: int,

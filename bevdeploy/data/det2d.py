@@ -1,8 +1,9 @@
 """COCO-format images for the 2D detectors: data specs, the official test-time pipelines, box mapping.
 
 Data specs: ``coco:PATH`` (real COCO 2017: ``PATH/annotations/instances_val2017.json`` and
-``PATH/val2017/``) or ``synthetic2d:N`` (N camera views of the synthetic world in the same layout,
-generated once and cached, :func:`bevdeploy.data.coco.generate_coco`).
+``PATH/val2017/``) or ``synthetic2d:N[@SEED]`` (N camera views of the synthetic world in the same
+layout, generated once and cached, :func:`bevdeploy.data.coco.generate_coco`; sets of different seeds
+share no scene and no image id, so ``synthetic2d:600@1`` trains and ``synthetic2d:120@2`` scores).
 
 Pipelines (mmdetection 2.x test configs), each to a fixed canvas so one static engine serves all images:
 
@@ -38,11 +39,13 @@ _YOLOX_PAD = 114.0
 
 @dataclass(frozen=True)
 class CocoSet:
-    """A COCO-format detection set on disk: annotation file, image folder, and how many images to use."""
+    """A COCO-format detection set on disk: annotation file, image folder, how many images to use, and
+    the data spec it was resolved from (for tables; empty if none)."""
 
     ann_file: Path
     image_dir: Path
     num_images: int | None = None
+    spec: str = ""
 
     def coco(self):
         """The ``pycocotools.coco.COCO`` of the annotation file (quietly loaded)."""
@@ -61,20 +64,29 @@ class CocoSet:
 
 
 def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: int = 0,
-                       image_size: tuple[int, int] = (360, 640), progress: bool = True) -> CocoSet:
-    """``coco:PATH`` or ``synthetic2d:N`` -> :class:`CocoSet` (the synthetic set is generated if needed).
+                       image_size: tuple[int, int] = (360, 640), progress: bool = True, workers: int = 1) -> CocoSet:
+    """``coco:PATH`` or ``synthetic2d:N[@SEED]`` -> :class:`CocoSet` (the synthetic set is generated if needed).
+
+    A spec's ``@SEED`` overrides ``seed``; ``image_size`` is the (H, W) the synthetic views are rendered at,
+    by ``workers`` processes.
 
     Raises:
         ValueError: a spec of another form. FileNotFoundError: COCO PATH without its annotation file.
     """
     kind, _, arg = str(spec).partition(":")
+    if kind == "synthetic2d" and "@" in arg:
+        arg, _, seed_text = arg.rpartition("@")
+        if not seed_text.isdigit():
+            raise ValueError(f"data spec {spec!r}: the world seed after '@' must be a non-negative integer, "
+                             f"got {seed_text!r}")
+        seed = int(seed_text)
     if kind == "coco" and arg:
         root = Path(arg).expanduser().absolute()
         ann = root / "annotations" / "instances_val2017.json"
         if not ann.is_file():
             raise FileNotFoundError(f"COCO annotations not found: {str(ann)!r} (PATH must hold "
                                     "annotations/instances_val2017.json and val2017/)")
-        return CocoSet(ann, root / "val2017")
+        return CocoSet(ann, root / "val2017", spec=str(spec))
     if kind == "synthetic2d":
         try:
             n = int(arg) if arg else 64
@@ -87,9 +99,9 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
 
         base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         root = generate_coco(base / f"coco-seed{seed}-n{n}-{image_size[0]}x{image_size[1]}", n, seed=seed,
-                             image_size=image_size, progress=progress)
-        return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n)
-    raise ValueError(f"2D data must be 'coco:PATH' or 'synthetic2d:N', got {spec!r}")
+                             image_size=image_size, progress=progress, workers=workers)
+        return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n, spec=str(spec))
+    raise ValueError(f"2D data must be 'coco:PATH' or 'synthetic2d:N[@SEED]', got {spec!r}")
 
 
 @dataclass(frozen=True)

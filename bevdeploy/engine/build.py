@@ -234,7 +234,8 @@ def build(
         allow_partial: Passed to ``load_checkpoint``.
         allow_nonfinite: Passed to ``load_checkpoint`` (NaN / inf weights are refused otherwise).
         calib: Calibration data for int8* / fp8*: a data spec (``synthetic:N`` / ``nuscenes:PATH``; 2D
-            models ``synthetic2d:N`` / ``coco:PATH``) or a ``bevdeploy.data.synthetic.DataSource``; its first
+            models ``synthetic2d:N[@SEED]`` / ``coco:PATH`` or a ``bevdeploy.data.det2d.CocoSet``) or a
+            ``bevdeploy.data.synthetic.DataSource``; its first
             N (default 500) samples in temporal order. A nuScenes spec without a split calibrates on
             ``train`` / ``mini_train`` when present.
         calib_method: ``entropy``, ``minmax`` or ``percentile``; default ``entropy`` for int8*, ``minmax``

@@ -201,19 +201,20 @@ def calibration_forward_loop(infos: Sequence[dict], model_name: str, model: nn.M
     return bevformer_loop
 
 
-def det2d_calibration_loop(calib: str, model_name: str, model: nn.Module, device: torch.device, batch: int = 8,
+def det2d_calibration_loop(calib, model_name: str, model: nn.Module, device: torch.device, batch: int = 8,
                            progress: bool = True):
     """A ``forward_loop(model)`` for the 2D detectors and a description of its data.
 
-    ``calib`` is a 2D data spec (``synthetic2d:N`` / ``coco:PATH``); its first N images (COCO without a
-    count: the first 500, as the reference calibrates on 500 samples) go through the model's test
-    pipeline in batches of ``batch``.
+    ``calib`` is a 2D data spec (``synthetic2d:N[@SEED]`` / ``coco:PATH``) or a
+    :class:`bevdeploy.data.det2d.CocoSet` (e.g. the first images of a training set); its first N images
+    (COCO without a count: the first 500, as the reference calibrates on 500 samples) go through the
+    model's test pipeline in batches of ``batch``.
     """
     from tqdm import tqdm
 
-    from bevdeploy.data.det2d import PIPELINES, load_batch, resolve_det2d_spec
+    from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
 
-    data = resolve_det2d_spec(calib, progress=progress)
+    data = calib if isinstance(calib, CocoSet) else resolve_det2d_spec(calib, progress=progress)
     records = data.images()[:500] if data.num_images is None else data.images()
     if not records:
         raise ValueError(f"calibration data {calib!r} holds no images")

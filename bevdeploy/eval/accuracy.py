@@ -16,6 +16,17 @@
 
 The stages share ``--work-dir`` (worlds, checkpoint, engines), so they can run as two device calls
 on one warm machine; ``--stage all`` runs both. Same flags, same seed: same numbers.
+
+2D models (``yolox-x``, ``centernet-r18-dcn``): the same two stages on the synthetic 2D views
+(``--train-data synthetic2d:600@1``, ``--eval-data synthetic2d:120@2``: other seed, so other scenes
+and image ids), trained with the official losses (YOLOX: SimOTA; CenterNet: gaussian focal + L1) at
+``--image-size`` (default: the official canvas); the eval stage is the 2D bench
+(:func:`bevdeploy.eval.bench_det2d.bench_det2d`) on the trained checkpoint: PyTorch FP32 eager and
+every engine at ``--eval-batch`` (32, the reference's) in images/s, COCO mAP (pycocotools) on the
+held-out views, dmap vs PyTorch FP32, fidelity mAP and output SQNR, int8 calibrated on the first
+``--calib-frames`` training images; results in ``<out>/<gpu>/accuracy-<model>.{json,md}``.
+Why the bench and not the BEV eval below: the 2D rows (batch-32 timing, pycocotools, fidelity mAP)
+already exist there, and the BEV eval's temporal frame loop and devkit metrics do not apply.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ import torch
 
 #: The engine precisions scored by default (the table of the issue).
 DEFAULT_PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16")
+#: 2D models: the issue's rows, most wanted first (each row is written when done: a cut run keeps them).
+DET2D_PRECISIONS = ("fp16", "int8-fp16", "fp16x2", "int8")
+#: 2D training / held-out sets (images of the synthetic world's cameras, 360x640).
+DET2D_TRAIN_DATA, DET2D_EVAL_DATA = "synthetic2d:600@1", "synthetic2d:120@2"
 QAT_PRECISION = "int8-fp16"
 _METRICS = ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
@@ -61,10 +76,40 @@ def checkpoint_path(args) -> Path:
     return Path(args.work_dir) / f"{args.model}.pth"
 
 
+def _det2d_sets(args, progress: bool):
+    """Render (or reuse) the 2D training and held-out sets (each key frame's views in parallel processes)."""
+    from bevdeploy.data.det2d import resolve_det2d_spec
+
+    kw = dict(cache_dir=Path(args.work_dir) / "worlds", image_size=tuple(args.render_size), workers=args.workers,
+              progress=progress)
+    t0 = time.perf_counter()
+    train_set = resolve_det2d_spec(args.train_data, **kw)
+    eval_set = resolve_det2d_spec(args.eval_data, **kw)
+    return train_set, eval_set, time.perf_counter() - t0
+
+
+def _det2d_overrides(args) -> dict | None:
+    """Model config overrides of a 2D run: ``--model-overrides`` plus ``--image-size``."""
+    overrides = dict(args.model_overrides or {})
+    if args.image_size is not None:
+        overrides["image_size"] = tuple(args.image_size)
+    return overrides or None
+
+
 def stage_train(args) -> Path:
     """Render both worlds and train; returns the checkpoint (its meta holds the training budget)."""
-    from bevdeploy.train import train_model
+    from bevdeploy.train import is_det2d, train_model
 
+    if is_det2d(args.model):
+        _, _, t_render = _det2d_sets(args, progress=True)
+        print(f"[accuracy] 2D sets ready in {t_render:.0f} s", file=sys.stderr)
+        return train_model(args.model, args.train_data, steps=args.steps, batch=args.batch, out=checkpoint_path(args),
+                           lr=args.lr, warmup=args.warmup, seed=args.seed, workers=args.workers,
+                           render_size=tuple(args.render_size), model_overrides=_det2d_overrides(args),
+                           cache_dir=Path(args.work_dir) / "worlds",
+                           extra_meta={"render_seconds_both_worlds": round(t_render, 1), "command": args.command,
+                                       "train_seconds": args.train_seconds},
+                           time_limit=args.train_seconds if args.train_seconds > 0 else None)
     _, _, t_render = _worlds(args, progress=True)
     print(f"[accuracy] worlds ready in {t_render:.0f} s", file=sys.stderr)
     options = {"depth_weight": args.depth_weight} if args.depth_weight is not None else None
@@ -213,6 +258,79 @@ def stage_eval(args) -> Path:
     return write_accuracy(args, rows + kept, meta, threshold)
 
 
+def stage_eval_det2d(args) -> Path:
+    """2D models: the bench table (:func:`bevdeploy.eval.bench_det2d.bench_det2d`) of the trained checkpoint
+    on the held-out set, int8 calibrated on training images; ``<out>/<gpu>/accuracy-<model>.{json,md}``."""
+    from bevdeploy.data.det2d import CocoSet
+    from bevdeploy.eval.bench_det2d import bench_det2d
+
+    ckpt = checkpoint_path(args)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint {ckpt}: run --stage train first (same --work-dir)")
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    # the size the weights were trained at (recorded in the checkpoint) is the size they are scored at
+    overrides = meta.get("model_overrides") or _det2d_overrides(args)
+    if overrides and "image_size" in overrides:
+        overrides = dict(overrides, image_size=tuple(overrides["image_size"]))
+    trained_size = (overrides or {}).get("image_size")
+    if args.image_size is not None and tuple(args.image_size) != (trained_size or ()):
+        raise ValueError(f"--image-size {tuple(args.image_size)}: the checkpoint was trained at "
+                         f"{trained_size or 'the official size'}; score it there (drop --image-size)")
+    train_set, eval_set, _ = _det2d_sets(args, progress=False)
+    n_calib = min(args.calib_frames, len(train_set.images()))
+    calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")
+    training = _training_summary(meta)
+    size = (overrides or {}).get("image_size")
+    official = {"yolox-x": (640, 640), "centernet-r18-dcn": (512, 512)}.get(args.model)
+    t = training
+    notes = [
+        f"Trained weights: {t['steps']} steps (planned {t['steps_planned']}, fitted to a {meta.get('train_seconds')} s "
+        f"budget) x batch {t['batch']} ({t['frames_seen']} images seen) on {t['frames_in_world']} images of "
+        f"`{t['data']}` (synthetic camera views rendered at {t['render_size']}), from scratch, AdamW lr {t['lr']} "
+        f"with linear warm-up ({t['warmup']} steps) and cosine decay, bf16 autocast, seed {t['seed']}; "
+        f"{t['minutes']} min (render + load + train); final loss {t['final_loss'] and round(t['final_loss'], 4)}; "
+        f"throughput {t['throughput']}. Losses official (" + ("YOLOX: SimOTA, objectness / class BCE, IoU loss"
+        if args.model.startswith("yolox") else "CenterNet: gaussian focal heatmap, L1 size and offset") + ").",
+        f"Network input: {tuple(size) if size else official} (official canvas {official}"
+        + ("" if size is None or tuple(size) == official else "; DEPARTURE: set by --image-size for the training "
+           "budget, every row (PyTorch and engines) runs at it") + ").",
+        f"Scored on the held-out `{args.eval_data}` (other seed: no shared scene or image id) with pycocotools; "
+        f"int8 calibrated (entropy) on the first {calib.num_images} training images. dmap: vs the PyTorch FP32 row; "
+        "fidelity_map: engine detections scored against the PyTorch FP32 detections (score >= fidelity_threshold); "
+        "output_sqnr_db: worst head output vs PyTorch on the timing batch. fps: images/s at the static batch "
+        f"{args.eval_batch} (CUDA events around whole forwards, median of {args.iters}; engines replay their CUDA "
+        "graph), ratio vs PyTorch FP32 eager of the same run.",
+        "Departures from the official training (named in bevdeploy/train/yolox.py, centernet.py): no augmentation "
+        "(every image on the test-time canvas), AdamW + cosine instead of SGD, "
+        + ("no extra L1 loss of YOLOX's last 15 epochs, gradient clip 35 (YOLOX clips none)."
+           if args.model.startswith("yolox") else "gradient clip 35 as the official config."),
+    ]
+    extra = {"model": args.model, "train_data": args.train_data, "eval_data": args.eval_data,
+             "calib_images": calib.num_images, "checkpoint_sha256": sha, "model_overrides": _jsonable(overrides),
+             "training": training}
+    return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
+                       batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
+                       out_dir=args.out, command=args.command, append=args.keep_rows, model_overrides=overrides,
+                       device=args.device, results_name=f"accuracy-{args.model}", extra=extra, notes=notes)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=list)) if obj is not None else None
+
+
+def _training_summary(meta: dict) -> dict:
+    """The training budget of a checkpoint's meta, for the tables."""
+    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "warmup", "batch", "lr",
+                                         "seed", "render_size", "final_loss", "seconds", "render_seconds_both_worlds",
+                                         "throughput", "training_options", "model_overrides", "command")}
+    training["frames_seen"] = (meta.get("steps") or 0) * (meta.get("batch") or 0)
+    seconds = dict(meta.get("seconds") or {})
+    seconds["render"] = max(seconds.get("render", 0.0), meta.get("render_seconds_both_worlds") or 0.0)
+    training["minutes"] = round(sum(seconds.values()) / 60, 2) if meta.get("seconds") else None
+    return training
+
+
 def _earlier_rows(args, sha: str, measured: set[str]) -> list[dict]:
     """Rows of an earlier eval of the SAME checkpoint for precisions this run does not measure
     (an eval split over several device calls); none if the file is from other weights."""
@@ -235,13 +353,7 @@ def _results_dir(args) -> Path:
 
 def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path:
     """``<out>/<gpu>/accuracy-<model>.{json,md}``: the rows, the training budget and the command."""
-    training = {k: meta.get(k) for k in ("data", "frames_in_world", "steps", "steps_planned", "warmup", "batch", "lr", "seed", "render_size",
-                                         "final_loss", "seconds", "render_seconds_both_worlds", "throughput",
-                                         "training_options", "model_overrides", "command")}
-    training["frames_seen"] = (meta.get("steps") or 0) * (meta.get("batch") or 0)
-    seconds = dict(meta.get("seconds") or {})
-    seconds["render"] = max(seconds.get("render", 0.0), meta.get("render_seconds_both_worlds") or 0.0)
-    training["minutes"] = round(sum(seconds.values()) / 60, 2) if meta.get("seconds") else None
+    training = _training_summary(meta)
     doc = {
         "model": args.model,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -292,11 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--stage", choices=["train", "eval", "all"], default="all")
     p.add_argument("--work-dir", default=env("BEVACC_WORK", "/tmp/bevacc"), help="worlds, checkpoint, engines")
-    p.add_argument("--train-data", default=env("BEVACC_TRAIN_DATA", "synthetic:600@1"))
-    p.add_argument("--eval-data", default=env("BEVACC_EVAL_DATA", "synthetic:120@2"))
+    p.add_argument("--train-data", default=None,
+                   help=f"default $BEVACC_TRAIN_DATA or synthetic:600@1; 2D models {DET2D_TRAIN_DATA}")
+    p.add_argument("--eval-data", default=None,
+                   help=f"default $BEVACC_EVAL_DATA or synthetic:120@2; 2D models {DET2D_EVAL_DATA}")
     p.add_argument("--render-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="camera image size of both worlds (default: 900 1600 for BEVFormer, whose official "
-                        "pipeline halves nuScenes' size to its 480x800 input; 450 800 for BEVDet's 256x704 crop)")
+                        "pipeline halves nuScenes' size to its 480x800 input; 450 800 for BEVDet's 256x704 crop; "
+                        "360 640 for the 2D views)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="2D models: network input canvas of training and every row (default: official, YOLOX "
+                        "640 640, CenterNet 512 512); a departure is named in the table's notes")
+    p.add_argument("--eval-batch", type=int, default=32, help="2D models: static batch of every row (images/s)")
+    p.add_argument("--iters", type=int, default=30, help="2D models: timed forwards per row")
     p.add_argument("--steps", type=int, default=int(env("BEVACC_STEPS", "4000")),
                    help="planned steps (fewer if --train-seconds cannot hold them; the table says how many ran)")
     p.add_argument("--batch", type=int, default=int(env("BEVACC_BATCH", "8")))
@@ -307,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=float(env("BEVACC_LR", "2e-4")))
     p.add_argument("--depth-weight", type=float, default=None, help="BEVDet depth supervision weight (default 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precisions", nargs="*", default=list(DEFAULT_PRECISIONS))
+    p.add_argument("--precisions", nargs="*", default=None,
+                   help=f"default {' '.join(DEFAULT_PRECISIONS)}; 2D models {' '.join(DET2D_PRECISIONS)}")
     p.add_argument("--calib-frames", type=int, default=int(env("BEVACC_CALIB", "64")))
     p.add_argument("--qat-steps", type=int, default=int(env("BEVACC_QAT_STEPS", "0")),
                    help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
@@ -325,13 +446,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "python -m bevdeploy.eval.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
+    from bevdeploy.train import DET2D_RENDER_SIZE, is_det2d
+
+    det2d = is_det2d(args.model)
+    env = os.environ.get
+    if det2d:
+        args.train_data = args.train_data or DET2D_TRAIN_DATA
+        args.eval_data = args.eval_data or DET2D_EVAL_DATA
+        args.precisions = list(DET2D_PRECISIONS) if args.precisions is None else args.precisions
+    else:
+        args.train_data = args.train_data or env("BEVACC_TRAIN_DATA", "synthetic:600@1")
+        args.eval_data = args.eval_data or env("BEVACC_EVAL_DATA", "synthetic:120@2")
+        args.precisions = list(DEFAULT_PRECISIONS) if args.precisions is None else args.precisions
     if args.render_size is None:
-        args.render_size = [900, 1600] if args.model.startswith("bevformer") else [450, 800]
+        args.render_size = (list(DET2D_RENDER_SIZE) if det2d else
+                            [900, 1600] if args.model.startswith("bevformer") else [450, 800])
     try:
+        if args.image_size is not None and not det2d:
+            raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
         if args.stage in ("eval", "all"):
-            path = stage_eval(args)
+            path = stage_eval_det2d(args) if det2d else stage_eval(args)
             print(path.with_suffix(".md").read_text())
     except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
         print(f"accuracy: error: {e}", file=sys.stderr)

@@ -6,6 +6,9 @@ per second (CUDA events around whole forwards after warm-up, median), engine MB,
 use, COCO mAP (pycocotools) over the data, ``fidelity_map`` (the engine's detections scored with
 the PyTorch model's confident detections as ground truth) and the worst output SQNR against PyTorch
 on the timing batch.
+
+The accuracy flow (:mod:`bevdeploy.eval.accuracy`, 2D models) calls :func:`bench_det2d` with trained
+weights, the held-out set, calibration on training images and ``results_name="accuracy-<model>"``.
 """
 
 from __future__ import annotations
@@ -25,17 +28,36 @@ def _r(v: float | None) -> float | None:
     return None if v is None or v != v else round(float(v), 4)
 
 
-def _data_spec(data: str) -> str:
-    """The BEV default ``synthetic:N`` means the synthetic world's 2D views for a 2D model."""
-    return "synthetic2d:" + data.split(":", 1)[1] if data.startswith("synthetic:") else data
+def _data_spec(data):
+    """The BEV default ``synthetic:N`` means the synthetic world's 2D views for a 2D model (a
+    ``CocoSet`` passes through)."""
+    return "synthetic2d:" + data.split(":", 1)[1] if isinstance(data, str) and data.startswith("synthetic:") else data
+
+
+def _median_ms(fn, device: torch.device, iters: int) -> float:
+    """Median ms per call: CUDA events on a GPU (:func:`bevdeploy.eval.timing.time_eager`), wall clock on a CPU."""
+    if device.type == "cuda":
+        from bevdeploy.eval.timing import time_eager
+
+        return time_eager(fn, iters=iters, warmup=3)
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def bench_det2d(
     name: str,
     precisions: list[str],
     *,
-    data: str = "synthetic2d:64",
-    calib: str | None = None,
+    data="synthetic2d:64",
+    calib=None,
     checkpoint: str | None = None,
     batch: int = 32,
     work_dir: str | Path = "out/engines",
@@ -43,14 +65,20 @@ def bench_det2d(
     out_dir: str | Path = "bench/results",
     command: str = "",
     append: bool = False,
+    model_overrides: dict | None = None,
+    device: str | None = None,
+    results_name: str | None = None,
+    extra: dict | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """The table for one 2D model at ``batch``; returns the JSON path (``<out_dir>/<gpu>/<name>.json``).
 
     Args:
         name: ``yolox-x`` or ``centernet-r18-dcn``.
         precisions: Engine precisions (the PyTorch row is always measured first).
-        data: ``synthetic2d:N`` (``synthetic:N`` is read as that) or ``coco:PATH``: scored for mAP.
-        calib: int8 calibration data (default: ``data``).
+        data: ``synthetic2d:N[@SEED]`` (``synthetic:N`` is read as that), ``coco:PATH`` or a
+            :class:`bevdeploy.data.det2d.CocoSet`: scored for mAP.
+        calib: int8 calibration data, a spec or a ``CocoSet`` (default: ``data``).
         checkpoint: Official checkpoint (random weights, seed 0, otherwise).
         batch: The static batch of every row (images per forward).
         work_dir: Where the engine files go.
@@ -58,27 +86,36 @@ def bench_det2d(
         out_dir: Results root.
         command: Recorded in the results.
         append: Keep earlier runs' rows for precisions not measured now.
+        model_overrides: Config overrides of the model and every engine (e.g. the ``image_size`` a
+            checkpoint was trained at; reduced models in tests).
+        device: ``cuda`` (default) or ``cpu`` (tests of the rows: wall-clock timing, no memory figures).
+        results_name: File stem of the results (default ``name``).
+        extra: More top-level entries of the results JSON (e.g. the training budget).
+        notes: Paragraphs of the markdown above the table.
     """
-    from bevdeploy.data.det2d import PIPELINES, load_batch, resolve_det2d_spec
+    from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.engine.deploy import precision_spec
     from bevdeploy.eval.bench_models import _ROW_KEYS, _device_memory_mb, earlier_rows, pth_size_mb, write_results
     from bevdeploy.eval.coco import coco_map, fidelity_map, run_det2d
-    from bevdeploy.eval.timing import gpu_dirname, time_eager
+    from bevdeploy.eval.timing import gpu_dirname
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
     from bevdeploy.quant.sensitivity import sqnr_db
 
-    if not torch.cuda.is_available():
+    dev = torch.device(device or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bevdeploy bench --model times engines on a CUDA GPU and none is visible here; on a CPU, "
                            "`bevdeploy eval --model NAME --data synthetic2d:N` runs the model")
+    on_gpu = dev.type == "cuda"
     for precision in precisions:
         precision_spec(precision)
     data = _data_spec(data)
-    source = resolve_det2d_spec(data)
+    source = data if isinstance(data, CocoSet) else resolve_det2d_spec(data)
+    data_label = source.spec or str(source.ann_file.parent.parent)
     images = source.images()
     if not images:
-        raise ValueError(f"data {data!r} holds no images")
+        raise ValueError(f"data {data_label!r} holds no images")
     image_ids = [r["id"] for r in images]
     import importlib.util
 
@@ -86,12 +123,18 @@ def bench_det2d(
     if not scored:
         print("pycocotools is not installed: the rows get FPS, size, memory and SQNR but no mAP", file=sys.stderr)
     coco_gt = source.coco() if scored else None
-    dev = torch.device("cuda")
-    keep_rows = earlier_rows(Path(out_dir) / gpu_dirname() / f"{name}.json", set(precisions)) if append else []
+    results_name = results_name or name
+    keep_rows = (earlier_rows(Path(out_dir) / (gpu_dirname() if on_gpu else "cpu") / f"{results_name}.json",
+                              set(precisions)) if append else [])
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
+    def settle() -> None:
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+
     torch.manual_seed(0)
-    model = MODELS[name]()
+    model = MODELS[name](**(model_overrides or {}))
     if checkpoint:
         load_checkpoint(model, checkpoint)
     pth_mb = pth_size_mb(model)
@@ -99,15 +142,15 @@ def bench_det2d(
     timing_records = (images * (batch // len(images) + 1))[:batch]
     x, _ = load_batch(source, timing_records, PIPELINES[name], tuple(config.image_size))
     x = x.to(dev)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base_mem = _device_memory_mb()
+    settle()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = _device_memory_mb() if on_gpu else None
     model = model.to(dev).eval()
     with torch.no_grad():
-        ms = time_eager(lambda: model(x), iters=iters, warmup=3)
+        ms = _median_ms(lambda: model(x), dev, iters)
         ref_out = {k: v.detach().clone() for k, v in model(x).items()}
-        mem = _device_memory_mb()
+        mem = _device_memory_mb() if on_gpu else None
         ref_results, _ = run_det2d(model, source, name, config, batch=batch, device=dev)
     nan = dict.fromkeys(("mAP", "mAP_50"), float("nan"))
     metrics = coco_map(coco_gt, ref_results, image_ids) if scored else nan
@@ -115,48 +158,61 @@ def bench_det2d(
     threshold = min(0.3, 0.5 * best)  # random weights score low: keep the reference's most confident boxes
     row = dict.fromkeys(_ROW_KEYS)
     row.update(model=name, precision="pytorch", batch=batch, fps=round(1000.0 * batch / ms, 2), fps_ratio=1.0,
-               engine_mb=round(pth_mb, 1), size_ratio=1.0, memory_mb=round(mem, 1), memory_ratio=1.0,
+               engine_mb=round(pth_mb, 1), size_ratio=1.0, memory_mb=_r1(mem), memory_ratio=1.0 if on_gpu else None,
                map=_r(metrics["mAP"]), map_50=_r(metrics["mAP_50"]), latency_ms=round(ms, 3),
-               peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
-               memory_before_model_mb=round(base_mem, 1), fidelity_threshold=round(threshold, 4),
-               images=len(images), data=data, note="engine_mb = the .pth of the state dict; fps = images/s",
-               run=run_id)
+               peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
+               memory_before_model_mb=_r1(base_mem), fidelity_threshold=round(threshold, 4),
+               images=len(images), data=data_label, image_size=list(config.image_size),
+               note="engine_mb = the .pth of the state dict; fps = images/s", run=run_id)
     rows = [row]
     print(f"{name} pytorch: {row['fps']} images/s, mAP {row['map']}", file=sys.stderr)
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    settle()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    write = lambda: write_results(results_name, rows, out_dir, command, keep_rows, extra=extra, notes=notes)  # noqa: E731
     for precision in precisions:
         path = work / f"{name}-b{batch}-{precision}.engine"
-        build(name, precision, out=path, checkpoint=checkpoint, batch=batch,
-              calib=_data_spec(calib or data) if precision.startswith("int8") else None)
-        gc.collect()
-        torch.cuda.empty_cache()
-        engine = Engine.load(path, device="cuda")
-        ms = time_eager(lambda: engine(image=x), iters=iters, warmup=3)
-        mem = _device_memory_mb()
-        out = engine(image=x)
-        sqnr = {k: round(sqnr_db(ref_out[k], out[k]), 1) for k in engine.output_names}
-        results, _ = run_det2d(lambda im: engine(image=im), source, name, config, batch=batch, device=dev)
+        try:
+            build(name, precision, out=path, checkpoint=checkpoint, batch=batch, model_overrides=model_overrides,
+                  device=dev.type, progress=False,
+                  calib=_data_spec(calib or data) if precision.startswith("int8") else None)
+            settle()
+            engine = Engine.load(path, device=dev.type)
+            ms = _median_ms(lambda: engine(image=x), dev, iters)
+            mem = _device_memory_mb() if on_gpu else None
+            out = engine(image=x)
+            # identical outputs give inf dB: capped so the JSON stays strict (JSON has no Infinity)
+            sqnr = {k: round(min(sqnr_db(ref_out[k].float(), out[k].float()), 300.0), 1) for k in engine.output_names}
+            results, _ = run_det2d(lambda im: engine(image=im), source, name, config, batch=batch, device=dev)
+        except Exception as e:  # one precision failing must not cost the other rows
+            print(f"{name} {precision}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"model": name, "precision": precision, "batch": batch, "run": run_id,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            settle()
+            write()
+            continue
         m = coco_map(coco_gt, results, image_ids) if scored else nan
         fid = fidelity_map(results, ref_results, image_ids, images, threshold) if scored else float("nan")
         fps = 1000.0 * batch / ms
         r = dict.fromkeys(_ROW_KEYS)
         r.update(model=name, precision=precision, batch=batch, fps=round(fps, 2), fps_ratio=round(fps / row["fps"], 2),
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3),
-                 memory_mb=round(mem, 1), memory_ratio=round(mem / row["memory_mb"], 3), map=_r(m["mAP"]),
-                 map_50=_r(m["mAP_50"]), map_change=_r(m["mAP"] - metrics["mAP"]),
+                 memory_mb=_r1(mem), memory_ratio=round(mem / row["memory_mb"], 3) if on_gpu else None,
+                 map=_r(m["mAP"]), map_50=_r(m["mAP_50"]), dmap=_r(m["mAP"] - metrics["mAP"]),
                  fidelity_map=_r(fid), latency_ms=round(ms, 3), output_sqnr_db=min(sqnr.values()),
                  output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
                  run=run_id)
         rows.append(r)
         print(f"{name} {precision}: {r['fps']} images/s ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
-              f"mAP {r['map']}, fidelity mAP {r['fidelity_map']}, SQNR {r['output_sqnr_db']} dB", file=sys.stderr)
+              f"mAP {r['map']} (d {r['dmap']}), fidelity mAP {r['fidelity_map']}, SQNR {r['output_sqnr_db']} dB",
+              file=sys.stderr)
         del engine, out
-        gc.collect()
-        torch.cuda.empty_cache()
-        write_results(name, rows, out_dir, command, keep_rows)  # a run cut short keeps what it measured
-    return write_results(name, rows, out_dir, command, keep_rows)
+        settle()
+        write()  # a run cut short keeps what it measured
+    return write()
+
+
+def _r1(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 1)

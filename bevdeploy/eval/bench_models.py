@@ -137,25 +137,29 @@ def pytorch_row(name: str, model, inputs: dict[str, torch.Tensor], base_mem: flo
 
 
 def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/results", command: str = "",
-                  keep_rows: list[dict] | None = None) -> Path:
+                  keep_rows: list[dict] | None = None, extra: dict | None = None, notes: list[str] | None = None) -> Path:
     """``<out_dir>/<gpu>/<name>.{json,md}`` (the reference system's table: one row per precision).
 
     ``keep_rows``: rows of earlier runs to keep in the file after this run's ``rows`` (see
     :func:`bench_model`'s ``append``); every row names its run, and each ratio is against the
-    PyTorch row of that same run.
+    PyTorch row of that same run. ``extra``: more top-level JSON entries (e.g. the training
+    budget); ``notes``: paragraphs of the markdown above the table. Without a GPU (CPU test runs)
+    the folder is ``<out_dir>/cpu``.
     """
+    on_gpu = torch.cuda.is_available()
     result = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command or "bevdeploy " + " ".join(sys.argv[1:]),
+        **(extra or {}),
         "rows": rows + list(keep_rows or []),
     }
     for r in rows:  # rows of this run: stamped by the caller (bench_model) or by this write
         r.setdefault("run", result["date"])
         r.setdefault("command", result["command"])
     rows = result["rows"]
-    folder = Path(out_dir) / gpu_dirname()
+    folder = Path(out_dir) / (gpu_dirname() if on_gpu else "cpu")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -163,6 +167,7 @@ def write_results(name: str, rows: list[dict], out_dir: str | Path = "bench/resu
     keys = list(_ROW_KEYS) + sorted({k for r in rows for k in r} - set(_ROW_KEYS) - hidden)
     commands = list(dict.fromkeys(f"{r.get('run')}: `{r.get('command')}`" for r in rows))
     md = [f"# {name} on {result['gpu']}", "", f"torch {result['torch']}, written {result['date']}", "",
+          *[line for note in (notes or []) for line in (note, "")],
           "Runs (each ratio is against the PyTorch row of its own run):", *[f"- {c}" for c in commands], "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]

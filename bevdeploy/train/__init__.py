@@ -9,7 +9,10 @@ Pieces:
 - :class:`FamilyTraining`: what a model family supplies: an endless stream of shuffled batches
   already on the device, and its official losses as named terms (the total is their sum).
   BEVDet: :class:`bevdeploy.train.bevdet.BEVDetTraining`; BEVFormer:
-  :class:`bevdeploy.train.bevformer.BEVFormerTraining`. :func:`make_training` picks by model name.
+  :class:`bevdeploy.train.bevformer.BEVFormerTraining`; YOLOX: :class:`bevdeploy.train.yolox.YOLOXTraining`
+  (SimOTA); CenterNet: :class:`bevdeploy.train.centernet.CenterNetTraining`. :func:`make_training`
+  picks by model name. The BEV families read nuScenes info records, the 2D ones a COCO-format set
+  (``synthetic2d:N@SEED`` or ``coco:PATH``, :class:`bevdeploy.data.det2d.CocoSet`).
 - :func:`train`: AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA, gradient
   clipping, a progress bar showing the loss; returns the loss history.
 - :func:`save_checkpoint`: the official key layout ``{"state_dict": ..., "meta": ...}``, which
@@ -29,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FamilyTraining", "make_training", "save_checkpoint", "train", "train_model", "lr_at"]
+__all__ = ["FamilyTraining", "make_training", "save_checkpoint", "train", "train_model", "lr_at", "is_det2d"]
 
 #: Rendered image size of training worlds: BEVFormer-tiny's native 450x800, and BEVDet's 256x704
 #: crop comes out the same as from 900x1600 (its resize fits the width), at a quarter of the render cost.
@@ -56,13 +59,34 @@ class FamilyTraining(Protocol):
         ...
 
 
-def make_training(model_name: str, model: nn.Module, infos: list[dict], device, **kwargs) -> FamilyTraining:
-    """The family training of ``model_name``: ``bevdet*`` -> BEVDetTraining, ``bevformer*`` -> BEVFormerTraining.
+def make_training(model_name: str, model: nn.Module, data, device, **kwargs) -> FamilyTraining:
+    """The family training of ``model_name``: ``bevdet*`` -> BEVDetTraining, ``bevformer*`` ->
+    BEVFormerTraining, ``yolox*`` -> YOLOXTraining, ``centernet*`` -> CenterNetTraining.
 
-    Extra keywords go to the family's constructor.
+    Args:
+        model_name: The model's name (a ``MODELS`` key).
+        model: The model, on ``device``.
+        data: BEV families: the info records (``list[dict]``, temporal order); 2D families: the
+            COCO-format set (:class:`bevdeploy.data.det2d.CocoSet`).
+        device: The training device.
+        **kwargs: The family constructor's keywords.
     """
     if not isinstance(model_name, str):
         raise TypeError(f"model_name must be a str, got {type(model_name).__name__}")
+    if model_name.startswith(("yolox", "centernet")):
+        from bevdeploy.data.det2d import CocoSet
+
+        if not isinstance(data, CocoSet):
+            raise TypeError(f"{model_name} trains on a COCO-format set (bevdeploy.data.det2d.CocoSet, from "
+                            f"resolve_det2d_spec('synthetic2d:N@SEED')), got {type(data).__name__}")
+        if model_name.startswith("yolox"):
+            from bevdeploy.train.yolox import YOLOXTraining
+
+            return YOLOXTraining(model, data, device, **kwargs)
+        from bevdeploy.train.centernet import CenterNetTraining
+
+        return CenterNetTraining(model, data, device, **kwargs)
+    infos = data
     if model_name.startswith("bevdet"):
         from bevdeploy.train.bevdet import BEVDetTraining
 
@@ -73,7 +97,8 @@ def make_training(model_name: str, model: nn.Module, infos: list[dict], device, 
         except ImportError as e:
             raise NotImplementedError(f"BEVFormer training is not available in this build ({e})") from e
         return BEVFormerTraining(model, infos, device, **kwargs)
-    raise ValueError(f"no training for model {model_name!r}; expected a bevdet* or bevformer* model name")
+    raise ValueError(f"no training for model {model_name!r}; expected a bevdet*, bevformer*, yolox* or "
+                     "centernet* model name")
 
 
 def lr_at(step: int, *, steps: int, lr: float, warmup: int, warmup_ratio: float = 1e-3, min_ratio: float = 1e-3) -> float:
@@ -281,8 +306,19 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
 
 
 def default_clip(model_name: str) -> float:
-    """The official gradient-clipping norm: BEVDet 5 (``grad_clip=dict(max_norm=5)``), BEVFormer 35."""
+    """The official gradient-clipping norm: BEVDet 5 (``grad_clip=dict(max_norm=5)``), BEVFormer 35,
+    CenterNet 35 (``centernet_resnet18_dcnv2_140e_coco``); YOLOX clips nothing officially (SGD), here
+    35 as well: from scratch with AdamW the first SimOTA steps may see large gradients."""
     return 5.0 if model_name.startswith("bevdet") else 35.0
+
+
+def is_det2d(model_name: str) -> bool:
+    """Whether ``model_name`` is a 2D (COCO) detector, trained on ``synthetic2d:N@SEED`` / ``coco:PATH``."""
+    return model_name.startswith(("yolox", "centernet"))
+
+
+#: Image size the 2D training / held-out views are rendered at (the generator's default: 16:9).
+DET2D_RENDER_SIZE = (360, 640)
 
 
 def train_model(
@@ -312,14 +348,17 @@ def train_model(
 
     Args:
         model_name: A key of ``bevdeploy.models.MODELS``.
-        data: A data spec (``synthetic:N@SEED`` or ``nuscenes:PATH``).
+        data: A data spec: ``synthetic:N@SEED`` or ``nuscenes:PATH`` (BEV models); ``synthetic2d:N@SEED``
+            or ``coco:PATH`` (2D models; COCO reads its val2017 annotations and images).
         steps, batch, lr, weight_decay, warmup, clip, seed: See :func:`train` (``clip`` default:
             :func:`default_clip`).
         out: The checkpoint file.
         device: ``cuda`` / ``cpu`` (default: cuda when available).
         workers: Processes rendering the world and loading the frames.
-        render_size: (H, W) the synthetic world is rendered at (default :func:`default_render_size`).
-        model_overrides: Config overrides (reduced models in tests); saved in the checkpoint's meta.
+        render_size: (H, W) the synthetic world is rendered at (default :func:`default_render_size`;
+            2D models :data:`DET2D_RENDER_SIZE`).
+        model_overrides: Config overrides (reduced models in tests; a 2D model's network input
+            ``image_size``); saved in the checkpoint's meta.
         training_options: Keywords of the family's training class (e.g. ``depth_weight=0``).
         cache_dir: Where synthetic worlds are cached (default ``$BEVDEPLOY_CACHE``).
         extra_meta: More entries for the checkpoint's ``meta`` (e.g. the caller's render time).
@@ -332,14 +371,17 @@ def train_model(
     Returns:
         The checkpoint path. Its ``meta`` holds the training budget, the final loss and the history.
     """
-    from bevdeploy.data.nuscenes import load_infos
-    from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.models import MODELS
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    det2d = is_det2d(model_name)
+    if det2d != str(data).startswith(("synthetic2d", "coco:")):
+        raise ValueError(f"{model_name} trains on " + ("'synthetic2d:N@SEED' or 'coco:PATH'" if det2d else
+                         "'synthetic:N@SEED' or 'nuscenes:PATH'") + f" data, got {data!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    render_size = default_render_size(model_name) if render_size is None else render_size
+    if render_size is None:
+        render_size = DET2D_RENDER_SIZE if det2d else default_render_size(model_name)
     t0 = time.perf_counter()
     distributed = dist is not None and dist.enabled
     if distributed:
@@ -349,23 +391,36 @@ def train_model(
             dev = torch.device("cuda", torch.cuda.current_device())
         if not dist.is_main:
             torch_dist.barrier()  # rank 0 renders (or finds) the world; the others then read it
-    source = resolve_data_spec(data, workers=workers, image_size=tuple(render_size),
-                               progress=progress and (not distributed or dist.is_main), cache_dir=cache_dir)
+    show = progress and (not distributed or dist.is_main)
+    if det2d:
+        from bevdeploy.data.det2d import resolve_det2d_spec
+
+        samples = resolve_det2d_spec(data, cache_dir=cache_dir, image_size=tuple(render_size), progress=show,
+                                     workers=workers)
+        num_samples = len(samples.images())
+    else:
+        from bevdeploy.data.nuscenes import load_infos
+        from bevdeploy.data.synthetic import resolve_data_spec
+
+        source = resolve_data_spec(data, workers=workers, image_size=tuple(render_size), progress=show,
+                                   cache_dir=cache_dir)
+        samples = load_infos(source.dataroot, source.version, source.split, progress=False)
+        if source.num_samples is not None:
+            samples = samples[: source.num_samples]
+        num_samples = len(samples)
     if distributed and dist.is_main:
         torch_dist.barrier()
-    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
-    if source.num_samples is not None:
-        infos = infos[: source.num_samples]
-    if not infos:
+    if not num_samples:
         raise ValueError(f"data {data!r} holds no samples")
     t_render = time.perf_counter() - t0
     torch.manual_seed(seed)
     model = MODELS[model_name](**(model_overrides or {})).to(dev)
     t1 = time.perf_counter()
     options = dict(training_options or {})
-    options.setdefault("workers", workers)
-    options.setdefault("progress", progress)
-    training = make_training(model_name, model, infos, dev, **options)
+    if not det2d:  # the 2D sets are preprocessed once in this process, kept on the device
+        options.setdefault("workers", workers)
+        options.setdefault("progress", progress)
+    training = make_training(model_name, model, samples, dev, **options)
     t_load = time.perf_counter() - t1
     clip = default_clip(model_name) if clip is None else clip
     t2 = time.perf_counter()
@@ -379,7 +434,7 @@ def train_model(
     if distributed and not dist.is_main:
         return None
     meta = {
-        "model": model_name, "data": data, "frames_in_world": len(infos), "steps": steps_done, "steps_planned": steps,
+        "model": model_name, "data": data, "frames_in_world": num_samples, "steps": steps_done, "steps_planned": steps,
         "warmup": history[-1]["warmup"],
         "batch": batch, "processes": world, "global_batch": batch * world, "lr": lr,
         "weight_decay": weight_decay, "clip": clip, "seed": seed, "render_size": list(render_size),
@@ -389,7 +444,7 @@ def train_model(
         "throughput": {"frames_per_s": round(frames / t_train, 2), "s_per_step": round(t_train / steps_done, 4)},
         "device": str(dev), "torch": torch.__version__, "history": history, **(extra_meta or {}),
     }
-    print(f"trained {model_name}: {steps_done} steps x batch {batch} on {len(infos)} frames in {t_train:.0f} s "
+    print(f"trained {model_name}: {steps_done} steps x batch {batch} on {num_samples} frames in {t_train:.0f} s "
           f"({meta['throughput']['frames_per_s']} frames/s, {meta['throughput']['s_per_step']} s/step; "
           f"render {t_render:.0f} s, load {t_load:.0f} s); final loss {history[-1]['loss']:.4f}", file=sys.stderr)
     return save_checkpoint(model, out, meta)

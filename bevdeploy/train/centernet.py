@@ -12,7 +12,8 @@ Official (``centernet_resnet18_dcnv2_140e_coco``, ``CenterNetHead.get_targets`` 
 
 Not official (named): no augmentation (the official random centre crop, flip and photometric
 distortion are omitted: every image uses the test-time canvas, preprocessed once and kept on the
-device in fp16).
+device in fp16). Without augmentation the targets never change, so they are built once too (the
+per-box loop would otherwise cost more host time per step than the GPU's forward and backward).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ __all__ = ["Det2DBatch", "CenterNetTraining", "centernet_targets", "gaussian_foc
 
 
 class Det2DBatch(NamedTuple):
-    """Images [B, 3, H, W] on the device and per image ground truth (xyxy input pixels, labels)."""
+    """Images [B, 3, H, W] on the device and per image ground truth (xyxy input pixels, labels);
+    ``targets``: the family's prebuilt training targets of these images, if it keeps them."""
 
     images: Tensor
     boxes: list[Tensor]
     labels: list[Tensor]
+    targets: dict[str, Tensor] | None = None
 
 
 def gaussian_radius(height: float, width: float, min_overlap: float) -> float:
@@ -105,10 +108,16 @@ class CenterNetTraining:
         self.device = torch.device(device)
         self.num_classes = model.config.num_classes
         self.image_size = tuple(model.config.image_size)
-        images, self.boxes, self.labels = load_training_set(data, "centernet", self.image_size)
+        images, boxes, labels = load_training_set(data, "centernet", self.image_size)
         self.images = images.to(self.device)
-        self.boxes = [b.to(self.device) for b in self.boxes]
-        self.labels = [lb.to(self.device) for lb in self.labels]
+        self.boxes = [b.to(self.device) for b in boxes]
+        self.labels = [lb.to(self.device) for lb in labels]
+        # the head's map is the input at stride 4 (CTResNetNeck: stride 32, three 2x deconvs)
+        feat_hw = (self.image_size[0] // 4, self.image_size[1] // 4)
+        chunks = [centernet_targets(boxes[i:i + 64], labels[i:i + 64], self.num_classes, feat_hw, self.image_size)
+                  for i in range(0, len(boxes), 64)]  # on the CPU: a loop over boxes
+        self.targets = {k: torch.cat([c[k] for c in chunks]).to(self.device, torch.float16 if k == "heatmap" else None)
+                        for k in chunks[0]}  # gaussian peaks are exactly 1.0 in fp16
 
     def batches(self, batch_size: int, seed: int) -> Iterator[Det2DBatch]:
         """Endless, shuffled (by ``seed``) batches, already on the device."""
@@ -118,13 +127,16 @@ class CenterNetTraining:
             order = torch.randperm(n, generator=g).tolist()
             for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
                 idx = order[start:start + batch_size]
-                yield Det2DBatch(self.images[idx].float(), [self.boxes[i] for i in idx], [self.labels[i] for i in idx])
+                t = {k: v[idx].float() for k, v in self.targets.items()}
+                yield Det2DBatch(self.images[idx].float(), [self.boxes[i] for i in idx], [self.labels[i] for i in idx], t)
 
     def loss(self, model: nn.Module, batch: Det2DBatch) -> dict[str, Tensor]:
         """``loss_center_heatmap``, ``loss_wh`` and ``loss_offset`` of ``model`` on ``batch``."""
         out = model(batch.images)
         heat = out["heatmap"].float()
-        t = centernet_targets(batch.boxes, batch.labels, self.num_classes, tuple(heat.shape[-2:]), self.image_size)
+        t = batch.targets
+        if t is None:
+            t = centernet_targets(batch.boxes, batch.labels, self.num_classes, tuple(heat.shape[-2:]), self.image_size)
         peaks = t["heatmap"].eq(1).sum().clamp(min=1)
         cells = t["weight"].sum().clamp(min=1)
         return {

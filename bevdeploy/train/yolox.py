@@ -73,11 +73,12 @@ def simota_assign(scores: Tensor, boxes: Tensor, priors: Tensor, gt_boxes: Tenso
     cost = 3.0 * cls_cost + 3.0 * -torch.log(iou + 1e-7) + (~both).float() * 1e5
     # dynamic k per GT
     k = min(candidate_topk, vidx.numel())
-    dyn = iou.topk(k, dim=0).values.sum(0).int().clamp(min=1)  # [G]
+    dyn = iou.topk(k, dim=0).values.sum(0).int().clamp(min=1, max=k)  # [G] (sum of k IoUs <= k)
+    # each GT's dyn[g] cheapest points, for all GTs at once (no host sync per GT)
+    cheapest = cost.topk(k, dim=0, largest=False).indices  # [k, G], cheapest first
+    take = torch.arange(k, device=cost.device)[:, None] < dyn[None, :]  # [k, G]
     match = torch.zeros_like(cost, dtype=torch.bool)
-    for g in range(gt_boxes.shape[0]):
-        idx = cost[:, g].topk(int(dyn[g]), largest=False).indices
-        match[idx, g] = True
+    match.scatter_(0, cheapest, take)
     multi = match.sum(1) > 1
     if multi.any():
         best = cost[multi].argmin(1)

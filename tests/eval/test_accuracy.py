@@ -46,3 +46,31 @@ def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
     (folder / "accuracy-m.json").write_text(json.dumps({"checkpoint_sha256": "abc", "rows": rows}))
     assert _earlier_rows(args, "abc", {"int8"}) == [{"precision": "fp16"}]
     assert _earlier_rows(args, "other", {"int8"}) == []
+
+
+@pytest.mark.slow
+def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monkeypatch):
+    """2D: train on synthetic2d:N@1, the 2D bench rows on the held-out synthetic2d:M@2 (CPU: fp32 engine only)."""
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    common = ["--model", "yolox-x", "--work-dir", str(tmp_path / "work"), "--train-data", "synthetic2d:6@1",
+              "--eval-data", "synthetic2d:4@2", "--render-size", "90", "160", "--workers", "1",
+              "--model-overrides", json.dumps({"deepen_factor": 0.33, "widen_factor": 0.125}),
+              "--out", str(tmp_path / "results"), "--device", "cpu"]
+    assert main(["--stage", "eval", *common]) == 2 and "--stage train" in capsys.readouterr().err
+    assert main(["--stage", "train", "--steps", "2", "--batch", "2", "--image-size", "64", "96", *common]) == 0
+    # scored at the size it was trained at; another size is refused
+    assert main(["--stage", "eval", "--image-size", "96", "96", *common]) == 2
+    assert "trained at (64, 96)" in capsys.readouterr().err
+    assert main(["--stage", "eval", "--precisions", "fp32", "--calib-frames", "2", "--eval-batch", "2", "--iters", "1",
+                 *common]) == 0
+    doc = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x.json").read_text())
+    assert [r["precision"] for r in doc["rows"]] == ["pytorch", "fp32"]
+    pytorch, fp32 = doc["rows"]
+    assert pytorch["data"] == "synthetic2d:4@2" and pytorch["images"] == 4 and pytorch["image_size"] == [64, 96]
+    assert pytorch["fps"] > 0 and pytorch["fps_ratio"] == 1.0 and 0.0 <= pytorch["map"] <= 1.0
+    # the fp32 engine runs the same math as PyTorch: same detections
+    assert fp32["dmap"] == 0.0 and fp32["output_sqnr_db"] > 60 and fp32["batch"] == 2
+    assert doc["training"]["steps"] == 2 and doc["training"]["frames_in_world"] == 6
+    assert doc["eval_data"] == "synthetic2d:4@2" and doc["calib_images"] == 2
+    md = (tmp_path / "results" / "cpu" / "accuracy-yolox-x.md").read_text()
+    assert "DEPARTURE" in md and md.count("| yolox-x | fp32 |") == 1

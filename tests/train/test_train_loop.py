@@ -98,6 +98,8 @@ def test_train_stops_on_a_diverged_loss():
 
 def test_make_training_dispatch():
     with pytest.raises(ValueError, match="no training"):
+        make_training("resnet50", nn.Linear(1, 1), [], "cpu")
+    with pytest.raises(TypeError, match="COCO-format set"):  # 2D families take a CocoSet, not info records
         make_training("yolox-x", nn.Linear(1, 1), [], "cpu")
     with pytest.raises(TypeError, match="model_name"):
         make_training(3, nn.Linear(1, 1), [], "cpu")
