@@ -218,7 +218,7 @@ def sca_cases() -> list[Case]:
         **{k: (lambda variant, ms, x=x: x) for k, x in stats.items()},
         "block_q": lambda variant, ms: block_q,
         "num_warps": lambda variant, ms: num_warps,
-        **{f"ms_block{bq}_warps{nw}": launch_ms(bq, nw) for bq, nw in ((8, 4), (4, 4), (16, 8)) if (bq, nw) != (block_q, num_warps)},
+        **{f"ms_block{bq}_warps{nw}": launch_ms(bq, nw) for bq, nw in ((8, 8), (8, 4), (4, 4), (2, 2), (16, 8)) if (bq, nw) != (block_q, num_warps)},
     }
     label = f"base layer {N} cams x {Q}q {L}lvl P{P} R{R}, rig mask"
     # fp16 first: the target row (<= 0.6 ms on an H100) is on disk early in a run cut short

@@ -309,11 +309,14 @@ if triton_available():
 
 
 def _launch_config_sca(B: int, Q: int, H: int, P: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps): msda's tile (same gather width per program), twice
-    msda's warps. ptxas (sm_90, Triton 3.9) spills 1.3 KB per thread in the camera loop at 4 warps
-    for the base tile (64 rows x 32 channels), 0.3 KB at 8 warps (msda: 0.5 KB at 4 warps, none at 8).
-    ``bevdeploy bench ops --ops sca`` also times other (BLOCK_Q, num_warps) pairs for fp16."""
+    """(BLOCK_Q, BLOCK_P, BLOCK_D, num_warps): half msda's query block, one warp per 256 tile elements.
+
+    Measured on an H100 at BEVFormer-base's layer (fp16, `bevdeploy bench ops --ops sca`,
+    bench/results/nvidia-h100-80gb-hbm3/ops-sca.md): (BLOCK_Q, warps) = (4, 4) 0.519 ms,
+    (8, 8) 0.599 ms, (8, 4) 0.677 ms, (16, 8) 0.856 ms. A smaller block visits fewer cameras per
+    query (a block runs every camera any of its queries sees), which outweighs the shorter tiles."""
     block_q, block_p, block_d, _ = _launch_config(B, Q, H, P, D, device)
+    block_q = max(1, block_q // 2)
     num_warps = max(1, min(8, block_q * block_p * block_d // 256))
     return block_q, block_p, block_d, num_warps
 

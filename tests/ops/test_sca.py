@@ -115,7 +115,7 @@ def test_camera_seen_by_nobody_is_never_read(device):
     # camera 2's value is NaN: the static form's mask multiply would give NaN (0 * NaN), the
     # gathered kernel skips the camera and equals the static form on the other cameras
     value, ref, offsets, logits = _inputs(device, 4)
-    mask = _mask_no_cam2()
+    mask = _mask_no_cam2().to(device)
     poisoned_value = value.clone()
     poisoned_value[:, 2] = float("nan")
     out = sca_gathered(poisoned_value, SHAPES, ref, mask, offsets, logits)
@@ -147,7 +147,7 @@ def test_four_levels_one_camera_edge_shapes(device):
 
 def test_non_contiguous_inputs(device):
     value, ref, offsets, logits = _inputs(device, 6, b=1, h=2)
-    mask = _mask(b=1)
+    mask = _mask(b=1).to(device)
     value_nc = torch.stack([value, value], -1)[..., 0]
     ref_nc = ref.transpose(1, 2).contiguous().transpose(1, 2)
     mask_nc = mask.transpose(1, 2).contiguous().transpose(1, 2)
@@ -175,7 +175,7 @@ def test_module_and_bf16(device):
 
 def test_empty_query_set(device):
     value, ref, offsets, logits = _inputs(device, 4)
-    out = sca_gathered(value, SHAPES, ref[:, :, :0], _mask()[:, :, :0], offsets[:, :0], logits[:, :0])
+    out = sca_gathered(value, SHAPES, ref[:, :, :0], _mask().to(device)[:, :, :0], offsets[:, :0], logits[:, :0])
     assert out.shape == (B, 0, H * 4)
 
 
