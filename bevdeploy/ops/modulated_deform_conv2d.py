@@ -309,6 +309,34 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _corner_weights(sy, sx, mk, valid, H, W):
+        """mmcv's bilinear sample at (sy, sx) times the modulation ``mk``: the top-left corner (y0, x0)
+        and the four corner weights. A sample with y <= -1, y >= H, x <= -1 or x >= W (NaN too) or not
+        ``valid`` weighs 0; corners outside the image weigh 0 (they read zero padding)."""
+        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
+        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0) & valid
+        sy = tl.where(inside, sy, 0.0)
+        sx = tl.where(inside, sx, 0.0)
+        y0f = tl.floor(sy)
+        x0f = tl.floor(sx)
+        ly = sy - y0f
+        lx = sx - x0f
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        mk = tl.where(inside, mk, 0.0)
+        top = y0 >= 0
+        bottom = y0 < H - 1
+        left = x0 >= 0
+        right = x0 < W - 1
+        w00 = tl.where(top & left, hy * hx * mk, 0.0)
+        w01 = tl.where(top & right, hy * lx * mk, 0.0)
+        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
+        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        return y0, x0, w00, w01, w10, w11
+
+    @triton.jit
     def _modulated_deform_conv2d_plan_kernel(
         # pointers
         off_ptr,  # offset [N, 2*DG*KK, Ho, Wo], any strides
@@ -371,27 +399,7 @@ if triton_available():
                      mask=ok, other=0.0).to(tl.float32)
         sy = (ho * stride_h - pad_h + ki * dil_h).to(tl.float32) + dy
         sx = (wo * stride_w - pad_w + kj * dil_w).to(tl.float32) + dx
-        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
-        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0)
-        sy = tl.where(inside, sy, 0.0)
-        sx = tl.where(inside, sx, 0.0)
-        y0f = tl.floor(sy)
-        x0f = tl.floor(sx)
-        ly = sy - y0f
-        lx = sx - x0f
-        hy = 1.0 - ly
-        hx = 1.0 - lx
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        mk = tl.where(inside, mk, 0.0)
-        top = y0 >= 0
-        bottom = y0 < H - 1
-        left = x0 >= 0
-        right = x0 < W - 1
-        w00 = tl.where(top & left, hy * hx * mk, 0.0)
-        w01 = tl.where(top & right, hy * lx * mk, 0.0)
-        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
-        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        y0, x0, w00, w01, w10, w11 = _corner_weights(sy, sx, mk, ok, H, W)
         r = nd64 * KK + kp  # plan row (n*DG + d)*KK + kp
         tl.store(pidx_ptr + r * HoWo + p, y0 * stride_xh + x0 * stride_xw, mask=ok)
         wrow = pw_ptr + r * 4 * HoWo + p
@@ -646,27 +654,7 @@ if triton_available():
         mk = tl.load(k_row + (d * KK + kp) * stride_mc, mask=m_ok, other=0.0).to(tl.float32)
         sy = (y_top + ki * dil_h).to(tl.float32) + dy
         sx = (x_left + kj * dil_w).to(tl.float32) + dx
-        # (H * 1.0: an int argument equal to 1 is specialised to a constexpr, which has no .to)
-        inside = (sy > -1.0) & (sy < H * 1.0) & (sx > -1.0) & (sx < W * 1.0) & m_ok
-        sy = tl.where(inside, sy, 0.0)
-        sx = tl.where(inside, sx, 0.0)
-        y0f = tl.floor(sy)
-        x0f = tl.floor(sx)
-        ly = sy - y0f
-        lx = sx - x0f
-        hy = 1.0 - ly
-        hx = 1.0 - lx
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        mk = tl.where(inside, mk, 0.0)
-        top = y0 >= 0
-        bottom = y0 < H - 1
-        left = x0 >= 0
-        right = x0 < W - 1
-        w00 = tl.where(top & left, hy * hx * mk, 0.0)
-        w01 = tl.where(top & right, hy * lx * mk, 0.0)
-        w10 = tl.where(bottom & left, ly * hx * mk, 0.0)
-        w11 = tl.where(bottom & right, ly * lx * mk, 0.0)
+        y0, x0, w00, w01, w10, w11 = _corner_weights(sy, sx, mk, m_ok, H, W)
         base = y0 * stride_xh + x0 * stride_xw
         return base, w00, w01, w10, w11
 
