@@ -77,7 +77,8 @@ def test_fp8_engine_reports_fp8_layers_and_stays_close_to_fp32(engines, inputs, 
     meta = fp8.metadata
     assert meta["precision"] == "fp8" and meta["calibration"]["method"] == "minmax"  # fp8's default
     precisions = dict(fp8.layer_precisions)
-    for name in ("img_backbone.conv1", "img_neck.fpn_convs.0.conv", "img_view_transformer.depth_net",
+    assert precisions["img_backbone.conv1"] == "fp32"  # the 3-channel stem stays float by default
+    for name in ("img_backbone.layer1.0.conv1", "img_neck.fpn_convs.0.conv", "img_view_transformer.depth_net",
                  "img_bev_encoder_backbone.layers.0.0.conv1", "img_bev_encoder_neck.conv.0"):
         assert precisions[name] == "fp8", name
     assert meta["fp8_layers"] == sum(p == "fp8" for p in precisions.values()) > 20 and meta["int8_layers"] == 0
@@ -127,7 +128,8 @@ def test_bevformer_fp8_engine_quantizes_backbone_and_encoder_linears(tmp_path, o
     engine = Engine.load(build("bevformer-tiny", "fp8", out=tmp_path / "t.engine", model_overrides=TINY, calib=calib,
                                progress=False), device="cpu")
     fp8 = [n for n, p in engine.layer_precisions if p == "fp8"]
-    assert "img_backbone.conv1" in fp8 and "img_neck.lateral_convs.0.conv" in fp8
+    assert "img_backbone.layer1.0.conv1" in fp8 and "img_neck.lateral_convs.0.conv" in fp8
+    assert "img_backbone.conv1" not in fp8  # the 3-channel stem stays float by default
     assert "pts_bbox_head.transformer.encoder.layers.0.attentions.0.value_proj" in fp8  # a 3-D input linear
     assert not any(n.startswith(("pts_bbox_head.transformer.decoder.", "pts_bbox_head.cls_branches",
                                  "pts_bbox_head.reg_branches")) for n in fp8)  # decoder and heads stay float
