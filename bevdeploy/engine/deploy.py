@@ -215,9 +215,10 @@ def fuse_head_branches(model: nn.Module, *, pad_to: int = 8) -> list[str]:
 
     Each ``SeparateHead`` becomes a :class:`bevdeploy.models.bevdet.FusedSeparateHead` (first convs
     concatenated, later convs block-diagonal, output channels padded to a multiple of ``pad_to``;
-    the same maps, as channel views of one output). BEVDet-R50 on an H100: its 12 small head convs
-    plus their cuDNN channel-padding kernels and ReLU passes took ~160 us of a 1.5 ms int8 frame
-    (``bench/results/nvidia-h100-80gb-hbm3/profile-bevdet-r50-int8-fp16.md``); fused they are 2 convs.
+    the same maps, as channel views of one output). BEVDet-R50 on an H100 ran its 12 branch convs
+    as separate small cuDNN convs, with 13 ``nhwcAddPaddingKernel`` launches per frame (34.7 us of
+    1.525 ms, ``bench/results/nvidia-h100-80gb-hbm3/profile-bevdet-r50-int8-fp16.md``) and separate
+    ReLU passes; fused they are 2 convs of channel counts that are multiples of 8 (not yet timed).
     A head that cannot fuse (e.g. a branch quantized by a custom scope) is left as it is, with a warning.
 
     Args:
