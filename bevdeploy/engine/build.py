@@ -39,6 +39,7 @@ from bevdeploy.engine.deploy import (
     ExportWrapper,
     apply_precision,
     fold_batchnorms,
+    fused_heads,
     int8_scope,
     layer_precisions,
     precision_spec,
@@ -405,6 +406,8 @@ def build(
         "precision": precision,
         "op_variant": spec.op_variant,
         "sca_gathered": any(getattr(m, "gathered", None) is True for m in model.modules()),
+        # the CenterPoint heads whose branches run as one conv stack (deploy.fuse_head_branches)
+        "head_branches_fused": fused_heads(model),
         "float_dtype": str(spec.float_dtype).replace("torch.", ""),
         "int8_layers": sum(p == "int8" for _, p in precisions),
         "fp8_layers": sum(p == "fp8" for _, p in precisions),

@@ -65,6 +65,7 @@ from bevdeploy.quant.int8_kernels import quantize_per_tensor
 __all__ = [
     "BEVDET_CONFIGS",
     "FPNLSS",
+    "FusedSeparateHead",
     "HEAD_OUTPUTS",
     "BEVDet",
     "BEVDetConfig",
@@ -693,6 +694,131 @@ class SeparateHead(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return {name: getattr(self, name)(x) for name in self.head_names}
+
+
+class FusedSeparateHead(nn.Module):
+    """A :class:`SeparateHead` whose branches run as ONE conv stack (the engine's deploy form).
+
+    Every branch reads the same input through the same number of layers (``(num_conv - 1)``
+    conv-ReLU then a conv). Layer 0 of all branches becomes one conv with their output channels
+    concatenated; every later layer one dense, block-diagonal conv: branch ``i``'s filters read only
+    branch ``i``'s slice of the previous layer's channels, zeros elsewhere. Each layer's output
+    channels are padded up to a multiple of ``pad_to`` with zero filters and zero bias (cuDNN pads
+    other counts with an extra ``nhwcAddPaddingKernel`` per call; the padded channels are ReLU(0) = 0
+    and read with zero weights). The forward returns the branch maps as views (channel slices) of
+    the last conv's output, under the branch names, in the branch order.
+
+    The math is the unfused head's: the extra products are exact zeros (for finite activations; an
+    inf in one branch's hidden layer would turn the other branches' maps NaN through ``0 * inf``).
+    BEVDet-R50 (one task, 6 branches of 64 hidden channels): 12 convs -> 2, a 64 -> 384 conv-ReLU
+    and a 384 -> 24 conv (20 real output channels).
+
+    Build with :meth:`from_separate_head`. ``fused_from[l]`` names the layers (relative to the
+    head) that conv ``l`` replaces, for the engine's layer-precision report.
+    """
+
+    def __init__(self, *, head_names: Sequence[str], channels: Sequence[int], convs: Sequence[nn.Conv2d],
+                 fused_from: Sequence[Sequence[str]] = ()) -> None:
+        super().__init__()
+        if len(head_names) != len(channels):
+            raise ValueError(f"head_names and channels need one entry per branch, got {len(head_names)} and "
+                             f"{len(channels)}")
+        if not convs or convs[-1].out_channels < sum(channels):
+            raise ValueError(f"the last conv must have at least sum(channels)={sum(channels)} output channels")
+        self.head_names = tuple(head_names)
+        self.channels = tuple(int(c) for c in channels)
+        self.convs = nn.ModuleList(convs)
+        self.fused_from = tuple(tuple(f) for f in fused_from)
+
+    @classmethod
+    def from_separate_head(cls, head: SeparateHead, *, pad_to: int = 8) -> FusedSeparateHead:
+        """The fused form of ``head`` (BatchNorm folded: every ``ConvBNReLU.bn`` an ``nn.Identity``).
+
+        The new convs are built in the head's dtype and on its device; ``head`` is left unchanged.
+
+        Raises:
+            ValueError: ``pad_to`` < 1; branches of different depths or conv geometries, a layer that
+                is not a plain ``nn.Conv2d`` (e.g. already quantized), or an unfolded BatchNorm.
+        """
+        if not (isinstance(pad_to, int) and pad_to >= 1):
+            raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
+        stacks = [_branch_convs(name, getattr(head, name)) for name in head.head_names]
+        depths = {len(s) for s in stacks}
+        if len(depths) != 1:
+            raise ValueError(f"branches of one depth fuse; got depths {[len(s) for s in stacks]}")
+        geometry = {(c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode, c.weight.dtype,
+                     c.weight.device) for s in stacks for c in s}
+        if len(geometry) != 1:
+            raise ValueError(f"branch convs of one geometry, dtype and device fuse; got {sorted(map(str, geometry))}")
+        ref = stacks[0][0]
+        convs, fused_from = [], []
+        in_offsets = None  # branch i reads channels [in_offsets[i], in_offsets[i + 1]) of the previous layer
+        in_total = ref.in_channels
+        for layer in range(len(stacks[0])):
+            group = [s[layer] for s in stacks]
+            if in_offsets is None and len({c.in_channels for c in group}) != 1:
+                raise ValueError("the first convs of all branches must read the same input channels")
+            out_offsets = [0]
+            for c in group:
+                out_offsets.append(out_offsets[-1] + c.out_channels)
+            out_total = -(-out_offsets[-1] // pad_to) * pad_to
+            conv = nn.Conv2d(in_total, out_total, ref.kernel_size, ref.stride, ref.padding, ref.dilation,
+                             bias=True, padding_mode=ref.padding_mode, device=ref.weight.device,
+                             dtype=ref.weight.dtype)
+            with torch.no_grad():
+                conv.weight.zero_()
+                conv.bias.zero_()
+                for i, c in enumerate(group):
+                    o0, o1 = out_offsets[i], out_offsets[i + 1]
+                    i0, i1 = (0, in_total) if in_offsets is None else (in_offsets[i], in_offsets[i + 1])
+                    if c.in_channels != i1 - i0:
+                        raise ValueError(f"branch {head.head_names[i]} layer {layer} reads {c.in_channels} channels, "
+                                         f"its previous layer writes {i1 - i0}")
+                    conv.weight[o0:o1, i0:i1] = c.weight
+                    if c.bias is not None:
+                        conv.bias[o0:o1] = c.bias
+            convs.append(conv)
+            fused_from.append([f"{name}.{_layer_name(getattr(head, name), layer)}" for name in head.head_names])
+            in_offsets, in_total = out_offsets, out_total
+        channels = [s[-1].out_channels for s in stacks]
+        return cls(head_names=head.head_names, channels=channels, convs=convs, fused_from=fused_from)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        for conv in self.convs[:-1]:
+            x = F.relu(conv(x))
+        y = self.convs[-1](x)  # [B, sum(channels) rounded up to pad_to, H, W]
+        out, start = {}, 0
+        for name, c in zip(self.head_names, self.channels):
+            out[name] = y[:, start:start + c]
+            start += c
+        return out
+
+    def extra_repr(self) -> str:
+        return f"heads={dict(zip(self.head_names, self.channels))}"
+
+
+def _branch_convs(name: str, branch: nn.Module) -> list[nn.Conv2d]:
+    """The convs of one SeparateHead branch, in order (ReLU after all but the last)."""
+    if not isinstance(branch, nn.Sequential) or len(branch) == 0:
+        raise ValueError(f"branch {name} must be a non-empty nn.Sequential, got {type(branch).__name__}")
+    convs = []
+    for i, layer in enumerate(branch):
+        last = i == len(branch) - 1
+        if not last and type(layer) is ConvBNReLU and type(layer.bn) is nn.Identity:
+            layer = layer.conv
+        elif not last:
+            raise ValueError(f"branch {name} layer {i} must be a ConvBNReLU with its BatchNorm folded (nn.Identity), "
+                             f"got {type(layer).__name__}" + (f" with bn {type(layer.bn).__name__}"
+                                                              if isinstance(layer, ConvBNReLU) else ""))
+        if type(layer) is not nn.Conv2d or layer.groups != 1:
+            raise ValueError(f"branch {name} layer {i} must be a plain nn.Conv2d (groups=1), got "
+                             f"{type(layer).__name__}")
+        convs.append(layer)
+    return convs
+
+
+def _layer_name(branch: nn.Sequential, index: int) -> str:
+    return f"{index}.conv" if index < len(branch) - 1 else str(index)
 
 
 class CenterHead(nn.Module):

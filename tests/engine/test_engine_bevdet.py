@@ -16,11 +16,11 @@ from bevdeploy.data.nuscenes import load_infos
 from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, DataSource, generate
 from bevdeploy.engine import Engine, build
-from bevdeploy.engine.deploy import fold_batchnorms
+from bevdeploy.engine.deploy import apply_precision, fold_batchnorms
 from bevdeploy.engine.model_io import calibration_forward_loop, calibration_method_overrides
 from bevdeploy.eval.detection import run_model
 from bevdeploy.models import MODELS
-from bevdeploy.quant.calibrate import calibrate
+from bevdeploy.quant.calibrate import CalibrationTable, calibrate
 from bevdeploy.quant.sensitivity import sqnr_db
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
 
@@ -67,6 +67,8 @@ def test_fp32_engine_equals_eager_model(fp32_engine, sample, ops_on_references):
     engine, model = fp32_engine, _model()
     meta = engine.metadata
     assert meta["family"] == "bevdet" and meta["outputs"] == list(HEAD_OUTPUTS) and meta["bev_shape"] is None
+    # the engine runs the head's branches as one conv stack; the eager model below has them unfused
+    assert meta["head_branches_fused"] == ["pts_bbox_head.task_heads.0"]
     P = 6 * 8 * 2 * 6 + 16 * 16  # frustum points (cams x depth bins x 2x6 features) + voxels
     assert meta["inputs"]["ranks_bev"] == {"shape": [P], "dtype": "int32"}
     assert meta["inputs"]["interval_lengths"] == {"shape": [256], "dtype": "int32"}
@@ -130,11 +132,26 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
         assert precisions[name] == "int8", name
     head = [n for n, p in engine.layer_precisions if n.startswith("pts_bbox_head")]
     assert head and all(precisions[n] == "fp32" for n in head)  # the CenterPoint head stays float
+    # its branches are fused after calibration and quantization: the table has the official names
+    assert meta["head_branches_fused"] == ["pts_bbox_head.task_heads.0"]
+    assert [n.split(" ")[0] for n in head] == ["pts_bbox_head.shared_conv.conv", "pts_bbox_head.task_heads.0.convs.0",
+                                              "pts_bbox_head.task_heads.0.convs.1"]
+    assert "pts_bbox_head.task_heads.0.heatmap.1" in meta["calibration"]["amax"]
     ranks = engine.prepare(*(sample[k] for k in GEOMETRY_KEYS))
     inputs = {"image": sample["image"], **dict(zip(BEVPoolRanks._fields, ranks))}
     out, ref = engine(**inputs), fp32_engine(**inputs)
     for k in HEAD_OUTPUTS:
         assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+    # the same int8 deploy form with the head unfused, run eagerly: the fusion changes no map
+    unfused = _model()
+    fold_batchnorms(unfused)
+    table = CalibrationTable.load(f"{path}.calib.json")
+    apply_precision(unfused, "int8", scales={n: table.scale(n) for n in table.amax}, keep_float=meta["keep_float"],
+                    fuse_heads=False)
+    with torch.no_grad():
+        eager = unfused(**inputs)
+    for k in HEAD_OUTPUTS:
+        torch.testing.assert_close(out[k], eager[k], rtol=1e-4, atol=1e-4)
     # keep_float on the calibration point keeps the pooling float, the convs int8
     path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "k.engine", model_overrides=SMALL,
                  calib_table=str(tmp_path / "q.engine.calib.json"), keep_float=["img_view_transformer.feat_point"],
