@@ -422,6 +422,7 @@ def test_bevformer_encoder_ffn_chain(ops_on_references, precision):
     from bevdeploy.engine.deploy import apply_precision, fold_batchnorms, layer_precisions
     from bevdeploy.models import MODELS
     from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import chain_int8
     from bevdeploy.quant.modules import QuantLinear
     from bevdeploy.quant.sensitivity import sqnr_db
     from tests.engine.test_engine import TINY, _inputs
@@ -447,6 +448,7 @@ def test_bevformer_encoder_ffn_chain(ops_on_references, precision):
     fc1 = {f"{enc}layers.{i}.ffns.0.layers.0.0" for i in range(layers)}
     assert writers == fc1
     assert not any(getattr(m, "out_scale", None) is not None for m in plain.modules())
+    assert chain_int8(copy.deepcopy(plain)) == sorted(fc1)  # what chain_int8 reports, in module order
     mods = dict(chained.named_modules())
     for i in range(layers):
         ffn = f"{enc}layers.{i}.ffns.0.layers."
