@@ -142,8 +142,9 @@ def test_linear_requant_epilogue(device, case):
     ref = torch.relu(ref) if act == "relu" else ref
     out_scale = float(ref.abs().quantile(0.9)) / 127  # ~10% saturate
     rsc = rs if res == "int8" else None
-    out = _int8_linear_triton(x_q, w_q, xs, ws, bias, residual, act, "float16", out=poisoned((m, n), torch.int8, device),
-                              residual_scale=rsc, out_scale=out_scale, config=cfg)
+    out = _int8_linear_triton(x_q, w_q, xs, ws, bias, residual, act, "float16",
+                              out=poisoned((m, n), torch.int8, device), residual_scale=rsc, out_scale=out_scale,
+                              config=cfg)
     _check_requant(out, ref, out_scale)
     assert (out == 127).any() and (act == "relu" or (out == -127).any()), "saturation not exercised"
     if act == "relu":
@@ -475,3 +476,38 @@ def test_bevformer_encoder_ffn_chain(ops_on_references, precision):
         assert sqnr_db(p, c) > BEVFORMER_CHAIN_SQNR_DB[precision], (k, sqnr_db(p, c))
         assert sqnr_db(ref[k], c) > ENGINE_SQNR_FLOOR_DB, (k, sqnr_db(ref[k], c))
         assert sqnr_db(ref[k], c) > sqnr_db(ref[k], p) - BEVFORMER_CHAIN_LOSS_DB, k
+
+
+@pytest.mark.parametrize("fuse_relu", [True, False])
+def test_ffn_chain_fuses_relu_either_way(device, fuse_relu):
+    """An ``FFN`` converted with or without ``fuse_relu``: chained, its first linear runs the ReLU in
+    the epilogue and writes int8 codes (the int8 kernel here), with the same result both ways."""
+    import copy
+
+    from torch import nn
+
+    from bevdeploy.models.bevformer import FFN
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import chain_int8
+    from bevdeploy.quant.modules import quantize_modules
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    torch.manual_seed(0)
+    model = nn.Sequential(FFN(embed_dims=24, feedforward_channels=40)).eval().to(device)
+    x = torch.randn(2, 7, 24, device=device)
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    plain = copy.deepcopy(model)
+    quantize_modules(plain, scales, out_dtype=torch.float32)  # un-chained reference (ReLU fused)
+    chained = copy.deepcopy(model)
+    quantize_modules(chained, scales, fuse_relu=fuse_relu, out_dtype=torch.float32)
+    assert isinstance(chained[0].layers[0][1], nn.Identity if fuse_relu else nn.ReLU)
+    assert chain_int8(chained) == ["0.layers.0.0"]
+    fc1 = chained[0].layers[0][0]
+    assert fc1.activation == "relu" and isinstance(chained[0].layers[0][1], nn.Identity)
+    assert fc1.out_scale == scales["0.layers.1"]
+    with torch.no_grad():
+        ref, out_p, out_c = model(x), plain(x), chained(x)
+        hidden = chained[0].layers[0](x)
+    assert hidden.dtype == torch.int8 and (hidden >= 0).all()
+    assert out_c.dtype == torch.float32 and sqnr_db(out_p, out_c) > 60.0 and sqnr_db(ref, out_c) > 30.0
