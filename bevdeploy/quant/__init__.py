@@ -9,7 +9,8 @@
   float layers and calibrated scales, ``fold_bn``, and ``quantize_modules`` (swap in place and
   report which precision every layer really runs in).
 * ``bevdeploy.quant.chain``: ``chain_int8``, the rewrite after conversion that keeps activations
-  int8 between int8 layers (requantizing epilogues, fused ReLU and ResNet residuals).
+  int8 between int8 layers (requantizing epilogues, fused ReLU and ResNet residuals; the image
+  backbone and neck, BEVDet's BEV encoder, BEVFormer's encoder FFNs).
 * ``bevdeploy.quant.autotune``: build-time launch tuning of the int8 layers on the GPU.
 * ``bevdeploy.quant.fp8_kernels`` / ``bevdeploy.quant.fp8_modules``: the same for e4m3 (fp8):
   ``torch.ops.bevdeploy.quantize_fp8``, ``fp8_linear`` (``torch._scaled_mm`` on CUDA where its layout

@@ -3,8 +3,8 @@
 After :func:`bevdeploy.quant.modules.quantize_modules`, every int8 layer still writes fp16 and its
 consumer quantizes that again: one float write, one float read and one quantize pass per layer.
 :func:`chain_int8` rewrites the structures whose data flow it knows so that a producer's epilogue
-writes the int8 codes its consumers read (``QuantConv2d.out_scale`` = the consumers' calibrated
-input scale, symmetric, no zero point):
+writes the int8 codes its consumers read (``QuantConv2d.out_scale`` / ``QuantLinear.out_scale`` =
+the consumers' calibrated input scale, symmetric, no zero point):
 
 * ResNet ``Bottleneck`` (BEVFormer/BEVDet image backbone) and ``BasicBlock`` (BEVDet BEV encoder):
   conv1 and conv2 fuse their ReLU and write int8 for the next conv; the last conv's epilogue does
@@ -17,9 +17,15 @@ input scale, symmetric, no zero point):
   depth net; the laterals of BEVDet's ``CustomFPN`` and BEVFormer's ``FPN`` take the top-down sum
   as their fused residual (int8 codes, nearest-upsampled by a gather, when the level above writes
   int8), and write int8 for their output convs.
+* BEVFormer's encoder linears: each layer's ``FFN`` (``layers.0.0`` -> ReLU -> Dropout ->
+  ``layers.1``): the first linear fuses the ReLU and writes int8 codes at the second's input scale.
+  That is the encoder's only linear -> linear edge: every other encoder linear reads a float tensor
+  (LayerNorm output that the residual add also reads, ``cat``/``stack`` of queries and the previous
+  BEV, camera features plus embeddings) or an attention op's output, and writes into an attention
+  op (offsets, logits, values) or a residual add + LayerNorm, all float consumers.
 
-A tensor goes int8 only when its producer is an int8 conv and every consumer reads int8 (an int8
-conv's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
+A tensor goes int8 only when its producer is an int8 conv / linear and every consumer reads int8 (an
+int8 layer's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
 an upsample, the returned feature list) keeps it float, and the producer writes float directly, so
 the chain never adds a dequantize pass. Readers of one tensor share one scale: the largest of their
 calibrated input scales (they calibrated the same tensor, so these agree up to calibrator noise;
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bevdeploy.quant.modules import QuantConv2d
+from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "chain_int8",
            "max_pool2d_int8"]
@@ -73,6 +79,11 @@ def _nearest_like(x: Tensor, size) -> Tensor:
 
 def _is_q(m) -> bool:
     return isinstance(m, QuantConv2d)
+
+
+def _is_int8(m) -> bool:
+    """An int8 layer whose epilogue can write int8 codes (a conv or a linear)."""
+    return isinstance(m, (QuantConv2d, QuantLinear))
 
 
 def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
@@ -271,11 +282,11 @@ def _single_conv(m: nn.Module | None) -> nn.Module | None:
 def _link(producer: nn.Module | None, readers: list[tuple[nn.Module | None, str]]) -> float | None:
     """Make ``producer`` write int8 for ``readers`` when it and all of them are int8; returns the scale.
 
-    readers: ``(module, "input")`` for a conv reading the tensor as its input, ``(module,
-    "residual")`` for an int8 conv epilogue adding it, ``(None, "float")`` for a float consumer.
+    readers: ``(module, "input")`` for an int8 conv / linear reading the tensor as its input,
+    ``(module, "residual")`` for an int8 conv epilogue adding it, ``(None, "float")`` for a float consumer.
     """
-    if not _is_q(producer) or not readers or not all(_is_q(m) for m, _ in readers):
-        if _is_q(producer):
+    if not _is_int8(producer) or not readers or not all(_is_int8(m) for m, _ in readers):
+        if _is_int8(producer):
             producer.out_scale = None
         return None
     inputs = [m for m, kind in readers if kind == "input"]
@@ -317,6 +328,30 @@ def _link_sequentials(model: nn.Module) -> None:
                 _link(a, [(b, "input")])
 
 
+def _link_ffns(model: nn.Module) -> None:
+    """BEVFormer's ``FFN``: ``layers.0 = Sequential(Linear, ReLU, Dropout)``, then ``layers.1`` (Linear):
+    the hidden activation feeds ``layers.1`` alone, so ``layers.0.0`` fuses the ReLU and writes int8
+    codes at ``layers.1``'s input scale (Dropout is the identity in eval; codes pass through it)."""
+    from bevdeploy.models.bevformer import FFN
+
+    for ffn in model.modules():
+        if not isinstance(ffn, FFN):
+            continue
+        first, second = ffn.layers[0], ffn.layers[1]
+        fc1, rest = first[0], list(first._modules.items())[1:]
+        if not (_is_int8(fc1) and _is_int8(second)):
+            continue
+        if not all(type(m) in (nn.ReLU, nn.Dropout, nn.Identity) for _, m in rest):
+            continue  # an unknown module between the linears: keep the float hand-over
+        relus = [k for k, m in rest if type(m) is nn.ReLU]
+        if relus:  # not fused by quantize_modules (fuse_relu=False): fuse it now, as the blocks do
+            if fc1.activation != "none" or len(relus) > 1:
+                continue
+            fc1.activation = "relu"
+            setattr(first, relus[0], nn.Identity())
+        _link(fc1, [(second, "input")])
+
+
 def _link_stage_blocks(stages: list[nn.Sequential]) -> None:
     for stage in stages:
         blocks = list(stage)
@@ -345,7 +380,8 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
 
     Recognised: the image ``ResNet`` (``img_backbone``) and its neck (``img_neck``: BEVDet's
     ``CustomFPN`` or BEVFormer's ``FPN``), BEVDet's depth net, ``Bottleneck`` / ``BasicBlock``
-    sequences anywhere (BEVDet's BEV encoder), and int8 convs adjacent in an ``nn.Sequential``.
+    sequences anywhere (BEVDet's BEV encoder), int8 convs adjacent in an ``nn.Sequential``, and the
+    two linears of every BEVFormer ``FFN`` (the encoder's; the decoder's stay float by default).
     A ``ResNet`` used alone returns float features (its consumers are unknown).
 
     Args:
@@ -356,7 +392,7 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
             are written as fp16 and quantized again by the next block's convs).
 
     Returns:
-        Names of the int8 layers that now write int8 codes, in module order.
+        Names of the int8 layers (convs and linears) that now write int8 codes, in module order.
     """
     from bevdeploy.models.bevdet import CustomFPN
     from bevdeploy.models.fpn import FPN
@@ -410,4 +446,5 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
             if i > 0:
                 readers.append((fpn.lateral_convs[i - 1].conv, "residual"))
             fpn.lateral_scales[i] = _link(fpn.lateral_convs[i].conv, readers)
-    return [n for n, m in model.named_modules() if _is_q(m) and m.out_scale is not None]
+    _link_ffns(model)
+    return [n for n, m in model.named_modules() if _is_int8(m) and m.out_scale is not None]

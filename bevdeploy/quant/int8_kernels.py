@@ -14,7 +14,7 @@ before it (ResNet bottleneck: conv3 + identity, then ReLU). Sums run in int32 on
 everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
 kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
 the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
-symmetric, no zero point), so activations stay int8 between layers. The residual may itself be
+symmetric, no zero point; a NaN becomes code 0), so activations stay int8 between layers. The residual may itself be
 int8 codes with their own ``residual_scale`` (a ResNet identity coming from the previous block's
 int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[m, n]``.
 
@@ -179,13 +179,16 @@ def reference_quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
 
 
 def _requantize(y: Tensor, out_scale: float) -> Tensor:
-    """The int8 epilogue: clamp(round_half_even(y * fp32(1 / out_scale)), -127, 127) in fp32.
+    """The int8 epilogue: clamp(round_half_even(y * fp32(1 / out_scale)), -127, 127) in fp32, NaN -> 0.
 
     The kernels multiply by the reciprocal (a division per output element would cost more than the
     rest of the epilogue); it differs from ``y / out_scale`` by at most one fp32 ulp, i.e. only where
-    the quotient is within an ulp of a .5 tie."""
+    the quotient is within an ulp of a .5 tie. A NaN has no int8 code: it becomes 0 (what a GPU's
+    saturating float-to-int conversion gives), in the kernels and here, never a saturated code."""
     inv = torch.tensor(1.0 / out_scale, dtype=torch.float32).item()
-    return torch.clamp(torch.round(y.float() * inv), -127, 127).to(torch.int8)
+    v = y.float() * inv
+    v = torch.where(torch.isnan(v), torch.zeros((), dtype=v.dtype, device=v.device), v)
+    return torch.clamp(torch.round(v), -127, 127).to(torch.int8)
 
 
 def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias) -> Tensor:
@@ -347,7 +350,7 @@ if triton_available():
         """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32; stored
         cast to y's float dtype, or (OUT_INT8) as clamp(rint(y * inv_out_scale), -127, 127): the next
         int8 layer's codes, written once at 1 byte instead of 2 and never re-read as float. rint by
-        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp."""
+        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0."""
         m_mask = offs_m < M
         n_mask = offs_n < N
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
@@ -365,7 +368,10 @@ if triton_available():
             out = out * tl.sigmoid(out)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if OUT_INT8:
-            v = tl.minimum(tl.maximum(out * inv_out_scale, -127.0), 127.0)
+            v = out * inv_out_scale
+            # NaN -> code 0 (as PTX's saturating cvt): max/min on NaN pick either operand by backend
+            v = tl.where(v != v, 0.0, v)
+            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
             v = (v + 12582912.0) - 12582912.0
             tl.store(y_ptrs, v.to(tl.int8), mask=mask)
         else:

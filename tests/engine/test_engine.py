@@ -110,6 +110,8 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
     assert any(n.startswith("pts_bbox_head.transformer.encoder.") for n in int8)
     assert not any(n.startswith(("pts_bbox_head.transformer.decoder.", "pts_bbox_head.cls_branches",
                                  "pts_bbox_head.reg_branches")) for n in int8)  # decoder and heads stay float
+    # the int8 chain (on by default) reaches the encoder: its FFN's first linear writes int8 codes
+    assert "pts_bbox_head.transformer.encoder.layers.0.ffns.0.layers.0.0" in meta["int8_outputs"]
     x = _inputs()
     out = engine(**x)
     ref = fp32_engine(**x)
@@ -149,6 +151,8 @@ def test_int8_layers_through_triton_interpreter(world, fp32_engine, tmp_path, mo
     int8 = [n for n, p in engine.layer_precisions if p == "int8"]
     assert "img_neck.lateral_convs.0.conv" in int8 and not any(n.startswith("img_backbone") for n in int8)
     assert any(n.startswith("pts_bbox_head.transformer.encoder.") for n in int8)
+    # the chained FFN: its first linear's int8-out epilogue runs in the interpreted kernel below
+    assert "pts_bbox_head.transformer.encoder.layers.0.ffns.0.layers.0.0" in engine.metadata["int8_outputs"]
     x = _inputs()
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # module fixtures route ops to references; not here
     assert interpreter_enabled()

@@ -111,6 +111,71 @@ def test_linear_requant_epilogue_int8_residual(device):
                                          out_scale), ref, out_scale)
 
 
+# (M, N, K, bias, residual kind, activation, config): odd sizes, the K tail masked, several tiles
+REQUANT_LINEARS = [
+    (37, 19, 45, True, None, "relu", (16, 16, 32, 2, 4, 1)),  # FFN's first linear: bias + fused ReLU
+    (5, 33, 67, True, "float", "none", None),  # float residual, negative codes saturate too
+    (70, 7, 32, False, None, "none", (16, 16, 32, 4, 4, 1)),  # no bias, K = one block exactly
+    (1, 41, 13, True, "int8", "relu", None),  # one row, K shorter than a block
+]
+
+
+@pytest.mark.parametrize("case", range(len(REQUANT_LINEARS)))
+def test_linear_requant_epilogue(device, case):
+    """int8_linear's int8-out epilogue (bias + residual + activation + requant) against float64."""
+    m, n, k, has_bias, res, act, cfg = REQUANT_LINEARS[case]
+    g = torch.Generator().manual_seed(100 + case)
+    x_q, w_q = _codes(m, k, device=device, g=g), _codes(n, k, device=device, g=g)
+    ws = (torch.rand(n, generator=g) * 0.02 + 0.002).to(device)
+    bias = torch.randn(n, generator=g).to(device) if has_bias else None
+    xs, rs = 0.013, 0.04
+    residual = None
+    if res == "int8":
+        residual = _codes(m, n, device=device, g=g)
+    elif res == "float":
+        residual = torch.randn(m, n, generator=g).half().to(device)
+    ref = (x_q.double() * xs) @ (w_q.double() * ws.double()[:, None]).t()
+    if bias is not None:
+        ref = ref + bias.double()
+    if residual is not None:
+        ref = ref + residual.double() * (rs if res == "int8" else 1.0)
+    ref = torch.relu(ref) if act == "relu" else ref
+    out_scale = float(ref.abs().quantile(0.9)) / 127  # ~10% saturate
+    rsc = rs if res == "int8" else None
+    out = _int8_linear_triton(x_q, w_q, xs, ws, bias, residual, act, "float16",
+                              out=poisoned((m, n), torch.int8, device), residual_scale=rsc, out_scale=out_scale,
+                              config=cfg)
+    _check_requant(out, ref, out_scale)
+    assert (out == 127).any() and (act == "relu" or (out == -127).any()), "saturation not exercised"
+    if act == "relu":
+        assert (out >= 0).all()
+    public = int8_linear(x_q[None], w_q, xs, ws, bias, residual=None if residual is None else residual[None],
+                         residual_scale=rsc, activation=act, out_scale=out_scale)  # leading dims kept
+    assert public.shape == (1, m, n) and public.dtype == torch.int8
+    _check_requant(public[0], ref, out_scale)
+    cpu = reference_int8_linear(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), None if bias is None else bias.cpu(),
+                                None if residual is None else residual.cpu(), act, "float16", rsc, out_scale)
+    _check_requant(cpu, ref, out_scale)
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_requant_nan_becomes_code_zero(device, act):
+    """A NaN in the epilogue (here from the bias) has no int8 code: the kernels and the reference write
+    0, never a saturated code or the poison; +-inf saturate; NaN-free rows are untouched."""
+    x_q, w_q = torch.ones(3, 40, dtype=torch.int8, device=device), torch.ones(6, 40, dtype=torch.int8, device=device)
+    ws = torch.ones(6, device=device)
+    bias = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0, 0.0], device=device)
+    want = [0, 127, 0 if act == "relu" else -127, 50, 30, 40]  # (4 + bias) / 0.1
+    out = _int8_linear_triton(x_q, w_q, 0.1, ws, bias, None, act, "float16", out=poisoned((3, 6), torch.int8, device),
+                              out_scale=0.1)
+    ref = reference_int8_linear(x_q.cpu(), w_q.cpu(), 0.1, ws.cpu(), bias.cpu(), None, act, "float16", None, 0.1)
+    assert out.cpu().tolist() == [want] * 3 and ref.tolist() == [want] * 3
+    # the conv epilogue is the same code
+    conv = int8_conv2d(torch.ones(1, 40, 2, 2, dtype=torch.int8, device=device), w_q.view(6, 1, 1, 40), 0.1, ws, bias,
+                       activation=act, out_scale=0.1)
+    assert conv.permute(0, 2, 3, 1).reshape(4, 6).cpu().tolist() == [want] * 4
+
+
 def test_requant_ties_round_half_even(device):
     """Exact ties: acc * x_scale * w_scale lands on k + 0.5 codes (powers of two): round to even."""
     x_q = torch.tensor([[1], [3], [5], [-1], [-3], [127]], dtype=torch.int8, device=device)  # [6, 1]
@@ -338,3 +403,114 @@ def test_bevformer_base_backbone_and_fpn_chain(ops_on_references):
         # measured (seed 3): chained vs un-chained 25.7-37.8 dB per level, chained vs float 26.1-37.8 dB,
         # un-chained vs float 33.5-43.7 dB: the int8 identity of 33 blocks costs ~6 dB (random weights)
         assert sqnr_db(p, c) > 24.0 and sqnr_db(r, c) > 24.0, (sqnr_db(p, c), sqnr_db(r, c))
+
+
+#: Chained vs un-chained reduced BEVFormer (same int8 layers, same scales), encoder int8 only.
+#: int8 (fp32 storage): the FFN's hidden codes differ only at .5 ties (fp32 epilogue x 1/scale vs fp32
+#: storage / scale); measured bit-identical outputs (seed 0). int8-fp16: the un-chained FFN rounds
+#: the hidden activation to fp16 before quantizing it, the chained one does not; measured 45.1 dB
+#: (bev_embed), 71.8 / 74.6 dB (heads), the chained model 0.07 dB closer to the float one on bev_embed.
+BEVFORMER_CHAIN_SQNR_DB = {"int8": 60.0, "int8-fp16": 40.0}
+#: The chained model may not be less accurate than the un-chained one (vs float) by more than this.
+BEVFORMER_CHAIN_LOSS_DB = 0.5
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-fp16"])
+def test_bevformer_encoder_ffn_chain(ops_on_references, precision):
+    """Reduced BEVFormer-tiny (the engine tests' config, two encoder layers), int8 deploy form with
+    and without the chain: the same layers run int8; in the encoder exactly the FFNs' first linears
+    write int8 (ReLU fused, at the second linear's input scale), which reads them as they are; the
+    outputs match the un-chained model above the floor."""
+    import copy
+
+    from bevdeploy.engine.deploy import apply_precision, fold_batchnorms, layer_precisions
+    from bevdeploy.models import MODELS
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import chain_int8
+    from bevdeploy.quant.modules import QuantLinear
+    from bevdeploy.quant.sensitivity import sqnr_db
+    from tests.engine.test_engine import TINY, _inputs
+
+    layers = 2
+    torch.manual_seed(0)
+    model = MODELS["bevformer-tiny"](**{**TINY, "num_encoder_layers": layers}).eval()
+    fold_batchnorms(model)
+    x = _inputs(seed=1)
+    table = calibrate(model, lambda m: m(**x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    with torch.no_grad():
+        ref = model(**x)
+    plain, chained = copy.deepcopy(model), copy.deepcopy(model)
+    enc = "pts_bbox_head.transformer.encoder."
+    # the encoder alone goes int8, so the FFN chain is the only difference (the backbone's has its own test)
+    rep_p = apply_precision(plain, precision, scales=scales, scope=(enc,), int8_chain=False)
+    rep_c = apply_precision(chained, precision, scales=scales, scope=(enc,), int8_chain=True)
+    assert layer_precisions(plain, rep_p, precision) == layer_precisions(chained, rep_c, precision)  # same layers
+    enc_int8 = {n for n, m in chained.named_modules() if n.startswith(enc) and isinstance(m, QuantLinear)}
+    assert len(enc_int8) == 10 * layers  # TSA 4, SCA 4 (offsets, weights, value and output projections), FFN 2
+    writers = {n for n, m in chained.named_modules() if getattr(m, "out_scale", None) is not None}
+    fc1 = {f"{enc}layers.{i}.ffns.0.layers.0.0" for i in range(layers)}
+    assert writers == fc1
+    assert not any(getattr(m, "out_scale", None) is not None for m in plain.modules())
+    assert chain_int8(copy.deepcopy(plain)) == sorted(fc1)  # what chain_int8 reports, in module order
+    mods = dict(chained.named_modules())
+    for i in range(layers):
+        ffn = f"{enc}layers.{i}.ffns.0.layers."
+        a, b = mods[ffn + "0.0"], mods[ffn + "1"]
+        assert a.activation == "relu" and a.out_scale == b.input_scale == scales[ffn + "1"]
+        assert type(mods[ffn + "0.1"]) is torch.nn.Identity  # the ReLU runs in the epilogue
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0].dtype, out.dtype)))
+             for name, m in chained.named_modules() if name.startswith(enc) and isinstance(m, QuantLinear)]
+    dtype = torch.float16 if precision == "int8-fp16" else torch.float32
+    xd = {k: v.to(dtype) if k in ("image", "prev_bev") else v for k, v in x.items()}  # the engine's input dtypes
+    with torch.no_grad():
+        out_c = chained(**xd)
+        out_p = plain(**xd)
+    for h in hooks:
+        h.remove()
+    assert set(seen) == enc_int8
+    for name, (din, dout) in seen.items():
+        assert dout == (torch.int8 if name in fc1 else dtype), name
+        assert din == (torch.int8 if name.endswith("ffns.0.layers.1") else dtype), name
+    for k in ref:
+        c, p = out_c[k].float(), out_p[k].float()
+        assert torch.isfinite(c).all(), k
+        assert sqnr_db(p, c) > BEVFORMER_CHAIN_SQNR_DB[precision], (k, sqnr_db(p, c))
+        assert sqnr_db(ref[k], c) > ENGINE_SQNR_FLOOR_DB, (k, sqnr_db(ref[k], c))
+        assert sqnr_db(ref[k], c) > sqnr_db(ref[k], p) - BEVFORMER_CHAIN_LOSS_DB, k
+
+
+@pytest.mark.parametrize("fuse_relu", [True, False])
+def test_ffn_chain_fuses_relu_either_way(device, fuse_relu):
+    """An ``FFN`` converted with or without ``fuse_relu``: chained, its first linear runs the ReLU in
+    the epilogue and writes int8 codes (the int8 kernel here), with the same result both ways."""
+    import copy
+
+    from torch import nn
+
+    from bevdeploy.models.bevformer import FFN
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import chain_int8
+    from bevdeploy.quant.modules import quantize_modules
+    from bevdeploy.quant.sensitivity import sqnr_db
+
+    torch.manual_seed(0)
+    model = nn.Sequential(FFN(embed_dims=24, feedforward_channels=40)).eval().to(device)
+    x = torch.randn(2, 7, 24, device=device)
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    plain = copy.deepcopy(model)
+    quantize_modules(plain, scales, out_dtype=torch.float32)  # un-chained reference (ReLU fused)
+    chained = copy.deepcopy(model)
+    quantize_modules(chained, scales, fuse_relu=fuse_relu, out_dtype=torch.float32)
+    assert isinstance(chained[0].layers[0][1], nn.Identity if fuse_relu else nn.ReLU)
+    assert chain_int8(chained) == ["0.layers.0.0"]
+    fc1 = chained[0].layers[0][0]
+    assert fc1.activation == "relu" and isinstance(chained[0].layers[0][1], nn.Identity)
+    assert fc1.out_scale == scales["0.layers.1"]
+    with torch.no_grad():
+        ref, out_p, out_c = model(x), plain(x), chained(x)
+        hidden = chained[0].layers[0](x)
+    assert hidden.dtype == torch.int8 and (hidden >= 0).all()
+    assert out_c.dtype == torch.float32 and sqnr_db(out_p, out_c) > 60.0 and sqnr_db(ref, out_c) > 30.0
