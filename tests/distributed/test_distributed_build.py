@@ -220,3 +220,84 @@ def test_bad_output_path_stops_every_rank_before_any_work(world, tmp_path):
     assert line0 == f"bevdeploy build: error: engine file {str(out)!r} is a directory; give a file path"
     assert line1.startswith("bevdeploy build (rank 1): error: rank 0 failed: ValueError: engine file")
     assert "RANDOM" not in err0 + err1  # stopped before the model was built
+
+
+def _tiny_model():
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.models import MODELS
+    from tests.engine.test_engine import TINY
+
+    torch.manual_seed(0)
+    model = MODELS["bevformer-tiny"](**TINY).eval()
+    fold_batchnorms(model)
+    return model
+
+
+def _tiny_table(ctx, root):
+    from bevdeploy.engine.build import _calibration_run
+
+    data = DataSource(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=6)
+    table, _ = _calibration_run(_tiny_model(), "bevformer-tiny", data, "minmax", torch.device("cpu"), ctx,
+                                two_pass=False, progress=False)
+    return table.amax
+
+
+def test_temporal_calibration_shards_whole_scenes(tmp_path, ops_on_references):
+    """BEVFormer: each rank runs whole scenes, so every frame sees the previous BEV one process feeds it
+    (a contiguous split of the frames would not: its second share starts mid-scene)."""
+    from bevdeploy.distributed import DistContext
+    from bevdeploy.engine.model_io import calibration_forward_loop
+    from bevdeploy.quant.calibrate import calibrate
+
+    root = tmp_path / "world"
+    generate(root, num_scenes=3, samples_per_scene=2, seed=3, image_size=(128, 192), progress=False)
+    infos = load_infos(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
+    assert [i["token"] for i in shard_by_scene(infos, 1, 2)] == [i["token"] for i in infos[2:4]]
+    sharded = run_in_processes(_tiny_table, 2, (root,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _tiny_table(DistContext(), root)
+        model = _tiny_model()
+        halves = [calibrate(model, calibration_forward_loop(part, "bevformer-tiny", model, torch.device("cpu"), False),
+                            "minmax").amax for part in (infos[:3], infos[3:])]
+    finally:
+        torch.set_num_threads(threads)
+    assert sharded[0] == sharded[1] == single and len(single) > 50
+    contiguous = {n: max(h.get(n, 0.0) for h in halves) for n in single}  # the merged minmax table of that split
+    assert contiguous != single
+
+
+def _failures(ctx):
+    from bevdeploy.distributed import PeerError, fail_together
+    from bevdeploy.quant.qat import qat_finetune
+
+    seen = []
+    try:  # rank 0 fails in a block the others wait in (the engine export)
+        with fail_together(ctx):
+            if ctx.is_main:
+                raise OSError("disk full")
+    except (OSError, PeerError) as e:
+        seen.append((type(e).__name__, str(e)))
+
+    def loss(model, batch):  # rank 1's second batch is bad
+        out = _mse(model, batch[:2])
+        return {"mse": out["mse"] * float("inf")} if ctx.rank == 1 and batch[2] == 1 else out
+
+    batches = [(*_toy_batch(step), step) for step in range(3)]
+    try:
+        qat_finetune(_toy(), loss, batches, steps=3, progress=False, dist=ctx)
+    except (RuntimeError, PeerError) as e:
+        seen.append((type(e).__name__, str(e)))
+    with fail_together(ctx):  # and the ranks still agree afterwards
+        seen.append("ok")
+    return seen
+
+
+def test_an_error_on_one_rank_raises_on_every_rank():
+    rank0, rank1 = run_in_processes(_failures, 2)
+    assert rank0[0] == ("OSError", "disk full")
+    assert rank1[0] == ("PeerError", "rank 0 failed: OSError: disk full")
+    assert rank1[1][0] == "RuntimeError" and rank1[1][1].startswith("QAT step 1: non-finite loss")
+    assert rank0[1] == ("PeerError", f"rank 1 failed: {rank1[1][0]}: {rank1[1][1]}")
+    assert rank0[2] == rank1[2] == "ok"
