@@ -301,3 +301,32 @@ def test_an_error_on_one_rank_raises_on_every_rank():
     assert rank1[1][0] == "RuntimeError" and rank1[1][1].startswith("QAT step 1: non-finite loss")
     assert rank0[1] == ("PeerError", f"rank 1 failed: {rank1[1][0]}: {rank1[1][1]}")
     assert rank0[2] == rank1[2] == "ok"
+
+
+def _yolox_table(ctx):
+    from bevdeploy.engine.build import _calibration_run
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.models import MODELS
+    from tests.engine.test_engine_det2d import SMALL as SMALL_2D
+
+    torch.manual_seed(0)
+    model = MODELS["yolox-x"](**SMALL_2D["yolox-x"]).eval()
+    fold_batchnorms(model)
+    table, _ = _calibration_run(model, "yolox-x", "synthetic2d:5", "minmax", torch.device("cpu"), ctx, two_pass=False,
+                                progress=False)
+    return table.amax, table.num_samples, table.metadata["dataset"]
+
+
+def test_2d_calibration_splits_the_images(tmp_path, monkeypatch, ops_on_references):
+    """2D models: contiguous shares of the images (3 + 2 here); rank 0 renders the world, rank 1 finds it."""
+    from bevdeploy.distributed import DistContext
+
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))  # empty: rendered by rank 0 first
+    sharded = run_in_processes(_yolox_table, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _yolox_table(DistContext())
+    finally:
+        torch.set_num_threads(threads)
+    assert sharded[0] == sharded[1] == single and single[1] == 5 and single[2].endswith("[:5]")
