@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "PeerError", "init_from_env", "current", "shard_by_scene", "shard_contiguous",
-           "gather_objects", "broadcast_object", "comm_device", "control_group", "fail_together", "rank0_first", "average_gradients"]
+           "gather_objects", "broadcast_object", "comm_device", "control_group", "fail_together", "rank0_first",
+           "average_gradients"]
 
 #: How long a rank waits in :func:`fail_together` for the others: covers rank 0 rendering a synthetic
 #: world or exporting an engine while the others wait (NCCL's default 10 minutes does not).

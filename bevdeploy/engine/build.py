@@ -369,7 +369,8 @@ def build(
                              f"not {precision!r}")
         if spec.quantized and calib is None and calib_table is None:
             raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
-                             "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
+                             "'nuscenes:PATH') or a saved calibration table "
+                             "(--calib-table / calib_table= FILE.calib.json)")
         table_in = None
         if ctx.is_main:  # only rank 0 writes
             out = check_output_path(out, "engine file")
