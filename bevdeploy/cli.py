@@ -530,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{who}: internal error: {type(e).__name__}: {_one_line(e)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if torchrun:
+            from bevdeploy.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 __all__ = ["DistContext", "PeerError", "init_from_env", "current", "shard_by_scene", "shard_contiguous",
            "gather_objects", "broadcast_object", "comm_device", "control_group", "fail_together", "rank0_first",
-           "average_gradients"]
+           "average_gradients", "shutdown"]
 
 #: How long a rank waits in :func:`fail_together` for the others: covers rank 0 rendering a synthetic
 #: world or exporting an engine while the others wait (NCCL's default 10 minutes does not).
@@ -177,6 +177,17 @@ def control_group():
     if _CONTROL is None or _CONTROL[0] is not dist.group.WORLD:
         _CONTROL = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
     return _CONTROL[1]
+
+
+def shutdown() -> None:
+    """Leave the job: destroy every process group (also :func:`control_group`'s) before the interpreter exits.
+
+    A gloo group left to the interpreter's exit can be torn down with its threads still joinable,
+    which aborts the process ("terminate called without an active exception", exit code -6)."""
+    global _CONTROL
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL = None
 
 
 def _describe(error: BaseException) -> str:

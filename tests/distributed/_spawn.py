@@ -20,14 +20,14 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
     torch.set_num_threads(1)
-    from bevdeploy.distributed import init_from_env
+    from bevdeploy.distributed import init_from_env, shutdown
 
     ctx = init_from_env(device="cpu")
     try:
         result = fn(ctx, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()  # every group, the control group too: one left to the exit can abort the process
 
 
 def run_in_processes(fn, world_size: int = 2, args: tuple = ()) -> list:
