@@ -2,7 +2,9 @@
 
 Every error is one line on stderr naming the problem (exit code 2 for bad input / files / machine,
 1 for an unexpected internal error, 130 when interrupted); ``--debug`` (anywhere on the line) shows
-the traceback instead.
+the traceback instead. Under torchrun (``train``, ``eval``, ``build``) rank 0 prints the results; an
+error on any rank stops every rank, each printing one line (ranks other than 0 name themselves, and
+a rank stopped by another's error names that one).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ EPILOG = """examples:
   bevdeploy demo --ops                 check every op (Triton kernels vs references) and print a table
   bevdeploy build --model bevformer-tiny --precision int8 --calib synthetic:32 -o tiny-int8.engine
   bevdeploy build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8-fp16 --calib synthetic:64 --qat-steps 200 -o q.engine
+  torchrun --nproc-per-node 8 -m bevdeploy.cli build --model bevdet-r50-cbgs --checkpoint ckpt.pth --precision int8 --calib synthetic:500 --qat-steps 200 -o q.engine
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16 int8 --data synthetic:16
   bevdeploy bench --model bevdet-r50-cbgs --precisions pytorch fp16 int8-fp16   BEVDet-R50-CBGS table (GPU)
   bevdeploy bench --model bevformer-tiny --precisions pytorch fp16x2 --batch 1 4 8   frames/s per batch (bevformer-tiny-batch)
@@ -174,8 +177,10 @@ def _build(args: argparse.Namespace) -> int:
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
-                 allow_nonfinite=args.allow_nonfinite,
-                 int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem)
+                 allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
+                 int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, dist=args.dist)
+    if path is None:  # another torchrun process: rank 0 writes the engine and prints
+        return 0
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.sensitivity:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
@@ -358,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default split: train; 2D models: synthetic2d:N or coco:PATH)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
                     help="default: entropy for int8, minmax for fp8")
+    bd.add_argument("--calib-two-pass", action="store_true",
+                    help="entropy / percentile: exact histograms from a first pass over the data (2x calibration "
+                         "time; always on under torchrun, whose table equals this one)")
     bd.add_argument("--allow-partial-calib", action="store_true",
                     help="build although the calibration table does not cover the int8 layers exactly (warned)")
     bd.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint holding NaN/inf weights (warned)")
@@ -490,10 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args)
     args.dist = None
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # under torchrun every process that fails prints its line: say which one (rank 0 stays unmarked)
+    who = f"bevdeploy {args.verb}" + (f" (rank {os.environ.get('RANK')})" if torchrun and os.environ.get("RANK") != "0"
+                                      else "")
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join its process group
-            if args.verb not in ("eval", "train"):
-                raise ValueError(f"'{args.verb}' runs in one process; under torchrun use 'eval' or 'train'")
+        if torchrun:  # started by torchrun: join its process group
+            if args.verb not in ("eval", "train", "build"):
+                raise ValueError(f"'{args.verb}' runs in one process; under torchrun use 'eval', 'train' or 'build'")
             from bevdeploy.distributed import init_from_env
 
             args.dist = init_from_env(getattr(args, "device", None))
@@ -505,19 +517,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"bevdeploy {args.verb}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError, OSError, KeyError) as e:
         if debug:
             raise
-        print(f"bevdeploy {args.verb}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{who}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  (an unexpected failure: still one line; --debug shows where)
         if debug:
             raise
-        print(f"bevdeploy {args.verb}: internal error: {type(e).__name__}: {_one_line(e)} "
+        print(f"{who}: internal error: {type(e).__name__}: {_one_line(e)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if torchrun:
+            from bevdeploy.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

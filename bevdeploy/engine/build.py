@@ -17,6 +17,14 @@ With ``qat_steps`` the int8 form is fine-tuned first (quantization-aware trainin
 :mod:`bevdeploy.quant.qat`), starting from the calibrated scales, with the model family's training
 loss; the engine is then built by the same int8 path from the fine-tuned weights and the learned
 scales (written to ``<out>.qat.calib.json``; metadata ``qat``).
+
+Several processes (``torchrun --nproc-per-node N -m bevdeploy.cli build ...``, ``dist=``): rank 0
+checks the output paths before any work; the calibration frames are split by whole scenes
+(:func:`bevdeploy.distributed.shard_by_scene`: the previous-BEV chain of every frame is the one a
+single process runs, so the merged table is the one-process table); QAT draws batches per rank
+(seed + rank) and averages the gradients; then rank 0 alone converts, exports and writes, while the
+other ranks wait and write nothing. An error on any rank stops every rank
+(:func:`bevdeploy.distributed.fail_together`).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from bevdeploy.engine.model_io import (
     int8_scope_prefixes,
     output_names,
 )
+from bevdeploy.distributed import DistContext, broadcast_object, fail_together, rank0_first, shard_by_scene
 from bevdeploy.paths import atomic_output, check_output_path
 
 __all__ = ["build", "ENGINE_FORMAT", "ENGINE_VERSION", "METADATA_KEY", "resolve_device", "runtime_facts"]
@@ -107,7 +116,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow_partial: bool,
-                      overrides: dict | None, allow_nonfinite: bool = False) -> tuple[str, nn.Module]:
+                      overrides: dict | None, allow_nonfinite: bool = False,
+                      verbose: bool = True) -> tuple[str, nn.Module]:
     """(preset name, float eval model): a fresh ``MODELS`` model, or a copy of the user's module."""
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
@@ -119,7 +129,9 @@ def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow
         model = copy.deepcopy(model_name).cpu()  # build folds BN and swaps layers: leave the user's module alone
         model_name = model.config.name
         if checkpoint:
-            print(load_checkpoint(model, checkpoint, allow_partial=allow_partial), file=sys.stderr)
+            report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+            if verbose:
+                print(report, file=sys.stderr)
         return model_name, model.float().eval()
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
@@ -128,8 +140,9 @@ def _load_float_model(model_name: str | nn.Module, checkpoint: str | None, allow
     family(model)  # NotImplementedError for a model the engine cannot take
     if checkpoint:
         report = load_checkpoint(model, checkpoint, allow_partial=allow_partial, allow_nonfinite=allow_nonfinite)
-        print(report, file=sys.stderr)
-    else:
+        if verbose:
+            print(report, file=sys.stderr)
+    elif verbose:
         from bevdeploy.eval.detection import warn_random_weights
 
         warn_random_weights(model_name, "engine build")
@@ -164,24 +177,65 @@ def _qat_training(model_name: str, model: nn.Module, infos: list[dict], device: 
 
 def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float: Sequence[str], data,
          dev: torch.device, *, steps: int, lr: float, scale_lr: float, batch: int, seed: int,
-         progress: bool) -> tuple[dict[str, float], dict]:
+         progress: bool, ctx: DistContext) -> tuple[dict[str, float], dict]:
     """Fine-tune the folded float ``model`` in its int8 form, in place (plain layers again afterwards);
-    returns the learned scales and the ``qat`` metadata."""
+    returns the learned scales and the ``qat`` metadata.
+
+    Several processes (``ctx``): every rank reads the whole data set and draws its own batches
+    (``seed + rank``, as ``bevdeploy.train.train(dist=)``), gradients are averaged, so the learned
+    weights and scales are the same on every rank; the losses in the metadata are rank 0's.
+    """
     from bevdeploy.quant.qat import learned_scales, prepare_qat, qat_finetune, strip_qat
 
-    infos, dataset = _calibration_infos(data, model_name, progress)
-    training = _qat_training(model_name, model, infos, dev, progress)
-    prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model))
+    infos, dataset = rank0_first(lambda: _calibration_infos(data, model_name, progress), ctx)
+    with fail_together(ctx):
+        training = _qat_training(model_name, model, infos, dev, progress)
+        prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model))
     try:
-        losses = qat_finetune(model, training.loss, training.batches(batch, seed), steps=steps, lr=lr,
-                              scale_lr=scale_lr, progress=progress)
+        losses = qat_finetune(model, training.loss, training.batches(batch, seed + ctx.rank), steps=steps, lr=lr,
+                              scale_lr=scale_lr, progress=progress, dist=ctx)
         learned = learned_scales(model)
     finally:
         strip_qat(model)
         model.eval()
     meta = {"steps": steps, "lr": lr, "scale_lr": scale_lr, "batch": batch, "seed": seed, "data": dataset,
-            "layers": len(learned), "loss_first": losses[0], "loss_last": losses[-1]}
+            "layers": len(learned), "loss_first": losses[0], "loss_last": losses[-1],
+            "processes": ctx.world_size, "global_batch": batch * ctx.world_size}
     return learned, meta
+
+
+def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev: torch.device, ctx: DistContext,
+                     *, two_pass: bool, progress: bool):
+    """Calibrate ``model`` on ``calib``: (table, the inputs of this rank's first two frames).
+
+    Several processes (``ctx``): rank 0 resolves (renders) the data first; each rank runs its share
+    (BEV models: whole scenes in temporal order, :func:`bevdeploy.distributed.shard_by_scene`; 2D
+    models: a contiguous share of the images); ranges and histograms are merged before the threshold
+    search (:func:`bevdeploy.quant.calibrate.calibrate`), which is the one-process table with
+    ``two_pass``. A contiguous split of the frames would not be: a share starting mid-scene would
+    run its first frame without the previous BEV that one process feeds it.
+    """
+    from bevdeploy.quant.calibrate import calibrate
+
+    if family(model) in DET2D_FAMILIES:
+        shard = (ctx.rank, ctx.world_size) if ctx.enabled else None
+        loop, dataset = rank0_first(
+            lambda: det2d_calibration_loop(calib, model_name, model, dev, progress=progress, shard=shard), ctx)
+    else:
+        infos, dataset = rank0_first(lambda: _calibration_infos(calib, model_name, progress), ctx)
+        with fail_together(ctx):
+            mine = shard_by_scene(infos, ctx.rank, ctx.world_size) if ctx.enabled else infos
+            loop = calibration_forward_loop(mine, model_name, model, dev, progress)
+    recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
+    names = input_names(model)  # the loop's positional order
+    hook = model.register_forward_pre_hook(
+        lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
+    try:
+        table = calibrate(model, loop, method, model_name=model_name, dataset=dataset, two_pass=two_pass,
+                          dist=ctx, method_overrides=calibration_method_overrides(model))
+    finally:
+        hook.remove()
+    return table, recorded
 
 
 def _jsonable(obj):
@@ -221,7 +275,9 @@ def build(
     autotune: bool = True,
     allow_partial_calib: bool = False,
     allow_nonfinite: bool = False,
-) -> Path:
+    calib_two_pass: bool = False,
+    dist: DistContext | None = None,
+) -> Path | None:
     """Build an engine file for ``model_name`` at ``precision``; returns its path.
 
     Args:
@@ -267,94 +323,109 @@ def build(
         allow_partial_calib: Build although the calibration table misses int8 layers, names layers
             the model lacks, or has zero / non-finite ranges (warned; those layers stay float).
             Without it any of these is an error naming the layers.
+        calib_two_pass: entropy / percentile: histograms over each layer's exact range, from a first
+            pass over the data (twice the calibration time; the table no longer depends on the
+            frame order). Always on with several processes, whose table equals a one-process build
+            with it.
+        dist: A :class:`bevdeploy.distributed.DistContext` of several processes (``torchrun``; every
+            rank calls ``build`` with the same arguments): rank 0 checks the output paths first, the
+            calibration frames are split by scene and the histograms merged (the table of one process
+            with ``calib_two_pass``), QAT averages gradients over the ranks (``qat_batch`` per rank,
+            seed ``qat_seed + rank``), and rank 0 alone converts, exports and writes every file while
+            the other ranks wait. An error on any rank raises on every rank (the others:
+            :class:`bevdeploy.distributed.PeerError`). Sensitivity uses rank 0's first two frames.
 
     Returns:
-        Path of the engine file; for int8* / fp8* also ``<out>.calib.json`` is written (with
-        ``qat_steps`` it holds the calibrated start, and ``<out>.qat.calib.json`` the learned scales).
+        Path of the engine file (None on ranks other than 0); for int8* / fp8* also ``<out>.calib.json``
+        is written (with ``qat_steps`` it holds the calibrated start, and ``<out>.qat.calib.json`` the
+        learned scales).
 
     Raises:
         ValueError: Unknown precision / model, int8* / fp8* without ``calib`` or ``calib_table``, bad
             batch, an output path that cannot take a file (checked before any work), a calibration
             table that does not cover the quantized layers.
     """
-    from bevdeploy.quant.calibrate import CalibrationPoint, CalibrationTable, calibrate
+    from bevdeploy.quant.calibrate import CalibrationPoint, CalibrationTable
 
-    spec = precision_spec(precision)
-    if not (isinstance(batch, int) and batch >= 1):
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if isinstance(qat_steps, bool) or not isinstance(qat_steps, int) or qat_steps < 0:
-        raise ValueError(f"qat_steps must be an int >= 0, got {qat_steps!r}")
-    if qat_steps and not spec.int8:
-        raise ValueError(f"qat_steps fine-tunes an int8 form: precision must be int8*, got {precision!r}")
-    if qat_steps and qat_data is None and calib is None:
-        raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
-    if not (isinstance(qat_batch, int) and qat_batch >= 1):
-        raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
-    if calib_method is None:
-        calib_method = "minmax" if spec.fp8 else "entropy"
-    if sensitivity and not spec.int8:
-        raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
-    if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
-        raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 / fp8 precisions only, "
-                         f"not {precision!r}")
-    if spec.quantized and calib is None and calib_table is None:
-        raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
-                         "'nuscenes:PATH') or a saved calibration table (--calib-table / calib_table= FILE.calib.json)")
-    out = check_output_path(out, "engine file")
-    if spec.quantized:
-        check_output_path(f"{out}.calib.json", "calibration table output")
-        if sensitivity:
-            check_output_path(f"{out}.sensitivity.json", "sensitivity report output")
-        if qat_steps:
-            check_output_path(f"{out}.qat.calib.json", "QAT calibration table output")
-    if calib_table is not None and spec.quantized:
-        table_in = CalibrationTable.load(calib_table)  # a bad table fails before the model is built
-    dev = resolve_device(device)
+    ctx = dist if dist is not None and dist.enabled else DistContext()
+    show = progress and ctx.is_main  # bars and reports on rank 0 only
+    with fail_together(ctx):  # argument errors (the same on every rank) and rank 0's output paths
+        spec = precision_spec(precision)
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if isinstance(qat_steps, bool) or not isinstance(qat_steps, int) or qat_steps < 0:
+            raise ValueError(f"qat_steps must be an int >= 0, got {qat_steps!r}")
+        if qat_steps and not spec.int8:
+            raise ValueError(f"qat_steps fine-tunes an int8 form: precision must be int8*, got {precision!r}")
+        if qat_steps and qat_data is None and calib is None:
+            raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
+        if not (isinstance(qat_batch, int) and qat_batch >= 1):
+            raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
+        if calib_method is None:
+            calib_method = "minmax" if spec.fp8 else "entropy"
+        if sensitivity and not spec.int8:
+            raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
+        if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
+            raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 / fp8 precisions only, "
+                             f"not {precision!r}")
+        if spec.quantized and calib is None and calib_table is None:
+            raise ValueError(f"precision {precision!r} needs calibration data (--calib / calib= 'synthetic:N' or "
+                             "'nuscenes:PATH') or a saved calibration table "
+                             "(--calib-table / calib_table= FILE.calib.json)")
+        table_in = None
+        if ctx.is_main:  # only rank 0 writes
+            out = check_output_path(out, "engine file")
+            if spec.quantized:
+                check_output_path(f"{out}.calib.json", "calibration table output")
+                if sensitivity:
+                    check_output_path(f"{out}.sensitivity.json", "sensitivity report output")
+                if qat_steps:
+                    check_output_path(f"{out}.qat.calib.json", "QAT calibration table output")
+            if calib_table is not None and spec.quantized:
+                table_in = CalibrationTable.load(calib_table)  # a bad table fails before the model is built
+        out = Path(out)
+        dev = resolve_device(device)
+        if ctx.enabled and dev.type == "cuda":  # torchrun: the GPU of this rank (init_from_env set it)
+            dev = torch.device("cuda", torch.cuda.current_device())
+    table_in = broadcast_object(table_in, ctx)
     import bevdeploy.ops  # noqa: F401  (op registrations)
     import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401
 
-    model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides, allow_nonfinite)
-    model = model.to(dev)
-    cfg = model.config
-    fold_batchnorms(model)
-    if spec.quantized and not int8_stem:
-        keep_float = list(dict.fromkeys([*keep_float, *image_input_convs(model)]))
+    with fail_together(ctx):
+        model_name, model = _load_float_model(model_name, checkpoint, allow_partial, model_overrides, allow_nonfinite,
+                                              verbose=ctx.is_main)
+        model = model.to(dev)
+        fold_batchnorms(model)
+        if spec.quantized and not int8_stem:
+            keep_float = list(dict.fromkeys([*keep_float, *image_input_convs(model)]))
 
     table = None
     table_path = None
     if spec.quantized:
+        recorded: list[dict] = []
         if calib_table is not None:
             table = table_in
         else:
-            if family(model) in DET2D_FAMILIES:
-                loop, dataset = det2d_calibration_loop(calib, model_name, model, dev, progress=progress)
-            else:
-                infos, dataset = _calibration_infos(calib, model_name, progress)
-                loop = calibration_forward_loop(infos, model_name, model, dev, progress)
-            recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
-            names = input_names(model)  # the loop's positional order
-            hook = model.register_forward_pre_hook(
-                lambda m, args: recorded.append(dict(zip(names, (a.clone() for a in args)))) if len(recorded) < 2 else None)
-            try:
-                table = calibrate(model, loop, calib_method, model_name=model_name, dataset=dataset,
-                                  method_overrides=calibration_method_overrides(model))
-            finally:
-                hook.remove()
-            if sensitivity and spec.int8:
-                from bevdeploy.quant.sensitivity import save_report, sensitivity_report
-
-                scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0]
-                sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
-                                          out_dtype=torch.float32)
-                save_report(sens, f"{out}.sensitivity.json")
-        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, CalibrationPoint))]
-        table.check_coverage(int8_scope(model), layers, keep_float,
-                             source=str(calib_table) if calib_table is not None else "the calibration run",
-                             allow_partial=allow_partial_calib)
+            table, recorded = _calibration_run(model, model_name, calib, calib_method, dev, ctx,
+                                               two_pass=calib_two_pass, progress=show)
         table_path = Path(f"{out}.calib.json")
-        with atomic_output(table_path, "calibration table output") as tmp:
-            table.save(tmp)
+        with fail_together(ctx):  # the table is the same on every rank: rank 0 checks and writes it
+            if ctx.is_main:
+                if sensitivity and recorded:
+                    from bevdeploy.quant.sensitivity import save_report, sensitivity_report
+
+                    scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0]
+                    sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
+                                              out_dtype=torch.float32)
+                    save_report(sens, f"{out}.sensitivity.json")
+                layers = [n for n, m in model.named_modules()
+                          if isinstance(m, (nn.Conv2d, nn.Linear, CalibrationPoint))]
+                table.check_coverage(int8_scope(model), layers, keep_float,
+                                     source=str(calib_table) if calib_table is not None else "the calibration run",
+                                     allow_partial=allow_partial_calib)
+                with atomic_output(table_path, "calibration table output") as tmp:
+                    table.save(tmp)
         if spec.fp8:
             from bevdeploy.quant.fp8_kernels import FP8_MAX
 
@@ -367,14 +438,32 @@ def build(
     if qat_steps:
         learned, qat_meta = _qat(model, model_name, scales, keep_float, qat_data if qat_data is not None else calib,
                                  dev, steps=qat_steps, lr=qat_lr, scale_lr=qat_scale_lr, batch=qat_batch,
-                                 seed=qat_seed, progress=progress)
+                                 seed=qat_seed, progress=show, ctx=ctx)
         scales.update(learned)  # the engine's int8 layers take exactly these
         qat_meta["init_calibration_table_file"] = table_path.name
         table = CalibrationTable(amax={n: learned[n] * 127 if n in learned else a for n, a in table.amax.items()},
                                  method=table.method, num_samples=table.num_samples,
                                  metadata={**table.metadata, "qat": qat_meta})
         table_path = Path(f"{out}.qat.calib.json")
-        table.save(table_path)
+    with fail_together(ctx):  # rank 0 converts, exports and writes; the others wait here for it
+        if ctx.is_main:
+            _convert_and_write(model, model_name, precision, out=out, scales=scales, keep_float=keep_float,
+                               int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune, table=table,
+                               table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
+                               checkpoint=checkpoint)
+    return out if ctx.is_main else None
+
+
+def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,
+                       scales: dict[str, float] | None, keep_float: Sequence[str], int8_chain: bool | str, batch: int,
+                       dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
+                       model_overrides: dict | None, checkpoint: str | None) -> None:
+    """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
+    ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
+    spec = precision_spec(precision)
+    if qat_meta is not None:
+        with atomic_output(table_path, "QAT calibration table output") as tmp:
+            table.save(tmp)
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain)
     precisions = layer_precisions(model, report, precision)
     model.eval()
@@ -400,7 +489,7 @@ def build(
         "version": ENGINE_VERSION,
         "model": model_name,
         "family": family(model),
-        "model_config": _jsonable(cfg),
+        "model_config": _jsonable(model.config),
         "model_overrides": _jsonable(model_overrides or {}),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "precision": precision,
@@ -445,4 +534,3 @@ def build(
                                "second save; the engine's hash cannot be recorded")
     logger.info("wrote %s (%.1f MB, %s, %d int8 / %d fp8 layers)", out, out.stat().st_size / 2**20, precision,
                 metadata["int8_layers"], metadata["fp8_layers"])
-    return out

@@ -202,13 +202,15 @@ def calibration_forward_loop(infos: Sequence[dict], model_name: str, model: nn.M
 
 
 def det2d_calibration_loop(calib, model_name: str, model: nn.Module, device: torch.device, batch: int = 8,
-                           progress: bool = True):
+                           progress: bool = True, shard: tuple[int, int] | None = None):
     """A ``forward_loop(model)`` for the 2D detectors and a description of its data.
 
     ``calib`` is a 2D data spec (``synthetic2d:N[@SEED]`` / ``coco:PATH``) or a
     :class:`bevdeploy.data.det2d.CocoSet` (e.g. the first images of a training set); its first N images
     (COCO without a count: the first 500, as the reference calibrates on 500 samples) go through the
-    model's test pipeline in batches of ``batch``.
+    model's test pipeline in batches of ``batch``. ``shard=(rank, world_size)``: this process runs its
+    contiguous share of those images (:func:`bevdeploy.distributed.shard_contiguous`; each image is
+    preprocessed on its own, so any split gives the same activations); the description names them all.
     """
     from tqdm import tqdm
 
@@ -218,6 +220,11 @@ def det2d_calibration_loop(calib, model_name: str, model: nn.Module, device: tor
     records = data.images()[:500] if data.num_images is None else data.images()
     if not records:
         raise ValueError(f"calibration data {calib!r} holds no images")
+    described = f"{data.ann_file} [:{len(records)}]"
+    if shard is not None:
+        from bevdeploy.distributed import shard_contiguous
+
+        records = shard_contiguous(records, *shard)
     kind, size = PIPELINES[model_name], tuple(model.image_size)
 
     def loop(m: nn.Module) -> int:
@@ -226,7 +233,7 @@ def det2d_calibration_loop(calib, model_name: str, model: nn.Module, device: tor
             m(x.to(device))
         return len(records)
 
-    return loop, f"{data.ann_file} [:{len(records)}]"
+    return loop, described
 
 
 def image_input_convs(model: nn.Module) -> list[str]:

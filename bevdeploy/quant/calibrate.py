@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bevdeploy.distributed import DistContext
+from bevdeploy.distributed import DistContext, fail_together
 from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, MaxCalibrator, make_calibrator
 
 __all__ = ["CalibrationPoint", "CalibrationTable", "calibrate"]
@@ -279,7 +279,8 @@ def calibrate(
         dist: the process group's context (``bevdeploy.distributed``): each process runs the loop
             on its own share of the data, and the ranges (minmax) or the two-pass histograms are
             merged across processes before the threshold search, so every process gets the table
-            that one process running all the data computes with ``two_pass=True``.
+            that one process running all the data computes with ``two_pass=True``. An error in one
+            process's loop stops every process (:func:`bevdeploy.distributed.fail_together`).
         method_overrides: layer name -> the method for that layer instead of ``method`` (e.g.
             ``"minmax"`` for a sparse input whose rare large values carry the signal: the entropy
             threshold of a histogram dominated by zeros clips them). Recorded in the metadata.
@@ -312,7 +313,8 @@ def calibrate(
     if any(m != "minmax" for m in method_of.values()) and (two_pass or merge):
         # pass 1: every layer's range (merged over processes); pass 2: histograms over exactly that range
         ranges = {name: MaxCalibrator() for name in names}
-        _run_hooked(model, forward_loop, ranges)
+        with fail_together(dist if merge else None):  # a rank's error stops all, not a hang in all_reduce
+            _run_hooked(model, forward_loop, ranges)
         calibrators: dict[str, Calibrator] = {}
         for name, cal in ranges.items():
             if merge:
@@ -327,7 +329,8 @@ def calibrate(
                 pass  # the layer never ran (anywhere): left out of the table below
     else:
         calibrators = {name: make_calibrator(method_of[name], percentile=percentile) for name in names}
-    calls, forward_calls, returned = _run_hooked(model, forward_loop, calibrators)
+    with fail_together(dist if merge else None):
+        calls, forward_calls, returned = _run_hooked(model, forward_loop, calibrators)
     if merge:
         for cal in calibrators.values():
             cal.all_reduce()

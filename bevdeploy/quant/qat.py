@@ -329,6 +329,7 @@ def qat_finetune(
     weight_decay: float = 1e-2,
     max_grad_norm: float | None = 35.0,
     progress: bool = True,
+    dist=None,
 ) -> list[float]:
     """Fine-tune a :func:`prepare_qat`-ed model: AdamW over all its parameters and the learnable scales.
 
@@ -350,9 +351,14 @@ def qat_finetune(
         weight_decay (float): AdamW decay of the weights (none on the scales).
         max_grad_norm (float, optional): gradient-norm clip of the weights (None: no clipping).
         progress (bool): a tqdm bar showing the loss.
+        dist (bevdeploy.distributed.DistContext, optional): several processes (torchrun): each feeds
+            its own ``batches`` and the gradients of the weights and the scales are averaged over the
+            processes after every backward, before clipping (as ``bevdeploy.train.train(dist=)``
+            does), so every process takes the same steps and ends with the same weights and scales.
+            An error in one process's step (a bad batch, a non-finite loss) stops every process.
 
     Returns:
-        list[float]: the total loss of every step (before its update).
+        list[float]: the total loss of every step (before its update; this process's batch).
 
     Raises:
         ValueError: bad arguments, a model without fake-quant layers, or fewer batches than ``steps``.
@@ -367,6 +373,9 @@ def qat_finetune(
             raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+    from bevdeploy.distributed import average_gradients, fail_together
+
+    distributed = dist is not None and dist.enabled
     fq = _fake_quant_modules(model)
     if not fq:
         raise ValueError("model has no fake-quant layer: call prepare_qat first")
@@ -388,19 +397,22 @@ def qat_finetune(
     bar = tqdm(range(steps), desc="qat", disable=not progress, file=sys.stderr)
     try:
         for step in bar:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise ValueError(f"batches ran out after {step} of {steps} QAT steps") from None
-            terms = loss_fn(model, batch)
-            if not isinstance(terms, dict) or not terms:
-                raise ValueError(f"loss_fn must return a non-empty dict of loss terms, got {terms!r}")
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                shown = {k: float(v.detach()) for k, v in terms.items()}
-                raise RuntimeError(f"QAT step {step}: non-finite loss {float(loss.detach())} (terms {shown})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with fail_together(dist):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise ValueError(f"batches ran out after {step} of {steps} QAT steps") from None
+                terms = loss_fn(model, batch)
+                if not isinstance(terms, dict) or not terms:
+                    raise ValueError(f"loss_fn must return a non-empty dict of loss terms, got {terms!r}")
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    shown = {k: float(v.detach()) for k, v in terms.items()}
+                    raise RuntimeError(f"QAT step {step}: non-finite loss {float(loss.detach())} (terms {shown})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if distributed:
+                average_gradients(weights + scale_params, dist.world_size)
             if max_grad_norm is not None and weights:
                 torch.nn.utils.clip_grad_norm_(weights, max_grad_norm)
             opt.step()

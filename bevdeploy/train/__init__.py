@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from bevdeploy.distributed import average_gradients  # noqa: F401  (also bevdeploy.train.average_gradients)
+
 __all__ = ["FamilyTraining", "make_training", "save_checkpoint", "train", "train_model", "lr_at", "is_det2d"]
 
 #: Rendered image size of training worlds: BEVFormer-tiny's native 450x800, and BEVDet's 256x704
@@ -251,32 +253,6 @@ def train(
     model.eval()
     return history
 
-
-
-def average_gradients(params: list[nn.Parameter], world_size: int, bucket_bytes: int = 25 * 2**20) -> None:
-    """Average the gradients of ``params`` over the processes (``torch.distributed.all_reduce`` in
-    flattened buckets, as DDP does). A parameter without a gradient here counts as a zero gradient,
-    so every process reduces the same buckets."""
-    import torch.distributed as torch_dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    bucket: list[Tensor] = []
-    size = 0
-    for i, g in enumerate(grads):
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-        if size >= bucket_bytes or i == len(grads) - 1:
-            flat = _flatten_dense_tensors(bucket)
-            torch_dist.all_reduce(flat)
-            flat /= world_size
-            for g_, f in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g_.copy_(f)
-            bucket, size = [], 0
 
 
 def _all_reduce_scalar(value: float, op: str) -> float:
