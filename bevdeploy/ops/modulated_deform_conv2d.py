@@ -855,6 +855,22 @@ def _span(t: Tensor) -> int:
     return sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
 
 
+def _launch_operands(input: Tensor, weight: Tensor, offset: Tensor, mask: Tensor, relayout: bool) -> tuple[Tensor, Tensor]:
+    """Both kernels' operand preparation: channels-last input / weight when ``relayout`` (the fast
+    layout), and the 32-bit offset limits the kernels index with."""
+    if relayout:
+        if input.stride(1) != 1:
+            input = input.contiguous(memory_format=torch.channels_last)
+        if weight.stride(1) != 1:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
+        if _span(t) > _MAX_I32:
+            raise ValueError(f"{name}: one batch item spans more than 2^31 elements; split the batch spatially")
+    if weight.numel() > _MAX_I32:
+        raise ValueError(f"weight: more than 2^31 elements ({weight.numel()})")
+    return input, weight
+
+
 def _segments(cin: int, groups: int, deform_groups: int) -> tuple[int, int, bool]:
     """(longest channel run inside one (conv group, deform group) pair, deform groups per conv group, all equal)."""
     cg, cd = cin // groups, cin // deform_groups
@@ -903,16 +919,7 @@ def _modulated_deform_conv2d_triton(
     y = new_output((n, cout, ho, wo), variant, input.device, out)
     if y.numel() == 0:
         return y
-    if relayout:
-        if input.stride(1) != 1:
-            input = input.contiguous(memory_format=torch.channels_last)
-        if weight.stride(1) != 1:
-            weight = weight.contiguous(memory_format=torch.channels_last)
-    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
-        if _span(t) > _MAX_I32:
-            raise ValueError(f"{name}: one batch item spans more than 2^31 elements; split the batch spatially")
-    if weight.numel() > _MAX_I32:
-        raise ValueError(f"weight: more than 2^31 elements ({weight.numel()})")
+    input, weight = _launch_operands(input, weight, offset, mask, relayout)
     cout_g, cd = cout // groups, cin // deform_groups
     seg, nd, uniform = _segments(cin, groups, deform_groups)
     m_img = ho * wo
@@ -1092,16 +1099,7 @@ def _modulated_deform_conv2d_igemm(
     y = _new_channels_last_output((n, cout, ho, wo), variant, input.device, out)
     if y.numel() == 0:
         return y
-    if relayout:
-        if input.stride(1) != 1:
-            input = input.contiguous(memory_format=torch.channels_last)
-        if weight.stride(1) != 1:
-            weight = weight.contiguous(memory_format=torch.channels_last)
-    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
-        if _span(t) > _MAX_I32:
-            raise ValueError(f"{name}: one batch item spans more than 2^31 elements; split the batch spatially")
-    if weight.numel() > _MAX_I32:
-        raise ValueError(f"weight: more than 2^31 elements ({weight.numel()})")
+    input, weight = _launch_operands(input, weight, offset, mask, relayout)
     cd = cin // deform_groups
     m_total = n * ho * wo
     b = y if bias is None else bias
