@@ -337,6 +337,21 @@ if triton_available():
         return y0, x0, w00, w01, w10, w11
 
     @triton.jit
+    def _corner_load_masks(w00, w01, w10, w11, c_ok, CH_MASK: tl.constexpr):
+        """Load masks of the four corners' [BLOCK_M, BLOCK_K] gathers: a zero weight means the corner is
+        outside (or contributes nothing), so its load is skipped; ``c_ok`` masks the channel tail."""
+        m00 = (w00 != 0.0)[:, None]
+        m01 = (w01 != 0.0)[:, None]
+        m10 = (w10 != 0.0)[:, None]
+        m11 = (w11 != 0.0)[:, None]
+        if CH_MASK:
+            m00 = m00 & c_ok
+            m01 = m01 & c_ok
+            m10 = m10 & c_ok
+            m11 = m11 & c_ok
+        return m00, m01, m10, m11
+
+    @triton.jit
     def _modulated_deform_conv2d_plan_kernel(
         # pointers
         off_ptr,  # offset [N, 2*DG*KK, Ho, Wo], any strides
@@ -577,17 +592,7 @@ if triton_available():
             w01 = tl.load(wrow + HoWo, mask=row_ok, other=0.0)
             w10 = tl.load(wrow + 2 * HoWo, mask=row_ok, other=0.0)
             w11 = tl.load(wrow + 3 * HoWo, mask=row_ok, other=0.0)
-            # A zero weight means the corner is outside (or contributes nothing): skip its load.
-            m00 = (w00 != 0.0)[:, None]
-            m01 = (w01 != 0.0)[:, None]
-            m10 = (w10 != 0.0)[:, None]
-            m11 = (w11 != 0.0)[:, None]
-            if CH_MASK:
-                c_ok = (c < seg_hi)[None, :]
-                m00 = m00 & c_ok
-                m01 = m01 & c_ok
-                m10 = m10 & c_ok
-                m11 = m11 & c_ok
+            m00, m01, m10, m11 = _corner_load_masks(w00, w01, w10, w11, (c < seg_hi)[None, :], CH_MASK)
 
             # Four corners as [BLOCK_M, BLOCK_K] channel-contiguous gathers, blended in registers.
             pa = x_img + base[:, None] + (c * stride_xc)[None, :]
@@ -784,17 +789,7 @@ if triton_available():
             cl = cb * BLOCK_K + kc  # channel inside the deform group
             c = d * Cd + cl
             bm = tl.multiple_of(base, BASE_ALIGN)
-            # A zero weight means the corner is outside (or contributes nothing): skip its load.
-            m00 = (w00 != 0.0)[:, None]
-            m01 = (w01 != 0.0)[:, None]
-            m10 = (w10 != 0.0)[:, None]
-            m11 = (w11 != 0.0)[:, None]
-            if CH_MASK:
-                c_ok = (cl < Cd)[None, :]
-                m00 = m00 & c_ok
-                m01 = m01 & c_ok
-                m10 = m10 & c_ok
-                m11 = m11 & c_ok
+            m00, m01, m10, m11 = _corner_load_masks(w00, w01, w10, w11, (cl < Cd)[None, :], CH_MASK)
             pa = x_row[:, None] + (bm[:, None] + (c * stride_xc)[None, :])
             v00 = tl.load(pa, mask=m00, other=0.0)
             v01 = tl.load(pa + stride_xw, mask=m01, other=0.0)
