@@ -53,16 +53,21 @@ QAT_PRECISION = "int8-fp16"
 _METRICS = ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 
-def _worlds(args, progress: bool):
-    """Render (or reuse) the training and held-out worlds, in parallel processes."""
-    from bevdeploy.data.synthetic import resolve_data_spec
+def _render_sets(args, progress: bool):
+    """Render (or reuse) the training and held-out sets in parallel processes: the BEV worlds
+    (``synthetic:N@SEED``) or, for the 2D models, their views (``synthetic2d:N@SEED``)."""
+    from bevdeploy.train import is_det2d
+
+    if is_det2d(args.model):
+        from bevdeploy.data.det2d import resolve_det2d_spec as resolve
+    else:
+        from bevdeploy.data.synthetic import resolve_data_spec as resolve
 
     kw = dict(cache_dir=Path(args.work_dir) / "worlds", image_size=tuple(args.render_size), workers=args.workers,
               progress=progress)
     t0 = time.perf_counter()
-    train_src = resolve_data_spec(args.train_data, **kw)
-    eval_src = resolve_data_spec(args.eval_data, **kw)
-    return train_src, eval_src, time.perf_counter() - t0
+    train, held_out = resolve(args.train_data, **kw), resolve(args.eval_data, **kw)
+    return train, held_out, time.perf_counter() - t0
 
 
 def _infos(source):
@@ -74,18 +79,6 @@ def _infos(source):
 
 def checkpoint_path(args) -> Path:
     return Path(args.work_dir) / f"{args.model}.pth"
-
-
-def _det2d_sets(args, progress: bool):
-    """Render (or reuse) the 2D training and held-out sets (each key frame's views in parallel processes)."""
-    from bevdeploy.data.det2d import resolve_det2d_spec
-
-    kw = dict(cache_dir=Path(args.work_dir) / "worlds", image_size=tuple(args.render_size), workers=args.workers,
-              progress=progress)
-    t0 = time.perf_counter()
-    train_set = resolve_det2d_spec(args.train_data, **kw)
-    eval_set = resolve_det2d_spec(args.eval_data, **kw)
-    return train_set, eval_set, time.perf_counter() - t0
 
 
 def _det2d_overrides(args) -> dict | None:
@@ -101,7 +94,7 @@ def stage_train(args) -> Path:
     from bevdeploy.train import is_det2d, train_model
 
     if is_det2d(args.model):
-        _, _, t_render = _det2d_sets(args, progress=True)
+        _, _, t_render = _render_sets(args, progress=True)
         print(f"[accuracy] 2D sets ready in {t_render:.0f} s", file=sys.stderr)
         return train_model(args.model, args.train_data, steps=args.steps, batch=args.batch, out=checkpoint_path(args),
                            lr=args.lr, warmup=args.warmup, seed=args.seed, workers=args.workers,
@@ -110,7 +103,7 @@ def stage_train(args) -> Path:
                            extra_meta={"render_seconds_both_worlds": round(t_render, 1), "command": args.command,
                                        "train_seconds": args.train_seconds},
                            time_limit=args.train_seconds if args.train_seconds > 0 else None)
-    _, _, t_render = _worlds(args, progress=True)
+    _, _, t_render = _render_sets(args, progress=True)
     print(f"[accuracy] worlds ready in {t_render:.0f} s", file=sys.stderr)
     options = {"depth_weight": args.depth_weight} if args.depth_weight is not None else None
     return train_model(args.model, args.train_data, steps=args.steps, batch=args.batch, out=checkpoint_path(args),
@@ -165,7 +158,7 @@ def stage_eval(args) -> Path:
     meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
     meta["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     overrides = meta.get("model_overrides") or args.model_overrides or None
-    train_src, eval_src, _ = _worlds(args, progress=False)
+    train_src, eval_src, _ = _render_sets(args, progress=False)
     infos = _infos(eval_src)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -277,7 +270,7 @@ def stage_eval_det2d(args) -> Path:
     if args.image_size is not None and tuple(args.image_size) != (trained_size or ()):
         raise ValueError(f"--image-size {tuple(args.image_size)}: the checkpoint was trained at "
                          f"{trained_size or 'the official size'}; score it there (drop --image-size)")
-    train_set, eval_set, _ = _det2d_sets(args, progress=False)
+    train_set, eval_set, _ = _render_sets(args, progress=False)
     n_calib = min(args.calib_frames, len(train_set.images()))
     calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")
     training = _training_summary(meta)
