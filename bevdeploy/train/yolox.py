@@ -68,7 +68,8 @@ def simota_assign(scores: Tensor, boxes: Tensor, priors: Tensor, gt_boxes: Tenso
     iou = box_iou(boxes[vidx], gt_boxes)  # [V, G]
     onehot = F.one_hot(gt_labels, scores.shape[1]).float()  # [G, C]
     p = scores[vidx].float().sqrt()[:, None, :].expand(-1, gt_boxes.shape[0], -1).clamp(1e-12, 1 - 1e-7)
-    cls_cost = F.binary_cross_entropy(p, onehot[None].expand_as(p), reduction="none").sum(-1)
+    with torch.autocast(p.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+        cls_cost = F.binary_cross_entropy(p, onehot[None].expand_as(p), reduction="none").sum(-1)
     both = (in_box & in_ctr)[vidx]
     cost = 3.0 * cls_cost + 3.0 * -torch.log(iou + 1e-7) + (~both).float() * 1e5
     # dynamic k per GT
