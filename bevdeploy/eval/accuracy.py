@@ -293,7 +293,9 @@ def stage_eval_det2d(args) -> Path:
         "fidelity_map: engine detections scored against the PyTorch FP32 detections (score >= fidelity_threshold); "
         "output_sqnr_db: worst head output vs PyTorch on the timing batch. fps: images/s at the static batch "
         f"{args.eval_batch} (CUDA events around whole forwards, median of {args.iters}; engines replay their CUDA "
-        "graph), ratio vs PyTorch FP32 eager of the same run.",
+        "graph), ratio vs PyTorch FP32 eager of the same run. PyTorch FP32 eager runs with torch's defaults "
+        "(tf32_convs: cuDNN convs in TF32, matmuls in FP32); fps_no_tf32 times the same forward with TF32 off "
+        "(strict FP32) and fps_ratio_no_tf32 is each engine's ratio to it.",
         "Departures from the official training (named in bevdeploy/train/yolox.py, centernet.py): no augmentation "
         "(every image on the test-time canvas), AdamW + cosine instead of SGD, "
         + ("no extra L1 loss of YOLOX's last 15 epochs, gradient clip 35 (YOLOX clips none)."

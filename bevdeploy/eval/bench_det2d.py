@@ -52,6 +52,16 @@ def _median_ms(fn, device: torch.device, iters: int) -> float:
     return statistics.median(times)
 
 
+def _median_ms_without_tf32(fn, device: torch.device, iters: int) -> float:
+    """:func:`_median_ms` with TF32 off for cuDNN convs and cuBLAS matmuls (strict FP32); restores the flags."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _median_ms(fn, device, iters)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def bench_det2d(
     name: str,
     precisions: list[str],
@@ -149,6 +159,9 @@ def bench_det2d(
     model = model.to(dev).eval()
     with torch.no_grad():
         ms = _median_ms(lambda: model(x), dev, iters)
+        # torch's defaults (what a user's eager FP32 runs): cuDNN convs in TF32, matmuls in FP32. The same
+        # forward with TF32 off is strict FP32, the other baseline a reader may mean by "PyTorch FP32".
+        ms_strict = _median_ms_without_tf32(lambda: model(x), dev, iters) if on_gpu else None
         ref_out = {k: v.detach().clone() for k, v in model(x).items()}
         mem = _device_memory_mb() if on_gpu else None
         ref_results, _ = run_det2d(model, source, name, config, batch=batch, device=dev)
@@ -163,6 +176,8 @@ def bench_det2d(
                peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
                memory_before_model_mb=_r1(base_mem), fidelity_threshold=round(threshold, 4),
                images=len(images), data=data_label, image_size=list(config.image_size),
+               tf32_convs=torch.backends.cudnn.allow_tf32 if on_gpu else None,
+               fps_no_tf32=round(1000.0 * batch / ms_strict, 2) if ms_strict else None,
                note="engine_mb = the .pth of the state dict; fps = images/s", run=run_id)
     rows = [row]
     print(f"{name} pytorch: {row['fps']} images/s, mAP {row['map']}", file=sys.stderr)
@@ -197,6 +212,7 @@ def bench_det2d(
         fps = 1000.0 * batch / ms
         r = dict.fromkeys(_ROW_KEYS)
         r.update(model=name, precision=precision, batch=batch, fps=round(fps, 2), fps_ratio=round(fps / row["fps"], 2),
+                 fps_ratio_no_tf32=round(fps / row["fps_no_tf32"], 2) if row["fps_no_tf32"] else None,
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3),
                  memory_mb=_r1(mem), memory_ratio=round(mem / row["memory_mb"], 3) if on_gpu else None,
                  map=_r(m["mAP"]), map_50=_r(m["mAP_50"]), dmap=_r(m["mAP"] - metrics["mAP"]),

@@ -1,4 +1,4 @@
-"""Which rows of an earlier results file survive an ``--append`` run (pure bookkeeping, no GPU)."""
+"""Results-file bookkeeping of the bench tables (which rows an ``--append`` run keeps; the strict-FP32 timing flags); no GPU."""
 
 import json
 
@@ -55,3 +55,30 @@ def test_bench_batches_are_checked():
     for bad in (0, [1, 0], [], [2, 2], [1.5], True):
         with pytest.raises(ValueError, match="batch"):
             bench_batches(bad)
+
+
+def test_strict_fp32_timing_turns_tf32_off_and_restores_the_flags():
+    """The PyTorch row's strict-FP32 figure must run with TF32 off for convs and matmuls, and leave
+    torch's flags as they were (the default-flag row and the engines after it run unchanged)."""
+    import torch
+
+    from bevdeploy.eval.bench_det2d import _median_ms_without_tf32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    seen = []
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        ms = _median_ms_without_tf32(
+            lambda: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)),
+            torch.device("cpu"), iters=3)
+        assert ms >= 0.0 and seen and set(seen) == {(False, False)}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
+        def boom():
+            raise RuntimeError("forward failed")
+
+        with pytest.raises(RuntimeError, match="forward failed"):
+            _median_ms_without_tf32(boom, torch.device("cpu"), iters=1)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
