@@ -299,7 +299,8 @@ def stage_eval_det2d(args) -> Path:
         "Departures from the official training (named in bevdeploy/train/yolox.py, centernet.py): no augmentation "
         "(every image on the test-time canvas), AdamW + cosine instead of SGD, "
         + ("no extra L1 loss of YOLOX's last 15 epochs, gradient clip 35 (YOLOX clips none)."
-           if args.model.startswith("yolox") else "gradient clip 35 as the official config."),
+           if args.model.startswith("yolox") else "gradient clip 35 as the official config; the wh and offset "
+           "branches start from PyTorch's default init, not mmdet's normal(std 0.001) (bevdeploy/models/centernet.py)."),
     ]
     extra = {"model": args.model, "train_data": args.train_data, "eval_data": args.eval_data,
              "calib_images": calib.num_images, "checkpoint_sha256": sha, "model_overrides": _jsonable(overrides),

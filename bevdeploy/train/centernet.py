@@ -14,6 +14,14 @@ Not official (named): no augmentation (the official random centre crop, flip and
 distortion are omitted: every image uses the test-time canvas, preprocessed once and kept on the
 device in fp16). Without augmentation the targets never change, so they are built once too (the
 per-box loop would otherwise cost more host time per step than the GPU's forward and backward).
+The ``wh`` / ``offset`` branches start from PyTorch's default init, not mmdet's normal(std 0.001)
+(named in :meth:`bevdeploy.models.centernet.CenterNetHead.init_weights`: it slows the size regression
+of a short from-scratch training).
+
+Loss precision: under CUDA bf16 autocast the head's sigmoid runs in bf16; the focal loss and the L1
+terms are computed in fp32 on its output (as mmdet's ``force_fp32`` loss). A reduced CenterNet
+overfitting 8 views on the CPU reached the same mAP under bf16 autocast (0.96) as in fp32 (1.0 / 0.92
+over two seeds), so the bf16 sigmoid is left as it is.
 """
 
 from __future__ import annotations

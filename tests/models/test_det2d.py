@@ -136,3 +136,37 @@ def test_centernet_decoder_on_hand_made_maps():
     torch.testing.assert_close(boxes[0], torch.tensor([6.0, 5.0, 22.0, 13.0]))
     torch.testing.assert_close(boxes[1], torch.tensor([36.0, 16.0, 44.0, 24.0]))
     torch.testing.assert_close(boxes[2], torch.tensor([60.0, 28.0, 60.0, 28.0]))
+
+
+def test_centernet_neck_init_is_mmdets_bilinear_into_one_output_channel():
+    """mmdet's ``CTResNetNeck.init_weights``: per input channel the bilinear kernel into output channel 0
+    only, the others random. A bilinear kernel in every [in, out] pair makes all output channels the same
+    (the neck then carries one channel; CenterNet trained from scratch stayed at mAP ~0)."""
+    from torch import nn
+
+    from bevdeploy.models.centernet import CTResNetNeck
+
+    torch.manual_seed(0)
+    neck = CTResNetNeck(use_dcn=False)
+    deconvs = [m for m in neck.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(deconvs) == 3
+    r = torch.tensor([0.25, 0.75, 0.75, 0.25])  # k=4: f=2, c=0.75, 1 - |i/f - c|
+    for m in deconvs:
+        cin = m.weight.shape[0]
+        torch.testing.assert_close(m.weight[:, 0], (r[:, None] * r[None, :]).expand(cin, 4, 4))
+        rest = m.weight.detach()[:, 1:]
+        assert float(rest.std()) == pytest.approx(math.sqrt(2 / (cin * 16)), rel=0.1)  # Kaiming normal, fan_out
+        assert not torch.equal(m.weight[:, 1], m.weight[:, 2])
+    neck.train()
+    y = neck(torch.randn(2, 512, 3, 5))
+    # after every deconv + BN + ReLU the channels differ (they were identical copies before the fix)
+    assert y.shape == (2, 64, 24, 40) and y.flatten(2).std(1).mean() > 0.1
+    for i in (1, 3):
+        assert neck.deconv_layers[: i + 1](torch.randn(2, 512, 3, 5)).flatten(2).std(1).mean() > 0.1
+
+
+def test_centernet_head_init():
+    torch.manual_seed(0)
+    head = MODELS["centernet-r18-dcn"](image_size=(64, 64)).bbox_head
+    torch.testing.assert_close(head.heatmap_head[-1].bias, torch.full((80,), -math.log(9.0)))
+    assert torch.sigmoid(head.heatmap_head[-1].bias).sub(0.1).abs().max() < 1e-6

@@ -216,3 +216,63 @@ def test_centernet_prebuilt_targets_equal_the_per_batch_ones(tiny_set, ops_on_re
     assert set(batch.targets) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(batch.targets[key], value, atol=1e-3, rtol=1e-3)  # heatmap kept in fp16
+
+
+@pytest.mark.parametrize("canvas", [(192, 320), (384, 672)])
+def test_centernet_targets_decode_back_to_the_ground_truth(canvas, tiny_set):
+    """Encode -> decode: the training targets of the tiny set's views, fed to the evaluation path as if
+    they were the head's outputs (decoder, mapping back to original pixels, COCO category ids,
+    pycocotools), score mAP ~1. Catches any frame mismatch between training and evaluation: input vs
+    map pixels, the canvas paste / shrink, wh or offset units, offset sign, label ids. ``(192, 320)``
+    shrinks the 360x640 views by half; ``(384, 672)`` pastes them unscaled off the origin."""
+    from bevdeploy.data.det2d import load_training_set
+    from bevdeploy.eval.coco import coco_map, run_det2d
+    from bevdeploy.models.centernet import CenterNetConfig
+
+    cfg = CenterNetConfig(image_size=canvas)
+    _, boxes, labels = load_training_set(tiny_set, "centernet", canvas)
+    assert sum(len(b) for b in boxes) >= 10
+    t = centernet_targets(boxes, labels, 80, (canvas[0] // 4, canvas[1] // 4), canvas)
+    n = len(boxes)
+
+    def forward(x):
+        assert x.shape[0] == n
+        return {"heatmap": t["heatmap"], "wh": t["wh"], "offset": t["offset"]}
+
+    results, _ = run_det2d(forward, tiny_set, "centernet-r18-dcn", cfg, batch=n, device=torch.device("cpu"))
+    peaks = [r for r in results if r["score"] == 1.0]
+    assert len(peaks) == int(t["heatmap"].eq(1).sum())
+    stats = coco_map(tiny_set.coco(), results, [r["id"] for r in tiny_set.images()])
+    # two objects of one class whose centres share a map cell keep one peak: not quite 1
+    assert stats["mAP"] > 0.9 and stats["mAP_75"] > 0.9, stats
+
+
+@pytest.mark.slow
+def test_a_reduced_centernet_learns_its_training_images(tmp_path, monkeypatch, ops_on_references):
+    """The whole CenterNet training path learns: CenterNet-R18-DCN (full width) at a 96x160 canvas trained
+    80 steps on 8 views scores mAP > 0.3 on those views (memorising, not generalising; measured 0.80,
+    heatmap loss 17.9 -> 0.10); untrained ~0. With the neck's old transposed-conv init (the bilinear
+    kernel in every channel pair: identical output channels) the same training stayed at mAP 0.0
+    (60 steps: heatmap loss 6.97, 150 steps: 2.80). About 50 s on one CPU core."""
+    from bevdeploy.eval.coco import evaluate_det2d
+    from bevdeploy.train import train_model
+
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~0.6 s a step; two threads on a busy two-core machine were 10x slower
+    overrides = dict(image_size=(96, 160))
+    try:
+        path = train_model("centernet-r18-dcn", "synthetic2d:8@1", steps=80, batch=8, out=tmp_path / "c.pth",
+                           lr=2e-3, warmup=5, device="cpu", workers=1, render_size=(90, 160),
+                           model_overrides=overrides, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    from bevdeploy.data import det2d
+
+    monkeypatch.setattr(det2d, "resolve_det2d_spec", _at_size(det2d.resolve_det2d_spec, (90, 160)))
+    kw = dict(device="cpu", batch=8, progress=False, model_overrides=overrides)
+    before = evaluate_det2d("centernet-r18-dcn", "synthetic2d:8@1", **kw)
+    after = evaluate_det2d("centernet-r18-dcn", "synthetic2d:8@1", checkpoint=str(path), **kw)
+    history = torch.load(path, weights_only=True)["meta"]["history"]
+    assert history[-1]["loss_center_heatmap"] < 0.5 * history[0]["loss_center_heatmap"], history[-1]
+    assert after["mAP"] > 0.3 and after["mAP"] > before["mAP"] + 0.3, (before["mAP"], after["mAP"])
