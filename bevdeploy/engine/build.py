@@ -66,6 +66,7 @@ from bevdeploy.engine.model_io import (
     calibration_forward_loop,
     det2d_calibration_loop,
     calibration_method_overrides,
+    default_calibration_method,
     image_input_convs,
     example_inputs,
     family,
@@ -295,9 +296,10 @@ def build(
             ``bevdeploy.data.synthetic.DataSource``; its first
             N (default 500) samples in temporal order. A nuScenes spec without a split calibrates on
             ``train`` / ``mini_train`` when present.
-        calib_method: ``entropy``, ``minmax`` or ``percentile``; default ``entropy`` for int8*, ``minmax``
-            for fp8* (e4m3's relative precision gains nothing from clipping; see
-            :mod:`bevdeploy.quant.fp8_modules`).
+        calib_method: ``entropy``, ``minmax`` or ``percentile``; default
+            :func:`~bevdeploy.engine.model_io.default_calibration_method`: ``entropy`` for int8*, except
+            ``minmax`` for YOLOX (SiLU activations, whose KL thresholds clip the signal) and for fp8*
+            (e4m3's relative precision gains nothing from clipping; see :mod:`bevdeploy.quant.fp8_modules`).
         calib_table: A saved calibration table to reuse instead of calibrating.
         keep_float: Layer names to keep float in the int8 / fp8 precisions.
         model_overrides: Config overrides (e.g. reduced sizes in tests); recorded in the metadata.
@@ -361,8 +363,6 @@ def build(
             raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
         if not (isinstance(qat_batch, int) and qat_batch >= 1):
             raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
-        if calib_method is None:
-            calib_method = "minmax" if spec.fp8 else "entropy"
         if sensitivity and not spec.int8:
             raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
         if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
@@ -397,6 +397,8 @@ def build(
                                               verbose=ctx.is_main)
         model = model.to(dev)
         fold_batchnorms(model)
+        if calib_method is None:
+            calib_method = default_calibration_method(family(model), fp8=spec.fp8)
         if spec.quantized and not int8_stem:
             keep_float = list(dict.fromkeys([*keep_float, *image_input_convs(model)]))
 

@@ -28,6 +28,7 @@ __all__ = [
     "family",
     "int8_scope_prefixes",
     "calibration_method_overrides",
+    "default_calibration_method",
     "image_input_convs",
     "reads_camera_image",
     "input_names",
@@ -251,6 +252,24 @@ def image_input_convs(model: nn.Module) -> list[str]:
 def reads_camera_image(module: nn.Module) -> bool:
     """A plain conv with at most 3 input channels (an image's): see :func:`image_input_convs`."""
     return type(module) is nn.Conv2d and module.in_channels <= 3
+
+
+def default_calibration_method(family_name: str, *, fp8: bool = False) -> str:
+    """The calibration method a build of family ``family_name`` uses unless told (``calib_method``).
+
+    ``entropy`` (TensorRT's KL threshold) for the ReLU networks (BEVFormer, BEVDet, CenterNet);
+    ``minmax`` for fp8 (e4m3's relative precision gains nothing from clipping) and for YOLOX. Every
+    YOLOX conv reads a SiLU output (or a sum, concatenation or pooling of them): half its values sit
+    in SiLU's negative lobe ``[-0.28, 0)`` and fold onto the smallest bins of the ``|x|`` histogram,
+    and the KL search, which weighs bins by their mass, then resolves that dense low region finely
+    and clips the rare large activations that carry the objects (a reduced YOLOX trained on the
+    synthetic world: thresholds at a quarter of the max in the first stages, 15 dB input SQNR
+    instead of 33, head outputs at 5.5 dB; minmax: 28.5 dB; an H100 YOLOX-x build with entropy
+    gave 4.1 dB and lost 0.36 of its 0.57 mAP).
+    """
+    if fp8 or family_name == "yolox":
+        return "minmax"
+    return "entropy"
 
 
 def calibration_method_overrides(model: nn.Module) -> dict[str, str]:

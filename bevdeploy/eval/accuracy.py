@@ -255,6 +255,7 @@ def stage_eval_det2d(args) -> Path:
     """2D models: the bench table (:func:`bevdeploy.eval.bench_det2d.bench_det2d`) of the trained checkpoint
     on the held-out set, int8 calibrated on training images; ``<out>/<gpu>/accuracy-<model>.{json,md}``."""
     from bevdeploy.data.det2d import CocoSet
+    from bevdeploy.engine.model_io import default_calibration_method
     from bevdeploy.eval.bench_det2d import bench_det2d
 
     ckpt = checkpoint_path(args)
@@ -274,6 +275,7 @@ def stage_eval_det2d(args) -> Path:
     n_calib = min(args.calib_frames, len(train_set.images()))
     calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")
     training = _training_summary(meta)
+    calib_method = default_calibration_method("yolox" if args.model.startswith("yolox") else "centernet")
     size = (overrides or {}).get("image_size")
     official = {"yolox-x": (640, 640), "centernet-r18-dcn": (512, 512)}.get(args.model)
     t = training
@@ -289,7 +291,8 @@ def stage_eval_det2d(args) -> Path:
         + ("" if size is None or tuple(size) == official else "; DEPARTURE: set by --image-size for the training "
            "budget, every row (PyTorch and engines) runs at it") + ").",
         f"Scored on the held-out `{args.eval_data}` (other seed: no shared scene or image id) with pycocotools; "
-        f"int8 calibrated (entropy) on the first {calib.num_images} training images. dmap: vs the PyTorch FP32 row; "
+        f"int8 calibrated ({calib_method}) on the first {calib.num_images} training images. dmap: vs the PyTorch FP32 "
+        "row; "
         "fidelity_map: engine detections scored against the PyTorch FP32 detections (score >= fidelity_threshold); "
         "output_sqnr_db: worst head output vs PyTorch on the timing batch. fps: images/s at the static batch "
         f"{args.eval_batch} (CUDA events around whole forwards, median of {args.iters}; engines replay their CUDA "

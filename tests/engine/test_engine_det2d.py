@@ -97,3 +97,29 @@ def test_int8_engine_sqnr(name, tmp_path, calib_spec, ops_on_references):
         assert torch.isfinite(out[k]).all()
         db = sqnr_db(ref[k], out[k])
         assert db >= INT8_SQNR_FLOOR_DB, f"{name} int8 {k}: SQNR {db:.1f} dB < {INT8_SQNR_FLOOR_DB}"
+
+
+def test_yolox_builds_calibrate_by_the_max_by_default():
+    """YOLOX's SiLU activations defeat the KL threshold (see ``default_calibration_method``); the ReLU
+    families keep TensorRT's entropy method, fp8 the max."""
+    from bevdeploy.engine.model_io import default_calibration_method
+
+    assert default_calibration_method("yolox") == "minmax"
+    assert default_calibration_method("centernet") == default_calibration_method("bevdet") == "entropy"
+    assert default_calibration_method("bevformer", fp8=True) == "minmax"
+
+
+def test_yolox_int8_engine_calibrates_by_the_max_unless_told(tmp_path, calib_spec, ops_on_references):
+    """A YOLOX build without ``calib_method`` takes the family's default (minmax; it was entropy, which put
+    a trained YOLOX-x's box outputs at 4 dB on an H100) and records it in the engine's table."""
+    name = "yolox-x"
+    path = build(name, "int8", out=tmp_path / "y.engine", model_overrides=SMALL[name], batch=BATCH, calib=calib_spec,
+                 progress=False)
+    engine = Engine.load(path, device="cpu")
+    assert engine.metadata["calibration"]["method"] == "minmax"
+    x = _images(1)
+    out = engine(image=x)
+    with torch.no_grad():
+        ref = _eager(name)(x)
+    for k in engine.output_names:
+        assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
