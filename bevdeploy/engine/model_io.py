@@ -238,15 +238,20 @@ def det2d_calibration_loop(calib, model_name: str, model: nn.Module, device: tor
 
 
 def image_input_convs(model: nn.Module) -> list[str]:
-    """Convs of the int8 scope that read the camera image (<= 3 input channels): the backbone stem.
+    """Convs of the int8 scope that read the camera image: the backbone stem (3 input channels, or 12
+    for YOLOX's Focus stem, which reads the image's 2x2 space-to-depth).
 
     The int8 and fp8 builds keep them float unless asked (``build(..., int8_stem=True)``): with 3
     channels per tap the implicit GEMM's K tile is mostly padding, and the 7x7 stem ran 2.9x
     (BEVDet-R50) to 4.8x (BEVFormer-small) slower in int8 than cuDNN fp16 on an H100, which cost
     more than all the other int8 convs of the backbone gained (``bevdeploy bench convs``).
     """
+    from bevdeploy.models.yolox import Focus
+
     prefixes = int8_scope_prefixes(model)
-    return [n for n, m in model.named_modules() if reads_camera_image(m) and n.startswith(prefixes)]
+    focus_convs = {id(m.conv.conv) for m in model.modules() if isinstance(m, Focus)}
+    return [n for n, m in model.named_modules()
+            if (reads_camera_image(m) or id(m) in focus_convs) and n.startswith(prefixes)]
 
 
 def reads_camera_image(module: nn.Module) -> bool:

@@ -123,3 +123,12 @@ def test_yolox_int8_engine_calibrates_by_the_max_unless_told(tmp_path, calib_spe
         ref = _eager(name)(x)
     for k in engine.output_names:
         assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
+
+
+def test_the_image_reading_stems_are_the_convs_kept_float():
+    """The int8 build keeps the convs reading the camera image float: the 3-channel stems and YOLOX's
+    Focus conv on the 12-channel space-to-depth; nothing past the stem qualifies."""
+    from bevdeploy.engine.model_io import image_input_convs
+
+    assert image_input_convs(_eager("yolox-x")) == ["backbone.stem.conv.conv"]
+    assert image_input_convs(_eager("centernet-r18-dcn")) == ["backbone.conv1"]
