@@ -69,7 +69,8 @@ def time_in_graph(fn, calls: int = 10, replays: int = 7) -> float:
 
 def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, config) -> Tensor:
     kw = dict(residual=residual, residual_scale=residual_scale, activation=layer.activation,
-              out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config)
+              out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config,
+              residual_after_act=layer.residual_after_act)
     if isinstance(layer, QuantConv2d):
         return int8_conv2d(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, layer.stride,
                            layer.padding, layer.dilation, **kw)

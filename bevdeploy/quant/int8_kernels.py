@@ -10,7 +10,8 @@ Math (symmetric int8, per-tensor activation scale ``s_x``, per-output-channel we
                   (x_q is zero outside the image)
 
 ``act`` is ``none``, ``relu`` or ``silu`` (x * sigmoid(x), YOLOX's activation); the residual is added
-before it (ResNet bottleneck: conv3 + identity, then ReLU). Sums run in int32 on the tensor cores;
+before it (ResNet bottleneck: conv3 + identity, then ReLU), or with ``residual_after_act`` after it
+(YOLOX's ``DarknetBottleneck``: ``x + SiLU(conv2(...))``, i.e. ``y = act(...) + residual``). Sums run in int32 on the tensor cores;
 everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
 kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
 the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
@@ -191,32 +192,41 @@ def _requantize(y: Tensor, out_scale: float) -> Tensor:
     return torch.clamp(torch.round(v), -127, 127).to(torch.int8)
 
 
-def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias) -> Tensor:
+def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias,
+                  residual_after_act=False) -> Tensor:
     if bias is not None:
         y = y + bias.float().view(shape_bias)
+    r = None
     if residual is not None:
-        y = y + (residual.float() * residual_scale if residual.dtype == torch.int8 else residual.float())
+        r = residual.float() * residual_scale if residual.dtype == torch.int8 else residual.float()
+    if r is not None and not residual_after_act:
+        y = y + r
     y = _act(y, activation)
+    if r is not None and residual_after_act:
+        y = y + r
     return _requantize(y, out_scale) if out_scale is not None else y.to(OUT_DTYPES[out_dtype])
 
 
 def reference_int8_linear(x_q, w_q, x_scale, w_scale, bias=None, residual=None, activation="none",
-                          out_dtype="float16", residual_scale=None, out_scale=None) -> Tensor:
+                          out_dtype="float16", residual_scale=None, out_scale=None,
+                          residual_after_act=False) -> Tensor:
     """The int8 codes multiplied in fp32 (products exact; sums exact while |acc| < 2^24, else within
     6e-8 relative), dequantized, epilogue in fp32 (int8 output with ``out_scale``)."""
     acc = x_q.float() @ w_q.float().t()
     y = acc * (x_scale * w_scale)
-    return _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (-1,))
+    return _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (-1,),
+                         residual_after_act)
 
 
 def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                           groups=1, residual=None, activation="none", out_dtype="float16", residual_scale=None,
-                          out_scale=None) -> Tensor:
+                          out_scale=None, residual_after_act=False) -> Tensor:
     """F.conv2d on the int8 codes in fp32 (same exactness as the linear), epilogue in fp32 (int8
     output with ``out_scale``), channels-last output."""
     acc = F.conv2d(x_q.float(), w_q.permute(0, 3, 1, 2).float(), None, list(stride), list(padding), list(dilation))
     y = acc * (x_scale * w_scale)[None, :, None, None]
-    y = _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (1, -1, 1, 1))
+    y = _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (1, -1, 1, 1),
+                      residual_after_act)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -346,8 +356,10 @@ if triton_available():
         ws_ptr, b_ptr, r_ptr, y_ptr,
         stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
+        RES_AFTER_ACT: tl.constexpr,
     ):  # fmt: skip
-        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32; stored
+        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
+        act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
         cast to y's float dtype, or (OUT_INT8) as clamp(rint(y * inv_out_scale), -127, 127): the next
         int8 layer's codes, written once at 1 byte instead of 2 and never re-read as float. rint by
         the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0."""
@@ -359,13 +371,16 @@ if triton_available():
             out = out + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         rows = offs_m.to(tl.int64)
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL and not RES_AFTER_ACT:
             r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
             out = out + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * res_scale
         if ACTIVATION == 1:
             out = tl.maximum(out, 0.0)
         elif ACTIVATION == 2:
             out = out * tl.sigmoid(out)
+        if HAS_RESIDUAL and RES_AFTER_ACT:
+            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
+            out = out + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * res_scale
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if OUT_INT8:
             v = out * inv_out_scale
@@ -405,6 +420,7 @@ if triton_available():
         HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr,  # 0 none, 1 relu, 2 silu
         OUT_INT8: tl.constexpr,  # requantize to int8 codes of out_scale
+        RES_AFTER_ACT: tl.constexpr,  # the residual is added after the activation
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the main loop
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -436,7 +452,7 @@ if triton_available():
             w_ptrs += BLOCK_K
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8)  # fmt: skip
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -476,6 +492,7 @@ if triton_available():
         HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr,
         OUT_INT8: tl.constexpr,
+        RES_AFTER_ACT: tl.constexpr,
         EVEN_C: tl.constexpr,  # C % BLOCK_K == 0: only the padding mask (constant along channels)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -522,7 +539,7 @@ if triton_available():
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8)  # fmt: skip
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,7 +583,8 @@ def _out_dtype(out_dtype: str, out_scale: float | None) -> torch.dtype:
     return torch.int8 if out_scale is not None else OUT_DTYPES[out_dtype]
 
 
-def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, residual_scale=None, out_scale=None):
+def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, residual_scale=None, out_scale=None,
+                   residual_after_act=False):
     m, k = x2.shape
     n = w_q.shape[0]
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, n, k, x2.device)
@@ -579,7 +597,7 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
         x2.stride(0), w_q.stride(0),
         0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -602,6 +620,7 @@ def _int8_linear_triton(
     config: Config | None = None,
     residual_scale: float | None = None,
     out_scale: float | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     """x_q [..., K] -> [..., N]. Operands that are not K-contiguous are copied (the slow layout is
     never fed to the dot); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)."""
@@ -613,11 +632,11 @@ def _int8_linear_triton(
         return y
     if k == 0:  # empty sum: the epilogue alone
         return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
-                                             residual_scale, out_scale))
+                                             residual_scale, out_scale, residual_after_act))
     x2 = _k_contiguous(x_q.reshape(-1, k))
     r2 = None if residual is None else residual.reshape(-1, n)
     _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config,
-                   residual_scale, out_scale)
+                   residual_scale, out_scale, residual_after_act)
     return y
 
 
@@ -639,6 +658,7 @@ def _int8_conv2d_triton(
     config: Config | None = None,
     residual_scale: float | None = None,
     out_scale: float | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     """NHWC implicit GEMM (1x1 / stride 1 / no padding: the linear kernel on the NHWC views).
     An input or residual not in channels-last memory is copied to it first (one int8 relayout)."""
@@ -653,7 +673,8 @@ def _int8_conv2d_triton(
         return y
     if c == 0:
         return y.copy_(reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups,
-                                             residual, activation, out_dtype, residual_scale, out_scale))
+                                             residual, activation, out_dtype, residual_scale, out_scale,
+                                             residual_after_act))
     if not x_q.is_contiguous(memory_format=torch.channels_last):
         x_q = x_q.contiguous(memory_format=torch.channels_last)
     if not w_q.is_contiguous():
@@ -668,7 +689,7 @@ def _int8_conv2d_triton(
     if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
-                       out_scale)
+                       out_scale, residual_after_act)
         return y
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, o, c, x_q.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
@@ -680,7 +701,7 @@ def _int8_conv2d_triton(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
@@ -734,17 +755,19 @@ def _int8_linear_op(
     residual_scale: float | None = None,
     out_scale: float | None = None,
     config: list[int] | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
-                                   config=_config(config), residual_scale=residual_scale, out_scale=out_scale)
+                                   config=_config(config), residual_scale=residual_scale, out_scale=out_scale,
+                                   residual_after_act=residual_after_act)
     return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
-                                 out_scale).contiguous()
+                                 out_scale, residual_after_act).contiguous()
 
 
 @_int8_linear_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None, out_scale=None,
-      config=None):
+      config=None, residual_after_act=False):
     shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
                           out_scale, config)
     return x_q.new_empty(shape, dtype=_out_dtype(out_dtype, out_scale))
@@ -767,18 +790,19 @@ def _int8_conv2d_op(
     residual_scale: float | None = None,
     out_scale: float | None = None,
     config: list[int] | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_conv2d_triton(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
                                    activation, out_dtype, config=_config(config), residual_scale=residual_scale,
-                                   out_scale=out_scale)
+                                   out_scale=out_scale, residual_after_act=residual_after_act)
     return reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
-                                 activation, out_dtype, residual_scale, out_scale)
+                                 activation, out_dtype, residual_scale, out_scale, residual_after_act)
 
 
 @_int8_conv2d_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
-      residual_scale=None, out_scale=None, config=None):
+      residual_scale=None, out_scale=None, config=None, residual_after_act=False):
     shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
                         out_dtype, residual_scale, out_scale, config)
     return torch.empty(shape, dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
@@ -840,6 +864,7 @@ def int8_linear(
     out_dtype: torch.dtype | str = torch.float16,
     out_scale: float | None = None,
     config: Config | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     """``act(x_scale * w_scale[n] * (x_q @ w_q.T)[.., n] + bias[n] + residual)`` with int8 tensor-core math.
 
@@ -859,6 +884,8 @@ def int8_linear(
             calibrated input scale, so it reads them directly.
         config (tuple of 6 ints, optional): launch configuration (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             warps, stages), e.g. a layer's autotuned choice; default: :func:`gemm_config`.
+        residual_after_act (bool): add the residual after the activation instead of before it:
+            ``act(... + bias[n]) + residual`` (YOLOX's ``DarknetBottleneck``: x + SiLU(conv(...))).
 
     Returns:
         Tensor[..., N]: contiguous, ``out_dtype`` (int8 with ``out_scale``).
@@ -867,7 +894,8 @@ def int8_linear(
     _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale, out_scale,
                   config)
     return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype,
-                           _opt_float(residual_scale), _opt_float(out_scale), _opt_list(config))
+                           _opt_float(residual_scale), _opt_float(out_scale), _opt_list(config),
+                           bool(residual_after_act))
 
 
 def int8_conv2d(
@@ -887,6 +915,7 @@ def int8_conv2d(
     out_dtype: torch.dtype | str = torch.float16,
     out_scale: float | None = None,
     config: Config | None = None,
+    residual_after_act: bool = False,
 ) -> Tensor:
     """2-D convolution on int8 codes with int8 tensor-core math and a fused epilogue.
 
@@ -907,6 +936,8 @@ def int8_conv2d(
         out_scale (float, optional): write int8 codes of this scale (the consumer's input scale),
             ``clamp(round_half_even(y / out_scale), -127, 127)``, instead of floats.
         config (tuple of 6 ints, optional): launch configuration, as :func:`int8_linear`'s.
+        residual_after_act (bool): ``act(... + bias[o]) + residual`` instead of ``act(... + residual)``
+            (YOLOX's ``DarknetBottleneck``: the identity is added to the SiLU output).
 
     Returns:
         Tensor[N, O, Ho, Wo]: ``out_dtype`` (int8 with ``out_scale``) in channels-last memory.
@@ -917,4 +948,4 @@ def int8_conv2d(
                 residual_scale, out_scale, config)
     return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
                            activation, out_dtype, _opt_float(residual_scale), _opt_float(out_scale),
-                           _opt_list(config))
+                           _opt_list(config), bool(residual_after_act))

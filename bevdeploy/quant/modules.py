@@ -125,6 +125,9 @@ class _QuantBase(nn.Module):
     #: Set by :func:`bevdeploy.quant.chain.chain_int8`: the epilogue writes int8 codes of this scale
     #: (the consumer's input scale) instead of floats. None: float output (``out_dtype``).
     out_scale: float | None = None
+    #: Set by :func:`bevdeploy.quant.chain.chain_int8` for YOLOX's ``DarknetBottleneck``: the epilogue
+    #: adds ``residual`` after the activation (``act(conv + bias) + residual``) instead of before it.
+    residual_after_act: bool = False
     #: Launch configuration (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) picked by the build's
     #: autotune (:func:`bevdeploy.quant.autotune.autotune_int8_layers`); it is an argument of the op
     #: call, so it lands in the exported engine and loading never re-tunes. None: the heuristic.
@@ -148,7 +151,8 @@ class _QuantBase(nn.Module):
         if self.out_scale is not None:
             out = f"int8 (scale {self.out_scale:.6g})"
         tuned = f", config={list(self.launch_config)}" if self.launch_config is not None else ""
-        return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}{tuned}"
+        after = ", residual after activation" if self.residual_after_act else ""
+        return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}{after}{tuned}"
 
 
 class QuantLinear(_QuantBase):
@@ -194,10 +198,12 @@ class QuantLinear(_QuantBase):
 
     def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
         """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes of ``input_scale``
-        -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8 ``residual`` needs its scale."""
+        -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8 ``residual`` needs its scale
+        (added before the activation, after it when ``residual_after_act`` is set)."""
         return int8_linear(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
                            residual=residual, residual_scale=residual_scale, activation=self.activation,
-                           out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config)
+                           out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config,
+                           residual_after_act=self.residual_after_act)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -287,11 +293,13 @@ class QuantConv2d(_QuantBase):
     def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
         """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` (channels-last memory avoids a
         relayout) -> Tensor[N, O, Ho, Wo] channels-last (int8 codes of ``out_scale`` when set);
-        ``residual`` (same shape; float, or int8 with ``residual_scale``) is added before the activation."""
+        ``residual`` (same shape; float, or int8 with ``residual_scale``) is added before the activation
+        (after it when ``residual_after_act`` is set)."""
         return int8_conv2d(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
                            self.stride, self.padding, self.dilation, residual=residual,
                            residual_scale=residual_scale, activation=self.activation, out_dtype=self.out_dtype,
-                           out_scale=self.out_scale, config=self.launch_config)
+                           out_scale=self.out_scale, config=self.launch_config,
+                           residual_after_act=self.residual_after_act)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

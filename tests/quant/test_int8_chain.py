@@ -158,6 +158,114 @@ def test_linear_requant_epilogue(device, case):
     _check_requant(cpu, ref, out_scale)
 
 
+# residual after the activation (YOLOX's DarknetBottleneck: x + SiLU(conv2(conv1(x)))), against float64:
+# (C, O, kernel, stride, padding, residual kind, activation, out int8)
+AFTER_ACT_CONVS = [
+    (5, 17, 3, 1, 1, "int8", "silu", True),  # odd channels, int8 identity (the block input's codes)
+    (17, 9, 1, 1, 0, "float", "silu", True),  # 1x1 stride 1: the GEMM path, fp16 identity (float-identity mode)
+    (9, 7, 3, 1, 1, "int8", "relu", False),  # float output (the block's output leaves the chain)
+]
+
+
+def _silu64(y):
+    return y * torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("case", range(len(AFTER_ACT_CONVS)))
+def test_conv_residual_after_activation(device, case):
+    """``residual_after_act``: y = act(conv + bias) + residual (fp32 epilogue), requantized with the same
+    bound as the residual-first epilogue; the default (residual before the activation) is unchanged."""
+    c, o, k, s, p, res, act, out_int8 = AFTER_ACT_CONVS[case]
+    g = torch.Generator().manual_seed(200 + case)
+    n, h, w = 2, 5, 7
+    x_q = _codes(n, c, h, w, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    w_q = _codes(o, k, k, c, device=device, g=g)
+    ws = (torch.rand(o, generator=g) * 0.02 + 0.002).to(device)
+    bias = torch.randn(o, generator=g).to(device)
+    xs, rs = 0.013, 0.2  # identity codes up to +-25: the output saturates on both signs
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if res == "int8":
+        residual = _codes(n, o, ho, wo, device=device, g=g).contiguous(memory_format=torch.channels_last)
+    else:
+        residual = (torch.randn(n, o, ho, wo, generator=g) * 10).half().to(device)
+    rsc = rs if res == "int8" else None
+    pre = _ref_conv64(x_q, xs, w_q, ws, bias, s, p, None, None, "none")
+    r64 = residual.double() * (rs if res == "int8" else 1.0)
+    ref = (_silu64(pre) if act == "silu" else torch.relu(pre)) + r64
+    before = _silu64(pre + r64) if act == "silu" else torch.relu(pre + r64)
+    assert (ref - before).abs().max() > 1.0, "the two orders must differ on this data"
+    if out_int8:
+        out_scale = float(ref.abs().quantile(0.9)) / 127  # ~10% saturate, on both signs (residual < 0)
+        out = poisoned((n, o, ho, wo), torch.int8, device).contiguous(memory_format=torch.channels_last)
+        _int8_conv2d_triton(x_q, w_q, xs, ws, bias, [s, s], [p, p], [1, 1], 1, residual, act, "float16", out=out,
+                            residual_scale=rsc, out_scale=out_scale, residual_after_act=True)
+        _check_requant(out, ref, out_scale)
+        assert (out == 127).any() and (out == -127).any(), "saturation not exercised"
+        public = int8_conv2d(x_q, w_q, xs, ws, bias, s, p, residual=residual, residual_scale=rsc, activation=act,
+                             out_scale=out_scale, residual_after_act=True)
+        _check_requant(public, ref, out_scale)
+        cpu = reference_int8_conv2d(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), bias.cpu(), (s, s), (p, p), (1, 1), 1,
+                                    residual.cpu(), act, "float16", rsc, out_scale, residual_after_act=True)
+        _check_requant(cpu, ref, out_scale)
+    else:
+        out = int8_conv2d(x_q, w_q, xs, ws, bias, s, p, residual=residual, residual_scale=rsc, activation=act,
+                          out_dtype=torch.float32, residual_after_act=True)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=1e-4, rtol=1e-5)
+    default = int8_conv2d(x_q, w_q, xs, ws, bias, s, p, residual=residual, residual_scale=rsc, activation=act,
+                          out_dtype=torch.float32)  # residual first, as before
+    torch.testing.assert_close(default.double().cpu(), before.cpu(), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_residual_after_activation(device):
+    """The linear kernel's epilogue is the same code: fp16 and int8 residuals, odd sizes, a masked K tail."""
+    g = torch.Generator().manual_seed(9)
+    m, n, k = 37, 19, 45
+    x_q, w_q = _codes(m, k, device=device, g=g), _codes(n, k, device=device, g=g)
+    ws = (torch.rand(n, generator=g) * 0.02 + 0.002).to(device)
+    bias = torch.randn(n, generator=g).to(device)
+    xs, rs = 0.011, 0.1  # residuals up to ~+-13: the output saturates on both signs
+    pre = (x_q.double() * xs) @ (w_q.double() * ws.double()[:, None]).t() + bias.double()
+    float_residual = (torch.randn(m, n, generator=g) * 8).half().to(device)
+    for residual, rsc in ((_codes(m, n, device=device, g=g), rs), (float_residual, None)):
+        ref = _silu64(pre) + residual.double() * (rsc or 1.0)
+        out_scale = float(ref.abs().quantile(0.9)) / 127
+        out = _int8_linear_triton(x_q, w_q, xs, ws, bias, residual, "silu", "float16",
+                                  out=poisoned((m, n), torch.int8, device), residual_scale=rsc, out_scale=out_scale,
+                                  config=(16, 16, 32, 2, 4, 1), residual_after_act=True)
+        _check_requant(out, ref, out_scale)
+        assert (out == 127).any() and (out == -127).any()
+        cpu = reference_int8_linear(x_q.cpu(), w_q.cpu(), xs, ws.cpu(), bias.cpu(), residual.cpu(), "silu", "float16",
+                                    rsc, out_scale, residual_after_act=True)
+        _check_requant(cpu, ref, out_scale)
+        f32 = int8_linear(x_q, w_q, xs, ws, bias, residual=residual, residual_scale=rsc, activation="silu",
+                          out_dtype=torch.float32, residual_after_act=True)
+        torch.testing.assert_close(f32.double().cpu(), ref.cpu(), atol=1e-4, rtol=1e-5)
+
+
+def test_residual_after_activation_nan_never_passes(device):
+    """A NaN residual (or bias) after the activation becomes code 0, never a saturated code; +-inf
+    residuals saturate; the other rows are exact."""
+    x_q, w_q = torch.ones(3, 40, dtype=torch.int8, device=device), torch.ones(6, 40, dtype=torch.int8, device=device)
+    ws = torch.ones(6, device=device)
+    bias = torch.tensor([float("nan"), 0.0, 0.0, -4.0, -4.0, -4.0], device=device)
+    residual = torch.tensor([[1.0, float("inf"), -float("inf"), float("nan"), 2.0, -9.0]] * 3, device=device).half()
+    # y = silu(4 + bias) + residual: nan, inf, -inf, nan, 0 + 2, 0 - 9 (SiLU keeps a NaN; ReLU's max may drop it)
+    want = [0, 127, -127, 0, 20, -90]
+    out = _int8_linear_triton(x_q, w_q, 0.1, ws, bias, residual, "silu", "float16",
+                              out=poisoned((3, 6), torch.int8, device), out_scale=0.1, residual_after_act=True)
+    ref = reference_int8_linear(x_q.cpu(), w_q.cpu(), 0.1, ws.cpu(), bias.cpu(), residual.cpu(), "silu", "float16",
+                                None, 0.1, residual_after_act=True)
+    assert out.cpu().tolist() == [want] * 3 and ref.tolist() == [want] * 3
+
+
+def test_opcheck_residual_after_activation():
+    torch.library.opcheck(torch.ops.bevdeploy.int8_conv2d.default,
+                          (_codes(1, 4, 5, 5, device="cpu").contiguous(memory_format=torch.channels_last),
+                           _codes(3, 3, 3, 4, device="cpu"), 0.1, torch.rand(3) + 0.1, torch.randn(3), [1, 1], [1, 1],
+                           [1, 1], 1, _codes(1, 3, 5, 5, device="cpu"), "silu", "float16", 0.05, 0.2, None, True))
+
+
 @pytest.mark.parametrize("act", ["none", "relu"])
 def test_requant_nan_becomes_code_zero(device, act):
     """A NaN in the epilogue (here from the bias) has no int8 code: the kernels and the reference write
