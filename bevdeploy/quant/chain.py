@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
-__all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "chain_int8",
-           "max_pool2d_int8"]
+__all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
+           "Int8SPPBottleneck", "Int8YOLOXPAFPN", "chain_int8", "max_pool2d_int8"]
 
 
 def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
@@ -52,17 +52,21 @@ def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> T
 
     ``max(q(x)) == q(max(x))`` for a monotonic quantizer, so pooling codes is exact. Written with
     ``torch.maximum`` over views (a compiler fuses them into one pass) because int8 max-pool kernels
-    are not available on every backend; padding uses -128, below every code.
+    are not available on every backend; padding uses -128, below every code. Separable (the max over
+    a window is the max over its rows' maxima): 2k views instead of k^2 (YOLOX's SPP pools 13x13).
     """
     n, c, h, w = x.shape
     ho = (h + 2 * padding - kernel_size) // stride + 1
     wo = (w + 2 * padding - kernel_size) // stride + 1
     xp = F.pad(x, (padding, padding, padding, padding), value=-128) if padding else x
+    rows = None
+    for dx in range(kernel_size):
+        v = xp[:, :, :, dx:dx + stride * (wo - 1) + 1:stride]
+        rows = v if rows is None else torch.maximum(rows, v)
     out = None
     for dy in range(kernel_size):
-        for dx in range(kernel_size):
-            v = xp[:, :, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
-            out = v if out is None else torch.maximum(out, v)
+        v = rows[:, :, dy:dy + stride * (ho - 1) + 1:stride, :]
+        out = v if out is None else torch.maximum(out, v)
     return out
 
 
@@ -375,6 +379,241 @@ def _link_resnet(net: Int8ResNet, out_readers: dict[int, list]) -> None:
             _link(producer, readers)
 
 
+# ---------------------------------------------------------------------------------------------- YOLOX
+
+
+def _cm_conv(m: nn.Module | None) -> nn.Module | None:
+    """The int8 conv of a deployed ``ConvModule`` (BN folded, SiLU fused: every other child is an
+    Identity) or a plain int8 conv; None for anything float (its output is float)."""
+    from bevdeploy.models.yolox import ConvModule
+
+    if isinstance(m, ConvModule):
+        rest = [c for k, c in m.named_children() if k != "conv"]
+        return m.conv if _is_q(m.conv) and all(type(c) is nn.Identity for c in rest) else None
+    return m if _is_int8(m) else None
+
+
+def _cm_readers(m: nn.Module | None) -> list[tuple[nn.Module | None, str]]:
+    conv = _cm_conv(m)
+    return [(conv, "input")] if conv is not None else [(None, "float")]
+
+
+class Int8DarknetBottleneck(nn.Module):
+    """YOLOX's ``DarknetBottleneck`` (``x + SiLU(conv2(conv1(x)))``) with the identity fused into conv2's
+    epilogue after its SiLU (``residual_after_act``; int8 codes of the block input's scale, or float),
+    so conv2 writes the block output directly (int8 for the next reader); same child names."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = block.conv1, block.conv2
+        self.add_identity = block.add_identity
+        self.in_scale: float | None = None
+        self.int8_identity = True
+        if self.add_identity and _cm_conv(self.conv2) is not None:
+            _cm_conv(self.conv2).residual_after_act = True
+
+    def input_readers(self) -> list[tuple[nn.Module | None, str]]:
+        readers = _cm_readers(self.conv1)
+        if self.add_identity:
+            c2 = _cm_conv(self.conv2)
+            readers.append((c2, "residual") if self.int8_identity and c2 is not None else (None, "float"))
+        return readers
+
+    def last_conv(self) -> nn.Module | None:
+        return _cm_conv(self.conv2)
+
+    def link_internal(self) -> None:
+        _link(_cm_conv(self.conv1), _cm_readers(self.conv2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(x)
+        if not self.add_identity:
+            return self.conv2(out)
+        c2 = _cm_conv(self.conv2)
+        if c2 is not None:
+            return c2(out, residual=x, residual_scale=self.in_scale if x.dtype == torch.int8 else None)
+        assert x.dtype != torch.int8, "float conv2 with an int8 identity: chain_int8 must keep it float"
+        return self.conv2(out) + x
+
+
+class Int8SPPBottleneck(nn.Module):
+    """YOLOX's ``SPPBottleneck`` on int8 codes: conv1 writes them at conv2's input scale, the max pools
+    run on the codes (exact, :func:`max_pool2d_int8`) and conv2 reads their concatenation (one scale:
+    exact); same child names."""
+
+    def __init__(self, spp: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.poolings, self.conv2 = spp.conv1, spp.poolings, spp.conv2
+
+    def link_internal(self) -> None:
+        _link(_cm_conv(self.conv1), _cm_readers(self.conv2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        if x.dtype == torch.int8:
+            pools = [max_pool2d_int8(x, p.kernel_size, p.stride, p.padding) for p in self.poolings]
+            return self.conv2(torch.cat([x, *pools], 1).contiguous(memory_format=torch.channels_last))
+        return self.conv2(torch.cat([x] + [pool(x) for pool in self.poolings], 1))
+
+
+class Int8YOLOXPAFPN(nn.Module):
+    """``YOLOXPAFPN`` whose 2x nearest upsampling gathers int8 codes (exact) when the reduce conv
+    writes int8; otherwise the same forward and child names."""
+
+    def __init__(self, neck: nn.Module) -> None:
+        super().__init__()
+        self.in_channels = neck.in_channels
+        self.upsample = neck.upsample
+        self.reduce_layers, self.top_down_blocks = neck.reduce_layers, neck.top_down_blocks
+        self.downsamples, self.bottom_up_blocks = neck.downsamples, neck.bottom_up_blocks
+        self.out_convs = neck.out_convs
+
+    def _up(self, x: Tensor) -> Tensor:
+        return _nearest_like(x, (2 * x.shape[2], 2 * x.shape[3])) if x.dtype == torch.int8 else self.upsample(x)
+
+    def forward(self, inputs: list[Tensor]) -> list[Tensor]:
+        n = len(self.in_channels)
+        inner = [inputs[-1]]
+        for idx in range(n - 1, 0, -1):
+            high = self.reduce_layers[n - 1 - idx](inner[0])
+            inner[0] = high
+            inner.insert(0, self.top_down_blocks[n - 1 - idx](torch.cat([self._up(high), inputs[idx - 1]], 1)))
+        outs = [inner[0]]
+        for idx in range(n - 1):
+            down = self.downsamples[idx](outs[-1])
+            outs.append(self.bottom_up_blocks[idx](torch.cat([down, inner[idx + 1]], 1)))
+        return [conv(o) for conv, o in zip(self.out_convs, outs)]
+
+
+def _y_readers(m: nn.Module) -> list[tuple[nn.Module | None, str]]:
+    """Who reads a tensor fed to YOLOX module ``m`` (see :func:`_link`'s readers)."""
+    from bevdeploy.models.yolox import CSPLayer
+
+    if isinstance(m, Int8DarknetBottleneck):
+        return m.input_readers()
+    if isinstance(m, Int8SPPBottleneck):
+        return _cm_readers(m.conv1)
+    if isinstance(m, CSPLayer):
+        return _cm_readers(m.main_conv) + _cm_readers(m.short_conv)
+    if type(m) is nn.Sequential:
+        return _y_readers(m[0])
+    return _cm_readers(m)
+
+
+def _y_producer(m: nn.Module) -> nn.Module | None:
+    """The int8 conv writing YOLOX module ``m``'s output (None: float)."""
+    from bevdeploy.models.yolox import CSPLayer
+
+    if isinstance(m, Int8DarknetBottleneck):
+        return m.last_conv()
+    if isinstance(m, Int8SPPBottleneck):
+        return _cm_conv(m.conv2)
+    if isinstance(m, CSPLayer):
+        return _cm_conv(m.final_conv)
+    if type(m) is nn.Sequential:
+        return _y_producer(m[-1])
+    return _cm_conv(m)
+
+
+def _y_set_in_scale(readers: list[nn.Module], scale: float | None) -> None:
+    """Blocks among ``readers`` (first modules of a Sequential included) learn their int8 input's scale."""
+    for m in readers:
+        while type(m) is nn.Sequential:
+            m = m[0]
+        if isinstance(m, Int8DarknetBottleneck):
+            m.in_scale = scale
+
+
+def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=()) -> float | None:
+    """The outputs of YOLOX modules ``producers`` (one tensor, or tensors concatenated for the readers)
+    go int8 at one scale when every producer's last conv is int8 and every reader is; else all float."""
+    convs = [_y_producer(p) for p in producers]
+    rs = [r for m in readers for r in _y_readers(m)] + list(extra)
+    if all(c is not None for c in convs):
+        scale = _link(convs[0], rs)
+        for c in convs[1:]:
+            c.out_scale = scale
+    else:
+        scale = None
+        for c in convs:
+            if c is not None:
+                c.out_scale = None
+    _y_set_in_scale(readers, scale)
+    return scale
+
+
+def _link_csp(csp: nn.Module) -> None:
+    """main_conv -> blocks -> (last block, short_conv) concatenated -> final_conv (one scale: exact)."""
+    seq = [csp.main_conv, *csp.blocks]
+    for a, b in zip(seq, seq[1:]):
+        _y_link([a], [b])
+    _y_link([seq[-1], csp.short_conv], [csp.final_conv])
+
+
+def _link_yolox(model: nn.Module) -> None:
+    """The data flow of :class:`bevdeploy.models.yolox.YOLOX` (``backbone``, ``neck``, ``bbox_head``)."""
+    from bevdeploy.models.yolox import CSPDarknet, CSPLayer, YOLOXHead
+
+    for m in model.modules():
+        if isinstance(m, (Int8DarknetBottleneck, Int8SPPBottleneck)):
+            m.link_internal()
+        elif isinstance(m, CSPLayer):
+            _link_csp(m)
+    backbone, neck, head = (getattr(model, k, None) for k in ("backbone", "neck", "bbox_head"))
+    whole = isinstance(backbone, CSPDarknet) and isinstance(neck, Int8YOLOXPAFPN) and isinstance(head, YOLOXHead)
+    for net in [m for m in model.modules() if isinstance(m, CSPDarknet)]:
+        stages = [net.stage1, net.stage2, net.stage3, net.stage4]
+        seq = [net.stem.conv] + [m for s in stages for m in s]
+        outs = {id(s[-1]) for s in stages[1:]}  # stages 2-4 are returned
+        for a, b in zip(seq, seq[1:]):
+            if id(a) not in outs:
+                _y_link([a], [b])
+        if not (whole and net is backbone):  # returned to unknown readers: float
+            for s in stages[1:]:
+                _y_link([s[-1]], [], [(None, "float")])
+    if not whole:
+        return
+    n = len(neck.in_channels)
+    inputs = [backbone.stage2, backbone.stage3, backbone.stage4][-n:]
+    nxt = {id(backbone.stage2): backbone.stage3[0], id(backbone.stage3): backbone.stage4[0]}
+    td, bu, red, down = neck.top_down_blocks, neck.bottom_up_blocks, neck.reduce_layers, neck.downsamples
+    _y_link([inputs[n - 1][-1]], [red[0]])  # the top level: the first reduce conv
+    for j in range(n - 1):
+        # high_j (reduce_layers[j]) is upsampled and concatenated with backbone level n-2-j for
+        # top_down_blocks[j], and concatenated after downsamples[n-2-j] for bottom_up_blocks[n-2-j];
+        # that level is also the next backbone stage's input: the three tensors share one scale
+        level = inputs[n - 2 - j]
+        readers = [td[j], bu[n - 2 - j]] + ([nxt[id(level)]] if id(level) in nxt else [])
+        _y_link([red[j], level[-1], down[n - 2 - j]], readers)
+        if j < n - 2:
+            _y_link([td[j]], [red[j + 1]])
+    _y_link([td[n - 2]], [down[0], neck.out_convs[0]])  # outs[0]
+    for i in range(n - 1):  # outs[i + 1]
+        _y_link([bu[i]], [neck.out_convs[i + 1]] + ([down[i + 1]] if i + 1 < n - 1 else []))
+    for i in range(n):
+        cls, reg = head.multi_level_cls_convs[i], head.multi_level_reg_convs[i]
+        _y_link([neck.out_convs[i]], [cls, reg])
+        for tower in (cls, reg):
+            for a, b in zip(tower, list(tower)[1:]):
+                _y_link([a], [b])
+        _y_link([cls], [head.multi_level_conv_cls[i]])
+        _y_link([reg], [head.multi_level_conv_reg[i], head.multi_level_conv_obj[i]])
+
+
+def _convert_yolox(model: nn.Module) -> None:
+    from bevdeploy.models.yolox import DarknetBottleneck, SPPBottleneck, YOLOXPAFPN
+
+    for name, m in list(model.named_modules()):
+        cls = (Int8DarknetBottleneck if isinstance(m, DarknetBottleneck) else
+               Int8SPPBottleneck if isinstance(m, SPPBottleneck) else
+               Int8YOLOXPAFPN if isinstance(m, YOLOXPAFPN) else None)
+        if cls is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(m))
+
+
 def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
     """Rewrite ``model`` (after ``quantize_modules``) so int8 activations flow between its int8 layers.
 
@@ -447,4 +686,9 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
                 readers.append((fpn.lateral_convs[i - 1].conv, "residual"))
             fpn.lateral_scales[i] = _link(fpn.lateral_convs[i].conv, readers)
     _link_ffns(model)
+    _convert_yolox(model)
+    for m in model.modules():
+        if isinstance(m, Int8DarknetBottleneck):
+            m.int8_identity = int8_identity
+    _link_yolox(model)
     return [n for n, m in model.named_modules() if _is_int8(m) and m.out_scale is not None]
