@@ -132,3 +132,28 @@ def test_the_image_reading_stems_are_the_convs_kept_float():
 
     assert image_input_convs(_eager("yolox-x")) == ["backbone.stem.conv.conv"]
     assert image_input_convs(_eager("centernet-r18-dcn")) == ["backbone.conv1"]
+
+
+def test_yolox_int8_fp16_engine_chains_int8(tmp_path, calib_spec, ops_on_references):
+    """The int8-fp16 YOLOX engine with the chain (the build's default): every int8 conv but the head's
+    predictors writes int8 codes (recorded in the metadata and in the layer reports), the engine loads
+    and runs, its outputs stay above the un-chained engine test's floor."""
+    name = "yolox-x"
+    path = build(name, "int8-fp16", out=tmp_path / "c.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, progress=False)
+    engine = Engine.load(path, device="cpu")
+    int8 = {n for n, p in engine.layer_precisions if p == "int8"}
+    writers = set(engine.metadata["int8_outputs"])
+    predictors = {f"bbox_head.multi_level_conv_{k}.{i}" for k in ("cls", "reg", "obj") for i in range(3)}
+    assert predictors <= int8 and writers == int8 - predictors and len(writers) == 73
+    for n in ("backbone.stage2.1.blocks.0.conv2.conv", "backbone.stage4.1.conv1.conv", "neck.reduce_layers.0.conv",
+              "neck.out_convs.0.conv", "bbox_head.multi_level_reg_convs.2.1.conv"):
+        assert n in writers, n
+    x = _images(1)
+    out = engine(image=x)
+    with torch.no_grad():
+        ref = _eager(name)(x)
+    for k in engine.output_names:
+        assert torch.isfinite(out[k]).all()
+        db = sqnr_db(ref[k], out[k].float())
+        assert db >= INT8_SQNR_FLOOR_DB, f"{name} int8-fp16 chained {k}: SQNR {db:.1f} dB < {INT8_SQNR_FLOOR_DB}"

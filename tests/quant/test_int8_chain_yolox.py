@@ -1,0 +1,164 @@
+"""The int8 chain through YOLOX (``chain_int8`` on a reduced YOLOX-x: deepen 0.33, widen 0.125).
+
+What is compared and why the floors hold:
+
+* chained vs un-chained int8 with the SAME input scales and ``int8_identity=False``: the chain only
+  moves the re-quantization of a value the un-chained model quantizes anyway into the producer's
+  epilogue (``round(y * fp32(1/s))`` instead of ``round(y / s)``: equal except within an fp32 ulp of a
+  .5 tie), concatenation / max-pool / nearest upsampling of codes are exact, and SiLU + identity are
+  fused in fp32 where the un-chained model adds in fp32 too. Measured: bit-identical outputs (inf dB);
+  asserted >= 60 dB so a rare tie flip does not fail it.
+* chained (``int8_identity=True``, the build's default) vs un-chained with each layer's own scales:
+  the identity of the 7 residual blocks is added as int8 codes (one more rounding than the un-chained
+  float add) and readers of one tensor share the largest of their scales. Measured 47-54 dB; floor 35.
+* either int8 model vs the float model: measured 42-48 dB; floor 30.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bevdeploy.quant.sensitivity import sqnr_db
+
+SMALL = dict(deepen_factor=0.33, widen_factor=0.125)
+CHAIN_EXACT_SQNR_DB = 60.0
+CHAIN_VS_UNCHAINED_SQNR_DB = 35.0
+INT8_VS_FLOAT_SQNR_DB = 30.0
+#: the head's 1x1 predictors (3 levels x cls / reg / obj) write the float outputs
+PREDICTORS = {f"bbox_head.multi_level_conv_{k}.{i}" for k in ("cls", "reg", "obj") for i in range(3)}
+
+
+def _model(size: int):
+    """Reduced YOLOX, BN folded, with non-trivial BN statistics (so the folded biases matter) and zero
+    predictor biases (else the -4.6 prior dominates the outputs and every SQNR is trivially high)."""
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.models import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS["yolox-x"](**SMALL, image_size=(size, size)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    for name in ("multi_level_conv_cls", "multi_level_conv_obj"):
+        for conv in getattr(model.bbox_head, name):
+            conv.bias.data.zero_()
+    fold_batchnorms(model)
+    return model
+
+
+def _int8(model, scales, *, chain=None):
+    from bevdeploy.engine.model_io import image_input_convs
+    from bevdeploy.quant.chain import chain_int8
+    from bevdeploy.quant.modules import quantize_modules
+
+    q = copy.deepcopy(model)
+    quantize_modules(q, scales, keep_float=set(image_input_convs(q)), out_dtype=torch.float32)
+    writers = chain_int8(q, int8_identity=chain) if chain is not None else None
+    return q, writers
+
+
+def _calibrated(size: int, batch: int):
+    from bevdeploy.quant.calibrate import calibrate
+
+    model = _model(size)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    table = calibrate(model, lambda m: m(x), "minmax")
+    return model, x, {n: table.scale(n) for n in table.amax}
+
+
+def test_yolox_chain_structure_and_accuracy(ops_on_references):
+    from bevdeploy.quant.chain import Int8DarknetBottleneck, Int8SPPBottleneck, Int8YOLOXPAFPN
+    from bevdeploy.quant.modules import QuantConv2d
+
+    model, x, scales = _calibrated(64, 2)
+    plain, _ = _int8(model, scales)
+    chained, writers = _int8(model, scales, chain=True)
+    convs = [n for n, m in chained.named_modules() if isinstance(m, QuantConv2d)]
+    assert len(convs) == 82  # every conv but the Focus stem's
+    # everything writes int8 but the predictors, whose outputs leave the model
+    assert set(writers) == set(convs) - PREDICTORS and len(writers) == 73
+    assert isinstance(chained.neck, Int8YOLOXPAFPN)
+    assert isinstance(chained.backbone.stage4[1], Int8SPPBottleneck)
+    blocks = [m for m in chained.modules() if isinstance(m, Int8DarknetBottleneck)]
+    assert len(blocks) == 12 and sum(b.add_identity for b in blocks) == 7  # stage4 and the neck: no shortcut
+    for b in blocks:
+        assert b.conv2.conv.residual_after_act == b.add_identity
+        if b.add_identity:
+            assert b.in_scale is not None  # the identity is read as int8 codes
+    g = chained.get_submodule
+    # kinds of edges, each writing at its reader's input scale
+    edges = {
+        "bottleneck conv1 -> conv2": ("backbone.stage2.1.blocks.0.conv1.conv", ["backbone.stage2.1.blocks.0.conv2.conv"]),
+        "bottleneck (+identity) -> next bottleneck": ("backbone.stage2.1.blocks.0.conv2.conv",
+                                                      ["backbone.stage2.1.blocks.1.conv1.conv"]),
+        "last bottleneck (+identity) -> final_conv": ("backbone.stage2.1.blocks.2.conv2.conv",
+                                                      ["backbone.stage2.1.final_conv.conv"]),
+        "CSP short -> final_conv (concat)": ("backbone.stage2.1.short_conv.conv", ["backbone.stage2.1.final_conv.conv"]),
+        "downsample -> CSP main + short": ("backbone.stage2.0.conv", ["backbone.stage2.1.main_conv.conv",
+                                                                      "backbone.stage2.1.short_conv.conv"]),
+        "SPP conv1 -> pools -> conv2": ("backbone.stage4.1.conv1.conv", ["backbone.stage4.1.conv2.conv"]),
+        "head tower": ("bbox_head.multi_level_cls_convs.0.0.conv", ["bbox_head.multi_level_cls_convs.0.1.conv"]),
+        "reg tower -> reg + obj": ("bbox_head.multi_level_reg_convs.1.1.conv", ["bbox_head.multi_level_conv_reg.1",
+                                                                                "bbox_head.multi_level_conv_obj.1"]),
+        "neck out -> cls + reg towers": ("neck.out_convs.2.conv", ["bbox_head.multi_level_cls_convs.2.0.conv",
+                                                                   "bbox_head.multi_level_reg_convs.2.0.conv"]),
+    }
+    for kind, (producer, readers) in edges.items():
+        assert all(g(producer).out_scale == g(r).input_scale for r in readers), kind
+    # the next block's identity: the same codes, added after its conv2's SiLU at their scale
+    assert g("backbone.stage2.1.blocks.1").in_scale == g("backbone.stage2.1.blocks.0.conv2.conv").out_scale
+    # a PAFPN concat group: the reduce conv (upsampled), backbone level c4 and the second downsample
+    # share one scale with all their readers (td0, bu1 and stage4's first conv)
+    group = ["neck.reduce_layers.0.conv", "backbone.stage3.1.final_conv.conv", "neck.downsamples.1.conv"]
+    readers = ["neck.top_down_blocks.0.main_conv.conv", "neck.top_down_blocks.0.short_conv.conv",
+               "neck.bottom_up_blocks.1.main_conv.conv", "neck.bottom_up_blocks.1.short_conv.conv",
+               "backbone.stage4.0.conv"]
+    assert len({g(n).out_scale for n in group} | {g(n).input_scale for n in readers}) == 1
+    assert chained.state_dict().keys() == plain.state_dict().keys()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0].dtype, out.dtype)))
+             for name, m in chained.named_modules() if isinstance(m, QuantConv2d)]
+    with torch.no_grad():
+        out_c, out_p, ref = chained(x), plain(x), model(x)
+    for h in hooks:
+        h.remove()
+    assert {n for n, (i, _) in seen.items() if i != torch.int8} == {"backbone.stage1.0.conv"}  # reads the float stem
+    assert {n for n, (_, o) in seen.items() if o == torch.int8} == set(writers)
+    for k in ref:
+        assert torch.isfinite(out_c[k]).all()
+        assert sqnr_db(out_p[k], out_c[k]) > CHAIN_VS_UNCHAINED_SQNR_DB, k
+        assert sqnr_db(ref[k], out_c[k]) > INT8_VS_FLOAT_SQNR_DB and sqnr_db(ref[k], out_p[k]) > INT8_VS_FLOAT_SQNR_DB, k
+
+
+def test_yolox_chain_float_identity_equals_unchained(ops_on_references):
+    """Same input scales, identity float: the chain changes where codes are rounded, not their values."""
+    from bevdeploy.quant.modules import QuantConv2d
+
+    model, x, scales = _calibrated(64, 2)
+    chained, writers = _int8(model, scales, chain=False)
+    assert len(writers) == 73 - 7  # the 7 identity blocks' inputs stay float (their identity reads them)
+    shared = {n: m.input_scale for n, m in chained.named_modules() if isinstance(m, QuantConv2d)}
+    plain, _ = _int8(model, {**scales, **shared})
+    with torch.no_grad():
+        out_c, out_p = chained(x), plain(x)
+    for k in out_c:
+        assert sqnr_db(out_p[k], out_c[k]) > CHAIN_EXACT_SQNR_DB, k
+
+
+def test_yolox_chain_on_the_kernels(device, monkeypatch):
+    """The chained model on the Triton kernels (interpreter on CPU) against the same model on the torch
+    references: the kernels' epilogues (SiLU, identity after it, requantization) agree with the
+    references up to rare tie flips (measured identical)."""
+    model, x, scales = _calibrated(32, 1)
+    chained, _ = _int8(model.to(device), scales, chain=True)
+    with torch.no_grad():
+        out = chained(x.to(device))
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the references
+        want = chained.cpu()(x)
+    for k in want:
+        assert sqnr_db(want[k], out[k].cpu()) > CHAIN_EXACT_SQNR_DB, k
