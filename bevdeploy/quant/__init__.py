@@ -10,7 +10,8 @@
   report which precision every layer really runs in).
 * ``bevdeploy.quant.chain``: ``chain_int8``, the rewrite after conversion that keeps activations
   int8 between int8 layers (requantizing epilogues, fused ReLU and ResNet residuals; the image
-  backbone and neck, BEVDet's BEV encoder, BEVFormer's encoder FFNs).
+  backbone and neck, BEVDet's BEV encoder, BEVFormer's encoder FFNs; YOLOX's backbone, PAFPN and
+  head, with the bottleneck identity added after the fused SiLU).
 * ``bevdeploy.quant.autotune``: build-time launch tuning of the int8 layers on the GPU.
 * ``bevdeploy.quant.fp8_kernels`` / ``bevdeploy.quant.fp8_modules``: the same for e4m3 (fp8):
   ``torch.ops.bevdeploy.quantize_fp8``, ``fp8_linear`` (``torch._scaled_mm`` on CUDA where its layout

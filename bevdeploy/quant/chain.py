@@ -23,6 +23,21 @@ the consumers' calibrated input scale, symmetric, no zero point):
   (LayerNorm output that the residual add also reads, ``cat``/``stack`` of queries and the previous
   BEV, camera features plus embeddings) or an attention op's output, and writes into an attention
   op (offsets, logits, values) or a residual add + LayerNorm, all float consumers.
+* YOLOX (``ConvModule`` = conv + folded BN + SiLU fused into the int8 epilogue, so a ConvModule is
+  one int8 conv): every conv -> conv edge. ``DarknetBottleneck`` (``x + SiLU(conv2(conv1(x)))``):
+  conv1 writes int8 for conv2, whose epilogue does SiLU, then adds the identity (int8 codes of the
+  block input's scale; ``residual_after_act``) and writes the block output for the next reader.
+  ``CSPLayer``: main_conv and short_conv read one tensor (one scale), the blocks are chained, and the
+  last block and short_conv both write at final_conv's input scale, so the concatenation of their
+  codes is exactly final_conv's quantized input. ``SPPBottleneck``: conv1 writes at conv2's scale,
+  the 5/9/13 max pools run on the codes and conv2 reads the concatenation. The backbone's stage
+  sequence; ``YOLOXPAFPN``: each reduce conv's output (nearest-upsampled by a gather of codes) is
+  concatenated with a backbone level for a top-down CSP and with a downsample conv's output for a
+  bottom-up CSP, and that backbone level also feeds the next backbone stage: the three producers
+  write at one scale shared by all five readers; CSP outputs into the next reduce / downsample conv
+  and the out convs; out convs into both head towers, the towers' two convs, and the towers into
+  the 1x1 predictors (which write the float outputs). The Focus stem conv stays float. On the full
+  YOLOX-x, 145 of the 154 int8 convs write int8 (all but the 9 predictors).
 
 A tensor goes int8 only when its producer is an int8 conv / linear and every consumer reads int8 (an
 int8 layer's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
@@ -619,16 +634,20 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
 
     Recognised: the image ``ResNet`` (``img_backbone``) and its neck (``img_neck``: BEVDet's
     ``CustomFPN`` or BEVFormer's ``FPN``), BEVDet's depth net, ``Bottleneck`` / ``BasicBlock``
-    sequences anywhere (BEVDet's BEV encoder), int8 convs adjacent in an ``nn.Sequential``, and the
-    two linears of every BEVFormer ``FFN`` (the encoder's; the decoder's stay float by default).
+    sequences anywhere (BEVDet's BEV encoder), int8 convs adjacent in an ``nn.Sequential``, the
+    two linears of every BEVFormer ``FFN`` (the encoder's; the decoder's stay float by default), and
+    YOLOX (``DarknetBottleneck``, ``CSPLayer``, ``SPPBottleneck`` anywhere; ``CSPDarknet``'s stages;
+    with ``backbone`` / ``neck`` / ``bbox_head`` of a YOLOX, the PAFPN and head edges too; a
+    ``CSPDarknet`` used alone returns float features).
     A ``ResNet`` used alone returns float features (its consumers are unknown).
 
     Args:
         model: a model whose convs were converted by ``quantize_modules`` (BN folded), in place.
-        int8_identity: a residual block's identity is read as int8 codes (the block input's); False
-            keeps block boundaries float (the identity then adds the float input: one fewer
-            quantization per block, ~6 dB better SQNR on a random-weight ResNet-101, but block outputs
-            are written as fp16 and quantized again by the next block's convs).
+        int8_identity: a residual block's identity (ResNet's, YOLOX's DarknetBottleneck's) is read as
+            int8 codes (the block input's); False keeps block boundaries float (the identity then adds
+            the float input: one fewer quantization per block, ~6 dB better SQNR on a random-weight
+            ResNet-101, but block outputs are written as fp16 and quantized again by the next block's
+            convs; on YOLOX the block input stays float and conv2 still writes the block output int8).
 
     Returns:
         Names of the int8 layers (convs and linears) that now write int8 codes, in module order.

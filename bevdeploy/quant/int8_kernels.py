@@ -597,7 +597,8 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
         x2.stride(0), w_q.stride(0),
         0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_K=k % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -701,7 +702,8 @@ def _int8_conv2d_triton(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_C=c % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_C=c % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
