@@ -11,8 +11,8 @@ Math (symmetric int8, per-tensor activation scale ``s_x``, per-output-channel we
 
 ``act`` is ``none``, ``relu`` or ``silu`` (x * sigmoid(x), YOLOX's activation); the residual is added
 before it (ResNet bottleneck: conv3 + identity, then ReLU), or with ``residual_after_act`` after it
-(YOLOX's ``DarknetBottleneck``: ``x + SiLU(conv2(...))``, i.e. ``y = act(...) + residual``). Sums run in int32 on the tensor cores;
-everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
+(YOLOX's ``DarknetBottleneck``: ``x + SiLU(conv2(...))``, i.e. ``y = act(...) + residual``).
+Sums run in int32 on the tensor cores; everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
 kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
 the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
 symmetric, no zero point; a NaN becomes code 0), so activations stay int8 between layers. The residual may itself be
