@@ -1,0 +1,202 @@
+"""Why does a 2D detector lose accuracy in int8? Calibration methods, the chain and the worst layers, on one
+trained checkpoint, in one process (for a GPU call: no engine is compiled, the int8 layers run eagerly on the
+same Triton kernels the engine uses).
+
+For each variant (calibration method x chain on/off, then keep-float of the K most sensitive layers) the
+BN-folded model is quantized (``quantize_modules`` + optional ``chain_int8``, fp32 outside the int8 layers),
+and scored against the float model: SQNR of every head output on a timing batch and pycocotools mAP on the
+held-out set. Also written: the per-layer sensitivity (one layer int8 at a time, minmax scales) and each
+layer's input range by method (minmax / percentile / entropy amax: a large minmax-to-percentile ratio marks
+rare outliers that stretch the scale).
+
+    python scripts/diagnose_int8_2d.py --model yolox-x --checkpoint /tmp/det2d/yolox-x.pth \\
+        --calib synthetic2d:600@1 --calib-images 64 --eval synthetic2d:128@2 --out $OUT/diag
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
+from bevdeploy.engine.deploy import fold_batchnorms
+from bevdeploy.engine.model_io import det2d_calibration_loop, image_input_convs, int8_scope_prefixes
+from bevdeploy.eval.coco import coco_map, run_det2d
+from bevdeploy.models import MODELS
+from bevdeploy.models.checkpoint import load_checkpoint
+from bevdeploy.quant.calibrate import calibrate
+from bevdeploy.quant.chain import chain_int8
+from bevdeploy.quant.modules import quantize_modules
+from bevdeploy.quant.sensitivity import sensitivity_report, sqnr_db
+
+
+@contextlib.contextmanager
+def _int8_kernels(triton: bool):
+    """``triton=False``: the int8 layers run their plain-PyTorch references (codes multiplied in fp32) on
+    the GPU too: no kernel compiles, and a Triton-vs-reference gap on the same scales isolates a kernel
+    fault from a calibration one."""
+    import bevdeploy.quant.int8_kernels as kernels
+
+    saved = kernels.use_triton
+    if not triton:
+        kernels.use_triton = lambda t: False
+    try:
+        yield
+    finally:
+        kernels.use_triton = saved
+
+
+def _outputs(model, x) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {k: v.float() for k, v in model(x).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, choices=["yolox-x", "centernet-r18-dcn"])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--calib", required=True, help="2D data spec; its first --calib-images images calibrate")
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--eval", required=True, help="held-out 2D data spec (mAP)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--timing-images", type=int, default=8, help="images of the SQNR batch")
+    p.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy"],
+                   help="the first one is also run on the Triton kernels and with the chain")
+    p.add_argument("--keep-worst", type=int, nargs="*", default=[5, 15])
+    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_false")
+    p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
+                   help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
+    p.add_argument("--cache-dir", default=None, help="where the synthetic sets are rendered (reused)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None)
+    p.add_argument("--overrides", default=None, help="JSON model overrides (tests: reduced models)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget", type=float, default=1e9, help="seconds: skip variants once spent")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    dev = torch.device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("meta", {})
+    overrides = json.loads(args.overrides) if args.overrides else (meta.get("model_overrides") or {})
+    if args.image_size:
+        overrides["image_size"] = tuple(args.image_size)
+    if "image_size" in overrides:
+        overrides["image_size"] = tuple(overrides["image_size"])
+    model = MODELS[args.model](**overrides)
+    load_checkpoint(model, args.checkpoint)
+    model = model.to(dev).eval()
+    fold_batchnorms(model)
+    size = tuple(model.config.image_size)
+    workers = os.cpu_count() or 1
+    train = resolve_det2d_spec(args.calib, cache_dir=args.cache_dir, progress=False, workers=workers)
+    n_calib = min(args.calib_images, len(train.images()))
+    calib = CocoSet(train.ann_file, train.image_dir, n_calib, spec=f"{train.spec} (first {n_calib})")
+    held_out = resolve_det2d_spec(args.eval, cache_dir=args.cache_dir, progress=False, workers=workers)
+    coco_gt = held_out.coco()
+    ids = [r["id"] for r in held_out.images()]
+    x, _ = load_batch(held_out, held_out.images()[:args.timing_images], PIPELINES[args.model], size)
+    x = x.to(dev)
+    ref = _outputs(model, x)
+    ref_results, _ = run_det2d(model, held_out, args.model, model.config, batch=args.batch, device=dev)
+    ref_map = coco_map(coco_gt, ref_results, ids)["mAP"]
+    report: dict = {"model": args.model, "checkpoint": args.checkpoint, "calib": calib.spec, "eval": args.eval,
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "float_map": ref_map, "variants": [], "ranges": {}, "sensitivity": []}
+    print(f"[diag] float mAP {ref_map:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    keep_stem = set(image_input_convs(model))
+    scope = int8_scope_prefixes(model)
+
+    def write() -> None:
+        (out_dir / f"diagnose-int8-{args.model}.json").write_text(json.dumps(report, indent=1))
+
+    def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False) -> None:
+        label += ", Triton kernels" if triton else ", reference int8 math"
+        if time.perf_counter() - t_start > args.budget:
+            print(f"[diag] {label}: skipped (budget)", file=sys.stderr)
+            return
+        q = copy.deepcopy(model)
+        scoped = {n: s for n, s in scales.items() if n.startswith(scope)}
+        quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32)
+        writers = chain_int8(q) if chain else []
+        with _int8_kernels(triton):
+            out = _outputs(q, x)
+            results, _ = run_det2d(q, held_out, args.model, model.config, batch=args.batch, device=dev)
+        m = coco_map(coco_gt, results, ids)["mAP"]
+        row = {"variant": label, "chain_int8_writers": len(writers), "kept_float": sorted(keep),
+               "sqnr_db": {k: round(sqnr_db(ref[k], out[k]), 2) for k in ref}, "map": round(m, 4),
+               "dmap": round(m - ref_map, 4)}
+        report["variants"].append(row)
+        write()
+        print(f"[diag] {label}: mAP {m:.4f} (d {m - ref_map:+.4f}), SQNR {row['sqnr_db']} "
+              f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+        del q
+
+    tables = {}
+    for method in args.methods:
+        loop, _ = det2d_calibration_loop(calib, args.model, model, dev, batch=8, progress=False)
+        tables[method] = calibrate(model, loop, method, model_name=args.model, dataset=calib.spec)
+        print(f"[diag] calibrated ({method}) ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    for name in sorted(set().union(*(t.amax for t in tables.values()))):
+        report["ranges"][name] = {m: round(t.amax.get(name, float("nan")), 5) for m, t in tables.items()}
+    scales_of = {m: {n: t.scale(n) for n in t.amax} for m, t in tables.items()}
+    first = args.methods[0]
+    variant(f"{first}, unchained", scales_of[first], False, set())
+    if dev.type == "cuda" and args.triton_variant:
+        variant(f"{first}, unchained", scales_of[first], False, set(), triton=True)
+    sens = []
+    if "minmax" in tables and args.sensitivity and time.perf_counter() - t_start < args.budget - 20:
+        scales = scales_of["minmax"]
+        layers = [n for n in scales if n.startswith(scope) and n not in keep_stem and scales[n] > 0]
+        with _int8_kernels(False):
+            sens = sensitivity_report(model, scales, [{_forward_arg(model)[0]: x}], layers=layers)
+        report["sensitivity"] = [{"layer": s.layer, "sqnr_db": round(s.sqnr_db, 2), "worst_output": s.worst_output}
+                                 for s in sens]
+        write()
+        print("[diag] worst layers alone in int8 (minmax): "
+              + ", ".join(f"{s.layer} {s.sqnr_db:.1f}" for s in sens[:10]), file=sys.stderr)
+    for method in args.methods[1:]:
+        variant(f"{method}, unchained", scales_of[method], False, set())
+    if "minmax" in tables:
+        variant("minmax, chained", scales_of["minmax"], True, set())
+        for k in args.keep_worst if sens else []:
+            variant(f"minmax, chained, keep float {k} worst", scales_of["minmax"], True, {s.layer for s in sens[:k]})
+    write()
+    lines = [f"# int8 diagnosis: {args.model} on {report['device']}", "",
+             f"Checkpoint `{args.checkpoint}`; calibration {calib.spec}; held-out `{args.eval}`; float mAP "
+             f"{ref_map:.4f}. SQNR on {args.timing_images} held-out images; int8 layers eager (each variant names "
+             "Triton kernels or the reference int8 math), fp32 elsewhere; no engine compiled.", "",
+             "| variant | mAP | dmAP | " + " | ".join(f"SQNR {k}" for k in ref) + " | int8 writers |",
+             "|---|---|---|" + "---|" * len(ref) + "---|"]
+    for r in report["variants"]:
+        lines.append(f"| {r['variant']} | {r['map']} | {r['dmap']} | "
+                     + " | ".join(str(r["sqnr_db"][k]) for k in ref) + f" | {r['chain_int8_writers']} |")
+    if report["sensitivity"]:
+        lines += ["", "Worst layers alone in int8 (minmax scales), with their input amax by method:", "",
+                  "| layer | SQNR dB | worst output | " + " | ".join(f"amax {m}" for m in tables) + " |",
+                  "|---|---|---|" + "---|" * len(tables)]
+        for s in report["sensitivity"][:20]:
+            rng = report["ranges"].get(s["layer"], {})
+            lines.append(f"| {s['layer']} | {s['sqnr_db']} | {s['worst_output']} | "
+                         + " | ".join(str(rng.get(m)) for m in tables) + " |")
+    (out_dir / f"diagnose-int8-{args.model}.md").write_text("\n".join(lines) + "\n")
+    print(f"[diag] done in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _forward_arg(model) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(model.forward).parameters)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
