@@ -165,6 +165,7 @@ def _build(args: argparse.Namespace) -> int:
     if not spec.quantized:
         ignored = [flag for flag, on in (("--calib", args.calib), ("--calib-table", args.calib_table),
                                          ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity),
+                                         ("--keep-float-below", args.keep_float_below is not None),
                                          ("--qat-steps", args.qat_steps)) if on]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 / fp8 "
@@ -175,6 +176,7 @@ def _build(args: argparse.Namespace) -> int:
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
+                 keep_float_below_db=args.keep_float_below,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
@@ -182,7 +184,7 @@ def _build(args: argparse.Namespace) -> int:
     if path is None:  # another torchrun process: rank 0 writes the engine and prints
         return 0
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
-    if args.sensitivity:
+    if args.sensitivity or args.keep_float_below is not None:
         from bevdeploy.quant.sensitivity import LayerSensitivity, format_report
 
         report = [LayerSensitivity(**r) for r in json.loads(Path(f"{path}.sensitivity.json").read_text())]
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calib-table", default=None, help="reuse a saved calibration table (.calib.json)")
     bd.add_argument("--keep-float", nargs="*", default=[], help="layer names to keep in float (int8 / fp8)")
     bd.add_argument("--sensitivity", action="store_true", help="int8: rank layers by output SQNR (<engine>.sensitivity.json)")
+    bd.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
+                    help="int8: keep float every layer whose output SQNR alone in int8 is below DB (the "
+                         "--sensitivity ranking, also written); recorded in the engine")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")

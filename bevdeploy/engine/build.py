@@ -265,6 +265,7 @@ def build(
     device: str | None = None,
     progress: bool = True,
     sensitivity: bool = False,
+    keep_float_below_db: float | None = None,
     qat_steps: int = 0,
     qat_data=None,
     qat_lr: float = 1e-5,
@@ -309,6 +310,11 @@ def build(
         sensitivity: int8*: also rank every int8 candidate layer by the output SQNR when it alone
             runs int8 (on the first two calibration frames), written to ``<out>.sensitivity.json``;
             the worst layers are the ones to pass as ``keep_float``.
+        keep_float_below_db: int8*: keep float every layer whose alone-in-int8 output SQNR (the
+            sensitivity ranking, computed and written as with ``sensitivity``) is below this many dB,
+            besides ``keep_float``: mixed precision chosen by measured error, for networks where a few
+            layers carry most of the int8 loss (YOLOX-x: the CSP concat convs of the neck). Recorded
+            in the metadata (``keep_float_below_db``, ``keep_float_measured``).
         qat_steps: int8*: quantization-aware fine-tuning steps before conversion (0: plain PTQ).
         qat_data: QAT training data (data spec or DataSource; default: ``calib``), first N (default
             500) samples; the loss is the family's training loss (``bevdeploy.train.make_training``).
@@ -363,6 +369,13 @@ def build(
             raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
         if not (isinstance(qat_batch, int) and qat_batch >= 1):
             raise ValueError(f"qat_batch must be a positive int, got {qat_batch!r}")
+        if keep_float_below_db is not None:
+            if not (isinstance(keep_float_below_db, (int, float)) and math.isfinite(keep_float_below_db)):
+                raise ValueError(f"keep_float_below_db must be a finite number of dB, got {keep_float_below_db!r}")
+            if calib_table is not None:
+                raise ValueError("keep_float_below_db ranks layers on the calibration frames; it needs calib, "
+                                 "not a saved calib_table")
+            sensitivity = True
         if sensitivity and not spec.int8:
             raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
         if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
@@ -404,6 +417,7 @@ def build(
 
     table = None
     table_path = None
+    measured: list[str] = []  # layers kept float by keep_float_below_db
     if spec.quantized:
         recorded: list[dict] = []
         if calib_table is not None:
@@ -421,6 +435,8 @@ def build(
                     sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
                                               out_dtype=torch.float32)
                     save_report(sens, f"{out}.sensitivity.json")
+                    if keep_float_below_db is not None:
+                        measured = [r.layer for r in sens if r.sqnr_db < keep_float_below_db]
                 layers = [n for n, m in model.named_modules()
                           if isinstance(m, (nn.Conv2d, nn.Linear, CalibrationPoint))]
                 table.check_coverage(int8_scope(model), layers, keep_float,
@@ -428,6 +444,9 @@ def build(
                                      allow_partial=allow_partial_calib)
                 with atomic_output(table_path, "calibration table output") as tmp:
                     table.save(tmp)
+        if keep_float_below_db is not None:  # rank 0 measured: every rank's QAT must keep the same layers float
+            measured = broadcast_object(measured, ctx)
+            keep_float = list(dict.fromkeys([*keep_float, *measured]))
         if spec.fp8:
             from bevdeploy.quant.fp8_kernels import FP8_MAX
 
@@ -452,14 +471,16 @@ def build(
             _convert_and_write(model, model_name, precision, out=out, scales=scales, keep_float=keep_float,
                                int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune, table=table,
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
+                               keep_float_measured=measured)
     return out if ctx.is_main else None
 
 
 def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,
                        scales: dict[str, float] | None, keep_float: Sequence[str], int8_chain: bool | str, batch: int,
                        dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
-                       model_overrides: dict | None, checkpoint: str | None) -> None:
+                       model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
+                       keep_float_measured: Sequence[str] = ()) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
@@ -506,6 +527,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "int8_outputs": int8_outputs,
         "launch_configs": tuned,
         "keep_float": list(keep_float),
+        "keep_float_below_db": keep_float_below_db,
+        "keep_float_measured": list(keep_float_measured),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
         "qat": qat_meta,

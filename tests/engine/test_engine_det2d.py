@@ -7,6 +7,8 @@ references here (the kernels are tested in tests/ops and tests/quant).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,3 +159,29 @@ def test_yolox_int8_fp16_engine_chains_int8(tmp_path, calib_spec, ops_on_referen
         assert torch.isfinite(out[k]).all()
         db = sqnr_db(ref[k], out[k].float())
         assert db >= INT8_SQNR_FLOOR_DB, f"{name} int8-fp16 chained {k}: SQNR {db:.1f} dB < {INT8_SQNR_FLOOR_DB}"
+
+
+def test_keep_float_below_keeps_exactly_the_layers_the_sensitivity_ranks_below_the_threshold(tmp_path, calib_spec,
+                                                                                             ops_on_references):
+    """``keep_float_below_db``: the layers whose alone-in-int8 SQNR (the written sensitivity report) is
+    below the threshold stay float, are recorded, and every other calibrated layer is still int8."""
+    import json
+
+    name = "yolox-x"
+    probe = build(name, "int8", out=tmp_path / "probe.engine", model_overrides=SMALL[name], batch=BATCH,
+                  calib=calib_spec, progress=False, sensitivity=True)
+    ranking = json.loads(Path(f"{probe}.sensitivity.json").read_text())
+    worst = sorted(r["sqnr_db"] for r in ranking)
+    threshold = (worst[2] + worst[3]) / 2  # between the 3rd and 4th worst: exactly three layers below
+    path = build(name, "int8", out=tmp_path / "k.engine", model_overrides=SMALL[name], batch=BATCH, calib=calib_spec,
+                 progress=False, keep_float_below_db=threshold)
+    meta = Engine.load(path, device="cpu").metadata
+    below = {r["layer"] for r in ranking if r["sqnr_db"] < threshold}
+    assert len(below) == 3 and set(meta["keep_float_measured"]) == below and meta["keep_float_below_db"] == threshold
+    assert below <= set(meta["keep_float"])
+    precisions = dict(meta["layer_precisions"])
+    assert all(precisions[n] != "int8" for n in below)
+    assert meta["int8_layers"] == Engine.load(probe, device="cpu").metadata["int8_layers"] - 3
+    with pytest.raises(ValueError, match="finite number of dB"):
+        build(name, "int8", out=tmp_path / "bad.engine", model_overrides=SMALL[name], batch=BATCH, calib=calib_spec,
+              progress=False, keep_float_below_db=float("nan"))
