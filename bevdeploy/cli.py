@@ -166,6 +166,7 @@ def _build(args: argparse.Namespace) -> int:
         ignored = [flag for flag, on in (("--calib", args.calib), ("--calib-table", args.calib_table),
                                          ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity),
                                          ("--keep-float-below", args.keep_float_below is not None),
+                                         ("--smooth-alpha", args.smooth_alpha is not None),
                                          ("--qat-steps", args.qat_steps)) if on]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 / fp8 "
@@ -176,7 +177,7 @@ def _build(args: argparse.Namespace) -> int:
     path = build(args.model, args.precision, out=args.output, checkpoint=args.checkpoint, allow_partial=args.allow_partial,
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
-                 keep_float_below_db=args.keep_float_below,
+                 keep_float_below_db=args.keep_float_below, smooth_alpha=args.smooth_alpha,
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
                     help="int8: keep float every layer whose output SQNR alone in int8 is below DB (the "
                          "--sensitivity ranking, also written); recorded in the engine")
+    bd.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                    help="int8: per-input-channel smoothing (SmoothQuant) of the int8 layers with alpha A in [0, 1] "
+                         "(0.5 is the usual choice): for networks whose layer inputs mix small and large channels")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")

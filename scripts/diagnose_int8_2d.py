@@ -7,7 +7,7 @@ BN-folded model is quantized (``quantize_modules`` + optional ``chain_int8``, fp
 and scored against the float model: SQNR of every head output on a timing batch and pycocotools mAP on the
 held-out set. Also written: the per-layer sensitivity (one layer int8 at a time, minmax scales) and each
 layer's input range by method (minmax / percentile / entropy amax: a large minmax-to-percentile ratio marks
-rare outliers that stretch the scale).
+rare outliers that stretch the scale); then SmoothQuant variants (``--smooth-alphas``).
 
     python scripts/diagnose_int8_2d.py --model yolox-x --checkpoint /tmp/det2d/yolox-x.pth \\
         --calib synthetic2d:600@1 --calib-images 64 --eval synthetic2d:128@2 --out $OUT/diag
@@ -36,6 +36,7 @@ from bevdeploy.quant.calibrate import calibrate
 from bevdeploy.quant.chain import chain_int8
 from bevdeploy.quant.modules import quantize_modules
 from bevdeploy.quant.sensitivity import sensitivity_report, sqnr_db
+from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs, smoothable
 
 
 @contextlib.contextmanager
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the first one is also run on the Triton kernels and with the chain")
     p.add_argument("--keep-worst", type=int, nargs="*", default=[5, 15])
     p.add_argument("--no-sensitivity", dest="sensitivity", action="store_false")
+    p.add_argument("--smooth-alphas", type=float, nargs="*", default=[0.5],
+                   help="SmoothQuant variants (minmax after smoothing, unchained and chained)")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
     p.add_argument("--cache-dir", default=None, help="where the synthetic sets are rendered (reused)")
@@ -118,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         (out_dir / f"diagnose-int8-{args.model}.json").write_text(json.dumps(report, indent=1))
 
-    def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False) -> None:
+    def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
+                base: torch.nn.Module | None = None) -> None:
         label += ", Triton kernels" if triton else ", reference int8 math"
         if time.perf_counter() - t_start > args.budget:
             print(f"[diag] {label}: skipped (budget)", file=sys.stderr)
             return
-        q = copy.deepcopy(model)
+        q = copy.deepcopy(model if base is None else base)
         scoped = {n: s for n, s in scales.items() if n.startswith(scope)}
         quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32)
         writers = chain_int8(q) if chain else []
@@ -169,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         variant("minmax, chained", scales_of["minmax"], True, set())
         for k in args.keep_worst if sens else []:
             variant(f"minmax, chained, keep float {k} worst", scales_of["minmax"], True, {s.layer for s in sens[:k]})
+    for alpha in args.smooth_alphas:  # SmoothQuant (bevdeploy.quant.smooth), as build(smooth_alpha=) does it
+        if time.perf_counter() - t_start > args.budget:
+            break
+        smoothed = copy.deepcopy(model)
+        layers = [n for n, mod in smoothed.named_modules()
+                  if n.startswith(scope) and n not in keep_stem and smoothable(mod)]
+        loop, _ = det2d_calibration_loop(calib, args.model, smoothed, dev, batch=8, progress=False)
+        smooth_inputs(smoothed, input_channel_ranges(smoothed, loop, layers), alpha)
+        table = calibrate(smoothed, loop, "minmax", model_name=args.model, dataset=calib.spec)
+        scales = {n: table.scale(n) for n in table.amax}
+        for chain in (False, True):
+            variant(f"minmax, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
+                    base=smoothed)
     write()
     lines = [f"# int8 diagnosis: {args.model} on {report['device']}", "",
              f"Checkpoint `{args.checkpoint}`; calibration {calib.spec}; held-out `{args.eval}`; float mAP "

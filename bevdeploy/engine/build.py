@@ -206,7 +206,7 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
 
 
 def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev: torch.device, ctx: DistContext,
-                     *, two_pass: bool, progress: bool):
+                     *, two_pass: bool, progress: bool, smooth: tuple[float, list[str]] | None = None):
     """Calibrate ``model`` on ``calib``: (table, the inputs of this rank's first two frames).
 
     Several processes (``ctx``): rank 0 resolves (renders) the data first; each rank runs its share
@@ -227,6 +227,11 @@ def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev:
         with fail_together(ctx):
             mine = shard_by_scene(infos, ctx.rank, ctx.world_size) if ctx.enabled else infos
             loop = calibration_forward_loop(mine, model_name, model, dev, progress)
+    if smooth is not None:  # SmoothQuant first (one more pass over the data), then calibrate the smoothed model
+        from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs
+
+        alpha, layers = smooth
+        smooth_inputs(model, input_channel_ranges(model, loop, layers), alpha)
     recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
     names = input_names(model)  # the loop's positional order
     hook = model.register_forward_pre_hook(
@@ -266,6 +271,7 @@ def build(
     progress: bool = True,
     sensitivity: bool = False,
     keep_float_below_db: float | None = None,
+    smooth_alpha: float | None = None,
     qat_steps: int = 0,
     qat_data=None,
     qat_lr: float = 1e-5,
@@ -315,6 +321,10 @@ def build(
             besides ``keep_float``: mixed precision chosen by measured error, for networks where a few
             layers carry most of the int8 loss (YOLOX-x: the CSP concat convs of the neck). Recorded
             in the metadata (``keep_float_below_db``, ``keep_float_measured``).
+        smooth_alpha: int8*: per-input-channel smoothing (SmoothQuant, :mod:`bevdeploy.quant.smooth`) of
+            every int8 candidate conv / linear not kept float, with this alpha, measured on the
+            calibration data before calibrating; the smoothed layers are recorded
+            (``smoothed_layers``). One process only.
         qat_steps: int8*: quantization-aware fine-tuning steps before conversion (0: plain PTQ).
         qat_data: QAT training data (data spec or DataSource; default: ``calib``), first N (default
             500) samples; the loss is the family's training loss (``bevdeploy.train.make_training``).
@@ -378,6 +388,16 @@ def build(
             sensitivity = True
         if sensitivity and not spec.int8:
             raise ValueError(f"sensitivity ranks layers by their int8 error; precision {precision!r} is not int8")
+        if smooth_alpha is not None:
+            if not spec.int8:
+                raise ValueError(f"smooth_alpha smooths int8 inputs; precision {precision!r} is not int8")
+            if not (isinstance(smooth_alpha, (int, float)) and 0.0 <= smooth_alpha <= 1.0):
+                raise ValueError(f"smooth_alpha must be in [0, 1], got {smooth_alpha!r}")
+            if calib_table is not None:
+                raise ValueError("smooth_alpha measures channel ranges on the calibration data; it needs calib, "
+                                 "not a saved calib_table (whose layer names predate the smoothing)")
+            if ctx.enabled:
+                raise ValueError("smooth_alpha runs in one process (its channel ranges are not merged across ranks)")
         if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
             raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 / fp8 precisions only, "
                              f"not {precision!r}")
@@ -418,13 +438,21 @@ def build(
     table = None
     table_path = None
     measured: list[str] = []  # layers kept float by keep_float_below_db
+    smoothed: list[str] = []  # layers given a ChannelScale by smooth_alpha (their names before it)
     if spec.quantized:
         recorded: list[dict] = []
         if calib_table is not None:
             table = table_in
         else:
+            smooth = None
+            if smooth_alpha is not None:
+                from bevdeploy.quant.smooth import smoothable
+
+                skip = set(keep_float) | set(calibration_method_overrides(model))
+                smoothed = [n for n in int8_scope(model) if n not in skip and smoothable(model.get_submodule(n))]
+                smooth = (float(smooth_alpha), smoothed)
             table, recorded = _calibration_run(model, model_name, calib, calib_method, dev, ctx,
-                                               two_pass=calib_two_pass, progress=show)
+                                               two_pass=calib_two_pass, progress=show, smooth=smooth)
         table_path = Path(f"{out}.calib.json")
         with fail_together(ctx):  # the table is the same on every rank: rank 0 checks and writes it
             if ctx.is_main:
@@ -472,7 +500,7 @@ def build(
                                int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune, table=table,
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
-                               keep_float_measured=measured)
+                               keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed)
     return out if ctx.is_main else None
 
 
@@ -480,7 +508,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
                        scales: dict[str, float] | None, keep_float: Sequence[str], int8_chain: bool | str, batch: int,
                        dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
-                       keep_float_measured: Sequence[str] = ()) -> None:
+                       keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
+                       smoothed_layers: Sequence[str] = ()) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
@@ -529,6 +558,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "keep_float": list(keep_float),
         "keep_float_below_db": keep_float_below_db,
         "keep_float_measured": list(keep_float_measured),
+        "smooth_alpha": smooth_alpha,
+        "smoothed_layers": list(smoothed_layers),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
         "qat": qat_meta,

@@ -185,3 +185,25 @@ def test_keep_float_below_keeps_exactly_the_layers_the_sensitivity_ranks_below_t
     with pytest.raises(ValueError, match="finite number of dB"):
         build(name, "int8", out=tmp_path / "bad.engine", model_overrides=SMALL[name], batch=BATCH, calib=calib_spec,
               progress=False, keep_float_below_db=float("nan"))
+
+
+def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec, ops_on_references):
+    """``smooth_alpha``: every int8 candidate conv but the kept-float stem gets a ChannelScale before it,
+    the smoothed names are recorded, the chain still builds around them, the engine runs at the floor."""
+    name = "yolox-x"
+    path = build(name, "int8-fp16", out=tmp_path / "s.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, progress=False, smooth_alpha=0.5)
+    engine = Engine.load(path, device="cpu")
+    meta = engine.metadata
+    assert meta["smooth_alpha"] == 0.5 and meta["smoothed_layers"]
+    assert "backbone.stem.conv.conv" not in meta["smoothed_layers"]
+    int8 = {n for n, p in meta["layer_precisions"] if p == "int8"}
+    assert int8 and all(n.endswith(".1") for n in int8)  # the smoothed layers, under their new names
+    x = _images(1)
+    out = engine(image=x)
+    with torch.no_grad():
+        ref = _eager(name)(x)
+    for k in engine.output_names:
+        assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, smooth_alpha=0.5)
