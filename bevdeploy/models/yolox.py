@@ -160,13 +160,17 @@ class YOLOXPAFPN(nn.Module):
                 CSPLayer(in_channels[idx] * 2, in_channels[idx + 1], num_csp_blocks, add_identity=False))
         self.out_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in in_channels)
 
+    def _up(self, x: Tensor) -> Tensor:
+        """The top-down 2x upsampling (the int8 chain's subclass gathers int8 codes instead)."""
+        return self.upsample(x)
+
     def forward(self, inputs: list[Tensor]) -> list[Tensor]:
         n = len(self.in_channels)
         inner = [inputs[-1]]
         for idx in range(n - 1, 0, -1):
             high = self.reduce_layers[n - 1 - idx](inner[0])
             inner[0] = high
-            inner.insert(0, self.top_down_blocks[n - 1 - idx](torch.cat([self.upsample(high), inputs[idx - 1]], 1)))
+            inner.insert(0, self.top_down_blocks[n - 1 - idx](torch.cat([self._up(high), inputs[idx - 1]], 1)))
         outs = [inner[0]]
         for idx in range(n - 1):
             down = self.downsamples[idx](outs[-1])

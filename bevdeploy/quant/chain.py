@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bevdeploy.models.yolox import YOLOXPAFPN
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
@@ -471,12 +472,12 @@ class Int8SPPBottleneck(nn.Module):
         return self.conv2(torch.cat([x] + [pool(x) for pool in self.poolings], 1))
 
 
-class Int8YOLOXPAFPN(nn.Module):
+class Int8YOLOXPAFPN(YOLOXPAFPN):
     """``YOLOXPAFPN`` whose 2x nearest upsampling gathers int8 codes (exact) when the reduce conv
     writes int8; otherwise the same forward and child names."""
 
-    def __init__(self, neck: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, neck: YOLOXPAFPN) -> None:
+        nn.Module.__init__(self)  # adopts the float neck's children (no new parameters)
         self.in_channels = neck.in_channels
         self.upsample = neck.upsample
         self.reduce_layers, self.top_down_blocks = neck.reduce_layers, neck.top_down_blocks
@@ -485,19 +486,6 @@ class Int8YOLOXPAFPN(nn.Module):
 
     def _up(self, x: Tensor) -> Tensor:
         return _nearest_like(x, (2 * x.shape[2], 2 * x.shape[3])) if x.dtype == torch.int8 else self.upsample(x)
-
-    def forward(self, inputs: list[Tensor]) -> list[Tensor]:
-        n = len(self.in_channels)
-        inner = [inputs[-1]]
-        for idx in range(n - 1, 0, -1):
-            high = self.reduce_layers[n - 1 - idx](inner[0])
-            inner[0] = high
-            inner.insert(0, self.top_down_blocks[n - 1 - idx](torch.cat([self._up(high), inputs[idx - 1]], 1)))
-        outs = [inner[0]]
-        for idx in range(n - 1):
-            down = self.downsamples[idx](outs[-1])
-            outs.append(self.bottom_up_blocks[idx](torch.cat([down, inner[idx + 1]], 1)))
-        return [conv(o) for conv, o in zip(self.out_convs, outs)]
 
 
 def _y_readers(m: nn.Module) -> list[tuple[nn.Module | None, str]]:
@@ -616,12 +604,12 @@ def _link_yolox(model: nn.Module) -> None:
 
 
 def _convert_yolox(model: nn.Module) -> None:
-    from bevdeploy.models.yolox import DarknetBottleneck, SPPBottleneck, YOLOXPAFPN
+    from bevdeploy.models.yolox import DarknetBottleneck, SPPBottleneck
 
     for name, m in list(model.named_modules()):
         cls = (Int8DarknetBottleneck if isinstance(m, DarknetBottleneck) else
                Int8SPPBottleneck if isinstance(m, SPPBottleneck) else
-               Int8YOLOXPAFPN if isinstance(m, YOLOXPAFPN) else None)
+               Int8YOLOXPAFPN if type(m) is YOLOXPAFPN else None)
         if cls is None:
             continue
         parent_name, _, child = name.rpartition(".")

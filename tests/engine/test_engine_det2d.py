@@ -111,6 +111,16 @@ def test_yolox_builds_calibrate_by_the_max_by_default():
     assert default_calibration_method("bevformer", fp8=True) == "minmax"
 
 
+def _assert_int8_floor(engine, name):
+    """Every output of an int8 engine of the reduced model stays above the int8 SQNR floor vs eager."""
+    x = _images(1)
+    out = engine(image=x)
+    with torch.no_grad():
+        ref = _eager(name)(x)
+    for k in engine.output_names:
+        assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
+
+
 def test_yolox_int8_engine_calibrates_by_the_max_unless_told(tmp_path, calib_spec, ops_on_references):
     """A YOLOX build without ``calib_method`` takes the family's default (minmax; it was entropy, which put
     a trained YOLOX-x's box outputs at 4 dB on an H100) and records it in the engine's table."""
@@ -119,12 +129,7 @@ def test_yolox_int8_engine_calibrates_by_the_max_unless_told(tmp_path, calib_spe
                  progress=False)
     engine = Engine.load(path, device="cpu")
     assert engine.metadata["calibration"]["method"] == "minmax"
-    x = _images(1)
-    out = engine(image=x)
-    with torch.no_grad():
-        ref = _eager(name)(x)
-    for k in engine.output_names:
-        assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
+    _assert_int8_floor(engine, name)
 
 
 def test_the_image_reading_stems_are_the_convs_kept_float():
@@ -199,11 +204,6 @@ def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec
     assert "backbone.stem.conv.conv" not in meta["smoothed_layers"]
     int8 = {n for n, p in meta["layer_precisions"] if p == "int8"}
     assert int8 and all(n.endswith(".1") for n in int8)  # the smoothed layers, under their new names
-    x = _images(1)
-    out = engine(image=x)
-    with torch.no_grad():
-        ref = _eager(name)(x)
-    for k in engine.output_names:
-        assert sqnr_db(ref[k], out[k]) >= INT8_SQNR_FLOOR_DB, k
+    _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="smooth_alpha"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, smooth_alpha=0.5)
