@@ -326,10 +326,12 @@ def _link_into_block(producer: nn.Module | None, block: nn.Module, extra=()) -> 
 
 def _convert_blocks(model: nn.Module) -> None:
     from bevdeploy.models.bevdet import BasicBlock
+    from bevdeploy.models.centernet import BasicBlock as CenterNetBasicBlock
     from bevdeploy.models.resnet import Bottleneck
 
+    basic = (BasicBlock, CenterNetBasicBlock)  # the same block (CenterNet's projection is conv + BN)
     for name, m in list(model.named_modules()):
-        cls = Int8Bottleneck if isinstance(m, Bottleneck) else Int8BasicBlock if isinstance(m, BasicBlock) else None
+        cls = Int8Bottleneck if isinstance(m, Bottleneck) else Int8BasicBlock if isinstance(m, basic) else None
         if cls is None:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -622,7 +624,7 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
 
     Recognised: the image ``ResNet`` (``img_backbone``) and its neck (``img_neck``: BEVDet's
     ``CustomFPN`` or BEVFormer's ``FPN``), BEVDet's depth net, ``Bottleneck`` / ``BasicBlock``
-    sequences anywhere (BEVDet's BEV encoder), int8 convs adjacent in an ``nn.Sequential``, the
+    sequences anywhere (BEVDet's BEV encoder; CenterNet's ResNet-18, stage to stage), int8 convs adjacent in an ``nn.Sequential``, the
     two linears of every BEVFormer ``FFN`` (the encoder's; the decoder's stay float by default), and
     YOLOX (``DarknetBottleneck``, ``CSPLayer``, ``SPPBottleneck`` anywhere; ``CSPDarknet``'s stages;
     with ``backbone`` / ``neck`` / ``bbox_head`` of a YOLOX, the PAFPN and head edges too; a
@@ -641,6 +643,7 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
         Names of the int8 layers (convs and linears) that now write int8 codes, in module order.
     """
     from bevdeploy.models.bevdet import CustomFPN
+    from bevdeploy.models.centernet import ResNet18
     from bevdeploy.models.fpn import FPN
     from bevdeploy.models.resnet import ResNet
 
@@ -674,6 +677,11 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
     for m in model.modules():  # the other block sequences (BEVDet's BEV encoder): within each stage
         if isinstance(m, nn.Sequential) and not any(m is getattr(n, f"layer{i}") for n in resnets for i in range(1, 5)):
             _link_stage_blocks([m])
+    for net in [m for m in model.modules() if isinstance(m, ResNet18)]:  # CenterNet's: stage to stage too
+        stages = [getattr(net, f"layer{i}") for i in range(1, 5)]
+        if all(isinstance(b, _BLOCKS) for st in stages for b in st):
+            for a, b in zip(stages, stages[1:]):
+                _link_into_block(a[-1].last_conv(), b[0])
     _link_sequentials(model)
     if isinstance(neck, Int8CustomFPN):
         n = len(neck.lateral_convs)
