@@ -21,6 +21,8 @@
 #   MODELS=centernet-r18-dcn scripts/gpu_det2d.sh
 # Rows missing after a cut (same warm machine: worlds, checkpoint and compile cache are in $WORK / /tmp):
 #   STAGE=eval MODELS=yolox-x PRECISIONS=int8 KEEP_ROWS=1 scripts/gpu_det2d.sh
+# DIAG=1: after a model's rows, scripts/diagnose_int8_2d.py on the same checkpoint (int8 variants scored by
+#   SQNR and mAP without engines: ~1-3 min; -> $OUT/diagnose-int8-MODEL.{json,md}).
 # Env knobs: STAGE (all | train | eval), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
 #   YOLOX_LR (5e-4) / CENTERNET_LR (1e-3), YOLOX_IMAGE_SIZE / CENTERNET_IMAGE_SIZE ("H W"; default the
@@ -86,6 +88,20 @@ for MODEL in $MODELS; do
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10
   fi
   cp bench/results/*/accuracy-"$MODEL".json bench/results/*/accuracy-"$MODEL".md "$OUT/" 2>/dev/null
+  if [ -n "${DIAG:-}" ] && [ -f "$WORK/$MODEL.pth" ]; then
+    # int8 variants on the same checkpoint, no engines (scripts/diagnose_int8_2d.py): calibration methods,
+    # the chain, Triton vs reference int8 math, keep-float of the most sensitive layers, SmoothQuant
+    T=$(( $(left) - reserve - 5 ))
+    if [ $T -ge 60 ]; then
+      t0=$SECONDS
+      timeout "$T" python3 scripts/diagnose_int8_2d.py --model "$MODEL" --checkpoint "$WORK/$MODEL.pth" \
+        --calib "$TRAIN_DATA" --calib-images "${CALIB:-64}" --eval "$EVAL_DATA" --cache-dir "$WORK/worlds" \
+        --out "$OUT" --budget $(( T - 30 )) > "$OUT/det2d_diag_$MODEL.txt" 2>&1
+      echo "$MODEL diagnosis rc=$? in $((SECONDS - t0)) s (timeout $T)"; grep "^\[diag\]" "$OUT/det2d_diag_$MODEL.txt" | tail -12
+    else
+      echo "$MODEL diagnosis skipped: $T s left"
+    fi
+  fi
 done
 echo "total $SECONDS s"
 exit 0
