@@ -624,9 +624,9 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
 
     Recognised: the image ``ResNet`` (``img_backbone``) and its neck (``img_neck``: BEVDet's
     ``CustomFPN`` or BEVFormer's ``FPN``), BEVDet's depth net, ``Bottleneck`` / ``BasicBlock``
-    sequences anywhere (BEVDet's BEV encoder; CenterNet's ResNet-18, stage to stage), int8 convs adjacent
-    in an ``nn.Sequential``, the
-    two linears of every BEVFormer ``FFN`` (the encoder's; the decoder's stay float by default), and
+    sequences anywhere (BEVDet's BEV encoder; CenterNet's ResNet-18, stage to stage), int8 convs
+    adjacent in an ``nn.Sequential``, the two linears of every BEVFormer ``FFN`` (the encoder's; the
+    decoder's stay float by default), and
     YOLOX (``DarknetBottleneck``, ``CSPLayer``, ``SPPBottleneck`` anywhere; ``CSPDarknet``'s stages;
     with ``backbone`` / ``neck`` / ``bbox_head`` of a YOLOX, the PAFPN and head edges too; a
     ``CSPDarknet`` used alone returns float features).
