@@ -7,6 +7,7 @@ are tested in tests/ops and tests/quant), except in the test that runs the int8 
 Triton's interpreter.
 """
 
+import json
 import os
 
 import pytest
@@ -158,6 +159,17 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
                  progress=False)
     kept = dict(Engine.load(path, device="cpu").layer_precisions)
     assert kept["img_view_transformer (op)"] == "fp32" and kept["img_view_transformer.depth_net"] == "int8"
+    # the sensitivity ranking covers the convs and linears only (the calibration point has no int8 twin;
+    # it crashed the ranking before); keep_float_below_db keeps what ranks below it float
+    path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "s.engine", model_overrides=SMALL, calib=calib,
+                 progress=False, keep_float_below_db=1000.0)
+    ranking = json.loads((tmp_path / "s.engine.sensitivity.json").read_text())
+    assert ranking and "img_view_transformer.feat_point" not in {r["layer"] for r in ranking}
+    meta = Engine.load(path, device="cpu").metadata
+    assert set(meta["keep_float_measured"]) == {r["layer"] for r in ranking}
+    precisions = dict(meta["layer_precisions"])
+    assert all(precisions[r["layer"]] != "int8" for r in ranking)
+    assert precisions["img_view_transformer (op)"] == "int8"  # the pooling (not ranked) stays int8
 
 
 def test_int8_pooling_through_triton_interpreter_matches_float_pooling(sample, monkeypatch):
