@@ -21,6 +21,8 @@
 #   MODELS=centernet-r18-dcn scripts/gpu_det2d.sh
 # Rows missing after a cut (same warm machine: worlds, checkpoint and compile cache are in $WORK / /tmp):
 #   STAGE=eval MODELS=yolox-x PRECISIONS=int8 KEEP_ROWS=1 scripts/gpu_det2d.sh
+# EVAL_EXTRA: more flags of the eval stage only, e.g. an int8 variant in its own results file on the same
+#   warm machine: STAGE=eval MODELS=yolox-x PRECISIONS=int8-fp16 EVAL_EXTRA="--smooth-alpha 0.5 --results-tag smooth"
 # DIAG=1: after a model's rows, scripts/diagnose_int8_2d.py on the same checkpoint (int8 variants scored by
 #   SQNR and mAP without engines: ~1-3 min; -> $OUT/diagnose-int8-MODEL.{json,md}).
 # Env knobs: STAGE (all | train | eval), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
@@ -83,6 +85,7 @@ for MODEL in $MODELS; do
     if [ $T -lt 60 ]; then echo "$MODEL eval skipped: $T s left"; continue; fi
     timeout "$T" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage eval $COMMON $SIZE_FLAG \
       --precisions $PRECISIONS --calib-frames "${CALIB:-64}" --eval-batch 32 ${KEEP_ROWS:+--keep-rows} ${EXTRA:-} \
+      ${EVAL_EXTRA:-} \
       > "$OUT/det2d_eval_$MODEL.txt" 2>&1
     echo "$MODEL eval rc=$? in $((SECONDS - t0)) s (timeout $T)"
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10

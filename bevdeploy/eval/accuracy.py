@@ -305,13 +305,18 @@ def stage_eval_det2d(args) -> Path:
            if args.model.startswith("yolox") else "gradient clip 35 as the official config; the wh and offset "
            "branches start from PyTorch's default init, not mmdet's normal(std 0.001) (bevdeploy/models/centernet.py)."),
     ]
+    int8_options = {"smooth_alpha": args.smooth_alpha, "keep_float_below_db": args.keep_float_below}
+    if any(v is not None for v in int8_options.values()):
+        notes.append("int8 rows built with " + ", ".join(f"{k}={v}" for k, v in int8_options.items() if v is not None)
+                     + " (recorded in each int8 row).")
     extra = {"model": args.model, "train_data": args.train_data, "eval_data": args.eval_data,
              "calib_images": calib.num_images, "checkpoint_sha256": sha, "model_overrides": _jsonable(overrides),
              "training": training}
     return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
                        batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
                        out_dir=args.out, command=args.command, append=args.keep_rows, model_overrides=overrides,
-                       device=args.device, results_name=f"accuracy-{args.model}", extra=extra, notes=notes)
+                       device=args.device, results_name=f"accuracy-{args.model}" + (f"-{args.results_tag}" if args.results_tag else ""), extra=extra,
+                       notes=notes, int8_options=int8_options)
 
 
 def _jsonable(obj):
@@ -433,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
     p.add_argument("--qat-frames", type=int, default=int(env("BEVACC_QAT_FRAMES", "200")))
     p.add_argument("--qat-batch", type=int, default=int(env("BEVACC_QAT_BATCH", "4")))
+    p.add_argument("--smooth-alpha", type=float, default=None,
+                   help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
+    p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
+                   help="2D models: int8 rows keep float the layers below DB alone in int8 (build --keep-float-below)")
+    p.add_argument("--results-tag", default="",
+                   help="2D models: results file accuracy-MODEL-TAG (a variant run beside the default one)")
     p.add_argument("--keep-rows", action="store_true",
                    help="keep rows of an earlier eval of the same checkpoint for precisions not measured now")
     p.add_argument("--model-overrides", type=json.loads, default=None, help="JSON config overrides (reduced models)")
@@ -463,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
+        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag):
+            raise ValueError(f"--smooth-alpha, --keep-float-below and --results-tag apply to the 2D models' "
+                             f"rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
         if args.stage in ("eval", "all"):

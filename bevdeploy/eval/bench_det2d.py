@@ -80,6 +80,7 @@ def bench_det2d(
     results_name: str | None = None,
     extra: dict | None = None,
     notes: list[str] | None = None,
+    int8_options: dict | None = None,
 ) -> Path:
     """The table for one 2D model at ``batch``; returns the JSON path (``<out_dir>/<gpu>/<name>.json``).
 
@@ -102,6 +103,8 @@ def bench_det2d(
         results_name: File stem of the results (default ``name``).
         extra: More top-level entries of the results JSON (e.g. the training budget).
         notes: Paragraphs of the markdown above the table.
+        int8_options: More ``build`` arguments of the int8* rows (``smooth_alpha``, ``keep_float_below_db``),
+            recorded in those rows.
     """
     from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
@@ -192,9 +195,10 @@ def bench_det2d(
     for precision in precisions:
         path = work / f"{name}-b{batch}-{precision}.engine"
         try:
+            int8 = precision.startswith("int8")
             build(name, precision, out=path, checkpoint=checkpoint, batch=batch, model_overrides=model_overrides,
-                  device=dev.type, progress=False,
-                  calib=_data_spec(calib or data) if precision.startswith("int8") else None)
+                  device=dev.type, progress=False, calib=_data_spec(calib or data) if int8 else None,
+                  **((int8_options or {}) if int8 else {}))
             settle()
             engine = Engine.load(path, device=dev.type)
             ms = _median_ms(lambda: engine(image=x), dev, iters)
@@ -222,6 +226,7 @@ def bench_det2d(
                  fidelity_map=_r(fid), latency_ms=round(ms, 3), output_sqnr_db=min(sqnr.values()),
                  output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
+                 **({k: v for k, v in (int8_options or {}).items() if v is not None} if int8 else {}),
                  run=run_id)
         rows.append(r)
         print(f"{name} {precision}: {r['fps']} images/s ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
