@@ -11,9 +11,9 @@ into the weights, which are quantized per output channel and tolerate it better:
 :func:`smooth_inputs` rewrites each chosen layer as ``nn.Sequential(ChannelScale(1 / m), layer)``
 with the layer's weights multiplied by ``m``; the float model computes the same function (to
 rounding), and the int8 build then calibrates and quantizes the smoothed input. ``ChannelScale`` is
-a float multiply the engine's compiler fuses into the pass that produces the layer's input; the
-int8 chain does not link through it (the layer reads a float tensor), so smoothing trades some of
-the chain's saved traffic for accuracy.
+a float multiply (a pointwise pass the engine's compiler can fuse with neighbouring pointwise work,
+not with our int8 ops); the int8 chain does not link through it (the layer reads a float tensor),
+so smoothing trades the chain's saved traffic for accuracy. Not yet measured on a GPU.
 
 Measured (CPU, a YOLOX-x config at deepen 1.33 / widen 0.25 trained briefly; box-output SQNR vs
 float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
