@@ -459,10 +459,10 @@ def build(
                 if sensitivity and recorded:
                     from bevdeploy.quant.sensitivity import save_report, sensitivity_report
 
-                    # convs and linears (a CalibrationPoint, e.g. BEVDet's pooled features, has no int8 twin)
-                    scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0
-                             and type(model.get_submodule(n)) in (nn.Conv2d, nn.Linear)]
-                    sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded, layers=scope,
+                    # the ranking's default layers: the convs and linears among these (a CalibrationPoint,
+                    # e.g. BEVDet's pooled features, has no int8 twin)
+                    scope = [n for n in int8_scope(model) if n in table.amax and table.amax[n] > 0]
+                    sens = sensitivity_report(model, {n: table.scale(n) for n in scope}, recorded,
                                               out_dtype=torch.float32)
                     save_report(sens, f"{out}.sensitivity.json")
                     if keep_float_below_db is not None:
