@@ -7,7 +7,11 @@ BN-folded model is quantized (``quantize_modules`` + optional ``chain_int8``, fp
 and scored against the float model: SQNR of every head output on a timing batch and pycocotools mAP on the
 held-out set. Also written: the per-layer sensitivity (one layer int8 at a time, minmax scales) and each
 layer's input range by method (minmax / percentile / entropy amax: a large minmax-to-percentile ratio marks
-rare outliers that stretch the scale); then SmoothQuant variants (``--smooth-alphas``).
+rare outliers that stretch the scale); then SmoothQuant variants (``--smooth-alphas``); then QAT variants
+(``--qat-steps``: the minmax start fine-tuned on every calibration-set image with the training loss,
+chained), each beside a control: the float model fine-tuned the same steps without fake quantization (its
+mAP tells what the extra training alone gives, so a QAT row is judged against its control, not only against
+the checkpoint).
 
     python scripts/diagnose_int8_2d.py --model yolox-x --checkpoint /tmp/det2d/yolox-x.pth \\
         --calib synthetic2d:600@1 --calib-images 64 --eval synthetic2d:128@2 --out $OUT/diag
@@ -35,8 +39,10 @@ from bevdeploy.models.checkpoint import load_checkpoint
 from bevdeploy.quant.calibrate import calibrate
 from bevdeploy.quant.chain import chain_int8
 from bevdeploy.quant.modules import quantize_modules
+from bevdeploy.quant.qat import distillation_loss, learned_scales, prepare_qat, qat_finetune, strip_qat
 from bevdeploy.quant.sensitivity import sensitivity_report, sqnr_db
 from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs, smoothable
+from bevdeploy.train import make_training
 
 
 @contextlib.contextmanager
@@ -77,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="SmoothQuant variants (minmax after smoothing, unchained and chained)")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
+    p.add_argument("--qat-steps", type=int, nargs="*", default=[],
+                   help="QAT variants (minmax start, chained) of these step counts, each with its float control")
+    p.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate of the weights")
+    p.add_argument("--qat-batch", type=int, default=8)
+    p.add_argument("--qat-loss", choices=["task", "distill"], nargs="+", default=["task"],
+                   help="task: the training loss on the labels (with a float control); distill: match the float "
+                        "model's outputs (bevdeploy.quant.qat.distillation_loss; no control needed)")
     p.add_argument("--cache-dir", default=None, help="where the synthetic sets are rendered (reused)")
     p.add_argument("--image-size", type=int, nargs=2, default=None)
     p.add_argument("--overrides", default=None, help="JSON model overrides (tests: reduced models)")
@@ -111,10 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     ref = _outputs(model, x)
     ref_results, _ = run_det2d(model, held_out, args.model, model.config, batch=args.batch, device=dev)
     ref_map = coco_map(coco_gt, ref_results, ids)["mAP"]
+    heldout = make_training(args.model, model, held_out, dev)
+
+    def heldout_loss(m) -> float:
+        """The training loss on the held-out images (mean over batches): smoother than mAP on a weak model."""
+        with torch.no_grad():
+            n = len(held_out.images())
+            return sum(float(sum(heldout.loss(m, b).values())) for _, b in
+                       zip(range(max(1, n // args.batch)), heldout.batches(args.batch, 0))) / max(1, n // args.batch)
+
+    ref_loss = heldout_loss(model)
     report: dict = {"model": args.model, "checkpoint": args.checkpoint, "calib": calib.spec, "eval": args.eval,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "float_map": ref_map, "variants": [], "ranges": {}, "sensitivity": []}
-    print(f"[diag] float mAP {ref_map:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+                    "float_map": ref_map, "float_heldout_loss": round(ref_loss, 4), "variants": [], "ranges": {}, "sensitivity": []}
+    print(f"[diag] float mAP {ref_map:.4f}, held-out loss {ref_loss:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     keep_stem = set(image_input_convs(model))
     scope = int8_scope_prefixes(model)
 
@@ -134,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         with _int8_kernels(triton):
             out = _outputs(q, x)
             results, _ = run_det2d(q, held_out, args.model, model.config, batch=args.batch, device=dev)
+            loss = heldout_loss(q)
         m = coco_map(coco_gt, results, ids)["mAP"]
         row = {"variant": label, "chain_int8_writers": len(writers), "kept_float": sorted(keep),
                "sqnr_db": {k: round(sqnr_db(ref[k], out[k]), 2) for k in ref}, "map": round(m, 4),
-               "dmap": round(m - ref_map, 4)}
+               "dmap": round(m - ref_map, 4), "heldout_loss": round(loss, 4)}
         report["variants"].append(row)
         write()
-        print(f"[diag] {label}: mAP {m:.4f} (d {m - ref_map:+.4f}), SQNR {row['sqnr_db']} "
+        print(f"[diag] {label}: mAP {m:.4f} (d {m - ref_map:+.4f}), held-out loss {loss:.4f}, SQNR {row['sqnr_db']} "
               f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
         del q
 
@@ -186,15 +210,49 @@ def main(argv: list[str] | None = None) -> int:
         for chain in (False, True):
             variant(f"minmax, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
                     base=smoothed)
+    qat_runs = [(steps, kind, quantized) for steps in args.qat_steps for kind in args.qat_loss
+                for quantized in ((True,) if kind == "distill" else (False, True))]
+    for steps, kind, quantized in qat_runs:  # a task-loss QAT after its float control (the extra training alone)
+        if time.perf_counter() - t_start > args.budget or "minmax" not in tables:
+            break
+        scoped = {n: v for n, v in scales_of["minmax"].items() if n.startswith(scope)}
+        tuned = copy.deepcopy(model)
+        training = make_training(args.model, tuned, train, dev)
+        if quantized:
+            loss_fn = (training.loss if kind == "task" else
+                       distillation_loss(copy.deepcopy(model), lambda b: (b.images,)))
+            prepare_qat(tuned, scoped, keep_float=sorted(keep_stem), scope=scope)
+            losses = qat_finetune(tuned, loss_fn, training.batches(args.qat_batch, 0), steps=steps,
+                                  lr=args.qat_lr, progress=False)
+            learned = learned_scales(tuned)
+            strip_qat(tuned)
+            tuned.eval()
+            variant(f"minmax + QAT ({kind} loss) {steps} steps x {args.qat_batch} lr {args.qat_lr}, chained",
+                    {**scoped, **learned}, True, set(), base=tuned)
+        else:
+            losses = float_finetune(tuned, training, steps, args.qat_lr, args.qat_batch)
+            results, _ = run_det2d(tuned, held_out, args.model, model.config, batch=args.batch, device=dev)
+            m = coco_map(coco_gt, results, ids)["mAP"]
+            report["variants"].append({"variant": f"float control: fine-tuned {steps} steps, no quantization",
+                                       "chain_int8_writers": 0, "kept_float": [], "map": round(m, 4),
+                                       "dmap": round(m - ref_map, 4), "heldout_loss": round(heldout_loss(tuned), 4),
+                                       "sqnr_db": {k: round(sqnr_db(ref[k], v), 2)
+                                                   for k, v in _outputs(tuned, x).items()}})
+            write()
+            print(f"[diag] float control {steps} steps: mAP {m:.4f}", file=sys.stderr)
+        print(f"[diag] {f'QAT ({kind})' if quantized else 'float'} {steps} steps: loss {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+        del tuned, training
     write()
     lines = [f"# int8 diagnosis: {args.model} on {report['device']}", "",
              f"Checkpoint `{args.checkpoint}`; calibration {calib.spec}; held-out `{args.eval}`; float mAP "
              f"{ref_map:.4f}. SQNR on {args.timing_images} held-out images; int8 layers eager (each variant names "
              "Triton kernels or the reference int8 math), fp32 elsewhere; no engine compiled.", "",
-             "| variant | mAP | dmAP | " + " | ".join(f"SQNR {k}" for k in ref) + " | int8 writers |",
-             "|---|---|---|" + "---|" * len(ref) + "---|"]
+             f"Held-out loss: the training loss on the held-out images (float model: {ref_loss:.4f}).", "",
+             "| variant | mAP | dmAP | held-out loss | " + " | ".join(f"SQNR {k}" for k in ref) + " | int8 writers |",
+             "|---|---|---|---|" + "---|" * len(ref) + "---|"]
     for r in report["variants"]:
-        lines.append(f"| {r['variant']} | {r['map']} | {r['dmap']} | "
+        lines.append(f"| {r['variant']} | {r['map']} | {r['dmap']} | {r['heldout_loss']} | "
                      + " | ".join(str(r["sqnr_db"][k]) for k in ref) + f" | {r['chain_int8_writers']} |")
     if report["sensitivity"]:
         lines += ["", "Worst layers alone in int8 (minmax scales), with their input amax by method:", "",
@@ -207,6 +265,27 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / f"diagnose-int8-{args.model}.md").write_text("\n".join(lines) + "\n")
     print(f"[diag] done in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     return 0
+
+
+def float_finetune(model, training, steps: int, lr: float, batch: int) -> list[float]:
+    """The QAT recipe without fake quantization (same optimizer, schedule, clip and batches): the control."""
+    import math
+
+    model.train()
+    weights = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(weights, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    losses = []
+    for _, b in zip(range(steps), training.batches(batch, 0)):
+        loss = sum(training.loss(model, b).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, 35.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
 
 
 def _forward_arg(model) -> list[str]:

@@ -24,8 +24,11 @@
 # EVAL_EXTRA: more flags of the eval stage only, e.g. an int8 variant in its own results file on the same
 #   warm machine: STAGE=eval MODELS=yolox-x PRECISIONS=int8-fp16 EVAL_EXTRA="--smooth-alpha 0.5 --results-tag smooth"
 # DIAG=1: after a model's rows, scripts/diagnose_int8_2d.py on the same checkpoint (int8 variants scored by
-#   SQNR and mAP without engines: ~1-3 min; -> $OUT/diagnose-int8-MODEL.{json,md}).
-# Env knobs: STAGE (all | train | eval), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
+#   SQNR and mAP without engines: ~1-3 min; -> $OUT/diagnose-int8-MODEL.{json,md}); DIAG_EXTRA: its flags,
+#   e.g. "--methods minmax --no-sensitivity --qat-steps 300 --qat-lr 1e-4 --qat-loss task distill".
+#   STAGE=diag: the diagnosis alone on the checkpoint in $WORK (same warm machine).
+# QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
+# Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
 #   YOLOX_LR (5e-4) / CENTERNET_LR (1e-3), YOLOX_IMAGE_SIZE / CENTERNET_IMAGE_SIZE ("H W"; default the
 #   official canvas 640x640 / 512x512; another size is named in the table as a departure), EXTRA (more flags).
@@ -71,7 +74,7 @@ for MODEL in $MODELS; do
   SIZE_FLAG=${SIZE:+--image-size $SIZE}
   # time kept for the models after this one (each needs ~250 s for a useful table)
   reserve=$(( (n_models - i) * ${RESERVE_PER_MODEL:-250} ))
-  if [ "$STAGE" != eval ]; then
+  if [ "$STAGE" != eval ] && [ "$STAGE" != diag ]; then
     t0=$SECONDS
     T=$(( SECS + 90 )); [ $T -gt $(( $(left) - reserve - 60 )) ] && T=$(( $(left) - reserve - 60 ))
     timeout "$T" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage train $COMMON --train-seconds "$SECS" \
@@ -79,7 +82,7 @@ for MODEL in $MODELS; do
     echo "$MODEL train rc=$? in $((SECONDS - t0)) s (timeout $T)"
     grep -E "^\[accuracy\]|^train:|trained|Error|error|Traceback" "$OUT/det2d_train_$MODEL.txt" | grep -v "it/s\]\|s/it\]" | tail -6
   fi
-  if [ "$STAGE" != train ]; then
+  if [ "$STAGE" != train ] && [ "$STAGE" != diag ]; then
     t0=$SECONDS
     T=$(( $(left) - reserve - 5 ))
     if [ $T -lt 60 ]; then echo "$MODEL eval skipped: $T s left"; continue; fi
@@ -91,7 +94,7 @@ for MODEL in $MODELS; do
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10
   fi
   cp bench/results/*/accuracy-"$MODEL".json bench/results/*/accuracy-"$MODEL".md "$OUT/" 2>/dev/null
-  if [ -n "${DIAG:-}" ] && [ -f "$WORK/$MODEL.pth" ]; then
+  if { [ -n "${DIAG:-}" ] || [ "$STAGE" = diag ]; } && [ -f "$WORK/$MODEL.pth" ]; then
     # int8 variants on the same checkpoint, no engines (scripts/diagnose_int8_2d.py): calibration methods,
     # the chain, Triton vs reference int8 math, keep-float of the most sensitive layers, SmoothQuant
     T=$(( $(left) - reserve - 5 ))
@@ -99,7 +102,7 @@ for MODEL in $MODELS; do
       t0=$SECONDS
       timeout "$T" python3 scripts/diagnose_int8_2d.py --model "$MODEL" --checkpoint "$WORK/$MODEL.pth" \
         --calib "$TRAIN_DATA" --calib-images "${CALIB:-64}" --eval "$EVAL_DATA" --cache-dir "$WORK/worlds" \
-        --out "$OUT" --budget $(( T - 30 )) > "$OUT/det2d_diag_$MODEL.txt" 2>&1
+        --out "$OUT" --budget $(( T - 30 )) ${DIAG_EXTRA:-} > "$OUT/det2d_diag_$MODEL.txt" 2>&1
       echo "$MODEL diagnosis rc=$? in $((SECONDS - t0)) s (timeout $T)"; grep "^\[diag\]" "$OUT/det2d_diag_$MODEL.txt" | tail -12
     else
       echo "$MODEL diagnosis skipped: $T s left"

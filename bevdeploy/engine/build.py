@@ -169,11 +169,30 @@ def _calibration_infos(calib, model_name: str, progress: bool) -> tuple[list[dic
     return infos, f"{source.dataroot} {source.version} {source.split}[:{len(infos)}]"
 
 
-def _qat_training(model_name: str, model: nn.Module, infos: list[dict], device: torch.device, progress: bool):
-    """The model family's training loss and batches (``bevdeploy.train``) for QAT."""
+def _qat_training(model_name: str, model: nn.Module, data, device: torch.device, progress: bool, ctx: DistContext):
+    """The model family's training (``bevdeploy.train``) for QAT and a description of its data.
+
+    BEV models train on the info records of ``data`` (a BEV data spec or ``DataSource``); the 2D
+    detectors on a COCO-format set (a ``CocoSet`` or a ``synthetic2d:N@SEED`` / ``coco:PATH`` spec,
+    all its images: QAT wants more images than the calibration's first N).
+    """
     from bevdeploy.train import make_training
 
-    return make_training(model_name, model, infos, device, progress=progress)
+    if family(model) in DET2D_FAMILIES:
+        from bevdeploy.data.det2d import CocoSet, resolve_det2d_spec
+
+        if not isinstance(data, (CocoSet, str)):
+            raise ValueError(f"{model_name} QAT data must be a 2D data spec ('synthetic2d:N@SEED' or 'coco:PATH') "
+                             f"or a CocoSet, got {type(data).__name__}")
+        cocoset = rank0_first(lambda: data if isinstance(data, CocoSet) else resolve_det2d_spec(data, progress=progress),
+                              ctx)
+        with fail_together(ctx):
+            training = make_training(model_name, model, cocoset, device)
+        return training, f"{cocoset.spec or cocoset.ann_file} [:{len(cocoset.images())}]"
+    infos, dataset = rank0_first(lambda: _calibration_infos(data, model_name, progress), ctx)
+    with fail_together(ctx):
+        training = make_training(model_name, model, infos, device, progress=progress)
+    return training, dataset
 
 
 def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float: Sequence[str], data,
@@ -188,9 +207,8 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
     """
     from bevdeploy.quant.qat import learned_scales, prepare_qat, qat_finetune, strip_qat
 
-    infos, dataset = rank0_first(lambda: _calibration_infos(data, model_name, progress), ctx)
+    training, dataset = _qat_training(model_name, model, data, dev, progress, ctx)
     with fail_together(ctx):
-        training = _qat_training(model_name, model, infos, dev, progress)
         prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model))
     try:
         losses = qat_finetune(model, training.loss, training.batches(batch, seed + ctx.rank), steps=steps, lr=lr,
@@ -326,8 +344,9 @@ def build(
             calibration data before calibrating; the smoothed layers are recorded
             (``smoothed_layers``). One process only.
         qat_steps: int8*: quantization-aware fine-tuning steps before conversion (0: plain PTQ).
-        qat_data: QAT training data (data spec or DataSource; default: ``calib``), first N (default
-            500) samples; the loss is the family's training loss (``bevdeploy.train.make_training``).
+        qat_data: QAT training data (default: ``calib``); the loss is the family's training loss
+            (``bevdeploy.train.make_training``). BEV models: a data spec or DataSource, its first N
+            (default 500) samples; 2D models: a 2D spec or CocoSet, all its images.
         qat_lr: Peak learning rate of the weights during QAT (cosine decay).
         qat_scale_lr: Learning rate of the scales (relative change per step).
         qat_batch: QAT batch size.

@@ -194,7 +194,8 @@ def stage_eval(args) -> Path:
         if "qat_steps" in inspect.signature(build).parameters:
             qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
             qat_job = (f"{QAT_PRECISION} (QAT)", QAT_PRECISION,
-                       {"qat_steps": args.qat_steps, "qat_data": qat_data, "qat_batch": args.qat_batch})
+                       {"qat_steps": args.qat_steps, "qat_data": qat_data, "qat_batch": args.qat_batch,
+                        "qat_lr": args.qat_lr})
             # right after its PTQ row: the two rows the QAT target compares come first in a cut run
             at = next((i + 1 for i, (label, _, _) in enumerate(jobs) if label == QAT_PRECISION), len(jobs))
             jobs.insert(at, qat_job)
@@ -312,11 +313,19 @@ def stage_eval_det2d(args) -> Path:
     extra = {"model": args.model, "train_data": args.train_data, "eval_data": args.eval_data,
              "calib_images": calib.num_images, "checkpoint_sha256": sha, "model_overrides": _jsonable(overrides),
              "training": training}
+    extra_jobs = []
+    if args.qat_steps:  # the QAT row: fine-tuned on every training image with the model's own loss
+        qat = {"qat_steps": args.qat_steps, "qat_data": train_set, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr}
+        extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
+        notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
+                     f"{args.qat_batch} (AdamW, weights lr {args.qat_lr} with cosine decay, scales LSQ) on the "
+                     f"{len(train_set.images())} training images with the training loss, fake-quant int8 forward "
+                     "(bevdeploy/quant/qat.py), then built from the learned scales.")
     return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
                        batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
                        out_dir=args.out, command=args.command, append=args.keep_rows, model_overrides=overrides,
                        device=args.device, results_name=f"accuracy-{args.model}" + (f"-{args.results_tag}" if args.results_tag else ""), extra=extra,
-                       notes=notes, int8_options=int8_options)
+                       notes=notes, int8_options=int8_options, extra_jobs=extra_jobs)
 
 
 def _jsonable(obj):
@@ -438,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
     p.add_argument("--qat-frames", type=int, default=int(env("BEVACC_QAT_FRAMES", "200")))
     p.add_argument("--qat-batch", type=int, default=int(env("BEVACC_QAT_BATCH", "4")))
+    p.add_argument("--qat-lr", type=float, default=float(env("BEVACC_QAT_LR", "1e-5")),
+                   help="QAT peak learning rate of the weights (cosine decay)")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",

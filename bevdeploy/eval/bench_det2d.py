@@ -81,6 +81,7 @@ def bench_det2d(
     extra: dict | None = None,
     notes: list[str] | None = None,
     int8_options: dict | None = None,
+    extra_jobs: list[tuple[str, str, dict]] | None = None,
 ) -> Path:
     """The table for one 2D model at ``batch``; returns the JSON path (``<out_dir>/<gpu>/<name>.json``).
 
@@ -105,6 +106,9 @@ def bench_det2d(
         notes: Paragraphs of the markdown above the table.
         int8_options: More ``build`` arguments of the int8* rows (``smooth_alpha``, ``keep_float_below_db``),
             recorded in those rows.
+        extra_jobs: More rows after ``precisions``: ``(label, precision, build arguments)``, e.g.
+            ``("int8-fp16 (QAT)", "int8-fp16", {"qat_steps": 300, "qat_data": train_set})``; the row is
+            named ``label`` and records the scalar arguments (and the QAT losses of the engine).
     """
     from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
@@ -138,7 +142,7 @@ def bench_det2d(
     coco_gt = source.coco() if scored else None
     results_name = results_name or name
     keep_rows = (earlier_rows(Path(out_dir) / (gpu_dirname() if on_gpu else "cpu") / f"{results_name}.json",
-                              set(precisions)) if append else [])
+                              set(precisions) | {job[0] for job in extra_jobs or []}) if append else [])
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     def settle() -> None:
@@ -192,13 +196,14 @@ def bench_det2d(
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     write = lambda: write_results(results_name, rows, out_dir, command, keep_rows, extra=extra, notes=notes)  # noqa: E731
-    for precision in precisions:
-        path = work / f"{name}-b{batch}-{precision}.engine"
+    jobs = [(p, p, {}) for p in precisions] + list(extra_jobs or [])
+    for label, precision, job_args in jobs:
+        path = work / f"{name}-b{batch}-{label.replace(' ', '').replace('(', '-').replace(')', '')}.engine"
         try:
             int8 = precision.startswith("int8")
             build(name, precision, out=path, checkpoint=checkpoint, batch=batch, model_overrides=model_overrides,
                   device=dev.type, progress=False, calib=_data_spec(calib or data) if int8 else None,
-                  **((int8_options or {}) if int8 else {}))
+                  **((int8_options or {}) if int8 else {}), **job_args)
             settle()
             engine = Engine.load(path, device=dev.type)
             ms = _median_ms(lambda: engine(image=x), dev, iters)
@@ -208,8 +213,8 @@ def bench_det2d(
             sqnr = {k: round(min(sqnr_db(ref_out[k].float(), out[k].float()), 300.0), 1) for k in engine.output_names}
             results, _ = run_det2d(lambda im: engine(image=im), source, name, config, batch=batch, device=dev)
         except Exception as e:  # one precision failing must not cost the other rows
-            print(f"{name} {precision}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"model": name, "precision": precision, "batch": batch, "run": run_id,
+            print(f"{name} {label}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"model": name, "precision": label, "batch": batch, "run": run_id,
                          "error": f"{type(e).__name__}: {str(e)[:300]}"})
             settle()
             write()
@@ -218,7 +223,7 @@ def bench_det2d(
         fid = fidelity_map(results, ref_results, image_ids, images, threshold) if scored else float("nan")
         fps = 1000.0 * batch / ms
         r = dict.fromkeys(_ROW_KEYS)
-        r.update(model=name, precision=precision, batch=batch, fps=round(fps, 2), fps_ratio=round(fps / row["fps"], 2),
+        r.update(model=name, precision=label, batch=batch, fps=round(fps, 2), fps_ratio=round(fps / row["fps"], 2),
                  fps_ratio_no_tf32=round(fps / row["fps_no_tf32"], 2) if row["fps_no_tf32"] else None,
                  engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3),
                  memory_mb=_r1(mem), memory_ratio=round(mem / row["memory_mb"], 3) if on_gpu else None,
@@ -227,9 +232,12 @@ def bench_det2d(
                  output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
                  **({k: v for k, v in (int8_options or {}).items() if v is not None} if int8 else {}),
+                 **{k: v for k, v in job_args.items() if isinstance(v, (int, float, str))},
+                 **({"qat_loss_first": round(q["loss_first"], 4), "qat_loss_last": round(q["loss_last"], 4)}
+                    if (q := engine.metadata.get("qat")) else {}),
                  run=run_id)
         rows.append(r)
-        print(f"{name} {precision}: {r['fps']} images/s ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
+        print(f"{name} {label}: {r['fps']} images/s ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
               f"mAP {r['map']} (d {r['dmap']}), fidelity mAP {r['fidelity_map']}, SQNR {r['output_sqnr_db']} dB",
               file=sys.stderr)
         del engine, out

@@ -51,6 +51,7 @@ __all__ = [
     "QATConv2d",
     "QATLinear",
     "QATPoint",
+    "distillation_loss",
     "fake_quantize",
     "learned_scales",
     "prepare_qat",
@@ -423,3 +424,33 @@ def qat_finetune(
         model.train(was_training)
         bar.close()
     return losses
+
+
+def distillation_loss(teacher: nn.Module, inputs: Callable[[Any], tuple]) -> Callable[[nn.Module, Any], dict[str, Tensor]]:
+    """A ``loss_fn`` for :func:`qat_finetune` that trains the fake-quant model to reproduce ``teacher``
+    (the float model before :func:`prepare_qat`) instead of fitting labels.
+
+    Each output's term is its squared error relative to the teacher's energy,
+    ``mean((student - teacher)^2) / mean(teacher^2)`` (1 / linear SQNR, so outputs of any scale weigh the
+    same and the loss reads as the SQNR the engine will be checked on). Why: with the task loss, QAT also
+    trains the model further, and on a checkpoint that is not converged its int8 result mixes the recovered
+    rounding with that extra training; matching the teacher recovers only the rounding, needs no labels
+    (the calibration images suffice) and cannot move the model away from the float one it deploys.
+
+    Args:
+        teacher: The float model (kept in eval mode, no gradients).
+        inputs: ``inputs(batch) -> positional model inputs`` (2D detectors: ``lambda b: (b.images,)``).
+    """
+    teacher.eval().requires_grad_(False)
+
+    def loss(model: nn.Module, batch: Any) -> dict[str, Tensor]:
+        args = inputs(batch)
+        with torch.no_grad():
+            target = teacher(*args)
+        out = model(*args)
+        if not isinstance(target, dict):
+            target, out = {"output": target}, {"output": out}
+        return {f"distill_{k}": (out[k].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+                for k, t in target.items()}
+
+    return loss

@@ -196,3 +196,25 @@ def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec
     _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="smooth_alpha"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, smooth_alpha=0.5)
+
+
+@pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
+def test_int8_engine_with_qat_fine_tunes_on_the_2d_set(name, tmp_path, calib_spec, ops_on_references):
+    """``qat_steps`` on a 2D model: the family's own loss (YOLOX SimOTA / CenterNet focal) trains the
+    fake-quant form on every image of the 2D set, the learned scales are recorded and the engine runs."""
+    from bevdeploy.quant.calibrate import CalibrationTable
+
+    path = build(name, "int8-fp16", out=tmp_path / "q.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, progress=False, qat_steps=2, qat_batch=2)
+    engine = Engine.load(path, device="cpu")
+    qat = engine.metadata["qat"]
+    assert qat["steps"] == 2 and qat["data"].endswith("[:4]") and qat["layers"] > 10
+    assert all(map(lambda v: v == v and v < float("inf"), (qat["loss_first"], qat["loss_last"])))
+    ptq = CalibrationTable.load(tmp_path / "q.engine.calib.json")
+    learned = CalibrationTable.load(tmp_path / "q.engine.qat.calib.json")
+    moved = [n for n in ptq.amax if n in learned.amax and learned.amax[n] != ptq.amax[n]]
+    assert len(moved) > qat["layers"] // 2  # two steps moved most scales
+    _assert_int8_floor(engine, name)
+    with pytest.raises(ValueError, match="QAT data"):
+        build(name, "int8-fp16", out=tmp_path / "bad.engine", model_overrides=SMALL[name], batch=BATCH,
+              calib=calib_spec, progress=False, qat_steps=1, qat_data=123)

@@ -84,3 +84,13 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert "smooth_alpha=0.5" in (tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.md").read_text()
     assert [r["precision"] for r in json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x.json")
                                                .read_text())["rows"]] == ["pytorch", "fp32"]  # untouched
+    # the QAT row: the PTQ start fine-tuned on every training image, named and recorded beside the int8 row
+    assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
+                 "--iters", "1", "--qat-steps", "2", "--qat-batch", "2", "--qat-lr", "1e-4", "--results-tag", "qat",
+                 *common]) == 0
+    qat_doc = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.json").read_text())
+    assert [r["precision"] for r in qat_doc["rows"]] == ["pytorch", "int8-fp16", "int8-fp16 (QAT)"]
+    qrow = qat_doc["rows"][2]
+    assert qrow["qat_steps"] == 2 and qrow["qat_batch"] == 2 and qrow["qat_lr"] == 1e-4 and "error" not in qrow
+    assert qrow["qat_loss_first"] > 0 and qrow["int8_layers"] > 0 and "qat_data" not in qrow
+    assert "6 training images" in (tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.md").read_text()
