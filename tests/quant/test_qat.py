@@ -261,3 +261,22 @@ def test_build_refuses_qat_without_int8_or_data(tmp_path, capsys):
         build("bevdet-r50-cbgs", "int8", out=tmp_path / "x.engine", calib_table="t.json", qat_steps=2)
     with pytest.raises(ValueError, match="qat_steps must be an int >= 0"):
         build("bevdet-r50-cbgs", "int8", out=tmp_path / "x.engine", calib="synthetic:2", qat_steps=-1)
+
+
+def test_distillation_loss_is_the_relative_error_to_the_frozen_teacher():
+    from bevdeploy.quant.qat import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(3, 4, 3, padding=1)
+    student = copy.deepcopy(teacher)
+    loss_fn = distillation_loss(teacher, lambda b: (b,))
+    x = torch.randn(2, 3, 5, 7)
+    assert float(loss_fn(student, x)["distill_output"]) == 0.0  # the same model: no error
+    with torch.no_grad():
+        student.bias.add_(0.5)
+    terms = loss_fn(student, x)
+    t = teacher(x)
+    assert float(terms["distill_output"]) == pytest.approx(0.25 / float(t.pow(2).mean()), rel=1e-5)
+    terms["distill_output"].backward()
+    assert student.bias.grad is not None and teacher.bias.grad is None  # only the student learns
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
