@@ -1,0 +1,42 @@
+"""scripts/diagnose_int8_2d.py on a reduced YOLOX: every variant it reports is measured (mAP, held-out loss,
+SQNR), and the QAT variants come with what they must be judged against."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from bevdeploy.models import MODELS
+from bevdeploy.train import save_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "diagnose_int8_2d.py"
+
+
+def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monkeypatch, ops_on_references):
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    overrides = {"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": [64, 64]}
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MODELS["yolox-x"](**{**overrides, "image_size": (64, 64)}), tmp_path / "y.pth",
+                           meta={"model_overrides": overrides})
+    spec = importlib.util.spec_from_file_location("diagnose_int8_2d", SCRIPT)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    rc = diag.main(["--model", "yolox-x", "--checkpoint", str(ckpt), "--calib", "synthetic2d:4@1", "--calib-images",
+                    "2", "--eval", "synthetic2d:2@2", "--batch", "2", "--timing-images", "2", "--device", "cpu",
+                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas",
+                    "--qat-steps", "1", "--qat-batch", "2", "--qat-loss", "task", "distill", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())
+    names = [v["variant"] for v in report["variants"]]
+    assert names[:2] == ["minmax, unchained, reference int8 math", "minmax, chained, reference int8 math"]
+    assert names[2] == "float control: fine-tuned 1 steps, no quantization"  # before the task-loss QAT it controls
+    assert names[3].startswith("minmax + QAT (task loss) 1 steps x 2") and names[3].endswith("chained, reference int8 math")
+    assert names[4].startswith("minmax + QAT (distill loss) 1 steps x 2") and len(names) == 5
+    for v in report["variants"]:
+        assert 0.0 <= v["map"] <= 1.0 and v["heldout_loss"] > 0 and all(s == s for s in v["sqnr_db"].values())
+    assert report["float_heldout_loss"] > 0
+    md = (tmp_path / "diagnose-int8-yolox-x.md").read_text()
+    assert "| float control: fine-tuned 1 steps, no quantization |" in md and "held-out loss" in md
