@@ -210,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         for chain in (False, True):
             variant(f"minmax, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
                     base=smoothed)
-    qat_runs = [(steps, kind, quantized) for steps in args.qat_steps for kind in args.qat_loss
-                for quantized in ((True,) if kind == "distill" else (False, True))]
-    for steps, kind, quantized in qat_runs:  # a task-loss QAT after its float control (the extra training alone)
+    # per step count: the float control of a task-loss QAT first (what the extra training alone gives), then
+    # the distilled QAT, then the task-loss QAT (a cut run keeps the control and the cheaper variants)
+    qat_runs = [run for steps in args.qat_steps for run in
+                ([(steps, "task", False)] if "task" in args.qat_loss else [])
+                + ([(steps, "distill", True)] if "distill" in args.qat_loss else [])
+                + ([(steps, "task", True)] if "task" in args.qat_loss else [])]
+    for steps, kind, quantized in qat_runs:
         if time.perf_counter() - t_start > args.budget or "minmax" not in tables:
             break
         scoped = {n: v for n, v in scales_of["minmax"].items() if n.startswith(scope)}

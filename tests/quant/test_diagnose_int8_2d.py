@@ -33,8 +33,8 @@ def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monke
     names = [v["variant"] for v in report["variants"]]
     assert names[:2] == ["minmax, unchained, reference int8 math", "minmax, chained, reference int8 math"]
     assert names[2] == "float control: fine-tuned 1 steps, no quantization"  # before the task-loss QAT it controls
-    assert names[3].startswith("minmax + QAT (task loss) 1 steps x 2") and names[3].endswith("chained, reference int8 math")
-    assert names[4].startswith("minmax + QAT (distill loss) 1 steps x 2") and len(names) == 5
+    assert names[3].startswith("minmax + QAT (distill loss) 1 steps x 2") and names[3].endswith("chained, reference int8 math")
+    assert names[4].startswith("minmax + QAT (task loss) 1 steps x 2") and len(names) == 5
     for v in report["variants"]:
         assert 0.0 <= v["map"] <= 1.0 and v["heldout_loss"] > 0 and all(s == s for s in v["sqnr_db"].values())
     assert report["float_heldout_loss"] > 0
