@@ -31,6 +31,7 @@ EPILOG = """examples:
   bevdeploy eval --model yolox-x --data coco:/data/coco --checkpoint yolox_x_8x8_300e_coco.pth --results yolox.json
   bevdeploy eval --model centernet-r18-dcn --data synthetic2d:64   COCO mAP (pycocotools) on synthetic views
   bevdeploy bench --model yolox-x centernet-r18-dcn --precisions pytorch fp16x2 int8-fp16 --data synthetic2d:64
+  bevdeploy build --model yolox-x --checkpoint y.pth --precision int8-fp16 --calib synthetic2d:64@1 --qat-data synthetic2d:600@1 --qat-steps 300 --qat-batch 8 --qat-lr 1e-4 -o y.engine
   bevdeploy bench ops                  time every op variant at BEVFormer/BEVDet shapes (GPU)
   bevdeploy train --model bevdet-r50-cbgs --data synthetic:600@1 --steps 2000 --batch 8 -o bevdet.pth
   bevdeploy eval --model bevdet-r50-cbgs --data synthetic:120@2 --checkpoint bevdet.pth   held-out world
@@ -383,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0.5 is the usual choice): for networks whose layer inputs mix small and large channels")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
-    bd.add_argument("--qat-data", default=None, help="QAT training data spec (default: --calib)")
+    bd.add_argument("--qat-data", default=None,
+                    help="QAT training data spec (default: --calib); 2D models train on all its images, e.g. "
+                         "synthetic2d:600@1 or coco:PATH (annotations needed: the loss is the training loss)")
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
