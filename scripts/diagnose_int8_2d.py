@@ -136,13 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ref_loss = heldout_loss(model)
     report: dict = {"model": args.model, "checkpoint": args.checkpoint, "calib": calib.spec, "eval": args.eval,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "float_map": ref_map, "float_heldout_loss": round(ref_loss, 4), "variants": [], "ranges": {}, "sensitivity": []}
+                    "float_map": ref_map, "float_heldout_loss": round(ref_loss, 4), "timing_images": args.timing_images,
+                    "command": "python scripts/diagnose_int8_2d.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "methods": list(args.methods), "variants": [], "ranges": {}, "sensitivity": []}
     print(f"[diag] float mAP {ref_map:.4f}, held-out loss {ref_loss:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     keep_stem = set(image_input_convs(model))
     scope = int8_scope_prefixes(model)
 
-    def write() -> None:
+    def write() -> None:  # after every variant: a run cut by its timeout keeps both files
         (out_dir / f"diagnose-int8-{args.model}.json").write_text(json.dumps(report, indent=1))
+        (out_dir / f"diagnose-int8-{args.model}.md").write_text(markdown(report))
 
     def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
                 base: torch.nn.Module | None = None) -> None:
@@ -248,27 +251,36 @@ def main(argv: list[str] | None = None) -> int:
               f"{losses[-1]:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
         del tuned, training
     write()
-    lines = [f"# int8 diagnosis: {args.model} on {report['device']}", "",
-             f"Checkpoint `{args.checkpoint}`; calibration {calib.spec}; held-out `{args.eval}`; float mAP "
-             f"{ref_map:.4f}. SQNR on {args.timing_images} held-out images; int8 layers eager (each variant names "
-             "Triton kernels or the reference int8 math), fp32 elsewhere; no engine compiled.", "",
-             f"Held-out loss: the training loss on the held-out images (float model: {ref_loss:.4f}).", "",
-             "| variant | mAP | dmAP | held-out loss | " + " | ".join(f"SQNR {k}" for k in ref) + " | int8 writers |",
-             "|---|---|---|---|" + "---|" * len(ref) + "---|"]
+    print(f"[diag] done in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: one row per variant, then the worst layers with their input ranges."""
+    outputs = list(report["variants"][0]["sqnr_db"]) if report["variants"] else []
+    methods = report.get("methods", [])
+    lines = [f"# int8 diagnosis: {report['model']} on {report['device']}", "",
+             f"Checkpoint `{report['checkpoint']}`; calibration {report['calib']}; held-out `{report['eval']}`; float "
+             f"mAP {report['float_map']:.4f}. SQNR on {report.get('timing_images')} held-out images against the "
+             "checkpoint's float outputs; int8 layers eager (each variant names Triton kernels or the reference int8 "
+             "math), fp32 elsewhere; no engine compiled.", "",
+             *([f"Command: `{report['command']}`", ""] if report.get("command") else []),
+             f"Held-out loss: the training loss on the held-out images (float model: {report['float_heldout_loss']}).",
+             "",
+             "| variant | mAP | dmAP | held-out loss | " + " | ".join(f"SQNR {k}" for k in outputs) + " | int8 writers |",
+             "|---|---|---|---|" + "---|" * len(outputs) + "---|"]
     for r in report["variants"]:
         lines.append(f"| {r['variant']} | {r['map']} | {r['dmap']} | {r['heldout_loss']} | "
-                     + " | ".join(str(r["sqnr_db"][k]) for k in ref) + f" | {r['chain_int8_writers']} |")
+                     + " | ".join(str(r["sqnr_db"].get(k)) for k in outputs) + f" | {r['chain_int8_writers']} |")
     if report["sensitivity"]:
         lines += ["", "Worst layers alone in int8 (minmax scales), with their input amax by method:", "",
-                  "| layer | SQNR dB | worst output | " + " | ".join(f"amax {m}" for m in tables) + " |",
-                  "|---|---|---|" + "---|" * len(tables)]
+                  "| layer | SQNR dB | worst output | " + " | ".join(f"amax {m}" for m in methods) + " |",
+                  "|---|---|---|" + "---|" * len(methods)]
         for s in report["sensitivity"][:20]:
             rng = report["ranges"].get(s["layer"], {})
             lines.append(f"| {s['layer']} | {s['sqnr_db']} | {s['worst_output']} | "
-                         + " | ".join(str(rng.get(m)) for m in tables) + " |")
-    (out_dir / f"diagnose-int8-{args.model}.md").write_text("\n".join(lines) + "\n")
-    print(f"[diag] done in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
-    return 0
+                         + " | ".join(str(rng.get(m)) for m in methods) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def float_finetune(model, training, steps: int, lr: float, batch: int) -> list[float]:

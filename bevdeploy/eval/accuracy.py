@@ -320,7 +320,10 @@ def stage_eval_det2d(args) -> Path:
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
                      f"{args.qat_batch} (AdamW, weights lr {args.qat_lr} with cosine decay, scales LSQ) on the "
                      f"{len(train_set.images())} training images with the training loss, fake-quant int8 forward "
-                     "(bevdeploy/quant/qat.py), then built from the learned scales.")
+                     "(bevdeploy/quant/qat.py), then built from the learned scales. Its weights differ from the "
+                     "checkpoint's, so its output_sqnr_db (against the checkpoint's float outputs) measures the "
+                     "fine-tuning as well as the rounding; its dmap mixes the recovered rounding with the extra "
+                     "training (scripts/diagnose_int8_2d.py --qat-steps gives the float control of the same steps).")
     return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
                        batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
                        out_dir=args.out, command=args.command, append=args.keep_rows, model_overrides=overrides,
