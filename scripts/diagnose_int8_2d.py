@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def heldout_loss(m) -> float:
         """The training loss on the held-out images (mean over batches): smoother than mAP on a weak model."""
+        batches = max(1, len(held_out.images()) // args.batch)
         with torch.no_grad():
-            n = len(held_out.images())
             return sum(float(sum(heldout.loss(m, b).values())) for _, b in
-                       zip(range(max(1, n // args.batch)), heldout.batches(args.batch, 0))) / max(1, n // args.batch)
+                       zip(range(batches), heldout.batches(args.batch, 0))) / batches
 
     ref_loss = heldout_loss(model)
     report: dict = {"model": args.model, "checkpoint": args.checkpoint, "calib": calib.spec, "eval": args.eval,
@@ -158,18 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32)
         writers = chain_int8(q) if chain else []
         with _int8_kernels(triton):
-            out = _outputs(q, x)
-            results, _ = run_det2d(q, held_out, args.model, model.config, batch=args.batch, device=dev)
-            loss = heldout_loss(q)
-        m = coco_map(coco_gt, results, ids)["mAP"]
-        row = {"variant": label, "chain_int8_writers": len(writers), "kept_float": sorted(keep),
-               "sqnr_db": {k: round(sqnr_db(ref[k], out[k]), 2) for k in ref}, "map": round(m, 4),
-               "dmap": round(m - ref_map, 4), "heldout_loss": round(loss, 4)}
+            score(label, q, len(writers), keep)
+        del q
+
+    def score(label: str, m: torch.nn.Module, writers: int, keep: set[str]) -> None:
+        """One report row: ``m``'s SQNR against the checkpoint, held-out mAP and loss."""
+        out = _outputs(m, x)
+        results, _ = run_det2d(m, held_out, args.model, model.config, batch=args.batch, device=dev)
+        loss = heldout_loss(m)
+        mp = coco_map(coco_gt, results, ids)["mAP"]
+        row = {"variant": label, "chain_int8_writers": writers, "kept_float": sorted(keep),
+               "sqnr_db": {k: round(sqnr_db(ref[k], out[k]), 2) for k in ref}, "map": round(mp, 4),
+               "dmap": round(mp - ref_map, 4), "heldout_loss": round(loss, 4)}
         report["variants"].append(row)
         write()
-        print(f"[diag] {label}: mAP {m:.4f} (d {m - ref_map:+.4f}), held-out loss {loss:.4f}, SQNR {row['sqnr_db']} "
+        print(f"[diag] {label}: mAP {mp:.4f} (d {mp - ref_map:+.4f}), held-out loss {loss:.4f}, SQNR {row['sqnr_db']} "
               f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
-        del q
 
     tables = {}
     for method in args.methods:
@@ -219,34 +223,26 @@ def main(argv: list[str] | None = None) -> int:
                 ([(steps, "task", False)] if "task" in args.qat_loss else [])
                 + ([(steps, "distill", True)] if "distill" in args.qat_loss else [])
                 + ([(steps, "task", True)] if "task" in args.qat_loss else [])]
+    minmax_scoped = {n: v for n, v in scales_of.get("minmax", {}).items() if n.startswith(scope)}
     for steps, kind, quantized in qat_runs:
         if time.perf_counter() - t_start > args.budget or "minmax" not in tables:
             break
-        scoped = {n: v for n, v in scales_of["minmax"].items() if n.startswith(scope)}
         tuned = copy.deepcopy(model)
         training = make_training(args.model, tuned, train, dev)
         if quantized:
             loss_fn = (training.loss if kind == "task" else
                        distillation_loss(copy.deepcopy(model), lambda b: (b.images,)))
-            prepare_qat(tuned, scoped, keep_float=sorted(keep_stem), scope=scope)
+            prepare_qat(tuned, minmax_scoped, keep_float=sorted(keep_stem), scope=scope)
             losses = qat_finetune(tuned, loss_fn, training.batches(args.qat_batch, 0), steps=steps,
                                   lr=args.qat_lr, progress=False)
             learned = learned_scales(tuned)
             strip_qat(tuned)
             tuned.eval()
             variant(f"minmax + QAT ({kind} loss) {steps} steps x {args.qat_batch} lr {args.qat_lr}, chained",
-                    {**scoped, **learned}, True, set(), base=tuned)
+                    {**minmax_scoped, **learned}, True, set(), base=tuned)
         else:
             losses = float_finetune(tuned, training, steps, args.qat_lr, args.qat_batch)
-            results, _ = run_det2d(tuned, held_out, args.model, model.config, batch=args.batch, device=dev)
-            m = coco_map(coco_gt, results, ids)["mAP"]
-            report["variants"].append({"variant": f"float control: fine-tuned {steps} steps, no quantization",
-                                       "chain_int8_writers": 0, "kept_float": [], "map": round(m, 4),
-                                       "dmap": round(m - ref_map, 4), "heldout_loss": round(heldout_loss(tuned), 4),
-                                       "sqnr_db": {k: round(sqnr_db(ref[k], v), 2)
-                                                   for k, v in _outputs(tuned, x).items()}})
-            write()
-            print(f"[diag] float control {steps} steps: mAP {m:.4f}", file=sys.stderr)
+            score(f"float control: fine-tuned {steps} steps, no quantization", tuned, 0, set())
         print(f"[diag] {f'QAT ({kind})' if quantized else 'float'} {steps} steps: loss {losses[0]:.4f} -> "
               f"{losses[-1]:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
         del tuned, training
