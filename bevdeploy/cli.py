@@ -168,6 +168,7 @@ def _build(args: argparse.Namespace) -> int:
                                          ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity),
                                          ("--keep-float-below", args.keep_float_below is not None),
                                          ("--smooth-alpha", args.smooth_alpha is not None),
+                                         ("--asymmetric", args.asymmetric),
                                          ("--qat-steps", args.qat_steps)) if on]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 / fp8 "
@@ -182,7 +183,8 @@ def _build(args: argparse.Namespace) -> int:
                  qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
-                 int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, dist=args.dist)
+                 int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, asymmetric=args.asymmetric,
+                 dist=args.dist)
     if path is None:  # another torchrun process: rank 0 writes the engine and prints
         return 0
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
@@ -382,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                     help="int8: per-input-channel smoothing (SmoothQuant) of the int8 layers with alpha A in [0, 1] "
                          "(0.5 is the usual choice): for networks whose layer inputs mix small and large channels")
+    bd.add_argument("--asymmetric", action="store_true",
+                    help="int8: zero points on the int8 layers' inputs (asymmetric codes over each input's signed "
+                         "calibrated range): ReLU / SiLU outputs are one-sided, so this halves their rounding step "
+                         "at no run-time cost")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,

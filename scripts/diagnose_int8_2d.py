@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
 from bevdeploy.engine.deploy import fold_batchnorms
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sensitivity", dest="sensitivity", action="store_false")
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[0.5],
                    help="SmoothQuant variants (minmax after smoothing, unchained and chained)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="minmax variants with zero points on the int8 inputs (unchained and chained, as "
+                        "build(asymmetric=True)); the QAT variants then start from them")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
     p.add_argument("--qat-steps", type=int, nargs="*", default=[],
@@ -148,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"diagnose-int8-{args.model}.md").write_text(markdown(report))
 
     def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
-                base: torch.nn.Module | None = None) -> None:
+                base: torch.nn.Module | None = None, zero_points: dict[str, int] | None = None) -> None:
         label += ", Triton kernels" if triton else ", reference int8 math"
         if time.perf_counter() - t_start > args.budget:
             print(f"[diag] {label}: skipped (budget)", file=sys.stderr)
             return
         q = copy.deepcopy(model if base is None else base)
         scoped = {n: s for n, s in scales.items() if n.startswith(scope)}
-        quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32)
+        quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32, zero_points=zero_points)
         writers = chain_int8(q) if chain else []
         with _int8_kernels(triton):
             score(label, q, len(writers), keep)
@@ -200,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s.layer} {s.sqnr_db:.1f}" for s in sens[:10]), file=sys.stderr)
     for method in args.methods[1:]:
         variant(f"{method}, unchained", scales_of[method], False, set())
+    asym_scales, asym_zps = {}, {}  # minmax with zero points (build(asymmetric=True)): conv inputs only
+    if "minmax" in tables and args.asymmetric:
+        for n in scales_of["minmax"]:
+            asym_scales[n], z = tables["minmax"].qparams(n, asymmetric=isinstance(model.get_submodule(n), nn.Conv2d))
+            if z:
+                asym_zps[n] = z
+        variant("minmax asymmetric, unchained", asym_scales, False, set(), zero_points=asym_zps)
+        variant("minmax asymmetric, chained", asym_scales, True, set(), zero_points=asym_zps)
     if "minmax" in tables:
         variant("minmax, chained", scales_of["minmax"], True, set())
         for k in args.keep_worst if sens else []:
@@ -223,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                 ([(steps, "task", False)] if "task" in args.qat_loss else [])
                 + ([(steps, "distill", True)] if "distill" in args.qat_loss else [])
                 + ([(steps, "task", True)] if "task" in args.qat_loss else [])]
-    minmax_scoped = {n: v for n, v in scales_of.get("minmax", {}).items() if n.startswith(scope)}
+    start = asym_scales if args.asymmetric else scales_of.get("minmax", {})
+    minmax_scoped = {n: v for n, v in start.items() if n.startswith(scope)}
+    start_zps = {n: z for n, z in asym_zps.items() if n in minmax_scoped and n not in keep_stem}
+    asym_txt = " asymmetric" if args.asymmetric else ""
     for steps, kind, quantized in qat_runs:
         if time.perf_counter() - t_start > args.budget or "minmax" not in tables:
             break
@@ -232,14 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         if quantized:
             loss_fn = (training.loss if kind == "task" else
                        distillation_loss(copy.deepcopy(model), lambda b: (b.images,)))
-            prepare_qat(tuned, minmax_scoped, keep_float=sorted(keep_stem), scope=scope)
+            prepare_qat(tuned, minmax_scoped, keep_float=sorted(keep_stem), scope=scope, zero_points=start_zps)
             losses = qat_finetune(tuned, loss_fn, training.batches(args.qat_batch, 0), steps=steps,
                                   lr=args.qat_lr, progress=False)
             learned = learned_scales(tuned)
             strip_qat(tuned)
             tuned.eval()
-            variant(f"minmax + QAT ({kind} loss) {steps} steps x {args.qat_batch} lr {args.qat_lr}, chained",
-                    {**minmax_scoped, **learned}, True, set(), base=tuned)
+            variant(f"minmax{asym_txt} + QAT ({kind} loss) {steps} steps x {args.qat_batch} lr {args.qat_lr}, chained",
+                    {**minmax_scoped, **learned}, True, set(), base=tuned, zero_points=start_zps)
         else:
             losses = float_finetune(tuned, training, steps, args.qat_lr, args.qat_batch)
             score(f"float control: fine-tuned {steps} steps, no quantization", tuned, 0, set())

@@ -197,7 +197,7 @@ def _qat_training(model_name: str, model: nn.Module, data, device: torch.device,
 
 def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float: Sequence[str], data,
          dev: torch.device, *, steps: int, lr: float, scale_lr: float, batch: int, seed: int,
-         progress: bool, ctx: DistContext) -> tuple[dict[str, float], dict]:
+         progress: bool, ctx: DistContext, zero_points: dict[str, int] | None = None) -> tuple[dict[str, float], dict]:
     """Fine-tune the folded float ``model`` in its int8 form, in place (plain layers again afterwards);
     returns the learned scales and the ``qat`` metadata.
 
@@ -209,7 +209,7 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
 
     training, dataset = _qat_training(model_name, model, data, dev, progress, ctx)
     with fail_together(ctx):
-        prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model))
+        prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model), zero_points=zero_points)
     try:
         losses = qat_finetune(model, training.loss, training.batches(batch, seed + ctx.rank), steps=steps, lr=lr,
                               scale_lr=scale_lr, progress=progress, dist=ctx)
@@ -298,6 +298,7 @@ def build(
     qat_seed: int = 0,
     int8_chain: bool | str = True,
     int8_stem: bool = False,
+    asymmetric: bool = False,
     autotune: bool = True,
     allow_partial_calib: bool = False,
     allow_nonfinite: bool = False,
@@ -355,6 +356,11 @@ def build(
             ``"float-identity"``: residual blocks keep float boundaries (more accurate).
         int8_stem: int8* / fp8*: quantize the convs reading the camera image too (the backbone stem;
             :func:`~bevdeploy.engine.model_io.image_input_convs`). Off by default: they are faster float.
+        asymmetric: int8*: the convs' and linears' inputs get zero points (asymmetric codes over each
+            layer's signed calibrated range clipped at the method's threshold,
+            ``CalibrationTable.qparams``): ReLU / SiLU outputs are one-sided, so symmetric codes waste
+            a bit on them. Free at run time (the zero point folds into the epilogue); QAT keeps the
+            zero points and learns the scales. Recorded in the metadata (``zero_points``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         allow_partial_calib: Build although the calibration table misses int8 layers, names layers
@@ -394,6 +400,8 @@ def build(
             raise ValueError(f"qat_steps must be an int >= 0, got {qat_steps!r}")
         if qat_steps and not spec.int8:
             raise ValueError(f"qat_steps fine-tunes an int8 form: precision must be int8*, got {precision!r}")
+        if asymmetric and not spec.int8:
+            raise ValueError(f"asymmetric gives int8 inputs zero points: precision must be int8*, got {precision!r}")
         if qat_steps and qat_data is None and calib is None:
             raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
         if not (isinstance(qat_batch, int) and qat_batch >= 1):
@@ -504,16 +512,26 @@ def build(
             scales = {n: table.scale(n) for n in table.amax if math.isfinite(table.amax[n])}
     else:
         scales = None
+    zero_points: dict[str, int] = {}
+    if asymmetric:  # the convs' and linears' inputs (an int8 pooling input stays symmetric)
+        with fail_together(ctx):
+            for n in list(scales):
+                if scales[n] > 0 and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)):
+                    scales[n], zp = table.qparams(n, asymmetric=True)
+                    if zp:
+                        zero_points[n] = zp
     qat_meta = None
     if qat_steps:
         learned, qat_meta = _qat(model, model_name, scales, keep_float, qat_data if qat_data is not None else calib,
                                  dev, steps=qat_steps, lr=qat_lr, scale_lr=qat_scale_lr, batch=qat_batch,
-                                 seed=qat_seed, progress=show, ctx=ctx)
+                                 seed=qat_seed, progress=show, ctx=ctx, zero_points=zero_points)
         scales.update(learned)  # the engine's int8 layers take exactly these
         qat_meta["init_calibration_table_file"] = table_path.name
+        # the learned scales as amax = 127 * scale (for an asymmetric layer the scale is (hi - lo) / 255:
+        # its zero point is in the engine's metadata, ``zero_points``); ranges kept from the calibration
         table = CalibrationTable(amax={n: learned[n] * 127 if n in learned else a for n, a in table.amax.items()},
                                  method=table.method, num_samples=table.num_samples,
-                                 metadata={**table.metadata, "qat": qat_meta})
+                                 metadata={**table.metadata, "qat": qat_meta}, ranges=table.ranges)
         table_path = Path(f"{out}.qat.calib.json")
     with fail_together(ctx):  # rank 0 converts, exports and writes; the others wait here for it
         if ctx.is_main:
@@ -521,7 +539,8 @@ def build(
                                int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune, table=table,
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
-                               keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed)
+                               keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
+                               zero_points=zero_points)
     return out if ctx.is_main else None
 
 
@@ -530,14 +549,15 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
                        dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
                        keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
-                       smoothed_layers: Sequence[str] = ()) -> None:
+                       smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
     if qat_meta is not None:
         with atomic_output(table_path, "QAT calibration table output") as tmp:
             table.save(tmp)
-    report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain)
+    report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain,
+                             zero_points=zero_points)
     precisions = layer_precisions(model, report, precision)
     model.eval()
 
@@ -581,6 +601,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "keep_float_measured": list(keep_float_measured),
         "smooth_alpha": smooth_alpha,
         "smoothed_layers": list(smoothed_layers),
+        # asymmetric int8: the calibrated input zero points (the chain may have merged readers' ranges)
+        "zero_points": dict(zero_points or {}),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
         "qat": qat_meta,

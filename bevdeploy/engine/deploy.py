@@ -287,6 +287,7 @@ def apply_precision(
     int8_chain: bool | str = True,
     gathered_sca: bool = True,
     fuse_heads: bool = True,
+    zero_points: dict[str, int] | None = None,
 ) -> list:
     """Turn the folded float32 model into ``precision``'s deploy form, in place.
 
@@ -307,6 +308,8 @@ def apply_precision(
             (:func:`set_sca_gathered`) instead of the static form (same result, less work).
         fuse_heads: Last step, every precision: BEVDet's CenterPoint head branches run as one conv
             stack (:func:`fuse_head_branches`; same result, 2 convs instead of 12).
+        zero_points: int8*: layer name -> input zero point (asymmetric activations; ``scales`` then
+            holds those layers' asymmetric scales); the chain links them with their zero points.
 
     Returns:
         list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
@@ -339,8 +342,12 @@ def apply_precision(
         if fuse_heads:
             fuse_head_branches(model)
         return report
+    if zero_points and not spec.int8:
+        raise ValueError(f"zero_points apply to the int8 precisions, not {precision!r}")
+    if bad := sorted(n for n in (zero_points or {}) if n in points):
+        raise ValueError(f"zero_points: {bad} are int8 pooling inputs, which stay symmetric")
     report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
-                              out_dtype=spec.float_dtype, quantize_in_graph=True)
+                              out_dtype=spec.float_dtype, quantize_in_graph=True, zero_points=zero_points)
     _int8_pooling(model, {n: usable[n] for n in points}, keep)
     # after quantizing: the variant wrapper renames DCN offset convs (``.pack.``), which would hide
     # them from the calibration table's names

@@ -314,8 +314,15 @@ def stage_eval_det2d(args) -> Path:
              "calib_images": calib.num_images, "checkpoint_sha256": sha, "model_overrides": _jsonable(overrides),
              "training": training}
     extra_jobs = []
-    if args.qat_steps:  # the QAT row: fine-tuned on every training image with the model's own loss
-        qat = {"qat_steps": args.qat_steps, "qat_data": train_set, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr}
+    qat = {"qat_steps": args.qat_steps, "qat_data": train_set, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr}
+    if args.asymmetric:  # its QAT row replaces the symmetric one
+        extra_jobs.append((f"{QAT_PRECISION} (asymmetric)", QAT_PRECISION, {"asymmetric": True}))
+        if args.qat_steps:
+            extra_jobs.append((f"{QAT_PRECISION} (asymmetric QAT)", QAT_PRECISION, {"asymmetric": True, **qat}))
+        notes.append(f"The (asymmetric) rows: {QAT_PRECISION} with zero points on the int8 inputs (codes over each "
+                     "input's signed calibrated range, `build(asymmetric=True)`); the (asymmetric QAT) row starts "
+                     "QAT from them (zero points fixed, scales learned).")
+    if args.qat_steps and not args.asymmetric:  # the QAT row: fine-tuned on every training image, own loss
         extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
                      f"{args.qat_batch} (AdamW, weights lr {args.qat_lr} with cosine decay, scales LSQ) on the "
@@ -452,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-batch", type=int, default=int(env("BEVACC_QAT_BATCH", "4")))
     p.add_argument("--qat-lr", type=float, default=float(env("BEVACC_QAT_LR", "1e-5")),
                    help="QAT peak learning rate of the weights (cosine decay)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="2D models: one more row, the int8-fp16 engine with zero points on the int8 inputs (build "
+                        "--asymmetric), beside the symmetric rows; with --qat-steps the QAT row starts from it")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
@@ -488,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
-        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag):
-            raise ValueError(f"--smooth-alpha, --keep-float-below and --results-tag apply to the 2D models' "
+        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
+                          or args.asymmetric):
+            raise ValueError(f"--smooth-alpha, --keep-float-below, --asymmetric and --results-tag apply to the 2D models' "
                              f"rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)

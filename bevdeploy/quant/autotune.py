@@ -67,10 +67,11 @@ def time_in_graph(fn, calls: int = 10, replays: int = 7) -> float:
     return statistics.median(times)
 
 
-def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, config) -> Tensor:
+def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero_point, config) -> Tensor:
     kw = dict(residual=residual, residual_scale=residual_scale, activation=layer.activation,
               out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config,
-              residual_after_act=layer.residual_after_act)
+              residual_after_act=layer.residual_after_act, residual_zero_point=residual_zero_point,
+              **layer._zero_point_args())
     if isinstance(layer, QuantConv2d):
         return int8_conv2d(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, layer.stride,
                            layer.padding, layer.dilation, **kw)
@@ -115,8 +116,9 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             x = args[0]
             residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
             rs = kwargs.get("residual_scale", args[2] if len(args) > 2 else None)
+            rz = kwargs.get("residual_zero_point", args[3] if len(args) > 3 else 0)
             x_q = x if x.dtype == torch.int8 else mod._quantize_input(x)
-            calls[name] = (x_q.clone(), None if residual is None else residual.clone(), rs)
+            calls[name] = (x_q.clone(), None if residual is None else residual.clone(), rs, rz)
         return fn
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
@@ -127,18 +129,18 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             h.remove()
     chosen: dict[str, list[int]] = {}
     by_key: dict[tuple, Config] = {}
-    for name, (x_q, residual, rs) in calls.items():
+    for name, (x_q, residual, rs, rz) in calls.items():
         layer = layers[name]
         key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
                getattr(layer, "padding", None), getattr(layer, "dilation", None), tuple(x_q.shape),
                None if residual is None else residual.dtype, layer.out_scale is not None, layer.activation,
-               layer.bias is not None, layer.out_dtype)
+               layer.bias is not None, layer.out_dtype, layer.input_zero_point != 0)
         if key not in by_key:
             m, n, k = _gemm_dims(layer, x_q)
             results = []
             for cfg in candidates(m, n, k, x_q.device)[:max_candidates]:
                 try:
-                    us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, cfg))
+                    us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, rz, cfg))
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
                     logger.debug("%s: config %s failed: %s", name, cfg, e)
                     continue

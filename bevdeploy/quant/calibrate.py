@@ -5,7 +5,9 @@ quantise, per tensor, with scale ``amax / 127``) and of every :class:`Calibratio
 int8 op reads), runs the caller's forward loop once, and returns a
 :class:`CalibrationTable` {qualified module name -> amax}. Conversion (swapping in
 ``QuantConv2d`` / ``QuantLinear``) is a separate step that reads the table
-(``bevdeploy.quant.modules``), as in gpt-fast's two-step flow.
+(``bevdeploy.quant.modules``), as in gpt-fast's two-step flow. The table also keeps each layer's
+signed input range, for asymmetric quantization (:meth:`CalibrationTable.qparams`,
+:func:`asymmetric_qparams`): ReLU / SiLU inputs are one-sided, and symmetric codes waste half the range.
 
 The forward loop owns the data and its order. A temporal model (BEVFormer) must be run in frame
 order, carrying ``prev_bev`` and resetting it at scene boundaries, exactly as at inference, so that
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from bevdeploy.distributed import DistContext, fail_together
 from bevdeploy.quant.calib import CALIB_METHODS, Calibrator, MaxCalibrator, make_calibrator
 
-__all__ = ["CalibrationPoint", "CalibrationTable", "calibrate"]
+__all__ = ["CalibrationPoint", "CalibrationTable", "asymmetric_qparams", "calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,30 @@ INT8_MAX = 127
 
 _FORMAT = "bevdeploy.calibration_table"
 _VERSION = 1
+
+
+def asymmetric_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """``(scale, zero_point)`` of asymmetric per-tensor int8 over ``[lo, hi]``: ``x ~= scale * (q - z)``,
+    ``q`` in ``[-128, 127]``.
+
+    Why: ReLU / SiLU outputs are (nearly) one-sided, so the symmetric ``amax / 127`` spends half of the
+    codes on values that never occur; spreading all 256 codes over ``[lo, hi]`` halves the step.
+    The range is widened to hold 0 and ``z`` is an integer, so 0 (padding, ReLU's zeros) is exact.
+    Convention: ``z == 0`` means the symmetric scheme (codes clamped to ``[-127, 127]``), ``z != 0``
+    clamps to ``[-128, 127]``. A ReLU input (``lo = 0``) gets ``z = -128``, ``scale = hi / 255``; a
+    zero-width range gets ``(1.0, 0)``.
+
+    Raises:
+        ValueError: ``lo`` or ``hi`` not finite, or ``lo > hi``.
+    """
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"need finite lo <= hi, got {lo=}, {hi=}")
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0.0:
+        return 1.0, 0
+    scale = (hi - lo) / 255
+    return scale, min(max(round(-128 - lo / scale), -128), 127)
 
 
 class CalibrationPoint(nn.Identity):
@@ -73,18 +99,43 @@ class CalibrationTable:
         num_samples: samples the forward loop ran (what it returned, else the model's forward calls).
         metadata: free-form JSON-able facts: ``model``, ``dataset``, ``date`` (UTC, ISO 8601),
             ``percentile``, ``torch``, ``not_run`` (hooked layers that never ran), ...
+        ranges: qualified module name -> signed ``(min, max)`` of that layer's input, unclipped (for
+            asymmetric quantization, :meth:`qparams`); empty for tables written before it existed.
     """
 
     amax: dict[str, float]
     method: str
     num_samples: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def scale(self, name: str) -> float:
         """The int8 scale of layer ``name``'s input: ``amax / 127``."""
         if name not in self.amax:
             raise KeyError(f"no calibrated range for layer {name!r} (the table has {len(self.amax)} layers)")
         return self.amax[name] / INT8_MAX
+
+    def qparams(self, name: str, asymmetric: bool) -> tuple[float, int]:
+        """``(scale, zero_point)`` of layer ``name``'s input.
+
+        Symmetric: ``(scale(name), 0)``. Asymmetric: the method's clip (``amax``, the entropy /
+        percentile threshold; minmax's is ``max |x|`` and clips nothing) applied to the signed range,
+        ``[max(min, -amax), min(max, amax)]``, then :func:`asymmetric_qparams`. A layer whose input was
+        all zeros (amax 0) gets ``(1.0, 0)`` here: the table's coverage check flags it (it stays float).
+
+        Raises:
+            KeyError: no calibrated amax, or (asymmetric) no signed range for ``name``.
+        """
+        scale = self.scale(name)
+        if not asymmetric:
+            return scale, 0
+        if name not in self.ranges:
+            raise KeyError(f"no signed input range for layer {name!r}: asymmetric quantization needs a table "
+                           "calibrated by a bevdeploy that records ranges (this one was written before): re-calibrate")
+        lo, hi = self.ranges[name]
+        amax = self.amax[name]
+        # widened to hold 0 first (as asymmetric_qparams does), so a clip past a one-sided range keeps lo <= hi
+        return asymmetric_qparams(max(min(lo, 0.0), -amax), min(max(hi, 0.0), amax))
 
     def __len__(self) -> int:
         return len(self.amax)
@@ -101,6 +152,7 @@ class CalibrationTable:
             "num_samples": self.num_samples,
             "metadata": self.metadata,
             "amax": self.amax,
+            "ranges": {name: list(r) for name, r in self.ranges.items()},
         }
         return json.dumps(doc, indent=1, allow_nan=False) + "\n"
 
@@ -138,11 +190,20 @@ class CalibrationTable:
         for name, value in amax.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{source}: amax of {name!r} must be a finite number >= 0, got {value!r}")
+        ranges = doc.get("ranges", {})  # absent in tables written before asymmetric quantization
+        if not isinstance(ranges, dict):
+            raise ValueError(f"{source}: ranges must be an object {{layer: [min, max]}}, got {type(ranges).__name__}")
+        for name, r in ranges.items():
+            if (not isinstance(r, list) or len(r) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in r)
+                    or r[0] > r[1]):
+                raise ValueError(f"{source}: range of {name!r} must be [min, max] of finite numbers, got {r!r}")
         return cls(
             amax={name: float(value) for name, value in amax.items()},
             method=method,
             num_samples=num_samples,
             metadata=metadata,
+            ranges={name: (float(r[0]), float(r[1])) for name, r in ranges.items()},
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -286,7 +347,9 @@ def calibrate(
             threshold of a histogram dominated by zeros clips them). Recorded in the metadata.
 
     Returns:
-        The :class:`CalibrationTable`.
+        The :class:`CalibrationTable`; besides ``amax`` it records every layer's signed input range
+        (``ranges``, one ``aminmax`` per call, merged over processes) for asymmetric quantization
+        (:meth:`CalibrationTable.qparams`), whatever the method.
 
     Raises:
         ValueError: unknown ``method``, or no module of ``layer_types`` in ``model``.
@@ -330,10 +393,11 @@ def calibrate(
     else:
         calibrators = {name: make_calibrator(method_of[name], percentile=percentile) for name in names}
     with fail_together(dist if merge else None):
-        calls, forward_calls, returned = _run_hooked(model, forward_loop, calibrators)
+        calls, forward_calls, returned, signed = _run_hooked(model, forward_loop, calibrators)
     if merge:
         for cal in calibrators.values():
             cal.all_reduce()
+        signed = _min_max_over_processes(signed)
         calls = dict(zip(names, _sum_over_processes([calls[n] for n in names])))
         forward_calls = _sum_over_processes([forward_calls])[0]
         if isinstance(returned, int) and not isinstance(returned, bool):
@@ -374,7 +438,8 @@ def calibrate(
         metadata["percentile"] = percentile
     if overrides:
         metadata["method_overrides"] = overrides
-    return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata)
+    return CalibrationTable(amax=amax, method=method, num_samples=num_samples, metadata=metadata,
+                            ranges={name: signed[name] for name in amax})
 
 
 def _sum_over_processes(values: list[int]) -> list[int]:
@@ -387,12 +452,32 @@ def _sum_over_processes(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def _run_hooked(model: nn.Module, forward_loop: Callable, calibrators: dict[str, Calibrator]) -> tuple[dict, int, Any]:
+def _min_max_over_processes(signed: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Every layer's (min, max) over all processes (a layer may have run on some only); the layer order
+    is the same everywhere (``model.named_modules()``)."""
+    import torch.distributed as torch_dist
+
+    from bevdeploy.distributed import comm_device
+
+    names = list(signed)
+    lo = torch.tensor([signed[n][0] for n in names], dtype=torch.float64, device=comm_device())
+    hi = torch.tensor([signed[n][1] for n in names], dtype=torch.float64, device=comm_device())
+    torch_dist.all_reduce(lo, op=torch_dist.ReduceOp.MIN)
+    torch_dist.all_reduce(hi, op=torch_dist.ReduceOp.MAX)
+    return {n: (a, b) for n, a, b in zip(names, lo.tolist(), hi.tolist())}
+
+
+def _run_hooked(model: nn.Module, forward_loop: Callable,
+                calibrators: dict[str, Calibrator]) -> tuple[dict, int, Any, dict[str, tuple[float, float]]]:
     """Run ``forward_loop(model)`` once with each calibrator collecting its layer's input.
 
-    Returns (calls per layer, the model's forward calls, what the loop returned).
+    Returns (calls per layer, the model's forward calls, what the loop returned, signed (min, max) of
+    each layer's input: (inf, -inf) where it saw no element). The running min / max stay on the
+    input's device (one ``aminmax`` per call, no host sync) and are read once at the end.
     """
     calls = dict.fromkeys(calibrators, 0)
+    mins: dict[str, Tensor] = {}
+    maxs: dict[str, Tensor] = {}
 
     def make_hook(name: str, calibrator: Calibrator) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -400,10 +485,15 @@ def _run_hooked(model: nn.Module, forward_loop: Callable, calibrators: dict[str,
             if not isinstance(x, Tensor):
                 raise TypeError(f"layer {name!r}: expected a Tensor input to calibrate, got {type(x).__name__}")
             try:
-                calibrator.collect(x)
+                calibrator.collect(x)  # refuses NaN / inf and non-float inputs first
             except RuntimeError as err:
                 raise RuntimeError(f"layer {name!r}: {err}") from err
             calls[name] += 1
+            if x.numel():
+                lo, hi = torch.aminmax(x.detach())
+                lo, hi = lo.float(), hi.float()
+                mins[name] = torch.minimum(mins[name], lo) if name in mins else lo
+                maxs[name] = torch.maximum(maxs[name], hi) if name in maxs else hi
 
         return hook
 
@@ -423,4 +513,6 @@ def _run_hooked(model: nn.Module, forward_loop: Callable, calibrators: dict[str,
     finally:
         for handle in handles:
             handle.remove()
-    return calls, forward_calls, returned
+    signed = {name: tuple(torch.stack([mins[name], maxs[name].to(mins[name].device)]).tolist()) if name in mins
+              else (math.inf, -math.inf) for name in calibrators}
+    return calls, forward_calls, returned, signed

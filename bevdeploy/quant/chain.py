@@ -44,7 +44,9 @@ int8 layer's input, or an int8 conv epilogue's residual); any float consumer (a 
 an upsample, the returned feature list) keeps it float, and the producer writes float directly, so
 the chain never adds a dequantize pass. Readers of one tensor share one scale: the largest of their
 calibrated input scales (they calibrated the same tensor, so these agree up to calibrator noise;
-the largest clips nothing any of them kept).
+the largest clips nothing any of them kept). With zero points (asymmetric codes) they share the
+(scale, zero point) covering the union of their ranges; producers write codes with that zero point
+and residual epilogues read them with it.
 
 Origin: TensorRT's explicit-quantization graphs (Q/DQ pairs propagated and fused into conv
 epilogues) express the same data flow; here it is a module rewrite the engine exports as is.
@@ -57,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevdeploy.models.yolox import YOLOXPAFPN
+from bevdeploy.quant.int8_kernels import code_range
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
@@ -111,10 +114,13 @@ def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
     return conv(x) if _is_q(conv) else F.relu(conv(x))
 
 
-def _conv_residual_relu(conv: nn.Module, x: Tensor, identity: Tensor, identity_scale: float | None) -> Tensor:
+def _conv_residual_relu(conv: nn.Module, x: Tensor, identity: Tensor, identity_scale: float | None,
+                        identity_zero_point: int = 0) -> Tensor:
     """relu(conv(x) + identity): one epilogue for an int8 conv (int8 or float identity)."""
     if _is_q(conv):
-        return conv(x, residual=identity, residual_scale=identity_scale if identity.dtype == torch.int8 else None)
+        if identity.dtype != torch.int8:
+            return conv(x, residual=identity)
+        return conv(x, residual=identity, residual_scale=identity_scale, residual_zero_point=identity_zero_point)
     assert identity.dtype != torch.int8, "float conv with an int8 identity: chain_int8 must keep it float"
     return F.relu(conv(x) + identity)
 
@@ -122,7 +128,7 @@ def _conv_residual_relu(conv: nn.Module, x: Tensor, identity: Tensor, identity_s
 class Int8Bottleneck(nn.Module):
     """A ``Bottleneck`` whose convs pass int8 codes (see the module docstring); same child names.
 
-    ``in_scale``: the scale of the int8 input codes (None: float input).
+    ``in_scale``, ``in_zero_point``: the scale and zero point of the int8 input codes (None: float input).
     """
 
     def __init__(self, block: nn.Module) -> None:
@@ -130,6 +136,7 @@ class Int8Bottleneck(nn.Module):
         self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
         self.downsample = block.downsample
         self.in_scale: float | None = None
+        self.in_zero_point = 0
         self.int8_identity = True
         for conv in (self.conv1, self.conv2, self.conv3):
             if _is_q(conv):
@@ -154,7 +161,7 @@ class Int8Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = _conv_relu(self.conv1, x)
         out = _conv_relu(self.conv2, out)
-        return _conv_residual_relu(self.conv3, out, identity, self.in_scale)
+        return _conv_residual_relu(self.conv3, out, identity, self.in_scale, self.in_zero_point)
 
 
 class Int8BasicBlock(nn.Module):
@@ -165,6 +172,7 @@ class Int8BasicBlock(nn.Module):
         self.conv1, self.conv2 = block.conv1, block.conv2
         self.downsample = block.downsample
         self.in_scale: float | None = None
+        self.in_zero_point = 0
         self.int8_identity = True
         for conv in (self.conv1, self.conv2):
             if _is_q(conv):
@@ -187,7 +195,7 @@ class Int8BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = _conv_relu(self.conv1, x)
-        return _conv_residual_relu(self.conv2, out, identity, self.in_scale)
+        return _conv_residual_relu(self.conv2, out, identity, self.in_scale, self.in_zero_point)
 
 
 _BLOCKS = (Int8Bottleneck, Int8BasicBlock)
@@ -253,8 +261,8 @@ class Int8CustomFPN(nn.Module):
 class Int8FPN(nn.Module):
     """BEVFormer's ``FPN`` with the top-down sum fused into each lateral conv's epilogue (the
     upsampled level above as its residual, int8 codes when that lateral writes int8) and each
-    lateral written as int8 for its output conv when both readers are int8. ``lateral_scales[i]``:
-    the scale of lateral i's int8 output (None: float)."""
+    lateral written as int8 for its output conv when both readers are int8. ``lateral_scales[i]``,
+    ``lateral_zero_points[i]``: the scale and zero point of lateral i's int8 output (None: float)."""
 
     def __init__(self, fpn: nn.Module) -> None:
         super().__init__()
@@ -263,6 +271,7 @@ class Int8FPN(nn.Module):
             setattr(self, attr, getattr(fpn, attr))
         self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
         self.lateral_scales: list[float | None] = [None] * len(self.lateral_convs)
+        self.lateral_zero_points: list[int] = [0] * len(self.lateral_convs)
 
     def forward(self, inputs) -> list[Tensor]:
         if len(inputs) != len(self.in_channels):
@@ -274,8 +283,11 @@ class Int8FPN(nn.Module):
         for i in range(used - 2, -1, -1):
             up = _nearest_like(lat[i + 1], xs[i].shape[2:])
             conv = self.lateral_convs[i].conv
-            if _is_q(conv):
-                lat[i] = conv(xs[i], residual=up, residual_scale=self.lateral_scales[i + 1])
+            if _is_q(conv) and up.dtype == torch.int8:
+                lat[i] = conv(xs[i], residual=up, residual_scale=self.lateral_scales[i + 1],
+                              residual_zero_point=self.lateral_zero_points[i + 1])
+            elif _is_q(conv):
+                lat[i] = conv(xs[i], residual=up)
             else:
                 lat[i] = conv(xs[i]) + up
         outs = [self.fpn_convs[i](lat[i]) for i in range(used)]
@@ -299,29 +311,45 @@ def _single_conv(m: nn.Module | None) -> nn.Module | None:
     return m
 
 
-def _link(producer: nn.Module | None, readers: list[tuple[nn.Module | None, str]]) -> float | None:
-    """Make ``producer`` write int8 for ``readers`` when it and all of them are int8; returns the scale.
+def _shared_qparams(inputs: list[nn.Module]) -> tuple[float, int]:
+    """One (scale, zero point) for the readers of one tensor: the largest scale when all are symmetric,
+    else the asymmetric quantizer of the union of the ranges they represent."""
+    if all(m.input_zero_point == 0 for m in inputs):
+        return max(m.input_scale for m in inputs), 0
+    from bevdeploy.quant.calibrate import asymmetric_qparams
+
+    lo = min(m.input_scale * (code_range(m.input_zero_point)[0] - m.input_zero_point) for m in inputs)
+    hi = max(m.input_scale * (code_range(m.input_zero_point)[1] - m.input_zero_point) for m in inputs)
+    return asymmetric_qparams(lo, hi)
+
+
+def _float_output(producer: nn.Module | None) -> None:
+    if _is_int8(producer):
+        producer.out_scale, producer.out_zero_point = None, 0
+
+
+def _link(producer: nn.Module | None, readers: list[tuple[nn.Module | None, str]]) -> tuple[float, int] | None:
+    """Make ``producer`` write int8 for ``readers`` when it and all of them are int8; returns the codes'
+    (scale, zero point), or None (float).
 
     readers: ``(module, "input")`` for an int8 conv / linear reading the tensor as its input,
     ``(module, "residual")`` for an int8 conv epilogue adding it, ``(None, "float")`` for a float consumer.
     """
-    if not _is_int8(producer) or not readers or not all(_is_int8(m) for m, _ in readers):
-        if _is_int8(producer):
-            producer.out_scale = None
-        return None
     inputs = [m for m, kind in readers if kind == "input"]
-    if not inputs:
-        producer.out_scale = None
+    if not _is_int8(producer) or not inputs or not all(_is_int8(m) for m, _ in readers):
+        _float_output(producer)
         return None
-    scale = max(m.input_scale for m in inputs)
+    scale, zero_point = _shared_qparams(inputs)
     for m in inputs:
         m.input_scale = scale
-    producer.out_scale = scale
-    return scale
+        if m.input_zero_point != zero_point:
+            m.set_input_zero_point(zero_point)
+    producer.out_scale, producer.out_zero_point = scale, zero_point
+    return scale, zero_point
 
 
 def _link_into_block(producer: nn.Module | None, block: nn.Module, extra=()) -> None:
-    block.in_scale = _link(producer, [*block.input_readers(), *extra])
+    block.in_scale, block.in_zero_point = _link(producer, [*block.input_readers(), *extra]) or (None, 0)
 
 
 def _convert_blocks(model: nn.Module) -> None:
@@ -426,6 +454,7 @@ class Int8DarknetBottleneck(nn.Module):
         self.conv1, self.conv2 = block.conv1, block.conv2
         self.add_identity = block.add_identity
         self.in_scale: float | None = None
+        self.in_zero_point = 0
         self.int8_identity = True
         if self.add_identity and _cm_conv(self.conv2) is not None:
             _cm_conv(self.conv2).residual_after_act = True
@@ -449,7 +478,9 @@ class Int8DarknetBottleneck(nn.Module):
             return self.conv2(out)
         c2 = _cm_conv(self.conv2)
         if c2 is not None:
-            return c2(out, residual=x, residual_scale=self.in_scale if x.dtype == torch.int8 else None)
+            if x.dtype != torch.int8:
+                return c2(out, residual=x)
+            return c2(out, residual=x, residual_scale=self.in_scale, residual_zero_point=self.in_zero_point)
         assert x.dtype != torch.int8, "float conv2 with an int8 identity: chain_int8 must keep it float"
         return self.conv2(out) + x
 
@@ -520,31 +551,32 @@ def _y_producer(m: nn.Module) -> nn.Module | None:
     return _cm_conv(m)
 
 
-def _y_set_in_scale(readers: list[nn.Module], scale: float | None) -> None:
-    """Blocks among ``readers`` (first modules of a Sequential included) learn their int8 input's scale."""
+def _y_set_in_qparams(readers: list[nn.Module], qparams: tuple[float, int] | None) -> None:
+    """Blocks among ``readers`` (first modules of a Sequential included) learn their int8 input's
+    (scale, zero point)."""
     for m in readers:
         while type(m) is nn.Sequential:
             m = m[0]
         if isinstance(m, Int8DarknetBottleneck):
-            m.in_scale = scale
+            m.in_scale, m.in_zero_point = qparams or (None, 0)
 
 
-def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=()) -> float | None:
+def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=()) -> tuple[float, int] | None:
     """The outputs of YOLOX modules ``producers`` (one tensor, or tensors concatenated for the readers)
-    go int8 at one scale when every producer's last conv is int8 and every reader is; else all float."""
+    go int8 at one (scale, zero point) when every producer's last conv is int8 and every reader is; else
+    all float."""
     convs = [_y_producer(p) for p in producers]
     rs = [r for m in readers for r in _y_readers(m)] + list(extra)
+    qparams = None
     if all(c is not None for c in convs):
-        scale = _link(convs[0], rs)
+        qparams = _link(convs[0], rs)
         for c in convs[1:]:
-            c.out_scale = scale
+            c.out_scale, c.out_zero_point = qparams or (None, 0)
     else:
-        scale = None
         for c in convs:
-            if c is not None:
-                c.out_scale = None
-    _y_set_in_scale(readers, scale)
-    return scale
+            _float_output(c)
+    _y_set_in_qparams(readers, qparams)
+    return qparams
 
 
 def _link_csp(csp: nn.Module) -> None:
@@ -700,7 +732,7 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
             readers = [(fpn.fpn_convs[i].conv, "input")]
             if i > 0:
                 readers.append((fpn.lateral_convs[i - 1].conv, "residual"))
-            fpn.lateral_scales[i] = _link(fpn.lateral_convs[i].conv, readers)
+            fpn.lateral_scales[i], fpn.lateral_zero_points[i] = _link(fpn.lateral_convs[i].conv, readers) or (None, 0)
     _link_ffns(model)
     _convert_yolox(model)
     for m in model.modules():

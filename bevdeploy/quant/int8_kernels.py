@@ -19,6 +19,15 @@ symmetric, no zero point; a NaN becomes code 0), so activations stay int8 betwee
 int8 codes with their own ``residual_scale`` (a ResNet identity coming from the previous block's
 int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[m, n]``.
 
+Zero points (asymmetric activations). ReLU and SiLU outputs are one-sided, so symmetric codes waste
+about one bit on them. Every activation code may carry an integer zero point ``z`` in [-128, 127]:
+``x ~= s * (q - z)``, codes clamped to [-128, 127] (``z = 0`` is the symmetric scheme above, codes in
+[-127, 127], bit for bit). The input's ``z`` costs nothing in the main loop:
+``sum_k (q - z) w = sum_k q w - z * w_sum[n]`` with ``w_sum[n] = sum_k w_q[n, k]`` precomputed, one
+int32 multiply-subtract per output in the epilogue (exact); the conv pads with ``z`` (the code of
+0), so padded taps cancel in that sum. The int8 output (``out_zero_point``) adds ``z`` after rounding;
+an int8 residual subtracts its ``residual_zero_point`` before its scale.
+
 Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operands are K-contiguous
 (Hopper's 8-bit wgmma reads both operands K-major); with a row-major [K, N] right operand it measured
 ~300 TOPS (``reference/h100-measured.md``). So:
@@ -81,6 +90,24 @@ def _check_scale(name: str, scale: object) -> float:
     return scale
 
 
+def _check_zero_point(name: str, zp: object) -> int:
+    if isinstance(zp, bool) or not isinstance(zp, int) or not -128 <= zp <= 127:
+        raise ValueError(f"{name} must be an int in [-128, 127] (an int8 code), got {zp!r}")
+    return zp
+
+
+def _check_zero_points(n: int, x_zero_point=0, w_sum=None, residual=None, residual_zero_point=0, out_scale=None,
+                       out_zero_point=0) -> None:
+    _check_zero_point("x_zero_point", x_zero_point)
+    if w_sum is not None:
+        check_tensor("w_sum", w_sum, shape=(n,), dtypes=(torch.int32,))
+    if _check_zero_point("residual_zero_point", residual_zero_point) and (residual is None
+                                                                          or residual.dtype != torch.int8):
+        raise ValueError("residual_zero_point applies to an int8 residual only")
+    if _check_zero_point("out_zero_point", out_zero_point) and out_scale is None:
+        raise ValueError("out_zero_point applies to an int8 output (out_scale) only")
+
+
 def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_dtype, residual_scale=None,
                     out_scale=None, config=None) -> None:
     check_tensor("w_scale", w_scale, shape=(n,), dtypes=(torch.float32,))
@@ -109,9 +136,10 @@ def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_
                          f"got {out_dtype!r}")
 
 
-def _check_quantize(x: Tensor, scale: float) -> None:
+def _check_quantize(x: Tensor, scale: float, zero_point: int = 0) -> None:
     check_tensor("x", x, dtypes=_FLOAT)
     _check_scale("scale", scale)
+    _check_zero_point("zero_point", zero_point)
 
 
 def _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None,
@@ -169,18 +197,27 @@ def _act(y: Tensor, activation: str) -> Tensor:
     return y
 
 
-def reference_quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
-    """round_half_even(fp32(x) / fp32(scale)) clamped to [-127, 127], memory format kept.
+def code_range(zero_point: int) -> tuple[int, int]:
+    """The int8 codes a quantizer with this zero point writes: [-127, 127] symmetric (``z = 0``, as
+    TensorRT), the full [-128, 127] with a zero point."""
+    return (-127 if zero_point == 0 else -128), 127
+
+
+def reference_quantize_per_tensor(x: Tensor, scale: float, zero_point: int = 0) -> Tensor:
+    """round_half_even(fp32(x) / fp32(scale)) + zero_point clamped to :func:`code_range`, memory format kept.
 
     Plain torch ops (a python-float divisor is applied in fp32), so a compiler can fuse them into the
     kernel that produces ``x``: the int8 modules use this form inside engines (``quantize_in_graph``).
     """
-    q = torch.clamp(torch.round(x.float() / float(scale)), -127, 127)
+    lo, hi = code_range(zero_point)
+    v = torch.round(x.float() / float(scale))
+    q = torch.clamp(v + zero_point if zero_point else v, lo, hi)
     return q.to(torch.int8)
 
 
-def _requantize(y: Tensor, out_scale: float) -> Tensor:
-    """The int8 epilogue: clamp(round_half_even(y * fp32(1 / out_scale)), -127, 127) in fp32, NaN -> 0.
+def _requantize(y: Tensor, out_scale: float, out_zero_point: int = 0) -> Tensor:
+    """The int8 epilogue: clamp(round_half_even(y * fp32(1 / out_scale)) + out_zero_point, code_range) in
+    fp32, NaN -> the code of 0 (``out_zero_point``).
 
     The kernels multiply by the reciprocal (a division per output element would cost more than the
     rest of the epilogue); it differs from ``y / out_scale`` by at most one fp32 ulp, i.e. only where
@@ -189,44 +226,50 @@ def _requantize(y: Tensor, out_scale: float) -> Tensor:
     inv = torch.tensor(1.0 / out_scale, dtype=torch.float32).item()
     v = y.float() * inv
     v = torch.where(torch.isnan(v), torch.zeros((), dtype=v.dtype, device=v.device), v)
-    return torch.clamp(torch.round(v), -127, 127).to(torch.int8)
+    lo, hi = code_range(out_zero_point)
+    return torch.clamp(torch.round(v) + out_zero_point, lo, hi).to(torch.int8)
 
 
 def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias,
-                  residual_after_act=False) -> Tensor:
+                  residual_after_act=False, residual_zero_point=0, out_zero_point=0) -> Tensor:
     if bias is not None:
         y = y + bias.float().view(shape_bias)
     r = None
     if residual is not None:
-        r = residual.float() * residual_scale if residual.dtype == torch.int8 else residual.float()
+        r = ((residual.float() - residual_zero_point) * residual_scale if residual.dtype == torch.int8
+             else residual.float())
     if r is not None and not residual_after_act:
         y = y + r
     y = _act(y, activation)
     if r is not None and residual_after_act:
         y = y + r
-    return _requantize(y, out_scale) if out_scale is not None else y.to(OUT_DTYPES[out_dtype])
+    return _requantize(y, out_scale, out_zero_point) if out_scale is not None else y.to(OUT_DTYPES[out_dtype])
 
 
 def reference_int8_linear(x_q, w_q, x_scale, w_scale, bias=None, residual=None, activation="none",
                           out_dtype="float16", residual_scale=None, out_scale=None,
-                          residual_after_act=False) -> Tensor:
-    """The int8 codes multiplied in fp32 (products exact; sums exact while |acc| < 2^24, else within
-    6e-8 relative), dequantized, epilogue in fp32 (int8 output with ``out_scale``)."""
-    acc = x_q.float() @ w_q.float().t()
+                          residual_after_act=False, x_zero_point=0, residual_zero_point=0,
+                          out_zero_point=0) -> Tensor:
+    """The int8 codes (less their zero point) multiplied in fp32 (products exact; sums exact while
+    |acc| < 2^24, else within 6e-8 relative), dequantized, epilogue in fp32 (int8 output with ``out_scale``)."""
+    acc = (x_q.float() - x_zero_point) @ w_q.float().t()
     y = acc * (x_scale * w_scale)
     return _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (-1,),
-                         residual_after_act)
+                         residual_after_act, residual_zero_point, out_zero_point)
 
 
 def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                           groups=1, residual=None, activation="none", out_dtype="float16", residual_scale=None,
-                          out_scale=None, residual_after_act=False) -> Tensor:
-    """F.conv2d on the int8 codes in fp32 (same exactness as the linear), epilogue in fp32 (int8
-    output with ``out_scale``), channels-last output."""
-    acc = F.conv2d(x_q.float(), w_q.permute(0, 3, 1, 2).float(), None, list(stride), list(padding), list(dilation))
+                          out_scale=None, residual_after_act=False, x_zero_point=0, residual_zero_point=0,
+                          out_zero_point=0) -> Tensor:
+    """F.conv2d on the int8 codes less their zero point in fp32, zero padding (= padding the codes
+    with the zero point; same exactness as the linear), epilogue in fp32 (int8 output with
+    ``out_scale``), channels-last output."""
+    acc = F.conv2d(x_q.float() - x_zero_point, w_q.permute(0, 3, 1, 2).float(), None, list(stride), list(padding),
+                   list(dilation))
     y = acc * (x_scale * w_scale)[None, :, None, None]
     y = _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (1, -1, 1, 1),
-                      residual_after_act)
+                      residual_after_act, residual_zero_point, out_zero_point)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -319,20 +362,23 @@ if triton_available():
         # sizes
         n,
         scale,
+        lo,  # code_range(z)[0] - z, as fp32 (the clamp before rounding; bounds are integers)
+        hi,  # 127 - z
+        zp,  # z, as fp32
         # constexpr
         BLOCK: tl.constexpr,
     ):
-        """y = clamp(rint(x / scale), -127, 127). The division is IEEE round-to-nearest (``div_rn``;
+        """y = clamp(rint(x / scale), lo, hi) + z. The division is IEEE round-to-nearest (``div_rn``;
         Triton's ``/`` on fp32 may be the approximate ``div.full``), so codes equal torch's bit for bit;
-        rint by the 1.5 * 2^23 trick: for |v| <= 127 the fp32 sum v + 12582912 has ulp 1, so the
+        rint by the 1.5 * 2^23 trick: for |v| <= 255 the fp32 sum v + 12582912 has ulp 1, so the
         addition rounds half to even like torch.round."""
         base = tl.program_id(0).to(tl.int64) * BLOCK
         offs = tl.arange(0, BLOCK)
         mask = offs < n - base
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.math.div_rn(x, scale)
-        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        r = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, lo), hi)
+        r = (v + 12582912.0) - 12582912.0 + zp
         tl.store(y_ptr + base + offs, r.to(tl.int8), mask=mask)
 
     @triton.jit
@@ -355,16 +401,22 @@ if triton_available():
         acc, offs_m, offs_n, M, N, x_scale,
         ws_ptr, b_ptr, r_ptr, y_ptr,
         stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
+        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
-        RES_AFTER_ACT: tl.constexpr,
+        RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr,
     ):  # fmt: skip
         """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
         act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
         cast to y's float dtype, or (OUT_INT8) as clamp(rint(y * inv_out_scale), -127, 127): the next
         int8 layer's codes, written once at 1 byte instead of 2 and never re-read as float. rint by
-        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0."""
+        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0.
+        Zero points (module docstring): HAS_XZP subtracts x_zp * w_sum[n] from the int32 sum; an int8
+        residual is read as (r - res_zp) * res_scale; int8 codes are clamped to [out_lo, out_hi]
+        (code range less out_zp) before rounding and get out_zp added after it."""
         m_mask = offs_m < M
         n_mask = offs_n < N
+        if HAS_XZP:
+            acc = acc - x_zp * tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
         out = acc.to(tl.float32) * (ws * x_scale)[None, :]
         if HAS_BIAS:
@@ -373,21 +425,21 @@ if triton_available():
         rows = offs_m.to(tl.int64)
         if HAS_RESIDUAL and not RES_AFTER_ACT:
             r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * res_scale
+            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
         if ACTIVATION == 1:
             out = tl.maximum(out, 0.0)
         elif ACTIVATION == 2:
             out = out * tl.sigmoid(out)
         if HAS_RESIDUAL and RES_AFTER_ACT:
             r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * res_scale
+            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if OUT_INT8:
             v = out * inv_out_scale
             # NaN -> code 0 (as PTX's saturating cvt): max/min on NaN pick either operand by backend
             v = tl.where(v != v, 0.0, v)
-            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-            v = (v + 12582912.0) - 12582912.0
+            v = tl.minimum(tl.maximum(v, out_lo), out_hi)
+            v = (v + 12582912.0) - 12582912.0 + out_zp
             tl.store(y_ptrs, v.to(tl.int8), mask=mask)
         else:
             tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
@@ -408,6 +460,12 @@ if triton_available():
         x_scale,
         res_scale,  # residual multiplier (its int8 scale; 1.0 for a float residual)
         inv_out_scale,  # 1 / out_scale (OUT_INT8)
+        x_zp,  # input zero point (int; used when HAS_XZP)
+        wsum_ptr,  # w_sum [N] int32 (used when HAS_XZP)
+        res_zp,  # int8 residual's zero point (fp32; 0 otherwise)
+        out_lo,  # int8 output: code range less out_zp (fp32)
+        out_hi,
+        out_zp,  # int8 output's zero point (fp32)
         # strides (elements)
         stride_xm,
         stride_wn,
@@ -421,6 +479,7 @@ if triton_available():
         ACTIVATION: tl.constexpr,  # 0 none, 1 relu, 2 silu
         OUT_INT8: tl.constexpr,  # requantize to int8 codes of out_scale
         RES_AFTER_ACT: tl.constexpr,  # the residual is added after the activation
+        HAS_XZP: tl.constexpr,  # the input has a zero point: subtract x_zp * w_sum[n] in the epilogue
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the main loop
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -452,7 +511,8 @@ if triton_available():
             w_ptrs += BLOCK_K
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT)  # fmt: skip
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -474,6 +534,12 @@ if triton_available():
         x_scale,
         res_scale,
         inv_out_scale,
+        x_zp,  # input zero point (int): the padding's code, and x_zp * w_sum[o] comes off the sum
+        wsum_ptr,
+        res_zp,
+        out_lo,
+        out_hi,
+        out_zp,
         stride_h,
         stride_w,
         pad_h,
@@ -493,6 +559,7 @@ if triton_available():
         ACTIVATION: tl.constexpr,
         OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr,
+        HAS_XZP: tl.constexpr,
         EVEN_C: tl.constexpr,  # C % BLOCK_K == 0: only the padding mask (constant along channels)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -500,8 +567,8 @@ if triton_available():
         GROUP_M: tl.constexpr,
     ):
         """Implicit GEMM: one flat loop over (kernel point, channel block) so the software pipeliner
-        prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (zero in
-        the padding) dotted with the [BN, BK] weight slab, transposed (both K-major)."""
+        prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (the code
+        of 0 in the padding) dotted with the [BN, BK] weight slab, transposed (both K-major)."""
         pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -517,6 +584,7 @@ if triton_available():
         img = b.to(tl.int64) * stride_xb
         w_rows = w_ptr + rn[:, None] * stride_wo + offs_k[None, :]
         c_blocks = tl.cdiv(C, BLOCK_K)
+        pad_code = x_zp.to(tl.int8)  # the code of 0 (symmetric: 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for it in range(0, KH * KW * c_blocks):
             kp = it // c_blocks
@@ -530,16 +598,23 @@ if triton_available():
             a_ptrs = x_ptr + pix[:, None] + (c0 + offs_k)[None, :]
             w_ptrs = w_rows + (kp * C + c0)
             if EVEN_C:
-                a = tl.load(a_ptrs, mask=valid[:, None], other=0)
+                if HAS_XZP:
+                    a = tl.load(a_ptrs, mask=valid[:, None], other=pad_code)
+                else:
+                    a = tl.load(a_ptrs, mask=valid[:, None], other=0)
                 w = tl.load(w_ptrs)
             else:
-                c_mask = (c0 + offs_k)[None, :] < C
-                a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=0)
+                c_mask = (c0 + offs_k)[None, :] < C  # the channel tail's weights are 0: any code there
+                if HAS_XZP:
+                    a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=pad_code)
+                else:
+                    a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=0)
                 w = tl.load(w_ptrs, mask=c_mask, other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT)  # fmt: skip
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +635,7 @@ def _check_out(out: Tensor | None, ref: Tensor) -> Tensor:
     return out
 
 
-def _quantize_per_tensor_triton(x: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+def _quantize_per_tensor_triton(x: Tensor, scale: float, out: Tensor | None = None, *, zero_point: int = 0) -> Tensor:
     """Flat kernel over the dense storage: y gets x's strides (channels-last in, channels-last out)."""
     y = _check_out(out, _dense_like(x, torch.int8))
     if y.numel() == 0:
@@ -569,35 +644,57 @@ def _quantize_per_tensor_triton(x: Tensor, scale: float, out: Tensor | None = No
         x = torch.empty_like(y, dtype=x.dtype).copy_(x)
     block = 1024 if x.device.type != "cuda" else 4096
     grid = (triton.cdiv(x.numel(), block),)
-    _quantize_per_tensor_kernel[grid](x, y, x.numel(), float(scale), BLOCK=block, num_warps=8)
+    lo, hi = code_range(zero_point)
+    _quantize_per_tensor_kernel[grid](x, y, x.numel(), float(scale), float(lo - zero_point), float(hi - zero_point),
+                                      float(zero_point), BLOCK=block, num_warps=8)
     return y
 
 
-def _epilogue_args(residual_scale, out_scale) -> tuple[float, float]:
-    """(res_scale, inv_out_scale) kernel scalars; the reciprocal is rounded to fp32 as the reference does."""
+def _epilogue_args(residual_scale, out_scale, residual_zero_point=0, out_zero_point=0) -> tuple[float, ...]:
+    """(res_scale, inv_out_scale, res_zp, out_lo, out_hi, out_zp) kernel scalars; the reciprocal is
+    rounded to fp32 as the reference does."""
     inv = 1.0 if out_scale is None else torch.tensor(1.0 / out_scale, dtype=torch.float32).item()
-    return (1.0 if residual_scale is None else float(residual_scale)), inv
+    lo, hi = code_range(out_zero_point)
+    return ((1.0 if residual_scale is None else float(residual_scale)), inv, float(residual_zero_point),
+            float(lo - out_zero_point), float(hi - out_zero_point), float(out_zero_point))
+
+
+def weight_sums(w_q: Tensor) -> Tensor:
+    """``w_sum[n] = sum_k w_q[n, k]`` (int32) of int8 weights ``[N, ...]``: what an input zero point
+    costs the epilogue (``z * w_sum[n]``); computed once per layer at conversion."""
+    return w_q.reshape(w_q.shape[0], -1).sum(1, dtype=torch.int32)
 
 
 def _out_dtype(out_dtype: str, out_scale: float | None) -> torch.dtype:
     return torch.int8 if out_scale is not None else OUT_DTYPES[out_dtype]
 
 
+def _w_sum_arg(x_zero_point: int, w_sum: Tensor | None, w_q: Tensor) -> Tensor | None:
+    """The w_sum a zero-point input needs (computed here when the caller has none), else None."""
+    if not x_zero_point:
+        return None
+    return w_sum if w_sum is not None else weight_sums(w_q)
+
+
 def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, residual_scale=None, out_scale=None,
-                   residual_after_act=False):
+                   residual_after_act=False, x_zero_point=0, w_sum=None, residual_zero_point=0, out_zero_point=0):
     m, k = x2.shape
     n = w_q.shape[0]
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, n, k, x2.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     dummy = w_scale
-    res_scale, inv_out = _epilogue_args(residual_scale, out_scale)
+    w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)
+    res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
+                                                                        residual_zero_point, out_zero_point)
     _int8_linear_kernel[grid](
         x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
         m, n, k, float(x_scale), res_scale, inv_out,
+        int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
         x2.stride(0), w_q.stride(0),
         0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_K=k % bk == 0,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
+        EVEN_K=k % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -622,6 +719,10 @@ def _int8_linear_triton(
     residual_scale: float | None = None,
     out_scale: float | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """x_q [..., K] -> [..., N]. Operands that are not K-contiguous are copied (the slow layout is
     never fed to the dot); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)."""
@@ -631,13 +732,15 @@ def _int8_linear_triton(
     y = _check_out(out, torch.empty((*lead, n), dtype=_out_dtype(out_dtype, out_scale), device=x_q.device))
     if y.numel() == 0:
         return y
+    zps = (x_zero_point, residual_zero_point, out_zero_point)
     if k == 0:  # empty sum: the epilogue alone
         return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
-                                             residual_scale, out_scale, residual_after_act))
+                                             residual_scale, out_scale, residual_after_act, *zps))
     x2 = _k_contiguous(x_q.reshape(-1, k))
     r2 = None if residual is None else residual.reshape(-1, n)
     _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config,
-                   residual_scale, out_scale, residual_after_act)
+                   residual_scale, out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point,
+                   out_zero_point)
     return y
 
 
@@ -660,6 +763,10 @@ def _int8_conv2d_triton(
     residual_scale: float | None = None,
     out_scale: float | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """NHWC implicit GEMM (1x1 / stride 1 / no padding: the linear kernel on the NHWC views).
     An input or residual not in channels-last memory is copied to it first (one int8 relayout)."""
@@ -675,7 +782,7 @@ def _int8_conv2d_triton(
     if c == 0:
         return y.copy_(reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups,
                                              residual, activation, out_dtype, residual_scale, out_scale,
-                                             residual_after_act))
+                                             residual_after_act, x_zero_point, residual_zero_point, out_zero_point))
     if not x_q.is_contiguous(memory_format=torch.channels_last):
         x_q = x_q.contiguous(memory_format=torch.channels_last)
     if not w_q.is_contiguous():
@@ -690,19 +797,23 @@ def _int8_conv2d_triton(
     if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
-                       out_scale, residual_after_act)
+                       out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
         return y
     bm, bn, bk, group_m, warps, stages = config or gemm_config(m, o, c, x_q.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
-    res_scale, inv_out = _epilogue_args(residual_scale, out_scale)
+    w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)
+    res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
+                                                                        residual_zero_point, out_zero_point)
     _int8_conv2d_kernel[grid](
         x_q, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
         m, o, c, h, w, ho, wo, float(x_scale), res_scale, inv_out,
+        int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
-        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), EVEN_C=c % bk == 0,
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
+        EVEN_C=c % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -731,16 +842,16 @@ def _config(config: list[int] | None) -> Config | None:
 
 
 @torch.library.custom_op("bevdeploy::quantize_per_tensor", mutates_args=())
-def _quantize_per_tensor_op(x: Tensor, scale: float) -> Tensor:
+def _quantize_per_tensor_op(x: Tensor, scale: float, zero_point: int = 0) -> Tensor:
     if use_triton(x):
-        return _quantize_per_tensor_triton(x, scale)
+        return _quantize_per_tensor_triton(x, scale, zero_point=zero_point)
     out = _dense_like(x, torch.int8)
-    return out.copy_(reference_quantize_per_tensor(x, scale))
+    return out.copy_(reference_quantize_per_tensor(x, scale, zero_point))
 
 
 @_quantize_per_tensor_op.register_fake
-def _(x, scale):
-    _check_quantize(x, scale)
+def _(x, scale, zero_point=0):
+    _check_quantize(x, scale, zero_point)
     return _dense_like(x, torch.int8)
 
 
@@ -758,20 +869,27 @@ def _int8_linear_op(
     out_scale: float | None = None,
     config: list[int] | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
                                    config=_config(config), residual_scale=residual_scale, out_scale=out_scale,
-                                   residual_after_act=residual_after_act)
+                                   residual_after_act=residual_after_act, x_zero_point=x_zero_point, w_sum=w_sum,
+                                   residual_zero_point=residual_zero_point, out_zero_point=out_zero_point)
     return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
-                                 out_scale, residual_after_act).contiguous()
+                                 out_scale, residual_after_act, x_zero_point, residual_zero_point,
+                                 out_zero_point).contiguous()
 
 
 @_int8_linear_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None, out_scale=None,
-      config=None, residual_after_act=False):
+      config=None, residual_after_act=False, x_zero_point=0, w_sum=None, residual_zero_point=0, out_zero_point=0):
     shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
                           out_scale, config)
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
     return x_q.new_empty(shape, dtype=_out_dtype(out_dtype, out_scale))
 
 
@@ -793,20 +911,29 @@ def _int8_conv2d_op(
     out_scale: float | None = None,
     config: list[int] | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_conv2d_triton(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
                                    activation, out_dtype, config=_config(config), residual_scale=residual_scale,
-                                   out_scale=out_scale, residual_after_act=residual_after_act)
+                                   out_scale=out_scale, residual_after_act=residual_after_act,
+                                   x_zero_point=x_zero_point, w_sum=w_sum, residual_zero_point=residual_zero_point,
+                                   out_zero_point=out_zero_point)
     return reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
-                                 activation, out_dtype, residual_scale, out_scale, residual_after_act)
+                                 activation, out_dtype, residual_scale, out_scale, residual_after_act, x_zero_point,
+                                 residual_zero_point, out_zero_point)
 
 
 @_int8_conv2d_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
-      residual_scale=None, out_scale=None, config=None, residual_after_act=False):
+      residual_scale=None, out_scale=None, config=None, residual_after_act=False, x_zero_point=0, w_sum=None,
+      residual_zero_point=0, out_zero_point=0):
     shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
                         out_dtype, residual_scale, out_scale, config)
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
     return torch.empty(shape, dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
                        memory_format=torch.channels_last)
 
@@ -837,20 +964,22 @@ def _opt_list(config):
     return None if config is None else [int(v) for v in config]
 
 
-def quantize_per_tensor(x: Tensor, scale: float) -> Tensor:
-    """Symmetric per-tensor int8 quantization in one fused pass.
+def quantize_per_tensor(x: Tensor, scale: float, zero_point: int = 0) -> Tensor:
+    """Per-tensor int8 quantization in one fused pass (symmetric, or with a zero point).
 
     Args:
         x (Tensor[...]): float32 / float16 / bfloat16, any shape and memory format.
         scale (float): the calibrated scale (amax / 127); codes are ``round_half_even(x / scale)``
             in fp32, clamped to [-127, 127] (-128 is never produced, as TensorRT's symmetric int8).
+        zero_point (int): asymmetric codes ``round_half_even(x / scale) + zero_point`` clamped to
+            [-128, 127] (``x ~= scale * (q - zero_point)``); 0: the symmetric codes above.
 
     Returns:
         Tensor[...]: int8 codes, same shape and strides as ``x`` when it is dense (a channels-last
         input gives a channels-last output), else contiguous in ``x``'s suggested memory format.
     """
-    _check_quantize(x, scale)
-    return _quantize_per_tensor_op(x, float(scale))
+    _check_quantize(x, scale, zero_point)
+    return _quantize_per_tensor_op(x, float(scale), int(zero_point))
 
 
 def int8_linear(
@@ -867,6 +996,10 @@ def int8_linear(
     out_scale: float | None = None,
     config: Config | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """``act(x_scale * w_scale[n] * (x_q @ w_q.T)[.., n] + bias[n] + residual)`` with int8 tensor-core math.
 
@@ -888,6 +1021,12 @@ def int8_linear(
             warps, stages), e.g. a layer's autotuned choice; default: :func:`gemm_config`.
         residual_after_act (bool): add the residual after the activation instead of before it:
             ``act(... + bias[n]) + residual`` (YOLOX's ``DarknetBottleneck``: x + SiLU(conv(...))).
+        x_zero_point (int): zero point of ``x_q`` (``x ~= x_scale * (x_q - x_zero_point)``; 0: symmetric).
+        w_sum (Tensor[N] int32, optional): :func:`weight_sums` of ``w_q``, used with ``x_zero_point``
+            (computed here when None; layers pass it precomputed so an engine holds it as a constant).
+        residual_zero_point (int): zero point of an int8 ``residual``.
+        out_zero_point (int): zero point of the int8 output (with ``out_scale``): codes
+            ``round_half_even(y / out_scale) + out_zero_point`` clamped to [-128, 127].
 
     Returns:
         Tensor[..., N]: contiguous, ``out_dtype`` (int8 with ``out_scale``).
@@ -895,9 +1034,13 @@ def int8_linear(
     out_dtype = _out_dtype_name(out_dtype)
     _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale, out_scale,
                   config)
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
+    if x_zero_point and w_sum is None:
+        w_sum = weight_sums(w_q)
     return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype,
                            _opt_float(residual_scale), _opt_float(out_scale), _opt_list(config),
-                           bool(residual_after_act))
+                           bool(residual_after_act), int(x_zero_point), w_sum if x_zero_point else None,
+                           int(residual_zero_point), int(out_zero_point))
 
 
 def int8_conv2d(
@@ -918,6 +1061,10 @@ def int8_conv2d(
     out_scale: float | None = None,
     config: Config | None = None,
     residual_after_act: bool = False,
+    x_zero_point: int = 0,
+    w_sum: Tensor | None = None,
+    residual_zero_point: int = 0,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """2-D convolution on int8 codes with int8 tensor-core math and a fused epilogue.
 
@@ -940,6 +1087,13 @@ def int8_conv2d(
         config (tuple of 6 ints, optional): launch configuration, as :func:`int8_linear`'s.
         residual_after_act (bool): ``act(... + bias[o]) + residual`` instead of ``act(... + residual)``
             (YOLOX's ``DarknetBottleneck``: the identity is added to the SiLU output).
+        x_zero_point (int): zero point of ``x_q`` (``x ~= x_scale * (x_q - x_zero_point)``; 0: symmetric).
+        w_sum (Tensor[O] int32, optional): :func:`weight_sums` of ``w_q``, used with ``x_zero_point``
+            (computed here when None; layers pass it precomputed so an engine holds it as a constant).
+        residual_zero_point (int): zero point of an int8 ``residual``.
+        out_zero_point (int): zero point of the int8 output (with ``out_scale``): codes
+            ``round_half_even(y / out_scale) + out_zero_point`` clamped to [-128, 127].
+            The padding holds the code of 0 (``x_zero_point``).
 
     Returns:
         Tensor[N, O, Ho, Wo]: ``out_dtype`` (int8 with ``out_scale``) in channels-last memory.
@@ -948,6 +1102,10 @@ def int8_conv2d(
     stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
     _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
                 residual_scale, out_scale, config)
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
+    if x_zero_point and w_sum is None:
+        w_sum = weight_sums(w_q)
     return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
                            activation, out_dtype, _opt_float(residual_scale), _opt_float(out_scale),
-                           _opt_list(config), bool(residual_after_act))
+                           _opt_list(config), bool(residual_after_act), int(x_zero_point),
+                           w_sum if x_zero_point else None, int(residual_zero_point), int(out_zero_point))

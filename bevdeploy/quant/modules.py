@@ -11,6 +11,10 @@ A converted layer computes (see :mod:`bevdeploy.quant.int8_kernels`)::
 
     y = act( input_scale * weight_scale[o] * sum(int8(x / input_scale) * weight) + bias[o] [+ residual] )
 
+or, with an input zero point ``z`` (asymmetric activations, ``quantize_modules(zero_points=...)``),
+``sum((int8(x / input_scale + z) - z) * weight)``: ReLU / SiLU inputs are one-sided, and the full
+code range on them halves the rounding step (measured +6 dB per layer on YOLOX / CenterNet).
+
 with int8 x int8 -> int32 tensor-core math and the rest fused in the kernel's epilogue; it returns
 fp16 (or fp32) and, for convs, channels-last 4-D tensors; or int8 codes when
 :func:`bevdeploy.quant.chain.chain_int8` has set its ``out_scale`` (the consumer's input scale).
@@ -31,6 +35,7 @@ from bevdeploy.quant.int8_kernels import (
     int8_linear,
     quantize_per_tensor,
     reference_quantize_per_tensor,
+    weight_sums,
 )
 
 __all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
@@ -132,15 +137,33 @@ class _QuantBase(nn.Module):
     #: autotune (:func:`bevdeploy.quant.autotune.autotune_int8_layers`); it is an argument of the op
     #: call, so it lands in the exported engine and loading never re-tunes. None: the heuristic.
     launch_config: tuple[int, ...] | None = None
+    #: Zero point of the input codes (``x ~= input_scale * (q - input_zero_point)``; 0: symmetric). Set
+    #: with :meth:`set_input_zero_point` (it precomputes the weight sums the epilogue needs).
+    input_zero_point: int = 0
+    #: Set by :func:`bevdeploy.quant.chain.chain_int8` with ``out_scale``: the zero point of the int8
+    #: codes the epilogue writes (the consumer's ``input_zero_point``).
+    out_zero_point: int = 0
+
+    def set_input_zero_point(self, zero_point: int) -> None:
+        """Asymmetric input codes with this zero point (an int in [-128, 127]; 0: symmetric). Keeps
+        ``w_sum`` (int32 per output channel, a non-persistent buffer: an engine constant)."""
+        if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
+            raise ValueError(f"input zero point must be an int in [-128, 127], got {zero_point!r}")
+        self.input_zero_point = zero_point
+        self.register_buffer("w_sum", weight_sums(self.weight) if zero_point else None, persistent=False)
+
+    def _zero_point_args(self) -> dict:
+        return {"x_zero_point": self.input_zero_point, "w_sum": getattr(self, "w_sum", None),
+                "out_zero_point": self.out_zero_point if self.out_scale is not None else 0}
 
     def _quantize_input(self, x: Tensor) -> Tensor:
         if x.dtype == torch.int8:
             return x
         if self.quantize_in_graph:
-            q = reference_quantize_per_tensor(x, self._input_scale)
+            q = reference_quantize_per_tensor(x, self._input_scale, self.input_zero_point)
             # convs read NHWC codes: a compiler fuses this layout into the quantize pass
             return q.contiguous(memory_format=torch.channels_last) if q.dim() == 4 and self._nhwc_input else q
-        return quantize_per_tensor(x, self._input_scale)
+        return quantize_per_tensor(x, self._input_scale, self.input_zero_point)
 
     def _precision(self) -> str:
         try:
@@ -152,6 +175,10 @@ class _QuantBase(nn.Module):
             out = f"int8 (scale {self.out_scale:.6g})"
         tuned = f", config={list(self.launch_config)}" if self.launch_config is not None else ""
         after = ", residual after activation" if self.residual_after_act else ""
+        if self.input_zero_point:
+            after += f", input zero point {self.input_zero_point}"
+        if self.out_scale is not None and self.out_zero_point:
+            after += f", output zero point {self.out_zero_point}"
         return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}{after}{tuned}"
 
 
@@ -196,14 +223,17 @@ class QuantLinear(_QuantBase):
                 q.bias.copy_(linear.bias.detach().float())
         return q
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None,
+                residual_zero_point: int = 0) -> Tensor:
         """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes of ``input_scale``
-        -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8 ``residual`` needs its scale
-        (added before the activation, after it when ``residual_after_act`` is set)."""
+        (and ``input_zero_point``) -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8
+        ``residual`` needs its scale and zero point (added before the activation, after it when
+        ``residual_after_act`` is set)."""
         return int8_linear(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
                            residual=residual, residual_scale=residual_scale, activation=self.activation,
                            out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config,
-                           residual_after_act=self.residual_after_act)
+                           residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
+                           **self._zero_point_args())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -290,16 +320,18 @@ class QuantConv2d(_QuantBase):
                 q.bias.copy_(conv.bias.detach().float())
         return q
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None) -> Tensor:
-        """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` (channels-last memory avoids a
-        relayout) -> Tensor[N, O, Ho, Wo] channels-last (int8 codes of ``out_scale`` when set);
-        ``residual`` (same shape; float, or int8 with ``residual_scale``) is added before the activation
-        (after it when ``residual_after_act`` is set)."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None,
+                residual_zero_point: int = 0) -> Tensor:
+        """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` and ``input_zero_point``
+        (channels-last memory avoids a relayout) -> Tensor[N, O, Ho, Wo] channels-last (int8 codes of
+        ``out_scale`` when set); ``residual`` (same shape; float, or int8 with ``residual_scale`` and
+        ``residual_zero_point``) is added before the activation (after it when ``residual_after_act`` is set)."""
         return int8_conv2d(self._quantize_input(x), self.weight, self._input_scale, self.weight_scale, self.bias,
                            self.stride, self.padding, self.dilation, residual=residual,
                            residual_scale=residual_scale, activation=self.activation, out_dtype=self.out_dtype,
                            out_scale=self.out_scale, config=self.launch_config,
-                           residual_after_act=self.residual_after_act)
+                           residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
+                           **self._zero_point_args())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -341,6 +373,7 @@ def quantize_modules(
     fuse_relu: bool = True,
     out_dtype: torch.dtype = torch.float16,
     quantize_in_graph: bool = False,
+    zero_points: dict[str, int] | None = None,
 ) -> list[LayerReport]:
     """Swap every calibrated ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for its int8 module, in place.
 
@@ -363,6 +396,9 @@ def quantize_modules(
         out_dtype (torch.dtype): output dtype of the int8 layers (torch.float16 or torch.float32).
         quantize_in_graph (bool): the layers quantize their input with plain torch ops (fusable by a
             compiler, see ``_QuantBase.quantize_in_graph``) instead of the quantize kernel.
+        zero_points (dict[str, int], optional): input zero point per layer name (asymmetric codes;
+            ``scales`` then holds the asymmetric scales, e.g. ``CalibrationTable.qparams(name, True)``);
+            layers not named are symmetric.
 
     Only exact ``nn.Linear`` / ``nn.Conv2d`` are swapped: subclasses (``nn.MultiheadAttention``'s
     ``out_proj``, whose parent reads its weight directly) are reported float and left alone.
@@ -411,12 +447,16 @@ def quantize_modules(
         qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
         qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)
         qmod.quantize_in_graph = quantize_in_graph
+        zp = int((zero_points or {}).get(name, 0))
+        if zp:
+            qmod.set_input_zero_point(zp)
         qmod.train(mod.training)
         setattr(parent, child, qmod)
         what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
             *mod.kernel_size, "x".join(map(str, mod.stride)))
         fused_txt = f", {activation} fused" if activation != "none" else ""
-        report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}{fused_txt}"))
+        zp_txt = f", zero point {zp}" if zp else ""
+        report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}{zp_txt}{fused_txt}"))
         if act_name is not None:
             setattr(parent, act_name.rpartition(".")[2], nn.Identity())
             fused.add(act_name)

@@ -29,6 +29,11 @@ learning rate moves every layer by the same relative amount, whatever its range.
 normaliser ``1 / sqrt(numel * 127)`` is left out: AdamW divides each parameter's gradient by its
 own running magnitude, which cancels any constant factor.
 
+Asymmetric inputs (``prepare_qat(zero_points=)``, from ``CalibrationTable.qparams(name, asymmetric=True)``):
+a layer with zero point ``z != 0`` computes ``codes_x = clamp(round_half_even(x / s) + z, -128, 127) - z``,
+the int8 kernels' ``s * (q - z)``; ``z`` is fixed (a buffer), ``s`` is learned as above, and the clamp and
+LSQ bounds become ``-128 - z`` and ``127 - z``. ``z == 0`` is the symmetric scheme above, bit for bit.
+
 BatchNorm must be folded first (``bevdeploy.engine.deploy.fold_batchnorms``), as the int8 build
 does: the engine quantizes the folded weights, so QAT must round those same weights.
 """
@@ -54,6 +59,7 @@ __all__ = [
     "distillation_loss",
     "fake_quantize",
     "learned_scales",
+    "learned_zero_points",
     "prepare_qat",
     "qat_finetune",
     "strip_qat",
@@ -62,30 +68,48 @@ __all__ = [
 INT8_MAX = 127
 
 
-def _codes(x: Tensor, scale: Tensor) -> Tensor:
-    """``clamp(round_half_even(x / scale), -127, 127)`` as float codes with straight-through rounding.
+def _codes(x: Tensor, scale: Tensor, zero_point: Tensor | int = 0) -> Tensor:
+    """``clamp(round_half_even(x / scale) + z, -128, 127) - z`` (``z == 0``: ``clamp(..., -127, 127)``) as
+    float codes with straight-through rounding.
 
-    ``round(c).detach() + (c - c.detach())`` equals ``round(c)`` exactly (the bracket is an exact 0)
-    while its gradient is the clamp's (1 inside the range, 0 outside).
+    The bounds ``-128 - z``, ``127 - z`` are integers, so clamping ``x / scale`` to them before rounding
+    gives the same codes. ``round(c).detach() + (c - c.detach())`` equals ``round(c)`` exactly (the bracket
+    is an exact 0) while its gradient is the clamp's (1 inside the range, 0 outside). A tensor ``z`` (a
+    module's buffer) stays on the device: no host sync.
     """
-    c = torch.clamp(x / scale, -INT8_MAX, INT8_MAX)
+    if isinstance(zero_point, Tensor):
+        z = zero_point.float()
+        c = torch.clamp(x / scale, -128.0 - z, 127.0 - z)
+    else:
+        lo = -INT8_MAX if zero_point == 0 else -128 - zero_point
+        c = torch.clamp(x / scale, lo, INT8_MAX - zero_point)
     return torch.round(c).detach() + (c - c.detach())
 
 
-def fake_quantize(x: Tensor, scale: Tensor | float) -> Tensor:
-    """Symmetric per-tensor int8 fake quantization with STE / LSQ gradients.
+def _check_zero_point(name: str, zero_point: object) -> int:
+    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
+        raise ValueError(f"{name} must be an int in [-128, 127], got {zero_point!r}")
+    return zero_point
+
+
+def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: int = 0) -> Tensor:
+    """Per-tensor int8 fake quantization with STE / LSQ gradients: symmetric, or asymmetric with a fixed
+    zero point.
 
     Args:
         x (Tensor[...]): float input (computed in fp32).
-        scale (Tensor[] or float): the quantization step (``amax / 127``), positive.
+        scale (Tensor[] or float): the quantization step (``amax / 127``, or ``asymmetric_qparams``'), positive.
+        zero_point (int): ``z`` in ``[-128, 127]``; 0: symmetric (codes in ``[-127, 127]``).
 
     Returns:
-        Tensor[...] fp32: ``clamp(round_half_even(x / scale), -127, 127) * scale``, the value the int8
-        kernels dequantize. Gradients: ``x`` gets the upstream gradient inside ``[-127, 127] * scale`` and
-        0 outside; ``scale`` gets ``round(v) - v`` (inside) or ``+-127`` (outside) per element, ``v = x / scale``.
+        Tensor[...] fp32: ``(clamp(round_half_even(x / scale) + z, -128, 127) - z) * scale`` (``z == 0``:
+        ``clamp(round_half_even(x / scale), -127, 127) * scale``), the value the int8 kernels dequantize.
+        Gradients: ``x`` gets the upstream gradient inside ``[lo, hi] * scale`` and 0 outside, with
+        ``[lo, hi] = [-127, 127]`` (``z == 0``) or ``[-128 - z, 127 - z]``; ``scale`` gets ``round(v) - v``
+        (inside) or the bound ``lo`` / ``hi`` (outside) per element, ``v = x / scale``.
     """
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return _codes(x.float(), scale) * scale
+    return _codes(x.float(), scale, _check_zero_point("zero_point", zero_point)) * scale
 
 
 def _weight_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,11 +129,24 @@ def _check_scale(name: str, scale: object) -> float:
 
 class _LearnedScale:
     """The learnable input scale shared by the fake-quant modules: buffer ``calib_scale`` (fp32, the
-    calibrated start) and parameter ``scale_log_ratio`` (0 at the start)."""
+    calibrated start) and parameter ``scale_log_ratio`` (0 at the start); with an asymmetric input also
+    buffer ``input_zero_point`` (int32, fixed: only a symmetric layer has none, so its state dict and
+    arithmetic are today's)."""
 
-    def _init_scale(self, scale: float, device) -> None:
+    def _init_scale(self, scale: float, device, zero_point: int = 0) -> None:
         self.register_buffer("calib_scale", torch.tensor(scale, dtype=torch.float32, device=device))
         self.scale_log_ratio = nn.Parameter(torch.zeros((), dtype=torch.float32, device=device))
+        if _check_zero_point("zero_point", zero_point):
+            self.register_buffer("input_zero_point", torch.tensor(zero_point, dtype=torch.int32, device=device))
+
+    @property
+    def _zero_point(self) -> Tensor | int:
+        return getattr(self, "input_zero_point", 0)
+
+    def _scale_repr(self) -> str:
+        z = int(self._zero_point)
+        s = float(self.input_scale.detach())
+        return f"input_scale={s:.6g}{f', zero_point={z}' if z else ''} (learned, int8 fake quant)"
 
     @property
     def input_scale(self) -> Tensor:
@@ -126,13 +163,14 @@ class QATConv2d(_LearnedScale, nn.Conv2d):
     """``nn.Conv2d`` with int8 fake quantization of its input (learnable scale) and weight (per channel).
 
     Same parameters (``weight``, ``bias``) and state-dict keys as the conv it replaces, plus
-    ``calib_scale`` and ``scale_log_ratio``. Build with :meth:`from_float`; see :func:`prepare_qat`.
-    Returns fp32 NCHW whatever the autocast state.
+    ``calib_scale``, ``scale_log_ratio`` (and ``input_zero_point`` if asymmetric). Build with
+    :meth:`from_float`; see :func:`prepare_qat`. Returns fp32 NCHW whatever the autocast state.
     """
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, input_scale: float) -> QATConv2d:
-        """A fake-quant conv sharing ``conv``'s parameters (no copy), input scale ``input_scale``."""
+    def from_float(cls, conv: nn.Conv2d, input_scale: float, zero_point: int = 0) -> QATConv2d:
+        """A fake-quant conv sharing ``conv``'s parameters (no copy), input scale ``input_scale`` and zero
+        point ``zero_point`` (0: symmetric)."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"QATConv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
         if (why := _conv_unsupported(conv)) is not None:
@@ -140,7 +178,7 @@ class QATConv2d(_LearnedScale, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, bias=False, padding_mode=conv.padding_mode, device="meta")
         q.weight, q.bias = conv.weight, conv.bias
-        q._init_scale(_check_scale("input_scale", input_scale), conv.weight.device)
+        q._init_scale(_check_scale("input_scale", input_scale), conv.weight.device, zero_point)
         q.train(conv.training)
         return q
 
@@ -148,30 +186,33 @@ class QATConv2d(_LearnedScale, nn.Conv2d):
         with _no_autocast(x.device):
             s = self.input_scale
             w_codes, w_scale = _weight_codes(self.weight)
-            y = self._conv_forward(_codes(x.float(), s), w_codes, None) * (s * w_scale)[None, :, None, None]
+            # zero padding of the codes q - z is the real 0, as the int8 conv's padded taps
+            x_codes = _codes(x.float(), s, self._zero_point)
+            y = self._conv_forward(x_codes, w_codes, None) * (s * w_scale)[None, :, None, None]
             if self.bias is not None:
                 y = y + self.bias.float()[None, :, None, None]
         return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+        return f"{super().extra_repr()}, {self._scale_repr()}"
 
 
 class QATLinear(_LearnedScale, nn.Linear):
     """``nn.Linear`` with int8 fake quantization of its input (learnable scale) and weight (per channel).
 
-    Same parameters and state-dict keys as the linear it replaces, plus ``calib_scale`` and
-    ``scale_log_ratio``. Build with :meth:`from_float`; see :func:`prepare_qat`. Returns fp32.
+    Same parameters and state-dict keys as the linear it replaces, plus ``calib_scale``, ``scale_log_ratio``
+    (and ``input_zero_point`` if asymmetric). Build with :meth:`from_float`; see :func:`prepare_qat`. Returns fp32.
     """
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_scale: float) -> QATLinear:
-        """A fake-quant linear sharing ``linear``'s parameters (no copy), input scale ``input_scale``."""
+    def from_float(cls, linear: nn.Linear, input_scale: float, zero_point: int = 0) -> QATLinear:
+        """A fake-quant linear sharing ``linear``'s parameters (no copy), input scale ``input_scale`` and
+        zero point ``zero_point`` (0: symmetric)."""
         if type(linear) is not nn.Linear:
             raise TypeError(f"QATLinear.from_float takes an nn.Linear, got {type(linear).__name__}")
         q = cls(linear.in_features, linear.out_features, bias=False, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_scale(_check_scale("input_scale", input_scale), linear.weight.device)
+        q._init_scale(_check_scale("input_scale", input_scale), linear.weight.device, zero_point)
         q.train(linear.training)
         return q
 
@@ -179,18 +220,21 @@ class QATLinear(_LearnedScale, nn.Linear):
         with _no_autocast(x.device):
             s = self.input_scale
             w_codes, w_scale = _weight_codes(self.weight)
-            y = F.linear(_codes(x.float(), s), w_codes) * (s * w_scale)
+            y = F.linear(_codes(x.float(), s, self._zero_point), w_codes) * (s * w_scale)
             if self.bias is not None:
                 y = y + self.bias.float()
         return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+        return f"{super().extra_repr()}, {self._scale_repr()}"
 
 
 class QATPoint(_LearnedScale, nn.Module):
     """A :class:`~bevdeploy.quant.calibrate.CalibrationPoint` during QAT: fake-quantizes the tensor an int8 op
-    reads (BEVDet's context features before the int8 ``bev_pool_v2``) with a learnable scale."""
+    reads (BEVDet's context features before the int8 ``bev_pool_v2``) with a learnable scale.
+
+    Always symmetric (asymmetric inputs are for the int8 conv / linear layers only): :func:`prepare_qat`
+    refuses a non-zero point for it rather than fake-quantizing differently from the engine."""
 
     def __init__(self, input_scale: float, device=None) -> None:
         super().__init__()
@@ -202,7 +246,7 @@ class QATPoint(_LearnedScale, nn.Module):
             return (_codes(x.float(), s) * s).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"input_scale={float(self.input_scale):.6g} (learned, int8 fake quant)"
+        return self._scale_repr()
 
 
 _QAT_TYPES = (QATConv2d, QATLinear, QATPoint)
@@ -212,6 +256,7 @@ def prepare_qat(
     model: nn.Module,
     scales: dict[str, float],
     *,
+    zero_points: dict[str, int] | None = None,
     keep_float: Iterable[str] = (),
     scope: Sequence[str] | None = None,
 ) -> nn.Module:
@@ -226,6 +271,10 @@ def prepare_qat(
         model (nn.Module): float model, BatchNorm folded; modified in place.
         scales (dict[str, float]): layer name -> calibrated input scale (``CalibrationTable.scale``);
             layers with scale 0 (input all zeros in calibration) stay float, as in the engine.
+        zero_points (dict[str, int], optional): layer name -> fixed input zero point in ``[-128, 127]``
+            (asymmetric input, ``CalibrationTable.qparams(name, asymmetric=True)``, whose scale goes in
+            ``scales``); absent or 0: symmetric, exactly as without it. Conv / Linear only: a
+            CalibrationPoint stays symmetric (a non-zero point for one is an error).
         keep_float (Iterable[str]): layer names to leave float.
         scope (Sequence[str], optional): module-name prefixes that may be quantized; None: every layer.
             For BEVFormer / BEVDet pass the family's ``bevdeploy.engine.model_io.int8_scope_prefixes(model)``.
@@ -234,8 +283,9 @@ def prepare_qat(
         nn.Module: ``model``.
 
     Raises:
-        ValueError: a BatchNorm is left, a bad scale, an unknown ``keep_float`` name, the model is already
-            prepared, or no layer was selected.
+        ValueError: a BatchNorm is left, a bad scale or zero point (a zero point of a layer without a scale,
+            or of a CalibrationPoint), an unknown ``keep_float`` name, the model is already prepared, or no
+            layer was selected.
         TypeError: ``scope`` is a single string.
     """
     if isinstance(scope, str):
@@ -252,6 +302,11 @@ def prepare_qat(
     if any(isinstance(m, _QAT_TYPES) for m in modules.values()):
         raise ValueError("model already has fake-quant layers (prepare_qat ran before): strip_qat it first")
     scales = {n: _check_scale(n, s) if s != 0 else 0.0 for n, s in scales.items()}
+    if not isinstance(zero_points, (dict, type(None))):
+        raise TypeError(f"zero_points must be a dict {{layer name: zero point}}, got {type(zero_points).__name__}")
+    zero_points = {n: _check_zero_point(f"zero_points[{n!r}]", z) for n, z in (zero_points or {}).items()}
+    if unscaled := sorted(set(zero_points) - set(scales)):
+        raise ValueError(f"zero_points name layers without a scale in scales: {unscaled}")
     prefixes = None if scope is None else tuple(scope)
     swapped = 0
     for name, mod in modules.items():
@@ -263,10 +318,14 @@ def prepare_qat(
             continue
         if name == "":
             raise ValueError("model is itself the layer to quantize: wrap it in a module (e.g. nn.Sequential)")
+        z = zero_points.get(name, 0)
         if type(mod) is nn.Conv2d:
-            qat = QATConv2d.from_float(mod, scales[name])
+            qat = QATConv2d.from_float(mod, scales[name], z)
         elif type(mod) is nn.Linear:
-            qat = QATLinear.from_float(mod, scales[name])
+            qat = QATLinear.from_float(mod, scales[name], z)
+        elif z:
+            raise ValueError(f"zero_points[{name!r}] = {z}: CalibrationPoint {name!r} stays symmetric (asymmetric "
+                             "inputs are for int8 conv / linear layers): leave it out of zero_points or give it 0")
         else:
             device = next(model.parameters(), torch.empty(0)).device
             qat = QATPoint(scales[name], device=device).train(mod.training)
@@ -295,11 +354,20 @@ def learned_scales(model: nn.Module) -> dict[str, float]:
     return {n: float(m.input_scale.detach()) for n, m in found}
 
 
+def learned_zero_points(model: nn.Module) -> dict[str, int]:
+    """The fixed input zero point of every fake-quant layer, ``{layer name: z}`` in module order (0:
+    symmetric); the keys of :func:`learned_scales`, for ``prepare_qat(zero_points=)`` and the int8 build."""
+    found = _fake_quant_modules(model)
+    if not found:
+        raise ValueError("model has no fake-quant layer: call prepare_qat first")
+    return {n: int(m._zero_point) for n, m in found}
+
+
 def strip_qat(model: nn.Module) -> nn.Module:
     """Swap every fake-quant layer back for the plain layer it replaced, keeping the fine-tuned
     weights (the same parameter tensors), in place; returns ``model``.
 
-    Read :func:`learned_scales` first: the scales go with the fake-quant layers.
+    Read :func:`learned_scales` (and :func:`learned_zero_points`) first: they go with the fake-quant layers.
     """
     for name, mod in _fake_quant_modules(model):
         if isinstance(mod, QATConv2d):

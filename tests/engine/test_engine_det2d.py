@@ -218,3 +218,27 @@ def test_int8_engine_with_qat_fine_tunes_on_the_2d_set(name, tmp_path, calib_spe
     with pytest.raises(ValueError, match="QAT data"):
         build(name, "int8-fp16", out=tmp_path / "bad.engine", model_overrides=SMALL[name], batch=BATCH,
               calib=calib_spec, progress=False, qat_steps=1, qat_data=123)
+
+
+@pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
+def test_asymmetric_int8_engine_records_zero_points_and_runs(name, tmp_path, calib_spec, ops_on_references):
+    """``asymmetric``: the int8 convs' inputs get the zero points of their calibrated signed ranges
+    (ReLU / SiLU inputs: one-sided, so nearly all), recorded in the metadata; chained as usual; the
+    engine runs at the int8 floor; with QAT the zero points stay and the scales are learned."""
+    path = build(name, "int8-fp16", out=tmp_path / "a.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, progress=False, asymmetric=True)
+    engine = Engine.load(path, device="cpu")
+    meta = engine.metadata
+    int8 = {n for n, p in meta["layer_precisions"] if p == "int8"}
+    assert meta["zero_points"] and set(meta["zero_points"]) <= int8 | set(meta["keep_float"])
+    assert len(set(meta["zero_points"]) & int8) > len(int8) // 2
+    assert all(-128 <= z <= 127 and z != 0 for z in meta["zero_points"].values())
+    assert meta["int8_outputs"]  # still chained
+    _assert_int8_floor(engine, name)
+    qat = build(name, "int8-fp16", out=tmp_path / "aq.engine", model_overrides=SMALL[name], batch=BATCH,
+                calib=calib_spec, progress=False, asymmetric=True, qat_steps=2, qat_batch=2)
+    engine = Engine.load(qat, device="cpu")
+    assert engine.metadata["zero_points"] == meta["zero_points"] and engine.metadata["qat"]["steps"] == 2
+    _assert_int8_floor(engine, name)
+    with pytest.raises(ValueError, match="asymmetric"):
+        build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, asymmetric=True)

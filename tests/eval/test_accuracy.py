@@ -94,3 +94,11 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert qrow["qat_steps"] == 2 and qrow["qat_batch"] == 2 and qrow["qat_lr"] == 1e-4 and "error" not in qrow
     assert qrow["qat_loss_first"] > 0 and qrow["int8_layers"] > 0 and "qat_data" not in qrow
     assert "6 training images" in (tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.md").read_text()
+    # --asymmetric: the zero-point row beside the symmetric one, and its QAT form instead of the symmetric QAT
+    assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
+                 "--iters", "1", "--qat-steps", "1", "--qat-batch", "2", "--asymmetric", "--results-tag", "asym",
+                 *common]) == 0
+    rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-asym.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["pytorch", "int8-fp16", "int8-fp16 (asymmetric)",
+                                              "int8-fp16 (asymmetric QAT)"]
+    assert all(r.get("asymmetric") is True and "error" not in r for r in rows[2:]) and rows[3]["qat_steps"] == 1

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from bevdeploy.quant.calib import EntropyCalibrator, PercentileCalibrator
-from bevdeploy.quant.calibrate import CalibrationTable, calibrate
+from bevdeploy.quant.calibrate import CalibrationTable, asymmetric_qparams, calibrate
+from bevdeploy.quant.qat import fake_quantize
 
 
 class SmallNet(nn.Module):
@@ -252,3 +253,126 @@ def test_method_overrides_refuse_unknown_layers_and_methods(model):
         calibrate(model, loop_over(make_batches(1)), "entropy", method_overrides={"nope": "minmax"})
     with pytest.raises(ValueError, match=r"method_overrides\['stem'\] must be one of"):
         calibrate(model, loop_over(make_batches(1)), "entropy", method_overrides={"stem": "kl"})
+
+
+# ------------------------------------------------------------------- asymmetric (signed ranges)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "zero_point"),
+    [
+        (0.0, 6.0, -128),  # ReLU: all 256 codes on [0, hi]
+        (-0.278, 5.0, -128 + round(0.278 / (5.278 / 255))),  # SiLU: a little below 0
+        (-3.0, -1.0, 127),  # all negative: widened to [-3, 0]
+        (-2.0, 2.0, 0),  # symmetric range: z = round(-0.5) = 0, the symmetric scheme
+        (-1.0, 3.0, -64),
+    ],
+)
+def test_asymmetric_qparams(lo, hi, zero_point):
+    scale, z = asymmetric_qparams(lo, hi)
+    wide_lo, wide_hi = min(lo, 0.0), max(hi, 0.0)
+    assert scale == pytest.approx((wide_hi - wide_lo) / 255, rel=1e-12) and z == zero_point
+    assert isinstance(z, int) and -128 <= z <= 127
+    # zero is exact (q = z), and every value of the widened range is within half a step after fake quant
+    assert fake_quantize(torch.zeros(3), scale, z).tolist() == [0.0, 0.0, 0.0]
+    x = torch.linspace(wide_lo, wide_hi, 10001, dtype=torch.float64).float()
+    err = (fake_quantize(x, scale, z) - x).abs().max().item()
+    assert err <= scale / 2 * (1 + 1e-4), (err, scale)
+
+
+def test_asymmetric_qparams_edge_cases():
+    assert asymmetric_qparams(0.0, 0.0) == (1.0, 0)  # zero width
+    assert asymmetric_qparams(0.0, 2.55) == (pytest.approx(0.01), -128)
+    with pytest.raises(ValueError, match="finite lo <= hi"):
+        asymmetric_qparams(1.0, -1.0)
+    with pytest.raises(ValueError, match="finite lo <= hi"):
+        asymmetric_qparams(0.0, float("inf"))
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_ranges_are_the_signed_min_max_of_every_method(model, method):
+    batches = make_batches()
+    table = calibrate(model, loop_over(batches), method)
+    seen = capture_inputs(model, batches)
+    assert list(table.ranges) == list(table.amax) == RUN_LAYERS
+    for name in RUN_LAYERS:
+        lo, hi = min(t.min().item() for t in seen[name]), max(t.max().item() for t in seen[name])
+        assert table.ranges[name] == (lo, hi), name
+        assert table.qparams(name, asymmetric=False) == (table.scale(name), 0)
+        amax = table.amax[name]
+        assert table.qparams(name, asymmetric=True) == asymmetric_qparams(max(lo, -amax), min(hi, amax))
+        if method == "minmax":  # no clip: the range's larger end is amax
+            assert max(-lo, hi) == amax
+    # a ReLU input (body.1 reads the ReLU of the stem) is one-sided: z = -128
+    assert table.ranges["body.1"][0] == 0.0 and table.qparams("body.1", asymmetric=True)[1] == -128
+
+
+def test_asymmetric_qparams_apply_the_entropy_clip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    # one-sided, heavy-tailed (exponential): entropy clips the tail
+    batches = [-torch.rand(20000, 4, generator=g).log() for _ in range(2)]
+    table = calibrate(model, loop_over(batches), "entropy")
+    lo, hi = table.ranges["0"]
+    amax = table.amax["0"]
+    assert lo >= 0.0 and amax < hi * 0.9  # the tail is clipped
+    scale, z = table.qparams("0", asymmetric=True)
+    assert (scale, z) == asymmetric_qparams(lo, amax) and z == -128 and scale == pytest.approx(amax / 255)
+    assert scale < table.scale("0") / 1.9  # twice the resolution of the symmetric step
+    # a clip below a one-sided range's near end still gives a valid range [-amax, 0]
+    clipped = CalibrationTable(amax={"a": 3.0}, method="percentile", num_samples=1, ranges={"a": (-5.0, -4.0)})
+    assert clipped.qparams("a", asymmetric=True) == asymmetric_qparams(-3.0, 0.0) == (pytest.approx(3 / 255), 127)
+
+
+def test_ranges_json_round_trip_and_tables_without_ranges(model, tmp_path):
+    table = calibrate(model, loop_over(make_batches(2)), "percentile")
+    path = tmp_path / "t.calib.json"
+    table.save(path)
+    doc = json.loads(path.read_text())
+    assert doc["ranges"]["body.1"] == list(table.ranges["body.1"])
+    loaded = CalibrationTable.load(path)
+    assert loaded.ranges == table.ranges and loaded == table
+    # a table written before ranges existed: loads, symmetric works, asymmetric says to re-calibrate
+    del doc["ranges"]
+    path.write_text(json.dumps(doc))
+    old = CalibrationTable.load(path)
+    assert old.ranges == {} and old.amax == table.amax
+    assert old.qparams("stem", asymmetric=False) == (table.scale("stem"), 0)
+    with pytest.raises(KeyError, match="no signed input range for layer 'stem'.*re-calibrate"):
+        old.qparams("stem", asymmetric=True)
+    with pytest.raises(KeyError, match="no calibrated range for layer 'nope'"):
+        old.qparams("nope", asymmetric=False)
+
+
+@pytest.mark.parametrize("bad", ['[1.0]', '[2.0, 1.0]', '[0.0, "1"]', '[0.0, Infinity]', '{"lo": 0}'])
+def test_load_refuses_bad_ranges(tmp_path, bad):
+    path = tmp_path / "bad.calib.json"
+    table = CalibrationTable(amax={"conv": 1.0}, method="minmax", num_samples=1, ranges={"conv": (-0.5, 1.0)})
+    path.write_text(table.to_json().replace('[\n   -0.5,\n   1.0\n  ]', bad))
+    assert bad in path.read_text()
+    with pytest.raises(ValueError, match=r"bad.calib.json: range of 'conv'"):
+        CalibrationTable.load(path)
+
+
+def _sharded_signed_tables(ctx):
+    batches = make_batches(5)[ctx.rank::ctx.world_size]  # 3 and 2 batches
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    return {method: calibrate(net, loop_over(batches), method, dist=ctx) for method in ("minmax", "entropy")}
+
+
+def test_two_processes_give_the_single_process_ranges():
+    from tests.distributed._spawn import run_in_processes
+
+    tables = run_in_processes(_sharded_signed_tables, 2)
+    for method in ("minmax", "entropy"):
+        torch.manual_seed(0)
+        single = calibrate(SmallNet().eval(), loop_over(make_batches(5)), method, two_pass=True)
+        for t in tables:
+            assert t[method].ranges == single.ranges, method  # min / max: exact
+            assert t[method].amax == single.amax, method
+            assert all(t[method].qparams(n, True) == single.qparams(n, True) for n in single.amax)
+    torch.manual_seed(0)
+    for shard in (make_batches(5)[0::2], make_batches(5)[1::2]):  # no shard alone has the whole range
+        assert calibrate(SmallNet().eval(), loop_over(shard), "minmax").ranges != single.ranges

@@ -40,3 +40,24 @@ def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monke
     assert report["float_heldout_loss"] > 0
     md = (tmp_path / "diagnose-int8-yolox-x.md").read_text()
     assert "| float control: fine-tuned 1 steps, no quantization |" in md and "held-out loss" in md
+
+
+def test_diagnosis_asymmetric_variants_and_qat_from_them(tmp_path, monkeypatch, ops_on_references):
+    """--asymmetric: minmax with zero points, unchained and chained, and the QAT variant starts from them."""
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    overrides = {"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": [64, 64]}
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MODELS["yolox-x"](**{**overrides, "image_size": (64, 64)}), tmp_path / "y.pth",
+                           meta={"model_overrides": overrides})
+    spec = importlib.util.spec_from_file_location("diagnose_int8_2d", SCRIPT)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    rc = diag.main(["--model", "yolox-x", "--checkpoint", str(ckpt), "--calib", "synthetic2d:4@1", "--calib-images",
+                    "2", "--eval", "synthetic2d:2@2", "--batch", "2", "--timing-images", "2", "--device", "cpu",
+                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas", "--asymmetric",
+                    "--qat-steps", "1", "--qat-batch", "2", "--qat-loss", "distill", "--out", str(tmp_path)])
+    assert rc == 0
+    names = [v["variant"] for v in json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())["variants"]]
+    assert names[1:3] == ["minmax asymmetric, unchained, reference int8 math",
+                          "minmax asymmetric, chained, reference int8 math"]
+    assert names[-1].startswith("minmax asymmetric + QAT (distill loss) 1 steps")

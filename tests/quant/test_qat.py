@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bevdeploy.quant.calibrate import CalibrationPoint, calibrate
+from bevdeploy.quant.calibrate import CalibrationPoint, asymmetric_qparams, calibrate
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear, quantize_modules
 from bevdeploy.quant.qat import (
     QATConv2d,
@@ -21,6 +21,7 @@ from bevdeploy.quant.qat import (
     QATPoint,
     fake_quantize,
     learned_scales,
+    learned_zero_points,
     prepare_qat,
     qat_finetune,
     strip_qat,
@@ -280,3 +281,116 @@ def test_distillation_loss_is_the_relative_error_to_the_frozen_teacher():
     terms["distill_output"].backward()
     assert student.bias.grad is not None and teacher.bias.grad is None  # only the student learns
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------ asymmetric inputs
+
+
+@pytest.mark.parametrize("z", [-128, -100, 37, 127])
+def test_asymmetric_fake_quantize_codes_and_gradients(z):
+    s = torch.tensor(0.05, requires_grad=True)
+    lo, hi = -128 - z, 127 - z  # representable codes, in units of s
+    # inside, ties (x.5 codes), both ends of the range exactly, and beyond them
+    v_in = torch.tensor([0.0, 0.26, -0.5, 2.5, 3.5, lo, hi, lo + 0.4, hi - 0.4, lo - 0.4, hi + 0.4, lo - 50, hi + 50])
+    x = (v_in * 0.05).requires_grad_(True)
+    g = torch.linspace(-1.0, 2.0, x.numel())
+    y = fake_quantize(x, s, z)
+    v = x.detach() / s.detach()
+    expected = (torch.clamp(torch.round(v) + z, -128, 127) - z) * s.detach()
+    torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
+    assert y[0].item() == 0.0  # zero is exact
+    (y * g).sum().backward()
+    inside = (v >= lo) & (v <= hi)  # x in [s * (-128 - z), s * (127 - z)]
+    torch.testing.assert_close(x.grad, torch.where(inside, g, torch.zeros_like(g)), rtol=0, atol=0)
+    lsq = torch.where(inside, torch.round(v) - v, torch.where(v < lo, float(lo), float(hi)))
+    torch.testing.assert_close(s.grad, (g * lsq).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_point_0_is_the_symmetric_fake_quant_bit_for_bit():
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 4
+    outs = []
+    for args in ((), (0,)):
+        xi, si = x.clone().requires_grad_(True), torch.tensor(0.02, requires_grad=True)
+        y = fake_quantize(xi, si, *args)
+        (y * torch.arange(1000.0)).sum().backward()
+        outs.append((y.detach(), xi.grad, si.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    for bad in (128, -129, 1.0, True):
+        with pytest.raises(ValueError, match="zero_point must be an int in"):
+            fake_quantize(x, 0.02, bad)
+
+
+def _asymmetric_qparams_of_toy(seed=0):
+    """The toy, its asymmetric (scale, zero point) per conv / linear, and symmetric scales for the point."""
+    torch.manual_seed(seed)
+    model = Toy().eval()
+    data = [torch.randn(2, 3, 9, 11) for _ in range(3)]
+    table = calibrate(model, lambda m: [m(x) for x in data], "minmax")
+    qp = {n: table.qparams(n, asymmetric=n != "point") for n in table.amax}
+    return model, {n: s for n, (s, _) in qp.items()}, {n: z for n, (_, z) in qp.items()}
+
+
+def test_prepare_without_zero_points_is_todays_symmetric_qat():
+    model, scales = _toy_and_scales(seed=4)
+    a = prepare_qat(copy.deepcopy(model), scales)
+    b = prepare_qat(copy.deepcopy(model), scales, zero_points={n: 0 for n in scales})
+    assert a.state_dict().keys() == b.state_dict().keys()  # no zero-point buffer on a symmetric layer
+    assert all("zero_point" not in k for k in a.state_dict())
+    x = torch.randn(2, 3, 9, 11)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa.grad, pb.grad), na
+    assert set(learned_zero_points(a).values()) == {0}
+
+
+def test_prepare_with_zero_points_fake_quantizes_the_input_asymmetrically():
+    model, scales, zps = _asymmetric_qparams_of_toy(seed=5)
+    assert zps["body.2"] == -128 and zps["head.3"] == -128  # ReLU inputs
+    assert zps["body.0"] != 0 and zps["point"] == 0
+    qat = prepare_qat(copy.deepcopy(model), scales, zero_points=zps)
+    assert learned_zero_points(qat) == {n: zps[n] for n in learned_scales(qat)}
+    assert "zero_point=-128" in repr(qat.body[2])
+    # the input z is a fixed buffer, saved with the module; the scale stays the learnable parameter
+    assert "body.2.input_zero_point" in qat.state_dict() and "body.2.scale_log_ratio" in dict(qat.named_parameters())
+    assert not any("zero_point" in n for n, _ in qat.named_parameters())
+    # a layer's output is the float layer on the fake-quantized input and weight
+    lin = qat.head[3]
+    s, z = scales["head.3"], zps["head.3"]
+    x = torch.relu(torch.randn(64, lin.in_features)) * (s * 255 / 4)  # mostly within the calibrated [0, 255 s]
+    w_amax = lin.weight.detach().abs().amax(dim=1, keepdim=True)
+    w_fq = torch.round(lin.weight.detach() / (w_amax / 127)) * (w_amax / 127)
+    ref = nn.functional.linear(fake_quantize(x, s, z), w_fq, lin.bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    # the ReLU input keeps all 256 codes: twice the symmetric resolution (amax / 127), a quarter of the error
+    err_asym = (fake_quantize(x, s, z) - x).square().mean()
+    err_sym = (fake_quantize(x, s * 255 / 127) - x).square().mean()
+    assert err_asym < err_sym / 3
+    # a fresh prepare with the same zero points loads the state dict
+    again = prepare_qat(copy.deepcopy(model), scales, zero_points=zps)
+    again.load_state_dict(qat.state_dict())
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        assert torch.equal(again(x), qat(x))
+    again.train()
+    again(x).square().mean().backward()
+    assert all(m.scale_log_ratio.grad != 0 for m in (again.body[0], again.body[2], again.head[1], again.head[3]))
+
+
+def test_zero_point_errors():
+    model, scales, zps = _asymmetric_qparams_of_toy()
+    with pytest.raises(ValueError, match=r"zero_points\['point'\] = 5: CalibrationPoint 'point' stays symmetric"):
+        prepare_qat(copy.deepcopy(model), scales, zero_points={"point": 5})
+    with pytest.raises(ValueError, match="zero_points name layers without a scale"):
+        prepare_qat(copy.deepcopy(model), {n: s for n, s in scales.items() if n != "body.0"}, zero_points=zps)
+    with pytest.raises(ValueError, match=r"zero_points\['body.0'\] must be an int in \[-128, 127\]"):
+        prepare_qat(copy.deepcopy(model), scales, zero_points={"body.0": 200})
+    with pytest.raises(TypeError, match="zero_points must be a dict"):
+        prepare_qat(copy.deepcopy(model), scales, zero_points=[("body.0", 3)])
+    assert asymmetric_qparams(0.0, 1.0)[1] == -128
