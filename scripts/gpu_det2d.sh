@@ -31,7 +31,9 @@
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
 #   YOLOX_LR (5e-4) / CENTERNET_LR (1e-3), YOLOX_IMAGE_SIZE / CENTERNET_IMAGE_SIZE ("H W"; default the
-#   official canvas 640x640 / 512x512; another size is named in the table as a departure), EXTRA (more flags).
+#   official canvas 640x640 / 512x512; another size is named in the table as a departure), EXTRA (more flags),
+#   YOLOX_PRECISIONS / CENTERNET_PRECISIONS (one model's rows instead of PRECISIONS; may be empty: only the
+#   PyTorch row and EVAL_EXTRA's extra rows, e.g. --asymmetric).
 # pycocotools must be importable: carry its wheel (cp312) in .whl with the others (installed to /tmp/site).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -67,8 +69,10 @@ n_models=$(echo $MODELS | wc -w); i=0
 for MODEL in $MODELS; do
   i=$((i + 1))
   case $MODEL in
-    yolox-x) SECS=${YOLOX_TRAIN_SECONDS:-150}; BATCH=${YOLOX_BATCH:-16}; LR=${YOLOX_LR:-5e-4}; SIZE=${YOLOX_IMAGE_SIZE:-};;
-    centernet-r18-dcn) SECS=${CENTERNET_TRAIN_SECONDS:-90}; BATCH=${CENTERNET_BATCH:-32}; LR=${CENTERNET_LR:-1e-3}; SIZE=${CENTERNET_IMAGE_SIZE:-};;
+    yolox-x) SECS=${YOLOX_TRAIN_SECONDS:-150}; BATCH=${YOLOX_BATCH:-16}; LR=${YOLOX_LR:-5e-4}; SIZE=${YOLOX_IMAGE_SIZE:-}
+      PREC=${YOLOX_PRECISIONS-$PRECISIONS};;
+    centernet-r18-dcn) SECS=${CENTERNET_TRAIN_SECONDS:-90}; BATCH=${CENTERNET_BATCH:-32}; LR=${CENTERNET_LR:-1e-3}; SIZE=${CENTERNET_IMAGE_SIZE:-}
+      PREC=${CENTERNET_PRECISIONS-$PRECISIONS};;
     *) echo "unknown 2D model $MODEL"; continue;;
   esac
   SIZE_FLAG=${SIZE:+--image-size $SIZE}
@@ -87,7 +91,7 @@ for MODEL in $MODELS; do
     T=$(( $(left) - reserve - 5 ))
     if [ $T -lt 60 ]; then echo "$MODEL eval skipped: $T s left"; continue; fi
     timeout "$T" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage eval $COMMON $SIZE_FLAG \
-      --precisions $PRECISIONS --calib-frames "${CALIB:-64}" --eval-batch 32 ${KEEP_ROWS:+--keep-rows} ${EXTRA:-} \
+      --precisions $PREC --calib-frames "${CALIB:-64}" --eval-batch 32 ${KEEP_ROWS:+--keep-rows} ${EXTRA:-} \
       ${EVAL_EXTRA:-} \
       > "$OUT/det2d_eval_$MODEL.txt" 2>&1
     echo "$MODEL eval rc=$? in $((SECONDS - t0)) s (timeout $T)"
