@@ -122,6 +122,14 @@ def test_int8_round_trip_reports_layers_and_reuses_table(world, fp32_engine, tmp
     again = build("bevformer-tiny", "int8", out=tmp_path / "q2.engine", model_overrides=TINY,
                   calib_table=str(table_file), progress=False)
     assert Engine.load(again, device="cpu").metadata["content_hash"] == meta["content_hash"]
+    # zero points from the same table's signed ranges: the FFN's second linear reads a ReLU output
+    # (zero point -128, written so by the chained first linear); attention inputs are near-symmetric
+    asym = Engine.load(build("bevformer-tiny", "int8", out=tmp_path / "a.engine", model_overrides=TINY,
+                             calib_table=str(table_file), progress=False, asymmetric=True), device="cpu")
+    assert asym.metadata["zero_points"]["pts_bbox_head.transformer.encoder.layers.0.ffns.0.layers.1"] == -128
+    out = asym(**x)
+    for k in ref:
+        assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
 
 
 def test_int8_layers_through_triton_interpreter(world, fp32_engine, tmp_path, monkeypatch):

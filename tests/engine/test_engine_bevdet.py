@@ -172,6 +172,28 @@ def test_int8_engine_quantizes_up_to_the_head_and_pools_in_int8(world, fp32_engi
     assert precisions["img_view_transformer (op)"] == "int8"  # the pooling (not ranked) stays int8
 
 
+def test_asymmetric_int8_engine_keeps_the_pooling_symmetric(world, fp32_engine, sample, tmp_path,
+                                                            ops_on_references):
+    """``asymmetric`` on BEVDet: the convs (ReLU inputs) get zero points, the int8 pooling input stays
+    symmetric (its op has no zero point), the chain links through the FPN and the BEV encoder, and
+    the engine stays above the int8 floor."""
+    root, _ = world
+    calib = DataSource(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=3)
+    path = build("bevdet-r50-cbgs", "int8", out=tmp_path / "a.engine", model_overrides=SMALL, calib=calib,
+                 progress=False, asymmetric=True)
+    engine = Engine.load(path, device="cpu")
+    zps = engine.metadata["zero_points"]
+    assert "img_view_transformer.feat_point" not in zps
+    assert {"img_backbone.layer1.0.conv2", "img_bev_encoder_backbone.layers.0.0.conv2"} <= set(zps)
+    assert dict(engine.layer_precisions)["img_view_transformer (op)"] == "int8"
+    assert engine.metadata["int8_outputs"]
+    ranks = engine.prepare(*(sample[k] for k in GEOMETRY_KEYS))
+    inputs = {"image": sample["image"], **dict(zip(BEVPoolRanks._fields, ranks))}
+    out, ref = engine(**inputs), fp32_engine(**inputs)
+    for k in HEAD_OUTPUTS:
+        assert torch.isfinite(out[k]).all() and sqnr_db(ref[k], out[k]) > INT8_SQNR_FLOOR_DB, k
+
+
 def test_int8_pooling_through_triton_interpreter_matches_float_pooling(sample, monkeypatch):
     """The view transformer's int8 path (quantize kernel + int8 bev_pool_v2 kernel) against its float path."""
     from bevdeploy.ops._utils import interpreter_enabled
