@@ -43,3 +43,15 @@ def poisoned(shape, dtype: torch.dtype, device) -> Tensor:
     if dtype.is_floating_point:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.full(tuple(shape), -128, dtype=dtype, device=device)
+
+
+def randomize_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms (seeded by the caller), so folded biases matter
+    in int8 tests of randomly initialised models; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model

@@ -15,7 +15,7 @@ before it (ResNet bottleneck: conv3 + identity, then ReLU), or with ``residual_a
 Sums run in int32 on the tensor cores; everything after the sum (dequantization, bias, residual, activation, cast) is fused into the
 kernel's epilogue and computed in fp32; the output is fp16 (default) or fp32, or, with ``out_scale``,
 the int8 codes the next int8 layer reads (``clamp(round_half_even(y / out_scale), -127, 127)``,
-symmetric, no zero point; a NaN becomes code 0), so activations stay int8 between layers. The residual may itself be
+symmetric, or with a zero point: see below; a NaN becomes the code of 0), so activations stay int8 between layers. The residual may itself be
 int8 codes with their own ``residual_scale`` (a ResNet identity coming from the previous block's
 int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[m, n]``.
 
@@ -1015,8 +1015,8 @@ def int8_linear(
         activation (str): ``"none"``, ``"relu"`` or ``"silu"``.
         out_dtype (torch.dtype): torch.float16 (default) or torch.float32 (ignored with ``out_scale``).
         out_scale (float, optional): write int8 codes ``clamp(round_half_even(y / out_scale), -127, 127)``
-            (symmetric, no zero point) of the epilogue's result instead of floats: the consumer's
-            calibrated input scale, so it reads them directly.
+            (symmetric; see ``out_zero_point``) of the epilogue's result instead of floats: the
+            consumer's calibrated input scale, so it reads them directly.
         config (tuple of 6 ints, optional): launch configuration (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
             warps, stages), e.g. a layer's autotuned choice; default: :func:`gemm_config`.
         residual_after_act (bool): add the residual after the activation instead of before it:
@@ -1087,13 +1087,13 @@ def int8_conv2d(
         config (tuple of 6 ints, optional): launch configuration, as :func:`int8_linear`'s.
         residual_after_act (bool): ``act(... + bias[o]) + residual`` instead of ``act(... + residual)``
             (YOLOX's ``DarknetBottleneck``: the identity is added to the SiLU output).
-        x_zero_point (int): zero point of ``x_q`` (``x ~= x_scale * (x_q - x_zero_point)``; 0: symmetric).
+        x_zero_point (int): zero point of ``x_q`` (``x ~= x_scale * (x_q - x_zero_point)``; 0: symmetric);
+            the padding holds it (the code of 0).
         w_sum (Tensor[O] int32, optional): :func:`weight_sums` of ``w_q``, used with ``x_zero_point``
             (computed here when None; layers pass it precomputed so an engine holds it as a constant).
         residual_zero_point (int): zero point of an int8 ``residual``.
         out_zero_point (int): zero point of the int8 output (with ``out_scale``): codes
             ``round_half_even(y / out_scale) + out_zero_point`` clamped to [-128, 127].
-            The padding holds the code of 0 (``x_zero_point``).
 
     Returns:
         Tensor[N, O, Ho, Wo]: ``out_dtype`` (int8 with ``out_scale``) in channels-last memory.

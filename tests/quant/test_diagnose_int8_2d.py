@@ -15,7 +15,8 @@ from bevdeploy.train import save_checkpoint
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "diagnose_int8_2d.py"
 
 
-def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monkeypatch, ops_on_references):
+def _diagnose(tmp_path, monkeypatch, *flags: str) -> dict:
+    """The script on a random reduced YOLOX-x (2 calibration, 2 held-out images), with ``flags`` added."""
     monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
     overrides = {"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": [64, 64]}
     torch.manual_seed(0)
@@ -26,10 +27,14 @@ def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monke
     spec.loader.exec_module(diag)
     rc = diag.main(["--model", "yolox-x", "--checkpoint", str(ckpt), "--calib", "synthetic2d:4@1", "--calib-images",
                     "2", "--eval", "synthetic2d:2@2", "--batch", "2", "--timing-images", "2", "--device", "cpu",
-                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas",
-                    "--qat-steps", "1", "--qat-batch", "2", "--qat-loss", "task", "distill", "--out", str(tmp_path)])
+                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas", *flags,
+                    "--out", str(tmp_path)])
     assert rc == 0
-    report = json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())
+    return json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())
+
+
+def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monkeypatch, ops_on_references):
+    report = _diagnose(tmp_path, monkeypatch, "--qat-steps", "1", "--qat-batch", "2", "--qat-loss", "task", "distill")
     names = [v["variant"] for v in report["variants"]]
     assert names[:2] == ["minmax, unchained, reference int8 math", "minmax, chained, reference int8 math"]
     assert names[2] == "float control: fine-tuned 1 steps, no quantization"  # before the task-loss QAT it controls
@@ -44,20 +49,9 @@ def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monke
 
 def test_diagnosis_asymmetric_variants_and_qat_from_them(tmp_path, monkeypatch, ops_on_references):
     """--asymmetric: minmax with zero points, unchained and chained, and the QAT variant starts from them."""
-    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
-    overrides = {"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": [64, 64]}
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(MODELS["yolox-x"](**{**overrides, "image_size": (64, 64)}), tmp_path / "y.pth",
-                           meta={"model_overrides": overrides})
-    spec = importlib.util.spec_from_file_location("diagnose_int8_2d", SCRIPT)
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
-    rc = diag.main(["--model", "yolox-x", "--checkpoint", str(ckpt), "--calib", "synthetic2d:4@1", "--calib-images",
-                    "2", "--eval", "synthetic2d:2@2", "--batch", "2", "--timing-images", "2", "--device", "cpu",
-                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas", "--asymmetric",
-                    "--qat-steps", "1", "--qat-batch", "2", "--qat-loss", "distill", "--out", str(tmp_path)])
-    assert rc == 0
-    names = [v["variant"] for v in json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())["variants"]]
+    report = _diagnose(tmp_path, monkeypatch, "--asymmetric", "--qat-steps", "1", "--qat-batch", "2",
+                       "--qat-loss", "distill")
+    names = [v["variant"] for v in report["variants"]]
     assert names[1:3] == ["minmax asymmetric, unchained, reference int8 math",
                           "minmax asymmetric, chained, reference int8 math"]
     assert names[-1].startswith("minmax asymmetric + QAT (distill loss) 1 steps")

@@ -7,9 +7,9 @@ the outputs agree closely; both stay near the float model."""
 import copy
 
 import torch
-from torch import nn
 
 from bevdeploy.quant.sensitivity import sqnr_db
+from tests._utils import randomize_batchnorms
 
 CHAIN_VS_UNCHAINED_SQNR_DB = 30.0
 INT8_VS_FLOAT_SQNR_DB = 25.0
@@ -21,12 +21,7 @@ def _model():
 
     torch.manual_seed(0)
     model = MODELS["centernet-r18-dcn"](image_size=(64, 64)).eval()
-    for m in model.modules():  # non-trivial folded biases
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorms(model)  # non-trivial folded biases
     model.bbox_head.heatmap_head[-1].bias.data.zero_()  # else the -2.19 prior dominates the heatmap SQNR
     fold_batchnorms(model)
     return model

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bevdeploy.quant.sensitivity import sqnr_db
+from tests._utils import randomize_batchnorms
 
 SMALL = dict(deepen_factor=0.33, widen_factor=0.125)
 CHAIN_EXACT_SQNR_DB = 60.0
@@ -38,12 +39,7 @@ def _model(size: int):
 
     torch.manual_seed(0)
     model = MODELS["yolox-x"](**SMALL, image_size=(size, size)).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorms(model)
     for name in ("multi_level_conv_cls", "multi_level_conv_obj"):
         for conv in getattr(model.bbox_head, name):
             conv.bias.data.zero_()

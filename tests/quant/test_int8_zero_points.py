@@ -23,7 +23,7 @@ from bevdeploy.quant.int8_kernels import (
     weight_sums,
 )
 from bevdeploy.quant.modules import QuantConv2d, quantize_modules
-from tests._utils import REL_TOL, assert_rel_close, poisoned
+from tests._utils import REL_TOL, assert_rel_close, poisoned, randomize_batchnorms
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -211,12 +211,7 @@ def _folded(name, **overrides):
 
     torch.manual_seed(0)
     model = MODELS[name](**overrides).eval()
-    for m in model.modules():  # non-trivial folded biases
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    randomize_batchnorms(model)  # non-trivial folded biases
     fold_batchnorms(model)
     return model
 
@@ -270,7 +265,7 @@ def test_chain_carries_zero_points(ops_on_references, name, overrides, part, pro
             # an int8 layer's input after residual blocks, dequantized: the heads' outputs alone barely see
             # a wrong zero point on the random YOLOX (a block identity read with z = 0 passes there)
             seen = {}
-            m.get_submodule(probe).register_forward_pre_hook(lambda mod, args: seen.setdefault("x", (
+            m.get_submodule(probe).register_forward_pre_hook(lambda mod, args, seen=seen: seen.setdefault("x", (
                 (args[0].float() - mod.input_zero_point) * mod.input_scale if args[0].dtype == torch.int8
                 else args[0].float())))
             with torch.no_grad():
