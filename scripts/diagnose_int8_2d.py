@@ -40,7 +40,14 @@ from bevdeploy.models.checkpoint import load_checkpoint
 from bevdeploy.quant.calibrate import calibrate
 from bevdeploy.quant.chain import chain_int8
 from bevdeploy.quant.modules import quantize_modules
-from bevdeploy.quant.qat import distillation_loss, learned_scales, prepare_qat, qat_finetune, strip_qat
+from bevdeploy.quant.qat import (
+    distillation_loss,
+    learned_scales,
+    prepare_qat,
+    qat_finetune,
+    strip_qat,
+    tie_shared_inputs,
+)
 from bevdeploy.quant.sensitivity import sensitivity_report, sqnr_db
 from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs, smoothable
 from bevdeploy.train import make_training
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_fn = (training.loss if kind == "task" else
                        distillation_loss(copy.deepcopy(model), lambda b: (b.images,)))
             prepare_qat(tuned, minmax_scoped, keep_float=sorted(keep_stem), scope=scope, zero_points=start_zps)
+            tie_shared_inputs(tuned, lambda: loss_fn(tuned, next(iter(training.batches(args.qat_batch, 0)))))
             losses = qat_finetune(tuned, loss_fn, training.batches(args.qat_batch, 0), steps=steps,
                                   lr=args.qat_lr, progress=False)
             learned = learned_scales(tuned)

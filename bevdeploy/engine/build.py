@@ -205,11 +205,13 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
     (``seed + rank``, as ``bevdeploy.train.train(dist=)``), gradients are averaged, so the learned
     weights and scales are the same on every rank; the losses in the metadata are rank 0's.
     """
-    from bevdeploy.quant.qat import learned_scales, prepare_qat, qat_finetune, strip_qat
+    from bevdeploy.quant.qat import learned_scales, prepare_qat, qat_finetune, strip_qat, tie_shared_inputs
 
     training, dataset = _qat_training(model_name, model, data, dev, progress, ctx)
     with fail_together(ctx):
         prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model), zero_points=zero_points)
+        # readers of one tensor share one learned scale, as the chained engine quantizes it once
+        tied = tie_shared_inputs(model, lambda: training.loss(model, next(iter(training.batches(batch, seed)))))
     try:
         losses = qat_finetune(model, training.loss, training.batches(batch, seed + ctx.rank), steps=steps, lr=lr,
                               scale_lr=scale_lr, progress=progress, dist=ctx)
@@ -218,7 +220,7 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
         strip_qat(model)
         model.eval()
     meta = {"steps": steps, "lr": lr, "scale_lr": scale_lr, "batch": batch, "seed": seed, "data": dataset,
-            "layers": len(learned), "loss_first": losses[0], "loss_last": losses[-1],
+            "layers": len(learned), "tied_groups": len(tied), "loss_first": losses[0], "loss_last": losses[-1],
             "processes": ctx.world_size, "global_batch": batch * ctx.world_size}
     return learned, meta
 

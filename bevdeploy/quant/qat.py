@@ -60,6 +60,7 @@ __all__ = [
     "fake_quantize",
     "learned_scales",
     "learned_zero_points",
+    "tie_shared_inputs",
     "prepare_qat",
     "qat_finetune",
     "strip_qat",
@@ -354,6 +355,55 @@ def learned_scales(model: nn.Module) -> dict[str, float]:
     return {n: float(m.input_scale.detach()) for n, m in found}
 
 
+def tie_shared_inputs(model: nn.Module, run: Callable[[], object]) -> list[list[str]]:
+    """Fake-quant layers that read one tensor learn one scale, in place; returns the tied groups.
+
+    The chained int8 engine quantizes a tensor once for all its readers (``bevdeploy.quant.chain``:
+    the largest of their scales), so scales learned apart would deploy as another scale than the one
+    QAT trained (YOLOX's CSP ``main_conv`` / ``short_conv``, a ResNet block's ``conv1`` / downsample).
+    ``run()`` runs one forward of ``model`` (e.g. the loss of one batch); layers whose input is the
+    same tensor object are grouped, start from the group's largest calibrated scale and share one
+    ``scale_log_ratio`` parameter. Layers with different zero points are left apart. Call it right
+    after :func:`prepare_qat`, before :func:`qat_finetune`.
+    """
+    found = _fake_quant_modules(model)
+    if not found:
+        raise ValueError("model has no fake-quant layer: call prepare_qat first")
+    readers: dict[int, list[str]] = {}
+    alive: list[Tensor] = []  # the inputs stay referenced, so no two of them share an id
+
+    def hook(name: str):
+        def fn(mod, args):
+            alive.append(args[0])
+            readers.setdefault(id(args[0]), [])
+            if name not in readers[id(args[0])]:
+                readers[id(args[0])].append(name)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in found]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(found)
+    groups = []
+    for names in readers.values():
+        group = [modules[n] for n in names]
+        if len(group) < 2 or len({int(m._zero_point) for m in group}) > 1:
+            continue
+        start = max(float(m.calib_scale) for m in group)
+        with torch.no_grad():
+            for m in group:
+                m.calib_scale.fill_(start)
+                m.scale_log_ratio.zero_()
+        for m in group[1:]:
+            m.scale_log_ratio = group[0].scale_log_ratio
+        groups.append(names)
+    return groups
+
+
 def learned_zero_points(model: nn.Module) -> dict[str, int]:
     """The fixed input zero point of every fake-quant layer, ``{layer name: z}`` in module order (0:
     symmetric); the keys of :func:`learned_scales`, for ``prepare_qat(zero_points=)`` and the int8 build."""
@@ -448,7 +498,7 @@ def qat_finetune(
     fq = _fake_quant_modules(model)
     if not fq:
         raise ValueError("model has no fake-quant layer: call prepare_qat first")
-    scale_params = [m.scale_log_ratio for _, m in fq]
+    scale_params = list({id(m.scale_log_ratio): m.scale_log_ratio for _, m in fq}.values())  # tied: once
     scale_ids = {id(p) for p in scale_params}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in scale_ids]
     for p in scale_params:

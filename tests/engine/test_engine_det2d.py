@@ -209,6 +209,7 @@ def test_int8_engine_with_qat_fine_tunes_on_the_2d_set(name, tmp_path, calib_spe
     engine = Engine.load(path, device="cpu")
     qat = engine.metadata["qat"]
     assert qat["steps"] == 2 and qat["data"].endswith("[:4]") and qat["layers"] > 10
+    assert qat["tied_groups"] >= 3  # CSP main / short convs, ResNet conv1 / downsample: one scale each
     assert all(map(lambda v: v == v and v < float("inf"), (qat["loss_first"], qat["loss_last"])))
     ptq = CalibrationTable.load(tmp_path / "q.engine.calib.json")
     learned = CalibrationTable.load(tmp_path / "q.engine.qat.calib.json")

@@ -25,6 +25,7 @@ from bevdeploy.quant.qat import (
     prepare_qat,
     qat_finetune,
     strip_qat,
+    tie_shared_inputs,
 )
 
 
@@ -394,3 +395,20 @@ def test_zero_point_errors():
     with pytest.raises(TypeError, match="zero_points must be a dict"):
         prepare_qat(copy.deepcopy(model), scales, zero_points=[("body.0", 3)])
     assert asymmetric_qparams(0.0, 1.0)[1] == -128
+
+
+def test_tie_shared_inputs_gives_the_readers_of_one_tensor_one_learned_scale(ops_on_references):
+    """``point`` and ``side`` both read ``dw``'s output: the chained engine quantizes that tensor once, so
+    QAT must learn one scale for both (the larger start), trained through both readers."""
+    model, scales = _toy_and_scales(seed=1)
+    scales = {**scales, "side": scales["point"] * 0.5}  # apart at the start: the tie takes the larger
+    prepare_qat(model, scales)
+    x = torch.randn(4, 3, 9, 11, generator=torch.Generator().manual_seed(2))
+    assert tie_shared_inputs(model, lambda: model(x)) == [["point", "side"]]
+    assert model.side.scale_log_ratio is model.point.scale_log_ratio
+    assert float(model.side.calib_scale) == float(model.point.calib_scale) == pytest.approx(scales["point"])
+    losses = qat_finetune(model, lambda m, b: {"l": m(b).square().mean()}, itertools.repeat(x), steps=3,
+                          scale_lr=3e-2, progress=False)  # the shared parameter is optimised once
+    learned = learned_scales(model)
+    assert len(losses) == 3 and learned["point"] == learned["side"] != pytest.approx(scales["point"])
+    assert learned["body.0"] != pytest.approx(scales["body.0"])  # the others still learn their own
