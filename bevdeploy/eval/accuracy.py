@@ -201,6 +201,9 @@ def stage_eval(args) -> Path:
             jobs.insert(at, qat_job)
         else:
             print("[accuracy] this build has no QAT (build() takes no qat_steps): QAT row skipped", file=sys.stderr)
+    if args.asymmetric:  # right after the symmetric PTQ row it is compared with
+        at = next((i + 1 for i, (label, _, _) in enumerate(jobs) if label == QAT_PRECISION), len(jobs))
+        jobs.insert(at, (f"{QAT_PRECISION} (asymmetric)", QAT_PRECISION, {"asymmetric": True}))
     kept = _earlier_rows(args, meta["checkpoint_sha256"], {label for label, _, _ in jobs}) if args.keep_rows else []
     work = Path(args.work_dir) / "engines"
     for label, precision, extra in jobs:
@@ -238,6 +241,7 @@ def stage_eval(args) -> Path:
                    output_sqnr_db_each=sqnr, seconds=round(time.perf_counter() - t0, 1))
         if precision.startswith("int8"):
             row["int8_layers"] = sum(1 for _, p in engine.layer_precisions if p == "int8")
+            row["asymmetric"] = bool(extra.get("asymmetric"))
             row["int8_chain"] = chain_error is None
             if chain_error:
                 row["chain_error"] = chain_error
@@ -460,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-lr", type=float, default=float(env("BEVACC_QAT_LR", "1e-5")),
                    help="QAT peak learning rate of the weights (cosine decay)")
     p.add_argument("--asymmetric", action="store_true",
-                   help="2D models: one more row, the int8-fp16 engine with zero points on the int8 inputs (build "
-                        "--asymmetric), beside the symmetric rows; with --qat-steps the QAT row starts from it")
+                   help="one more row, the int8-fp16 engine with zero points on the int8 inputs (build "
+                        "--asymmetric), beside the symmetric rows; 2D models with --qat-steps: the QAT row starts from it")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
@@ -498,9 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
-        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
-                          or args.asymmetric):
-            raise ValueError(f"--smooth-alpha, --keep-float-below, --asymmetric and --results-tag apply to the 2D models' "
+        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag):
+            raise ValueError(f"--smooth-alpha, --keep-float-below and --results-tag apply to the 2D models' "
                              f"rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)

@@ -32,6 +32,14 @@ def test_accuracy_stages_on_a_reduced_model(tmp_path, ops_on_references, capsys)
     assert doc["training"]["steps"] == 1 and doc["training"]["frames_in_world"] == 2
     assert "accuracy-bevdet-r50-cbgs" in str(list((tmp_path / "results" / "cpu").iterdir()))
     assert (tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.md").read_text().count("| fp32 |") == 1
+    # --asymmetric: the zero-point row right after the symmetric int8-fp16 row (the fp32 row kept)
+    assert main(["--stage", "eval", "--precisions", "int8-fp16", "--asymmetric", "--calib-frames", "2", "--keep-rows",
+                 *common]) == 0
+    rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.json").read_text())["rows"]
+    by = {r["precision"]: r for r in rows}
+    assert {"fp32", "int8-fp16", "int8-fp16 (asymmetric)"} <= set(by)
+    assert by["int8-fp16 (asymmetric)"]["asymmetric"] is True and by["int8-fp16"]["asymmetric"] is False
+    assert "error" not in by["int8-fp16 (asymmetric)"] and by["int8-fp16 (asymmetric)"]["int8_layers"] > 0
 
 
 def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
