@@ -39,3 +39,21 @@ def test_bad_int8_chain_choice_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "-o", "x", "--int8-chain", "yes"])
     assert "--int8-chain" in capsys.readouterr().err
+
+
+def test_build_passes_asymmetric_and_refuses_it_for_float(tmp_path, monkeypatch, capsys):
+    """``--asymmetric`` reaches ``build(asymmetric=True)``; on a float precision it is an error naming it."""
+    seen = {}
+    engine = tmp_path / "x.engine"
+
+    def fake_build(*args, **kwargs):
+        seen["asymmetric"] = kwargs["asymmetric"]
+        engine.write_bytes(b"")
+        return engine
+
+    monkeypatch.setattr(bevdeploy.engine, "build", fake_build)
+    assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "--calib", "synthetic:2",
+                 "-o", str(engine), "--asymmetric"]) == 0
+    assert seen == {"asymmetric": True}
+    assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "fp16", "-o", str(engine), "--asymmetric"]) != 0
+    assert "--asymmetric" in capsys.readouterr().err
