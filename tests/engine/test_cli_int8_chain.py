@@ -9,16 +9,20 @@ import bevdeploy.eval.bench_models
 from bevdeploy.cli import main
 
 
+def _fake_build(seen: dict, key: str, engine: Path):
+    """A ``build`` that records ``kwargs[key]`` in ``seen`` and writes an empty engine file."""
+    def fake_build(*args, **kwargs):
+        seen[key] = kwargs[key]
+        engine.write_bytes(b"")
+        return engine
+    return fake_build
+
+
 @pytest.mark.parametrize("flag, expected", [(None, True), ("on", True), ("off", False),
                                             ("float-identity", "float-identity")])
 def test_build_and_bench_pass_the_int8_chain_choice(flag, expected, tmp_path, monkeypatch):
     seen = {}
     engine = tmp_path / "x.engine"
-
-    def fake_build(*args, **kwargs):
-        seen["build"] = kwargs["int8_chain"]
-        engine.write_bytes(b"")
-        return engine
 
     def fake_bench_model(name, precisions, **kwargs):
         seen["bench"] = kwargs["int8_chain"]
@@ -26,13 +30,13 @@ def test_build_and_bench_pass_the_int8_chain_choice(flag, expected, tmp_path, mo
         table.with_suffix(".md").write_text("table\n")
         return table
 
-    monkeypatch.setattr(bevdeploy.engine, "build", fake_build)
+    monkeypatch.setattr(bevdeploy.engine, "build", _fake_build(seen, "int8_chain", engine))
     monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", fake_bench_model)
     extra = [] if flag is None else ["--int8-chain", flag]
     assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "--calib", "synthetic:2",
                  "-o", str(engine), *extra]) == 0
     assert main(["bench", "--model", "bevdet-r50-cbgs", "--precisions", "int8", *extra]) == 0
-    assert seen == {"build": expected, "bench": expected}
+    assert seen == {"int8_chain": expected, "bench": expected}
 
 
 def test_bad_int8_chain_choice_is_refused(capsys):
@@ -45,13 +49,7 @@ def test_build_passes_asymmetric_and_refuses_it_for_float(tmp_path, monkeypatch,
     """``--asymmetric`` reaches ``build(asymmetric=True)``; on a float precision it is an error naming it."""
     seen = {}
     engine = tmp_path / "x.engine"
-
-    def fake_build(*args, **kwargs):
-        seen["asymmetric"] = kwargs["asymmetric"]
-        engine.write_bytes(b"")
-        return engine
-
-    monkeypatch.setattr(bevdeploy.engine, "build", fake_build)
+    monkeypatch.setattr(bevdeploy.engine, "build", _fake_build(seen, "asymmetric", engine))
     assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "--calib", "synthetic:2",
                  "-o", str(engine), "--asymmetric"]) == 0
     assert seen == {"asymmetric": True}
