@@ -15,6 +15,7 @@ set -uo pipefail
 MODEL=${1:?usage: scripts/gpu_accuracy.sh MODEL}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
+source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/nuscenes ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi

@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -302,6 +303,7 @@ def build(
     int8_stem: bool = False,
     asymmetric: bool = False,
     autotune: bool = True,
+    autotune_cache: str | os.PathLike | None = None,
     allow_partial_calib: bool = False,
     allow_nonfinite: bool = False,
     calib_two_pass: bool = False,
@@ -365,6 +367,8 @@ def build(
             zero points and learns the scales. Recorded in the metadata (``zero_points``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
+        autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
+            tuned before on this GPU and Triton version are not timed again; new choices are added.
         allow_partial_calib: Build although the calibration table misses int8 layers, names layers
             the model lacks, or has zero / non-finite ranges (warned; those layers stay float).
             Without it any of these is an error naming the layers.
@@ -538,7 +542,8 @@ def build(
     with fail_together(ctx):  # rank 0 converts, exports and writes; the others wait here for it
         if ctx.is_main:
             _convert_and_write(model, model_name, precision, out=out, scales=scales, keep_float=keep_float,
-                               int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune, table=table,
+                               int8_chain=int8_chain, batch=batch, dev=dev, autotune=autotune,
+                               autotune_cache=autotune_cache or os.environ.get("BEVDEPLOY_AUTOTUNE_CACHE"), table=table,
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
                                keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
@@ -549,6 +554,7 @@ def build(
 def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,
                        scales: dict[str, float] | None, keep_float: Sequence[str], int8_chain: bool | str, batch: int,
                        dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
+                       autotune_cache: str | os.PathLike | None = None,
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
                        keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
                        smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None) -> None:
@@ -568,11 +574,14 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
     example = example_inputs(model, batch, spec.float_dtype, dev)
     tuned: dict[str, list[int]] = {}
     if spec.int8 and autotune and dev.type == "cuda":
-        from bevdeploy.quant.autotune import autotune_int8_layers
+        from bevdeploy.quant.autotune import autotune_int8_layers, load_tuning_cache, save_tuning_cache
 
         try:
+            cache = load_tuning_cache(autotune_cache) if autotune_cache else None
             with torch.no_grad():
-                tuned = autotune_int8_layers(model, tuple(example.values()))
+                tuned = autotune_int8_layers(model, tuple(example.values()), cache=cache)
+            if cache is not None:
+                save_tuning_cache(autotune_cache, cache)
         except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
             logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
     int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]

@@ -8,12 +8,20 @@ graph (a Triton launch from Python costs ~40 us, more than many of these convs),
 is stored in the layer's ``launch_config``. It is an argument of the op call, so it is a constant
 of the exported graph: the engine file carries it and loading never re-tunes. CPU builds (and the
 interpreter) keep the heuristic.
+
+A tuning cache (:func:`load_tuning_cache` / :func:`save_tuning_cache`, ``build(autotune_cache=)`` or
+``BEVDEPLOY_AUTOTUNE_CACHE``) keeps each choice under the GPU's name, Triton's version and the call's
+key, so the next build of the same shapes skips the timing (BEVFormer-base's int8 build spends minutes
+in it; a device session is short).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import statistics
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +29,7 @@ from torch import Tensor, nn
 from bevdeploy.quant.int8_kernels import Config, _p2, candidate_configs, gemm_config, int8_conv2d, int8_linear
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
-__all__ = ["autotune_int8_layers", "layer_candidates", "time_in_graph"]
+__all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "save_tuning_cache", "time_in_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +96,42 @@ def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
     return x_q.numel() // x_q.shape[-1], layer.out_features, x_q.shape[-1]
 
 
+def _cache_key(device: torch.device, key: tuple) -> str:
+    """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes."""
+    import triton
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{gpu} | triton {triton.__version__} | {key!r}"
+
+
+def load_tuning_cache(path: str | os.PathLike) -> dict[str, list[int]]:
+    """The cache at ``path`` ({} when the file does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a tuning cache (invalid JSON: {e}); delete it to start a new one") from e
+    if not isinstance(cache, dict) or not all(isinstance(v, list) and len(v) == 6 for v in cache.values()):
+        raise ValueError(f"{path}: not a tuning cache ({{key: [6 ints]}}); delete it to start a new one")
+    return cache
+
+
+def save_tuning_cache(path: str | os.PathLike, cache: dict[str, list[int]]) -> None:
+    """Write ``cache`` to ``path`` merged over what the file holds now (another build may have added
+    entries), atomically."""
+    path = Path(path)
+    merged = {**load_tuning_cache(path), **cache}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=None,
-                         max_candidates: int = 5) -> dict[str, list[int]]:
+                         max_candidates: int = 5, cache: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """Time launch configurations for every int8 layer of ``module`` and store the fastest.
 
     Args:
@@ -100,6 +141,8 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
         candidates: optional ``fn(m, n, k, device) -> list[Config]`` (default :func:`layer_candidates`).
         max_candidates: configurations timed per distinct call, the heuristic's first (each new one
             costs a Triton compile, ~1 s, at build time).
+        cache: a tuning cache (:func:`load_tuning_cache`): a call found there is not timed; new choices
+            are added to it (save it with :func:`save_tuning_cache`).
 
     Returns:
         layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]`` (also set as the
@@ -135,6 +178,9 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
                getattr(layer, "padding", None), getattr(layer, "dilation", None), tuple(x_q.shape),
                None if residual is None else residual.dtype, layer.out_scale is not None, layer.activation,
                layer.bias is not None, layer.out_dtype, layer.input_zero_point != 0)
+        if key not in by_key and cache is not None and (cached := cache.get(_cache_key(x_q.device, key))):
+            by_key[key] = tuple(int(v) for v in cached)
+            logger.info("autotune %s %s: %s (cached)", name, list(key[1]), list(cached))
         if key not in by_key:
             m, n, k = _gemm_dims(layer, x_q)
             results = []
@@ -151,6 +197,8 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             logger.info("autotune %s %s: %s %.1f us (heuristic %.1f us)", name, list(key[1]), list(best), best_us,
                         results[0][0])
             by_key[key] = best
+            if cache is not None:
+                cache[_cache_key(x_q.device, key)] = list(best)
         layer.launch_config = tuple(by_key[key])
         chosen[name] = list(by_key[key])
     return chosen

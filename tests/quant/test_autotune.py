@@ -48,3 +48,51 @@ def test_autotune_stores_a_choice_and_keeps_the_codes():
     with torch.no_grad():
         after = model(x)
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
+    # a tuning cache filled by one build gives the next one the same choices without timing
+    import bevdeploy.quant.autotune as autotune
+
+    cache: dict = {}
+    first = autotune_int8_layers(_model("cuda"), (x,), cache=cache)
+    assert len(cache) == 2 and all(torch.cuda.get_device_name() in k for k in cache)
+    saved = autotune.time_in_graph
+    autotune.time_in_graph = None  # calling it would fail: every shape must come from the cache
+    try:
+        assert autotune_int8_layers(_model("cuda"), (x,), cache=cache) == first
+    finally:
+        autotune.time_in_graph = saved
+
+
+def test_tuning_cache_skips_the_timing_of_known_shapes(tmp_path, monkeypatch):
+    """A choice is stored under the device, Triton's version and the call's shapes; a build that finds it
+    there does not time again (the timing is faked here: CUDA events need a GPU)."""
+    import bevdeploy.quant.autotune as autotune
+    from bevdeploy.quant.autotune import load_tuning_cache, save_tuning_cache
+
+    timed = []
+
+    def fake_time(fn):  # the last candidate is "fastest": not the heuristic's, so the cache visibly carries it
+        timed.append(1)
+        return 100.0 - len(timed)
+
+    monkeypatch.setattr(autotune, "time_in_graph", fake_time)
+    x = torch.randn(2, 16, 20, 24)
+    cache: dict = {}
+    first = autotune_int8_layers(_model("cpu"), (x,), cache=cache)
+    assert timed and len(cache) == 2 and all(k.startswith("cpu | triton ") for k in cache)
+    path = tmp_path / "tune" / "cache.json"
+    save_tuning_cache(path, cache)
+    save_tuning_cache(path, {"other gpu | triton 0 | (...)": [64, 64, 64, 8, 4, 4]})  # merged, not replaced
+    loaded = load_tuning_cache(path)
+    assert len(loaded) == 3 and all(loaded[k] == v for k, v in cache.items())
+
+    def no_timing(fn):
+        raise AssertionError("timed a shape the cache holds")
+
+    monkeypatch.setattr(autotune, "time_in_graph", no_timing)
+    model = _model("cpu")
+    assert autotune_int8_layers(model, (x,), cache=loaded) == first
+    assert [list(m.launch_config) for m in model if isinstance(m, QuantConv2d)] == [first["0"], first["2"]]
+    assert load_tuning_cache(tmp_path / "absent.json") == {}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tuning cache"):
+        load_tuning_cache(tmp_path / "bad.json")
