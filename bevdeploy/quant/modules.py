@@ -116,7 +116,12 @@ class _QuantBase(nn.Module):
             self.input_scale_tensor.fill_(self._input_scale)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        zp = state_dict.get(prefix + "input_zero_point_tensor")
+        if zp is not None:  # an asymmetric layer's state: take its zero point (and buffers) before loading
+            self.set_input_zero_point(int(zp))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.input_zero_point:  # the weight sums follow the loaded weights
+            self.w_sum = weight_sums(self.weight)
         if prefix + "input_scale_tensor" in state_dict:
             self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
                                               self.out_dtype)
@@ -146,11 +151,15 @@ class _QuantBase(nn.Module):
 
     def set_input_zero_point(self, zero_point: int) -> None:
         """Asymmetric input codes with this zero point (an int in [-128, 127]; 0: symmetric). Keeps
-        ``w_sum`` (int32 per output channel, a non-persistent buffer: an engine constant)."""
+        ``w_sum`` (int32 per output channel, a non-persistent buffer: an engine constant) and, for a
+        non-zero point, the int32 buffer ``input_zero_point_tensor`` (state dicts carry it, so a
+        reloaded layer cannot silently lose it; symmetric layers keep their old keys)."""
         if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
             raise ValueError(f"input zero point must be an int in [-128, 127], got {zero_point!r}")
         self.input_zero_point = zero_point
         self.register_buffer("w_sum", weight_sums(self.weight) if zero_point else None, persistent=False)
+        self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
+                                                                     device=self.weight.device) if zero_point else None)
 
     def _zero_point_args(self) -> dict:
         return {"x_zero_point": self.input_zero_point, "w_sum": getattr(self, "w_sum", None),

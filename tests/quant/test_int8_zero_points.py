@@ -200,6 +200,18 @@ def test_quantize_modules_sets_zero_points_and_reports_them():
     assert any(r.name == "2" and "zero point -128" in r.reason for r in report)
     with pytest.raises(ValueError, match="zero point"):
         model[0].set_input_zero_point(300)
+    # the zero point travels with the state dict: a fresh symmetric layer loading it becomes asymmetric
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+    quantize_modules(fresh, {"0": 0.5, "2": 0.5}, out_dtype=torch.float32)
+    assert "2.input_zero_point_tensor" in model.state_dict() and "0.input_zero_point_tensor" not in model.state_dict()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh[2].input_zero_point == -128 and torch.equal(fresh[2].w_sum, model[2].w_sum)
+    x = torch.rand(1, 3, 5, 5)
+    torch.testing.assert_close(fresh(x), model(x))
+    symmetric = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+    quantize_modules(symmetric, {"0": 0.5, "2": 0.5}, out_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="input_zero_point_tensor"):  # asymmetric layer, symmetric state
+        model.load_state_dict(symmetric.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- chain
