@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from bevdeploy.ops._utils import quantize_weight_per_channel, use_triton
 from bevdeploy.quant.int8_kernels import (
     ACTIVATIONS,
+    _check_zero_point,
     int8_conv2d,
     int8_linear,
     quantize_per_tensor,
@@ -154,9 +155,7 @@ class _QuantBase(nn.Module):
         ``w_sum`` (int32 per output channel, a non-persistent buffer: an engine constant) and, for a
         non-zero point, the int32 buffer ``input_zero_point_tensor`` (state dicts carry it, so a
         reloaded layer cannot silently lose it; symmetric layers keep their old keys)."""
-        if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
-            raise ValueError(f"input zero point must be an int in [-128, 127], got {zero_point!r}")
-        self.input_zero_point = zero_point
+        self.input_zero_point = _check_zero_point("input zero point", zero_point)
         self.register_buffer("w_sum", weight_sums(self.weight) if zero_point else None, persistent=False)
         self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
                                                                      device=self.weight.device) if zero_point else None)

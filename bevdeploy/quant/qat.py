@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevdeploy.quant.calibrate import CalibrationPoint
+from bevdeploy.quant.int8_kernels import _check_zero_point, code_range
 from bevdeploy.quant.modules import _conv_unsupported
 
 __all__ = [
@@ -82,15 +83,9 @@ def _codes(x: Tensor, scale: Tensor, zero_point: Tensor | int = 0) -> Tensor:
         z = zero_point.float()
         c = torch.clamp(x / scale, -128.0 - z, 127.0 - z)
     else:
-        lo = -INT8_MAX if zero_point == 0 else -128 - zero_point
-        c = torch.clamp(x / scale, lo, INT8_MAX - zero_point)
+        lo, hi = code_range(zero_point)
+        c = torch.clamp(x / scale, lo - zero_point, hi - zero_point)
     return torch.round(c).detach() + (c - c.detach())
-
-
-def _check_zero_point(name: str, zero_point: object) -> int:
-    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
-        raise ValueError(f"{name} must be an int in [-128, 127], got {zero_point!r}")
-    return zero_point
 
 
 def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: int = 0) -> Tensor:
