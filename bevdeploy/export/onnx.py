@@ -217,7 +217,10 @@ def _sca_gathered(value, spatial_shapes, reference_points_cam, bev_mask, samplin
 
 
 def _modulated_deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups,
-                             variant, input_scale, weight_scale):
+                             variant, input_scale, weight_scale, activation="none", out_scale=None, out_zero_point=0):
+    """The plugin node; an int8 layer's fused epilogue follows it as ``Relu`` and ``QuantizeLinear``
+    (TensorRT fuses both into the plugin's int8 output; opset 18's Q takes float32, so a Cast precedes it;
+    ONNX's Q clamps at -128 where ours stops at -127 for a symmetric output)."""
     op = _op()
     x = _dequant(input, input_scale, variant)
     w = weight
@@ -230,7 +233,13 @@ def _modulated_deform_conv2d(input, offset, mask, weight, bias, stride, padding,
     y = _plugin("ModulatedDeformableConv2dTRT", variant)(
         *inputs, stride=list(stride), padding=list(padding), dilation=list(dilation), groups=int(groups), deform_groups=int(deform_groups)
     )
-    return _to_fp16_out(y, variant)
+    y = _to_fp16_out(y, variant)
+    if activation == "relu":
+        y = op.Relu(y)
+    if out_scale is not None:
+        y = op.QuantizeLinear(op.Cast(y, to=TensorProto.FLOAT), op.Constant(value_float=float(out_scale)),
+                              op.Constant(value=onnx.helper.make_tensor("z", TensorProto.INT8, [], [int(out_zero_point)])))
+    return y
 
 
 def _rotate(img, angle, center, interpolation, variant, img_scale):

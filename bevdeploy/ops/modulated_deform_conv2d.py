@@ -77,6 +77,7 @@ from bevdeploy.ops._utils import (
 )
 
 _FLOAT_AUX = (torch.float32, torch.float16)
+_ACTIVATIONS = ("none", "relu")
 
 
 def _pairs(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -109,6 +110,9 @@ def _check_inputs(
     variant: str | None,
     input_scale: float | None,
     weight_scale: Tensor | None,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
 ) -> tuple[str, tuple[int, int, int, int]]:
     """Validate everything; return the resolved variant and the output shape [N, Cout, Ho, Wo]."""
     check_tensor("input", input, shape=("N", "Cin", "H", "W"))
@@ -147,8 +151,25 @@ def _check_inputs(
         check_tensor("weight_scale", weight_scale, shape=(cout,), dtypes=(torch.float32,))
     elif weight_scale is not None:
         raise ValueError(f"weight_scale is only for variant 'int8', got variant {variant!r}")
+    _check_int8_epilogue(variant, groups, activation, out_scale, out_zero_point)
     check_same_device(input=input, offset=offset, mask=mask, weight=weight, bias=bias, weight_scale=weight_scale)
     return variant, (n, cout, ho, wo)
+
+
+def _check_int8_epilogue(variant: str, groups: int, activation: str, out_scale, out_zero_point: int) -> None:
+    """The fused epilogue (activation, int8 output) exists in the int8 implicit-GEMM kernel only."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    fused = activation != "none" or out_scale is not None or out_zero_point != 0
+    if fused and not (variant == "int8" and int(groups) == 1):
+        raise ValueError(f"activation / out_scale / out_zero_point need variant 'int8' with groups == 1, got "
+                         f"variant {variant!r}, groups {groups}")
+    if out_scale is not None and not (math.isfinite(out_scale) and out_scale > 0):
+        raise ValueError(f"out_scale must be a finite positive float, got {out_scale!r}")
+    if out_zero_point != 0 and out_scale is None:
+        raise ValueError("out_zero_point needs out_scale (it is the int8 output's zero point)")
+    if not -128 <= int(out_zero_point) <= 127:
+        raise ValueError(f"out_zero_point must be in [-128, 127], got {out_zero_point}")
 
 
 def _sample_columns(input, offset, mask, kh, kw, stride, padding, dilation, deform_groups) -> Tensor:
@@ -238,6 +259,9 @@ def _cpu_impl(
     variant: str,
     input_scale: float,
     weight_scale: Tensor | None,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """The variant's math in plain PyTorch (the op's CPU path and its autograd formula)."""
     out_dtype = VARIANT_OUTPUT_DTYPE[variant]
@@ -257,6 +281,12 @@ def _cpu_impl(
     out = acc * (input_scale * weight_scale.double())[None, :, None, None]
     if bias is not None:
         out = out + bias.double()[None, :, None, None]
+    if activation == "relu":
+        out = torch.relu(out)
+    if out_scale is not None:  # the int8 kernels' requantisation (fp32 reciprocal, half to even)
+        from bevdeploy.quant.int8_kernels import _requantize
+
+        return _requantize(out.float(), out_scale, out_zero_point).contiguous()
     return out.to(out_dtype).contiguous()
 
 
@@ -307,6 +337,8 @@ def _interpreter_config(variant, m_img, cout_g, seg):
 if triton_available():
     import triton
     import triton.language as tl
+
+    from bevdeploy.quant.int8_kernels import _epilogue as _int8_epilogue
 
     @triton.jit
     def _corner_weights(sy, sx, mk, valid, H, W):
@@ -672,6 +704,13 @@ if triton_available():
         w_ptr,  # weight [Cout, Cin, KH, KW] (channels-last memory = [Cout, KH*KW*Cin], K-contiguous)
         b_ptr,  # bias [Cout] (unused unless HAS_BIAS)
         y_ptr,  # out [N, Cout, Ho, Wo] in channels-last memory: row m = n*HoWo + p holds Cout values
+        ws_ptr,  # weight_scale [Cout] float32 (int8 only)
+        # int8 epilogue (int8 only): dequantisation, requantisation of an int8 output
+        input_scale,
+        inv_out_scale,
+        out_lo,  # code_range(out_zp) less out_zp, as fp32
+        out_hi,
+        out_zp,
         # sizes
         M,  # N*Ho*Wo
         HoWo,
@@ -708,8 +747,10 @@ if triton_available():
         # constexpr
         KH: tl.constexpr,
         KW: tl.constexpr,
-        VARIANT: tl.constexpr,  # 0 fp32, 1 fp16, 2 fp16x2
+        VARIANT: tl.constexpr,  # 0 fp32, 1 fp16, 2 fp16x2, 3 int8
         HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,  # int8 only: 0 none, 1 relu
+        OUT_INT8: tl.constexpr,  # int8 only: write int8 codes of 1 / inv_out_scale (+ out_zp)
         NCB: tl.constexpr,  # channel blocks per deform group
         CH_MASK: tl.constexpr,  # Cd % BLOCK_K != 0
         N_MASK: tl.constexpr,  # Cout % BLOCK_N != 0
@@ -760,10 +801,11 @@ if triton_available():
         w01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        ACC_T: tl.constexpr = tl.int32 if VARIANT == 3 else tl.float32
         if SWAP:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_T)
         else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
         for t in range(0, KK * DG * NCB):
             if TAP_INNER:
                 kp = t % KK
@@ -799,6 +841,13 @@ if triton_available():
                 # paired fp16 blend with fp16 corner weights (carried in fp32: one loop-carried type)
                 a = _blend_f16(v00, v01, v10, v11, w00.to(tl.float16), w01.to(tl.float16), w10.to(tl.float16),
                                w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
+            elif VARIANT == 3:
+                # int8 codes are exact in fp16: blend them in paired fp16 (fp16 corner weights), then round
+                # the blended code (re-quantisation with input_scale): half the gather bytes of fp16
+                a = _blend_f16(_i8_to_f16(v00, USE_ASM), _i8_to_f16(v01, USE_ASM), _i8_to_f16(v10, USE_ASM),
+                               _i8_to_f16(v11, USE_ASM), w00.to(tl.float16), w01.to(tl.float16),
+                               w10.to(tl.float16), w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
+                a = _f16_to_i8(a, USE_ASM)
             else:
                 a = v00.to(tl.float32) * w00[:, None]
                 a = a + v01.to(tl.float32) * w01[:, None]
@@ -821,17 +870,29 @@ if triton_available():
             if SWAP:
                 if VARIANT == 0:
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision="tf32x3")
+                elif VARIANT == 3:  # Triton 3.6 needs the int32 accumulator type spelled out
+                    acc = tl.dot(tl.trans(b), tl.trans(a), acc, out_dtype=tl.int32)
                 else:
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc)
             else:
                 if VARIANT == 0:
                     acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                elif VARIANT == 3:
+                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                 else:
                     acc = tl.dot(a, b, acc)
 
         # the tile of the channels-last output: output channels contiguous
         m64 = m.to(tl.int64)
-        if SWAP:
+        if VARIANT == 3:
+            # the int8 layers' epilogue: dequantise, bias, activation, fp16 or requantised int8 codes
+            if SWAP:
+                acc = tl.trans(acc)
+            _int8_epilogue(acc, m, o, M, Cout, input_scale, ws_ptr, b_ptr, b_ptr, y_ptr, 0, 0, Cout, 1, 0.0,
+                           inv_out_scale, 0, ws_ptr, 0, out_lo, out_hi, out_zp, HAS_BIAS=HAS_BIAS,
+                           HAS_RESIDUAL=False, ACTIVATION=ACTIVATION, OUT_INT8=OUT_INT8, RES_AFTER_ACT=False,
+                           HAS_XZP=False)
+        elif SWAP:
             res = acc
             if HAS_BIAS:
                 res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
@@ -994,8 +1055,8 @@ def _tuned_config(key, fitted, launch):
 
 # ---- tensor-core implicit GEMM (groups == 1; fp16/fp16x2 by default, fp32 on request) ----
 
-_IGEMM_VARIANTS = ("fp16", "fp16x2")  # where the implicit GEMM is the default (fp32 keeps the plan kernel)
-_IGEMM_SUPPORTED = ("fp32", "fp16", "fp16x2")
+_IGEMM_VARIANTS = ("fp16", "fp16x2", "int8")  # where the implicit GEMM is the default (fp32: the plan kernel)
+_IGEMM_SUPPORTED = ("fp32", "fp16", "fp16x2", "int8")
 # Carrying a kernel point's sampling (loop-carried [BLOCK_M] vectors through an scf.if) saves ALU work
 # but, compiled offline for sm_90, made Triton 3.6 give the corner gathers a scalar layout (255
 # registers, ~2 KB of spills, no cp.async for them); recomputing it at every chunk compiles clean on
@@ -1029,19 +1090,23 @@ def _igemm_candidate_configs(variant: str) -> list[tuple]:
     un-swapped forms draw ptxas' C7515 warning (wgmma serialised); the swapped ones do not."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
+    if variant == "int8":  # int8 MMA takes K >= 32; 64 channels are one 64-byte row of codes
+        return [(64, 256, 64, 8, 3, True), (128, 256, 64, 8, 2, True), (64, 256, 32, 8, 3, True),
+                (128, 128, 64, 8, 3), (64, 256, 64, 8, 1, True, True), (128, 256, 64, 8, 1, True, True),
+                (64, 128, 128, 4, 2, True), (128, 128, 64, 8, 1, False, True)]
     return [(64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True), (64, 256, 64, 8, 2, True),
             (128, 128, 64, 8, 3), (64, 256, 32, 8, 1, True, True), (128, 256, 32, 8, 1, True, True),
             (64, 256, 64, 8, 1, True, True), (128, 128, 64, 8, 1, False, True)]
 
 
-def _igemm_fit_configs(configs, m_total, cout, cd):
-    """Shrink blocks to the problem (powers of two, >= 16 for the MMA); halve BLOCK_M while the grid
-    has fewer programs than an H100 has SMs (132); drop duplicates. (A large BLOCK_M reads the weight
-    fewer times: once per pixel tile.)"""
+def _igemm_fit_configs(configs, m_total, cout, cd, k_min=16):
+    """Shrink blocks to the problem (powers of two, >= 16 for the MMA, BLOCK_K >= ``k_min``: 32 for
+    int8); halve BLOCK_M while the grid has fewer programs than an H100 has SMs (132); drop duplicates.
+    (A large BLOCK_M reads the weight fewer times: once per pixel tile.)"""
     p2 = lambda v: max(16, 1 << max(0, int(v) - 1).bit_length())  # noqa: E731
     fitted = []
     for bm, bn, bk, warps, stages, *order in configs:
-        bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), min(bk, p2(cd))
+        bm, bn, bk = min(bm, p2(m_total)), min(bn, p2(cout)), max(k_min, min(bk, p2(cd)))
         while bm > 64 and -(-m_total // bm) * -(-cout // bn) < 132:
             bm //= 2
         cfg = (bm, bn, bk, max(1, min(warps, bm * bn // 1024)), stages, *order)
@@ -1050,9 +1115,12 @@ def _igemm_fit_configs(configs, m_total, cout, cd):
     return fitted
 
 
-def _new_channels_last_output(shape, variant, device, out):
+def _output_dtype(variant: str, out_scale: float | None) -> torch.dtype:
+    return torch.int8 if out_scale is not None else VARIANT_OUTPUT_DTYPE[variant]
+
+
+def _new_channels_last_output(shape, dtype, device, out):
     """[N, Cout, Ho, Wo] in channels-last memory, or a caller-given one of that layout (tests poison it)."""
-    dtype = VARIANT_OUTPUT_DTYPE[variant]
     n, c, h, w = shape
     if out is None:
         return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
@@ -1078,26 +1146,39 @@ def _modulated_deform_conv2d_igemm(
     *,
     config: tuple | None = None,
     relayout: bool = True,
+    input_scale: float = 1.0,
+    weight_scale: Tensor | None = None,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
 ) -> Tensor:
-    """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory.
+    """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory
+    (int8: fp16, or the int8 codes of ``out_scale`` / ``out_zero_point``, after ``activation``).
     offset and mask are read in place with any strides (a channel slice of the offset conv's output
     needs no copy). ``relayout`` copies a non-channels-last input / weight to channels-last (tests turn
     it off to cover arbitrary strides); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     num_stages). On the GPU the first call of each shape times the candidate configs."""
     if variant not in _IGEMM_SUPPORTED:
         raise NotImplementedError(f"the implicit-GEMM kernel takes {_IGEMM_SUPPORTED}, got {variant=}")
+    if variant == "int8" and weight_scale is None:
+        raise ValueError("variant 'int8' needs weight_scale (Tensor[Cout] float32, per output channel)")
+    k_min = 32 if variant == "int8" else 16
     n, cin, h, w = input.shape
     cout, cg, kh, kw = weight.shape
     if cg != cin:
         raise NotImplementedError(f"the implicit-GEMM kernel needs groups == 1 (weight has {cg} of {cin} channels)")
     ho, wo = offset.shape[-2:]
-    y = _new_channels_last_output((n, cout, ho, wo), variant, input.device, out)
+    y = _new_channels_last_output((n, cout, ho, wo), _output_dtype(variant, out_scale), input.device, out)
     if y.numel() == 0:
         return y
     input, weight = _launch_operands(input, weight, offset, mask, relayout)
     cd = cin // deform_groups
     m_total = n * ho * wo
     b = y if bias is None else bias
+    ws = y if weight_scale is None else weight_scale
+    from bevdeploy.quant.int8_kernels import _epilogue_args
+
+    _, inv_out, _, out_lo, out_hi, out_zp = _epilogue_args(None, out_scale, 0, out_zero_point)
 
     def launch(cfg):
         bm, bn, bk, warps, stages, *order = cfg  # optional: swap, tap_inner
@@ -1105,11 +1186,12 @@ def _modulated_deform_conv2d_igemm(
         num_n_tiles = triton.cdiv(cout, bn)
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
-            input, offset, mask, weight, b, y,
+            input, offset, mask, weight, b, y, ws, float(input_scale), inv_out, out_lo, out_hi, out_zp,
             m_total, ho * wo, wo, h, w, cout, cd, deform_groups, num_n_tiles,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *input.stride(), *offset.stride(), *mask.stride(), *weight.stride(),
-            KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None, NCB=triton.cdiv(cd, bk),
+            KH=kh, KW=kw, VARIANT=_VARIANT_CODE[variant], HAS_BIAS=bias is not None,
+            ACTIVATION=_ACTIVATIONS.index(activation), OUT_INT8=out_scale is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
             CARRY=_IGEMM_CARRY and not tap_inner, SWAP=swap, TAP_INNER=tap_inner,
@@ -1120,10 +1202,10 @@ def _modulated_deform_conv2d_igemm(
         launch(config)
     elif interpreter_enabled() or input.device.type != "cuda":
         p2 = lambda v, hi: min(hi, max(16, 1 << max(0, int(v) - 1).bit_length()))  # noqa: E731
-        launch((p2(m_total, 64), p2(cout, 64), p2(cd, 64), 4, 1))
+        launch((p2(m_total, 64), p2(cout, 64), max(k_min, p2(cd, 64)), 4, 1))
     else:
-        fitted = _igemm_fit_configs(_igemm_candidate_configs(variant), m_total, cout, cd)
-        key = ("igemm", variant, input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
+        fitted = _igemm_fit_configs(_igemm_candidate_configs(variant), m_total, cout, cd, k_min)
+        key = ("igemm", variant, activation, out_scale is not None, input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
                weight.stride(1) == 1, offset.dtype, offset.stride(1) == 1, mask.dtype,
                None if bias is None else bias.dtype, tuple(stride), tuple(padding), tuple(dilation), deform_groups)
         flops = 2 * m_total * cout * cin * kh * kw
@@ -1149,26 +1231,32 @@ def _modulated_deform_conv2d_op(
     variant: str,
     input_scale: float,
     weight_scale: Tensor | None,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
 ) -> Tensor:
     igemm = _uses_igemm(variant, groups)
     if use_triton(input):
         if igemm:
             return _modulated_deform_conv2d_igemm(input, offset, mask, weight, bias, stride, padding, dilation,
-                                                  deform_groups, variant)
+                                                  deform_groups, variant, input_scale=input_scale,
+                                                  weight_scale=weight_scale, activation=activation,
+                                                  out_scale=out_scale, out_zero_point=out_zero_point)
         return _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                                                deform_groups, variant, input_scale, weight_scale)
     out = _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
-                    input_scale, weight_scale)
+                    input_scale, weight_scale, activation, out_scale, out_zero_point)
     # the same strides as the GPU path (and the fake): channels-last where the implicit GEMM runs
     return out.contiguous(memory_format=torch.channels_last) if igemm else out
 
 
 @_modulated_deform_conv2d_op.register_fake
 def _(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant, input_scale,
-      weight_scale):
+      weight_scale, activation="none", out_scale=None, out_zero_point=0):
     variant, shape = _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation, groups,
-                                   deform_groups, variant, input_scale, weight_scale)
-    out = input.new_empty(shape, dtype=VARIANT_OUTPUT_DTYPE[variant])
+                                   deform_groups, variant, input_scale, weight_scale, activation, out_scale,
+                                   out_zero_point)
+    out = input.new_empty(shape, dtype=_output_dtype(variant, out_scale))
     return out.contiguous(memory_format=torch.channels_last) if _uses_igemm(variant, groups) else out
 
 
@@ -1191,6 +1279,9 @@ def modulated_deform_conv2d(
     variant: str | None = None,
     input_scale: float | None = None,
     weight_scale: Tensor | None = None,
+    activation: str = "none",
+    out_scale: float | None = None,
+    out_zero_point: int = 0,
 ) -> Tensor:
     """Modulated deformable convolution (DCNv2), exactly mmcv's ``modulated_deform_conv2d``.
 
@@ -1209,10 +1300,15 @@ def modulated_deform_conv2d(
         input_scale (float, optional): per-tensor scale of the int8 ``input`` (``int8`` only).
         weight_scale (Tensor[Cout], optional): float32 per-output-channel scale of the int8 ``weight``
             (``int8`` only); see :func:`quantize_weight_per_channel`.
+        activation (str): ``none`` or ``relu``, fused after the bias (``int8`` with groups == 1 only).
+        out_scale (float, optional): write the int8 codes ``clamp(round_half_even(y / out_scale) +
+            out_zero_point)`` the next int8 layer reads instead of fp16 (``int8`` with groups == 1 only;
+            the int8 layers' requantising epilogue, :mod:`bevdeploy.quant.int8_kernels`).
 
     Returns:
-        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, float16 otherwise; channels-last memory for
-        ``fp16``/``fp16x2`` with ``groups == 1`` (the implicit-GEMM kernel's output), contiguous otherwise.
+        Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, int8 codes with ``out_scale``, float16 otherwise;
+        channels-last memory with ``groups == 1`` for ``fp16``/``fp16x2``/``int8`` (the implicit-GEMM
+        kernel's output), contiguous otherwise.
 
     Example:
         >>> x = torch.randn(1, 4, 5, 5)
@@ -1224,11 +1320,13 @@ def modulated_deform_conv2d(
     """
     stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
     variant, _ = _check_inputs(input, offset, mask, weight, bias, stride_, padding_, dilation_, groups,
-                               deform_groups, variant, input_scale, weight_scale)
+                               deform_groups, variant, input_scale, weight_scale, activation, out_scale,
+                               out_zero_point)
     scale = check_int8_scale("input_scale", input_scale, variant)
     return _modulated_deform_conv2d_op(input, offset, mask, weight, bias, list(stride_), list(padding_),
                                        list(dilation_), int(groups), int(deform_groups), variant, scale,
-                                       weight_scale)
+                                       weight_scale, activation, None if out_scale is None else float(out_scale),
+                                       int(out_zero_point))
 
 
 def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -77,3 +77,29 @@ def test_int8_variant_has_dequantize_in_front():
             continue
         first = producers.get(node.input[0])
         assert first is not None and first.op_type in ("DequantizeLinear", "Reshape", "Squeeze"), node.op_type
+
+
+def test_int8_dcn_fused_epilogue_exports_as_relu_and_quantize():
+    # the int8 DCN's fused ReLU + requantisation (the int8 chain's producer form) follows the plugin
+    from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, quantize_weight_per_channel
+
+    class Dcn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            wq, ws = quantize_weight_per_channel(torch.randn(8, 4, 3, 3))
+            self.register_buffer("wq", wq)
+            self.register_buffer("ws", ws)
+
+        def forward(self, x, off, m):
+            return modulated_deform_conv2d(x, off, m, self.wq, None, padding=1, variant="int8", input_scale=0.02,
+                                           weight_scale=self.ws, activation="relu", out_scale=0.05, out_zero_point=-3)
+
+    args = (torch.randint(-127, 128, (1, 4, 5, 5), dtype=torch.int8), torch.randn(1, 18, 5, 5), torch.rand(1, 9, 5, 5))
+    model = export_onnx(Dcn(), args)
+    out = model.graph.output[0]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    q = producers[out.name]
+    assert q.op_type == "QuantizeLinear" and out.type.tensor_type.elem_type == onnx.TensorProto.INT8
+    cast = producers[q.input[0]]  # opset 18's QuantizeLinear takes float32
+    assert cast.op_type == "Cast" and producers[cast.input[0]].op_type == "Relu"
+    assert [n.op_type for n in plugin_nodes(model)] == ["ModulatedDeformableConv2dTRT"]

@@ -10,7 +10,7 @@ import torch
 
 from bevdeploy.ops import modulated_deform_conv2d as mdc
 from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack, modulated_deform_conv2d, reference
-from tests._utils import REL_TOL, assert_rel_close
+from tests._utils import REL_TOL, assert_int8_close, assert_rel_close
 
 _DT = {"fp32": torch.float32, "fp16": torch.float16, "fp16x2": torch.float16}
 
@@ -198,3 +198,120 @@ def test_igemm_carried_sampling(device, monkeypatch):
     x, off, m, wt, b, kw = _make(CASES["s2-dg2"], device, "fp16", seed=18)
     y = _call(x, off, m, wt, b, kw, "fp16", config=(16, 16, 16, 1, 1))
     assert_rel_close(y, _ref64(x, off, m, wt, b, kw), REL_TOL["fp16"])
+
+
+# ---- int8: int8 codes gathered, blended in fp16, re-quantised, int8 x int8 -> int32 MMA, int8 epilogue ----
+
+def _int8_operands(case, device, seed):
+    """int8 codes of the case's input (per-tensor scale) and weight (per output channel)."""
+    x, off, m, wt, b, kw = _make(case, "cpu", "fp32", seed=seed)
+    s_x = x.abs().max().item() / 127.0
+    xq = torch.clamp(torch.round(x / s_x), -127, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
+    wq, s_w = mdc.quantize_weight_per_channel(wt)
+    t = lambda v: None if v is None else v.to(device)  # noqa: E731
+    return t(xq), s_x, t(off.half()), t(m.half()), t(wq), t(s_w), t(b), kw
+
+
+def _int8_ref(xq, s_x, off, m, wq, s_w, b, kw):
+    """float64 DCN of the dequantised codes; and the bound of the int8 result around it: every blended
+    sample is re-quantised (|error| <= 0.69 codes with the fp16 blend, see test_modulated_deform_conv2d's
+    _int8_bound) and summed through |w| per output channel, plus the fp16 output rounding."""
+    want = _ref64(xq.double() * s_x, off, m, wq.double() * s_w.double()[:, None, None, None], b, kw)
+    row = (s_w.double().cpu() * wq.double().abs().flatten(1).sum(1).cpu()).max().item()
+    return want, s_x * row * 0.75 + want.abs().max().item() * 2.0**-10 + 1e-6
+
+
+def _call_int8(xq, s_x, off, m, wq, s_w, b, kw, **extra):
+    s, p, d = (list(v) for v in mdc._pairs(kw["stride"], kw["padding"], kw["dilation"]))
+    dtype = torch.int8 if extra.get("out_scale") is not None else torch.float16
+    shape = (xq.shape[0], wq.shape[0], *off.shape[-2:])
+    out = (_poisoned_cl(shape, dtype, xq.device) if dtype == torch.float16
+           else torch.full((shape[0], shape[2], shape[3], shape[1]), -128, dtype=dtype, device=xq.device).permute(0, 3, 1, 2))
+    y = mdc._modulated_deform_conv2d_igemm(xq, off, m, wq, b, s, p, d, kw["deform_groups"], "int8", out=out,
+                                           input_scale=s_x, weight_scale=s_w, **extra)
+    assert y is out and y.is_contiguous(memory_format=torch.channels_last)
+    return y
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_igemm_int8_bounded_by_scales(device, name):
+    xq, s_x, off, m, wq, s_w, b, kw = _int8_operands(CASES[name], device, seed=hash(name) % 1000 + 1)
+    want, bound = _int8_ref(xq, s_x, off, m, wq, s_w, b, kw)
+    # default, small blocks (several pixel / channel tiles, masked channel tails: Cin 20, 6 per group),
+    # and the swapped / tap-inner forms
+    for config in (None, (16, 16, 32, 1, 1), (32, 16, 32, 1, 1, True, True)):
+        y = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, config=config)
+        assert_int8_close(y, want, bound, name=f"int8 {name} {config}")
+
+
+def test_igemm_int8_fused_relu_and_requantisation(device):
+    # relu + int8 codes of out_scale (symmetric, then with zero points); out_scale small enough that the
+    # largest outputs saturate at 127 where the zero point leaves fewer than 180 codes above zero
+    xq, s_x, off, m, wq, s_w, b, kw = _int8_operands(CASES["odd"], device, seed=21)
+    want, bound = _int8_ref(xq, s_x, off, m, wq, s_w, b, kw)
+    relu = torch.relu(want)
+    y16 = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, activation="relu")
+    assert (y16 >= 0).all()
+    assert_int8_close(y16, relu, bound)
+    out_scale = relu.max().item() / 180.0  # outputs above 0.7 x the largest saturate at 127
+    for zp in (0, -128, 17):
+        codes = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, activation="relu", out_scale=out_scale,
+                           out_zero_point=zp)
+        assert codes.dtype == torch.int8
+        lo = -127 if zp == 0 else -128
+        want_codes = torch.clamp(torch.round(relu / out_scale) + zp, lo, 127)
+        # within the fp16-blend bound in codes, plus one for the rounding of a value near a tie
+        worst = (codes.double().cpu() - want_codes).abs().max().item()
+        assert worst <= bound / out_scale + 1, f"zp {zp}: {worst} codes off"
+        assert (codes.cpu() == zp).sum() > 0  # relu's zeros
+        if 180 + zp > 127:  # the largest outputs' codes pass 127: saturated
+            assert (codes.cpu() == 127).sum() > 0
+
+
+def test_igemm_int8_cpu_path_matches_kernel(device):
+    # the op's CPU implementation (what the engine's exported graph traces, and the reference autograd)
+    # applies the same epilogue; the kernel's fp16 blend may move a column code by one near a tie
+    xq, s_x, off, m, wq, s_w, b, kw = _int8_operands(CASES["s2-dg2"], device, seed=22)
+    want, bound = _int8_ref(xq, s_x, off, m, wq, s_w, b, kw)
+    s, p, d = (list(v) for v in mdc._pairs(kw["stride"], kw["padding"], kw["dilation"]))
+    cpu = mdc._cpu_impl(xq.cpu(), off.cpu(), m.cpu(), wq.cpu(), None if b is None else b.cpu(), s, p, d, 1,
+                        kw["deform_groups"], "int8", s_x, s_w.cpu(), "relu", None, 0)
+    assert_int8_close(cpu, torch.relu(want), bound)
+    out_scale = want.abs().max().item() / 127
+    codes = mdc._cpu_impl(xq.cpu(), off.cpu(), m.cpu(), wq.cpu(), None if b is None else b.cpu(), s, p, d, 1,
+                          kw["deform_groups"], "int8", s_x, s_w.cpu(), "relu", out_scale, 5)
+    assert codes.dtype == torch.int8 and codes.min() >= 5
+    y = modulated_deform_conv2d(xq, off, m, wq, b, variant="int8", input_scale=s_x, weight_scale=s_w,
+                                activation="relu", out_scale=out_scale, out_zero_point=5, **kw)
+    assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.cpu().int() - codes.int()).abs().max().item() <= bound / out_scale + 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(activation="gelu"), r"activation must be one of"),
+    (dict(out_scale=0.0), r"out_scale must be a finite positive"),
+    (dict(out_scale=float("nan")), r"out_scale must be a finite positive"),
+    (dict(out_zero_point=3), r"out_zero_point needs out_scale"),
+    (dict(out_scale=0.1, out_zero_point=200), r"out_zero_point must be in"),
+])
+def test_int8_epilogue_arguments_checked(bad, match):
+    xq, s_x, off, m, wq, s_w, b, kw = _int8_operands(CASES["odd"], "cpu", seed=23)
+    with pytest.raises(ValueError, match=match):
+        modulated_deform_conv2d(xq, off, m, wq, b, variant="int8", input_scale=s_x, weight_scale=s_w, **kw, **bad)
+    x, off, m, wt, b, kw = _make(CASES["odd"], "cpu", "fp16")
+    with pytest.raises(ValueError, match=r"need variant 'int8'"):
+        modulated_deform_conv2d(x, off, m, wt, b, activation="relu", **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_int8_resnet_like_shape():
+    # a stage-3-like layer through the tuned launch path, int8 codes out
+    xq, s_x, off, m, wq, s_w, b, kw = _int8_operands((2, 256, 256, 29, 50, 1, 1, 1, 1, True), "cuda", seed=24)
+    want, bound = _int8_ref(xq, s_x, off, m, wq, s_w, b, kw)
+    s, p, d = (list(v) for v in mdc._pairs(kw["stride"], kw["padding"], kw["dilation"]))
+    y = mdc._modulated_deform_conv2d_igemm(xq, off, m, wq, b, s, p, d, 1, "int8", input_scale=s_x, weight_scale=s_w)
+    assert_int8_close(y, want, bound)
+    out_scale = want.abs().max().item() / 127
+    codes = mdc._modulated_deform_conv2d_igemm(xq, off, m, wq, b, s, p, d, 1, "int8", input_scale=s_x,
+                                               weight_scale=s_w, activation="relu", out_scale=out_scale)
+    assert (codes.double().cpu() - torch.round(torch.relu(want) / out_scale)).abs().max() <= bound / out_scale + 1
