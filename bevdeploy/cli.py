@@ -169,6 +169,7 @@ def _build(args: argparse.Namespace) -> int:
                                          ("--keep-float-below", args.keep_float_below is not None),
                                          ("--smooth-alpha", args.smooth_alpha is not None),
                                          ("--asymmetric", args.asymmetric),
+                                         ("--int8-dcn", args.int8_dcn),
                                          ("--qat-steps", args.qat_steps)) if on]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to the int8 / fp8 "
@@ -184,7 +185,7 @@ def _build(args: argparse.Namespace) -> int:
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
                  int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, asymmetric=args.asymmetric,
-                 dist=args.dist)
+                 int8_dcn=args.int8_dcn, dist=args.dist)
     if path is None:  # another torchrun process: rank 0 writes the engine and prints
         return 0
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
@@ -212,7 +213,8 @@ def _bench(args: argparse.Namespace) -> int:
         for name in args.model:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
                                out_dir=args.out, command=command, append=args.append, batch=args.batch,
-                               int8_chain=_INT8_CHAIN[args.int8_chain], results_name=args.results_name)
+                               int8_chain=_INT8_CHAIN[args.int8_chain], results_name=args.results_name,
+                               int8_dcn=args.int8_dcn)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -388,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="int8: zero points on the int8 layers' inputs (asymmetric codes over each input's signed "
                          "calibrated range): ReLU / SiLU outputs are one-sided, so this halves their rounding step "
                          "at no run-time cost")
+    bd.add_argument("--int8-dcn", action="store_true",
+                    help="int8: the DCNv2 convs run int8 too (int8 gathers and MMA, chained; BEVFormer-small/base, "
+                         "CenterNet); not with --qat-steps")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,
@@ -425,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results file stem under --out/<gpu>/ (default: the model name; '<model>-batch' when "
                             "--batch is not just 1)")
     bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
+    bench.add_argument("--int8-dcn", action="store_true",
+                       help="BEV models: after each int8 row, a '<precision> (int8 DCN)' row with the DCNv2 convs int8")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
                        help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")

@@ -302,6 +302,7 @@ def build(
     int8_chain: bool | str = True,
     int8_stem: bool = False,
     asymmetric: bool = False,
+    int8_dcn: bool = False,
     autotune: bool = True,
     autotune_cache: str | os.PathLike | None = None,
     allow_partial_calib: bool = False,
@@ -365,6 +366,10 @@ def build(
             ``CalibrationTable.qparams``): ReLU / SiLU outputs are one-sided, so symmetric codes waste
             a bit on them. Free at run time (the zero point folds into the epilogue); QAT keeps the
             zero points and learns the scales. Recorded in the metadata (``zero_points``).
+        int8_dcn: int8*: the DCNv2 convs (BEVFormer-small/base's R101 stages 3-4, CenterNet's neck) run
+            int8 too: int8 corner gathers, re-quantized samples, int8 MMA, chained int8 in and out
+            (:class:`bevdeploy.quant.modules.QuantDeformConv2d`); their inputs stay symmetric. Not with
+            QAT (it does not model the int8 sampling yet). Recorded in the metadata (``int8_dcn``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
@@ -408,6 +413,11 @@ def build(
             raise ValueError(f"qat_steps fine-tunes an int8 form: precision must be int8*, got {precision!r}")
         if asymmetric and not spec.int8:
             raise ValueError(f"asymmetric gives int8 inputs zero points: precision must be int8*, got {precision!r}")
+        if int8_dcn and not spec.int8:
+            raise ValueError(f"int8_dcn runs the DCNv2 convs int8: precision must be int8*, got {precision!r}")
+        if int8_dcn and qat_steps:
+            raise ValueError("int8_dcn with QAT: QAT does not model the int8 DCN's sampling yet (its offset conv's "
+                             "learned scale would be the DCN's); build without one of them")
         if qat_steps and qat_data is None and calib is None:
             raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
         if not (isinstance(qat_batch, int) and qat_batch >= 1):
@@ -519,10 +529,11 @@ def build(
     else:
         scales = None
     zero_points: dict[str, int] = {}
-    if asymmetric:  # the convs' and linears' inputs (an int8 pooling input stays symmetric)
+    if asymmetric:  # the convs' and linears' inputs (an int8 pooling input and an int8 DCN's input stay symmetric)
         with fail_together(ctx):
             for n in list(scales):
-                if scales[n] > 0 and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)):
+                if scales[n] > 0 and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)) \
+                        and not (int8_dcn and _is_deform_offset_conv(model, n)):
                     scales[n], zp = table.qparams(n, asymmetric=True)
                     if zp:
                         zero_points[n] = zp
@@ -547,8 +558,17 @@ def build(
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
                                keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
-                               zero_points=zero_points)
+                               zero_points=zero_points, int8_dcn=int8_dcn)
     return out if ctx.is_main else None
+
+
+def _is_deform_offset_conv(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a DCNv2 pack's offset conv: it reads the DCN's input, which the int8 DCN kernel
+    takes as symmetric codes (an out-of-image sample is the code 0)."""
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+
+    parent, _, child = name.rpartition(".")
+    return child == "conv_offset" and isinstance(model.get_submodule(parent), ModulatedDeformConv2dPack)
 
 
 def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,
@@ -557,7 +577,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
                        autotune_cache: str | os.PathLike | None = None,
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
                        keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
-                       smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None) -> None:
+                       smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None,
+                       int8_dcn: bool = False) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
@@ -565,7 +586,7 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         with atomic_output(table_path, "QAT calibration table output") as tmp:
             table.save(tmp)
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain,
-                             zero_points=zero_points)
+                             zero_points=zero_points, int8_dcn=int8_dcn)
     precisions = layer_precisions(model, report, precision)
     model.eval()
 
@@ -614,6 +635,7 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "smoothed_layers": list(smoothed_layers),
         # asymmetric int8: the calibrated input zero points (the chain may have merged readers' ranges)
         "zero_points": dict(zero_points or {}),
+        "int8_dcn": bool(int8_dcn),
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
         "qat": qat_meta,

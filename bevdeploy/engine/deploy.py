@@ -288,6 +288,7 @@ def apply_precision(
     gathered_sca: bool = True,
     fuse_heads: bool = True,
     zero_points: dict[str, int] | None = None,
+    int8_dcn: bool = False,
 ) -> list:
     """Turn the folded float32 model into ``precision``'s deploy form, in place.
 
@@ -310,6 +311,8 @@ def apply_precision(
             stack (:func:`fuse_head_branches`; same result, 2 convs instead of 12).
         zero_points: int8*: layer name -> input zero point (asymmetric activations; ``scales`` then
             holds those layers' asymmetric scales); the chain links them with their zero points.
+        int8_dcn: int8*: the DCNv2 convs run int8 too (:class:`bevdeploy.quant.modules.QuantDeformConv2d`,
+            reading and, chained, writing int8 codes); otherwise they run the float variant.
 
     Returns:
         list of ``LayerReport`` rows of ``quantize_modules`` (empty for float precisions).
@@ -318,6 +321,8 @@ def apply_precision(
     from bevdeploy.quant.modules import quantize_modules
 
     spec = precision_spec(precision)
+    if int8_dcn and not spec.int8:
+        raise ValueError(f"int8_dcn applies to the int8 precisions, not {precision!r}")
     if spec.float_dtype != torch.float32:
         model.half()
     set_sca_gathered(model, gathered_sca)
@@ -347,7 +352,8 @@ def apply_precision(
     if bad := sorted(n for n in (zero_points or {}) if n in points):
         raise ValueError(f"zero_points: {bad} are int8 pooling inputs, which stay symmetric")
     report = quantize_modules(model, {n: s for n, s in usable.items() if n not in points}, keep_float=keep,
-                              out_dtype=spec.float_dtype, quantize_in_graph=True, zero_points=zero_points)
+                              out_dtype=spec.float_dtype, quantize_in_graph=True, zero_points=zero_points,
+                              deform_convs=int8_dcn)
     _int8_pooling(model, {n: usable[n] for n in points}, keep)
     # after quantizing: the variant wrapper renames DCN offset convs (``.pack.``), which would hide
     # them from the calibration table's names

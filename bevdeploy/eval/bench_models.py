@@ -243,6 +243,7 @@ def bench_model(
     batch: int | Sequence[int] | None = None,
     int8_chain: bool | str = True,
     results_name: str | None = None,
+    int8_dcn: bool = False,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
 
@@ -270,6 +271,9 @@ def bench_model(
     and its ratios are against it. Without it the file holds this run alone.
 
     ``int8_chain``: the int8* engines' ``int8_chain`` (``bevdeploy.engine.build``).
+
+    ``int8_dcn``: after each int8* row, a ``"<precision> (int8 DCN)"`` row of the same precision with
+    the DCNv2 convs int8 too (``build(int8_dcn=True)``; BEVFormer-small/base), calibrated once for both.
     """
     import gc
 
@@ -285,6 +289,10 @@ def bench_model(
 
     if name in DET2D_MODELS:  # the 2D table: COCO mAP, images/s at a static batch
         from bevdeploy.eval.bench_det2d import bench_det2d
+
+        if int8_dcn:
+            raise ValueError(f"{name}: int8 DCN rows are for the BEV tables; for a 2D engine use "
+                             "`bevdeploy build --int8-dcn` and `bevdeploy eval --engine`")
 
         if batch is not None and not isinstance(batch, int):
             if len(batch) != 1:
@@ -309,7 +317,11 @@ def bench_model(
     if not infos:
         raise ValueError(f"data {data!r} holds no samples")
     dev = torch.device(_DEVICE)
-    keep_rows = (earlier_rows(Path(out_dir) / gpu_dirname() / f"{results_name}.json", set(precisions),
+    runs = [(p, False) for p in precisions]
+    if int8_dcn:
+        runs = [v for p in precisions for v in ([(p, False), (p, True)] if precision_spec(p).int8 else [(p, False)])]
+    labels = [f"{p} (int8 DCN)" if dcn else p for p, dcn in runs]
+    keep_rows = (earlier_rows(Path(out_dir) / gpu_dirname() / f"{results_name}.json", set(labels),
                               batches=set(batches)) if append else [])
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -359,15 +371,17 @@ def bench_model(
     _free()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    for precision in precisions:
-        table = None  # int8 / fp8: calibrate for the first batch, reuse the table for the others
+    tables: dict[str, str] = {}  # int8 / fp8: calibrate once per precision, reuse the table for the others
+    for (precision, dcn), label in zip(runs, labels):
         for b in batches:
-            path = work / (f"{name}-{precision}.engine" if b == 1 else f"{name}-{precision}-b{b}.engine")
+            stem = f"{name}-{precision}" + ("-int8dcn" if dcn else "")
+            path = work / (f"{stem}.engine" if b == 1 else f"{stem}-b{b}.engine")
             quantized = precision_spec(precision).quantized
+            table = tables.get(precision)
             build(name, precision, out=path, checkpoint=checkpoint, batch=b, int8_chain=int8_chain,
-                  calib=(calib or data) if quantized and table is None else None, calib_table=table)
+                  calib=(calib or data) if quantized and table is None else None, calib_table=table, int8_dcn=dcn)
             if quantized and table is None:
-                table = str(path) + ".calib.json"
+                tables[precision] = str(path) + ".calib.json"
             _free()
             engine = Engine.load(path, device="cuda")
             inputs = _to_cuda(host_inputs[b])
@@ -376,7 +390,7 @@ def bench_model(
             sqnr = {k: round(sqnr_db(ref_outs[b][k], out[k].cpu()), 1) for k in engine.output_names}
             base = pytorch[b]
             r = dict.fromkeys(_ROW_KEYS)
-            r.update(model=name, precision=precision, batch=b, fps=round(1000.0 * b / mem["ms"], 2),
+            r.update(model=name, precision=label, batch=b, fps=round(1000.0 * b / mem["ms"], 2),
                      fps_ratio=round(1000.0 * b / mem["ms"] / base["fps"], 2),
                      engine_mb=round(engine.file_mb, 1), size_ratio=round(engine.file_mb / pth_mb, 3),
                      memory_mb=mem["memory_mb"], memory_ratio=round(mem["memory_mb"] / base["memory_mb"], 3),
@@ -396,7 +410,7 @@ def bench_model(
                 r["note"] = "accuracy is measured at batch 1"
             rows.append(r)
             _fps_vs_batch1(rows)
-            print(f"{name} {precision} batch {b}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, "
+            print(f"{name} {label} batch {b}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, "
                   f"mem {r['memory_mb']} MB ({r['memory_ratio']}x), peak {r['peak_allocated_mb']} MB, "
                   f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}, SQNR {r['output_sqnr_db']} dB", file=sys.stderr)
             del engine, out, inputs

@@ -368,6 +368,8 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
     """The implicit-GEMM DCN kernel (the default for fp16/fp16x2) at BEVFormer's R101-DCN layer shapes,
     timed beside the previous plan + fused kernel on the same inputs and beside cuDNN's fp16
     channels-last plain 3x3 conv of the same shape (the FLOPs floor; target: DCN <= 1.5x cuDNN).
+    ``int8``: input codes at amax / 127, per-channel weights (the int8 engines' DCN; the reference is
+    the float DCN, so its error includes the quantization).
     Inputs as the engine feeds them: channels-last activations and weights, offset a channel slice of
     the offset conv's channels-last output, mask its sigmoid."""
     from bevdeploy.ops import modulated_deform_conv2d as mdc
@@ -382,21 +384,34 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
         flops = 2 * N * C * C * 9 * H * W
         cudnn_ms: dict[str, float] = {}
 
-        def inputs(variant, x=x, conv_out=conv_out, weight=weight, bias=bias):
+        x_scale = x.abs().max().item() / 127.0  # int8: per-tensor input codes, per-channel weights
+        w_q, w_scale = mdc.quantize_weight_per_channel(weight)
+
+        def inputs(variant, x=x, conv_out=conv_out, weight=weight, bias=bias, x_scale=x_scale, w_q=w_q):
             dt = _FLOAT_DTYPE[variant]
             out = conv_out.to(dt)
+            if variant == "int8":
+                xs = torch.clamp(torch.round(x / x_scale), -127, 127).to(torch.int8)
+                return (xs.contiguous(memory_format=torch.channels_last), out[:, :18], torch.sigmoid(out[:, 18:]), w_q,
+                        bias.to(dt))
             return (x.to(dt).contiguous(memory_format=torch.channels_last), out[:, :18], torch.sigmoid(out[:, 18:]),
                     weight.to(dt).contiguous(memory_format=torch.channels_last), bias.to(dt))
 
+        def int8_args(variant, x_scale=x_scale, w_scale=w_scale):
+            return dict(input_scale=x_scale, weight_scale=w_scale) if variant == "int8" else {}
+
         def make(variant, inputs=inputs):
             xs, o, m, w, b = inputs(variant)
-            return lambda: mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant)
+            return lambda: mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant,
+                                                              **int8_args(variant))
 
         def old_kernel_ms(variant, _ms, inputs=inputs, cache={}):  # noqa: B006 (one cache per case)
             if variant not in cache:
                 xs, o, m, w, b = inputs(variant)
+                kw = int8_args(variant)
                 cache[variant] = time_cuda_graph(lambda: mdc._modulated_deform_conv2d_triton(
-                    xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, 1, variant, 1.0, None))
+                    xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, 1, variant, kw.get("input_scale", 1.0),
+                    kw.get("weight_scale")))
             return cache[variant]
 
         def cudnn_fp16_ms(variant, _ms, x=x, weight=weight, bias=bias, cache=cudnn_ms):

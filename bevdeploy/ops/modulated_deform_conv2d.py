@@ -338,7 +338,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from bevdeploy.quant.int8_kernels import _epilogue as _int8_epilogue
+    from bevdeploy.quant.int8_epilogue import int8_epilogue as _int8_epilogue
 
     @triton.jit
     def _corner_weights(sy, sx, mk, valid, H, W):

@@ -7,7 +7,8 @@ writes the int8 codes its consumers read (``QuantConv2d.out_scale`` / ``QuantLin
 the consumers' calibrated input scale, symmetric, no zero point):
 
 * ResNet ``Bottleneck`` (BEVFormer/BEVDet image backbone) and ``BasicBlock`` (BEVDet BEV encoder):
-  conv1 and conv2 fuse their ReLU and write int8 for the next conv; the last conv's epilogue does
+  conv1 and conv2 fuse their ReLU and write int8 for the next conv (a DCNv2 conv2, BEVFormer's R101
+  stages 3-4, is a ``QuantDeformConv2d``: it and its offset conv read conv1's codes, it writes conv3's); the last conv's epilogue does
   bias + identity (int8 codes with the block input's scale) or downsample branch (fp16) + ReLU +
   requantize to the next block's input scale, in one pass.
 * Block sequences (a stage, stage to stage), the ResNet stem (conv + ReLU + int8 max-pool: max-pool
@@ -40,7 +41,7 @@ the consumers' calibrated input scale, symmetric, no zero point):
   YOLOX-x, 145 of the 154 int8 convs write int8 (all but the 9 predictors).
 
 A tensor goes int8 only when its producer is an int8 conv / linear and every consumer reads int8 (an
-int8 layer's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, DCN,
+int8 layer's input, or an int8 conv epilogue's residual); any float consumer (a kept-float layer, a float DCN,
 an upsample, the returned feature list) keeps it float, and the producer writes float directly, so
 the chain never adds a dequantize pass. Readers of one tensor share one scale: the largest of their
 calibrated input scales (they calibrated the same tensor, so these agree up to calibrator noise;
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 
 from bevdeploy.models.yolox import YOLOXPAFPN
 from bevdeploy.quant.int8_kernels import code_range
-from bevdeploy.quant.modules import QuantConv2d, QuantLinear
+from bevdeploy.quant.modules import QuantConv2d, QuantDeformConv2d, QuantLinear
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
            "Int8SPPBottleneck", "Int8YOLOXPAFPN", "chain_int8", "max_pool2d_int8"]
@@ -101,12 +102,13 @@ def _nearest_like(x: Tensor, size) -> Tensor:
 
 
 def _is_q(m) -> bool:
-    return isinstance(m, QuantConv2d)
+    """An int8 conv (plain or DCNv2): ReLU fused in its epilogue, int8 codes in and out."""
+    return isinstance(m, (QuantConv2d, QuantDeformConv2d))
 
 
 def _is_int8(m) -> bool:
-    """An int8 layer whose epilogue can write int8 codes (a conv or a linear)."""
-    return isinstance(m, (QuantConv2d, QuantLinear))
+    """An int8 layer whose epilogue can write int8 codes (a conv, a DCNv2 conv or a linear)."""
+    return isinstance(m, (QuantConv2d, QuantDeformConv2d, QuantLinear))
 
 
 def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:

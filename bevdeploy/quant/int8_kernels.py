@@ -354,6 +354,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from bevdeploy.quant.int8_epilogue import int8_epilogue as _epilogue
+
     @triton.jit
     def _quantize_per_tensor_kernel(
         # pointers
@@ -396,53 +398,6 @@ if triton_available():
         pid_n = (pid % num_pid_in_group) // group_size_m
         return pid_m, pid_n
 
-    @triton.jit
-    def _epilogue(
-        acc, offs_m, offs_n, M, N, x_scale,
-        ws_ptr, b_ptr, r_ptr, y_ptr,
-        stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
-        RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr,
-    ):  # fmt: skip
-        """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
-        act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
-        cast to y's float dtype, or (OUT_INT8) as clamp(rint(y * inv_out_scale), -127, 127): the next
-        int8 layer's codes, written once at 1 byte instead of 2 and never re-read as float. rint by
-        the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0.
-        Zero points (module docstring): HAS_XZP subtracts x_zp * w_sum[n] from the int32 sum; an int8
-        residual is read as (r - res_zp) * res_scale; int8 codes are clamped to [out_lo, out_hi]
-        (code range less out_zp) before rounding and get out_zp added after it."""
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        if HAS_XZP:
-            acc = acc - x_zp * tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
-        ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        out = acc.to(tl.float32) * (ws * x_scale)[None, :]
-        if HAS_BIAS:
-            out = out + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        rows = offs_m.to(tl.int64)
-        if HAS_RESIDUAL and not RES_AFTER_ACT:
-            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
-        if ACTIVATION == 1:
-            out = tl.maximum(out, 0.0)
-        elif ACTIVATION == 2:
-            out = out * tl.sigmoid(out)
-        if HAS_RESIDUAL and RES_AFTER_ACT:
-            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        if OUT_INT8:
-            v = out * inv_out_scale
-            # NaN -> code 0 (as PTX's saturating cvt): max/min on NaN pick either operand by backend
-            v = tl.where(v != v, 0.0, v)
-            v = tl.minimum(tl.maximum(v, out_lo), out_hi)
-            v = (v + 12582912.0) - 12582912.0 + out_zp
-            tl.store(y_ptrs, v.to(tl.int8), mask=mask)
-        else:
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int8_linear_kernel(

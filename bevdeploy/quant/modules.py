@@ -39,7 +39,7 @@ from bevdeploy.quant.int8_kernels import (
     weight_sums,
 )
 
-__all__ = ["LayerReport", "QuantConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
+__all__ = ["LayerReport", "QuantConv2d", "QuantDeformConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
            "quantize_weight_per_channel"]
 
 _OUT_DTYPES = (torch.float16, torch.float32)
@@ -347,6 +347,110 @@ class QuantConv2d(_QuantBase):
                 f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
 
 
+class QuantDeformConv2d(_QuantBase):
+    """A DCNv2 conv (``ModulatedDeformConv2dPack``, groups 1) on int8 codes: the offset conv reads the
+    same codes (a :class:`QuantConv2d` at the same input scale, or float when kept float), then the
+    ``int8`` variant of :func:`bevdeploy.ops.modulated_deform_conv2d.modulated_deform_conv2d` gathers
+    int8 corners (half the bytes of fp16), blends them and re-quantizes the sample with the input scale
+    (it lies between the corners, times a mask in [0, 1]: the same scale covers it), runs an int8 x int8
+    -> int32 MMA and the int8 layers' epilogue (bias, fused ReLU, fp16 or the next layer's int8 codes).
+
+    Symmetric input only: a sample outside the image is the code 0, which must mean 0. Buffers:
+    ``weight`` (Tensor[O, C, kh, kw] int8, channels-last memory: the kernel's K-contiguous layout),
+    ``weight_scale``, ``bias``, ``input_scale_tensor``; child ``conv_offset``. Build with :meth:`from_pack`.
+    The kernel writes fp16: an fp32 ``out_dtype`` costs a cast.
+    """
+
+    _nhwc_input = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 deform_groups: int = 1, bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",
+                 out_dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        from torch.nn.modules.utils import _pair
+
+        if activation not in ("none", "relu"):
+            raise ValueError(f"QuantDeformConv2d fuses 'none' or 'relu', got {activation!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.deform_groups = int(deform_groups)
+        self._init_common(input_scale, activation, out_dtype, device)
+        kh, kw = self.kernel_size
+        w = torch.zeros(out_channels, in_channels, kh, kw, dtype=torch.int8, device=device)
+        self.register_buffer("weight", w.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
+        self.conv_offset: nn.Module = nn.Conv2d(in_channels, 3 * self.deform_groups * kh * kw, self.kernel_size,
+                                                self.stride, self.padding, self.dilation, device=device)
+
+    @classmethod
+    def from_pack(cls, pack: nn.Module, input_scale: float, activation: str = "none", *,
+                  out_dtype: torch.dtype = torch.float16) -> QuantDeformConv2d:
+        """Quantize ``pack``'s weight per output channel; ``conv_offset`` is taken over as it is (convert
+        it first: :func:`quantize_modules` does). ``input_scale``: the calibrated scale of the pack's input
+        (the offset conv's)."""
+        from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+        from bevdeploy.ops.modulated_deform_conv2d import quantize_weight_per_channel as dcn_weight_per_channel
+
+        if not isinstance(pack, ModulatedDeformConv2dPack):
+            raise TypeError(f"QuantDeformConv2d.from_pack takes a ModulatedDeformConv2dPack, got {type(pack).__name__}")
+        if pack.groups != 1:
+            raise NotImplementedError(f"QuantDeformConv2d: groups={pack.groups} (the int8 kernel takes groups=1)")
+        w = pack.weight
+        q = cls(pack.in_channels, pack.out_channels, pack.kernel_size, pack.stride, pack.padding, pack.dilation,
+                pack.deform_groups, pack.bias is not None, input_scale=input_scale, activation=activation,
+                out_dtype=out_dtype, device=w.device)
+        wq, ws = dcn_weight_per_channel(w.detach().float())
+        with torch.no_grad():
+            q.weight.copy_(wq)
+            q.weight_scale.copy_(ws)
+            if pack.bias is not None:
+                q.bias.copy_(pack.bias.detach().float())
+        q.conv_offset = pack.conv_offset
+        q.input_scale = input_scale  # the offset conv, when int8, reads the same codes
+        return q
+
+    @_QuantBase.input_scale.setter
+    def input_scale(self, value: float) -> None:
+        _QuantBase.input_scale.fset(self, value)
+        if isinstance(getattr(self, "conv_offset", None), QuantConv2d):
+            self.conv_offset.input_scale = self._input_scale
+
+    def set_input_zero_point(self, zero_point: int) -> None:
+        if int(zero_point) != 0:
+            raise NotImplementedError(f"QuantDeformConv2d takes symmetric input codes only (zero point 0, got "
+                                      f"{zero_point}): a sample outside the image reads the code 0")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` -> Tensor[N, O, Ho, Wo]
+        channels-last: fp16, or int8 codes of ``out_scale`` when set."""
+        from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, split_offset_mask
+
+        xq = self._quantize_input(x)
+        if isinstance(self.conv_offset, QuantConv2d) and self.conv_offset.input_zero_point == 0:
+            off_in = xq  # the same scale (see the input_scale setter): no second quantize pass
+        elif x.dtype == torch.int8:  # a float offset conv behind an int8 producer reads the dequantized codes
+            off_in = (x.float() * self._input_scale).to(self.conv_offset.weight.dtype)
+        else:
+            off_in = x
+        offset, mask = split_offset_mask(self.conv_offset(off_in))
+        out_scale = self.out_scale
+        y = modulated_deform_conv2d(xq, offset, mask, self.weight, self.bias, self.stride, self.padding,
+                                    self.dilation, 1, self.deform_groups, variant="int8",
+                                    input_scale=self._input_scale, weight_scale=self.weight_scale,
+                                    activation=self.activation, out_scale=out_scale,
+                                    out_zero_point=self.out_zero_point if out_scale is not None else 0)
+        # the kernel writes fp16; fp32 storage (the ``int8`` precision) takes a cast
+        return y if out_scale is not None or y.dtype == self.out_dtype else y.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, deform_groups={self.deform_groups}, "
+                f"bias={self.bias is not None}, input_scale={self._input_scale:.6g}, activation={self.activation}, "
+                f"{self._precision()}")
+
+
 class LayerReport(NamedTuple):
     """One row of :func:`quantize_modules`'s report."""
 
@@ -382,12 +486,16 @@ def quantize_modules(
     out_dtype: torch.dtype = torch.float16,
     quantize_in_graph: bool = False,
     zero_points: dict[str, int] | None = None,
+    deform_convs: bool = False,
 ) -> list[LayerReport]:
     """Swap every calibrated ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for its int8 module, in place.
 
     A layer is converted when its qualified name (``model.named_modules()``) has an input scale in
     ``scales`` and is not in ``keep_float``; convs with groups != 1, a non-zero padding mode or
     asymmetric 'same' padding stay float. Fold BatchNorm into the convs first (:func:`fold_bn`).
+    With ``deform_convs``, DCNv2 convs (``ModulatedDeformConv2dPack``, groups 1) become
+    :class:`QuantDeformConv2d` with their offset conv's input scale (the same tensor), unless kept
+    float or that input is asymmetric.
 
     With ``fuse_relu`` (default), an ``nn.ReLU`` (or ``nn.SiLU``: the epilogue has both) that directly
     follows a converted layer inside an ``nn.Sequential`` (``nn.Identity`` modules in between are
@@ -407,6 +515,8 @@ def quantize_modules(
         zero_points (dict[str, int], optional): input zero point per layer name (asymmetric codes;
             ``scales`` then holds the asymmetric scales, e.g. ``CalibrationTable.qparams(name, True)``);
             layers not named are symmetric.
+        deform_convs (bool): convert the DCNv2 convs too (off by default: QAT does not model them, and
+            their accuracy on trained models is still being measured).
 
     Only exact ``nn.Linear`` / ``nn.Conv2d`` are swapped: subclasses (``nn.MultiheadAttention``'s
     ``out_proj``, whose parent reads its weight directly) are reported float and left alone.
@@ -469,7 +579,49 @@ def quantize_modules(
             setattr(parent, act_name.rpartition(".")[2], nn.Identity())
             fused.add(act_name)
             report.append(LayerReport(act_name, "fused", f"{activation} runs in {name}'s int8 epilogue"))
+    if deform_convs:
+        _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quantize_in_graph, zero_points or {},
+                               out_dtype, report)
     return report
+
+
+def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quantize_in_graph, zero_points,
+                           out_dtype, report) -> None:
+    """DCNv2 convs (``ModulatedDeformConv2dPack``) -> :class:`QuantDeformConv2d`, after the plain layers:
+    the pack's ``conv_offset`` (already converted) reads the same input, so its calibrated scale is the
+    DCN's. A row per DCN goes into ``report`` in front of its offset conv's."""
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+
+    for name, mod in list(modules.items()):
+        if not isinstance(mod, ModulatedDeformConv2dPack):
+            continue
+        off_name = f"{name}.conv_offset"
+        at = next((i for i, r in enumerate(report) if r.name.startswith(f"{name}.")), len(report))
+        zp = int(zero_points.get(off_name, 0))
+        why = ("kept float (keep_float)" if name in keep_float
+               else "no calibrated input scale (its conv_offset's)" if off_name not in scales
+               else f"groups={mod.groups} (the int8 DCN kernel takes groups=1)" if mod.groups != 1
+               else f"asymmetric input (zero point {zp}): the int8 DCN samples symmetric codes" if zp else None)
+        if why is not None:
+            report.insert(at, LayerReport(name, "float", why))
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name]
+        activation, act_name = "none", None
+        if fuse_relu and (found := _fusable_activation(parent, child)) is not None and found[1] == "relu":
+            act_child, activation = found
+            act_name = f"{parent_name}.{act_child}" if parent_name else act_child
+        qmod = QuantDeformConv2d.from_pack(mod, float(scales[off_name]), activation, out_dtype=out_dtype)
+        qmod.quantize_in_graph = quantize_in_graph
+        qmod.train(mod.training)
+        setattr(parent, child, qmod)
+        fused_txt = f", {activation} fused" if activation != "none" else ""
+        report.insert(at, LayerReport(name, "int8", f"int8 DCNv2 {mod.kernel_size[0]}x{mod.kernel_size[1]} stride "
+                                                    f"{'x'.join(map(str, mod.stride))}, input_scale="
+                                                    f"{float(scales[off_name]):.6g}{fused_txt}"))
+        if act_name is not None:
+            setattr(parent, act_name.rpartition(".")[2], nn.Identity())
+            report.append(LayerReport(act_name, "fused", f"{activation} runs in {name}'s int8 epilogue"))
 
 
 def format_report(report: list[LayerReport]) -> str:

@@ -262,7 +262,7 @@ def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
 
     from bevdeploy.engine.deploy import apply_precision, layer_precisions
     from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
-    from bevdeploy.quant.modules import QuantConv2d
+    from bevdeploy.quant.modules import QuantConv2d, QuantDeformConv2d
 
     def net():
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ModulatedDeformConv2dPack(8, 8, 3, padding=1)).eval()
@@ -275,6 +275,15 @@ def test_int8_fp16x2_keeps_dcn_offset_convs_int8():
         assert isinstance(model[0], QuantConv2d) and isinstance(offset, QuantConv2d), precision
         rows = dict(layer_precisions(model, report, precision))
         assert sum(p == "int8" for p in rows.values()) == 2, (precision, rows)
+        # int8_dcn: the DCN itself runs int8 (no variant wrapper) and reads the conv's codes (chained)
+        model = net()
+        report = apply_precision(model, precision, scales=scales, scope=("",), int8_dcn=True)
+        assert isinstance(model[1], QuantDeformConv2d) and isinstance(model[1].conv_offset, QuantConv2d)
+        assert model[0].out_scale == model[1].input_scale == 0.05  # the larger of the readers' scales
+        rows = dict(layer_precisions(model, report, precision))
+        assert rows["1"] == "int8" and sum(p == "int8" for p in rows.values()) == 3, (precision, rows)
+    with pytest.raises(ValueError, match="int8_dcn applies to the int8 precisions"):
+        apply_precision(net(), "fp16", scales=scales, int8_dcn=True)
 
 
 def test_frozen_compile_discards_the_eager_weights(tmp_path):
