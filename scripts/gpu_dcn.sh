@@ -6,7 +6,8 @@
 #      channels-last plain 3x3 conv, CUDA graphs, median; ratio new / cuDNN (target <= 1.5).
 #   2. the DCN op tests on CUDA (no interpreter): the new kernel's file first, then the existing one.
 # Usage (GPU machine, repo root): bash scripts/gpu_dcn.sh
-# Env: DCN_VARIANTS ("fp16 fp16x2"; add fp32 for the 3xTF32 path), BENCH_TIMEOUT (200), TEST_TIMEOUT (90).
+# Env: DCN_VARIANTS ("fp16 fp16x2"; add fp32 for the 3xTF32 path, int8 for the int8 kernel: codes at amax / 127),
+#      BENCH_TIMEOUT (200), TEST_TIMEOUT (90).
 # Results: bench/results/<gpu>/dcn_igemm.{json,md}; logs, results and the tuned configs in $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"

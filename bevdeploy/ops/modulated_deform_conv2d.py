@@ -14,7 +14,7 @@ Bilinear sampling reads zero outside the image (a sample at y <= -1 or y >= H is
 Shapes: ``input (Tensor[N, Cin, H, W])``, ``offset (Tensor[N, 2*dg*kh*kw, Ho, Wo])``,
 ``mask (Tensor[N, dg*kh*kw, Ho, Wo])`` (already sigmoided), ``weight (Tensor[Cout, Cin/groups, kh, kw])``,
 ``bias (Tensor[Cout])`` -> ``Tensor[N, Cout, Ho, Wo]`` (contiguous; channels-last memory where the
-implicit-GEMM kernel runs: ``fp16``/``fp16x2`` with groups == 1).
+implicit-GEMM kernel runs: ``fp16``/``fp16x2``/``int8`` with groups == 1).
 
 Kernels (no column buffer is ever written):
 
@@ -31,7 +31,7 @@ Kernels (no column buffer is ever written):
    run channel-block outer, kernel-point inner, so the kernel points of one channel block reuse the
    input slab from L1.
 
-3. Implicit GEMM (the default for ``fp16``/``fp16x2`` with groups == 1; ``BEVDEPLOY_DCN_IGEMM=0`` turns
+3. Implicit GEMM (the default for ``fp16``/``fp16x2``/``int8`` with groups == 1; ``BEVDEPLOY_DCN_IGEMM=0`` turns
    it off): no plan pass. out[m, o] over M = N*Ho*Wo output pixels (images flattened) x N = Cout, K
    loop over (kernel point x deform group) x channel blocks. Per chunk a program reads dy, dx, mask of
    its BLOCK_M pixels straight from ``offset``/``mask`` (any strides: the offset is a channel slice of
@@ -41,14 +41,18 @@ Kernels (no column buffer is ever written):
    packed, K-contiguous [Cout, kh*kw*Cin] matrix (``ModulatedDeformConv2d`` keeps it that way), so
    nothing is packed at run time. fp32 accumulate, bias epilogue, channels-last output
    ([N, Cout, Ho, Wo] with channels-last strides; the fake says so). Tiles are timed per layer shape
-   on the GPU (:func:`_igemm_candidate_configs`); groups > 1 and ``int8`` run kernel 2.
+   on the GPU (:func:`_igemm_candidate_configs`); groups > 1 run kernel 2. ``int8`` (groups 1) gathers
+   int8 corners, blends and re-quantizes them, multiplies int8 x int8 -> int32, and ends in the int8
+   layers' epilogue (:mod:`bevdeploy.quant.int8_epilogue`: dequantize, bias, optional ReLU, fp16 or
+   the next layer's int8 codes with ``out_scale`` / ``out_zero_point``).
 
 Variants: ``fp32`` (fp32 blend, fp32-accurate 3xTF32 dot: ``input_precision="tf32x3"``), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
 dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
 a per-tensor ``input_scale``, int8 weight with per-output-channel ``weight_scale``: the int8 codes are
 blended in paired fp16 (exact codes, fp16 weights), the modulated sample is re-quantised to int8 with
 ``input_scale`` -- round half to even, clamp to +-127 -- and fed to an int8 x int8 -> int32 dot;
-dequantisation ``input_scale * weight_scale[o]`` and bias in the epilogue; fp16 output).
+dequantisation ``input_scale * weight_scale[o]`` and bias in the epilogue; fp16 output, or with groups 1
+the fused ReLU / int8 output of ``activation`` / ``out_scale``).
 """
 
 from __future__ import annotations
