@@ -19,6 +19,14 @@ REDUCED = {"bevformer-tiny": TINY, "bevdet-r50-cbgs": SMALL}
 BATCHES = {"bevformer-tiny": [1, 4], "bevdet-r50-cbgs": [1, 2]}
 
 
+class _Builds(list):
+    """The batch of every build call, in order; ``kwargs``: all their keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.kwargs = []
+
+
 @pytest.fixture(params=list(REDUCED))
 def cpu_bench(request, monkeypatch, tmp_path):
     """bench_model's GPU-only calls replaced; timings: 10 ms per call at batch 1, 20 ms at batch N."""
@@ -49,10 +57,11 @@ def cpu_bench(request, monkeypatch, tmp_path):
     full = MODELS[name]
     monkeypatch.setitem(MODELS, name, lambda **kw: full(**{**REDUCED[name], **kw}))
     real_build, real_load = engine_pkg.build, engine_pkg.Engine.load
-    builds = []
+    builds = _Builds()
 
     def build(name, precision, **kw):
         builds.append(kw["batch"])
+        builds.kwargs.append(kw)
         return real_build(name, precision, **kw, device="cpu", progress=False)
 
     monkeypatch.setattr(engine_pkg, "build", build)
@@ -79,3 +88,19 @@ def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
     assert four["output_sqnr_db"] > 60 and one["output_sqnr_db"] > 60  # fp32 engine vs eager, same frames
     md = path.with_suffix(".md").read_text()
     assert "fps_vs_batch1" in md and "peak_allocated_mb" in md
+
+
+def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references):
+    """``int8_dcn``: an ``int8 (int8 DCN)`` row after the int8 one, built with ``int8_dcn=True`` from the
+    same calibration table (calibrated once); float rows get none."""
+    name, tmp_path, builds = cpu_bench
+    if name != "bevformer-tiny":
+        pytest.skip("one model is enough for the row plumbing (BEVDet builds the same way)")
+    path = bm.bench_model(name, ["fp32", "int8"], data="synthetic:2", work_dir=tmp_path / "engines",
+                          out_dir=tmp_path / "results", iters=2, command="test", int8_dcn=True)
+    rows = [r["precision"] for r in json.loads(path.read_text())["rows"]]
+    assert rows == ["pytorch", "fp32", "int8", "int8 (int8 DCN)"]
+    assert [kw["int8_dcn"] for kw in builds.kwargs] == [False, False, True]
+    assert builds.kwargs[1]["calib"] is not None and builds.kwargs[2]["calib"] is None
+    assert builds.kwargs[2]["calib_table"] == str(tmp_path / "engines" / f"{name}-int8.engine") + ".calib.json"
+    assert (tmp_path / "engines" / f"{name}-int8-int8dcn.engine").is_file()
