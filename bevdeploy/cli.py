@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "at no run-time cost")
     bd.add_argument("--int8-dcn", action="store_true",
                     help="int8: the DCNv2 convs run int8 too (int8 gathers and MMA, chained; BEVFormer-small/base, "
-                         "CenterNet); not with --qat-steps")
+                         "CenterNet); --qat-steps trains them in that form")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,

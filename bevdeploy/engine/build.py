@@ -198,7 +198,8 @@ def _qat_training(model_name: str, model: nn.Module, data, device: torch.device,
 
 def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float: Sequence[str], data,
          dev: torch.device, *, steps: int, lr: float, scale_lr: float, batch: int, seed: int,
-         progress: bool, ctx: DistContext, zero_points: dict[str, int] | None = None) -> tuple[dict[str, float], dict]:
+         progress: bool, ctx: DistContext, zero_points: dict[str, int] | None = None,
+         deform_convs: bool = False) -> tuple[dict[str, float], dict]:
     """Fine-tune the folded float ``model`` in its int8 form, in place (plain layers again afterwards);
     returns the learned scales and the ``qat`` metadata.
 
@@ -210,7 +211,8 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
 
     training, dataset = _qat_training(model_name, model, data, dev, progress, ctx)
     with fail_together(ctx):
-        prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model), zero_points=zero_points)
+        prepare_qat(model, scales, keep_float=keep_float, scope=int8_scope_prefixes(model), zero_points=zero_points,
+                    deform_convs=deform_convs)
         # readers of one tensor share one learned scale, as the chained engine quantizes it once
         tied = tie_shared_inputs(model, lambda: training.loss(model, next(iter(training.batches(batch, seed)))))
     try:
@@ -368,8 +370,9 @@ def build(
             zero points and learns the scales. Recorded in the metadata (``zero_points``).
         int8_dcn: int8*: the DCNv2 convs (BEVFormer-small/base's R101 stages 3-4, CenterNet's neck) run
             int8 too: int8 corner gathers, re-quantized samples, int8 MMA, chained int8 in and out
-            (:class:`bevdeploy.quant.modules.QuantDeformConv2d`); their inputs stay symmetric. Not with
-            QAT (it does not model the int8 sampling yet). Recorded in the metadata (``int8_dcn``).
+            (:class:`bevdeploy.quant.modules.QuantDeformConv2d`); their inputs stay symmetric. QAT trains
+            them in that form (``QATDeformConv2d``: input codes at the offset conv's learned scale).
+            Recorded in the metadata (``int8_dcn``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
@@ -415,9 +418,6 @@ def build(
             raise ValueError(f"asymmetric gives int8 inputs zero points: precision must be int8*, got {precision!r}")
         if int8_dcn and not spec.int8:
             raise ValueError(f"int8_dcn runs the DCNv2 convs int8: precision must be int8*, got {precision!r}")
-        if int8_dcn and qat_steps:
-            raise ValueError("int8_dcn with QAT: QAT does not model the int8 DCN's sampling yet (its offset conv's "
-                             "learned scale would be the DCN's); build without one of them")
         if qat_steps and qat_data is None and calib is None:
             raise ValueError("QAT needs training data: qat_data='synthetic:N' (default: the calib data)")
         if not (isinstance(qat_batch, int) and qat_batch >= 1):
@@ -541,7 +541,7 @@ def build(
     if qat_steps:
         learned, qat_meta = _qat(model, model_name, scales, keep_float, qat_data if qat_data is not None else calib,
                                  dev, steps=qat_steps, lr=qat_lr, scale_lr=qat_scale_lr, batch=qat_batch,
-                                 seed=qat_seed, progress=show, ctx=ctx, zero_points=zero_points)
+                                 seed=qat_seed, progress=show, ctx=ctx, zero_points=zero_points, deform_convs=int8_dcn)
         scales.update(learned)  # the engine's int8 layers take exactly these
         qat_meta["init_calibration_table_file"] = table_path.name
         # the learned scales as amax = 127 * scale (for an asymmetric layer the scale is (hi - lo) / 255:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack, modulated_deform_conv2d, split_offset_mask
 from bevdeploy.quant.calibrate import CalibrationPoint
 from bevdeploy.quant.int8_kernels import _check_zero_point, code_range
 from bevdeploy.quant.modules import _conv_unsupported
@@ -65,6 +66,7 @@ __all__ = [
     "prepare_qat",
     "qat_finetune",
     "strip_qat",
+    "QATDeformConv2d",
 ]
 
 INT8_MAX = 127
@@ -248,6 +250,32 @@ class QATPoint(_LearnedScale, nn.Module):
 _QAT_TYPES = (QATConv2d, QATLinear, QATPoint)
 
 
+class QATDeformConv2d(ModulatedDeformConv2dPack):
+    """A DCNv2 conv in the int8 DCN's QAT form (``prepare_qat(deform_convs=True)``): the input is
+    fake-quantized with its offset conv's learned scale (the engine's ``QuantDeformConv2d`` samples the
+    same codes), the weight per output channel. The rounding of each blended sample back to a code is
+    not modelled (it is below half a code; the sampling positions are continuous). Same parameters,
+    child and state-dict keys as the pack; :func:`strip_qat` turns it back into one."""
+
+    @classmethod
+    def from_pack(cls, pack: nn.Module) -> QATDeformConv2d:
+        q = cls(pack.in_channels, pack.out_channels, pack.kernel_size, pack.stride, pack.padding, pack.dilation,
+                pack.groups, pack.deform_groups, bias=pack.bias is not None)
+        q.weight, q.bias, q.conv_offset = pack.weight, pack.bias, pack.conv_offset
+        return q.train(pack.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = split_offset_mask(self.conv_offset(x))  # a QATConv2d: fake-quantizes x itself
+        with _no_autocast(x.device):
+            s = self.conv_offset.input_scale
+            w_codes, w_scale = _weight_codes(self.weight)
+            w = w_codes * w_scale.view(-1, 1, 1, 1)
+            bias = None if self.bias is None else self.bias.float()
+            return modulated_deform_conv2d(_codes(x.float(), s) * s, offset.float(), mask.float(), w, bias,
+                                           self.stride, self.padding, self.dilation, self.groups,
+                                           self.deform_groups)
+
+
 def prepare_qat(
     model: nn.Module,
     scales: dict[str, float],
@@ -255,6 +283,7 @@ def prepare_qat(
     zero_points: dict[str, int] | None = None,
     keep_float: Iterable[str] = (),
     scope: Sequence[str] | None = None,
+    deform_convs: bool = False,
 ) -> nn.Module:
     """Swap every layer the int8 path would convert for its fake-quant form, in place.
 
@@ -274,6 +303,9 @@ def prepare_qat(
         keep_float (Iterable[str]): layer names to leave float.
         scope (Sequence[str], optional): module-name prefixes that may be quantized; None: every layer.
             For BEVFormer / BEVDet pass the family's ``bevdeploy.engine.model_io.int8_scope_prefixes(model)``.
+        deform_convs (bool): the int8 DCN's form too (``build(int8_dcn=True)``): every DCNv2 pack (groups 1,
+            not kept float) whose offset conv became a symmetric fake-quant conv becomes a
+            :class:`QATDeformConv2d` sampling its input at that conv's learned scale.
 
     Returns:
         nn.Module: ``model``.
@@ -295,7 +327,7 @@ def prepare_qat(
     if bns := [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
         raise ValueError(f"fold BatchNorm first (bevdeploy.engine.deploy.fold_batchnorms), as the int8 build does: "
                          f"the engine quantizes folded weights; found {bns[:3]}{' ...' if len(bns) > 3 else ''}")
-    if any(isinstance(m, _QAT_TYPES) for m in modules.values()):
+    if any(isinstance(m, (*_QAT_TYPES, QATDeformConv2d)) for m in modules.values()):
         raise ValueError("model already has fake-quant layers (prepare_qat ran before): strip_qat it first")
     scales = {n: _check_scale(n, s) if s != 0 else 0.0 for n, s in scales.items()}
     if not isinstance(zero_points, (dict, type(None))):
@@ -328,6 +360,12 @@ def prepare_qat(
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name], child, qat)
         swapped += 1
+    if deform_convs:
+        for name, mod in modules.items():
+            if (name and type(mod) is ModulatedDeformConv2dPack and mod.groups == 1 and name not in keep
+                    and isinstance(mod.conv_offset, QATConv2d) and not int(mod.conv_offset._zero_point)):
+                parent_name, _, child = name.rpartition(".")
+                setattr(modules[parent_name], child, QATDeformConv2d.from_pack(mod))
     if swapped == 0:
         raise ValueError(f"no layer selected for QAT: the {len(scales)} scales name no plain Conv2d / Linear / "
                          f"CalibrationPoint under scope {prefixes} outside keep_float")
@@ -414,6 +452,12 @@ def strip_qat(model: nn.Module) -> nn.Module:
 
     Read :func:`learned_scales` (and :func:`learned_zero_points`) first: they go with the fake-quant layers.
     """
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QATDeformConv2d)]:
+        plain = ModulatedDeformConv2dPack(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                                          mod.dilation, mod.groups, mod.deform_groups, bias=mod.bias is not None)
+        plain.weight, plain.bias, plain.conv_offset = mod.weight, mod.bias, mod.conv_offset
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain.train(mod.training))
     for name, mod in _fake_quant_modules(model):
         if isinstance(mod, QATConv2d):
             plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,

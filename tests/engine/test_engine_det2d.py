@@ -247,7 +247,7 @@ def test_asymmetric_int8_engine_records_zero_points_and_runs(name, tmp_path, cal
 
 def test_int8_dcn_engine(tmp_path, calib_spec, ops_on_references):
     """``int8_dcn``: CenterNet's neck DCNs run int8 (recorded in the metadata and the layer table), the
-    engine stays above the int8 floor; refused with QAT and for float precisions."""
+    engine stays above the int8 floor, also after QAT in that form; refused for float precisions."""
     name = "centernet-r18-dcn"
     path = build(name, "int8-fp16", out=tmp_path / "d.engine", model_overrides=SMALL[name], batch=BATCH,
                  calib=calib_spec, calib_method="minmax", progress=False, int8_dcn=True)
@@ -257,8 +257,11 @@ def test_int8_dcn_engine(tmp_path, calib_spec, ops_on_references):
     assert engine.metadata["int8_dcn"] is True and dcns and all(rows[n] == "int8" for n in dcns), rows
     # measured 37.7 dB wh, 40.1 dB offset, 61.0 dB heatmap (float DCNs: 42.0 / 43.1 / 62.5)
     _assert_int8_floor(engine, name)
-    with pytest.raises(ValueError, match="QAT does not model"):
-        build(name, "int8-fp16", out=tmp_path / "q.engine", model_overrides=SMALL[name], batch=BATCH,
-              calib=calib_spec, progress=False, int8_dcn=True, qat_steps=1)
+    qat = build(name, "int8-fp16", out=tmp_path / "q.engine", model_overrides=SMALL[name], batch=BATCH,
+                calib=calib_spec, calib_method="minmax", progress=False, int8_dcn=True, qat_steps=2, qat_batch=2)
+    engine = Engine.load(qat, device="cpu")
+    assert engine.metadata["int8_dcn"] is True and engine.metadata["qat"]["steps"] == 2
+    assert all(dict(engine.layer_precisions)[n] == "int8" for n in dcns)
+    _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="precision must be int8"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, int8_dcn=True)

@@ -122,3 +122,38 @@ def test_dcn_stays_float_unless_asked(ops_on_references):
     report = quantize_modules(q, {n: table.scale(n) for n in table.amax})
     assert isinstance(q[0][0], ModulatedDeformConv2dPack) and isinstance(q[0][0].conv_offset, QuantConv2d)
     assert "0.0" not in {r.name for r in report}
+
+
+def test_qat_form_of_the_int8_dcn(ops_on_references):
+    """prepare_qat(deform_convs=True): the pack samples its input at the offset conv's learned scale (so
+    that scale learns from the DCN too), with per-channel fake-quant weights; its forward matches the
+    int8 layer up to the sample rounding; strip_qat gives the pack back with the same parameters."""
+    from bevdeploy.quant.qat import QATDeformConv2d, learned_scales, prepare_qat, strip_qat
+
+    model = _dcn_module()
+    x = _x()
+    table = calibrate(model, lambda m: m(x), "minmax")
+    scales = {n: table.scale(n) for n in table.amax}
+    q, _ = _quantized(model)
+    qat = copy.deepcopy(model)
+    weight = qat[0][0].weight
+    prepare_qat(qat, scales, deform_convs=True)
+    dcn = qat[0][0]
+    assert isinstance(dcn, QATDeformConv2d) and dcn.weight is weight
+    x2 = _x(5)
+    out = qat(x2)
+    with torch.no_grad():
+        want = q(x2)
+    # measured 34-36 dB: the engine layer also rounds each blended sample (and its output to fp16)
+    assert sqnr_db(want, out.detach()) > 30.0, sqnr_db(want, out.detach())
+    out.square().mean().backward()
+    assert dcn.conv_offset.scale_log_ratio.grad is not None and dcn.conv_offset.scale_log_ratio.grad != 0
+    assert dcn.weight.grad is not None and torch.isfinite(dcn.weight.grad).all()
+    assert set(learned_scales(qat)) == {"0.0.conv_offset", "1"}
+    strip_qat(qat)
+    assert type(qat[0][0]) is ModulatedDeformConv2dPack and qat[0][0].weight is weight
+    assert type(qat[0][0].conv_offset) is nn.Conv2d
+    with pytest.raises(ValueError, match="prepare_qat ran before"):
+        prepare_qat(prepare_qat(copy.deepcopy(model), scales, deform_convs=True), scales)
+    plain = prepare_qat(copy.deepcopy(model), scales)  # off by default: the float DCN samples float
+    assert type(plain[0][0]) is ModulatedDeformConv2dPack
