@@ -204,6 +204,9 @@ def stage_eval(args) -> Path:
     if args.asymmetric:  # right after the symmetric PTQ row it is compared with
         at = next((i + 1 for i, (label, _, _) in enumerate(jobs) if label == QAT_PRECISION), len(jobs))
         jobs.insert(at, (f"{QAT_PRECISION} (asymmetric)", QAT_PRECISION, {"asymmetric": True}))
+    if args.int8_dcn:  # after the int8 rows: the same engine with its DCNv2 convs int8 too
+        at = max((i + 1 for i, (_, p, _) in enumerate(jobs) if p == QAT_PRECISION), default=len(jobs))
+        jobs.insert(at, (f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
     kept = _earlier_rows(args, meta["checkpoint_sha256"], {label for label, _, _ in jobs}) if args.keep_rows else []
     work = Path(args.work_dir) / "engines"
     for label, precision, extra in jobs:
@@ -242,6 +245,7 @@ def stage_eval(args) -> Path:
         if precision.startswith("int8"):
             row["int8_layers"] = sum(1 for _, p in engine.layer_precisions if p == "int8")
             row["asymmetric"] = bool(extra.get("asymmetric"))
+            row["int8_dcn"] = bool(extra.get("int8_dcn"))
             row["int8_chain"] = chain_error is None
             if chain_error:
                 row["chain_error"] = chain_error
@@ -326,6 +330,10 @@ def stage_eval_det2d(args) -> Path:
         notes.append(f"The (asymmetric) rows: {QAT_PRECISION} with zero points on the int8 inputs (codes over each "
                      "input's signed calibrated range, `build(asymmetric=True)`); the (asymmetric QAT) row starts "
                      "QAT from them (zero points fixed, scales learned).")
+    if args.int8_dcn:
+        extra_jobs.append((f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
+        notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
+                     "int8 corner gathers, re-quantized samples, int8 MMA); the other int8 rows run them in fp16.")
     if args.qat_steps and not args.asymmetric:  # the QAT row: fine-tuned on every training image, own loss
         extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
@@ -466,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true",
                    help="one more row, the int8-fp16 engine with zero points on the int8 inputs (build "
                         "--asymmetric), beside the symmetric rows; 2D models with --qat-steps: the QAT row starts from it")
+    p.add_argument("--int8-dcn", action="store_true",
+                   help="one more row, the int8-fp16 engine with its DCNv2 convs int8 too (build --int8-dcn)")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",

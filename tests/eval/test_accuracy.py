@@ -105,8 +105,10 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     # --asymmetric: the zero-point row beside the symmetric one, and its QAT form instead of the symmetric QAT
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
                  "--iters", "1", "--qat-steps", "1", "--qat-batch", "2", "--asymmetric", "--results-tag", "asym",
-                 *common]) == 0
+                 "--int8-dcn", *common]) == 0
     rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-asym.json").read_text())["rows"]
     assert [r["precision"] for r in rows] == ["pytorch", "int8-fp16", "int8-fp16 (asymmetric)",
-                                              "int8-fp16 (asymmetric QAT)"]
-    assert all(r.get("asymmetric") is True and "error" not in r for r in rows[2:]) and rows[3]["qat_steps"] == 1
+                                              "int8-fp16 (asymmetric QAT)", "int8-fp16 (int8 DCN)"]
+    assert all(r.get("asymmetric") is True and "error" not in r for r in rows[2:4]) and rows[3]["qat_steps"] == 1
+    # --int8-dcn: its own row (YOLOX has no DCN: the plumbing only; CenterNet's neck is the real case)
+    assert rows[4].get("int8_dcn") is True and not rows[4].get("asymmetric") and "error" not in rows[4]
