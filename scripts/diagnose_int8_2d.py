@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asymmetric", action="store_true",
                    help="minmax variants with zero points on the int8 inputs (unchained and chained, as "
                         "build(asymmetric=True)); the QAT variants then start from them")
+    p.add_argument("--int8-dcn", action="store_true",
+                   help="variants with the DCNv2 convs int8 too (build --int8-dcn; CenterNet's neck)")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
     p.add_argument("--qat-steps", type=int, nargs="*", default=[],
@@ -159,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"diagnose-int8-{args.model}.md").write_text(markdown(report))
 
     def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
-                base: torch.nn.Module | None = None, zero_points: dict[str, int] | None = None) -> None:
+                base: torch.nn.Module | None = None, zero_points: dict[str, int] | None = None,
+                int8_dcn: bool = False) -> None:
         label += ", Triton kernels" if triton else ", reference int8 math"
         if time.perf_counter() - t_start > args.budget:
             print(f"[diag] {label}: skipped (budget)", file=sys.stderr)
             return
         q = copy.deepcopy(model if base is None else base)
         scoped = {n: s for n, s in scales.items() if n.startswith(scope)}
-        quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32, zero_points=zero_points)
+        quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32, zero_points=zero_points,
+                         deform_convs=int8_dcn)
         writers = chain_int8(q) if chain else []
         with _int8_kernels(triton):
             score(label, q, len(writers), keep)
@@ -221,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         variant("minmax asymmetric, chained", asym_scales, True, set(), zero_points=asym_zps)
     if "minmax" in tables:
         variant("minmax, chained", scales_of["minmax"], True, set())
+        if args.int8_dcn:
+            variant("minmax, chained, int8 DCN", scales_of["minmax"], True, set(), int8_dcn=True)
+            if args.asymmetric:  # the DCN inputs stay symmetric (build(int8_dcn=True, asymmetric=True))
+                dcn_in = {n for n in asym_zps if n.endswith(".conv_offset")}
+                variant("minmax asymmetric, chained, int8 DCN",
+                        {n: (scales_of["minmax"][n] if n in dcn_in else s) for n, s in asym_scales.items()}, True,
+                        set(), zero_points={n: z for n, z in asym_zps.items() if n not in dcn_in}, int8_dcn=True)
         for k in args.keep_worst if sens else []:
             variant(f"minmax, chained, keep float {k} worst", scales_of["minmax"], True, {s.layer for s in sens[:k]})
     for alpha in args.smooth_alphas:  # SmoothQuant (bevdeploy.quant.smooth), as build(smooth_alpha=) does it

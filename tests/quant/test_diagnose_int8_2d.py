@@ -50,8 +50,11 @@ def test_diagnosis_reports_qat_variants_with_their_float_control(tmp_path, monke
 def test_diagnosis_asymmetric_variants_and_qat_from_them(tmp_path, monkeypatch, ops_on_references):
     """--asymmetric: minmax with zero points, unchained and chained, and the QAT variant starts from them."""
     report = _diagnose(tmp_path, monkeypatch, "--asymmetric", "--qat-steps", "1", "--qat-batch", "2",
-                       "--qat-loss", "distill")
+                       "--qat-loss", "distill", "--int8-dcn")
     names = [v["variant"] for v in report["variants"]]
     assert names[1:3] == ["minmax asymmetric, unchained, reference int8 math",
                           "minmax asymmetric, chained, reference int8 math"]
+    # --int8-dcn: the chained variants again with int8 DCNs (YOLOX has none: the plumbing; CenterNet's neck)
+    assert names[4:6] == ["minmax, chained, int8 DCN, reference int8 math",
+                          "minmax asymmetric, chained, int8 DCN, reference int8 math"]
     assert names[-1].startswith("minmax asymmetric + QAT (distill loss) 1 steps")
