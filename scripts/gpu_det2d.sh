@@ -98,7 +98,7 @@ for MODEL in $MODELS; do
     echo "$MODEL eval rc=$? in $((SECONDS - t0)) s (timeout $T)"
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10
   fi
-  cp bench/results/*/accuracy-"$MODEL".json bench/results/*/accuracy-"$MODEL".md "$OUT/" 2>/dev/null
+  cp bench/results/*/accuracy-"$MODEL"*.json bench/results/*/accuracy-"$MODEL"*.md "$OUT/" 2>/dev/null  # tagged variants too
   if { [ -n "${DIAG:-}" ] || [ "$STAGE" = diag ]; } && [ -f "$WORK/$MODEL.pth" ]; then
     # int8 variants on the same checkpoint, no engines (scripts/diagnose_int8_2d.py): calibration methods,
     # the chain, Triton vs reference int8 math, keep-float of the most sensitive layers, SmoothQuant

@@ -414,6 +414,14 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
                     kw.get("weight_scale")))
             return cache[variant]
 
+        def int8_mma_ms(variant, _ms, inputs=inputs):
+            """int8 only: the same kernel rounding each blended sample to a code for an int8 MMA."""
+            if variant != "int8":
+                return None
+            xs, o, m, w, b = inputs(variant)
+            return time_cuda_graph(lambda: mdc._modulated_deform_conv2d_igemm(
+                xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant, int8_mma=True, **int8_args(variant)))
+
         def cudnn_fp16_ms(variant, _ms, x=x, weight=weight, bias=bias, cache=cudnn_ms):
             if "ms" not in cache:
                 torch.backends.cudnn.benchmark = True
@@ -436,6 +444,7 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
                 "old_kernel_ms": old_kernel_ms,
                 "speedup_vs_old_kernel": lambda variant, ms, f=old_kernel_ms: f(variant, ms) / ms,
                 "cudnn_fp16_ms": cudnn_fp16_ms,
+                "int8_mma_ms": int8_mma_ms,
                 "ratio_vs_cudnn_fp16": lambda variant, ms, f=cudnn_fp16_ms: ms / f(variant, ms),
             },
         ))  # fmt: skip

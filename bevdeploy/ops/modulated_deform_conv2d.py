@@ -42,15 +42,22 @@ Kernels (no column buffer is ever written):
    nothing is packed at run time. fp32 accumulate, bias epilogue, channels-last output
    ([N, Cout, Ho, Wo] with channels-last strides; the fake says so). Tiles are timed per layer shape
    on the GPU (:func:`_igemm_candidate_configs`); groups > 1 run kernel 2. ``int8`` (groups 1) gathers
-   int8 corners, blends and re-quantizes them, multiplies int8 x int8 -> int32, and ends in the int8
-   layers' epilogue (:mod:`bevdeploy.quant.int8_epilogue`: dequantize, bias, optional ReLU, fp16 or
-   the next layer's int8 codes with ``out_scale`` / ``out_zero_point``).
+   int8 corners (half the bytes of fp16: the gathers are what the kernel spends its time on), blends the
+   codes in paired fp16 into samples in code units and multiplies them with the weight codes on fp16
+   MMAs (fp32 accumulate), then the int8 layers' epilogue (:mod:`bevdeploy.quant.int8_epilogue`:
+   dequantize, bias, optional ReLU, fp16 or the next layer's int8 codes with ``out_scale`` /
+   ``out_zero_point``). The samples are not rounded to codes: a blended sample times its mask is
+   smaller than its corners, so rounding it at the input's step costs several times the input's own
+   relative error (on the CPU-trained CenterNet the chained heatmap SQNR fell 32.1 -> 16.1 dB that way).
+   ``int8_mma=True`` (experiments) rounds them and runs the int8 MMA, as kernel 2 does: timed on an H100
+   at 1.66x the fp16x2 kernel (``bench/results/nvidia-h100-80gb-hbm3/dcn-igemm-int8.md``).
 
 Variants: ``fp32`` (fp32 blend, fp32-accurate 3xTF32 dot: ``input_precision="tf32x3"``), ``fp16`` (fp16 storage, fp32 blend, fp16 x fp16 -> fp32
 dot), ``fp16x2`` (the blend as HFMA2 on channel pairs, fp16 corner weights), ``int8`` (int8 input with
 a per-tensor ``input_scale``, int8 weight with per-output-channel ``weight_scale``: the int8 codes are
-blended in paired fp16 (exact codes, fp16 weights), the modulated sample is re-quantised to int8 with
-``input_scale`` -- round half to even, clamp to +-127 -- and fed to an int8 x int8 -> int32 dot;
+blended in paired fp16 (exact codes, fp16 weights); kernel 2 re-quantises the modulated sample to int8
+with ``input_scale`` -- round half to even, clamp to +-127 -- and feeds an int8 x int8 -> int32 dot, the
+implicit GEMM multiplies the fp16 samples (see 3.);
 dequantisation ``input_scale * weight_scale[o]`` and bias in the epilogue; fp16 output, or with groups 1
 the fused ReLU / int8 output of ``activation`` / ``out_scale``).
 """
@@ -273,14 +280,15 @@ def _cpu_impl(
         out = reference(input.float(), offset.float(), mask.float(), weight.float(),
                         None if bias is None else bias.float(), stride, padding, dilation, groups, deform_groups)
         return out.to(out_dtype).contiguous()
-    # int8: blend the int8 codes, re-quantise the modulated sample with input_scale (i.e. round the
-    # blended code), int8 x int8 GEMM (exact in float64), dequantise per output channel.
+    # int8: blend the int8 codes, dequantise per output channel after an exact float64 GEMM. The plan
+    # kernel (groups > 1) re-quantises each blended sample with input_scale (rounds the blended code) for an
+    # int8 x int8 MMA; the implicit GEMM (groups == 1) multiplies the unrounded samples in fp16.
     stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
     kh, kw = weight.shape[-2:]
     ho, wo = offset.shape[-2:]
     cols = _sample_columns(input.float(), offset.float(), mask.float(), kh, kw, stride_, padding_, dilation_,
                            deform_groups)
-    q = _round_half_even_clamp(cols).double()
+    q = cols.double() if _uses_igemm(variant, groups) else _round_half_even_clamp(cols).double()
     acc = _grouped_gemm(q, weight.double(), groups, ho, wo)
     out = acc * (input_scale * weight_scale.double())[None, :, None, None]
     if bias is not None:
@@ -763,6 +771,7 @@ if triton_available():
         CARRY: tl.constexpr,  # compute a kernel point's sampling once and carry it over its channel blocks
         SWAP: tl.constexpr,  # weight tile as the MMA's left operand (acc [BLOCK_N, BLOCK_M]), samples via smem
         TAP_INNER: tl.constexpr,  # chunk order channel block outer, kernel point inner (input slab reuse in L1)
+        INT8_MMA: tl.constexpr,  # int8 only: round the blended samples to codes and run an int8 MMA
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -805,7 +814,7 @@ if triton_available():
         w01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         w11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        ACC_T: tl.constexpr = tl.int32 if VARIANT == 3 else tl.float32
+        ACC_T: tl.constexpr = tl.int32 if VARIANT == 3 and INT8_MMA else tl.float32
         if SWAP:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_T)
         else:
@@ -846,12 +855,13 @@ if triton_available():
                 a = _blend_f16(v00, v01, v10, v11, w00.to(tl.float16), w01.to(tl.float16), w10.to(tl.float16),
                                w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
             elif VARIANT == 3:
-                # int8 codes are exact in fp16: blend them in paired fp16 (fp16 corner weights), then round
-                # the blended code (re-quantisation with input_scale): half the gather bytes of fp16
+                # int8 codes (half the gather bytes of fp16) are exact in fp16: blend them in paired fp16
+                # (fp16 corner weights) into fp16 samples in code units; INT8_MMA rounds them to codes
                 a = _blend_f16(_i8_to_f16(v00, USE_ASM), _i8_to_f16(v01, USE_ASM), _i8_to_f16(v10, USE_ASM),
                                _i8_to_f16(v11, USE_ASM), w00.to(tl.float16), w01.to(tl.float16),
                                w10.to(tl.float16), w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
-                a = _f16_to_i8(a, USE_ASM)
+                if INT8_MMA:
+                    a = _f16_to_i8(a, USE_ASM)
             else:
                 a = v00.to(tl.float32) * w00[:, None]
                 a = a + v01.to(tl.float32) * w01[:, None]
@@ -871,17 +881,19 @@ if triton_available():
                     b = tl.load(wp, mask=o_ok[None, :], other=0.0)
                 else:
                     b = tl.load(wp)
+            if VARIANT == 3 and not INT8_MMA:
+                b = _i8_to_f16(b, USE_ASM)  # weight codes, exact: an fp16 MMA in code units
             if SWAP:
                 if VARIANT == 0:
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision="tf32x3")
-                elif VARIANT == 3:  # Triton 3.6 needs the int32 accumulator type spelled out
+                elif VARIANT == 3 and INT8_MMA:  # Triton 3.6 needs the int32 accumulator type spelled out
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc, out_dtype=tl.int32)
                 else:
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc)
             else:
                 if VARIANT == 0:
                     acc = tl.dot(a, b, acc, input_precision="tf32x3")
-                elif VARIANT == 3:
+                elif VARIANT == 3 and INT8_MMA:
                     acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                 else:
                     acc = tl.dot(a, b, acc)
@@ -1155,9 +1167,12 @@ def _modulated_deform_conv2d_igemm(
     activation: str = "none",
     out_scale: float | None = None,
     out_zero_point: int = 0,
+    int8_mma: bool = False,
 ) -> Tensor:
     """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory
     (int8: fp16, or the int8 codes of ``out_scale`` / ``out_zero_point``, after ``activation``).
+    ``int8_mma`` (int8, experiments): round each blended sample to an input code and run an int8 MMA,
+    as the plan kernel does, instead of the fp16 MMA on the unrounded samples (see the module docstring).
     offset and mask are read in place with any strides (a channel slice of the offset conv's output
     needs no copy). ``relayout`` copies a non-channels-last input / weight to channels-last (tests turn
     it off to cover arbitrary strides); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
@@ -1198,7 +1213,7 @@ def _modulated_deform_conv2d_igemm(
             ACTIVATION=_ACTIVATIONS.index(activation), OUT_INT8=out_scale is not None, NCB=triton.cdiv(cd, bk),
             CH_MASK=cd % bk != 0, N_MASK=cout % bn != 0,
             BASE_ALIGN=math.gcd(math.gcd(input.stride(2), input.stride(3)), 16), USE_ASM=input.device.type == "cuda",
-            CARRY=_IGEMM_CARRY and not tap_inner, SWAP=swap, TAP_INNER=tap_inner,
+            CARRY=_IGEMM_CARRY and not tap_inner, SWAP=swap, TAP_INNER=tap_inner, INT8_MMA=bool(int8_mma),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -1209,7 +1224,7 @@ def _modulated_deform_conv2d_igemm(
         launch((p2(m_total, 64), p2(cout, 64), max(k_min, p2(cd, 64)), 4, 1))
     else:
         fitted = _igemm_fit_configs(_igemm_candidate_configs(variant), m_total, cout, cd, k_min)
-        key = ("igemm", variant, activation, out_scale is not None, input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
+        key = ("igemm", variant, activation, out_scale is not None, bool(int8_mma), input.device.index, tuple(input.shape), input.stride(1) == 1, tuple(weight.shape),
                weight.stride(1) == 1, offset.dtype, offset.stride(1) == 1, mask.dtype,
                None if bias is None else bias.dtype, tuple(stride), tuple(padding), tuple(dilation), deform_groups)
         flops = 2 * m_total * cout * cin * kh * kw

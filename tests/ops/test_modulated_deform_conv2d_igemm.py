@@ -213,9 +213,9 @@ def _int8_operands(case, device, seed):
 
 
 def _int8_ref(xq, s_x, off, m, wq, s_w, b, kw):
-    """float64 DCN of the dequantised codes; and the bound of the int8 result around it: every blended
-    sample is re-quantised (|error| <= 0.69 codes with the fp16 blend, see test_modulated_deform_conv2d's
-    _int8_bound) and summed through |w| per output channel, plus the fp16 output rounding."""
+    """float64 DCN of the dequantised codes; and the bound of the int8 result around it: each blended
+    sample is off by at most 0.69 codes (rounded to a code with ``int8_mma``; else the fp16 blend's own
+    rounding, far less), summed through |w| per output channel, plus the fp16 output rounding."""
     want = _ref64(xq.double() * s_x, off, m, wq.double() * s_w.double()[:, None, None, None], b, kw)
     row = (s_w.double().cpu() * wq.double().abs().flatten(1).sum(1).cpu()).max().item()
     return want, s_x * row * 0.75 + want.abs().max().item() * 2.0**-10 + 1e-6
@@ -242,6 +242,9 @@ def test_igemm_int8_bounded_by_scales(device, name):
     for config in (None, (16, 16, 32, 1, 1), (32, 16, 32, 1, 1, True, True)):
         y = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, config=config)
         assert_int8_close(y, want, bound, name=f"int8 {name} {config}")
+    # the experimental form: each blended sample rounded to a code, int8 MMA (within the same bound)
+    y = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, config=(16, 16, 32, 1, 1), int8_mma=True)
+    assert_int8_close(y, want, bound, name=f"int8 MMA {name}")
 
 
 def test_igemm_int8_fused_relu_and_requantisation(device):
