@@ -253,9 +253,9 @@ _QAT_TYPES = (QATConv2d, QATLinear, QATPoint)
 class QATDeformConv2d(ModulatedDeformConv2dPack):
     """A DCNv2 conv in the int8 DCN's QAT form (``prepare_qat(deform_convs=True)``): the input is
     fake-quantized with its offset conv's learned scale (the engine's ``QuantDeformConv2d`` samples the
-    same codes), the weight per output channel. The rounding of each blended sample back to a code is
-    not modelled (it is below half a code; the sampling positions are continuous). Same parameters,
-    child and state-dict keys as the pack; :func:`strip_qat` turns it back into one."""
+    same codes), the weight per output channel: the int8 layer's math (its kernel keeps the blended samples
+    in fp16; the ``int8_mma`` form that rounds them is not modelled). Same parameters, child and state-dict
+    keys as the pack; :func:`strip_qat` turns it back into one."""
 
     @classmethod
     def from_pack(cls, pack: nn.Module) -> QATDeformConv2d:

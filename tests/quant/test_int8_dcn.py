@@ -59,8 +59,7 @@ def test_dcn_int8_output_close_to_float(ops_on_references):
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    # measured 27.1 dB (seeds 0 / 2): int8 input, offset conv (its offsets move the samples), re-quantised
-    # samples and weights
+    # measured 28.7 dB (seeds 0 / 2): int8 input, offset conv (its offsets move the samples) and weights
     assert sqnr_db(ref, out) > 24.0, sqnr_db(ref, out)
 
 
@@ -126,8 +125,8 @@ def test_dcn_stays_float_unless_asked(ops_on_references):
 
 def test_qat_form_of_the_int8_dcn(ops_on_references):
     """prepare_qat(deform_convs=True): the pack samples its input at the offset conv's learned scale (so
-    that scale learns from the DCN too), with per-channel fake-quant weights; its forward matches the
-    int8 layer up to the sample rounding; strip_qat gives the pack back with the same parameters."""
+    that scale learns from the DCN too), with per-channel fake-quant weights; its forward is the int8
+    layer's math (up to the kernel's fp16 samples and output); strip_qat gives the pack back."""
     from bevdeploy.quant.qat import QATDeformConv2d, learned_scales, prepare_qat, strip_qat
 
     model = _dcn_module()
@@ -144,8 +143,8 @@ def test_qat_form_of_the_int8_dcn(ops_on_references):
     out = qat(x2)
     with torch.no_grad():
         want = q(x2)
-    # measured 34-36 dB: the engine layer also rounds each blended sample (and its output to fp16)
-    assert sqnr_db(want, out.detach()) > 30.0, sqnr_db(want, out.detach())
+    # measured 61.5 dB (34-36 dB while the int8 layer rounded each blended sample to a code)
+    assert sqnr_db(want, out.detach()) > 50.0, sqnr_db(want, out.detach())
     out.square().mean().backward()
     assert dcn.conv_offset.scale_log_ratio.grad is not None and dcn.conv_offset.scale_log_ratio.grad != 0
     assert dcn.weight.grad is not None and torch.isfinite(dcn.weight.grad).all()
