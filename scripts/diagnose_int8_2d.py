@@ -227,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         variant("minmax, chained", scales_of["minmax"], True, set())
         if args.int8_dcn:
             variant("minmax, chained, int8 DCN", scales_of["minmax"], True, set(), int8_dcn=True)
-            if args.asymmetric:  # the DCN inputs stay symmetric (build(int8_dcn=True, asymmetric=True))
-                dcn_in = {n for n in asym_zps if n.endswith(".conv_offset")}
-                variant("minmax asymmetric, chained, int8 DCN",
-                        {n: (scales_of["minmax"][n] if n in dcn_in else s) for n, s in asym_scales.items()}, True,
-                        set(), zero_points={n: z for n, z in asym_zps.items() if n not in dcn_in}, int8_dcn=True)
+            if args.asymmetric:  # the DCNs take their offset convs' zero points (build(int8_dcn=True, asymmetric=True))
+                variant("minmax asymmetric, chained, int8 DCN", asym_scales, True, set(), zero_points=asym_zps,
+                        int8_dcn=True)
         for k in args.keep_worst if sens else []:
             variant(f"minmax, chained, keep float {k} worst", scales_of["minmax"], True, {s.layer for s in sens[:k]})
     for alpha in args.smooth_alphas:  # SmoothQuant (bevdeploy.quant.smooth), as build(smooth_alpha=) does it

@@ -370,7 +370,7 @@ def build(
             zero points and learns the scales. Recorded in the metadata (``zero_points``).
         int8_dcn: int8*: the DCNv2 convs (BEVFormer-small/base's R101 stages 3-4, CenterNet's neck) run
             int8 too: int8 corner gathers, re-quantized samples, int8 MMA, chained int8 in and out
-            (:class:`bevdeploy.quant.modules.QuantDeformConv2d`); their inputs stay symmetric. QAT trains
+            (:class:`bevdeploy.quant.modules.QuantDeformConv2d`), with ``asymmetric`` zero points too. QAT trains
             them in that form (``QATDeformConv2d``: input codes at the offset conv's learned scale).
             Recorded in the metadata (``int8_dcn``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
@@ -529,11 +529,10 @@ def build(
     else:
         scales = None
     zero_points: dict[str, int] = {}
-    if asymmetric:  # the convs' and linears' inputs (an int8 pooling input and an int8 DCN's input stay symmetric)
+    if asymmetric:  # the convs' and linears' inputs (an int8 pooling input stays symmetric)
         with fail_together(ctx):
             for n in list(scales):
-                if scales[n] > 0 and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)) \
-                        and not (int8_dcn and _is_deform_offset_conv(model, n)):
+                if scales[n] > 0 and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)):
                     scales[n], zp = table.qparams(n, asymmetric=True)
                     if zp:
                         zero_points[n] = zp
@@ -560,15 +559,6 @@ def build(
                                keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
                                zero_points=zero_points, int8_dcn=int8_dcn)
     return out if ctx.is_main else None
-
-
-def _is_deform_offset_conv(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a DCNv2 pack's offset conv: it reads the DCN's input, which the int8 DCN kernel
-    takes as symmetric codes (an out-of-image sample is the code 0)."""
-    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
-
-    parent, _, child = name.rpartition(".")
-    return child == "conv_offset" and isinstance(model.get_submodule(parent), ModulatedDeformConv2dPack)
 
 
 def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,

@@ -217,12 +217,17 @@ def _sca_gathered(value, spatial_shapes, reference_points_cam, bev_mask, samplin
 
 
 def _modulated_deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups,
-                             variant, input_scale, weight_scale, activation="none", out_scale=None, out_zero_point=0):
+                             variant, input_scale, weight_scale, activation="none", out_scale=None, out_zero_point=0,
+                             input_zero_point=0):
     """The plugin node; an int8 layer's fused epilogue follows it as ``Relu`` and ``QuantizeLinear``
     (TensorRT fuses both into the plugin's int8 output; opset 18's Q takes float32, so a Cast precedes it;
     ONNX's Q clamps at -128 where ours stops at -127 for a symmetric output)."""
     op = _op()
-    x = _dequant(input, input_scale, variant)
+    if input_zero_point:  # asymmetric codes: DQ with the zero point
+        x = op.DequantizeLinear(input, op.Constant(value_float=float(input_scale)),
+                                op.Constant(value=onnx.helper.make_tensor("zx", TensorProto.INT8, [], [int(input_zero_point)])))
+    else:
+        x = _dequant(input, input_scale, variant)
     w = weight
     if variant == "int8":
         # Per-output-channel weight scales: DequantizeLinear along axis 0.

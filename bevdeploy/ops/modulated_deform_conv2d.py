@@ -124,6 +124,7 @@ def _check_inputs(
     activation: str = "none",
     out_scale: float | None = None,
     out_zero_point: int = 0,
+    input_zero_point: int = 0,
 ) -> tuple[str, tuple[int, int, int, int]]:
     """Validate everything; return the resolved variant and the output shape [N, Cout, Ho, Wo]."""
     check_tensor("input", input, shape=("N", "Cin", "H", "W"))
@@ -162,19 +163,23 @@ def _check_inputs(
         check_tensor("weight_scale", weight_scale, shape=(cout,), dtypes=(torch.float32,))
     elif weight_scale is not None:
         raise ValueError(f"weight_scale is only for variant 'int8', got variant {variant!r}")
-    _check_int8_epilogue(variant, groups, activation, out_scale, out_zero_point)
+    _check_int8_epilogue(variant, groups, activation, out_scale, out_zero_point, input_zero_point)
     check_same_device(input=input, offset=offset, mask=mask, weight=weight, bias=bias, weight_scale=weight_scale)
     return variant, (n, cout, ho, wo)
 
 
-def _check_int8_epilogue(variant: str, groups: int, activation: str, out_scale, out_zero_point: int) -> None:
-    """The fused epilogue (activation, int8 output) exists in the int8 implicit-GEMM kernel only."""
+def _check_int8_epilogue(variant: str, groups: int, activation: str, out_scale, out_zero_point: int,
+                         input_zero_point: int = 0) -> None:
+    """The fused epilogue (activation, int8 output) and an input zero point exist in the int8
+    implicit-GEMM kernel only."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    fused = activation != "none" or out_scale is not None or out_zero_point != 0
+    fused = activation != "none" or out_scale is not None or out_zero_point != 0 or input_zero_point != 0
     if fused and not (variant == "int8" and int(groups) == 1):
-        raise ValueError(f"activation / out_scale / out_zero_point need variant 'int8' with groups == 1, got "
-                         f"variant {variant!r}, groups {groups}")
+        raise ValueError(f"activation / out_scale / out_zero_point / input_zero_point need variant 'int8' with "
+                         f"groups == 1, got variant {variant!r}, groups {groups}")
+    if not -128 <= int(input_zero_point) <= 127:
+        raise ValueError(f"input_zero_point must be in [-128, 127], got {input_zero_point}")
     if out_scale is not None and not (math.isfinite(out_scale) and out_scale > 0):
         raise ValueError(f"out_scale must be a finite positive float, got {out_scale!r}")
     if out_zero_point != 0 and out_scale is None:
@@ -273,6 +278,7 @@ def _cpu_impl(
     activation: str = "none",
     out_scale: float | None = None,
     out_zero_point: int = 0,
+    input_zero_point: int = 0,
 ) -> Tensor:
     """The variant's math in plain PyTorch (the op's CPU path and its autograd formula)."""
     out_dtype = VARIANT_OUTPUT_DTYPE[variant]
@@ -286,8 +292,9 @@ def _cpu_impl(
     stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
     kh, kw = weight.shape[-2:]
     ho, wo = offset.shape[-2:]
-    cols = _sample_columns(input.float(), offset.float(), mask.float(), kh, kw, stride_, padding_, dilation_,
-                           deform_groups)
+    # codes less the zero point are the values in steps of input_scale (outside the image: 0)
+    cols = _sample_columns(input.float() - input_zero_point, offset.float(), mask.float(), kh, kw, stride_,
+                           padding_, dilation_, deform_groups)
     q = cols.double() if _uses_igemm(variant, groups) else _round_half_even_clamp(cols).double()
     acc = _grouped_gemm(q, weight.double(), groups, ho, wo)
     out = acc * (input_scale * weight_scale.double())[None, :, None, None]
@@ -723,6 +730,7 @@ if triton_available():
         out_lo,  # code_range(out_zp) less out_zp, as fp32
         out_hi,
         out_zp,
+        x_zp,  # int8 only: the input codes' zero point, as fp32 (0: symmetric)
         # sizes
         M,  # N*Ho*Wo
         HoWo,
@@ -862,6 +870,9 @@ if triton_available():
                                w10.to(tl.float16), w11.to(tl.float16), BLOCK_M, BLOCK_K, USE_ASM)
                 if INT8_MMA:
                     a = _f16_to_i8(a, USE_ASM)
+                else:  # codes less the zero point: a corner outside the image weighs 0, i.e. reads the value 0
+                    wsum = (w00 + w01) + (w10 + w11)
+                    a = a - (x_zp * wsum).to(tl.float16)[:, None]
             else:
                 a = v00.to(tl.float32) * w00[:, None]
                 a = a + v01.to(tl.float32) * w01[:, None]
@@ -1168,6 +1179,7 @@ def _modulated_deform_conv2d_igemm(
     out_scale: float | None = None,
     out_zero_point: int = 0,
     int8_mma: bool = False,
+    input_zero_point: int = 0,
 ) -> Tensor:
     """Launch the implicit-GEMM kernel (groups == 1); returns [N, Cout, Ho, Wo] in channels-last memory
     (int8: fp16, or the int8 codes of ``out_scale`` / ``out_zero_point``, after ``activation``).
@@ -1181,6 +1193,8 @@ def _modulated_deform_conv2d_igemm(
         raise NotImplementedError(f"the implicit-GEMM kernel takes {_IGEMM_SUPPORTED}, got {variant=}")
     if variant == "int8" and weight_scale is None:
         raise ValueError("variant 'int8' needs weight_scale (Tensor[Cout] float32, per output channel)")
+    if input_zero_point and int8_mma:
+        raise NotImplementedError("int8_mma rounds the samples to symmetric codes: it takes no input_zero_point")
     k_min = 32 if variant == "int8" else 16
     n, cin, h, w = input.shape
     cout, cg, kh, kw = weight.shape
@@ -1206,6 +1220,7 @@ def _modulated_deform_conv2d_igemm(
         grid = (triton.cdiv(m_total, bm) * num_n_tiles,)
         _modulated_deform_conv2d_igemm_kernel[grid](
             input, offset, mask, weight, b, y, ws, float(input_scale), inv_out, out_lo, out_hi, out_zp,
+            float(input_zero_point),
             m_total, ho * wo, wo, h, w, cout, cd, deform_groups, num_n_tiles,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *input.stride(), *offset.stride(), *mask.stride(), *weight.stride(),
@@ -1253,6 +1268,7 @@ def _modulated_deform_conv2d_op(
     activation: str = "none",
     out_scale: float | None = None,
     out_zero_point: int = 0,
+    input_zero_point: int = 0,
 ) -> Tensor:
     igemm = _uses_igemm(variant, groups)
     if use_triton(input):
@@ -1260,21 +1276,22 @@ def _modulated_deform_conv2d_op(
             return _modulated_deform_conv2d_igemm(input, offset, mask, weight, bias, stride, padding, dilation,
                                                   deform_groups, variant, input_scale=input_scale,
                                                   weight_scale=weight_scale, activation=activation,
-                                                  out_scale=out_scale, out_zero_point=out_zero_point)
+                                                  out_scale=out_scale, out_zero_point=out_zero_point,
+                                                  input_zero_point=input_zero_point)
         return _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                                                deform_groups, variant, input_scale, weight_scale)
     out = _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
-                    input_scale, weight_scale, activation, out_scale, out_zero_point)
+                    input_scale, weight_scale, activation, out_scale, out_zero_point, input_zero_point)
     # the same strides as the GPU path (and the fake): channels-last where the implicit GEMM runs
     return out.contiguous(memory_format=torch.channels_last) if igemm else out
 
 
 @_modulated_deform_conv2d_op.register_fake
 def _(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant, input_scale,
-      weight_scale, activation="none", out_scale=None, out_zero_point=0):
+      weight_scale, activation="none", out_scale=None, out_zero_point=0, input_zero_point=0):
     variant, shape = _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation, groups,
                                    deform_groups, variant, input_scale, weight_scale, activation, out_scale,
-                                   out_zero_point)
+                                   out_zero_point, input_zero_point)
     out = input.new_empty(shape, dtype=_output_dtype(variant, out_scale))
     return out.contiguous(memory_format=torch.channels_last) if _uses_igemm(variant, groups) else out
 
@@ -1301,6 +1318,7 @@ def modulated_deform_conv2d(
     activation: str = "none",
     out_scale: float | None = None,
     out_zero_point: int = 0,
+    input_zero_point: int = 0,
 ) -> Tensor:
     """Modulated deformable convolution (DCNv2), exactly mmcv's ``modulated_deform_conv2d``.
 
@@ -1323,6 +1341,8 @@ def modulated_deform_conv2d(
         out_scale (float, optional): write the int8 codes ``clamp(round_half_even(y / out_scale) +
             out_zero_point)`` the next int8 layer reads instead of fp16 (``int8`` with groups == 1 only;
             the int8 layers' requantising epilogue, :mod:`bevdeploy.quant.int8_kernels`).
+        input_zero_point (int): the zero point of the int8 ``input`` codes (``x ~= input_scale * (q - z)``;
+            asymmetric codes; ``int8`` with groups == 1 only).
 
     Returns:
         Tensor[N, Cout, Ho, Wo]: float32 for ``fp32``, int8 codes with ``out_scale``, float16 otherwise;
@@ -1340,12 +1360,12 @@ def modulated_deform_conv2d(
     stride_, padding_, dilation_ = _pairs(stride, padding, dilation)
     variant, _ = _check_inputs(input, offset, mask, weight, bias, stride_, padding_, dilation_, groups,
                                deform_groups, variant, input_scale, weight_scale, activation, out_scale,
-                               out_zero_point)
+                               out_zero_point, input_zero_point)
     scale = check_int8_scale("input_scale", input_scale, variant)
     return _modulated_deform_conv2d_op(input, offset, mask, weight, bias, list(stride_), list(padding_),
                                        list(dilation_), int(groups), int(deform_groups), variant, scale,
                                        weight_scale, activation, None if out_scale is None else float(out_scale),
-                                       int(out_zero_point))
+                                       int(out_zero_point), int(input_zero_point))
 
 
 def quantize_weight_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -355,7 +355,8 @@ class QuantDeformConv2d(_QuantBase):
     (it lies between the corners, times a mask in [0, 1]: the same scale covers it), runs an int8 x int8
     -> int32 MMA and the int8 layers' epilogue (bias, fused ReLU, fp16 or the next layer's int8 codes).
 
-    Symmetric input only: a sample outside the image is the code 0, which must mean 0. Buffers:
+    An input zero point (asymmetric codes) is sampled as ``q - z``, so a sample outside the image still
+    reads the value 0; the offset conv takes the same point. Buffers:
     ``weight`` (Tensor[O, C, kh, kw] int8, channels-last memory: the kernel's K-contiguous layout),
     ``weight_scale``, ``bias``, ``input_scale_tensor``; child ``conv_offset``. Build with :meth:`from_pack`.
     The kernel writes fp16: an fp32 ``out_dtype`` costs a cast.
@@ -418,9 +419,13 @@ class QuantDeformConv2d(_QuantBase):
             self.conv_offset.input_scale = self._input_scale
 
     def set_input_zero_point(self, zero_point: int) -> None:
-        if int(zero_point) != 0:
-            raise NotImplementedError(f"QuantDeformConv2d takes symmetric input codes only (zero point 0, got "
-                                      f"{zero_point}): a sample outside the image reads the code 0")
+        """Asymmetric input codes; the offset conv (int8) reads the same codes, so it takes the same point.
+        The kernel samples ``q - z`` (a sample outside the image reads the value 0): no weight sums."""
+        self.input_zero_point = _check_zero_point("input zero point", zero_point)
+        self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
+                                                                     device=self.weight.device) if zero_point else None)
+        if isinstance(getattr(self, "conv_offset", None), QuantConv2d):
+            self.conv_offset.set_input_zero_point(zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` -> Tensor[N, O, Ho, Wo]
@@ -428,10 +433,11 @@ class QuantDeformConv2d(_QuantBase):
         from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, split_offset_mask
 
         xq = self._quantize_input(x)
-        if isinstance(self.conv_offset, QuantConv2d) and self.conv_offset.input_zero_point == 0:
-            off_in = xq  # the same scale (see the input_scale setter): no second quantize pass
+        z = self.input_zero_point
+        if isinstance(self.conv_offset, QuantConv2d) and self.conv_offset.input_zero_point == z:
+            off_in = xq  # the same scale and zero point (see the setters): no second quantize pass
         elif x.dtype == torch.int8:  # a float offset conv behind an int8 producer reads the dequantized codes
-            off_in = (x.float() * self._input_scale).to(self.conv_offset.weight.dtype)
+            off_in = ((x.float() - z) * self._input_scale).to(self.conv_offset.weight.dtype)
         else:
             off_in = x
         offset, mask = split_offset_mask(self.conv_offset(off_in))
@@ -440,7 +446,8 @@ class QuantDeformConv2d(_QuantBase):
                                     self.dilation, 1, self.deform_groups, variant="int8",
                                     input_scale=self._input_scale, weight_scale=self.weight_scale,
                                     activation=self.activation, out_scale=out_scale,
-                                    out_zero_point=self.out_zero_point if out_scale is not None else 0)
+                                    out_zero_point=self.out_zero_point if out_scale is not None else 0,
+                                    input_zero_point=z)
         # the kernel writes fp16; fp32 storage (the ``int8`` precision) takes a cast
         return y if out_scale is not None or y.dtype == self.out_dtype else y.to(self.out_dtype)
 
@@ -494,8 +501,8 @@ def quantize_modules(
     ``scales`` and is not in ``keep_float``; convs with groups != 1, a non-zero padding mode or
     asymmetric 'same' padding stay float. Fold BatchNorm into the convs first (:func:`fold_bn`).
     With ``deform_convs``, DCNv2 convs (``ModulatedDeformConv2dPack``, groups 1) become
-    :class:`QuantDeformConv2d` with their offset conv's input scale (the same tensor), unless kept
-    float or that input is asymmetric.
+    :class:`QuantDeformConv2d` with their offset conv's input scale and zero point (the same tensor),
+    unless kept float.
 
     With ``fuse_relu`` (default), an ``nn.ReLU`` (or ``nn.SiLU``: the epilogue has both) that directly
     follows a converted layer inside an ``nn.Sequential`` (``nn.Identity`` modules in between are
@@ -589,7 +596,7 @@ def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quanti
                            out_dtype, report) -> None:
     """DCNv2 convs (``ModulatedDeformConv2dPack``) -> :class:`QuantDeformConv2d`, after the plain layers:
     the pack's ``conv_offset`` (already converted) reads the same input, so its calibrated scale is the
-    DCN's. A row per DCN goes into ``report`` in front of its offset conv's."""
+    DCN's (scale and zero point). A row per DCN goes into ``report`` in front of its offset conv's."""
     from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
 
     for name, mod in list(modules.items()):
@@ -600,8 +607,7 @@ def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quanti
         zp = int(zero_points.get(off_name, 0))
         why = ("kept float (keep_float)" if name in keep_float
                else "no calibrated input scale (its conv_offset's)" if off_name not in scales
-               else f"groups={mod.groups} (the int8 DCN kernel takes groups=1)" if mod.groups != 1
-               else f"asymmetric input (zero point {zp}): the int8 DCN samples symmetric codes" if zp else None)
+               else f"groups={mod.groups} (the int8 DCN kernel takes groups=1)" if mod.groups != 1 else None)
         if why is not None:
             report.insert(at, LayerReport(name, "float", why))
             continue
@@ -613,9 +619,12 @@ def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quanti
             act_name = f"{parent_name}.{act_child}" if parent_name else act_child
         qmod = QuantDeformConv2d.from_pack(mod, float(scales[off_name]), activation, out_dtype=out_dtype)
         qmod.quantize_in_graph = quantize_in_graph
+        if zp:
+            qmod.set_input_zero_point(zp)
         qmod.train(mod.training)
         setattr(parent, child, qmod)
         fused_txt = f", {activation} fused" if activation != "none" else ""
+        fused_txt = (f", zero point {zp}" if zp else "") + fused_txt
         report.insert(at, LayerReport(name, "int8", f"int8 DCNv2 {mod.kernel_size[0]}x{mod.kernel_size[1]} stride "
                                                     f"{'x'.join(map(str, mod.stride))}, input_scale="
                                                     f"{float(scales[off_name]):.6g}{fused_txt}"))

@@ -252,7 +252,7 @@ _QAT_TYPES = (QATConv2d, QATLinear, QATPoint)
 
 class QATDeformConv2d(ModulatedDeformConv2dPack):
     """A DCNv2 conv in the int8 DCN's QAT form (``prepare_qat(deform_convs=True)``): the input is
-    fake-quantized with its offset conv's learned scale (the engine's ``QuantDeformConv2d`` samples the
+    fake-quantized with its offset conv's learned scale and zero point (the engine's ``QuantDeformConv2d`` samples the
     same codes), the weight per output channel: the int8 layer's math (its kernel keeps the blended samples
     in fp16; the ``int8_mma`` form that rounds them is not modelled). Same parameters, child and state-dict
     keys as the pack; :func:`strip_qat` turns it back into one."""
@@ -267,11 +267,11 @@ class QATDeformConv2d(ModulatedDeformConv2dPack):
     def forward(self, x: Tensor) -> Tensor:
         offset, mask = split_offset_mask(self.conv_offset(x))  # a QATConv2d: fake-quantizes x itself
         with _no_autocast(x.device):
-            s = self.conv_offset.input_scale
+            s, z = self.conv_offset.input_scale, self.conv_offset._zero_point
             w_codes, w_scale = _weight_codes(self.weight)
             w = w_codes * w_scale.view(-1, 1, 1, 1)
             bias = None if self.bias is None else self.bias.float()
-            return modulated_deform_conv2d(_codes(x.float(), s) * s, offset.float(), mask.float(), w, bias,
+            return modulated_deform_conv2d(_codes(x.float(), s, z) * s, offset.float(), mask.float(), w, bias,
                                            self.stride, self.padding, self.dilation, self.groups,
                                            self.deform_groups)
 
@@ -304,8 +304,8 @@ def prepare_qat(
         scope (Sequence[str], optional): module-name prefixes that may be quantized; None: every layer.
             For BEVFormer / BEVDet pass the family's ``bevdeploy.engine.model_io.int8_scope_prefixes(model)``.
         deform_convs (bool): the int8 DCN's form too (``build(int8_dcn=True)``): every DCNv2 pack (groups 1,
-            not kept float) whose offset conv became a symmetric fake-quant conv becomes a
-            :class:`QATDeformConv2d` sampling its input at that conv's learned scale.
+            not kept float) whose offset conv became a fake-quant conv becomes a :class:`QATDeformConv2d`
+            sampling its input at that conv's learned scale (and fixed zero point).
 
     Returns:
         nn.Module: ``model``.
@@ -363,7 +363,7 @@ def prepare_qat(
     if deform_convs:
         for name, mod in modules.items():
             if (name and type(mod) is ModulatedDeformConv2dPack and mod.groups == 1 and name not in keep
-                    and isinstance(mod.conv_offset, QATConv2d) and not int(mod.conv_offset._zero_point)):
+                    and isinstance(mod.conv_offset, QATConv2d)):
                 parent_name, _, child = name.rpartition(".")
                 setattr(modules[parent_name], child, QATDeformConv2d.from_pack(mod))
     if swapped == 0:

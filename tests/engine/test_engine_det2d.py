@@ -247,7 +247,8 @@ def test_asymmetric_int8_engine_records_zero_points_and_runs(name, tmp_path, cal
 
 def test_int8_dcn_engine(tmp_path, calib_spec, ops_on_references):
     """``int8_dcn``: CenterNet's neck DCNs run int8 (recorded in the metadata and the layer table), the
-    engine stays above the int8 floor, also after QAT in that form; refused for float precisions."""
+    engine stays above the int8 floor, also after QAT in that form and with zero points; refused for float
+    precisions."""
     name = "centernet-r18-dcn"
     path = build(name, "int8-fp16", out=tmp_path / "d.engine", model_overrides=SMALL[name], batch=BATCH,
                  calib=calib_spec, calib_method="minmax", progress=False, int8_dcn=True)
@@ -262,6 +263,13 @@ def test_int8_dcn_engine(tmp_path, calib_spec, ops_on_references):
     engine = Engine.load(qat, device="cpu")
     assert engine.metadata["int8_dcn"] is True and engine.metadata["qat"]["steps"] == 2
     assert all(dict(engine.layer_precisions)[n] == "int8" for n in dcns)
+    _assert_int8_floor(engine, name)
+    # with zero points: the DCNs take their offset convs' (asymmetric codes sampled as q - z)
+    asym = build(name, "int8-fp16", out=tmp_path / "a.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, calib_method="minmax", progress=False, int8_dcn=True, asymmetric=True)
+    engine = Engine.load(asym, device="cpu")
+    assert all(dict(engine.layer_precisions)[n] == "int8" for n in dcns)
+    assert {f"{n}.conv_offset" for n in dcns} <= set(engine.metadata["zero_points"])
     _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="precision must be int8"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, int8_dcn=True)

@@ -80,7 +80,8 @@ def test_int8_variant_has_dequantize_in_front():
 
 
 def test_int8_dcn_fused_epilogue_exports_as_relu_and_quantize():
-    # the int8 DCN's fused ReLU + requantisation (the int8 chain's producer form) follows the plugin
+    # the int8 DCN's fused ReLU + requantisation (the int8 chain's producer form) follows the plugin, and
+    # its asymmetric input is dequantized with the zero point in front of it
     from bevdeploy.ops.modulated_deform_conv2d import modulated_deform_conv2d, quantize_weight_per_channel
 
     class Dcn(torch.nn.Module):
@@ -92,7 +93,8 @@ def test_int8_dcn_fused_epilogue_exports_as_relu_and_quantize():
 
         def forward(self, x, off, m):
             return modulated_deform_conv2d(x, off, m, self.wq, None, padding=1, variant="int8", input_scale=0.02,
-                                           weight_scale=self.ws, activation="relu", out_scale=0.05, out_zero_point=-3)
+                                           weight_scale=self.ws, activation="relu", out_scale=0.05, out_zero_point=-3,
+                                           input_zero_point=-128)
 
     args = (torch.randint(-127, 128, (1, 4, 5, 5), dtype=torch.int8), torch.randn(1, 18, 5, 5), torch.rand(1, 9, 5, 5))
     model = export_onnx(Dcn(), args)
@@ -102,4 +104,7 @@ def test_int8_dcn_fused_epilogue_exports_as_relu_and_quantize():
     assert q.op_type == "QuantizeLinear" and out.type.tensor_type.elem_type == onnx.TensorProto.INT8
     cast = producers[q.input[0]]  # opset 18's QuantizeLinear takes float32
     assert cast.op_type == "Cast" and producers[cast.input[0]].op_type == "Relu"
-    assert [n.op_type for n in plugin_nodes(model)] == ["ModulatedDeformableConv2dTRT"]
+    [plugin] = plugin_nodes(model)
+    assert plugin.op_type == "ModulatedDeformableConv2dTRT"
+    dq = producers[plugin.input[0]]  # the asymmetric input codes: DQ with their zero point
+    assert dq.op_type == "DequantizeLinear" and len(dq.input) == 3

@@ -296,6 +296,7 @@ def test_igemm_int8_cpu_path_matches_kernel(device):
     (dict(out_scale=float("nan")), r"out_scale must be a finite positive"),
     (dict(out_zero_point=3), r"out_zero_point needs out_scale"),
     (dict(out_scale=0.1, out_zero_point=200), r"out_zero_point must be in"),
+    (dict(input_zero_point=-129), r"input_zero_point must be in"),
 ])
 def test_int8_epilogue_arguments_checked(bad, match):
     xq, s_x, off, m, wq, s_w, b, kw = _int8_operands(CASES["odd"], "cpu", seed=23)
@@ -318,3 +319,26 @@ def test_gpu_int8_resnet_like_shape():
     codes = mdc._modulated_deform_conv2d_igemm(xq, off, m, wq, b, s, p, d, 1, "int8", input_scale=s_x,
                                                weight_scale=s_w, activation="relu", out_scale=out_scale)
     assert (codes.double().cpu() - torch.round(torch.relu(want) / out_scale)).abs().max() <= bound / out_scale + 1
+
+
+@pytest.mark.parametrize("zp", [-128, -37, 90])
+def test_igemm_int8_input_zero_point(device, zp):
+    # asymmetric input codes (a ReLU output: x >= 0 over the full code range): the samples are taken of
+    # q - z, so a sample outside the image (code padding) still reads the value 0
+    x, off, m, wt, b, kw = _make(CASES["s2-dg2"], "cpu", "fp32", seed=31 + zp)
+    x = torch.relu(x) - (0.0 if zp == -128 else 0.4)  # zp -128: one-sided; others: a shifted range
+    lo, hi = x.min().item(), x.max().item()
+    s_x = (hi - lo) / 255.0
+    xq = torch.clamp(torch.round(x / s_x) + zp, -128, 127).to(torch.int8).contiguous(memory_format=torch.channels_last)
+    wq, s_w = mdc.quantize_weight_per_channel(wt)
+    t = lambda v: None if v is None else v.to(device)  # noqa: E731
+    xq, off, m, wq, s_w, b = t(xq), t(off.half()), t(m.half()), t(wq), t(s_w), t(b)
+    want, bound = _int8_ref(xq.double() - zp, s_x, off, m, wq, s_w, b, kw)
+    y = _call_int8(xq, s_x, off, m, wq, s_w, b, kw, input_zero_point=zp, config=(16, 16, 32, 1, 1))
+    assert_int8_close(y, want, bound, name=f"zero point {zp}")
+    s, p, d = (list(v) for v in mdc._pairs(kw["stride"], kw["padding"], kw["dilation"]))
+    cpu = mdc._cpu_impl(xq.cpu(), off.cpu(), m.cpu(), wq.cpu(), None if b is None else b.cpu(), s, p, d, 1,
+                        kw["deform_groups"], "int8", s_x, s_w.cpu(), "none", None, 0, zp)
+    assert_int8_close(cpu, want, bound)
+    with pytest.raises(NotImplementedError, match="no input_zero_point"):
+        _call_int8(xq, s_x, off, m, wq, s_w, b, kw, input_zero_point=zp, int8_mma=True)
