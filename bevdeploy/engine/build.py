@@ -529,6 +529,11 @@ def build(
     else:
         scales = None
     zero_points: dict[str, int] = {}
+    if int8_dcn and ctx.is_main:
+        from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+
+        if not any(isinstance(m, ModulatedDeformConv2dPack) for m in model.modules()):
+            logger.warning("int8_dcn: %s has no DCNv2 conv; the engine is the plain %s one", model_name, precision)
     if asymmetric:  # the convs' and linears' inputs (an int8 pooling input stays symmetric)
         with fail_together(ctx):
             for n in list(scales):

@@ -90,7 +90,7 @@ def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
     assert "fps_vs_batch1" in md and "peak_allocated_mb" in md
 
 
-def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references):
+def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references, caplog):
     """``int8_dcn``: an ``int8 (int8 DCN)`` row after the int8 one, built with ``int8_dcn=True`` from the
     same calibration table (calibrated once); float rows get none."""
     name, tmp_path, builds = cpu_bench
@@ -104,3 +104,4 @@ def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references):
     assert builds.kwargs[1]["calib"] is not None and builds.kwargs[2]["calib"] is None
     assert builds.kwargs[2]["calib_table"] == str(tmp_path / "engines" / f"{name}-int8.engine") + ".calib.json"
     assert (tmp_path / "engines" / f"{name}-int8-int8dcn.engine").is_file()
+    assert "has no DCNv2 conv" in caplog.text  # BEVFormer-tiny's R50 has none: said, not silent
