@@ -6,7 +6,8 @@
 # Env: SKIP_TESTS=1 SKIP_CONVS=1 SKIP_BENCH=1 SKIP_PROFILE=1; CONV_BACKBONES ("bevdet-r50 bevformer-small
 #      bevformer-base"); BENCH_MODELS ("bevdet-r50": one table each, precisions BENCH_PRECISIONS, default
 #      "pytorch fp16x2 int8-fp16"); PROFILES (MODEL:PRECISION pairs, default the BEVDet ones); per-step limits
-#      APPEND=1 (keep the earlier rows of each table); in seconds: TEST_TIMEOUT (70) CONVS_TIMEOUT (190) BENCH_TIMEOUT (190, per model) PROFILE_TIMEOUT (80). Every step writes its results as it goes, so a cut step keeps what it measured.
+#      APPEND=1 (keep the earlier rows of each table); BENCH_EXTRA / PROFILE_EXTRA: more flags of the bench /
+#      profile commands (e.g. --int8-dcn: BEVFormer-small/base rows and profiles with int8 DCNs); in seconds: TEST_TIMEOUT (70) CONVS_TIMEOUT (190) BENCH_TIMEOUT (190, per model) PROFILE_TIMEOUT (80). Every step writes its results as it goes, so a cut step keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
@@ -30,6 +31,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for model in ${BENCH_MODELS:-bevdet-r50}; do
     timeout "${BENCH_TIMEOUT:-190}" python3 -m bevdeploy.cli bench --model "$model" \
       --precisions ${BENCH_PRECISIONS:-pytorch fp16x2 int8-fp16} --data synthetic:${BENCH_FRAMES:-8} --calib synthetic:4 ${APPEND:+--append} \
+      ${BENCH_EXTRA:-} \
       > "$OUT/bench_$model.txt" 2>&1
     echo "bench $model rc=$?"; grep -E "^\|" "$OUT/bench_$model.txt" | tail -8; grep -E "Error|Traceback" "$OUT/bench_$model.txt" | tail -5
     cp bench/results/*/"$model".* "$OUT/" 2>/dev/null
@@ -37,7 +39,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   # reuses the engines the bench just built (out/engines/<model>-<precision>.engine)
-  timeout "${PROFILE_TIMEOUT:-80}" python3 scripts/profile_engine.py --build ${PROFILES:-bevdet-r50:int8-fp16 bevdet-r50:fp16x2} \
+  timeout "${PROFILE_TIMEOUT:-80}" python3 scripts/profile_engine.py --build ${PROFILES:-bevdet-r50:int8-fp16 bevdet-r50:fp16x2} ${PROFILE_EXTRA:-} \
     --calib synthetic:4 > "$OUT/profile.txt" 2>&1
   echo "profile rc=$?"; grep -E "ms/frame|->|Error" "$OUT/profile.txt" | tail -8
   cp bench/results/*/profile-* "$OUT/" 2>/dev/null

@@ -48,15 +48,17 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _engine_path(spec: str, work: Path, calib: str) -> Path:
+def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False) -> Path:
     from bevdeploy.engine import build
 
     model, _, precision = spec.partition(":")
     if not precision:
         raise ValueError(f"--build takes MODEL:PRECISION, got {spec!r}")
-    path = work / f"{model}-{precision}.engine"
+    dcn = int8_dcn and precision.startswith("int8")
+    path = work / f"{model}-{precision}{'-int8dcn' if dcn else ''}.engine"  # bench --int8-dcn's names
     if not path.is_file():
-        build(model, precision, out=path, calib=calib if precision.startswith("int8") else None, progress=False)
+        build(model, precision, out=path, calib=calib if precision.startswith("int8") else None, progress=False,
+              int8_dcn=dcn)
     return path
 
 
@@ -96,7 +98,7 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
     by_kind = defaultdict(float)
     for k, (us, _) in kernels.items():
         by_kind[kind_of(k)] += us
-    model, precision = meta["model"], meta["precision"]
+    model, precision = meta["model"], meta["precision"] + ("-int8dcn" if meta.get("int8_dcn") else "")
     lines = [f"# Profile: {model} {precision} ({torch.cuda.get_device_name()}, torch {torch.__version__})", "",
              f"engine `{path.name}`, load + compile {load_s:.1f} s, **{ms:.3f} ms/frame** ({1000 / ms:.1f} FPS), "
              f"freezing={freeze}, cudnn.benchmark={cudnn_benchmark}; kernel time summed over {calls} calls: "
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("engines", nargs="*", help="engine files")
     ap.add_argument("--build", nargs="*", default=[], help="MODEL:PRECISION pairs (built into --work if missing)")
     ap.add_argument("--calib", default="synthetic:4", help="calibration data for int8 builds")
+    ap.add_argument("--int8-dcn", action="store_true",
+                    help="int8 --build engines with their DCNv2 convs int8 (profile-<model>-<precision>-int8dcn.md)")
     ap.add_argument("--work", default="out/engines", help="where --build engines live")
     ap.add_argument("--out", default="bench/results", help="results folder")
     ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
@@ -146,7 +150,7 @@ def main() -> None:
         raise SystemExit("profile_engine.py needs a CUDA GPU")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib) for s in args.build]
+    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib, args.int8_dcn) for s in args.build]
     if not paths:
         raise SystemExit("give engine files or --build MODEL:PRECISION ...")
     for p in paths:
