@@ -55,3 +55,24 @@ def test_build_passes_asymmetric_and_refuses_it_for_float(tmp_path, monkeypatch,
     assert seen == {"asymmetric": True}
     assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "fp16", "-o", str(engine), "--asymmetric"]) != 0
     assert "--asymmetric" in capsys.readouterr().err
+
+
+def test_build_and_bench_pass_int8_dcn(tmp_path, monkeypatch, capsys):
+    """``--int8-dcn`` reaches ``build(int8_dcn=True)`` and ``bench_model(int8_dcn=True)``; a float build refuses it."""
+    seen = {}
+    engine = tmp_path / "x.engine"
+
+    def fake_bench_model(name, precisions, **kwargs):
+        seen["bench"] = kwargs["int8_dcn"]
+        table = Path(tmp_path / "t.json")
+        table.with_suffix(".md").write_text("table\n")
+        return table
+
+    monkeypatch.setattr(bevdeploy.engine, "build", _fake_build(seen, "int8_dcn", engine))
+    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", fake_bench_model)
+    assert main(["build", "--model", "bevformer-base", "--precision", "int8-fp16", "--calib", "synthetic:2",
+                 "-o", str(engine), "--int8-dcn"]) == 0
+    assert main(["bench", "--model", "bevformer-base", "--precisions", "int8-fp16", "--int8-dcn"]) == 0
+    assert seen == {"int8_dcn": True, "bench": True}
+    assert main(["build", "--model", "bevformer-base", "--precision", "fp16", "-o", str(engine), "--int8-dcn"]) != 0
+    assert "--int8-dcn" in capsys.readouterr().err
