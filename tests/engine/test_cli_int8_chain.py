@@ -18,20 +18,23 @@ def _fake_build(seen: dict, key: str, engine: Path):
     return fake_build
 
 
+def _fake_bench_model(seen: dict, key: str, tmp_path: Path):
+    """A ``bench_model`` that records ``kwargs[key]`` as ``seen["bench"]`` and writes an empty table."""
+    def fake_bench_model(name, precisions, **kwargs):
+        seen["bench"] = kwargs[key]
+        table = Path(tmp_path / "t.json")
+        table.with_suffix(".md").write_text("table\n")
+        return table
+    return fake_bench_model
+
+
 @pytest.mark.parametrize("flag, expected", [(None, True), ("on", True), ("off", False),
                                             ("float-identity", "float-identity")])
 def test_build_and_bench_pass_the_int8_chain_choice(flag, expected, tmp_path, monkeypatch):
     seen = {}
     engine = tmp_path / "x.engine"
-
-    def fake_bench_model(name, precisions, **kwargs):
-        seen["bench"] = kwargs["int8_chain"]
-        table = Path(tmp_path / "t.json")
-        table.with_suffix(".md").write_text("table\n")
-        return table
-
     monkeypatch.setattr(bevdeploy.engine, "build", _fake_build(seen, "int8_chain", engine))
-    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", _fake_bench_model(seen, "int8_chain", tmp_path))
     extra = [] if flag is None else ["--int8-chain", flag]
     assert main(["build", "--model", "bevdet-r50-cbgs", "--precision", "int8", "--calib", "synthetic:2",
                  "-o", str(engine), *extra]) == 0
@@ -61,15 +64,8 @@ def test_build_and_bench_pass_int8_dcn(tmp_path, monkeypatch, capsys):
     """``--int8-dcn`` reaches ``build(int8_dcn=True)`` and ``bench_model(int8_dcn=True)``; a float build refuses it."""
     seen = {}
     engine = tmp_path / "x.engine"
-
-    def fake_bench_model(name, precisions, **kwargs):
-        seen["bench"] = kwargs["int8_dcn"]
-        table = Path(tmp_path / "t.json")
-        table.with_suffix(".md").write_text("table\n")
-        return table
-
     monkeypatch.setattr(bevdeploy.engine, "build", _fake_build(seen, "int8_dcn", engine))
-    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", _fake_bench_model(seen, "int8_dcn", tmp_path))
     assert main(["build", "--model", "bevformer-base", "--precision", "int8-fp16", "--calib", "synthetic:2",
                  "-o", str(engine), "--int8-dcn"]) == 0
     assert main(["bench", "--model", "bevformer-base", "--precisions", "int8-fp16", "--int8-dcn"]) == 0
