@@ -369,7 +369,7 @@ def build(
             a bit on them. Free at run time (the zero point folds into the epilogue); QAT keeps the
             zero points and learns the scales. Recorded in the metadata (``zero_points``).
         int8_dcn: int8*: the DCNv2 convs (BEVFormer-small/base's R101 stages 3-4, CenterNet's neck) run
-            int8 too: int8 corner gathers, re-quantized samples, int8 MMA, chained int8 in and out
+            int8 too: int8 corner gathers, fp16 samples x int8 weight codes, chained int8 in and out
             (:class:`bevdeploy.quant.modules.QuantDeformConv2d`), with ``asymmetric`` zero points too. QAT trains
             them in that form (``QATDeformConv2d``: input codes at the offset conv's learned scale).
             Recorded in the metadata (``int8_dcn``).

@@ -333,7 +333,7 @@ def stage_eval_det2d(args) -> Path:
     if args.int8_dcn:
         extra_jobs.append((f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
         notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
-                     "int8 corner gathers, re-quantized samples, int8 MMA); the other int8 rows run them in fp16.")
+                     "int8 corner gathers, fp16 samples x int8 weight codes); the other int8 rows run them in fp16.")
     if args.qat_steps and not args.asymmetric:  # the QAT row: fine-tuned on every training image, own loss
         extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "

@@ -1117,7 +1117,7 @@ def _igemm_candidate_configs(variant: str) -> list[tuple]:
     un-swapped forms draw ptxas' C7515 warning (wgmma serialised); the swapped ones do not."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
-    if variant == "int8":  # int8 MMA takes K >= 32; 64 channels are one 64-byte row of codes
+    if variant == "int8":  # K >= 32 (the int8_mma form's MMA); 64 channels are one 64-byte row of codes
         return [(64, 256, 64, 8, 3, True), (128, 256, 64, 8, 2, True), (64, 256, 32, 8, 3, True),
                 (128, 128, 64, 8, 3), (64, 256, 64, 8, 1, True, True), (128, 256, 64, 8, 1, True, True),
                 (64, 128, 128, 4, 2, True), (128, 128, 64, 8, 1, False, True)]

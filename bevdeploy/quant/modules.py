@@ -351,9 +351,9 @@ class QuantDeformConv2d(_QuantBase):
     """A DCNv2 conv (``ModulatedDeformConv2dPack``, groups 1) on int8 codes: the offset conv reads the
     same codes (a :class:`QuantConv2d` at the same input scale, or float when kept float), then the
     ``int8`` variant of :func:`bevdeploy.ops.modulated_deform_conv2d.modulated_deform_conv2d` gathers
-    int8 corners (half the bytes of fp16), blends them and re-quantizes the sample with the input scale
-    (it lies between the corners, times a mask in [0, 1]: the same scale covers it), runs an int8 x int8
-    -> int32 MMA and the int8 layers' epilogue (bias, fused ReLU, fp16 or the next layer's int8 codes).
+    int8 corners (half the bytes of fp16), blends them into fp16 samples, multiplies them with the int8
+    weight codes on fp16 MMAs (the samples are not rounded to codes: that cost 16 dB on the CPU-trained
+    CenterNet) and ends in the int8 layers' epilogue (bias, fused ReLU, fp16 or the next layer's codes).
 
     An input zero point (asymmetric codes) is sampled as ``q - z``, so a sample outside the image still
     reads the value 0; the offset conv takes the same point. Buffers:
@@ -455,7 +455,7 @@ class QuantDeformConv2d(_QuantBase):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, deform_groups={self.deform_groups}, "
                 f"bias={self.bias is not None}, input_scale={self._input_scale:.6g}, activation={self.activation}, "
-                f"{self._precision()}")
+                f"{self._precision().replace('int8 x int8 -> int32', 'int8 gathers, fp16 samples x int8 weight codes')}")
 
 
 class LayerReport(NamedTuple):
