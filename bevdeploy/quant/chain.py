@@ -7,8 +7,9 @@ writes the int8 codes its consumers read (``QuantConv2d.out_scale`` / ``QuantLin
 the consumers' calibrated input scale, symmetric, no zero point):
 
 * ResNet ``Bottleneck`` (BEVFormer/BEVDet image backbone) and ``BasicBlock`` (BEVDet BEV encoder):
-  conv1 and conv2 fuse their ReLU and write int8 for the next conv (a DCNv2 conv2, BEVFormer's R101
-  stages 3-4, is a ``QuantDeformConv2d``: it and its offset conv read conv1's codes, it writes conv3's); the last conv's epilogue does
+  conv1 and conv2 fuse their ReLU and write int8 for the next conv (with ``build(int8_dcn=True)`` a DCNv2
+  conv2, BEVFormer's R101 stages 3-4, is a ``QuantDeformConv2d``: it and its offset conv read conv1's
+  codes, it writes conv3's); the last conv's epilogue does
   bias + identity (int8 codes with the block input's scale) or downsample branch (fp16) + ReLU +
   requantize to the next block's input scale, in one pass.
 * Block sequences (a stage, stage to stage), the ResNet stem (conv + ReLU + int8 max-pool: max-pool
