@@ -422,6 +422,19 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
             return time_cuda_graph(lambda: mdc._modulated_deform_conv2d_igemm(
                 xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant, int8_mma=True, **int8_args(variant)))
 
+        def err_vs_cpu_int8(variant, _ms, inputs=inputs):
+            """int8 only: the kernel against the op's CPU int8 math (float64 GEMM) on the same codes, relative
+            L2: separates the kernel from the quantization, which the reference comparison includes."""
+            if variant != "int8":
+                return None
+            xs, o, m, w, b = inputs(variant)
+            y = mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant,
+                                                   **int8_args(variant)).double().cpu()
+            kw = int8_args(variant)
+            want = mdc._cpu_impl(xs.cpu(), o.cpu(), m.cpu(), w.cpu(), b.cpu(), [1, 1], [1, 1], [1, 1], 1, 1, variant,
+                                 kw["input_scale"], kw["weight_scale"].cpu()).double()
+            return round(((y - want).norm() / want.norm()).item(), 6)
+
         def cudnn_fp16_ms(variant, _ms, x=x, weight=weight, bias=bias, cache=cudnn_ms):
             if "ms" not in cache:
                 torch.backends.cudnn.benchmark = True
@@ -445,6 +458,7 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
                 "speedup_vs_old_kernel": lambda variant, ms, f=old_kernel_ms: f(variant, ms) / ms,
                 "cudnn_fp16_ms": cudnn_fp16_ms,
                 "int8_mma_ms": int8_mma_ms,
+                "err_vs_cpu_int8": err_vs_cpu_int8,
                 "ratio_vs_cudnn_fp16": lambda variant, ms, f=cudnn_fp16_ms: ms / f(variant, ms),
             },
         ))  # fmt: skip

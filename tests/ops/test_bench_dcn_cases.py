@@ -1,0 +1,21 @@
+"""The DCN benchmark cases (``bevdeploy.eval.bench_ops.dcn_igemm_cases``) built and run on a tiny layer through the
+interpreter: what the GPU bench times is the kernel it names, and its int8 check columns measure something."""
+
+import torch
+
+from bevdeploy.eval import bench_ops
+
+
+def test_dcn_cases_run_and_check_the_int8_kernel_against_its_cpu_math(device):
+    [case] = bench_ops.dcn_igemm_cases(layers=[("tiny 1x32x6x8", (1, 32, 6, 8))], device=str(device),
+                                       variants=("fp16x2", "int8"))
+    ref = case.reference().double().cpu()
+    for variant in case.variants:
+        y = case.make(variant)().double().cpu()
+        err = ((y - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and torch.isfinite(y).all()
+        # fp16x2: fp16 storage only; int8: the quantization of x (amax / 127) and of the weights
+        assert err < (2e-3 if variant == "fp16x2" else 3e-2), (variant, err)
+    check = case.extra["err_vs_cpu_int8"]
+    assert check("fp16x2", 1.0) is None
+    assert 0.0 <= check("int8", 1.0) < 2e-3  # the kernel equals the op's CPU int8 math (fp16 samples)
