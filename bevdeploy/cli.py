@@ -391,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "calibrated range): ReLU / SiLU outputs are one-sided, so this halves their rounding step "
                          "at no run-time cost")
     bd.add_argument("--int8-dcn", action="store_true",
-                    help="int8: the DCNv2 convs run int8 too (int8 gathers and MMA, chained; BEVFormer-small/base, "
-                         "CenterNet); --qat-steps trains them in that form")
+                    help="int8: the DCNv2 convs run int8 too (int8 gathers, fp16 samples x int8 weights, chained; "
+                         "BEVFormer-small/base, CenterNet); --qat-steps trains them in that form")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,
