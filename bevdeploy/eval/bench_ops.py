@@ -428,9 +428,8 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
             if variant != "int8":
                 return None
             xs, o, m, w, b = inputs(variant)
-            y = mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant,
-                                                   **int8_args(variant)).double().cpu()
             kw = int8_args(variant)
+            y = mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant, **kw).double().cpu()
             want = mdc._cpu_impl(xs.cpu(), o.cpu(), m.cpu(), w.cpu(), b.cpu(), [1, 1], [1, 1], [1, 1], 1, 1, variant,
                                  kw["input_scale"], kw["weight_scale"].cpu()).double()
             return round(((y - want).norm() / want.norm()).item(), 6)

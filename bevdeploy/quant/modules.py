@@ -121,7 +121,7 @@ class _QuantBase(nn.Module):
         if zp is not None:  # an asymmetric layer's state: take its zero point (and buffers) before loading
             self.set_input_zero_point(int(zp))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.input_zero_point:  # the weight sums follow the loaded weights
+        if self.input_zero_point and self._zero_point_weight_sums:  # the weight sums follow the loaded weights
             self.w_sum = weight_sums(self.weight)
         if prefix + "input_scale_tensor" in state_dict:
             self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
@@ -149,6 +149,9 @@ class _QuantBase(nn.Module):
     #: Set by :func:`bevdeploy.quant.chain.chain_int8` with ``out_scale``: the zero point of the int8
     #: codes the epilogue writes (the consumer's ``input_zero_point``).
     out_zero_point: int = 0
+    #: Whether an input zero point costs the epilogue ``z * w_sum`` (the GEMM layers); the int8 DCN
+    #: subtracts it from its samples instead.
+    _zero_point_weight_sums: bool = True
 
     def set_input_zero_point(self, zero_point: int) -> None:
         """Asymmetric input codes with this zero point (an int in [-128, 127]; 0: symmetric). Keeps
@@ -156,7 +159,8 @@ class _QuantBase(nn.Module):
         non-zero point, the int32 buffer ``input_zero_point_tensor`` (state dicts carry it, so a
         reloaded layer cannot silently lose it; symmetric layers keep their old keys)."""
         self.input_zero_point = _check_zero_point("input zero point", zero_point)
-        self.register_buffer("w_sum", weight_sums(self.weight) if zero_point else None, persistent=False)
+        sums = zero_point and self._zero_point_weight_sums
+        self.register_buffer("w_sum", weight_sums(self.weight) if sums else None, persistent=False)
         self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
                                                                      device=self.weight.device) if zero_point else None)
 
@@ -363,6 +367,7 @@ class QuantDeformConv2d(_QuantBase):
     """
 
     _nhwc_input = True
+    _zero_point_weight_sums = False  # the kernel samples q - z: nothing for the epilogue
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  deform_groups: int = 1, bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",
@@ -421,9 +426,7 @@ class QuantDeformConv2d(_QuantBase):
     def set_input_zero_point(self, zero_point: int) -> None:
         """Asymmetric input codes; the offset conv (int8) reads the same codes, so it takes the same point.
         The kernel samples ``q - z`` (a sample outside the image reads the value 0): no weight sums."""
-        self.input_zero_point = _check_zero_point("input zero point", zero_point)
-        self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
-                                                                     device=self.weight.device) if zero_point else None)
+        super().set_input_zero_point(zero_point)
         if isinstance(getattr(self, "conv_offset", None), QuantConv2d):
             self.conv_offset.set_input_zero_point(zero_point)
 
@@ -543,7 +546,6 @@ def quantize_modules(
             raise ValueError(f"scales[{name!r}] must be a positive finite float, got {s!r}")
     modules = dict(model.named_modules())
     report: list[LayerReport] = []
-    fused: set[str] = set()
     for name, mod in list(modules.items()):
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, _QuantBase):
             continue
@@ -563,33 +565,47 @@ def quantize_modules(
         if isinstance(mod, nn.Conv2d) and (why := _conv_unsupported(mod)) is not None:
             report.append(LayerReport(name, "float", why))
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name]
-        activation, act_name = "none", None
-        if fuse_relu and (found := _fusable_activation(parent, child)) is not None:
-            act_child, activation = found
-            act_name = f"{parent_name}.{act_child}" if parent_name else act_child
         qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-        qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)
-        qmod.quantize_in_graph = quantize_in_graph
         zp = int((zero_points or {}).get(name, 0))
-        if zp:
-            qmod.set_input_zero_point(zp)
-        qmod.train(mod.training)
-        setattr(parent, child, qmod)
+        activation, act_name = _swap_in(
+            modules, name, mod, lambda act: qcls.from_float(mod, float(scales[name]), act, out_dtype=out_dtype),
+            fusable=tuple(_FUSABLE.values()) if fuse_relu else (), quantize_in_graph=quantize_in_graph, zero_point=zp)
         what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
             *mod.kernel_size, "x".join(map(str, mod.stride)))
-        fused_txt = f", {activation} fused" if activation != "none" else ""
-        zp_txt = f", zero point {zp}" if zp else ""
-        report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}{zp_txt}{fused_txt}"))
+        report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}"
+                                                f"{_int8_suffix(zp, activation)}"))
         if act_name is not None:
-            setattr(parent, act_name.rpartition(".")[2], nn.Identity())
-            fused.add(act_name)
             report.append(LayerReport(act_name, "fused", f"{activation} runs in {name}'s int8 epilogue"))
     if deform_convs:
         _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quantize_in_graph, zero_points or {},
                                out_dtype, report)
     return report
+
+
+def _swap_in(modules: dict[str, nn.Module], name: str, mod: nn.Module, make, *, fusable: tuple[str, ...],
+             quantize_in_graph: bool, zero_point: int) -> tuple[str, str | None]:
+    """Replace ``name`` (``mod``) by ``make(activation)``, fusing the activation that follows it in its
+    ``nn.Sequential`` when it is one of ``fusable`` (the activation module becomes ``nn.Identity``); returns
+    (activation, the fused activation module's name or None)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = modules[parent_name]
+    activation, act_name = "none", None
+    if (found := _fusable_activation(parent, child)) is not None and found[1] in fusable:
+        act_child, activation = found
+        act_name = f"{parent_name}.{act_child}" if parent_name else act_child
+    qmod = make(activation)
+    qmod.quantize_in_graph = quantize_in_graph
+    if zero_point:
+        qmod.set_input_zero_point(zero_point)
+    qmod.train(mod.training)
+    setattr(parent, child, qmod)
+    if act_name is not None:
+        setattr(parent, act_name.rpartition(".")[2], nn.Identity())
+    return activation, act_name
+
+
+def _int8_suffix(zero_point: int, activation: str) -> str:
+    return (f", zero point {zero_point}" if zero_point else "") + (f", {activation} fused" if activation != "none" else "")
 
 
 def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quantize_in_graph, zero_points,
@@ -611,25 +627,14 @@ def _quantize_deform_convs(model, modules, scales, keep_float, fuse_relu, quanti
         if why is not None:
             report.insert(at, LayerReport(name, "float", why))
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name]
-        activation, act_name = "none", None
-        if fuse_relu and (found := _fusable_activation(parent, child)) is not None and found[1] == "relu":
-            act_child, activation = found
-            act_name = f"{parent_name}.{act_child}" if parent_name else act_child
-        qmod = QuantDeformConv2d.from_pack(mod, float(scales[off_name]), activation, out_dtype=out_dtype)
-        qmod.quantize_in_graph = quantize_in_graph
-        if zp:
-            qmod.set_input_zero_point(zp)
-        qmod.train(mod.training)
-        setattr(parent, child, qmod)
-        fused_txt = f", {activation} fused" if activation != "none" else ""
-        fused_txt = (f", zero point {zp}" if zp else "") + fused_txt
+        activation, act_name = _swap_in(
+            modules, name, mod,
+            lambda act: QuantDeformConv2d.from_pack(mod, float(scales[off_name]), act, out_dtype=out_dtype),
+            fusable=("relu",) if fuse_relu else (), quantize_in_graph=quantize_in_graph, zero_point=zp)
         report.insert(at, LayerReport(name, "int8", f"int8 DCNv2 {mod.kernel_size[0]}x{mod.kernel_size[1]} stride "
                                                     f"{'x'.join(map(str, mod.stride))}, input_scale="
-                                                    f"{float(scales[off_name]):.6g}{fused_txt}"))
+                                                    f"{float(scales[off_name]):.6g}{_int8_suffix(zp, activation)}"))
         if act_name is not None:
-            setattr(parent, act_name.rpartition(".")[2], nn.Identity())
             report.append(LayerReport(act_name, "fused", f"{activation} runs in {name}'s int8 epilogue"))
 
 
