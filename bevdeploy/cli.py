@@ -214,7 +214,7 @@ def _bench(args: argparse.Namespace) -> int:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
                                out_dir=args.out, command=command, append=args.append, batch=args.batch,
                                int8_chain=_INT8_CHAIN[args.int8_chain], results_name=args.results_name,
-                               int8_dcn=args.int8_dcn)
+                               int8_dcn=args.int8_dcn, fresh_memory=not args.inprocess_memory)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -432,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bench.add_argument("--int8-dcn", action="store_true",
                        help="BEV models: after each int8 row, a '<precision> (int8 DCN)' row with the DCNv2 convs int8")
+    bench.add_argument("--inprocess-memory", action="store_true",
+                       help="BEV models: read each engine row's GPU memory in the benchmark's own process (which "
+                            "still holds the PyTorch row's and the build's leftovers) instead of a fresh process "
+                            "that only loads and runs the engine (the default, as a server would)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
                        help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")

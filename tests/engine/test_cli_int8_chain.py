@@ -72,3 +72,11 @@ def test_build_and_bench_pass_int8_dcn(tmp_path, monkeypatch, capsys):
     assert seen == {"int8_dcn": True, "bench": True}
     assert main(["build", "--model", "bevformer-base", "--precision", "fp16", "-o", str(engine), "--int8-dcn"]) != 0
     assert "--int8-dcn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, expected", [([], True), (["--inprocess-memory"], False)])
+def test_bench_reads_engine_memory_in_a_fresh_process_unless_told(extra, expected, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bevdeploy.eval.bench_models, "bench_model", _fake_bench_model(seen, "fresh_memory", tmp_path))
+    assert main(["bench", "--model", "bevformer-tiny", "--precisions", "fp16", *extra]) == 0
+    assert seen == {"bench": expected}

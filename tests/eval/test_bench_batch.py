@@ -25,6 +25,7 @@ class _Builds(list):
     def __init__(self):
         super().__init__()
         self.kwargs = []
+        self.fresh = []  # (engine path, input shapes) of every fresh-process memory reading
 
 
 @pytest.fixture(params=list(REDUCED))
@@ -53,11 +54,18 @@ def cpu_bench(request, monkeypatch, tmp_path):
                 "allocated_mb": 100.0, "peak_allocated_mb": 200.0}
 
     monkeypatch.setattr(bm, "measure", measure)
+    builds = _Builds()
+
+    def fresh_process_memory(path, inputs, iters):
+        builds.fresh.append((path, {k: tuple(v.shape) for k, v in inputs.items()}))
+        return {"memory_mb": 600.0, "allocated_mb": 50.0, "peak_allocated_mb": 150.0, "ms": 11.0,
+                "context_mb": 400.0, "loaded_mb": 550.0}
+
+    monkeypatch.setattr(bm, "_fresh_process_memory", fresh_process_memory)
     name = request.param
     full = MODELS[name]
     monkeypatch.setitem(MODELS, name, lambda **kw: full(**{**REDUCED[name], **kw}))
     real_build, real_load = engine_pkg.build, engine_pkg.Engine.load
-    builds = _Builds()
 
     def build(name, precision, **kw):
         builds.append(kw["batch"])
@@ -82,7 +90,13 @@ def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
     one, four = rows["fp32", 1], rows["fp32", n]
     assert one["fps"] == 100.0 and four["fps"] == 50.0 * n and four["fps_vs_batch1"] == n / 2  # frames/s = n / 20 ms
     assert rows["pytorch", n]["fps"] == 50.0 * n and four["fps_ratio"] == 1.0
-    assert one["memory_ratio"] == 0.6 and one["peak_ratio"] == 1.0 and one["eager_weights_mb"] > 0  # CPU: eager
+    # memory: the engine's own process (600 MB) against PyTorch's (1500); the in-process reading kept beside it
+    assert one["memory_ratio"] == 0.4 and one["memory_inprocess_mb"] == 900.0 and one["peak_ratio"] == 0.75
+    assert one["fresh_process_ms"] == 11.0 and one["memory_loaded_mb"] == 550.0
+    assert one["eager_weights_mb"] > 0  # CPU: eager
+    engines = tmp_path / "engines"
+    assert [p for p, _ in builds.fresh] == [engines / f"{name}-fp32.engine", engines / f"{name}-fp32-b{n}.engine"]
+    assert [shapes["image"][0] for _, shapes in builds.fresh] == [1, n]  # each row's own batch of frames
     assert one["nds"] is not None and one["fidelity_nds"] is not None
     assert four["nds"] is None and four["fidelity_nds"] is None and "batch 1" in four["note"]
     assert four["output_sqnr_db"] > 60 and one["output_sqnr_db"] > 60  # fp32 engine vs eager, same frames
