@@ -73,8 +73,10 @@ _DTYPE_NAME = {v: k for k, v in OUT_DTYPES.items()}
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_I32 = 2**31 - 1
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-Config = tuple[int, int, int, int, int, int]
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]): ``persistent`` > 0 (GEMM
+#: kernel only: linears and 1x1 / stride-1 / unpadded convs) launches that many programs per SM of
+#: :func:`_int8_linear_persistent_kernel` instead of one program per tile (0 or absent).
+Config = tuple[int, ...]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,14 +128,20 @@ def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_
                          f"residual {None if residual is None else residual.dtype}")
     if out_scale is not None:
         _check_scale("out_scale", out_scale)
-    if config is not None and (len(config) != 6 or any(int(v) < 1 for v in config)):
-        raise ValueError(f"config must be 6 ints >= 1 (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), "
-                         f"got {list(config)}")
+    if config is not None and not valid_config(config):
+        raise ValueError(f"config must be 6 ints >= 1 (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) and an "
+                         f"optional 7th >= 0 (persistent programs per SM), got {list(config)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)} (torch.float16 / torch.float32), "
                          f"got {out_dtype!r}")
+
+
+def valid_config(config) -> bool:
+    """Six ints >= 1 and an optional persistent-programs-per-SM count >= 0 (see ``Config``)."""
+    c = list(config)
+    return len(c) in (6, 7) and all(int(v) >= 1 for v in c[:6]) and (len(c) == 6 or int(c[6]) >= 0)
 
 
 def _check_quantize(x: Tensor, scale: float, zero_point: int = 0) -> None:
@@ -387,7 +395,11 @@ if triton_available():
     def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """Grouped order: GROUP_M row-tiles sweep the N tiles together, so a weight tile is read
         from L2 by GROUP_M neighbours in a row (Triton tutorial 03)."""
-        pid = tl.program_id(0)
+        return _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    @triton.jit
+    def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of tile number ``pid`` in the grouped order of :func:`_program_tile`."""
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_pid_in_group = GROUP_M * num_pid_n
@@ -468,6 +480,53 @@ if triton_available():
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
+
+    @triton.jit
+    def _int8_linear_persistent_kernel(
+        x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr,
+        M, N, K, x_scale, res_scale, inv_out_scale, x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+        stride_xm, stride_wn, stride_rm, stride_rn, stride_ym, stride_yn,
+        NUM_PROGRAMS,  # the launch's program count (a few per SM)
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
+        RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_int8_linear_kernel` (same arguments, sums and epilogue) as a persistent kernel: program
+        ``p`` walks tiles ``p, p + NUM_PROGRAMS, ...``. In the short-K GEMMs of a ResNet's 1x1 convs and
+        BEVFormer's linears (K <= 512: two to four MMA steps a tile) the epilogue's residual read and
+        output store are much of a tile's time; with the tile and K loops flattened
+        (``tl.range(flatten=True)``, the pattern of Triton's persistent-matmul tutorial) the compiler's
+        pipeliner can issue the next tile's operand loads while this tile's epilogue runs. The
+        epilogue's tile comes from its own counter (``tile_c``), as there."""
+        pid = tl.program_id(0)
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K)
+        tile_c = pid - NUM_PROGRAMS
+        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+            rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k in range(0, k_tiles):
+                a_ptrs = x_ptr + rm[:, None] * stride_xm + (k * BLOCK_K + offs_k)[None, :]
+                w_ptrs = w_ptr + rn[:, None] * stride_wn + (k * BLOCK_K + offs_k)[None, :]
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    w = tl.load(w_ptrs)
+                else:
+                    k_mask = offs_k[None, :] < K - k * BLOCK_K
+                    a = tl.load(a_ptrs, mask=k_mask, other=0)
+                    w = tl.load(w_ptrs, mask=k_mask, other=0)
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            tile_c += NUM_PROGRAMS
+            pid_mc, pid_nc = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            offs_m = pid_mc * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_nc * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
+                      stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
+                      x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+                      HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -635,18 +694,28 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
                    residual_after_act=False, x_zero_point=0, w_sum=None, residual_zero_point=0, out_zero_point=0):
     m, k = x2.shape
     n = w_q.shape[0]
-    bm, bn, bk, group_m, warps, stages = config or gemm_config(m, n, k, x2.device)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    config = tuple(config or gemm_config(m, n, k, x2.device))
+    bm, bn, bk, group_m, warps, stages = config[:6]
+    per_sm = config[6] if len(config) == 7 else 0
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     dummy = w_scale
     w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)
     res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
                                                                         residual_zero_point, out_zero_point)
-    _int8_linear_kernel[grid](
-        x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
-        m, n, k, float(x_scale), res_scale, inv_out,
-        int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
-        x2.stride(0), w_q.stride(0),
-        0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1),
+    args = (x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
+            m, n, k, float(x_scale), res_scale, inv_out,
+            int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
+            x2.stride(0), w_q.stride(0),
+            0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1))
+    if per_sm:  # a few programs per SM walk the tiles (the interpreter: per_sm programs)
+        sms = _num_sms(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) \
+            if x2.device.type == "cuda" else 1
+        programs = min(tiles, per_sm * sms)
+        kernel, grid, args = _int8_linear_persistent_kernel, (programs,), (*args, programs)
+    else:
+        kernel, grid = _int8_linear_kernel, (tiles,)
+    kernel[grid](
+        *args,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
         EVEN_K=k % bk == 0,
@@ -754,7 +823,10 @@ def _int8_conv2d_triton(
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
         return y
-    bm, bn, bk, group_m, warps, stages = config or gemm_config(m, o, c, x_q.device)
+    if config is not None and len(config) == 7 and config[6]:
+        raise ValueError(f"config {list(config)}: a persistent launch is for the GEMM kernel (linears and 1x1, "
+                         f"stride-1, unpadded convs), not a {kh}x{kw} stride {list(stride)} conv")
+    bm, bn, bk, group_m, warps, stages = (config or gemm_config(m, o, c, x_q.device))[:6]
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
     w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)

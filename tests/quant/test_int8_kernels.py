@@ -116,6 +116,35 @@ def test_int8_linear_many_tiles_grouped_order(device):
     assert_rel_close(out, _ref_linear(x_q, w_q, 0.01, ws, b, r, "relu"), REL_TOL["fp32"])
 
 
+@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("mnk", [(37, 19, 45), (70, 48, 96)])
+def test_int8_linear_persistent_launch_equals_the_tiled_one(device, per_sm, mnk):
+    """config[6] > 0: few programs walk all the tiles (here 16x16 tiles, 1 or 3 programs on the CPU, so each
+    program runs several tiles back to back, K tails masked). Bit for bit the tiled kernel's int8 codes,
+    with an int8 residual, input / residual / output zero points and saturation; the float form too."""
+    m, n, k = mnk
+    x_q, w_q, ws = _codes(m, k, device=device), _codes(n, k, device=device), _scales(n, device)
+    b, r_q = torch.randn(n, device=device), _codes(m, n, device=device)
+    kw = dict(residual=r_q, residual_scale=0.03, activation="none", out_scale=0.02, x_zero_point=-9,
+              residual_zero_point=5, out_zero_point=-100)
+    tiled = int8_linear(x_q, w_q, 0.0137, ws, b, config=(16, 16, 32, 2, 4, 1), **kw)
+    persistent = int8_linear(x_q, w_q, 0.0137, ws, b, config=(16, 16, 32, 2, 4, 1, per_sm), **kw)
+    assert torch.equal(persistent, tiled)
+    assert (tiled == 127).any() and (tiled == -128).any()  # both saturation ends hit
+    out = _int8_linear_triton(x_q, w_q, 0.0137, ws, b, r_q.half(), "silu", "float32",
+                              out=poisoned((m, n), torch.float32, device), config=(32, 16, 32, 4, 4, 2, per_sm))
+    assert_rel_close(out, _ref_linear(x_q, w_q, 0.0137, ws, b, r_q.half(), "silu"), REL_TOL["fp32"])
+
+
+def test_persistent_config_is_for_the_gemm_kernel_only(device):
+    x_q, w_q, ws = _codes(1, 8, 6, 6, device=device), _codes(4, 3, 3, 8, device=device), _scales(4, device)
+    with pytest.raises(ValueError, match="persistent launch is for the GEMM kernel"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, 2))
+    w1 = _codes(4, 1, 1, 8, device=device)  # a 1x1 conv is a GEMM: allowed
+    y = int8_conv2d(x_q, w1, 0.01, ws, config=(16, 16, 32, 2, 4, 1, 2), out_dtype=torch.float32)
+    assert_rel_close(y, _ref_conv(x_q, w1, 0.01, ws, None, 1, 0, 1, None, "none"), REL_TOL["fp32"])
+
+
 def test_int8_linear_leading_dims_and_non_contiguous(device):
     x_q = _codes(2, 3, 40, device=device)[..., ::2]  # [2, 3, 20], K stride 2: copied to K-contiguous
     w_q = _codes(20, 11, device=device).t()  # [11, 20] with K stride 11
@@ -227,6 +256,9 @@ def _lin_args(**over):
         (dict(out_dtype=torch.bfloat16), r"out_dtype must be"),
         (dict(x_scale=0.0), r"x_scale must be a positive finite"),
         (dict(x_scale=float("nan")), r"x_scale must be a positive finite"),
+        (dict(config=(16, 16, 32, 2, 4)), r"config must be 6 ints"),
+        (dict(config=(16, 16, 32, 2, 4, 1, -1)), r"optional 7th >= 0"),
+        (dict(config=(16, 16, 32, 2, 4, 1, 1, 1)), r"config must be 6 ints"),
     ],
 )
 def test_int8_linear_input_checks(over, match):
