@@ -191,7 +191,8 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
 
     m, k = n * ho * wo, kh * kw * c
     results = []
-    for cfg in layer_candidates(m, call.o, c, dev)[:max_candidates]:
+    gemm = tuple(call.kernel) == (1, 1) and tuple(call.stride) == (1, 1) and tuple(call.padding) == (0, 0)
+    for cfg in layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]:
         try:
             results.append((time_cuda_graph(ours(cfg), replays=15) * 1000, cfg))
         except Exception as e:  # noqa: BLE001  (a config that does not fit this GPU's shared memory)

@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bevdeploy.quant.int8_kernels import Config, _p2, candidate_configs, gemm_config, int8_conv2d, int8_linear
+from bevdeploy.quant.int8_kernels import (
+    Config,
+    _p2,
+    candidate_configs,
+    gemm_config,
+    int8_conv2d,
+    int8_linear,
+    valid_config,
+)
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "save_tuning_cache", "time_in_graph"]
@@ -34,11 +42,22 @@ __all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "sav
 logger = logging.getLogger(__name__)
 
 
-def layer_candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+#: Programs per SM of the persistent launches tried for short-K GEMMs (right after the heuristic's pick).
+PERSISTENT_PER_SM = (2,)
+#: K at or below which a GEMM also tries the persistent launch: two to four MMA steps per tile, so the
+#: epilogue's memory traffic is what a tile waits on.
+SHORT_K = 512
+
+
+def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = False) -> list[Config]:
     """The heuristic's pick plus the candidates that fit the problem (no tile far wider than N or the
-    contiguous K run, which would only add masked work), smaller tiles for narrow layers."""
+    contiguous K run, which would only add masked work), smaller tiles for narrow layers. ``gemm``: the
+    call runs the GEMM kernel (a linear, or a 1x1 / stride-1 / unpadded conv); with K <= ``SHORT_K`` the
+    heuristic's tiles in a persistent launch come second."""
     extra = [(128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
     out = [gemm_config(m, n, k, device)]
+    if gemm and k <= SHORT_K:
+        out += [(*out[0][:6], p) for p in PERSISTENT_PER_SM]
     for c in candidate_configs() + extra:
         bm, bn, bk = c[:3]
         if bn > max(64, 2 * _p2(n)) or bk > max(32, _p2(k)) or bm > max(64, 2 * _p2(m)):
@@ -96,12 +115,22 @@ def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
     return x_q.numel() // x_q.shape[-1], layer.out_features, x_q.shape[-1]
 
 
-def _cache_key(device: torch.device, key: tuple) -> str:
-    """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes."""
+def _runs_gemm_kernel(layer: nn.Module) -> bool:
+    """A linear, or a conv the int8 conv op hands to the GEMM kernel (1x1, stride 1, no padding)."""
+    if isinstance(layer, QuantConv2d):
+        return tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) and tuple(layer.padding) == (0, 0)
+    return True
+
+
+def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False) -> str:
+    """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes;
+    short-K GEMM calls are marked, since their candidates gained the persistent launch after earlier
+    choices were cached (those are timed again, the rest stay cached)."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{gpu} | triton {triton.__version__} | {key!r}"
+    mark = " | persistent candidates" if short_k_gemm else ""
+    return f"{gpu} | triton {triton.__version__}{mark} | {key!r}"
 
 
 def load_tuning_cache(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -113,8 +142,8 @@ def load_tuning_cache(path: str | os.PathLike) -> dict[str, list[int]]:
         cache = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a tuning cache (invalid JSON: {e}); delete it to start a new one") from e
-    if not isinstance(cache, dict) or not all(isinstance(v, list) and len(v) == 6 for v in cache.values()):
-        raise ValueError(f"{path}: not a tuning cache ({{key: [6 ints]}}); delete it to start a new one")
+    if not isinstance(cache, dict) or not all(isinstance(v, list) and valid_config(v) for v in cache.values()):
+        raise ValueError(f"{path}: not a tuning cache ({{key: [6 or 7 ints]}}); delete it to start a new one")
     return cache
 
 
@@ -138,14 +167,15 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
         module: the deploy form (int8 layers converted and chained), on CUDA, eval mode.
         example_args: positional inputs of ``module`` of the engine's shapes (values only steer the
             activations; the timing depends on shapes).
-        candidates: optional ``fn(m, n, k, device) -> list[Config]`` (default :func:`layer_candidates`).
+        candidates: optional ``fn(m, n, k, device, gemm) -> list[Config]`` (default :func:`layer_candidates`;
+            ``gemm``: the call runs the GEMM kernel, where a persistent launch is allowed).
         max_candidates: configurations timed per distinct call, the heuristic's first (each new one
             costs a Triton compile, ~1 s, at build time).
         cache: a tuning cache (:func:`load_tuning_cache`): a call found there is not timed; new choices
             are added to it (save it with :func:`save_tuning_cache`).
 
     Returns:
-        layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]`` (also set as the
+        layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages(, persistent)]`` (also set as the
         layer's ``launch_config``).
     """
     candidates = candidates or layer_candidates
@@ -178,13 +208,15 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
                getattr(layer, "padding", None), getattr(layer, "dilation", None), tuple(x_q.shape),
                None if residual is None else residual.dtype, layer.out_scale is not None, layer.activation,
                layer.bias is not None, layer.out_dtype, layer.input_zero_point != 0)
-        if key not in by_key and cache is not None and (cached := cache.get(_cache_key(x_q.device, key))):
+        m, n, k = _gemm_dims(layer, x_q)
+        gemm = _runs_gemm_kernel(layer)
+        ckey = _cache_key(x_q.device, key, gemm and k <= SHORT_K)
+        if key not in by_key and cache is not None and (cached := cache.get(ckey)):
             by_key[key] = tuple(int(v) for v in cached)
             logger.info("autotune %s %s: %s (cached)", name, list(key[1]), list(cached))
         if key not in by_key:
-            m, n, k = _gemm_dims(layer, x_q)
             results = []
-            for cfg in candidates(m, n, k, x_q.device)[:max_candidates]:
+            for cfg in candidates(m, n, k, x_q.device, gemm)[:max_candidates]:
                 try:
                     us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, rz, cfg))
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
@@ -198,7 +230,7 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
                         results[0][0])
             by_key[key] = best
             if cache is not None:
-                cache[_cache_key(x_q.device, key)] = list(best)
+                cache[ckey] = list(best)
         layer.launch_config = tuple(by_key[key])
         chosen[name] = list(by_key[key])
     return chosen

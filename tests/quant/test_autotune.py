@@ -25,6 +25,29 @@ def test_candidates_start_with_the_heuristic_and_fit_the_shape():
     assert all(c[1] <= 128 and c[2] <= 64 for c in cands[1:])  # no 256-wide tiles for 64 channels
 
 
+def test_short_k_gemms_also_try_the_persistent_launch():
+    dev = torch.device("cpu")
+    heur = gemm_config(34800, 1024, 256, dev)
+    assert layer_candidates(34800, 1024, 256, dev, gemm=True)[:2] == [heur, (*heur, 2)]
+    for cands in (layer_candidates(34800, 1024, 256, dev), layer_candidates(34800, 1024, 2048, dev, gemm=True)):
+        assert all(len(c) == 6 for c in cands)  # not for convs on the implicit-GEMM kernel, nor long K
+
+
+def test_tuning_cache_keys_mark_short_k_gemms_and_accept_persistent_choices(tmp_path):
+    from bevdeploy.quant.autotune import _cache_key, _runs_gemm_kernel, load_tuning_cache, save_tuning_cache
+
+    model = _model("cpu")
+    assert not _runs_gemm_kernel(model[0]) and _runs_gemm_kernel(model[2])  # 3x3 pad 1 / 1x1
+    dev, key = torch.device("cpu"), ("QuantConv2d", (24, 1, 1, 32))
+    assert _cache_key(dev, key) != _cache_key(dev, key, True)  # choices cached before the new candidates
+    path = tmp_path / "cache.json"
+    save_tuning_cache(path, {"a": [128, 128, 64, 8, 8, 2, 2], "b": [64, 64, 64, 8, 4, 4]})
+    assert load_tuning_cache(path)["a"] == [128, 128, 64, 8, 8, 2, 2]
+    path.write_text('{"a": [128, 128, 64, 8, 8]}')
+    with pytest.raises(ValueError, match="not a tuning cache"):
+        load_tuning_cache(path)
+
+
 def test_launch_config_is_a_constant_of_the_exported_graph():
     model = _model("cpu")
     model[0].launch_config = (64, 32, 32, 8, 4, 2)
