@@ -15,13 +15,20 @@ except ImportError:  # the references run without Triton
 if triton is not None:
 
     @triton.jit
+    def load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn):
+        """The [BLOCK_M, BLOCK_N] residual tile of rows ``offs_m`` and columns ``offs_n`` (0 outside M x N)."""
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        return tl.load(r_ptrs, mask=mask, other=0)
+
+    @triton.jit
     def int8_epilogue(
         acc, offs_m, offs_n, M, N, x_scale,
         ws_ptr, b_ptr, r_ptr, y_ptr,
         stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
         x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
-        RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr,
+        RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, res_tile, RES_PRELOADED: tl.constexpr,
     ):  # fmt: skip
         """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
         act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
@@ -30,7 +37,10 @@ if triton is not None:
         the 1.5 * 2^23 trick (round half to even, as torch.round), after the clamp; NaN -> 0.
         Zero points (module docstring): HAS_XZP subtracts x_zp * w_sum[n] from the int32 sum; an int8
         residual is read as (r - res_zp) * res_scale; int8 codes are clamped to [out_lo, out_hi]
-        (code range less out_zp) before rounding and get out_zp added after it."""
+        (code range less out_zp) before rounding and get out_zp added after it. RES_PRELOADED: the residual
+        is ``res_tile``, loaded by the caller before its K loop (:func:`load_residual_tile`), so its memory
+        latency hides behind the MMAs instead of following them (short-K GEMMs wait on it); otherwise
+        ``res_tile`` is unused and the residual is read here."""
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_XZP:
@@ -41,16 +51,19 @@ if triton is not None:
             out = out + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         rows = offs_m.to(tl.int64)
+        if HAS_RESIDUAL:
+            if RES_PRELOADED:
+                r = res_tile
+            else:
+                r = load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
         if HAS_RESIDUAL and not RES_AFTER_ACT:
-            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
+            out = out + (r.to(tl.float32) - res_zp) * res_scale
         if ACTIVATION == 1:
             out = tl.maximum(out, 0.0)
         elif ACTIVATION == 2:
             out = out * tl.sigmoid(out)
         if HAS_RESIDUAL and RES_AFTER_ACT:
-            r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + (tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) - res_zp) * res_scale
+            out = out + (r.to(tl.float32) - res_zp) * res_scale
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if OUT_INT8:
             v = out * inv_out_scale

@@ -363,6 +363,7 @@ if triton_available():
     import triton.language as tl
 
     from bevdeploy.quant.int8_epilogue import int8_epilogue as _epilogue
+    from bevdeploy.quant.int8_epilogue import load_residual_tile as _load_residual_tile
 
     @triton.jit
     def _quantize_per_tensor_kernel(
@@ -452,6 +453,7 @@ if triton_available():
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        PRELOAD_RES: tl.constexpr,  # read the residual tile before the K loop (see int8_epilogue)
     ):
         """acc[m, n] = sum_k x[m, k] * w[n, k] in int32 (tl.dot of [BM, BK] x trans([BN, BK]): both
         operands K-major, what 8-bit wgmma wants), then the fused epilogue."""
@@ -459,6 +461,10 @@ if triton_available():
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
+        if PRELOAD_RES:
+            res_tile = _load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
+        else:
+            res_tile = 0
         # Wrapped row indices stay in bounds, so loads need no M/N masks; the epilogue masks the store.
         rm = (offs_m % M).to(tl.int64)
         rn = (offs_n % N).to(tl.int64)
@@ -479,7 +485,8 @@ if triton_available():
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, res_tile,
+                  PRELOAD_RES)  # fmt: skip
 
     @triton.jit
     def _int8_linear_persistent_kernel(
@@ -490,6 +497,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        PRELOAD_RES: tl.constexpr,
     ):  # fmt: skip
         """:func:`_int8_linear_kernel` (same arguments, sums and epilogue) as a persistent kernel: program
         ``p`` walks tiles ``p, p + NUM_PROGRAMS, ...``. In the short-K GEMMs of a ResNet's 1x1 convs and
@@ -507,6 +515,11 @@ if triton_available():
             pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
             rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+            if PRELOAD_RES:
+                res_tile = _load_residual_tile(r_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
+                                               pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_rm, stride_rn)
+            else:
+                res_tile = 0
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for k in range(0, k_tiles):
                 a_ptrs = x_ptr + rm[:, None] * stride_xm + (k * BLOCK_K + offs_k)[None, :]
@@ -526,7 +539,8 @@ if triton_available():
             _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                       stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                       x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-                      HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
+                      HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, res_tile,
+                      PRELOAD_RES)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -628,7 +642,7 @@ if triton_available():
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP)  # fmt: skip
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -720,8 +734,14 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
         EVEN_K=k % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        PRELOAD_RES=r2 is not None and bm * bn * r2.element_size() <= _PRELOAD_BYTES_PER_THREAD * 32 * warps,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
+
+
+#: A residual tile is read before the K loop when it costs at most this many bytes of registers per thread
+#: (16 registers): 128x128 int8 tiles with 8 warps, 64x128 with 4; not a 128x256 one beside its int32 acc.
+_PRELOAD_BYTES_PER_THREAD = 64
 
 
 def _k_contiguous(t: Tensor) -> Tensor:

@@ -136,6 +136,28 @@ def test_int8_linear_persistent_launch_equals_the_tiled_one(device, per_sm, mnk)
     assert_rel_close(out, _ref_linear(x_q, w_q, 0.0137, ws, b, r_q.half(), "silu"), REL_TOL["fp32"])
 
 
+@pytest.mark.parametrize("residual_dtype", [torch.int8, torch.float16])
+def test_residual_read_before_or_after_the_k_loop_gives_the_same_codes(device, residual_dtype):
+    """Small tiles read the residual tile before the K loop (its latency behind the MMAs), a 64x256 tile
+    with one warp after it (too many registers): both forms, and the persistent one, agree bit for bit."""
+    import bevdeploy.quant.int8_kernels as k8
+
+    m, n, k = 45, 70, 96
+    x_q, w_q, ws, b = _codes(m, k, device=device), _codes(n, k, device=device), _scales(n, device), None
+    r = _codes(m, n, device=device) if residual_dtype == torch.int8 else torch.randn(m, n, device=device).half()
+    kw = dict(residual=r, residual_scale=0.03 if residual_dtype == torch.int8 else None, activation="relu",
+              out_scale=0.02, residual_after_act=True)
+    small, large = (32, 32, 32, 4, 4, 1), (64, 256, 32, 1, 1, 1)
+    assert 32 * 32 * r.element_size() <= k8._PRELOAD_BYTES_PER_THREAD * 32 * 4  # preloaded
+    assert 64 * 256 * r.element_size() > k8._PRELOAD_BYTES_PER_THREAD * 32 * 1  # read in the epilogue
+    before = int8_linear(x_q, w_q, 0.0137, ws, b, config=small, **kw)
+    assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=large, **kw), before)
+    assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=(*small, 2), **kw), before)
+    assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=(*large, 2), **kw), before)
+    ref = reference_int8_linear(x_q, w_q, 0.0137, ws, b, r, "relu", "float16", kw["residual_scale"], 0.02, True)
+    assert (before.int() - ref.int()).abs().max() <= 1  # the reference rounds alike up to fp32 sums
+
+
 def test_persistent_config_is_for_the_gemm_kernel_only(device):
     x_q, w_q, ws = _codes(1, 8, 6, 6, device=device), _codes(4, 3, 3, 8, device=device), _scales(4, device)
     with pytest.raises(ValueError, match="persistent launch is for the GEMM kernel"):
