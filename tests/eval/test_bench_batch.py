@@ -104,6 +104,23 @@ def test_rows_per_batch_with_frames_per_second(cpu_bench, ops_on_references):
     assert "fps_vs_batch1" in md and "peak_allocated_mb" in md
 
 
+def test_a_failed_fresh_process_keeps_the_row_with_its_in_process_memory(cpu_bench, ops_on_references, monkeypatch,
+                                                                         capsys):
+    name, tmp_path, builds = cpu_bench
+    if name != "bevformer-tiny":
+        pytest.skip("one model is enough for the memory plumbing")
+
+    def failing(path, inputs, iters):
+        raise RuntimeError(f"fresh-process memory of {path} failed (exit 1):\nCUDA out of memory")
+
+    monkeypatch.setattr(bm, "_fresh_process_memory", failing)
+    path = bm.bench_model(name, ["fp32"], data="synthetic:2", work_dir=tmp_path / "engines",
+                          out_dir=tmp_path / "results", iters=2, command="test")
+    row = json.loads(path.read_text())["rows"][1]
+    assert row["memory_mb"] == 1500.0 and "memory_inprocess_mb" not in row  # measure()'s in-process reading (2nd call)
+    assert "fresh process failed" in row["note"] and "CUDA out of memory" in capsys.readouterr().err
+
+
 def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references, caplog):
     """``int8_dcn``: an ``int8 (int8 DCN)`` row after the int8 one, built with ``int8_dcn=True`` from the
     same calibration table (calibrated once); float rows get none."""
