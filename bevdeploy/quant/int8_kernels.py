@@ -413,6 +413,31 @@ if triton_available():
 
 
     @triton.jit
+    def _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """int32 acc[m, n] = sum_k x[m, k] * w[n, k] of one tile (tl.dot of [BM, BK] x trans([BN, BK]): both
+        operands K-major, what 8-bit wgmma wants). Rows and columns wrap (``% M``, ``% N``), so the loads
+        need no M/N masks; the epilogue masks the store."""
+        offs_k = tl.arange(0, BLOCK_K)
+        rm = (offs_m % M).to(tl.int64)
+        rn = (offs_n % N).to(tl.int64)
+        a_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = offs_k[None, :] < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_mask, other=0)
+                w = tl.load(w_ptrs, mask=k_mask, other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        return acc
+
+    @triton.jit
     def _int8_linear_kernel(
         # pointers
         x_ptr,  # x_q [M, K] int8, K-contiguous
@@ -455,33 +480,16 @@ if triton_available():
         GROUP_M: tl.constexpr,
         PRELOAD_RES: tl.constexpr,  # read the residual tile before the K loop (see int8_epilogue)
     ):
-        """acc[m, n] = sum_k x[m, k] * w[n, k] in int32 (tl.dot of [BM, BK] x trans([BN, BK]): both
-        operands K-major, what 8-bit wgmma wants), then the fused epilogue."""
+        """One tile per program: :func:`_gemm_tile`, then the fused epilogue."""
         pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
         if PRELOAD_RES:
             res_tile = _load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
         else:
             res_tile = 0
-        # Wrapped row indices stay in bounds, so loads need no M/N masks; the epilogue masks the store.
-        rm = (offs_m % M).to(tl.int64)
-        rn = (offs_n % N).to(tl.int64)
-        a_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = offs_k[None, :] < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_mask, other=0)
-                w = tl.load(w_ptrs, mask=k_mask, other=0)
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, BLOCK_M, BLOCK_N,
+                         BLOCK_K)
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
@@ -508,30 +516,17 @@ if triton_available():
         epilogue's tile comes from its own counter (``tile_c``), as there."""
         pid = tl.program_id(0)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        offs_k = tl.arange(0, BLOCK_K)
         tile_c = pid - NUM_PROGRAMS
         for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-            rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if PRELOAD_RES:
-                res_tile = _load_residual_tile(r_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
-                                               pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_rm, stride_rn)
+                res_tile = _load_residual_tile(r_ptr, rows, cols, M, N, stride_rm, stride_rn)
             else:
                 res_tile = 0
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k in range(0, k_tiles):
-                a_ptrs = x_ptr + rm[:, None] * stride_xm + (k * BLOCK_K + offs_k)[None, :]
-                w_ptrs = w_ptr + rn[:, None] * stride_wn + (k * BLOCK_K + offs_k)[None, :]
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                    w = tl.load(w_ptrs)
-                else:
-                    k_mask = offs_k[None, :] < K - k * BLOCK_K
-                    a = tl.load(a_ptrs, mask=k_mask, other=0)
-                    w = tl.load(w_ptrs, mask=k_mask, other=0)
-                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            acc = _gemm_tile(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, BLOCK_M, BLOCK_N,
+                             BLOCK_K)
             tile_c += NUM_PROGRAMS
             pid_mc, pid_nc = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             offs_m = pid_mc * BLOCK_M + tl.arange(0, BLOCK_M)
