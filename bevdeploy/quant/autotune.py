@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bevdeploy.quant.int8_kernels import (
     Config,
     _p2,
+    _pick_block_k,
     candidate_configs,
     gemm_config,
     int8_conv2d,
@@ -42,22 +43,31 @@ __all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "sav
 logger = logging.getLogger(__name__)
 
 
-#: Programs per SM of the persistent launches tried for short-K GEMMs (right after the heuristic's pick).
-PERSISTENT_PER_SM = (2,)
-#: K at or below which a GEMM also tries the persistent launch: two to four MMA steps per tile, so the
-#: epilogue's memory traffic is what a tile waits on.
+#: K at or below which a GEMM-kernel call (two to four MMA steps per tile) waits on latency rather than on
+#: bandwidth or tensor cores, and so tries the high-occupancy and persistent launches below first.
 SHORT_K = 512
+
+
+def short_k_candidates(k: int) -> list[Config]:
+    """Launches for a short-K GEMM, tried right after the heuristic's pick. Compiled offline for sm_90
+    (Triton 3.9, ptxas; the bias + int8 residual + ReLU + int8-out epilogue), the heuristic's 128x256 tile
+    spills (255 registers) and a 128x128 one with 8 warps needs 193: one CTA per SM, so nothing hides a
+    tile's load and epilogue latencies when there are only two K steps to overlap them with. 64x64 tiles
+    with 4 warps need 96 registers (5 CTAs, 20 warps per SM), 64x128 170 (3 CTAs). Two stages: more would
+    only hold shared memory. Last, the persistent launch (one program per SM) of the 128x128 tile."""
+    bk = _pick_block_k(k)
+    return [(64, 64, bk, 8, 4, 2), (64, 128, bk, 8, 4, 2), (128, 128, bk, 8, 8, 2, 1)]
 
 
 def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = False) -> list[Config]:
     """The heuristic's pick plus the candidates that fit the problem (no tile far wider than N or the
     contiguous K run, which would only add masked work), smaller tiles for narrow layers. ``gemm``: the
-    call runs the GEMM kernel (a linear, or a 1x1 / stride-1 / unpadded conv); with K <= ``SHORT_K`` the
-    heuristic's tiles in a persistent launch come second."""
+    call runs the GEMM kernel (a linear, or a 1x1 / stride-1 / unpadded conv); with K <= ``SHORT_K``
+    :func:`short_k_candidates` come second."""
     extra = [(128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
     out = [gemm_config(m, n, k, device)]
     if gemm and k <= SHORT_K:
-        out += [(*out[0][:6], p) for p in PERSISTENT_PER_SM]
+        out += [c for c in short_k_candidates(k) if c not in out]
     for c in candidate_configs() + extra:
         bm, bn, bk = c[:3]
         if bn > max(64, 2 * _p2(n)) or bk > max(32, _p2(k)) or bm > max(64, 2 * _p2(m)):
@@ -124,12 +134,12 @@ def _runs_gemm_kernel(layer: nn.Module) -> bool:
 
 def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False) -> str:
     """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes;
-    short-K GEMM calls are marked, since their candidates gained the persistent launch after earlier
-    choices were cached (those are timed again, the rest stay cached)."""
+    short-K GEMM calls are marked with their candidate list's version (choices cached before
+    :func:`short_k_candidates` are timed again, the rest stay cached)."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    mark = " | persistent candidates" if short_k_gemm else ""
+    mark = " | short-K candidates v2" if short_k_gemm else ""
     return f"{gpu} | triton {triton.__version__}{mark} | {key!r}"
 
 

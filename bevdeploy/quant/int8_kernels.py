@@ -729,14 +729,23 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
         EVEN_K=k % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
-        PRELOAD_RES=r2 is not None and bm * bn * r2.element_size() <= _PRELOAD_BYTES_PER_THREAD * 32 * warps,
+        PRELOAD_RES=r2 is not None and preloads_residual(bm, bn, warps, r2.element_size()),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
-#: A residual tile is read before the K loop when it costs at most this many bytes of registers per thread
-#: (16 registers): 128x128 int8 tiles with 8 warps, 64x128 with 4; not a 128x256 one beside its int32 acc.
+#: Most bytes of residual per thread read before the K loop (16 registers; see :func:`preloads_residual`).
 _PRELOAD_BYTES_PER_THREAD = 64
+
+
+def preloads_residual(block_m: int, block_n: int, warps: int, element_size: int) -> bool:
+    """Whether the GEMM kernel reads its residual tile before the K loop. Compiled offline for sm_90 (Triton
+    3.9, bias + int8 residual + ReLU + int8 out), reading it early costs 23-37 registers a thread: a 64x64
+    tile with 4 warps goes from 96 to 119 (5 to 4 CTAs per SM), 64x128 from 170 to 207 (3 to 2), so small
+    tiles keep the late read and hide its latency behind other CTAs. A 128x128 tile with 8 warps holds one
+    CTA per SM either way (193 or 229 registers): nothing else would hide the read, so it goes first, when
+    it fits ``_PRELOAD_BYTES_PER_THREAD`` (an int8 residual; not fp16's 128 bytes)."""
+    return block_m * block_n >= 128 * 128 and block_m * block_n * element_size <= _PRELOAD_BYTES_PER_THREAD * 32 * warps
 
 
 def _k_contiguous(t: Tensor) -> Tensor:

@@ -25,10 +25,16 @@ def test_candidates_start_with_the_heuristic_and_fit_the_shape():
     assert all(c[1] <= 128 and c[2] <= 64 for c in cands[1:])  # no 256-wide tiles for 64 channels
 
 
-def test_short_k_gemms_also_try_the_persistent_launch():
+def test_short_k_gemms_try_high_occupancy_and_persistent_launches_first():
+    from bevdeploy.quant.autotune import short_k_candidates
+
     dev = torch.device("cpu")
     heur = gemm_config(34800, 1024, 256, dev)
-    assert layer_candidates(34800, 1024, 256, dev, gemm=True)[:2] == [heur, (*heur, 2)]
+    cands = layer_candidates(34800, 1024, 256, dev, gemm=True)
+    assert cands[:4] == [heur, *short_k_candidates(256)]
+    assert [c[:2] for c in cands[1:4]] == [(64, 64), (64, 128), (128, 128)] and cands[3][6] == 1  # persistent
+    assert all(c[5] == 2 and c[2] == 128 for c in cands[1:4])  # two stages, K steps of 128
+    assert short_k_candidates(64)[0][2] == 64  # a 64-channel K is one step
     for cands in (layer_candidates(34800, 1024, 256, dev), layer_candidates(34800, 1024, 2048, dev, gemm=True)):
         assert all(len(c) == 6 for c in cands)  # not for convs on the implicit-GEMM kernel, nor long K
 

@@ -138,20 +138,21 @@ def test_int8_linear_persistent_launch_equals_the_tiled_one(device, per_sm, mnk)
 
 @pytest.mark.parametrize("residual_dtype", [torch.int8, torch.float16])
 def test_residual_read_before_or_after_the_k_loop_gives_the_same_codes(device, residual_dtype):
-    """Small tiles read the residual tile before the K loop (its latency behind the MMAs), a 64x256 tile
-    with one warp after it (too many registers): both forms, and the persistent one, agree bit for bit."""
-    import bevdeploy.quant.int8_kernels as k8
+    """A 128x128 tile with 8 warps reads an int8 residual tile before the K loop (its latency behind the
+    MMAs), small tiles and fp16 residuals after it (registers): both forms, and the persistent one, agree
+    bit for bit."""
+    from bevdeploy.quant.int8_kernels import preloads_residual
 
     m, n, k = 45, 70, 96
     x_q, w_q, ws, b = _codes(m, k, device=device), _codes(n, k, device=device), _scales(n, device), None
     r = _codes(m, n, device=device) if residual_dtype == torch.int8 else torch.randn(m, n, device=device).half()
     kw = dict(residual=r, residual_scale=0.03 if residual_dtype == torch.int8 else None, activation="relu",
               out_scale=0.02, residual_after_act=True)
-    small, large = (32, 32, 32, 4, 4, 1), (64, 256, 32, 1, 1, 1)
-    assert 32 * 32 * r.element_size() <= k8._PRELOAD_BYTES_PER_THREAD * 32 * 4  # preloaded
-    assert 64 * 256 * r.element_size() > k8._PRELOAD_BYTES_PER_THREAD * 32 * 1  # read in the epilogue
-    before = int8_linear(x_q, w_q, 0.0137, ws, b, config=small, **kw)
-    assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=large, **kw), before)
+    small, large = (32, 32, 32, 4, 4, 1), (128, 128, 32, 1, 8, 1)
+    assert not preloads_residual(32, 32, 4, r.element_size())
+    assert preloads_residual(128, 128, 8, r.element_size()) == (residual_dtype == torch.int8)
+    before = int8_linear(x_q, w_q, 0.0137, ws, b, config=large, **kw)
+    assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=small, **kw), before)
     assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=(*small, 2), **kw), before)
     assert torch.equal(int8_linear(x_q, w_q, 0.0137, ws, b, config=(*large, 2), **kw), before)
     ref = reference_int8_linear(x_q, w_q, 0.0137, ws, b, r, "relu", "float16", kw["residual_scale"], 0.02, True)
