@@ -284,6 +284,9 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from bevdeploy.quant.gemm_tiles import gemm_tile as _gemm_tile
+    from bevdeploy.quant.gemm_tiles import program_tile as _program_tile
+
     @triton.jit
     def _quantize_fp8_kernel(
         # pointers
@@ -306,20 +309,6 @@ if triton_available():
         c = tl.minimum(tl.maximum(v, -448.0), 448.0)
         c = tl.where(v != v, v, c)
         tl.store(y_ptr + base + offs, c.to(tl.float8e4nv), mask=mask)
-
-    @triton.jit
-    def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """Grouped order: GROUP_M row-tiles sweep the N tiles together (weight tiles reused from L2)."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-        return pid_m, pid_n
 
     @triton.jit
     def _epilogue(
@@ -382,23 +371,8 @@ if triton_available():
         pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        rm = (offs_m % M).to(tl.int64)  # wrapped rows stay in bounds: loads need no M/N masks
-        rn = (offs_n % N).to(tl.int64)
-        a_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = offs_k[None, :] < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_mask, other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
-            acc = tl.dot(a, tl.trans(w), acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, False, BLOCK_M,
+                         BLOCK_N, BLOCK_K)
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)  # fmt: skip
 

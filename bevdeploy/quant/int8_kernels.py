@@ -364,6 +364,9 @@ if triton_available():
 
     from bevdeploy.quant.int8_epilogue import int8_epilogue as _epilogue
     from bevdeploy.quant.int8_epilogue import load_residual_tile as _load_residual_tile
+    from bevdeploy.quant.gemm_tiles import gemm_tile as _gemm_tile
+    from bevdeploy.quant.gemm_tiles import program_tile as _program_tile
+    from bevdeploy.quant.gemm_tiles import tile_coords as _tile_coords
 
     @triton.jit
     def _quantize_per_tensor_kernel(
@@ -391,51 +394,6 @@ if triton_available():
         v = tl.minimum(tl.maximum(v, lo), hi)
         r = (v + 12582912.0) - 12582912.0 + zp
         tl.store(y_ptr + base + offs, r.to(tl.int8), mask=mask)
-
-    @triton.jit
-    def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """Grouped order: GROUP_M row-tiles sweep the N tiles together, so a weight tile is read
-        from L2 by GROUP_M neighbours in a row (Triton tutorial 03)."""
-        return _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    @triton.jit
-    def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """(row tile, column tile) of tile number ``pid`` in the grouped order of :func:`_program_tile`."""
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-        return pid_m, pid_n
-
-
-    @triton.jit
-    def _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """int32 acc[m, n] = sum_k x[m, k] * w[n, k] of one tile (tl.dot of [BM, BK] x trans([BN, BK]): both
-        operands K-major, what 8-bit wgmma wants). Rows and columns wrap (``% M``, ``% N``), so the loads
-        need no M/N masks; the epilogue masks the store."""
-        offs_k = tl.arange(0, BLOCK_K)
-        rm = (offs_m % M).to(tl.int64)
-        rn = (offs_n % N).to(tl.int64)
-        a_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = offs_k[None, :] < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_mask, other=0)
-                w = tl.load(w_ptrs, mask=k_mask, other=0)
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        return acc
 
     @triton.jit
     def _int8_linear_kernel(
@@ -488,8 +446,8 @@ if triton_available():
             res_tile = _load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
         else:
             res_tile = 0
-        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, BLOCK_M, BLOCK_N,
-                         BLOCK_K)
+        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, True, BLOCK_M,
+                         BLOCK_N, BLOCK_K)
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
@@ -525,8 +483,8 @@ if triton_available():
                 res_tile = _load_residual_tile(r_ptr, rows, cols, M, N, stride_rm, stride_rn)
             else:
                 res_tile = 0
-            acc = _gemm_tile(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, BLOCK_M, BLOCK_N,
-                             BLOCK_K)
+            acc = _gemm_tile(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, True, BLOCK_M,
+                             BLOCK_N, BLOCK_K)
             tile_c += NUM_PROGRAMS
             pid_mc, pid_nc = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             offs_m = pid_mc * BLOCK_M + tl.arange(0, BLOCK_M)
