@@ -161,7 +161,7 @@ def conv_calls(int8_module: nn.Module, image_size: tuple[int, int]) -> dict[Conv
 
 def _time_call(call: ConvCall, max_candidates: int) -> dict:
     from bevdeploy.quant.autotune import layer_candidates
-    from bevdeploy.quant.int8_kernels import _conv_out_size, int8_conv2d
+    from bevdeploy.quant.int8_kernels import _conv_out_size, conv_runs_gemm_kernel, int8_conv2d
 
     dev = torch.device("cuda")
     n, c, h, w = call.in_shape
@@ -191,7 +191,7 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
 
     m, k = n * ho * wo, kh * kw * c
     results = []
-    gemm = tuple(call.kernel) == (1, 1) and tuple(call.stride) == (1, 1) and tuple(call.padding) == (0, 0)
+    gemm = conv_runs_gemm_kernel(call.kernel, call.stride, call.padding)
     for cfg in layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]:
         try:
             results.append((time_cuda_graph(ours(cfg), replays=15) * 1000, cfg))

@@ -31,6 +31,7 @@ from bevdeploy.quant.int8_kernels import (
     _p2,
     _pick_block_k,
     candidate_configs,
+    conv_runs_gemm_kernel,
     gemm_config,
     int8_conv2d,
     int8_linear,
@@ -127,9 +128,7 @@ def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
 
 def _runs_gemm_kernel(layer: nn.Module) -> bool:
     """A linear, or a conv the int8 conv op hands to the GEMM kernel (1x1, stride 1, no padding)."""
-    if isinstance(layer, QuantConv2d):
-        return tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) and tuple(layer.padding) == (0, 0)
-    return True
+    return not isinstance(layer, QuantConv2d) or conv_runs_gemm_kernel(layer.kernel_size, layer.stride, layer.padding)
 
 
 def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False) -> str:

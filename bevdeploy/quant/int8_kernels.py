@@ -138,6 +138,11 @@ def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_
                          f"got {out_dtype!r}")
 
 
+def conv_runs_gemm_kernel(kernel_size, stride, padding) -> bool:
+    """A 1x1, stride-1, unpadded conv is a GEMM on its NHWC view: the int8 conv op runs the GEMM kernel."""
+    return tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+
+
 def valid_config(config) -> bool:
     """Six ints >= 1 and an optional persistent-programs-per-SM count >= 0 (see ``Config``)."""
     c = list(config)
@@ -800,7 +805,7 @@ def _int8_conv2d_triton(
     m = n * ho * wo
     y2 = y.permute(0, 2, 3, 1).reshape(m, o)  # views: NHWC memory is [M, O] row-major
     r2 = None if residual is None else residual.permute(0, 2, 3, 1).reshape(m, o)
-    if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+    if conv_runs_gemm_kernel((kh, kw), stride, padding):
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
