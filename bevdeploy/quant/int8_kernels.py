@@ -401,6 +401,20 @@ if triton_available():
         tl.store(y_ptr + base + offs, r.to(tl.int8), mask=mask)
 
     @triton.jit
+    def _tile_sums(x_ptr, w_ptr, r_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_rm, stride_rn,
+                   EVEN_K: tl.constexpr, PRELOAD_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """(residual tile, int32 sums) of one GEMM tile: the residual read first when PRELOAD_RES
+        (:func:`preloads_residual`; else 0 and the epilogue reads it), then the K loop."""
+        if PRELOAD_RES:
+            res_tile = _load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
+        else:
+            res_tile = 0
+        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, True, BLOCK_M,
+                         BLOCK_N, BLOCK_K)
+        return res_tile, acc
+
+    @triton.jit
     def _int8_linear_kernel(
         # pointers
         x_ptr,  # x_q [M, K] int8, K-contiguous
@@ -443,16 +457,12 @@ if triton_available():
         GROUP_M: tl.constexpr,
         PRELOAD_RES: tl.constexpr,  # read the residual tile before the K loop (see int8_epilogue)
     ):
-        """One tile per program: :func:`_gemm_tile`, then the fused epilogue."""
+        """One tile per program: :func:`_tile_sums`, then the fused epilogue."""
         pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PRELOAD_RES:
-            res_tile = _load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
-        else:
-            res_tile = 0
-        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K, True, BLOCK_M,
-                         BLOCK_N, BLOCK_K)
+        res_tile, acc = _tile_sums(x_ptr, w_ptr, r_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_rm,
+                                   stride_rn, EVEN_K, PRELOAD_RES, BLOCK_M, BLOCK_N, BLOCK_K)
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
@@ -484,12 +494,8 @@ if triton_available():
             pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            if PRELOAD_RES:
-                res_tile = _load_residual_tile(r_ptr, rows, cols, M, N, stride_rm, stride_rn)
-            else:
-                res_tile = 0
-            acc = _gemm_tile(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, EVEN_K, True, BLOCK_M,
-                             BLOCK_N, BLOCK_K)
+            res_tile, acc = _tile_sums(x_ptr, w_ptr, r_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_rm,
+                                       stride_rn, EVEN_K, PRELOAD_RES, BLOCK_M, BLOCK_N, BLOCK_K)
             tile_c += NUM_PROGRAMS
             pid_mc, pid_nc = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             offs_m = pid_mc * BLOCK_M + tl.arange(0, BLOCK_M)
