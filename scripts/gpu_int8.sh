@@ -7,7 +7,8 @@
 #      bevformer-base"); BENCH_MODELS ("bevdet-r50": one table each, precisions BENCH_PRECISIONS, default
 #      "pytorch fp16x2 int8-fp16"); PROFILES (MODEL:PRECISION pairs, default the BEVDet ones); per-step limits
 #      APPEND=1 (keep the earlier rows of each table); BENCH_EXTRA / PROFILE_EXTRA: more flags of the bench /
-#      profile commands (e.g. --int8-dcn: BEVFormer-small/base rows and profiles with int8 DCNs); in seconds: TEST_TIMEOUT (70) CONVS_TIMEOUT (190) BENCH_TIMEOUT (190, per model) PROFILE_TIMEOUT (80). Every step writes its results as it goes, so a cut step keeps what it measured.
+#      profile commands (e.g. --int8-dcn: BEVFormer-small/base rows and profiles with int8 DCNs; each engine row
+#      also loads its engine once more in a fresh process for its memory, --inprocess-memory skips that); in seconds: TEST_TIMEOUT (70) CONVS_TIMEOUT (190) BENCH_TIMEOUT (190, per model) PROFILE_TIMEOUT (80). Every step writes its results as it goes, so a cut step keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache

@@ -267,7 +267,9 @@ def bench_model(
     process (:func:`measure`); an engine row is measured again in a fresh child process that only loads and
     runs the engine (:func:`bevdeploy.eval.engine_memory.fresh_process_memory`: how a user serves it),
     since this process still holds what the PyTorch row and the engine's build loaded
-    (``memory_inprocess_mb`` keeps the in-process reading; ``fresh_memory=False`` reports that one).
+    (``memory_inprocess_mb`` keeps the in-process reading; ``fresh_memory=False`` reports that one; a row
+    without ``fresh_process_ms`` holds the in-process reading: written before the child ran, so a run cut
+    during the child keeps the row).
     Engine rows also give ``eager_weights_mb``, the weights held outside the compiled program (0:
     discarded after freezing).
 
@@ -412,6 +414,11 @@ def bench_model(
                 r["note"] = "accuracy is measured at batch 1"
             del engine, out, inputs
             _free()
+            _set_memory(r, mem, base)
+            rows.append(r)
+            _fps_vs_batch1(rows)
+            # after every row: a run cut short keeps what it measured (here, the in-process memory)
+            write_results(results_name, rows, out_dir, command, keep_rows)
             if fresh_memory:  # the serving process's memory (this one still holds the build's leftovers)
                 try:
                     fresh = _fresh_process_memory(path, host_inputs[b], iters)
@@ -421,18 +428,12 @@ def bench_model(
                 else:
                     r.update(fresh_process_ms=fresh["ms"], memory_inprocess_mb=mem["memory_mb"],
                              memory_loaded_mb=fresh["loaded_mb"], memory_context_mb=fresh["context_mb"])
-                    mem = dict(mem, memory_mb=fresh["memory_mb"], allocated_mb=fresh["allocated_mb"],
-                               peak_allocated_mb=fresh["peak_allocated_mb"])
-            r.update(memory_mb=mem["memory_mb"], memory_ratio=round(mem["memory_mb"] / base["memory_mb"], 3),
-                     allocated_mb=mem["allocated_mb"], peak_allocated_mb=mem["peak_allocated_mb"],
-                     peak_ratio=round(mem["peak_allocated_mb"] / base["peak_allocated_mb"], 3))
-            rows.append(r)
-            _fps_vs_batch1(rows)
+                    _set_memory(r, dict(mem, memory_mb=fresh["memory_mb"], allocated_mb=fresh["allocated_mb"],
+                                        peak_allocated_mb=fresh["peak_allocated_mb"]), base)
+                write_results(results_name, rows, out_dir, command, keep_rows)
             print(f"{name} {label} batch {b}: {r['fps']} FPS ({r['fps_ratio']}x), {r['engine_mb']} MB, "
                   f"mem {r['memory_mb']} MB ({r['memory_ratio']}x), peak {r['peak_allocated_mb']} MB, "
                   f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}, SQNR {r['output_sqnr_db']} dB", file=sys.stderr)
-            # after every row: a run cut short keeps what it measured
-            write_results(results_name, rows, out_dir, command, keep_rows)
     return write_results(results_name, rows, out_dir, command, keep_rows)
 
 
@@ -456,6 +457,13 @@ def _fps_vs_batch1(rows: list[dict]) -> None:
 
 def _to_cuda(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(_DEVICE) for k, v in inputs.items()}
+
+
+def _set_memory(row: dict, mem: dict, base: dict) -> None:
+    """A row's memory columns from a reading (:func:`measure`'s keys) and their ratios to the PyTorch row."""
+    row.update(memory_mb=mem["memory_mb"], memory_ratio=round(mem["memory_mb"] / base["memory_mb"], 3),
+               allocated_mb=mem["allocated_mb"], peak_allocated_mb=mem["peak_allocated_mb"],
+               peak_ratio=round(mem["peak_allocated_mb"] / base["peak_allocated_mb"], 3))
 
 
 def _fresh_process_memory(path: Path, inputs: dict[str, torch.Tensor], iters: int) -> dict:

@@ -121,6 +121,27 @@ def test_a_failed_fresh_process_keeps_the_row_with_its_in_process_memory(cpu_ben
     assert "fresh process failed" in row["note"] and "CUDA out of memory" in capsys.readouterr().err
 
 
+def test_each_row_is_written_before_its_fresh_process_runs(cpu_bench, ops_on_references, monkeypatch):
+    """A run cut while the child loads the engine keeps the row, with the in-process memory."""
+    name, tmp_path, builds = cpu_bench
+    if name != "bevformer-tiny":
+        pytest.skip("one model is enough for the memory plumbing")
+    table = tmp_path / "results" / "test-gpu" / f"{name}.json"
+    seen = []
+
+    def reading_the_table(path, inputs, iters):
+        seen.append([(r["precision"], r["memory_mb"], "fresh_process_ms" in r) for r in json.loads(table.read_text())["rows"]])
+        return {"memory_mb": 600.0, "allocated_mb": 50.0, "peak_allocated_mb": 150.0, "ms": 11.0,
+                "context_mb": 400.0, "loaded_mb": 550.0}
+
+    monkeypatch.setattr(bm, "_fresh_process_memory", reading_the_table)
+    bm.bench_model(name, ["fp32"], data="synthetic:2", work_dir=tmp_path / "engines", out_dir=tmp_path / "results",
+                   iters=2, command="test")
+    assert seen == [[("pytorch", 1500.0, False), ("fp32", 1500.0, False)]]  # on disk before the child ran
+    assert [(r["precision"], r["memory_mb"]) for r in json.loads(table.read_text())["rows"]] == [
+        ("pytorch", 1500.0), ("fp32", 600.0)]  # then rewritten with the child's reading
+
+
 def test_int8_dcn_rows_follow_each_int8_row(cpu_bench, ops_on_references, caplog):
     """``int8_dcn``: an ``int8 (int8 DCN)`` row after the int8 one, built with ``int8_dcn=True`` from the
     same calibration table (calibrated once); float rows get none."""
