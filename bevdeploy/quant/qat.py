@@ -259,10 +259,7 @@ class QATDeformConv2d(ModulatedDeformConv2dPack):
 
     @classmethod
     def from_pack(cls, pack: nn.Module) -> QATDeformConv2d:
-        q = cls(pack.in_channels, pack.out_channels, pack.kernel_size, pack.stride, pack.padding, pack.dilation,
-                pack.groups, pack.deform_groups, bias=pack.bias is not None)
-        q.weight, q.bias, q.conv_offset = pack.weight, pack.bias, pack.conv_offset
-        return q.train(pack.training)
+        return _pack_sharing(cls, pack)
 
     def forward(self, x: Tensor) -> Tensor:
         offset, mask = split_offset_mask(self.conv_offset(x))  # a QATConv2d: fake-quantizes x itself
@@ -274,6 +271,15 @@ class QATDeformConv2d(ModulatedDeformConv2dPack):
             return modulated_deform_conv2d(_codes(x.float(), s, z) * s, offset.float(), mask.float(), w, bias,
                                            self.stride, self.padding, self.dilation, self.groups,
                                            self.deform_groups)
+
+
+def _pack_sharing(cls: type, pack: nn.Module) -> nn.Module:
+    """A ``cls`` (a ``ModulatedDeformConv2dPack`` or :class:`QATDeformConv2d`) of ``pack``'s geometry holding
+    ``pack``'s own weight, bias and offset conv, in its train/eval mode."""
+    q = cls(pack.in_channels, pack.out_channels, pack.kernel_size, pack.stride, pack.padding, pack.dilation,
+            pack.groups, pack.deform_groups, bias=pack.bias is not None)
+    q.weight, q.bias, q.conv_offset = pack.weight, pack.bias, pack.conv_offset
+    return q.train(pack.training)
 
 
 def prepare_qat(
@@ -453,11 +459,9 @@ def strip_qat(model: nn.Module) -> nn.Module:
     Read :func:`learned_scales` (and :func:`learned_zero_points`) first: they go with the fake-quant layers.
     """
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QATDeformConv2d)]:
-        plain = ModulatedDeformConv2dPack(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                                          mod.dilation, mod.groups, mod.deform_groups, bias=mod.bias is not None)
-        plain.weight, plain.bias, plain.conv_offset = mod.weight, mod.bias, mod.conv_offset
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain.train(mod.training))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                _pack_sharing(ModulatedDeformConv2dPack, mod))
     for name, mod in _fake_quant_modules(model):
         if isinstance(mod, QATConv2d):
             plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
