@@ -720,7 +720,7 @@ if triton_available():
         x_ptr,  # input [N, Cin, H, W], any strides (channels-last: vector loads along C)
         off_ptr,  # offset [N, 2*DG*KK, Ho, Wo], any strides (e.g. a channel slice of the offset conv's output)
         msk_ptr,  # mask [N, DG*KK, Ho, Wo], any strides
-        w_ptr,  # weight [Cout, Cin, KH, KW] (channels-last memory = [Cout, KH*KW*Cin], K-contiguous)
+        w_ptr,  # weight [Cout, Cin, KH, KW] (channels-last memory = [Cout, KH*KW*Cin], K-contiguous); int8: fp16 weight codes (int8 codes for INT8_MMA)
         b_ptr,  # bias [Cout] (unused unless HAS_BIAS)
         y_ptr,  # out [N, Cout, Ho, Wo] in channels-last memory: row m = n*HoWo + p holds Cout values
         ws_ptr,  # weight_scale [Cout] float32 (int8 only)
@@ -892,8 +892,6 @@ if triton_available():
                     b = tl.load(wp, mask=o_ok[None, :], other=0.0)
                 else:
                     b = tl.load(wp)
-            if VARIANT == 3 and not INT8_MMA:
-                b = _i8_to_f16(b, USE_ASM)  # weight codes, exact: an fp16 MMA in code units
             if SWAP:
                 if VARIANT == 0:
                     acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision="tf32x3")
@@ -1209,6 +1207,11 @@ def _modulated_deform_conv2d_igemm(
     if y.numel() == 0:
         return y
     input, weight = _launch_operands(input, weight, offset, mask, relayout)
+    if variant == "int8" and not int8_mma:
+        # the fp16 MMA multiplies the weight codes as fp16 (exact): one 2-byte copy of the weight per call
+        # (a few us) instead of converting a [BLOCK_K, BLOCK_N] tile in registers at every K step of every
+        # program, which also makes the tile round-trip through registers on its way to the tensor cores
+        weight = weight.to(torch.float16)
     cd = cin // deform_groups
     m_total = n * ho * wo
     b = y if bias is None else bias
