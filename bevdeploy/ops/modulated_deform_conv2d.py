@@ -1113,14 +1113,17 @@ def _igemm_candidate_configs(variant: str) -> list[tuple]:
     the 3x3 neighbourhood of a channel block is reused across kernel points (tap_inner), latency hidden
     by several programs per SM instead. Which wins is for the GPU to say. With Triton 3.6 the
     un-swapped forms draw ptxas' C7515 warning (wgmma serialised); the swapped ones do not.
-    Registers set the CTAs per SM (sm_90 offline, Triton 3.9, ReLU + int8-out epilogue for int8): the first
-    fp16x2 config 118 (2 CTAs), the first int8 one (BLOCK_K 64, fp16 MMA) 162 (1 CTA: half the fp16x2
-    kernel's), with BLOCK_K 32 126 (2 CTAs); the last of each list, 64x128 with 4 warps, 151 / 128 (3 / 4
-    CTAs, 12 / 16 warps per SM)."""
+    Registers and shared memory set the CTAs per SM (sm_90 offline, Triton 3.9, ReLU + int8-out epilogue
+    and fp16 weight codes for int8: ``scripts/dcn_ptxas_check.py int8``): the first fp16x2 config 118
+    registers, 84 KB (2 CTAs); the first int8 one, the same tile, 118 registers, 68 KB (2 CTAs: the int8
+    gathers stage half the bytes); int8 with BLOCK_K 64 143 registers but 136 KB (1 CTA); the last of each
+    list, 64x128 with 4 warps, 151 / 125 registers (3 / 4 CTAs, 12 / 16 warps per SM). Before the weight
+    codes went to fp16 ahead of the launch, the int8 tiles converted them in registers at every K step:
+    162 registers for the BLOCK_K 64 tile."""
     if variant == "fp32":  # 3xTF32: three MMAs a step, fp32 operands twice the bytes
         return [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 32, 4, 2)]
     if variant == "int8":  # K >= 32 (the int8_mma form's MMA); 64 channels are one 64-byte row of codes
-        return [(64, 256, 64, 8, 3, True), (128, 256, 64, 8, 2, True), (64, 256, 32, 8, 3, True),
+        return [(64, 256, 32, 8, 3, True), (128, 256, 64, 8, 2, True), (64, 256, 64, 8, 3, True),
                 (128, 128, 64, 8, 3), (64, 256, 64, 8, 1, True, True), (128, 256, 64, 8, 1, True, True),
                 (64, 128, 128, 4, 2, True), (128, 128, 64, 8, 1, False, True), (64, 128, 32, 4, 3, True)]
     return [(64, 256, 32, 8, 3, True), (128, 256, 32, 8, 2, True), (64, 256, 64, 8, 2, True),
