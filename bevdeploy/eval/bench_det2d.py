@@ -191,11 +191,12 @@ def bench_det2d(
                note="engine_mb = the .pth of the state dict; fps = images/s", run=run_id)
     rows = [row]
     print(f"{name} pytorch: {row['fps']} images/s, mAP {row['map']}", file=sys.stderr)
+    write = lambda: write_results(results_name, rows, out_dir, command, keep_rows, extra=extra, notes=notes)  # noqa: E731
+    write()  # a run cut during the first engine's build keeps the PyTorch row (its mAP is the baseline)
     del model
     settle()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    write = lambda: write_results(results_name, rows, out_dir, command, keep_rows, extra=extra, notes=notes)  # noqa: E731
     jobs = [(p, p, {}) for p in precisions] + list(extra_jobs or [])
     for label, precision, job_args in jobs:
         path = work / f"{name}-b{batch}-{label.replace(' ', '').replace('(', '-').replace(')', '')}.engine"

@@ -82,3 +82,23 @@ def test_strict_fp32_timing_turns_tf32_off_and_restores_the_flags():
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _CutHere(BaseException):
+    """What a `timeout` kill looks like from inside: not an Exception, so no row's error handler takes it."""
+
+
+def test_2d_table_keeps_the_pytorch_row_when_cut_in_the_first_build(tmp_path, monkeypatch, ops_on_references):
+    import bevdeploy.engine as engine_pkg
+    from bevdeploy.eval.bench_det2d import bench_det2d
+
+    def cut(*args, **kwargs):
+        raise _CutHere
+
+    monkeypatch.setattr(engine_pkg, "build", cut)
+    with pytest.raises(_CutHere):
+        bench_det2d("yolox-x", ["fp16"], data="synthetic2d:2", batch=2, iters=1, out_dir=tmp_path, device="cpu",
+                    work_dir=tmp_path / "engines",
+                    model_overrides={"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": (64, 96)})
+    rows = json.loads((tmp_path / "cpu" / "yolox-x.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["pytorch"] and rows[0]["fps"] > 0 and rows[0]["batch"] == 2
