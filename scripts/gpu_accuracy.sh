@@ -16,10 +16,7 @@ MODEL=${1:?usage: scripts/gpu_accuracy.sh MODEL}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/nuscenes ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+NEEDS="nuscenes"; source scripts/device_wheels.sh
 PRECISIONS=${PRECISIONS:-fp32 fp16 fp16x2 int8 int8-fp16}
 LOG="$OUT/accuracy_${MODEL}_${STAGE:-all}.txt"
 timeout "${ACC_TIMEOUT:-580}" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage "${STAGE:-all}" \

@@ -39,11 +39,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/pycocotools ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
-python3 -c "import pycocotools" 2>/dev/null || echo "WARNING: no pycocotools here: the rows get FPS/size/memory/SQNR but no mAP"
+NEEDS="nuscenes pycocotools"; source scripts/device_wheels.sh
 BUDGET=${BUDGET:-530}
 STAGE=${STAGE:-all}
 WORK=${WORK:-/tmp/det2d}

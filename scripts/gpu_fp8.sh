@@ -9,9 +9,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+[ "${SKIP_BENCH:-0}" != 1 ] && NEEDS=nuscenes; source scripts/device_wheels.sh  # (3) renders a synthetic world
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [ -z "${ONLY_BENCH:-}" ]; then

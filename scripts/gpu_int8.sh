@@ -13,9 +13,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+{ [ "${SKIP_BENCH:-0}" != 1 ] || [ "${SKIP_PROFILE:-0}" != 1 ]; } && NEEDS=nuscenes; source scripts/device_wheels.sh  # the tables and profiles render a synthetic world
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/quant/test_int8_kernels.py \

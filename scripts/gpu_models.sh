@@ -6,9 +6,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+NEEDS="nuscenes"; source scripts/device_wheels.sh
 MODELS=${MODELS:-bevformer-tiny bevformer-small bevformer-base}
 timeout "${FPS_TIMEOUT:-240}" python3 -m bevdeploy.cli bench --model $MODELS 2>&1 | tee "$OUT/fps.txt" | grep -v "it/s\]" | tail -8
 cp bench/results/*/bevformer-*.json bench/results/*/bevformer-*.md "$OUT/" 2>/dev/null

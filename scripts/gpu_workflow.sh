@@ -8,9 +8,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
 source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+NEEDS="nuscenes"; source scripts/device_wheels.sh
 B="python3 -m bevdeploy.cli"
 DATA=${DATA:-synthetic:16}
 timeout 200 $B build --model bevformer-tiny --precision fp16 -o "$OUT/tiny-fp16.engine" -q > "$OUT/build.txt" 2>&1; echo "build rc=$?"
