@@ -16,6 +16,9 @@
 #   YOLOX-x: train 150 s, PyTorch row ~15 s, each cold engine ~90-150 s (export + calibration +
 #     Inductor compile + timing + scoring; fp16x2 reuses fp16's compiled graph: ~40 s)  => ~540 s alone
 #   CenterNet: train 90 s, PyTorch row ~10 s, each engine ~50-80 s                    => ~370 s alone
+# Measured (H100, session 10, MODELS=yolox-x BUDGET=280): render 11 s; YOLOX-x training 115 s for a 100 s budget
+#   (569 steps x 16); PyTorch row + one cold int8-fp16 (asymmetric) engine did not fit the 148 s left: give a
+#   YOLOX-x call with one int8 row BUDGET >= 400.
 # Both do not fit one 540 s call: run one model per call (recommended split):
 #   MODELS=yolox-x scripts/gpu_det2d.sh            (int8, the last row, may be cut: see below)
 #   MODELS=centernet-r18-dcn scripts/gpu_det2d.sh
