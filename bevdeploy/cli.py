@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--int8-dcn", action="store_true",
                     help="int8: the DCNv2 convs run int8 too (int8 gathers, fp16 samples x int8 weights, chained; "
                          "BEVFormer-small/base, CenterNet); --qat-steps trains them in that form. Measured on an "
-                         "H100: no faster than the fp16 DCN in the BEVFormer-base int8-fp16 engine (22.58 vs 22.59 ms)")
+                         "H100 before the kernel took its weight codes as fp16: no faster than the fp16 DCN in the "
+                         "BEVFormer-base int8-fp16 engine (22.58 vs 22.59 ms); the current kernel is not timed yet")
     bd.add_argument("--qat-steps", type=int, default=0,
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,
