@@ -222,6 +222,11 @@ class Int8ResNet(nn.Module):
         return tuple(256 * 2**i for i in self.out_indices)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if not _is_q(self.conv1):
+            # a float stem on an NCHW image: cuDNN's NHWC stem kernel then converts the image and its
+            # [6, 64, H/2, W/2] output between layouts (three passes, 0.66 ms a frame in the base int8-fp16
+            # profile); a channels-last input keeps the stem, ReLU and max-pool in NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
         x = _conv_relu(self.conv1, x)
         mp = self.maxpool
         if x.dtype == torch.int8:
