@@ -13,10 +13,7 @@
 # wheels in .whl (see scripts/gpu_bench.sh); they are installed into /tmp/site here.
 set -uo pipefail
 MODEL=${1:?usage: scripts/gpu_accuracy.sh MODEL}
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes"; source scripts/device_wheels.sh
+NEEDS="nuscenes"; source scripts/device_prologue.sh
 PRECISIONS=${PRECISIONS:-fp32 fp16 fp16x2 int8 int8-fp16}
 LOG="$OUT/accuracy_${MODEL}_${STAGE:-all}.txt"
 timeout "${ACC_TIMEOUT:-580}" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage "${STAGE:-all}" \

@@ -11,10 +11,7 @@
 #      BEVDET=1 (also BEVDet-R50 pytorch + fp16x2 at batch 1/4/8 with the time left, bevdet-r50-batch.json).
 # Expected: tiny ~2-3 min (three fp16x2 builds + Inductor compiles, cold cache), base only if >= 60 s remain.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes"; source scripts/device_wheels.sh
+NEEDS="nuscenes"; source scripts/device_prologue.sh
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 DATA=${DATA:-synthetic:2}
 

@@ -5,10 +5,7 @@
 # Env: MODEL, PRECISIONS, DATA (synthetic:16), CALIB (synthetic:8), APPEND=1 (keep earlier rows),
 #      BENCH_TIMEOUT (seconds; the file is rewritten after every row, so a cut run keeps its rows).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes"; source scripts/device_wheels.sh
+NEEDS="nuscenes"; source scripts/device_prologue.sh
 : "${MODEL:?set MODEL}"
 PRECISIONS=${PRECISIONS:-pytorch fp32 fp16 fp16x2 int8 int8-fp16 int8-fp16x2}
 timeout "${BENCH_TIMEOUT:-500}" python3 -m bevdeploy.cli bench --model "$MODEL" --precisions $PRECISIONS \

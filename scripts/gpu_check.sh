@@ -4,8 +4,7 @@
 # Env: SKIP_TESTS=1, SKIP_BENCH=1, BENCH_OPS="msda bev_pool_v2", TEST_TIMEOUT, BENCH_TIMEOUT (seconds).
 # Logs go to $OUT (or ./out); bench results to bench/results/<gpu>/ and are copied to $OUT.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/device_prologue.sh
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())

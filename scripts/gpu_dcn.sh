@@ -10,8 +10,7 @@
 #      BENCH_TIMEOUT (200), TEST_TIMEOUT (90).
 # Results: bench/results/<gpu>/dcn_igemm.{json,md}; logs, results and the tuned configs in $OUT.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+source scripts/device_prologue.sh
 export DCN_VARIANTS=${DCN_VARIANTS:-fp16 fp16x2}
 timeout 20 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(), torch.cuda.get_device_capability())" 2>&1 | tee "$OUT/env.txt"
 

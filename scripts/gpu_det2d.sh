@@ -39,10 +39,7 @@
 #   PyTorch row and EVAL_EXTRA's extra rows, e.g. --asymmetric).
 # pycocotools must be importable: carry its wheel (cp312) in .whl with the others (installed to /tmp/site).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes pycocotools"; source scripts/device_wheels.sh
+NEEDS="nuscenes pycocotools"; source scripts/device_prologue.sh
 BUDGET=${BUDGET:-530}
 STAGE=${STAGE:-all}
 WORK=${WORK:-/tmp/det2d}

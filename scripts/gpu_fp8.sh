@@ -6,10 +6,7 @@
 # Env: SKIP_BENCH=1 skips (3); ONLY_BENCH=1 runs (3) alone (two calls if one does not fit 5 minutes);
 #      BENCH_TIMEOUT (seconds, default 200).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-[ "${SKIP_BENCH:-0}" != 1 ] && NEEDS=nuscenes; source scripts/device_wheels.sh  # (3) renders a synthetic world
+[ "${SKIP_BENCH:-0}" != 1 ] && NEEDS=nuscenes; source scripts/device_prologue.sh  # (3) renders a synthetic world
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [ -z "${ONLY_BENCH:-}" ]; then

@@ -10,10 +10,7 @@
 #      profile commands (e.g. --int8-dcn: BEVFormer-small/base rows and profiles with int8 DCNs; each engine row
 #      also loads its engine once more in a fresh process for its memory, --inprocess-memory skips that); in seconds: TEST_TIMEOUT (70) CONVS_TIMEOUT (190) BENCH_TIMEOUT (190, per model) PROFILE_TIMEOUT (80). Every step writes its results as it goes, so a cut step keeps what it measured.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-{ [ "${SKIP_BENCH:-0}" != 1 ] || [ "${SKIP_PROFILE:-0}" != 1 ]; } && NEEDS=nuscenes; source scripts/device_wheels.sh  # the tables and profiles render a synthetic world
+{ [ "${SKIP_BENCH:-0}" != 1 ] || [ "${SKIP_PROFILE:-0}" != 1 ]; } && NEEDS=nuscenes; source scripts/device_prologue.sh  # the tables and profiles render a synthetic world
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/quant/test_int8_kernels.py \

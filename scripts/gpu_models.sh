@@ -3,10 +3,7 @@
 # then `bevdeploy eval` end to end on a synthetic world. Needs nuscenes-devkit on the GPU machine:
 # carry wheels in .whl (see the device README) - installed here into /tmp/site.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes"; source scripts/device_wheels.sh
+NEEDS="nuscenes"; source scripts/device_prologue.sh
 MODELS=${MODELS:-bevformer-tiny bevformer-small bevformer-base}
 timeout "${FPS_TIMEOUT:-240}" python3 -m bevdeploy.cli bench --model $MODELS 2>&1 | tee "$OUT/fps.txt" | grep -v "it/s\]" | tail -8
 cp bench/results/*/bevformer-*.json bench/results/*/bevformer-*.md "$OUT/" 2>/dev/null

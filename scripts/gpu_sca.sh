@@ -8,8 +8,7 @@
 # Logs go to $OUT (or ./out); results to bench/results/<gpu>/ops-sca.{json,md} (not ops.json, which
 # holds the full op table) and are copied to $OUT.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/device_prologue.sh
 unset TRITON_INTERPRET  # compiled kernels only (tests/conftest.py turns the interpreter on only without CUDA)
 timeout 10 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, triton

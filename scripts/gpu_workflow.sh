@@ -5,10 +5,7 @@
 # Needs nuscenes-devkit (and onnxruntime-extensions for the ONNX check) on the GPU machine: carry the
 # wheels in .whl (see the device README); they are installed into /tmp/site here.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BEVDEPLOY_CACHE=/tmp/bevcache
-source scripts/autotune_cache.sh  # the int8 tuning cache (bench/autotune-cache.json)
-NEEDS="nuscenes"; source scripts/device_wheels.sh
+NEEDS="nuscenes"; source scripts/device_prologue.sh
 B="python3 -m bevdeploy.cli"
 DATA=${DATA:-synthetic:16}
 timeout 200 $B build --model bevformer-tiny --precision fp16 -o "$OUT/tiny-fp16.engine" -q > "$OUT/build.txt" 2>&1; echo "build rc=$?"

@@ -1,0 +1,28 @@
+# Sourced first by every scripts/gpu_*.sh (repo root, after `set -uo pipefail`; set NEEDS before it to
+# the Python modules the script cannot run without). On the lent GPU machine it:
+#   - makes $OUT (default out) and puts the repo on PYTHONPATH, with compiled kernels off the interpreter
+#     and the engine cache in /tmp (the machine's disk does not outlive the call's machine anyway);
+#   - points builds at the committed int8 tuning cache (bench/autotune-cache.json, keyed by GPU, Triton
+#     version and layer shape: shapes it holds are not timed again) and copies the updated cache to $OUT
+#     at exit, to be committed;
+#   - installs the carried wheels in .whl (nuscenes-devkit, pycocotools and their pure-Python
+#     dependencies, cp312; the machine has no package index: pass carry: [".whl"] to the run) into
+#     /tmp/site once per machine, and stops at once, naming the module, when one in NEEDS does not import
+#     (session 10 lost a call minutes in: no synthetic world without the devkit).
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export BEVDEPLOY_CACHE=${BEVDEPLOY_CACHE:-/tmp/bevcache}
+export BEVDEPLOY_AUTOTUNE_CACHE=${BEVDEPLOY_AUTOTUNE_CACHE:-$PWD/bench/autotune-cache.json}
+trap 'cp -f "$BEVDEPLOY_AUTOTUNE_CACHE" "$OUT/" 2>/dev/null' EXIT
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.bevdeploy-wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.bevdeploy-wheels
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+for module in ${NEEDS:-}; do
+  if ! python3 -c "import $module" 2>/dev/null; then
+    echo "ERROR: Python module '$module' does not import here: put its wheel (cp312) and its dependencies' in .whl" \
+         "and carry .whl with the call (run's carry: [\".whl\"])" >&2
+    exit 3
+  fi
+done
