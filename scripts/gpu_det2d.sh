@@ -30,6 +30,8 @@
 #   SQNR and mAP without engines: ~1-3 min; -> $OUT/diagnose-int8-MODEL.{json,md}); DIAG_EXTRA: its flags,
 #   e.g. "--methods minmax --no-sensitivity --qat-steps 300 --qat-lr 1e-4 --qat-loss task distill".
 #   STAGE=diag: the diagnosis alone on the checkpoint in $WORK (same warm machine).
+# PROFILE=1: after a model's rows, scripts/profile_engine.py on each engine the eval stage built (top kernels and
+#   their share; -> $OUT/<gpu>/profile-MODEL-PRECISION.md), as long as the budget allows.
 # QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
@@ -95,6 +97,19 @@ for MODEL in $MODELS; do
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10
   fi
   cp bench/results/*/accuracy-"$MODEL"*.json bench/results/*/accuracy-"$MODEL"*.md "$OUT/" 2>/dev/null  # tagged variants too
+  if [ -n "${PROFILE:-}" ]; then
+    # the kernels that take the engines' time (scripts/profile_engine.py on the engines just built: ~60-90 s each
+    # for a cold compile); -> $OUT/<gpu>/profile-MODEL-PRECISION.md
+    for engine in "$WORK"/engines/"$MODEL"-b32-*.engine; do
+      [ -f "$engine" ] || continue
+      T=$(( $(left) - reserve - 5 ))
+      if [ $T -lt 60 ]; then echo "$MODEL profile of $(basename "$engine") skipped: $T s left"; break; fi
+      t0=$SECONDS
+      timeout "$T" python3 scripts/profile_engine.py "$engine" --out "$OUT" > "$OUT/det2d_profile_$(basename "$engine" .engine).txt" 2>&1
+      echo "$MODEL profile $(basename "$engine") rc=$? in $((SECONDS - t0)) s"
+      grep -E "ms/frame|^\| (int8|DCN|cuDNN|Inductor|other|quantize|cuBLAS|copies)" "$OUT/det2d_profile_$(basename "$engine" .engine).txt" | head -12
+    done
+  fi
   if { [ -n "${DIAG:-}" ] || [ "$STAGE" = diag ]; } && [ -f "$WORK/$MODEL.pth" ]; then
     # int8 variants on the same checkpoint, no engines (scripts/diagnose_int8_2d.py): calibration methods,
     # the chain, Triton vs reference int8 math, keep-float of the most sensitive layers, SmoothQuant
