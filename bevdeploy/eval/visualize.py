@@ -119,6 +119,13 @@ def camera_figure(info: dict, gt: np.ndarray, pred: np.ndarray, title: str = "",
     return fig
 
 
+def _check_model_name(model_name: str) -> None:
+    from bevdeploy.models import MODELS
+
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+
+
 def _predictions(infos, model_name, engine, results, checkpoint, device, progress):
     """Model boxes, scores and labels per sample token, from a model, an engine or a results file."""
     import torch
@@ -142,8 +149,6 @@ def _predictions(infos, model_name, engine, results, checkpoint, device, progres
         from bevdeploy.models import MODELS
         from bevdeploy.models.checkpoint import load_checkpoint
 
-        if model_name not in MODELS:
-            raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
         torch.manual_seed(0)
         runner = MODELS[model_name]()
         if checkpoint:
@@ -184,6 +189,13 @@ def show(
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if sum(x is not None for x in (model_name, engine, results, predictions)) > 1:
         raise ValueError("give at most one of model, engine, results and predictions")
+    # a wrong model name or a missing / corrupt engine fails here, not after the world is rendered and read
+    if engine is not None:
+        from bevdeploy.engine.engine_file import read_archive
+
+        read_archive(engine)
+    if model_name is not None:
+        _check_model_name(model_name)
     source = resolve_data_spec(data, workers=workers, progress=progress)
     infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     if results is not None:

@@ -64,3 +64,23 @@ def test_show_draws_a_results_file(world, tmp_path, capsys):
     bev = np.asarray(Image.open(next(out.glob("*_bev.png"))).convert("RGB")).astype(int)
     red = (np.abs(bev - np.array(PRED_COLOR) * 255).max(axis=-1) < 40).sum()
     assert red > 50  # prediction outlines present
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--engine", "ENGINE"], "not a readable bevdeploy engine file"),
+    (["--model", "bevformer-huge"], "unknown model 'bevformer-huge'"),
+])
+def test_show_refuses_a_bad_engine_or_model_before_rendering_the_world(tmp_path, monkeypatch, capsys, flags, message):
+    """A corrupt engine or an unknown model name is reported at once, not after the data is rendered and read."""
+    import bevdeploy.data.synthetic as synthetic
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the data was resolved before the engine / model was checked")
+
+    monkeypatch.setattr(synthetic, "resolve_data_spec", no_render)
+    engine = tmp_path / "bad.engine"
+    engine.write_bytes(b"not a zip archive")
+    flags = [str(engine) if f == "ENGINE" else f for f in flags]
+    assert cli.main(["show", "--data", "synthetic:50", *flags, "-o", str(tmp_path / "show"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err
