@@ -98,7 +98,10 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
     by_kind = defaultdict(float)
     for k, (us, _) in kernels.items():
         by_kind[kind_of(k)] += us
-    model, precision = meta["model"], meta["precision"] + ("-int8dcn" if meta.get("int8_dcn") else "")
+    # the int8 variants of one precision get files of their own (e.g. gpu_det2d.sh's asymmetric and QAT engines)
+    precision = meta["precision"] + "".join(f"-{tag}" for tag, on in (
+        ("int8dcn", meta.get("int8_dcn")), ("asymmetric", meta.get("zero_points")), ("qat", meta.get("qat"))) if on)
+    model = meta["model"]
     lines = [f"# Profile: {model} {precision} ({torch.cuda.get_device_name()}, torch {torch.__version__})", "",
              f"engine `{path.name}`, load + compile {load_s:.1f} s, **{ms:.3f} ms/frame** ({1000 / ms:.1f} FPS), "
              f"freezing={freeze}, cudnn.benchmark={cudnn_benchmark}; kernel time summed over {calls} calls: "
