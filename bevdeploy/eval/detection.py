@@ -349,13 +349,9 @@ def evaluate(
         checkpoint = runner.metadata.get("checkpoint")
         if not checkpoint:
             warn_random_weights(model_name, f"engine {Path(engine).name}")
-    source = resolve_data_spec(data, workers=workers)
-    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
-    if source.num_samples is not None:
-        infos = infos[: source.num_samples]
-    if not infos:
-        raise ValueError(f"data {data!r} holds no samples")
-    if engine is None:
+    else:
+        # the model and its checkpoint before the data: a missing, corrupt or mismatched checkpoint is reported
+        # at once, not after the dataset is rendered or read
         torch.manual_seed(0)
         model = MODELS[model_name](**(model_overrides or {}))
         if checkpoint:
@@ -364,6 +360,12 @@ def evaluate(
         else:
             warn_random_weights(model_name)
         runner = model.to(dev).eval()
+    source = resolve_data_spec(data, workers=workers)
+    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
+    if source.num_samples is not None:
+        infos = infos[: source.num_samples]
+    if not infos:
+        raise ValueError(f"data {data!r} holds no samples")
     run = run_sharded(runner, infos, model_name, dev, dist, progress=progress)
     if run is None:
         return None

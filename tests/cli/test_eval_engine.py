@@ -70,3 +70,20 @@ def test_eval_refuses_a_checkpoint_with_an_engine_and_nothing_to_evaluate(engine
     assert "--checkpoint applies to --model only" in capsys.readouterr().err
     assert cli.main(["eval", "--data", "synthetic:1"]) == 2
     assert "--model NAME, --engine FILE" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_corrupt_checkpoint_before_reading_the_data(tmp_path, monkeypatch, capsys):
+    """``eval --model --checkpoint``: the model and its checkpoint come before the data, so a corrupt file is
+    reported at once (a nuScenes-sized dataset would otherwise be read first)."""
+    import bevdeploy.data.synthetic as synthetic
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the data was resolved before the checkpoint was read")
+
+    monkeypatch.setattr(synthetic, "resolve_data_spec", no_render)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert cli.main(["eval", "--model", "bevformer-tiny", "--checkpoint", str(bad), "--data", "synthetic:50",
+                     "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "internal error" not in err
