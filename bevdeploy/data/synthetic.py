@@ -1038,6 +1038,21 @@ class DataSource:
     split: str
     num_samples: int | None = field(default=None)
 
+    def infos(self, *, progress: bool = False, spec: str | None = None) -> list[dict]:
+        """The samples' infos in temporal order, the first ``num_samples`` when the spec names a count.
+
+        Raises:
+            ValueError: there are none (``spec``, the data spec, names the data in the message).
+        """
+        from bevdeploy.data.nuscenes import load_infos
+
+        infos = load_infos(self.dataroot, self.version, self.split, progress=progress)
+        if self.num_samples is not None:
+            infos = infos[: self.num_samples]
+        if not infos:
+            raise ValueError(f"data {spec or str(self.dataroot)!r} holds no samples")
+        return infos
+
 
 def default_cache_dir() -> Path:
     """Root of cached synthetic worlds: ``$BEVDEPLOY_CACHE`` or ``~/.cache/bevdeploy``, then ``synthetic/``."""

@@ -70,11 +70,6 @@ def _render_sets(args, progress: bool):
     return train, held_out, time.perf_counter() - t0
 
 
-def _infos(source):
-    from bevdeploy.data.nuscenes import load_infos
-
-    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
-    return infos[: source.num_samples] if source.num_samples is not None else infos
 
 
 def checkpoint_path(args) -> Path:
@@ -159,7 +154,7 @@ def stage_eval(args) -> Path:
     meta["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     overrides = meta.get("model_overrides") or args.model_overrides or None
     train_src, eval_src, _ = _render_sets(args, progress=False)
-    infos = _infos(eval_src)
+    infos = eval_src.infos()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def score(run):

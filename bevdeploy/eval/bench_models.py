@@ -284,7 +284,6 @@ def bench_model(
     """
     import gc
 
-    from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.engine.deploy import precision_spec
@@ -318,11 +317,7 @@ def bench_model(
     for precision in precisions:  # before an hour of work, not after the PyTorch row
         precision_spec(precision)
     source = resolve_data_spec(data, workers=workers)
-    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
-    if source.num_samples is not None:
-        infos = infos[: source.num_samples]
-    if not infos:
-        raise ValueError(f"data {data!r} holds no samples")
+    infos = source.infos(spec=data)
     dev = torch.device(_DEVICE)
     runs = [(p, False) for p in precisions]
     if int8_dcn:

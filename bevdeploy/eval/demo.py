@@ -30,7 +30,6 @@ def run_demo(
     Engines go to ``work_dir``; with ``pictures`` > 0 the first frames are also drawn (BEV and
     cameras, the PyTorch model's boxes) under ``work_dir/pictures``.
     """
-    from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.eval.bench_models import fidelity_threshold, pth_size_mb, results_records
@@ -43,9 +42,7 @@ def run_demo(
     if precisions is None:
         precisions = ["fp32", "fp16", "fp16x2", "int8", "int8-fp16"] if device.type == "cuda" else ["fp32", "int8"]
     source = resolve_data_spec(data, workers=workers)
-    infos = load_infos(source.dataroot, source.version, source.split, progress=False)
-    if source.num_samples is not None:
-        infos = infos[: source.num_samples]
+    infos = source.infos(spec=data)
 
     def score(run):
         return score_run(run, infos, source.dataroot, source.version, source.split)

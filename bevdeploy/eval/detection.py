@@ -324,7 +324,6 @@ def evaluate(
     Returns a dict with ``NDS``, ``mAP`` and ``metrics`` (the full summary, when scored), ``fps``,
     ``frames``, ``device``, ``model``, ``data``, ``checkpoint``, ``engine``, ``results_path``.
     """
-    from bevdeploy.data.nuscenes import load_infos
     from bevdeploy.data.synthetic import resolve_data_spec
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
@@ -361,11 +360,7 @@ def evaluate(
             warn_random_weights(model_name)
         runner = model.to(dev).eval()
     source = resolve_data_spec(data, workers=workers)
-    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
-    if source.num_samples is not None:
-        infos = infos[: source.num_samples]
-    if not infos:
-        raise ValueError(f"data {data!r} holds no samples")
+    infos = source.infos(progress=progress, spec=data)
     run = run_sharded(runner, infos, model_name, dev, dist, progress=progress)
     if run is None:
         return None
