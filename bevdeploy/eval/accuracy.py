@@ -70,8 +70,6 @@ def _render_sets(args, progress: bool):
     return train, held_out, time.perf_counter() - t0
 
 
-
-
 def checkpoint_path(args) -> Path:
     return Path(args.work_dir) / f"{args.model}.pth"
 
