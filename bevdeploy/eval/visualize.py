@@ -119,23 +119,12 @@ def camera_figure(info: dict, gt: np.ndarray, pred: np.ndarray, title: str = "",
     return fig
 
 
-def _check_model_name(model_name: str) -> None:
-    from bevdeploy.models import MODELS
-
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-
-
-def _predictions(infos, model_name, engine, results, checkpoint, device, progress):
-    """Model boxes, scores and labels per sample token, from a model, an engine or a results file."""
+def _runner(model_name, engine, checkpoint, device):
+    """``(runner, model name, device)`` of a model (with its checkpoint) or an engine file: built before the
+    data is rendered or read, so a wrong name or a bad file is reported at once."""
     import torch
 
-    if results is not None:
-        from bevdeploy.eval.nuscenes import from_nusc_results, load_results
-
-        records = load_results(results, "results")
-        return {i["token"]: from_nusc_results(records[i["token"]], i) for i in infos if i["token"] in records}
-    from bevdeploy.eval.detection import run_model, warn_random_weights
+    from bevdeploy.eval.detection import warn_random_weights
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if engine is not None:
@@ -145,18 +134,19 @@ def _predictions(infos, model_name, engine, results, checkpoint, device, progres
         model_name = runner.metadata["model"]
         if not runner.metadata.get("checkpoint"):
             warn_random_weights(model_name, f"engine {Path(engine).name}")
-    else:
-        from bevdeploy.models import MODELS
-        from bevdeploy.models.checkpoint import load_checkpoint
+        return runner, model_name, dev
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.checkpoint import load_checkpoint
 
-        torch.manual_seed(0)
-        runner = MODELS[model_name]()
-        if checkpoint:
-            print(load_checkpoint(runner, checkpoint), file=sys.stderr)
-        else:
-            warn_random_weights(model_name)
-        runner = runner.to(dev).eval()
-    return run_model(runner, infos, model_name, dev, progress=progress).boxes
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    if checkpoint:
+        print(load_checkpoint(model, checkpoint), file=sys.stderr)
+    else:
+        warn_random_weights(model_name)
+    return model.to(dev).eval(), model_name, dev
 
 
 def show(
@@ -189,25 +179,23 @@ def show(
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if sum(x is not None for x in (model_name, engine, results, predictions)) > 1:
         raise ValueError("give at most one of model, engine, results and predictions")
-    # a wrong model name or a missing / corrupt engine fails here, not after the world is rendered and read
-    if engine is not None:
-        from bevdeploy.engine.engine_file import read_archive
-
-        read_archive(engine)
-    if model_name is not None:
-        _check_model_name(model_name)
+    if model_name or engine:
+        runner, model_name, dev = _runner(model_name, engine, checkpoint, device)
     source = resolve_data_spec(data, workers=workers, progress=progress)
     infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     if results is not None:
-        from bevdeploy.eval.nuscenes import load_results
+        from bevdeploy.eval.nuscenes import from_nusc_results, load_results
 
-        tokens = set(load_results(results, "results"))
-        infos = [i for i in infos if i["token"] in tokens]
+        records = load_results(results, "results")
+        infos = [i for i in infos if i["token"] in records][:frames]
         if not infos:
             raise ValueError(f"results {str(results)!r} hold none of the samples of {data!r}")
+        predictions = {i["token"]: from_nusc_results(records[i["token"]], i) for i in infos}
     infos = infos[:frames]
-    if predictions is None and (model_name or engine or results):
-        predictions = _predictions(infos, model_name, engine, results, checkpoint, device, progress)
+    if model_name:
+        from bevdeploy.eval.detection import run_model
+
+        predictions = run_model(runner, infos, model_name, dev, progress=progress).boxes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
