@@ -182,6 +182,8 @@ def stage_eval(args) -> Path:
 
     calib = DataSource(train_src.dataroot, train_src.version, train_src.split, args.calib_frames)
     build_kw = dict(checkpoint=str(ckpt), model_overrides=overrides, device=dev.type, progress=False)
+    if args.calib_method:
+        build_kw["calib_method"] = args.calib_method
     jobs = [(p, p, {}) for p in args.precisions]
     if args.qat_steps:
         if "qat_steps" in inspect.signature(build).parameters:
@@ -277,7 +279,7 @@ def stage_eval_det2d(args) -> Path:
     n_calib = min(args.calib_frames, len(train_set.images()))
     calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")
     training = _training_summary(meta)
-    calib_method = default_calibration_method("yolox" if args.model.startswith("yolox") else "centernet")
+    calib_method = args.calib_method or default_calibration_method("yolox" if args.model.startswith("yolox") else "centernet")
     size = (overrides or {}).get("image_size")
     official = {"yolox-x": (640, 640), "centernet-r18-dcn": (512, 512)}.get(args.model)
     t = training
@@ -307,7 +309,8 @@ def stage_eval_det2d(args) -> Path:
            if args.model.startswith("yolox") else "gradient clip 35 as the official config; the wh and offset "
            "branches start from PyTorch's default init, not mmdet's normal(std 0.001) (bevdeploy/models/centernet.py)."),
     ]
-    int8_options = {"smooth_alpha": args.smooth_alpha, "keep_float_below_db": args.keep_float_below}
+    int8_options = {"smooth_alpha": args.smooth_alpha, "keep_float_below_db": args.keep_float_below,
+                    "calib_method": args.calib_method}
     if any(v is not None for v in int8_options.values()):
         notes.append("int8 rows built with " + ", ".join(f"{k}={v}" for k, v in int8_options.items() if v is not None)
                      + " (recorded in each int8 row).")
@@ -414,7 +417,7 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
           f"{t['minutes']} min (render + load + train), final loss {t['final_loss'] and round(t['final_loss'], 4)}, "
           f"throughput {t['throughput']}.", "",
           f"Held-out world: `{args.eval_data}` (other seed: no shared scene token). int8 calibrated on "
-          f"{args.calib_frames} training frames (entropy). dnds/dmap: vs PyTorch FP32; fidelity_nds: engine boxes "
+          f"{args.calib_frames} training frames ({args.calib_method or 'entropy; fp8 rows minmax'}). dnds/dmap: vs PyTorch FP32; fidelity_nds: engine boxes "
           f"scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
           "head output vs PyTorch on held-out frame 1. fps: the evaluation loop's median forward latency (CUDA "
           "events around each frame's forward, engines replaying their CUDA graph; batch 1), PyTorch FP32 eager "
@@ -458,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", nargs="*", default=None,
                    help=f"default {' '.join(DEFAULT_PRECISIONS)}; 2D models {' '.join(DET2D_PRECISIONS)}")
     p.add_argument("--calib-frames", type=int, default=int(env("BEVACC_CALIB", "64")))
+    p.add_argument("--calib-method", choices=("entropy", "minmax", "percentile"), default=None,
+                   help="int8 calibration of every int8 row (default: the model family's, "
+                        "bevdeploy.engine.model_io.default_calibration_method)")
     p.add_argument("--qat-steps", type=int, default=int(env("BEVACC_QAT_STEPS", "0")),
                    help="add the 'int8-fp16 (QAT)' row, fine-tuned this many steps (0: no QAT row)")
     p.add_argument("--qat-frames", type=int, default=int(env("BEVACC_QAT_FRAMES", "200")))

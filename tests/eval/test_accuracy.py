@@ -84,12 +84,15 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert "DEPARTURE" in md and md.count("| yolox-x | fp32 |") == 1
     # a variant run beside it: int8 rows built with SmoothQuant + measured keep-float, its own results file
     assert main(["--stage", "eval", "--precisions", "int8", "--calib-frames", "2", "--eval-batch", "2", "--iters", "1",
-                 "--smooth-alpha", "0.5", "--keep-float-below", "1000", "--results-tag", "smooth", *common]) == 0
+                 "--smooth-alpha", "0.5", "--keep-float-below", "1000", "--calib-method", "percentile",
+                 "--results-tag", "smooth", *common]) == 0
     variant = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.json").read_text())
     int8 = variant["rows"][1]
     assert int8["precision"] == "int8" and int8["smooth_alpha"] == 0.5 and int8["keep_float_below_db"] == 1000.0
     assert int8["int8_layers"] == 0  # every ranked layer is below 1000 dB: all kept float
-    assert "smooth_alpha=0.5" in (tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.md").read_text()
+    assert int8["calib_method"] == "percentile"  # not YOLOX's default (minmax)
+    variant_md = (tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.md").read_text()
+    assert "smooth_alpha=0.5" in variant_md and "int8 calibrated (percentile)" in variant_md
     assert [r["precision"] for r in json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x.json")
                                                .read_text())["rows"]] == ["pytorch", "fp32"]  # untouched
     # the QAT row: the PTQ start fine-tuned on every training image, named and recorded beside the int8 row
