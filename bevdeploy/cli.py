@@ -316,8 +316,8 @@ def _export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bevdeploy", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Deploy camera BEV 3D detectors (BEVFormer, BEVDet) from PyTorch to fast engines: build, "
-                    "evaluate, look at and benchmark them.")
+        description="Deploy camera BEV 3D detectors (BEVFormer, BEVDet) and 2D detectors (YOLOX, CenterNet) "
+                    "from PyTorch to fast engines: build, evaluate, look at and benchmark them.")
     parser.add_argument("--version", action="version", version=f"bevdeploy {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     loud = common.add_mutually_exclusive_group()
