@@ -90,20 +90,29 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval_det2d(args: argparse.Namespace) -> int:
     from bevdeploy.eval.coco import evaluate_det2d
 
-    r = evaluate_det2d(args.model, args.data if args.data != "synthetic" else "synthetic2d:64",
+    bev_only = [flag for flag, value in (("--metrics", args.metrics), ("--save-run", args.save_run),
+                                         ("--score-run", args.score_run), ("--no-score", args.no_score)) if value]
+    if bev_only:
+        raise ValueError(f"{' '.join(bev_only)}: BEV models only; a 2D model is scored with pycocotools "
+                         "(--results writes its COCO results JSON)")
+    if args.dist is not None and args.dist.enabled:
+        raise ValueError("2D models are evaluated in one process: run without torchrun")
+    r = evaluate_det2d(args.model, args.data if args.data != "synthetic" else "synthetic2d:64", engine=args.engine,
                        checkpoint=args.checkpoint, allow_partial=args.allow_partial, device=args.device,
-                       batch=args.batch, results_file=args.results)
+                       batch=args.batch, results_file=args.results, progress=not args.quiet)
     fps = "n/a" if r["fps"] is None else f"{r['fps']:.1f}"
-    print(f"{r['model']} on {r['data']}: {r['images']} images, {r['detections']} detections, images/s {fps}, "
+    what = r["model"] if not r["engine"] else f"{r['model']} engine {r['engine']}"
+    print(f"{what} on {r['data']}: {r['images']} images, {r['detections']} detections, images/s {fps}, "
           f"COCO mAP {r['mAP']:.4f} (AP50 {r['mAP_50']:.4f}, AP75 {r['mAP_75']:.4f})"
           + (f"; results: {args.results}" if args.results else ""))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from bevdeploy.engine.engine_file import peek_model_name
     from bevdeploy.models import DET2D_MODELS
 
-    if args.model in DET2D_MODELS:
+    if args.model in DET2D_MODELS or (args.engine and peek_model_name(args.engine) in DET2D_MODELS):
         return _eval_det2d(args)
     from bevdeploy.eval.detection import DetectionRun, evaluate, format_metrics, score_run, write_metrics, write_results
 
@@ -358,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
-    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU)")
+    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU, 2 on a CPU; "
+                    "an engine runs its own static batch)")
     ev.set_defaults(func=_eval)
 
     bd = sub.add_parser("build", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,

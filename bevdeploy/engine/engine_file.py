@@ -30,6 +30,7 @@ __all__ = [
     "METADATA_KEY",
     "EngineArchive",
     "read_archive",
+    "peek_model_name",
     "program_hash",
     "integrity_hash",
     "validate_metadata",
@@ -207,6 +208,19 @@ def read_archive(path: str | Path) -> EngineArchive:
 
 _FAMILIES = ("bevformer", "bevdet", "yolox", "centernet")
 _INPUT_DTYPES = ("float32", "float16", "int32")
+
+
+def peek_model_name(path: str | Path) -> str | None:
+    """The model an engine file says it was built from, read from its metadata member alone; None when
+    that cannot be read. A hint for choosing which evaluation loop takes the file (3D or 2D), not a check:
+    :func:`read_archive` inspects the whole file when it is loaded and reports what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.split("/", 1)[-1] == _METADATA_MEMBER), None)
+            model = json.loads(zf.read(name)).get("model") if name else None
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _field(meta: dict, key: str, types, where: str, *, allow_none: bool = False):

@@ -137,44 +137,73 @@ def fidelity_map(results: list[dict], reference: list[dict], image_ids: Sequence
     return coco_map(gt, results, image_ids)["mAP"]
 
 
-def evaluate_det2d(model_name: str, data: str, *, checkpoint: str | None = None, allow_partial: bool = False,
-                   device: str | None = None, batch: int | None = None, results_file: str | Path | None = None,
-                   progress: bool = True, model_overrides: dict | None = None) -> dict:
-    """Run ``model_name`` (PyTorch eager) over ``data`` and score it with pycocotools.
+def evaluate_det2d(model_name: str | None, data: str, *, engine: str | Path | None = None,
+                   checkpoint: str | None = None, allow_partial: bool = False, device: str | None = None,
+                   batch: int | None = None, results_file: str | Path | None = None, progress: bool = True,
+                   model_overrides: dict | None = None) -> dict:
+    """Run ``model_name`` (PyTorch eager) or a 2D ``engine`` file over ``data`` and score it with pycocotools.
+
+    The model (and its checkpoint) or the engine is loaded before the images are read or rendered, so a
+    bad file is reported at once.
 
     Args:
-        model_name: ``yolox-x`` or ``centernet-r18-dcn``.
+        model_name: ``yolox-x`` or ``centernet-r18-dcn``; None with ``engine`` (the engine names its model).
         data: ``coco:PATH`` or ``synthetic2d:N``.
-        checkpoint: Official mmdetection checkpoint (random weights, seed 0, otherwise).
+        engine: A 2D engine file (``bevdeploy build``); its static batch is the batch.
+        checkpoint: Official mmdetection checkpoint (random weights, seed 0, otherwise); model only.
         allow_partial: Passed to ``load_checkpoint``.
         device: ``cuda`` / ``cpu`` (default: cuda when available).
-        batch: Images per forward (default 32 on a GPU, 2 on a CPU).
+        batch: Images per forward (default 32 on a GPU, 2 on a CPU; an engine's own batch).
         results_file: Write the COCO results JSON here.
         model_overrides: Config overrides (tests).
 
     Returns:
-        dict with ``model``, ``data``, ``images``, ``fps`` (images/s), ``detections`` and the
+        dict with ``model``, ``data``, ``images``, ``fps`` (images/s), ``detections``, ``engine`` and the
         COCOeval stats (``mAP``, ``mAP_50``, ...).
     """
     from bevdeploy.data.det2d import resolve_det2d_spec
+    from bevdeploy.eval.detection import warn_random_weights
     from bevdeploy.models import DET2D_MODELS, MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
-    if model_name not in DET2D_MODELS:
+    if engine is None and model_name not in DET2D_MODELS:
         raise ValueError(f"evaluate_det2d takes a 2D model {DET2D_MODELS}, got {model_name!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch = batch or (32 if dev.type == "cuda" else 2)
+    if engine is not None:
+        from bevdeploy.engine import Engine
+
+        if checkpoint:
+            raise ValueError("--checkpoint applies to --model only: an engine holds the weights it was built with")
+        runner = Engine.load(engine, device=dev)
+        built = runner.metadata["model"]
+        if built not in DET2D_MODELS:
+            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, a BEV model: evaluate it on BEV data "
+                             "(synthetic:N or nuscenes:PATH), not 2D images")
+        if model_name is not None and model_name != built:
+            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, not --model {model_name!r}")
+        if batch is not None and batch != runner.batch:
+            raise ValueError(f"engine {str(engine)!r} has the static batch {runner.batch}; --batch {batch} cannot run "
+                             f"on it (drop --batch, or build with --batch {batch})")
+        if not runner.metadata.get("checkpoint"):
+            warn_random_weights(built, f"engine {Path(engine).name}")
+        model_name, batch, config = built, runner.batch, runner.metadata["model_config"]
+        forward = lambda x: runner(image=x)  # noqa: E731
+    else:
+        torch.manual_seed(0)
+        model = MODELS[model_name](**(model_overrides or {}))
+        if checkpoint:
+            load_checkpoint(model, checkpoint, allow_partial=allow_partial)
+        else:
+            warn_random_weights(model_name)
+        model = model.to(dev).eval()
+        batch = batch or (32 if dev.type == "cuda" else 2)
+        forward, config = model, model.config
     source = resolve_det2d_spec(data, progress=progress)
-    torch.manual_seed(0)
-    model = MODELS[model_name](**(model_overrides or {}))
-    if checkpoint:
-        load_checkpoint(model, checkpoint, allow_partial=allow_partial)
-    model = model.to(dev).eval()
-    results, fps = run_det2d(model, source, model_name, model.config, batch=batch, device=dev, progress=progress)
+    results, fps = run_det2d(forward, source, model_name, config, batch=batch, device=dev, progress=progress)
     if results_file:
         Path(results_file).parent.mkdir(parents=True, exist_ok=True)
         Path(results_file).write_text(json.dumps(results))
     images = source.images()
     metrics = coco_map(source.coco(), results, [r["id"] for r in images])
     return {"model": model_name, "data": data, "images": len(images), "fps": fps, "detections": len(results),
-            **metrics}
+            "engine": None if engine is None else str(engine), **metrics}
