@@ -86,3 +86,23 @@ def test_check_reports_a_wrong_plugin(bevdet_onnx, monkeypatch):
     monkeypatch.setattr(ox, "_plugin_impls", broken)
     report = check_onnx(path)
     assert not report["ok"] and "MISMATCH" in report["text"]
+
+
+@pytest.mark.parametrize("name, overrides, plugins", [
+    ("centernet-r18-dcn", {"image_size": (64, 96)}, {"ModulatedDeformableConv2dTRT": 3}),
+    ("yolox-x", {"image_size": (64, 64), "deepen_factor": 0.33, "widen_factor": 0.125}, {}),
+])
+def test_2d_detector_onnx_runs_in_onnxruntime_and_matches_pytorch(name, overrides, plugins, tmp_path, capsys):
+    """The 2D detectors export too (one image input, the head maps out); CenterNet's neck DCNs become the
+    reference's ModulatedDeformableConv2dTRT nodes, whose list attributes the check passes to onnxruntime."""
+    path = export_model(name, tmp_path / f"{name}.onnx", model_overrides=overrides)
+    graph = onnx.load(str(path)).graph
+    h, w = overrides["image_size"]
+    assert [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] == [("image", [1, 3, h, w])]
+    report = check_onnx(path)
+    assert report["ok"], report["text"]
+    assert report["plugins"] == plugins
+    varying = {n for n, o in report["outputs"].items() if not o["constant"]}
+    # random weights: CenterNet's maps all vary; YOLOX's objectness map is flat (its prior bias), its boxes vary
+    assert varying >= ({"heatmap", "wh", "offset"} if name.startswith("centernet") else {"bbox_preds"})
+    assert cli.main(["export", "--check", str(path)]) == 0 and "OK" in capsys.readouterr().out
