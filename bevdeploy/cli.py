@@ -481,12 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     show = sub.add_parser("show", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                          help="draw frames: BEV plot (ground truth vs predictions) and the six cameras with boxes (PNG)")
+                          help="draw frames: BEV plot (ground truth vs predictions) and the six cameras with boxes "
+                               "(PNG); 2D models: each image with its boxes")
     src = show.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help=f"run this model: {MODEL_NAMES}")
     src.add_argument("--engine", default=None, help="run this engine file")
-    src.add_argument("--results", default=None, help="draw a nuScenes results JSON (eval --results)")
-    show.add_argument("--data", default="synthetic:4", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]")
+    src.add_argument("--results", default=None, help="draw a results JSON of eval --results (nuScenes; COCO with 2D data)")
+    show.add_argument("--data", default="synthetic:4", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]; "
+                      "2D: synthetic2d:N or coco:PATH (a 2D model reads synthetic[:N] as synthetic2d[:N])")
     show.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     show.add_argument("--frames", type=int, default=4, help="how many frames to draw (default 4)")
     show.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions at or above this score")

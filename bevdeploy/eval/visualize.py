@@ -1,6 +1,7 @@
 """``bevdeploy show``: pictures of what a detector sees, as PNG files.
 
-Per frame, a bird's-eye view (ground truth green, predictions red, the ego car, range rings every
+2D detectors (YOLOX, CenterNet): per image, the picture with its COCO boxes, ground truth green and
+predictions red with class and score. BEV detectors: per frame, a bird's-eye view (ground truth green, predictions red, the ego car, range rings every
 10 m; the nuScenes LiDAR frame: x right, y forward, up in the picture) and the six cameras with the same 3D boxes
 projected. Boxes are drawn by the nuScenes devkit's ``Box.render`` (its corner order and edge
 colours), so a box here is the box the devkit scores.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GT_COLOR", "PRED_COLOR", "bev_figure", "camera_figure", "devkit_boxes", "show"]
+__all__ = ["GT_COLOR", "PRED_COLOR", "bev_figure", "camera_figure", "devkit_boxes", "image_figure", "show"]
 
 #: Colours of ground-truth and predicted boxes (RGB in [0, 1]).
 GT_COLOR = (0.0, 0.7, 0.0)
@@ -119,6 +120,87 @@ def camera_figure(info: dict, gt: np.ndarray, pred: np.ndarray, title: str = "",
     return fig
 
 
+def image_figure(rgb: np.ndarray, gt: Sequence[dict], pred: Sequence[dict], title: str = "", width_px: int = 1000):
+    """One image with COCO boxes (``bbox`` [x, y, w, h] in pixels, ``category_id``; predictions also ``score``):
+    ground truth green, predictions red and labelled with class and score; returns the figure (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from bevdeploy.data.coco import COCO_CATEGORIES
+
+    names = dict(COCO_CATEGORIES)
+    h, w = rgb.shape[:2]
+    dpi = 100
+    image_in = width_px / dpi * h / w
+    fig = Figure(figsize=(width_px / dpi, image_in + 0.3), dpi=dpi)  # the image, and a title strip above it
+    ax = fig.add_axes((0, 0, 1, image_in / (image_in + 0.3)))
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    fig.text(0.5, 1 - 0.15 / (image_in + 0.3), title, ha="center", va="center", fontsize=9)
+    for boxes, color, width in ((gt, GT_COLOR, 2.0), (pred, PRED_COLOR, 1.2)):
+        for b in boxes:
+            x, y, bw, bh = b["bbox"]
+            ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=color, linewidth=width))
+            if "score" in b:
+                ax.text(x, y, f"{names.get(b['category_id'], b['category_id'])} {b['score']:.2f}", color="white",
+                        fontsize=6, va="bottom", bbox={"facecolor": color, "alpha": 0.7, "lw": 0, "pad": 1})
+    ax.plot([], [], color=GT_COLOR, label=f"ground truth ({len(gt)})")
+    ax.plot([], [], color=PRED_COLOR, label=f"predictions ({len(pred)})")
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    return fig
+
+
+def _show_det2d(data: str, out: Path, runner, model_name: str | None, dev, results, frames: int,
+                score_threshold: float, progress: bool) -> list[Path]:
+    """``show`` for a 2D detector or a 2D data spec: ``<i>_<image id>_det.png`` per image."""
+    import dataclasses
+    import json
+
+    from PIL import Image
+
+    from bevdeploy.data.det2d import resolve_det2d_spec
+    from bevdeploy.eval.coco import run_det2d
+
+    source = resolve_det2d_spec(data, progress=progress)
+    source = dataclasses.replace(source, num_images=min(frames, len(source.images())))
+    images = source.images()
+    pred: list[dict] = []
+    if results is not None:
+        pred = json.loads(Path(results).read_text())
+        if not isinstance(pred, list) or any(not isinstance(d, dict) or not {"image_id", "bbox", "score",
+                                                                              "category_id"} <= set(d) for d in pred):
+            raise ValueError(f"results {str(results)!r}: not a COCO results JSON (a list of image_id, category_id, "
+                             "bbox, score records; eval --results writes one)")
+        ids = {r["id"] for r in images}
+        if not any(d["image_id"] in ids for d in pred):
+            raise ValueError(f"results {str(results)!r} hold none of the first {len(images)} images of {data!r}")
+    elif runner is not None:
+        from bevdeploy.engine import Engine
+
+        if isinstance(runner, Engine):
+            forward, config, batch = (lambda x: runner(image=x)), runner.metadata["model_config"], runner.batch
+        else:
+            forward, config, batch = runner, runner.config, len(images)
+        pred, _ = run_det2d(forward, source, model_name, config, batch=batch, device=dev, progress=progress)
+    coco = source.coco()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, rec in enumerate(images):
+        gt = coco.loadAnns(coco.getAnnIds(imgIds=[rec["id"]], iscrowd=None))
+        mine = [d for d in pred if d["image_id"] == rec["id"] and d["score"] >= score_threshold]
+        rgb = np.asarray(Image.open(source.image_dir / rec["file_name"]).convert("RGB"))
+        fig = image_figure(rgb, gt, mine, f"{model_name or ('results' if results else 'ground truth')}: image {rec['id']} "
+                           f"({rec['file_name']})")
+        paths.append(out / f"{k:03d}_{rec['id']}_det.png")
+        fig.savefig(paths[-1], dpi=fig.dpi)
+    return paths
+
+
 def _runner(model_name, engine, checkpoint, device):
     """``(runner, model name, device)`` of a model (with its checkpoint) or an engine file: built before the
     data is rendered or read, so a wrong name or a bad file is reported at once."""
@@ -164,7 +246,9 @@ def show(
     progress: bool = True,
     predictions: dict | None = None,
 ) -> list[Path]:
-    """Write ``<i>_<token>_bev.png`` and ``<i>_<token>_cams.png`` for the first ``frames`` frames of ``data``.
+    """Write ``<i>_<token>_bev.png`` and ``<i>_<token>_cams.png`` for the first ``frames`` frames of ``data``
+    (2D models or 2D data, ``synthetic2d:N`` / ``coco:PATH``: ``<i>_<image id>_det.png`` per image, ``results``
+    then a COCO results JSON; ``synthetic[:N]`` given to a 2D model means ``synthetic2d[:N]``).
 
     Predictions come from ``model_name``, an ``engine`` file, a nuScenes ``results`` file, or
     ``predictions`` (``{token: (boxes, scores, labels)}``, e.g. a :class:`DetectionRun`'s boxes);
@@ -179,8 +263,20 @@ def show(
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if sum(x is not None for x in (model_name, engine, results, predictions)) > 1:
         raise ValueError("give at most one of model, engine, results and predictions")
+    runner = dev = None
     if model_name or engine:
         runner, model_name, dev = _runner(model_name, engine, checkpoint, device)
+    from bevdeploy.models import DET2D_MODELS
+
+    det2d_data = str(data).startswith(("synthetic2d", "coco:"))
+    if model_name in DET2D_MODELS or (model_name is None and det2d_data):
+        if model_name and (data == "synthetic" or str(data).startswith("synthetic:")):
+            data = "synthetic2d" + str(data)[len("synthetic"):]  # the 2D form of the synthetic world
+        if predictions is not None:
+            raise ValueError("predictions ({token: boxes}) are BEV boxes; a 2D model draws its own or --results")
+        return _show_det2d(data, Path(out_dir), runner, model_name, dev, results, frames, score_threshold, progress)
+    if model_name and det2d_data:
+        raise ValueError(f"{model_name} is a BEV model: show it BEV data (synthetic:N or nuscenes:PATH), not {data!r}")
     source = resolve_data_spec(data, workers=workers, progress=progress)
     infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
     if results is not None:

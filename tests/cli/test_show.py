@@ -84,3 +84,58 @@ def test_show_refuses_a_bad_engine_or_model_before_rendering_the_world(tmp_path,
     assert cli.main(["show", "--data", "synthetic:50", *flags, "-o", str(tmp_path / "show"), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "internal error" not in err
+
+
+def _red_pixels(path) -> np.ndarray:
+    """Mask of the predictions' red (PRED_COLOR) in a PNG."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return (rgb[..., 0] > 200) & (rgb[..., 1] < 40) & (rgb[..., 2] < 40)
+
+
+def test_show_of_2d_data_draws_each_image_with_its_boxes(tmp_path, monkeypatch, capsys):
+    """2D data: one PNG per image; a results file's box is drawn where it says (red), ground truth alone in green."""
+    import json
+
+    from bevdeploy.data.det2d import resolve_det2d_spec
+
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["show", "--data", "synthetic2d:2", "-o", str(tmp_path / "gt"), "-q"]) == 0
+    pngs = sorted((tmp_path / "gt").glob("*.png"))
+    assert [p.name for p in pngs] == ["000_1_det.png", "001_2_det.png"]
+    assert "2 pictures written" in capsys.readouterr().out
+    source = resolve_det2d_spec("synthetic2d:2", progress=False)
+    h, w = source.images()[0]["height"], source.images()[0]["width"]
+    box = [w * 0.25, h * 0.25, w * 0.5, h * 0.5]  # [x, y, w, h] pixels
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 3, "bbox": box, "score": 0.9},
+                                   {"image_id": 1, "category_id": 3, "bbox": box, "score": 0.1}]))
+    out = tmp_path / "res"
+    assert cli.main(["show", "--data", "synthetic2d:2", "--results", str(results), "--frames", "1", "-o", str(out),
+                     "-q"]) == 0
+    red = _red_pixels(out / "000_1_det.png") & ~_red_pixels(pngs[0])  # what the results added (the world has red cars)
+    rows, cols = np.nonzero(red)
+    pw = red.shape[1] / w  # picture pixels per image pixel (the image fills the width)
+    assert abs(cols.min() / pw - box[0]) < 4 and abs(cols.max() / pw - (box[0] + box[2])) < 4
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": {}}))
+    assert cli.main(["show", "--data", "synthetic2d:2", "--results", str(bad), "-o", str(out), "-q"]) == 2
+    assert "not a COCO results JSON" in capsys.readouterr().err
+
+
+def test_show_runs_a_2d_model_and_refuses_2d_data_for_a_bev_model(tmp_path, monkeypatch, capsys, ops_on_references):
+    from bevdeploy.models import MODELS
+
+    monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
+    centernet = MODELS["centernet-r18-dcn"]
+    monkeypatch.setitem(MODELS, "centernet-r18-dcn", lambda: centernet(image_size=(64, 96)))  # small and quick
+    # a 2D model reads the default synthetic spec as its 2D form
+    assert cli.main(["show", "--model", "centernet-r18-dcn", "--data", "synthetic:1", "--score-threshold", "0",
+                     "--device", "cpu", "-o", str(tmp_path / "cn"), "-q"]) == 0
+    assert [p.name for p in (tmp_path / "cn").glob("*.png")] == ["000_1_det.png"]
+    assert cli.main(["show", "--data", "synthetic2d:1", "-o", str(tmp_path / "gt"), "-q"]) == 0
+    # its 100 top-k boxes, all drawn at threshold 0, add red to the picture (the world has red cars of its own)
+    added = _red_pixels(tmp_path / "cn" / "000_1_det.png") & ~_red_pixels(tmp_path / "gt" / "000_1_det.png")
+    assert added.sum() > 500
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert cli.main(["show", "--model", "bevformer-tiny", "--data", "synthetic2d:1", "-o", str(tmp_path / "x")]) == 2
+    assert "bevformer-tiny is a BEV model" in capsys.readouterr().err
