@@ -35,9 +35,15 @@ def run_demo(
     from bevdeploy.eval.bench_models import fidelity_threshold, pth_size_mb, results_records
     from bevdeploy.eval.detection import run_model, score_run
     from bevdeploy.eval.nuscenes import fidelity_metrics
-    from bevdeploy.models import MODELS
+    from bevdeploy.models import DET2D_MODELS, MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
 
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    if model_name in DET2D_MODELS:  # before the BEV world is rendered for it
+        raise ValueError(f"the demo runs the BEV models; for {model_name}: bevdeploy eval --model {model_name} "
+                         f"--data synthetic2d:N (COCO mAP), bevdeploy build, and bevdeploy bench --model {model_name} "
+                         "(every precision's mAP, fidelity and images/s; GPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precisions is None:
         precisions = ["fp32", "fp16", "fp16x2", "int8", "int8-fp16"] if device.type == "cuda" else ["fp32", "int8"]
