@@ -272,6 +272,9 @@ DATA_HELP = """data specs:
   nuscenes:PATH                          v1.0-trainval (split val) or v1.0-mini (mini_val) under PATH
   nuscenes:PATH@v1.0-test:test           any table version and split
   nuscenes:PATH:val:100                  the first 100 samples (temporal order) of a split
+  synthetic2d:N[@SEED]                   2D models: N generated camera views in COCO format (cached)
+  coco:PATH[:SPLIT][:N]                  2D models: COCO's instances_SPLIT.json and SPLIT/ (default val2017;
+                                         train2017 to train or calibrate), the first N images
 """
 
 
@@ -355,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", default=None, help=f"model name: {MODEL_NAMES}")
     what.add_argument("--engine", default=None, help="engine file from 'bevdeploy build' (CPU-built engines run on a CPU)")
     ev.add_argument("--data", default="synthetic", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]; "
-                    "2D models: synthetic2d:N or coco:PATH")
+                    "2D models: synthetic2d:N or coco:PATH[:SPLIT][:N]")
     ev.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")
     ev.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -378,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--checkpoint", default=None, help="official .pth (random weights if omitted)")
     bd.add_argument("--allow-partial", action="store_true", help="load a checkpoint with missing/unexpected keys")
     bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH[...] "
-                    "(default split: train; 2D models: synthetic2d:N or coco:PATH)")
+                    "(default split: train; 2D models: synthetic2d:N or coco:PATH:train2017:500)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
                     help="default: entropy for int8, minmax for fp8")
     bd.add_argument("--calib-two-pass", action="store_true",
@@ -409,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="int8: quantization-aware fine-tuning steps from the calibrated scales (0: PTQ only)")
     bd.add_argument("--qat-data", default=None,
                     help="QAT training data spec (default: --calib); 2D models train on all its images, e.g. "
-                         "synthetic2d:600@1 or coco:PATH (annotations needed: the loss is the training loss)")
+                         "synthetic2d:600@1 or coco:PATH:train2017 (annotations needed: the loss is the training loss)")
     bd.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate of the weights (cosine decay)")
     bd.add_argument("--qat-batch", type=int, default=1, help="QAT batch size")
     bd.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
@@ -459,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "| yolox-x | centernet-r18-dcn")
     tr.add_argument("--data", default="synthetic:600@1", help="synthetic:N[@SEED] (rendered at 900x1600 for BEVFormer, "
                     "450x800 for BEVDet; cached) or nuscenes:PATH; 2D models: synthetic2d:N[@SEED] (360x640 views) "
-                    "or coco:PATH")
+                    "or coco:PATH:train2017")
     tr.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                     help="2D models: network input canvas (default: official, YOLOX 640 640, CenterNet 512 512); "
                          "recorded in the checkpoint's meta (model_overrides); `python -m bevdeploy.eval.accuracy "

@@ -20,6 +20,7 @@ Pipelines (mmdetection 2.x test configs), each to a fixed canvas so one static e
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,25 @@ class CocoSet:
         return imgs[: self.num_images] if self.num_images is not None else imgs
 
 
+def _coco_parts(arg: str, spec: str) -> tuple[str, str, int | None]:
+    """``PATH[:SPLIT][:N]`` -> (PATH, SPLIT, N): SPLIT names the annotation file and image folder (default
+    ``val2017``; ``train2017`` to train or calibrate on other images than those scored), N the first images."""
+    parts = arg.split(":")
+    count = None
+    if len(parts) > 1 and parts[-1].isdigit():
+        count = int(parts.pop())
+        if count < 1:
+            raise ValueError(f"data spec {spec!r}: the image count N must be positive")
+    split = "val2017"
+    if len(parts) > 1 and re.fullmatch(r"[a-z]+\d{4}", parts[-1]):
+        split = parts.pop()
+    return ":".join(parts), split, count
+
+
 def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: int = 0,
                        image_size: tuple[int, int] = (360, 640), progress: bool = True, workers: int = 1) -> CocoSet:
-    """``coco:PATH`` or ``synthetic2d:N[@SEED]`` -> :class:`CocoSet` (the synthetic set is generated if needed).
+    """``coco:PATH[:SPLIT][:N]`` or ``synthetic2d:N[@SEED]`` -> :class:`CocoSet` (the synthetic set is generated
+    if needed; COCO's SPLIT defaults to ``val2017``, N to every image).
 
     A spec's ``@SEED`` overrides ``seed``; ``image_size`` is the (H, W) the synthetic views are rendered at,
     by ``workers`` processes.
@@ -81,12 +98,13 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
                              f"got {seed_text!r}")
         seed = int(seed_text)
     if kind == "coco" and arg:
-        root = Path(arg).expanduser().absolute()
-        ann = root / "annotations" / "instances_val2017.json"
+        path, split, count = _coco_parts(arg, spec)
+        root = Path(path).expanduser().absolute()
+        ann = root / "annotations" / f"instances_{split}.json"
         if not ann.is_file():
             raise FileNotFoundError(f"COCO annotations not found: {str(ann)!r} (PATH must hold "
-                                    "annotations/instances_val2017.json and val2017/)")
-        return CocoSet(ann, root / "val2017", spec=str(spec))
+                                    f"annotations/instances_{split}.json and {split}/)")
+        return CocoSet(ann, root / split, count, spec=str(spec))
     if kind == "synthetic2d":
         try:
             n = int(arg) if arg else 64
@@ -101,7 +119,7 @@ def resolve_det2d_spec(spec: str, *, cache_dir: str | Path | None = None, seed: 
         root = generate_coco(base / f"coco-seed{seed}-n{n}-{image_size[0]}x{image_size[1]}", n, seed=seed,
                              image_size=image_size, progress=progress, workers=workers)
         return CocoSet(root / "annotations" / "instances_val2017.json", root / "val2017", n, spec=str(spec))
-    raise ValueError(f"2D data must be 'coco:PATH' or 'synthetic2d:N[@SEED]', got {spec!r}")
+    raise ValueError(f"2D data must be 'coco:PATH[:SPLIT][:N]' or 'synthetic2d:N[@SEED]', got {spec!r}")
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,8 @@ def train_model(
     Args:
         model_name: A key of ``bevdeploy.models.MODELS``.
         data: A data spec: ``synthetic:N@SEED`` or ``nuscenes:PATH`` (BEV models); ``synthetic2d:N@SEED``
-            or ``coco:PATH`` (2D models; COCO reads its val2017 annotations and images).
+            or ``coco:PATH[:SPLIT][:N]`` (2D models; COCO reads instances_SPLIT.json and SPLIT/, default
+            val2017: train on ``coco:PATH:train2017``).
         steps, batch, lr, weight_decay, warmup, clip, seed: See :func:`train` (``clip`` default:
             :func:`default_clip`).
         out: The checkpoint file.

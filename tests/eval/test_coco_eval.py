@@ -73,7 +73,7 @@ def test_pipeline_box_round_trip(kind):
 
 
 def test_bad_specs():
-    with pytest.raises(ValueError, match="coco:PATH' or 'synthetic2d:N"):
+    with pytest.raises(ValueError, match=r"coco:PATH\[:SPLIT\]\[:N\]' or 'synthetic2d:N"):
         resolve_det2d_spec("nuscenes:/x")
     with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
         resolve_det2d_spec("coco:/nonexistent/coco")
@@ -81,6 +81,23 @@ def test_bad_specs():
         resolve_det2d_spec("synthetic2d:0")
     with pytest.raises(ValueError, match="kind must be"):
         preprocess_image(np.zeros((4, 4, 3), np.uint8), "ssd", (32, 32))
+
+
+def test_coco_spec_names_a_split_and_a_count(tmp_path):
+    """coco:PATH:train2017:N reads instances_train2017.json and train2017/ (train or calibrate on other images
+    than those scored), its first N images."""
+    from bevdeploy.data.coco import generate_coco
+
+    root = generate_coco(tmp_path / "coco", 3, seed=0, image_size=(36, 64), progress=False)
+    (root / "annotations" / "instances_val2017.json").rename(root / "annotations" / "instances_train2017.json")
+    (root / "val2017").rename(root / "train2017")
+    data = resolve_det2d_spec(f"coco:{root}:train2017:2")
+    assert data.image_dir == root / "train2017" and data.ann_file.name == "instances_train2017.json"
+    assert [r["id"] for r in data.images()] == [1, 2] and len(resolve_det2d_spec(f"coco:{root}:train2017").images()) == 3
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json and val2017/"):
+        resolve_det2d_spec(f"coco:{root}")
+    with pytest.raises(ValueError, match="must be positive"):
+        resolve_det2d_spec(f"coco:{root}:train2017:0")
 
 
 def test_fidelity_of_identical_results_is_one(tmp_path):
