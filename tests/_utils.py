@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -55,3 +58,16 @@ def randomize_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model
+
+
+@contextlib.contextmanager
+def ops_on_references_here():
+    """What the ``ops_on_references`` fixture does, for the block of a module- or session-scoped fixture (a
+    reduced engine built once): the ops run their plain-PyTorch references until the block ends, and the
+    setting does not leak into later tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "0")
+    try:
+        yield
+    finally:
+        mp.undo()

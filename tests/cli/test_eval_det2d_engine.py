@@ -9,6 +9,7 @@ from bevdeploy import cli
 from bevdeploy.engine import build
 from bevdeploy.engine.engine_file import peek_model_name
 from bevdeploy.eval.coco import evaluate_det2d
+from tests._utils import ops_on_references_here
 
 SIZE = {"image_size": (64, 96)}
 DATA = "synthetic2d:3"
@@ -16,14 +17,9 @@ DATA = "synthetic2d:3"
 
 @pytest.fixture(scope="module")
 def engine_path(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
-    try:
-        built = build("centernet-r18-dcn", "fp32", out=tmp_path_factory.mktemp("e") / "cn.engine",
-                      model_overrides=SIZE, batch=2, progress=False, device="cpu")
-    finally:
-        mp.undo()
-    yield built
+    with ops_on_references_here():
+        return build("centernet-r18-dcn", "fp32", out=tmp_path_factory.mktemp("e") / "cn.engine",
+                     model_overrides=SIZE, batch=2, progress=False, device="cpu")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from bevdeploy import cli
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, generate
 from bevdeploy.engine import build
 from bevdeploy.eval.detection import evaluate
+from tests._utils import ops_on_references_here
 
 TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1, num_decoder_layers=1)
 
@@ -23,14 +24,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_path(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
-    try:
-        built = build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("e") / "tiny.engine", model_overrides=TINY,
-                    progress=False, device="cpu")
-    finally:
-        mp.undo()
-    yield built
+    with ops_on_references_here():
+        return build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("e") / "tiny.engine", model_overrides=TINY,
+                     progress=False, device="cpu")
 
 
 def test_eval_engine_equals_model_and_results_file_reproduces_nds(world, engine_path, tmp_path, capsys):

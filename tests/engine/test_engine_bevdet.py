@@ -24,6 +24,7 @@ from bevdeploy.models import MODELS
 from bevdeploy.quant.calibrate import CalibrationTable, calibrate
 from bevdeploy.quant.sensitivity import sqnr_db
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
+from tests._utils import ops_on_references_here
 
 SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 17.0, 2.0), grid_x=(-12.8, 12.8, 1.6), grid_y=(-12.8, 12.8, 1.6),
              fpn_out_channels=32, bev_channels=16, bev_layer_channels=(16, 32, 64), bev_neck_out_channels=32,
@@ -49,13 +50,9 @@ def sample(world):
 
 @pytest.fixture(scope="module")
 def fp32_engine(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # build on the op references
-    try:
+    with ops_on_references_here():
         path = build("bevdet-r50-cbgs", "fp32", out=tmp_path_factory.mktemp("fp32") / "bevdet.engine",
                      model_overrides=SMALL, progress=False)
-    finally:
-        mp.undo()
     return Engine.load(path, device="cpu")
 
 

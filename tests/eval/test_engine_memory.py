@@ -5,18 +5,15 @@ import pytest
 
 from bevdeploy.engine import Engine, build
 from bevdeploy.eval.engine_memory import fresh_process_memory
+from tests._utils import ops_on_references_here
 from tests.engine.test_engine import TINY, _inputs
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")
-    try:
-        yield build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("mem") / "tiny.engine",
-                    model_overrides=TINY, progress=False)
-    finally:
-        mp.undo()
+    with ops_on_references_here():
+        return build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("mem") / "tiny.engine",
+                     model_overrides=TINY, progress=False)
 
 
 def test_child_loads_and_runs_the_engine(tiny_engine, ops_on_references):

@@ -5,6 +5,7 @@ import pytest
 
 from bevdeploy import cli
 from bevdeploy.export.onnx import check_onnx, example_model_inputs, export_model, plugin_nodes, register_plugin_schemas
+from tests._utils import ops_on_references_here
 
 pytest.importorskip("onnxruntime_extensions")
 
@@ -21,14 +22,9 @@ def _refs(ops_on_references):
 
 @pytest.fixture(scope="module")
 def bevdet_onnx(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
-    try:
-        built = export_model("bevdet-r50-cbgs", tmp_path_factory.mktemp("onnx") / "bevdet.onnx",
-                           model_overrides=BEVDET_SMALL)
-    finally:
-        mp.undo()
-    yield built
+    with ops_on_references_here():
+        return export_model("bevdet-r50-cbgs", tmp_path_factory.mktemp("onnx") / "bevdet.onnx",
+                            model_overrides=BEVDET_SMALL)
 
 
 def _plugin_shapes(path):

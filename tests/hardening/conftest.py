@@ -8,20 +8,16 @@ import zipfile
 import pytest
 
 from bevdeploy.engine import build
+from tests._utils import ops_on_references_here
 
 TINY = dict(image_size=(64, 96), bev_h=8, bev_w=8, num_query=20, num_encoder_layers=1, num_decoder_layers=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_engine_path(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # only while building: the setting must not leak into later tests
-    try:
-        built = build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("tiny") / "tiny.engine",
-                    model_overrides=TINY, progress=False)
-    finally:
-        mp.undo()
-    yield built
+    with ops_on_references_here():
+        return build("bevformer-tiny", "fp32", out=tmp_path_factory.mktemp("tiny") / "tiny.engine",
+                     model_overrides=TINY, progress=False)
 
 
 def members(path) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ from bevdeploy.engine.deploy import precision_spec
 from bevdeploy.models import MODELS
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVPoolRanks
 from bevdeploy.quant.sensitivity import sqnr_db
+from tests._utils import ops_on_references_here
 from tests.engine.test_engine_bevdet import SMALL
 
 #: Minimum SQNR (dB) of the fp8 engines' head maps against the eager fp32 model's (random weights, 2
@@ -43,17 +44,13 @@ def inputs(world):
 def engines(world, tmp_path_factory):
     """The eager fp32 model and an fp8 engine of the same random weights (calibrated on 2 samples)."""
     root, _ = world
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "0")  # layers and ops on their references
     out = tmp_path_factory.mktemp("engines")
-    try:
+    with ops_on_references_here():  # layers and ops on their references
         calib = DataSource(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, num_samples=2)
         fp8 = build("bevdet-r50-cbgs", "fp8", out=out / "fp8.engine", model_overrides=SMALL, calib=calib,
                     progress=False)
         torch.manual_seed(0)  # build() seeds 0 before creating random weights
         yield MODELS["bevdet-r50-cbgs"](**SMALL).eval(), Engine.load(fp8, device="cpu"), out
-    finally:
-        mp.undo()
 
 
 def _run(engine, inputs):
