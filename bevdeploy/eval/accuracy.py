@@ -279,7 +279,8 @@ def stage_eval_det2d(args) -> Path:
     n_calib = min(args.calib_frames, len(train_set.images()))
     calib = CocoSet(train_set.ann_file, train_set.image_dir, n_calib, spec=f"{train_set.spec} (first {n_calib})")
     training = _training_summary(meta)
-    calib_method = args.calib_method or default_calibration_method("yolox" if args.model.startswith("yolox") else "centernet")
+    calib_method = args.calib_method or default_calibration_method("yolox" if args.model.startswith("yolox")
+                                                                    else "centernet")
     size = (overrides or {}).get("image_size")
     official = {"yolox-x": (640, 640), "centernet-r18-dcn": (512, 512)}.get(args.model)
     t = training
@@ -417,8 +418,8 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
           f"{t['minutes']} min (render + load + train), final loss {t['final_loss'] and round(t['final_loss'], 4)}, "
           f"throughput {t['throughput']}.", "",
           f"Held-out world: `{args.eval_data}` (other seed: no shared scene token). int8 calibrated on "
-          f"{args.calib_frames} training frames ({args.calib_method or 'entropy; fp8 rows minmax'}). dnds/dmap: vs PyTorch FP32; fidelity_nds: engine boxes "
-          f"scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
+          f"{args.calib_frames} training frames ({args.calib_method or 'entropy; fp8 rows minmax'}). dnds/dmap: vs "
+          f"PyTorch FP32; fidelity_nds: engine boxes scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
           "head output vs PyTorch on held-out frame 1. fps: the evaluation loop's median forward latency (CUDA "
           "events around each frame's forward, engines replaying their CUDA graph; batch 1), PyTorch FP32 eager "
           "in the same run as the ratio's base.", "",

@@ -162,42 +162,26 @@ def evaluate_det2d(model_name: str | None, data: str, *, engine: str | Path | No
         COCOeval stats (``mAP``, ``mAP_50``, ...).
     """
     from bevdeploy.data.det2d import resolve_det2d_spec
-    from bevdeploy.eval.detection import warn_random_weights
-    from bevdeploy.models import DET2D_MODELS, MODELS
-    from bevdeploy.models.checkpoint import load_checkpoint
+    from bevdeploy.eval.detection import model_or_engine
+    from bevdeploy.models import DET2D_MODELS
 
     if engine is None and model_name not in DET2D_MODELS:
         raise ValueError(f"evaluate_det2d takes a 2D model {DET2D_MODELS}, got {model_name!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runner, model_name = model_or_engine(model_name, engine, dev, checkpoint=checkpoint, allow_partial=allow_partial,
+                                         model_overrides=model_overrides)
     if engine is not None:
-        from bevdeploy.engine import Engine
-
-        if checkpoint:
-            raise ValueError("--checkpoint applies to --model only: an engine holds the weights it was built with")
-        runner = Engine.load(engine, device=dev)
-        built = runner.metadata["model"]
-        if built not in DET2D_MODELS:
-            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, a BEV model: evaluate it on BEV data "
-                             "(synthetic:N or nuscenes:PATH), not 2D images")
-        if model_name is not None and model_name != built:
-            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, not --model {model_name!r}")
+        if model_name not in DET2D_MODELS:
+            raise ValueError(f"engine {str(engine)!r} was built from {model_name!r}, a BEV model: evaluate it on BEV "
+                             "data (synthetic:N or nuscenes:PATH), not 2D images")
         if batch is not None and batch != runner.batch:
             raise ValueError(f"engine {str(engine)!r} has the static batch {runner.batch}; --batch {batch} cannot run "
                              f"on it (drop --batch, or build with --batch {batch})")
-        if not runner.metadata.get("checkpoint"):
-            warn_random_weights(built, f"engine {Path(engine).name}")
-        model_name, batch, config = built, runner.batch, runner.metadata["model_config"]
+        batch, config = runner.batch, runner.metadata["model_config"]
         forward = lambda x: runner(image=x)  # noqa: E731
     else:
-        torch.manual_seed(0)
-        model = MODELS[model_name](**(model_overrides or {}))
-        if checkpoint:
-            load_checkpoint(model, checkpoint, allow_partial=allow_partial)
-        else:
-            warn_random_weights(model_name)
-        model = model.to(dev).eval()
         batch = batch or (32 if dev.type == "cuda" else 2)
-        forward, config = model, model.config
+        forward, config = runner, runner.config
     source = resolve_det2d_spec(data, progress=progress)
     results, fps = run_det2d(forward, source, model_name, config, batch=batch, device=dev, progress=progress)
     if results_file:

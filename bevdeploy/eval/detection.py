@@ -246,6 +246,38 @@ def warn_random_weights(model_name: str, context: str = "") -> None:
     print(random_weights_warning(model_name, context), file=sys.stderr)
 
 
+def model_or_engine(model_name: str | None, engine: str | Path | None, device: torch.device, *,
+                    checkpoint: str | None = None, allow_partial: bool = False,
+                    model_overrides: dict | None = None):
+    """``(runner, model name)``: a loaded ``engine`` file (its model name from its metadata; ``model_name``, if
+    given, must agree) or ``model_name`` with its ``checkpoint`` (random weights, seed 0, without one), in eval
+    mode on ``device``. Either lacking trained weights is said on stderr."""
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.checkpoint import load_checkpoint
+
+    if engine is not None:
+        from bevdeploy.engine import Engine
+
+        if checkpoint:
+            raise ValueError("--checkpoint applies to --model only: an engine holds the weights it was built with")
+        runner = Engine.load(engine, device=device)
+        built = runner.metadata["model"]
+        if model_name is not None and MODELS.get(model_name) is not MODELS.get(built):
+            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, not --model {model_name!r}")
+        if not runner.metadata.get("checkpoint"):
+            warn_random_weights(built, f"engine {Path(engine).name}")
+        return runner, built
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    torch.manual_seed(0)
+    model = MODELS[model_name](**(model_overrides or {}))
+    if checkpoint:
+        print(load_checkpoint(model, checkpoint, allow_partial=allow_partial), file=sys.stderr)
+    else:
+        warn_random_weights(model_name)
+    return model.to(device).eval(), model_name
+
+
 def write_results(run: DetectionRun, infos: Sequence[dict], path: str | Path) -> Path:
     """Write the nuScenes detection submission file of ``run`` (global frame, devkit conventions).
 
@@ -325,40 +357,18 @@ def evaluate(
     ``frames``, ``device``, ``model``, ``data``, ``checkpoint``, ``engine``, ``results_path``.
     """
     from bevdeploy.data.synthetic import resolve_data_spec
-    from bevdeploy.models import MODELS
-    from bevdeploy.models.checkpoint import load_checkpoint
 
     if engine is None and model_name is None:
         raise ValueError("say what to evaluate: a model name (--model) or an engine file (--engine)")
-    if engine is None and model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dist is not None and dist.enabled and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
+    # the model and its checkpoint, or the engine, before the data: a missing, corrupt or mismatched file is
+    # reported at once, not after the dataset is rendered or read
+    runner, model_name = model_or_engine(model_name, engine, dev, checkpoint=checkpoint, allow_partial=allow_partial,
+                                         model_overrides=model_overrides)
     if engine is not None:
-        from bevdeploy.engine import Engine
-
-        if checkpoint:
-            raise ValueError("--checkpoint applies to --model only: an engine holds the weights it was built with")
-        runner = Engine.load(engine, device=dev)
-        built = runner.metadata["model"]
-        if model_name is not None and MODELS.get(model_name) is not MODELS.get(built):
-            raise ValueError(f"engine {str(engine)!r} was built from {built!r}, not --model {model_name!r}")
-        model_name = built
         checkpoint = runner.metadata.get("checkpoint")
-        if not checkpoint:
-            warn_random_weights(model_name, f"engine {Path(engine).name}")
-    else:
-        # the model and its checkpoint before the data: a missing, corrupt or mismatched checkpoint is reported
-        # at once, not after the dataset is rendered or read
-        torch.manual_seed(0)
-        model = MODELS[model_name](**(model_overrides or {}))
-        if checkpoint:
-            report = load_checkpoint(model, checkpoint, allow_partial=allow_partial)
-            print(report, file=sys.stderr)
-        else:
-            warn_random_weights(model_name)
-        runner = model.to(dev).eval()
     source = resolve_data_spec(data, workers=workers)
     infos = source.infos(progress=progress, spec=data)
     run = run_sharded(runner, infos, model_name, dev, dist, progress=progress)

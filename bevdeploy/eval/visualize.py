@@ -1,15 +1,14 @@
 """``bevdeploy show``: pictures of what a detector sees, as PNG files.
 
 2D detectors (YOLOX, CenterNet): per image, the picture with its COCO boxes, ground truth green and
-predictions red with class and score. BEV detectors: per frame, a bird's-eye view (ground truth green, predictions red, the ego car, range rings every
-10 m; the nuScenes LiDAR frame: x right, y forward, up in the picture) and the six cameras with the same 3D boxes
-projected. Boxes are drawn by the nuScenes devkit's ``Box.render`` (its corner order and edge
-colours), so a box here is the box the devkit scores.
+predictions red with class and score. BEV detectors: per frame, a bird's-eye view (ground truth green,
+predictions red, the ego car, range rings every 10 m; the nuScenes LiDAR frame: x right, y forward, up in
+the picture) and the six cameras with the same 3D boxes projected. Boxes are drawn by the nuScenes devkit's
+``Box.render`` (its corner order and edge colours), so a box here is the box the devkit scores.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -201,36 +200,6 @@ def _show_det2d(data: str, out: Path, runner, model_name: str | None, dev, resul
     return paths
 
 
-def _runner(model_name, engine, checkpoint, device):
-    """``(runner, model name, device)`` of a model (with its checkpoint) or an engine file: built before the
-    data is rendered or read, so a wrong name or a bad file is reported at once."""
-    import torch
-
-    from bevdeploy.eval.detection import warn_random_weights
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if engine is not None:
-        from bevdeploy.engine import Engine
-
-        runner = Engine.load(engine, device=dev)
-        model_name = runner.metadata["model"]
-        if not runner.metadata.get("checkpoint"):
-            warn_random_weights(model_name, f"engine {Path(engine).name}")
-        return runner, model_name, dev
-    from bevdeploy.models import MODELS
-    from bevdeploy.models.checkpoint import load_checkpoint
-
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-    if checkpoint:
-        print(load_checkpoint(model, checkpoint), file=sys.stderr)
-    else:
-        warn_random_weights(model_name)
-    return model.to(dev).eval(), model_name, dev
-
-
 def show(
     data: str,
     out_dir: str | Path,
@@ -264,8 +233,13 @@ def show(
     if sum(x is not None for x in (model_name, engine, results, predictions)) > 1:
         raise ValueError("give at most one of model, engine, results and predictions")
     runner = dev = None
-    if model_name or engine:
-        runner, model_name, dev = _runner(model_name, engine, checkpoint, device)
+    if model_name or engine:  # built before the data is rendered or read: a bad name or file is reported at once
+        import torch
+
+        from bevdeploy.eval.detection import model_or_engine
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runner, model_name = model_or_engine(model_name, engine, dev, checkpoint=checkpoint)
     from bevdeploy.models import DET2D_MODELS
 
     det2d_data = str(data).startswith(("synthetic2d", "coco:"))

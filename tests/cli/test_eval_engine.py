@@ -4,7 +4,6 @@ devkit's own ``DetectionEval`` scores the same, the metrics JSON."""
 import json
 
 import pytest
-import torch
 
 from bevdeploy import cli
 from bevdeploy.data.synthetic import SYNTHETIC_SPLIT, SYNTHETIC_VERSION, generate
