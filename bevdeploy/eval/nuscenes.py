@@ -423,6 +423,9 @@ def load_results(results: str | os.PathLike | Mapping[str, Any], name: str = "re
             raise FileNotFoundError(f"{name}: results file {str(path)!r} does not exist")
         with open(path) as f:
             results = json.load(f)
+    if isinstance(results, list):  # what eval --results writes for a 2D model
+        raise ValueError(f"{name} is a COCO results list (a 2D detector's), not a nuScenes results file: read it "
+                         "with 2D data (synthetic2d:N or coco:PATH)")
     if not isinstance(results, Mapping):
         raise ValueError(f"{name} must be a results path or dict, got {type(results).__name__}")
     if "results" in results and isinstance(results["results"], Mapping):

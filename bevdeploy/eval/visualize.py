@@ -184,7 +184,7 @@ def _show_det2d(data: str, out: Path, runner, model_name: str | None, dev, resul
         if isinstance(runner, Engine):
             forward, config, batch = (lambda x: runner(image=x)), runner.metadata["model_config"], runner.batch
         else:
-            forward, config, batch = runner, runner.config, len(images)
+            forward, config, batch = runner, runner.config, min(len(images), 8)
         pred, _ = run_det2d(forward, source, model_name, config, batch=batch, device=dev, progress=progress)
     coco = source.coco()
     out.mkdir(parents=True, exist_ok=True)
@@ -193,8 +193,8 @@ def _show_det2d(data: str, out: Path, runner, model_name: str | None, dev, resul
         gt = coco.loadAnns(coco.getAnnIds(imgIds=[rec["id"]], iscrowd=None))
         mine = [d for d in pred if d["image_id"] == rec["id"] and d["score"] >= score_threshold]
         rgb = np.asarray(Image.open(source.image_dir / rec["file_name"]).convert("RGB"))
-        fig = image_figure(rgb, gt, mine, f"{model_name or ('results' if results else 'ground truth')}: image {rec['id']} "
-                           f"({rec['file_name']})")
+        what = model_name or ("results" if results else "ground truth")
+        fig = image_figure(rgb, gt, mine, f"{what}: image {rec['id']} ({rec['file_name']})")
         paths.append(out / f"{k:03d}_{rec['id']}_det.png")
         fig.savefig(paths[-1], dpi=fig.dpi)
     return paths
@@ -251,12 +251,13 @@ def show(
         return _show_det2d(data, Path(out_dir), runner, model_name, dev, results, frames, score_threshold, progress)
     if model_name and det2d_data:
         raise ValueError(f"{model_name} is a BEV model: show it BEV data (synthetic:N or nuscenes:PATH), not {data!r}")
-    source = resolve_data_spec(data, workers=workers, progress=progress)
-    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
-    if results is not None:
+    if results is not None:  # read before the world is rendered: a wrong file is reported at once
         from bevdeploy.eval.nuscenes import from_nusc_results, load_results
 
         records = load_results(results, "results")
+    source = resolve_data_spec(data, workers=workers, progress=progress)
+    infos = load_infos(source.dataroot, source.version, source.split, progress=progress)
+    if results is not None:
         infos = [i for i in infos if i["token"] in records][:frames]
         if not infos:
             raise ValueError(f"results {str(results)!r} hold none of the samples of {data!r}")

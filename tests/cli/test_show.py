@@ -120,6 +120,9 @@ def test_show_of_2d_data_draws_each_image_with_its_boxes(tmp_path, monkeypatch, 
     bad.write_text(json.dumps({"results": {}}))
     assert cli.main(["show", "--data", "synthetic2d:2", "--results", str(bad), "-o", str(out), "-q"]) == 2
     assert "not a COCO results JSON" in capsys.readouterr().err
+    # the COCO results with BEV data (the default): named for what they are
+    assert cli.main(["show", "--results", str(results), "-o", str(out), "-q"]) == 2
+    assert "is a COCO results list (a 2D detector's)" in capsys.readouterr().err
 
 
 def test_show_runs_a_2d_model_and_refuses_2d_data_for_a_bev_model(tmp_path, monkeypatch, capsys, ops_on_references):
