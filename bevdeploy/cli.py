@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-run", default=None, help="write the raw boxes and latencies to this JSON file")
     ev.add_argument("--score-run", default=None, help="score a saved run instead of running the model")
     ev.add_argument("--no-score", action="store_true", help="run and time only (no nuscenes-devkit needed)")
-    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU, 2 on a CPU; "
-                    "an engine runs its own static batch)")
+    ev.add_argument("--batch", type=int, default=None, help="2D models: images per forward (default 32 on a GPU, "
+                    "2 on a CPU; an engine runs its own static batch)")
     ev.set_defaults(func=_eval)
 
     bd = sub.add_parser("build", parents=[common], epilog=DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = show.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help=f"run this model: {MODEL_NAMES}")
     src.add_argument("--engine", default=None, help="run this engine file")
-    src.add_argument("--results", default=None, help="draw a results JSON of eval --results (nuScenes; COCO with 2D data)")
+    src.add_argument("--results", default=None,
+                     help="draw a results JSON of eval --results (nuScenes; COCO with 2D data)")
     show.add_argument("--data", default="synthetic:4", help="synthetic[:N] or nuscenes:PATH[@version][:split][:N]; "
                       "2D: synthetic2d:N or coco:PATH (a 2D model reads synthetic[:N] as synthetic2d[:N])")
     show.add_argument("--checkpoint", default=None, help="official .pth for --model (random weights if omitted)")

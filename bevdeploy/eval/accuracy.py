@@ -419,7 +419,8 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
           f"throughput {t['throughput']}.", "",
           f"Held-out world: `{args.eval_data}` (other seed: no shared scene token). int8 calibrated on "
           f"{args.calib_frames} training frames ({args.calib_method or 'entropy; fp8 rows minmax'}). dnds/dmap: vs "
-          f"PyTorch FP32; fidelity_nds: engine boxes scored against the PyTorch FP32 boxes (score >= {doc['fidelity_threshold']}); output_sqnr_db: worst "
+          f"PyTorch FP32; fidelity_nds: engine boxes scored against the PyTorch FP32 boxes (score >= "
+          f"{doc['fidelity_threshold']}); output_sqnr_db: worst "
           "head output vs PyTorch on held-out frame 1. fps: the evaluation loop's median forward latency (CUDA "
           "events around each frame's forward, engines replaying their CUDA graph; batch 1), PyTorch FP32 eager "
           "in the same run as the ratio's base.", "",

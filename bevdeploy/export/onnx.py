@@ -447,10 +447,11 @@ def example_model_inputs(model: torch.nn.Module, seed: int = 0) -> dict[str, tor
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     H, W = cfg.image_size
-    if family(model) in DET2D_FAMILIES:
+    kind = family(model)
+    if kind in DET2D_FAMILIES:
         return {"image": torch.randn(1, 3, H, W, generator=g)}
     image = torch.randn(1, 6, 3, H, W, generator=g)
-    if family(model) == "bevformer":
+    if kind == "bevformer":
         from bevdeploy.eval.bench_models import rig_lidar2img
 
         can_bus = torch.zeros(1, 18)
@@ -502,9 +503,9 @@ def export_model(
     Inputs and outputs carry the engine's names (BEVFormer: ``image, lidar2img, can_bus, prev_bev,
     use_prev_bev`` -> ``bev_embed, all_cls_scores, all_bbox_preds``; BEVDet: ``image`` and the five
     BEVPool index arrays -> the head maps; YOLOX / CenterNet: ``image`` [1, 3, H, W] -> the head maps,
-    CenterNet's neck DCNs as ``ModulatedDeformableConv2dTRT``). Every plugin output has its shape (inferred by the
-    registered schemas), and the model name, overrides and checkpoint go into the file's metadata so
-    :func:`check_onnx` can rebuild the same PyTorch model.
+    CenterNet's neck DCNs as ``ModulatedDeformableConv2dTRT``). Every plugin output has its shape (inferred
+    by the registered schemas), and the model name, overrides and checkpoint go into the file's metadata
+    so :func:`check_onnx` can rebuild the same PyTorch model.
     """
     import json
 
@@ -651,10 +652,11 @@ def check_onnx(
     attribute).
 
     Returns:
-        dict with ``ok`` (every output's SQNR >= ``min_sqnr_db`` and one output not constant; both sides compute in fp32, so a
-        correct graph differs by rounding only: 94 to 130 dB measured on reduced models, while a
-        BEVPool plugin dropping half its channels gave 41 to 52 dB), ``outputs`` ({name: {sqnr_db,
-        max_abs_diff, shape, constant}}), ``plugins`` (node count per type) and ``text`` (a printable table).
+        dict with ``ok`` (every output's SQNR >= ``min_sqnr_db`` and one output not constant; both sides
+        compute in fp32, so a correct graph differs by rounding only: 94 to 130 dB measured on reduced
+        models, while a BEVPool plugin dropping half its channels gave 41 to 52 dB), ``outputs`` ({name:
+        {sqnr_db, max_abs_diff, shape, constant}}), ``plugins`` (node count per type) and ``text`` (a
+        printable table).
     """
     import json
 
