@@ -88,6 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_det2d(args: argparse.Namespace) -> int:
+    from bevdeploy.data.det2d import as_2d_spec
     from bevdeploy.eval.coco import evaluate_det2d
 
     bev_only = [flag for flag, value in (("--metrics", args.metrics), ("--save-run", args.save_run),
@@ -97,7 +98,7 @@ def _eval_det2d(args: argparse.Namespace) -> int:
                          "(--results writes its COCO results JSON)")
     if args.dist is not None and args.dist.enabled:
         raise ValueError("2D models are evaluated in one process: run without torchrun")
-    r = evaluate_det2d(args.model, args.data if args.data != "synthetic" else "synthetic2d:64", engine=args.engine,
+    r = evaluate_det2d(args.model, as_2d_spec(args.data), engine=args.engine,
                        checkpoint=args.checkpoint, allow_partial=args.allow_partial, device=args.device,
                        batch=args.batch, results_file=args.results, progress=not args.quiet)
     fps = "n/a" if r["fps"] is None else f"{r['fps']:.1f}"

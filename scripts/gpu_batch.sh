@@ -12,7 +12,7 @@
 #      BEVDET=1 (also BEVDet-R50 pytorch + fp16x2 at batch 1/4/8 with the time left, bevdet-r50-batch.json).
 # Expected: tiny ~2-3 min (three fp16x2 builds + Inductor compiles, cold cache), base only if >= 60 s remain.
 # The base rows alone, with the fp16x2 engine's memory read in a fresh serving process (the default since the
-# committed in-process 0.679x): SKIP_TINY=1 CALL_BUDGET=420 bash scripts/gpu_batch.sh
+# committed in-process 0.679x): SKIP_TINY=1 CALL_BUDGET=400 bash scripts/gpu_batch.sh
 set -uo pipefail
 NEEDS="nuscenes"; source scripts/device_prologue.sh
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -64,6 +64,14 @@ class CocoSet:
         return imgs[: self.num_images] if self.num_images is not None else imgs
 
 
+def as_2d_spec(data):
+    """The BEV spellings of the synthetic world (``synthetic``, ``synthetic:N[@SEED]``, the commands' defaults)
+    read as its 2D views for a 2D model (``synthetic2d[:N[@SEED]]``); any other spec or a ``CocoSet`` as given."""
+    if isinstance(data, str) and (data == "synthetic" or data.startswith("synthetic:")):
+        return "synthetic2d" + data[len("synthetic"):]
+    return data
+
+
 def _coco_parts(arg: str, spec: str) -> tuple[str, str, int | None]:
     """``PATH[:SPLIT][:N]`` -> (PATH, SPLIT, N): SPLIT names the annotation file and image folder (default
     ``val2017``; ``train2017`` to train or calibrate on other images than those scored), N the first images."""

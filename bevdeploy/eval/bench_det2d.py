@@ -28,12 +28,6 @@ def _r(v: float | None) -> float | None:
     return None if v is None or v != v else round(float(v), 4)
 
 
-def _data_spec(data):
-    """The BEV default ``synthetic:N`` means the synthetic world's 2D views for a 2D model (a
-    ``CocoSet`` passes through)."""
-    return "synthetic2d:" + data.split(":", 1)[1] if isinstance(data, str) and data.startswith("synthetic:") else data
-
-
 def _median_ms(fn, device: torch.device, iters: int) -> float:
     """Median ms per call: CUDA events on a GPU (:func:`bevdeploy.eval.timing.time_eager`), wall clock on a CPU."""
     if device.type == "cuda":
@@ -110,7 +104,7 @@ def bench_det2d(
             ``("int8-fp16 (QAT)", "int8-fp16", {"qat_steps": 300, "qat_data": train_set})``; the row is
             named ``label`` and records the scalar arguments (and the QAT losses of the engine).
     """
-    from bevdeploy.data.det2d import PIPELINES, CocoSet, load_batch, resolve_det2d_spec
+    from bevdeploy.data.det2d import PIPELINES, CocoSet, as_2d_spec, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.engine.deploy import precision_spec
     from bevdeploy.eval.bench_models import _ROW_KEYS, _device_memory_mb, earlier_rows, pth_size_mb, write_results
@@ -127,7 +121,7 @@ def bench_det2d(
     on_gpu = dev.type == "cuda"
     for precision in precisions:
         precision_spec(precision)
-    data = _data_spec(data)
+    data = as_2d_spec(data)
     source = data if isinstance(data, CocoSet) else resolve_det2d_spec(data)
     data_label = source.spec or str(source.ann_file.parent.parent)
     images = source.images()
@@ -203,7 +197,7 @@ def bench_det2d(
         try:
             int8 = precision.startswith("int8")
             build(name, precision, out=path, checkpoint=checkpoint, batch=batch, model_overrides=model_overrides,
-                  device=dev.type, progress=False, calib=_data_spec(calib or data) if int8 else None,
+                  device=dev.type, progress=False, calib=as_2d_spec(calib or data) if int8 else None,
                   **((int8_options or {}) if int8 else {}), **job_args)
             settle()
             engine = Engine.load(path, device=dev.type)

@@ -244,8 +244,10 @@ def show(
 
     det2d_data = str(data).startswith(("synthetic2d", "coco:"))
     if model_name in DET2D_MODELS or (model_name is None and det2d_data):
-        if model_name and (data == "synthetic" or str(data).startswith("synthetic:")):
-            data = "synthetic2d" + str(data)[len("synthetic"):]  # the 2D form of the synthetic world
+        if model_name:
+            from bevdeploy.data.det2d import as_2d_spec
+
+            data = as_2d_spec(data)
         if predictions is not None:
             raise ValueError("predictions ({token: boxes}) are BEV boxes; a 2D model draws its own or --results")
         return _show_det2d(data, Path(out_dir), runner, model_name, dev, results, frames, score_threshold, progress)

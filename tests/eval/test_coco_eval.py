@@ -126,3 +126,13 @@ def test_bench_of_a_2d_model_refuses_without_a_gpu():
 
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         bench_model("yolox-x", ["fp16"], data="synthetic2d:4")
+
+
+def test_the_bev_spellings_of_the_synthetic_world_read_as_its_2d_views():
+    from bevdeploy.data.det2d import CocoSet, as_2d_spec
+
+    assert as_2d_spec("synthetic") == "synthetic2d" and as_2d_spec("synthetic:8@2") == "synthetic2d:8@2"
+    assert as_2d_spec("coco:/data/coco:train2017") == "coco:/data/coco:train2017"
+    assert as_2d_spec("synthetic2d:4") == "synthetic2d:4"
+    data = CocoSet(None, None)
+    assert as_2d_spec(data) is data
