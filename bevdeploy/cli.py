@@ -146,7 +146,12 @@ def _eval(args: argparse.Namespace) -> int:
             return 0
     fps = "n/a" if result["fps"] is None else f"{result['fps']:.2f}"
     what = result["model"] if not result.get("engine") else f"{result['model']} engine {result['engine']}"
-    print(f"{what} on {result['data']}: {result['frames']} frames, FPS {fps}")
+    rate = ""
+    if result.get("throughput"):
+        procs = result.get("processes", 1)
+        rate = (f"; the pass {result['wall_s']:.1f} s, {result['throughput']:.2f} frames/s"
+                + (f" over {procs} processes" if procs > 1 else "") + " (reading, preprocessing and decoding too)")
+    print(f"{what} on {result['data']}: {result['frames']} frames, FPS {fps}{rate}")
     if "metrics" in result:
         print(format_metrics(result["metrics"]))
         if args.metrics:

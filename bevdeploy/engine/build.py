@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -216,15 +217,20 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
         # readers of one tensor share one learned scale, as the chained engine quantizes it once
         tied = tie_shared_inputs(model, lambda: training.loss(model, next(iter(training.batches(batch, seed)))))
     try:
+        t0 = time.perf_counter()
         losses = qat_finetune(model, training.loss, training.batches(batch, seed + ctx.rank), steps=steps, lr=lr,
                               scale_lr=scale_lr, progress=progress, dist=ctx)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
         learned = learned_scales(model)
     finally:
         strip_qat(model)
         model.eval()
     meta = {"steps": steps, "lr": lr, "scale_lr": scale_lr, "batch": batch, "seed": seed, "data": dataset,
             "layers": len(learned), "tied_groups": len(tied), "loss_first": losses[0], "loss_last": losses[-1],
-            "processes": ctx.world_size, "global_batch": batch * ctx.world_size}
+            "processes": ctx.world_size, "global_batch": batch * ctx.world_size, "seconds": round(seconds, 2),
+            "frames_per_s": round(steps * batch * ctx.world_size / seconds, 2) if seconds > 0 else None}
     return learned, meta
 
 

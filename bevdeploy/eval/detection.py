@@ -27,10 +27,14 @@ Decode = Callable[[dict[str, Tensor]], list[tuple[Tensor, Tensor, Tensor]]]
 
 @dataclass
 class DetectionRun:
-    """Boxes per sample token (model-box convention) and per-frame forward latencies."""
+    """Boxes per sample token (model-box convention), per-frame forward latencies and the pass's wall time."""
 
     boxes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    #: Seconds of the whole pass (frames read and preprocessed, forwards, decoding); with several processes
+    #: the slowest one's, since they run side by side.
+    wall_s: float | None = None
+    processes: int = 1
 
     @property
     def fps(self) -> float | None:
@@ -38,9 +42,15 @@ class DetectionRun:
         lat = self.latencies_ms[3:] if len(self.latencies_ms) > 6 else self.latencies_ms
         return 1000.0 / statistics.median(lat) if lat else None
 
+    @property
+    def throughput(self) -> float | None:
+        """Frames per second of the whole pass (all processes together): what a dataset pass takes, where
+        :attr:`fps` is one forward's rate."""
+        return len(self.latencies_ms) / self.wall_s if self.wall_s and self.latencies_ms else None
+
     def save(self, path: str | Path) -> None:
         """JSON of the raw boxes, so NDS can be scored on another machine (e.g. one with the devkit)."""
-        data = {"latencies_ms": self.latencies_ms,
+        data = {"latencies_ms": self.latencies_ms, "wall_s": self.wall_s, "processes": self.processes,
                 "boxes": {t: [b.tolist(), s.tolist(), lab.tolist()] for t, (b, s, lab) in self.boxes.items()}}
         Path(path).write_text(json.dumps(data))
 
@@ -52,7 +62,8 @@ class DetectionRun:
                      for t, (b, s, lab) in data["boxes"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a bevdeploy detection-run file ({e})") from e
-        return cls(boxes=boxes, latencies_ms=list(data.get("latencies_ms", [])))
+        return cls(boxes=boxes, latencies_ms=list(data.get("latencies_ms", [])), wall_s=data.get("wall_s"),
+                   processes=int(data.get("processes", 1)))
 
 
 def _timer(device: torch.device):
@@ -174,7 +185,17 @@ def run_bevdet(
 
 
 def run_model(model, infos: Sequence[dict], model_name: str, device: torch.device, progress: bool = True) -> DetectionRun:
-    """:func:`run_bevformer` or :func:`run_bevdet`, for a model or a loaded engine of ``model_name``."""
+    """:func:`run_bevformer` or :func:`run_bevdet`, for a model or a loaded engine of ``model_name``; the run's
+    ``wall_s`` is the whole pass."""
+    t0 = time.perf_counter()
+    run = _run_family(model, infos, model_name, device, progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run.wall_s = time.perf_counter() - t0
+    return run
+
+
+def _run_family(model, infos: Sequence[dict], model_name: str, device: torch.device, progress: bool) -> DetectionRun:
     from bevdeploy.data.preprocess import PREPROCESS
     from bevdeploy.engine import Engine
     from bevdeploy.engine.model_io import family
@@ -216,7 +237,8 @@ def run_sharded(model, infos: Sequence[dict], model_name: str, device: torch.dev
         return None
     boxes = {token: b for r in runs for token, b in r.boxes.items()}
     return DetectionRun(boxes={i["token"]: boxes[i["token"]] for i in infos if i["token"] in boxes},
-                        latencies_ms=[ms for r in runs for ms in r.latencies_ms])
+                        latencies_ms=[ms for r in runs for ms in r.latencies_ms],
+                        wall_s=max(r.wall_s for r in runs), processes=dist.world_size)
 
 
 def score_run(run: DetectionRun, infos: Sequence[dict], dataroot: str | Path, version: str, split: str,
@@ -353,8 +375,9 @@ def evaluate(
     processes) the scenes are split over the processes and rank 0 scores all boxes once; the other
     ranks return None.
 
-    Returns a dict with ``NDS``, ``mAP`` and ``metrics`` (the full summary, when scored), ``fps``,
-    ``frames``, ``device``, ``model``, ``data``, ``checkpoint``, ``engine``, ``results_path``.
+    Returns a dict with ``NDS``, ``mAP`` and ``metrics`` (the full summary, when scored), ``fps`` (one forward's
+    rate, median), ``throughput`` (frames per second of the whole pass, all processes together), ``wall_s``,
+    ``processes``, ``frames``, ``device``, ``model``, ``data``, ``checkpoint``, ``engine``, ``results_path``.
     """
     from bevdeploy.data.synthetic import resolve_data_spec
 
@@ -376,7 +399,8 @@ def evaluate(
         return None
     if save_run:
         run.save(save_run)
-    result = {"model": model_name, "data": data, "frames": len(run.latencies_ms), "fps": run.fps, "device": str(dev),
+    result = {"model": model_name, "data": data, "frames": len(run.latencies_ms), "fps": run.fps,
+              "throughput": run.throughput, "wall_s": run.wall_s, "processes": run.processes, "device": str(dev),
               "checkpoint": checkpoint, "engine": None if engine is None else str(engine), "results_path": None}
     if results_path:
         result["results_path"] = str(write_results(run, infos, results_path))

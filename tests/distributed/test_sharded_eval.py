@@ -22,7 +22,7 @@ def _model():
 def _sharded_run(ctx, root):
     infos = load_infos(root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT, progress=False)
     run = run_sharded(_model(), infos, "bevformer-tiny", torch.device("cpu"), ctx, progress=False)
-    return None if run is None else (run.boxes, len(run.latencies_ms))
+    return None if run is None else (run.boxes, len(run.latencies_ms), run.wall_s, run.processes, run.throughput)
 
 
 def test_shards_keep_whole_scenes_in_order_and_cover_everything():
@@ -47,8 +47,11 @@ def test_sharded_eval_equals_single_process(tmp_path, monkeypatch):
     single = run_model(_model(), infos, "bevformer-tiny", torch.device("cpu"), progress=False)
     results = run_in_processes(_sharded_run, 2, (root,))
     assert results[1] is None
-    boxes, frames = results[0]
+    boxes, frames, wall_s, processes, throughput = results[0]
     assert list(boxes) == list(single.boxes) and frames == len(infos)
+    # the pass's rate counts every process's frames over the slowest one's wall time
+    assert processes == 2 and wall_s > 0 and throughput == pytest.approx(frames / wall_s)
+    assert single.processes == 1 and single.throughput == pytest.approx(len(infos) / single.wall_s)
     for token, (b, s, lab) in single.boxes.items():
         np.testing.assert_allclose(boxes[token][0], b, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(boxes[token][1], s, rtol=1e-5, atol=1e-6)

@@ -53,9 +53,11 @@ def test_score_and_save_round_trip(world, tiny_model, tmp_path):
     run = run_bevformer(tiny_model, tiny_model.decode, infos, preprocess=BEVFORMER_TINY, bev_shape=tiny_model.bev_shape,
                         device=torch.device("cpu"), progress=False)
     path = tmp_path / "run.json"
+    run.wall_s = 2.0
     run.save(path)
     loaded = DetectionRun.load(path)
     assert loaded.boxes.keys() == run.boxes.keys()
+    assert loaded.wall_s == 2.0 and loaded.throughput == pytest.approx(len(infos) / 2.0)
     for t in run.boxes:
         np.testing.assert_allclose(loaded.boxes[t][0], run.boxes[t][0], rtol=1e-6)
     metrics = score_run(loaded, infos, root, SYNTHETIC_VERSION, SYNTHETIC_SPLIT)
