@@ -163,11 +163,7 @@ def train(
     """
     from tqdm import tqdm
 
-    for name, val in {"steps": steps, "batch_size": batch_size}.items():
-        if not (isinstance(val, int) and val >= 1):
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    _check_schedule(steps, batch_size, lr)
     warmup = min(500, steps // 10) if warmup is None else int(warmup)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -297,6 +293,14 @@ def is_det2d(model_name: str) -> bool:
 DET2D_RENDER_SIZE = (360, 640)
 
 
+def _check_schedule(steps, batch_size, lr) -> None:
+    for name, val in {"steps": steps, "batch_size": batch_size}.items():
+        if isinstance(val, bool) or not (isinstance(val, int) and val >= 1):
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
+
+
 def train_model(
     model_name: str,
     data: str,
@@ -352,6 +356,7 @@ def train_model(
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    _check_schedule(steps, batch, lr)  # before the world is rendered
     det2d = is_det2d(model_name)
     if det2d != str(data).startswith(("synthetic2d", "coco:")):
         raise ValueError(f"{model_name} trains on " + ("'synthetic2d:N@SEED' or 'coco:PATH'" if det2d else

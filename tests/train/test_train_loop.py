@@ -142,6 +142,19 @@ def test_cli_train_reports_bad_input(capsys):
     assert "seed" in capsys.readouterr().err
 
 
+def test_train_model_checks_the_schedule_before_rendering(tmp_path, monkeypatch):
+    from bevdeploy.data import det2d
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the data was read before the arguments were checked")
+
+    monkeypatch.setattr(det2d, "resolve_det2d_spec", no_render)
+    for kw, match in (({"batch": 0}, "batch_size"), ({"steps": 0}, "steps"), ({"lr": float("nan")}, "lr")):
+        with pytest.raises(ValueError, match=match):
+            train_model("centernet-r18-dcn", "synthetic2d:4", out=tmp_path / "c.pth",
+                        **{"steps": 1, "batch": 1, **kw})
+
+
 def test_bench_cli_passes_the_checkpoint(monkeypatch, tmp_path):
     """``bevdeploy bench --model M --checkpoint C`` hands C to bench_model (which loads it into the
     PyTorch row and passes it to build() for every engine row; that part needs a GPU)."""
