@@ -40,12 +40,11 @@ from bevdeploy.quant.fp8_kernels import (
     quantize_weight_fp8,
     reference_quantize_fp8,
 )
-from bevdeploy.quant.modules import LayerReport
+from bevdeploy.quant.modules import LayerReport, conv_unsupported, explicit_padding, fusable_activation
 
 __all__ = ["FP8_MAX", "Fp8Conv2d", "Fp8Linear", "quantize_modules_fp8", "scaled_mm_layer"]
 
 _OUT_DTYPES = (torch.float16, torch.float32)
-_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
 
 
 def _check_common(input_scale: float, activation: str, out_dtype: torch.dtype) -> float:
@@ -187,32 +186,6 @@ class Fp8Linear(_Fp8Base):
                 f"epilogue_in_graph={self.epilogue_in_graph}, {self._precision()}")
 
 
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric zero padding of ``conv`` as two ints (None when it pads asymmetrically)."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0, 0)
-    pads = []
-    for k, d in zip(conv.kernel_size, conv.dilation):  # 'same' (stride 1)
-        total = d * (k - 1)
-        if total % 2:
-            return None
-        pads.append(total // 2)
-    return tuple(pads)
-
-
-def _conv_unsupported(conv: nn.Conv2d) -> str | None:
-    """Why ``conv`` cannot run as fp8 (None when it can)."""
-    if conv.groups != 1:
-        return f"groups={conv.groups} (fp8_conv2d supports groups=1)"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (fp8_conv2d pads with zeros)"
-    if _explicit_padding(conv) is None:
-        return "padding='same' with an even dilated kernel pads asymmetrically (fp8_conv2d pads symmetrically)"
-    return None
-
-
 class Fp8Conv2d(_Fp8Base):
     """``nn.Conv2d`` (groups=1, zero padding) on e4m3 codes (see :func:`bevdeploy.quant.fp8_kernels.fp8_conv2d`);
     outputs are channels-last 4-D.
@@ -246,11 +219,11 @@ class Fp8Conv2d(_Fp8Base):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"Fp8Conv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
-        reason = _conv_unsupported(conv)
+        reason = conv_unsupported(conv, "fp8_conv2d")
         if reason is not None:
             raise NotImplementedError(f"Fp8Conv2d: {reason}")
         w = conv.weight
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _explicit_padding(conv),
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
                 conv.dilation, conv.bias is not None, input_scale=input_scale, activation=activation,
                 out_dtype=out_dtype, device=w.device)
         wq, ws = quantize_weight_fp8(w)
@@ -286,27 +259,12 @@ def scaled_mm_layer(layer: nn.Module) -> bool:
     if type(layer) is nn.Linear:
         k, n = layer.in_features, layer.out_features
     elif type(layer) is nn.Conv2d and layer.groups == 1:
-        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1) or _explicit_padding(layer) != (0, 0):
+        if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1) or explicit_padding(layer) != (0, 0):
             return False
         k, n = layer.in_channels, layer.out_channels
     else:
         return False
     return k % 16 == 0 and n % 16 == 0
-
-
-def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] | None:
-    """(name of the activation module, activation) when ``child_name`` is followed in the nn.Sequential
-    ``parent`` by an nn.ReLU / nn.SiLU, with only nn.Identity (e.g. a folded BatchNorm) in between."""
-    if not isinstance(parent, nn.Sequential):
-        return None
-    names = list(parent._modules)
-    for nxt in names[names.index(child_name) + 1:]:
-        mod = parent._modules[nxt]
-        if type(mod) is nn.Identity:
-            continue
-        act = _FUSABLE.get(type(mod))
-        return (nxt, act) if act is not None else None
-    return None
 
 
 def quantize_modules_fp8(
@@ -362,13 +320,13 @@ def quantize_modules_fp8(
         if name in keep_float:
             report.append(LayerReport(name, "float", "kept float (keep_float)"))
             continue
-        if isinstance(mod, nn.Conv2d) and (why := _conv_unsupported(mod)) is not None:
+        if isinstance(mod, nn.Conv2d) and (why := conv_unsupported(mod, "fp8_conv2d")) is not None:
             report.append(LayerReport(name, "float", why))
             continue
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name]
         activation, act_child = "none", None
-        if fuse_relu and (found := _fusable_activation(parent, child)) is not None:
+        if fuse_relu and (found := fusable_activation(parent, child)) is not None:
             act_child, activation = found
         qcls = Fp8Linear if isinstance(mod, nn.Linear) else Fp8Conv2d
         qmod = qcls.from_float(mod, float(scales[name]), activation, out_dtype=out_dtype)

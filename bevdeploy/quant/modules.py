@@ -252,31 +252,31 @@ class QuantLinear(_QuantBase):
                 f"input_scale={self._input_scale:.6g}, activation={self.activation}, {self._precision()}")
 
 
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):  # 'same' (stride 1): symmetric only
-            total = d * (k - 1)
-            if total % 2:
-                raise NotImplementedError(f"padding='same' with an even dilated kernel ({k}, dilation {d}) pads "
-                                          "asymmetrically; int8_conv2d takes symmetric padding only")
-            pads.append(total // 2)
-        return tuple(pads)
-    return tuple(conv.padding)
+def explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of ``conv`` as two ints (None when it pads asymmetrically: 'same' with an even
+    dilated kernel)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):  # 'same' (stride 1)
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return tuple(pads)
 
 
-def _conv_unsupported(conv: nn.Conv2d) -> str | None:
-    """Why ``conv`` cannot run as int8 (None when it can)."""
+def conv_unsupported(conv: nn.Conv2d, kernel: str = "int8_conv2d") -> str | None:
+    """Why ``conv`` cannot run on ``kernel`` (the int8 or fp8 conv: groups 1, symmetric zero padding); None
+    when it can."""
     if conv.groups != 1:
-        return f"groups={conv.groups} (int8_conv2d supports groups=1)"
+        return f"groups={conv.groups} ({kernel} supports groups=1)"
     if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (int8_conv2d pads with zeros)"
-    try:
-        _explicit_padding(conv)
-    except NotImplementedError as e:
-        return str(e)
+        return f"padding_mode={conv.padding_mode!r} ({kernel} pads with zeros)"
+    if explicit_padding(conv) is None:
+        return f"padding='same' with an even dilated kernel pads asymmetrically ({kernel} pads symmetrically)"
     return None
 
 
@@ -317,11 +317,11 @@ class QuantConv2d(_QuantBase):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
-        reason = _conv_unsupported(conv)
+        reason = conv_unsupported(conv)
         if reason is not None:
             raise NotImplementedError(f"QuantConv2d: {reason}")
         w = conv.weight
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _explicit_padding(conv),
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
                 conv.dilation, conv.bias is not None, input_scale=input_scale, activation=activation,
                 out_dtype=out_dtype, device=w.device)
         wq, ws = quantize_weight_per_channel(w)
@@ -469,10 +469,10 @@ class LayerReport(NamedTuple):
     reason: str
 
 
-_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
+FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
 
 
-def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] | None:
+def fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] | None:
     """(name of the activation module, activation) when ``child_name`` is followed in the nn.Sequential
     ``parent`` by an nn.ReLU / nn.SiLU, with only nn.Identity (e.g. a folded BatchNorm) in between."""
     if not isinstance(parent, nn.Sequential):
@@ -482,7 +482,7 @@ def _fusable_activation(parent: nn.Module, child_name: str) -> tuple[str, str] |
         mod = parent._modules[nxt]
         if type(mod) is nn.Identity:
             continue
-        act = _FUSABLE.get(type(mod))
+        act = FUSABLE.get(type(mod))
         return (nxt, act) if act is not None else None
     return None
 
@@ -562,14 +562,14 @@ def quantize_modules(
         if name in keep_float:
             report.append(LayerReport(name, "float", "kept float (keep_float)"))
             continue
-        if isinstance(mod, nn.Conv2d) and (why := _conv_unsupported(mod)) is not None:
+        if isinstance(mod, nn.Conv2d) and (why := conv_unsupported(mod)) is not None:
             report.append(LayerReport(name, "float", why))
             continue
         qcls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
         zp = int((zero_points or {}).get(name, 0))
         activation, act_name = _swap_in(
             modules, name, mod, lambda act: qcls.from_float(mod, float(scales[name]), act, out_dtype=out_dtype),
-            fusable=tuple(_FUSABLE.values()) if fuse_relu else (), quantize_in_graph=quantize_in_graph, zero_point=zp)
+            fusable=tuple(FUSABLE.values()) if fuse_relu else (), quantize_in_graph=quantize_in_graph, zero_point=zp)
         what = "linear" if isinstance(mod, nn.Linear) else "conv {}x{} stride {}".format(
             *mod.kernel_size, "x".join(map(str, mod.stride)))
         report.append(LayerReport(name, "int8", f"int8 {what}, input_scale={float(scales[name]):.6g}"
@@ -590,7 +590,7 @@ def _swap_in(modules: dict[str, nn.Module], name: str, mod: nn.Module, make, *, 
     parent_name, _, child = name.rpartition(".")
     parent = modules[parent_name]
     activation, act_name = "none", None
-    if (found := _fusable_activation(parent, child)) is not None and found[1] in fusable:
+    if (found := fusable_activation(parent, child)) is not None and found[1] in fusable:
         act_child, activation = found
         act_name = f"{parent_name}.{act_child}" if parent_name else act_child
     qmod = make(activation)

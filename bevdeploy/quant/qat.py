@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack, modulated_deform_conv2d, split_offset_mask
 from bevdeploy.quant.calibrate import CalibrationPoint
 from bevdeploy.quant.int8_kernels import _check_zero_point, code_range
-from bevdeploy.quant.modules import _conv_unsupported
+from bevdeploy.quant.modules import conv_unsupported
 
 __all__ = [
     "QATConv2d",
@@ -171,7 +171,7 @@ class QATConv2d(_LearnedScale, nn.Conv2d):
         point ``zero_point`` (0: symmetric)."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"QATConv2d.from_float takes an nn.Conv2d, got {type(conv).__name__}")
-        if (why := _conv_unsupported(conv)) is not None:
+        if (why := conv_unsupported(conv)) is not None:
             raise NotImplementedError(f"QATConv2d: the int8 conv cannot run this layer: {why}")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, bias=False, padding_mode=conv.padding_mode, device="meta")
@@ -348,7 +348,7 @@ def prepare_qat(
             continue
         if name in keep or (prefixes is not None and not name.startswith(prefixes)):
             continue
-        if type(mod) is nn.Conv2d and _conv_unsupported(mod) is not None:
+        if type(mod) is nn.Conv2d and conv_unsupported(mod) is not None:
             continue
         if name == "":
             raise ValueError("model is itself the layer to quantize: wrap it in a module (e.g. nn.Sequential)")
