@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from bevdeploy.ops._utils import use_triton
-from bevdeploy.quant import fp8_kernels
+from bevdeploy.quant import fp8_kernels, int8_kernels
 from bevdeploy.quant.fp8_kernels import (
     ACTIVATIONS,
     FP8_DTYPE,
@@ -40,29 +40,22 @@ from bevdeploy.quant.fp8_kernels import (
     quantize_weight_fp8,
     reference_quantize_fp8,
 )
-from bevdeploy.quant.modules import LayerReport, conv_unsupported, explicit_padding, fusable_activation
+from bevdeploy.quant.modules import (
+    LayerReport,
+    ScaledInputLayer,
+    conv_unsupported,
+    explicit_padding,
+    fusable_activation,
+)
 
 __all__ = ["FP8_MAX", "Fp8Conv2d", "Fp8Linear", "quantize_modules_fp8", "scaled_mm_layer"]
 
 _OUT_DTYPES = (torch.float16, torch.float32)
+assert ACTIVATIONS == int8_kernels.ACTIVATIONS  # the layers' shared base checks the int8 list
 
 
-def _check_common(input_scale: float, activation: str, out_dtype: torch.dtype) -> float:
-    if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
-        raise TypeError(f"input_scale must be a python float, got {type(input_scale).__name__}")
-    input_scale = float(input_scale)
-    if not (0.0 < input_scale < math.inf):
-        raise ValueError(f"input_scale must be a positive finite float, got {input_scale}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be torch.float16 or torch.float32, got {out_dtype}")
-    return input_scale
-
-
-class _Fp8Base(nn.Module):
-    """Shared: ``input_scale`` is a python float (a constant in exported graphs) mirrored by the float64
-    buffer ``input_scale_tensor`` (saved in state dicts and engine files; loading restores the float)."""
+class _Fp8Base(ScaledInputLayer):
+    """Shared by the fp8 layers: the input cast to e4m3 and the epilogue outside the scaled product."""
 
     #: Quantize the input with plain torch ops (divide, clamp, cast) instead of the quantize op: under
     #: a compiler they fuse into the kernel that produces the input. Engines set it.
@@ -86,28 +79,6 @@ class _Fp8Base(nn.Module):
         elif self.activation == "silu":
             y = torch.nn.functional.silu(y)
         return y
-
-    def _init_common(self, input_scale: float, activation: str, out_dtype: torch.dtype, device) -> None:
-        self._input_scale = _check_common(input_scale, activation, out_dtype)
-        self.register_buffer("input_scale_tensor", torch.tensor(self._input_scale, dtype=torch.float64, device=device))
-        self.activation = activation
-        self.out_dtype = out_dtype
-
-    @property
-    def input_scale(self) -> float:
-        return self._input_scale
-
-    @input_scale.setter
-    def input_scale(self, value: float) -> None:
-        self._input_scale = _check_common(value, self.activation, self.out_dtype)
-        with torch.no_grad():
-            self.input_scale_tensor.fill_(self._input_scale)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "input_scale_tensor" in state_dict:
-            self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
-                                              self.out_dtype)
 
     def _quantize_input(self, x: Tensor) -> Tensor:
         if x.dtype == FP8_DTYPE:

@@ -96,9 +96,10 @@ def _check_common(input_scale: float, activation: str, out_dtype: torch.dtype) -
     return input_scale
 
 
-class _QuantBase(nn.Module):
-    """Shared: ``input_scale`` is a python float (a constant in exported graphs) mirrored by the float64
-    buffer ``input_scale_tensor`` (saved in state dicts and engine files; loading restores the float)."""
+class ScaledInputLayer(nn.Module):
+    """Base of the int8 and fp8 layers: ``input_scale`` is a python float (a constant in exported graphs)
+    mirrored by the float64 buffer ``input_scale_tensor`` (saved in state dicts and engine files; loading
+    restores the float)."""
 
     def _init_common(self, input_scale: float, activation: str, out_dtype: torch.dtype, device) -> None:
         self._input_scale = _check_common(input_scale, activation, out_dtype)
@@ -117,15 +118,22 @@ class _QuantBase(nn.Module):
             self.input_scale_tensor.fill_(self._input_scale)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "input_scale_tensor" in state_dict:
+            self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
+                                              self.out_dtype)
+
+
+class _QuantBase(ScaledInputLayer):
+    """Shared by the int8 layers: zero points, the chain's int8 output, the tuned launch config."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         zp = state_dict.get(prefix + "input_zero_point_tensor")
         if zp is not None:  # an asymmetric layer's state: take its zero point (and buffers) before loading
             self.set_input_zero_point(int(zp))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.input_zero_point and self._zero_point_weight_sums:  # the weight sums follow the loaded weights
             self.w_sum = weight_sums(self.weight)
-        if prefix + "input_scale_tensor" in state_dict:
-            self._input_scale = _check_common(float(state_dict[prefix + "input_scale_tensor"]), self.activation,
-                                              self.out_dtype)
 
     #: Quantize the input with plain torch ops instead of the quantize kernel: under a compiler
     #: (the engine's Inductor) they fuse into the kernel that produces the input (its bias / residual
