@@ -211,8 +211,12 @@ def _build(args: argparse.Namespace) -> int:
         print("int8 sensitivity (output SQNR with only that layer in int8; worst first):")
         print(format_report(report))
     print("next:")
-    print(f"  bevdeploy eval --engine {path} --data synthetic:32          # NDS/mAP and FPS (or --data nuscenes:PATH)")
-    print(f"  bevdeploy show --engine {path} --data synthetic:4 -o out/show   # BEV and camera pictures of its boxes")
+    if args.model in DET2D_MODELS:
+        print(f"  bevdeploy eval --engine {path} --data synthetic2d:128@2    # COCO mAP and images/s (or --data coco:PATH)")
+        print(f"  bevdeploy show --engine {path} --data synthetic2d:4 -o out/show   # each image with its boxes")
+    else:
+        print(f"  bevdeploy eval --engine {path} --data synthetic:32          # NDS/mAP and FPS (or --data nuscenes:PATH)")
+        print(f"  bevdeploy show --engine {path} --data synthetic:4 -o out/show   # BEV and camera pictures of its boxes")
     print(f"  bevdeploy bench --model {args.model} --precisions pytorch {args.precision}   # the speed table (GPU)")
     return 0
 
@@ -264,7 +268,7 @@ def _train(args: argparse.Namespace) -> int:
                        time_limit=args.train_seconds,
                        workers=args.workers, training_options=({"depth_weight": args.depth_weight}
                                                                if args.depth_weight is not None else None),
-                       dist=args.dist)
+                       progress=not args.quiet, dist=args.dist)
     if path is not None:  # rank 0 of a torchrun job (or the only process)
         print(f"checkpoint written: {path} (load it with --checkpoint)")
     return 0

@@ -72,3 +72,23 @@ def test_peek_model_name_is_none_for_what_is_not_an_engine(tmp_path):
     junk = tmp_path / "junk.engine"
     junk.write_bytes(b"not a zip")
     assert peek_model_name(junk) is None and peek_model_name(tmp_path / "missing.engine") is None
+
+
+def test_train_then_build_of_a_2d_model_quietly_and_the_next_commands_fit_it(tmp_path, cache, capsys):
+    """``train -q`` shows no progress bar; ``build`` of a 2D model suggests 2D commands that parse."""
+    import shlex
+
+    ck, out = tmp_path / "cn.pth", tmp_path / "cn.engine"
+    assert cli.main(["train", "--model", "centernet-r18-dcn", "--data", DATA, "--image-size", "64", "96",
+                     "--steps", "1", "--batch", "2", "--device", "cpu", "-q", "-o", str(ck)]) == 0
+    err = capsys.readouterr().err
+    assert "train:" not in err and "it/s" not in err, err
+    assert cli.main(["build", "--model", "centernet-r18-dcn", "--checkpoint", str(ck), "--precision", "fp32",
+                     "--batch", "2", "--device", "cpu", "-q", "-o", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    hints = [line.split("#")[0].strip() for line in lines[lines.index("next:") + 1:]]
+    assert len(hints) == 3 and all(h.startswith("bevdeploy ") for h in hints)
+    for hint in hints:
+        args = cli.build_parser().parse_args(shlex.split(hint)[1:])
+        if "--data" in hint:
+            assert args.data.startswith("synthetic2d"), hint  # not the BEV world
