@@ -337,8 +337,9 @@ def build(
             ``train`` / ``mini_train`` when present.
         calib_method: ``entropy``, ``minmax`` or ``percentile``; default
             :func:`~bevdeploy.engine.model_io.default_calibration_method`: ``entropy`` for int8*, except
-            ``minmax`` for YOLOX (SiLU activations, whose KL thresholds clip the signal) and for fp8*
-            (e4m3's relative precision gains nothing from clipping; see :mod:`bevdeploy.quant.fp8_modules`).
+            ``minmax`` for the 2D detectors (YOLOX's SiLU activations and CenterNet's heatmap lose to the KL
+            thresholds' clipping, measured) and for fp8* (e4m3's relative precision gains nothing from
+            clipping; see :mod:`bevdeploy.quant.fp8_modules`).
         calib_table: A saved calibration table to reuse instead of calibrating.
         keep_float: Layer names to keep float in the int8 / fp8 precisions.
         model_overrides: Config overrides (e.g. reduced sizes in tests); recorded in the metadata.

@@ -400,12 +400,14 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
         def int8_args(variant, x_scale=x_scale, w_scale=w_scale):
             return dict(input_scale=x_scale, weight_scale=w_scale) if variant == "int8" else {}
 
-        def make(variant, inputs=inputs):
+        # every closure binds this case's inputs and scales as defaults: the loop rebinds the names, and a late
+        # lookup would hand the first layer the last layer's per-channel weight scales
+        def make(variant, inputs=inputs, int8_args=int8_args):
             xs, o, m, w, b = inputs(variant)
             return lambda: mdc._modulated_deform_conv2d_igemm(xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant,
                                                               **int8_args(variant))
 
-        def old_kernel_ms(variant, _ms, inputs=inputs, cache={}):  # noqa: B006 (one cache per case)
+        def old_kernel_ms(variant, _ms, inputs=inputs, int8_args=int8_args, cache={}):  # noqa: B006 (one per case)
             if variant not in cache:
                 xs, o, m, w, b = inputs(variant)
                 kw = int8_args(variant)
@@ -414,7 +416,7 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
                     kw.get("weight_scale")))
             return cache[variant]
 
-        def int8_mma_ms(variant, _ms, inputs=inputs):
+        def int8_mma_ms(variant, _ms, inputs=inputs, int8_args=int8_args):
             """int8 only: the same kernel rounding each blended sample to a code for an int8 MMA."""
             if variant != "int8":
                 return None
@@ -422,7 +424,7 @@ def dcn_igemm_cases(layers=DCN_BEVFORMER_LAYERS, device: str = "cuda",
             return time_cuda_graph(lambda: mdc._modulated_deform_conv2d_igemm(
                 xs, o, m, w, b, [1, 1], [1, 1], [1, 1], 1, variant, int8_mma=True, **int8_args(variant)))
 
-        def err_vs_cpu_int8(variant, _ms, inputs=inputs):
+        def err_vs_cpu_int8(variant, _ms, inputs=inputs, int8_args=int8_args):
             """int8 only: the kernel against the op's CPU int8 math (float64 GEMM) on the same codes, relative
             L2: separates the kernel from the quantization, which the reference comparison includes."""
             if variant != "int8":

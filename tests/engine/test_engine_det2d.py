@@ -94,13 +94,14 @@ def test_int8_engine_sqnr(name, tmp_path, calib_spec, ops_on_references):
     _assert_int8_floor(engine, name)
 
 
-def test_yolox_builds_calibrate_by_the_max_by_default():
-    """YOLOX's SiLU activations defeat the KL threshold (see ``default_calibration_method``); the ReLU
-    families keep TensorRT's entropy method, fp8 the max."""
+def test_the_2d_detectors_calibrate_by_the_max_by_default():
+    """YOLOX's SiLU activations and CenterNet's trained heatmap lose to the KL threshold (see
+    ``default_calibration_method``); the BEV families keep TensorRT's entropy method, fp8 the max."""
     from bevdeploy.engine.model_io import default_calibration_method
 
     assert default_calibration_method("yolox") == "minmax"
-    assert default_calibration_method("centernet") == default_calibration_method("bevdet") == "entropy"
+    assert default_calibration_method("centernet") == "minmax"  # measured on its trained checkpoint (H100)
+    assert default_calibration_method("bevdet") == default_calibration_method("bevformer") == "entropy"
     assert default_calibration_method("bevformer", fp8=True) == "minmax"
 
 
