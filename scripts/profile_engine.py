@@ -102,14 +102,18 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
     precision = meta["precision"] + "".join(f"-{tag}" for tag, on in (
         ("int8dcn", meta.get("int8_dcn")), ("asymmetric", meta.get("zero_points")), ("qat", meta.get("qat"))) if on)
     model = meta["model"]
+    # a static-batch engine (2D detectors: 32 images a call) is timed per call; say so, and give the rate per image
+    batch = int(meta.get("batch", 1) or 1)
+    unit = "frame" if batch == 1 else "call"
+    rate = f"{1000 / ms:.1f} FPS" if batch == 1 else f"batch {batch}: {1000 * batch / ms:.1f} images/s"
     lines = [f"# Profile: {model} {precision} ({torch.cuda.get_device_name()}, torch {torch.__version__})", "",
-             f"engine `{path.name}`, load + compile {load_s:.1f} s, **{ms:.3f} ms/frame** ({1000 / ms:.1f} FPS), "
+             f"engine `{path.name}`, load + compile {load_s:.1f} s, **{ms:.3f} ms/{unit}** ({rate}), "
              f"freezing={freeze}, cudnn.benchmark={cudnn_benchmark}; kernel time summed over {calls} calls: "
-             f"{total / calls / 1000:.3f} ms/frame", "", "## GPU time by kind", "", "| kind | ms/frame | share |",
+             f"{total / calls / 1000:.3f} ms/{unit}", "", "## GPU time by kind", "", f"| kind | ms/{unit} | share |",
              "| --- | --- | --- |"]
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {us / calls / 1000:.3f} | {100 * us / total:.1f}% |")
-    lines += ["", f"## Top {top} kernels", "", "| kernel | kind | calls/frame | us/frame | share |",
+    lines += ["", f"## Top {top} kernels", "", f"| kernel | kind | launches/{unit} | us/{unit} | share |",
               "| --- | --- | --- | --- | --- |"]
     for k, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         name = k if len(k) <= 90 else k[:87] + "..."
