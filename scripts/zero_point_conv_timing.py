@@ -1,8 +1,8 @@
-"""GPU: the int8 conv kernel with an input zero point in its two forms against no zero point, same shapes, same
-launch configs (the heuristic), CUDA graphs: symmetric codes; the zero point's code in the padding with the
-total weight sums (a masked load with a non-zero fill; engines built before 2026-12-07); code 0 in the padding and
-per-kernel-point sums subtracted for the points inside the image (``weight_tap_sums``, the default now).
-Asked because zero points made whole engines 31-37% slower on the H100 (CenterNet, YOLOX-x).
+"""GPU: the int8 conv kernel with an input zero point against the same conv without one, same shapes, same
+launch configs (the heuristic), CUDA graphs. With a zero point the padding holds its code (a masked load with
+a non-zero fill). Asked because zero points made whole engines 31-37% slower on the H100 (CenterNet, YOLOX-x);
+a per-kernel-point form (code 0 in the padding, per-tap weight sums subtracted inside the image) was timed by
+this script at commit 865c29b and reverted (7-13x on YOLOX-x shapes; ``zero-point-conv-timing.md``).
 
     python scripts/zero_point_conv_timing.py [--out DIR]   -> zero-point-conv-timing.md under bench/results/<gpu>/
 """
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bevdeploy.eval.timing import gpu_dirname, time_cuda_graph  # noqa: E402
-from bevdeploy.quant.int8_kernels import int8_conv2d, weight_sums, weight_tap_sums  # noqa: E402
+from bevdeploy.quant.int8_kernels import int8_conv2d, weight_sums  # noqa: E402
 
 # (label, N, C, H, W, O, k, stride, padding)
 SHAPES = [
@@ -43,28 +43,21 @@ def main() -> int:
         wq = torch.randint(-127, 128, (o, k, k, c), generator=g, device="cuda", dtype=torch.int8)
         ws = torch.rand(o, generator=g, device="cuda") * 1e-3 + 1e-4
         b = torch.randn(o, generator=g, device="cuda")
-        forms = {"symmetric": dict(), "zero point, padded with its code": dict(x_zero_point=-128, w_sum=weight_sums(wq)),
-                 "zero point, per-tap sums": dict(x_zero_point=-128, w_sum=weight_tap_sums(wq))}
-        outs, times = {}, {}
+        forms = {"symmetric": dict(), "zero point": dict(x_zero_point=-128, w_sum=weight_sums(wq))}
+        times = {}
         for name, kw in forms.items():
             fn = lambda kw=kw: int8_conv2d(x, wq, 0.02, ws, b, s, pad, activation="relu", out_scale=0.05, **kw)  # noqa: E731
-            outs[name] = fn()
             times[name] = time_cuda_graph(fn)
-        same = torch.equal(outs["zero point, padded with its code"], outs["zero point, per-tap sums"])
-        sym = times["symmetric"]
-        rows.append((label, sym, times["zero point, padded with its code"], times["zero point, per-tap sums"], same))
-        print(f"{label}: sym {sym * 1e3:.1f} us, padded-code {rows[-1][2] * 1e3:.1f} us ({rows[-1][2] / sym:.2f}x), "
-              f"per-tap {rows[-1][3] * 1e3:.1f} us ({rows[-1][3] / sym:.2f}x), same codes: {same}", flush=True)
-    lines = [f"# int8 conv with an input zero point: the two forms ({torch.cuda.get_device_name()})", "",
+        sym, zp = times["symmetric"], times["zero point"]
+        rows.append((label, sym, zp))
+        print(f"{label}: sym {sym * 1e3:.1f} us, zero point {zp * 1e3:.1f} us ({zp / sym:.2f}x)", flush=True)
+    lines = [f"# int8 conv with an input zero point ({torch.cuda.get_device_name()})", "",
              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              "`python scripts/zero_point_conv_timing.py`; us per call, CUDA graph of 10 calls, median of 30 replays; "
-             "bias + ReLU + int8 output epilogue; launch config from the heuristic (the same for every form). "
-             "same codes: the two zero-point forms' int8 outputs are equal.", "",
-             "| conv | symmetric us | zero point, padded with its code us | ratio | zero point, per-tap sums us | "
-             "ratio | same codes |", "|---|---|---|---|---|---|---|"]
-    for label, sym, padded, tap, same in rows:
-        lines.append(f"| {label} | {sym * 1e3:.1f} | {padded * 1e3:.1f} | {padded / sym:.2f} | {tap * 1e3:.1f} | "
-                     f"{tap / sym:.2f} | {same} |")
+             "bias + ReLU + int8 output epilogue; launch config from the heuristic (the same for both).", "",
+             "| conv | symmetric us | zero point us | ratio |", "|---|---|---|---|"]
+    for label, sym, zp in rows:
+        lines.append(f"| {label} | {sym * 1e3:.1f} | {zp * 1e3:.1f} | {zp / sym:.2f} |")
     text = "\n".join(lines) + "\n"
     for d in [os.path.join("bench", "results", gpu_dirname())] + ([args.out] if args.out else []):
         os.makedirs(d, exist_ok=True)

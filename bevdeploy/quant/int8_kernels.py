@@ -22,10 +22,12 @@ int8 output): ``residual[m, n]`` above then reads ``residual_scale * residual_q[
 Zero points (asymmetric activations). ReLU and SiLU outputs are one-sided, so symmetric codes waste
 about one bit on them. Every activation code may carry an integer zero point ``z`` in [-128, 127]:
 ``x ~= s * (q - z)``, codes clamped to [-128, 127] (``z = 0`` is the symmetric scheme above, codes in
-[-127, 127], bit for bit). The input's ``z`` costs nothing in the main loop:
+[-127, 127], bit for bit). The input's ``z`` adds no arithmetic to the main loop:
 ``sum_k (q - z) w = sum_k q w - z * w_sum[n]`` with ``w_sum[n] = sum_k w_q[n, k]`` precomputed, one
 int32 multiply-subtract per output in the epilogue (exact); the conv pads with ``z`` (the code of
-0), so padded taps cancel in that sum. The int8 output (``out_zero_point``) adds ``z`` after rounding;
+0), so padded taps cancel in that sum. That padding is not free: a masked load with a non-zero fill
+made a padded conv 1.30-2.27x the symmetric one on the H100 (``zero-point-conv-timing.md``), and the
+per-kernel-point alternative timed there (pad with 0, subtract per tap) was slower still. The int8 output (``out_zero_point``) adds ``z`` after rounding;
 an int8 residual subtracts its ``residual_zero_point`` before its scale.
 
 Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operands are K-contiguous
@@ -99,14 +101,10 @@ def _check_zero_point(name: str, zp: object) -> int:
 
 
 def _check_zero_points(n: int, x_zero_point=0, w_sum=None, residual=None, residual_zero_point=0, out_scale=None,
-                       out_zero_point=0, taps: int | None = None) -> None:
-    """``taps``: a conv's kernel points (its ``w_sum`` may hold one sum per tap, [n, taps])."""
+                       out_zero_point=0) -> None:
     _check_zero_point("x_zero_point", x_zero_point)
     if w_sum is not None:
-        if taps is not None and w_sum.dim() == 2:
-            check_tensor("w_sum", w_sum, shape=(n, taps), dtypes=(torch.int32,))
-        else:
-            check_tensor("w_sum", w_sum, shape=(n,), dtypes=(torch.int32,))
+        check_tensor("w_sum", w_sum, shape=(n,), dtypes=(torch.int32,))
     if _check_zero_point("residual_zero_point", residual_zero_point) and (residual is None
                                                                           or residual.dtype != torch.int8):
         raise ValueError("residual_zero_point applies to an int8 residual only")
@@ -556,7 +554,6 @@ if triton_available():
         OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr,
         HAS_XZP: tl.constexpr,
-        TAP_XZP: tl.constexpr,  # with HAS_XZP: w_sum holds [O, KH*KW] per-tap sums (pad with 0, subtract per tap)
         EVEN_C: tl.constexpr,  # C % BLOCK_K == 0: only the padding mask (constant along channels)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -565,10 +562,7 @@ if triton_available():
     ):
         """Implicit GEMM: one flat loop over (kernel point, channel block) so the software pipeliner
         prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (the code
-        of 0 in the padding) dotted with the [BN, BK] weight slab, transposed (both K-major).
-        An input zero point z: TAP_XZP pads with code 0 and subtracts z * w_sum[o, t] over the kernel points t
-        inside the image (after the loop, KH*KW selects); otherwise the padding holds z and the epilogue
-        subtracts z * w_sum[o]."""
+        of 0 in the padding) dotted with the [BN, BK] weight slab, transposed (both K-major)."""
         pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -584,7 +578,6 @@ if triton_available():
         img = b.to(tl.int64) * stride_xb
         w_rows = w_ptr + rn[:, None] * stride_wo + offs_k[None, :]
         c_blocks = tl.cdiv(C, BLOCK_K)
-        PAD_Z: tl.constexpr = HAS_XZP and not TAP_XZP
         pad_code = x_zp.to(tl.int8)  # the code of 0 (symmetric: 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for it in range(0, KH * KW * c_blocks):
@@ -599,32 +592,23 @@ if triton_available():
             a_ptrs = x_ptr + pix[:, None] + (c0 + offs_k)[None, :]
             w_ptrs = w_rows + (kp * C + c0)
             if EVEN_C:
-                if PAD_Z:
+                if HAS_XZP:
                     a = tl.load(a_ptrs, mask=valid[:, None], other=pad_code)
                 else:
                     a = tl.load(a_ptrs, mask=valid[:, None], other=0)
                 w = tl.load(w_ptrs)
             else:
                 c_mask = (c0 + offs_k)[None, :] < C  # the channel tail's weights are 0: any code there
-                if PAD_Z:
+                if HAS_XZP:
                     a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=pad_code)
                 else:
                     a = tl.load(a_ptrs, mask=valid[:, None] & c_mask, other=0)
                 w = tl.load(w_ptrs, mask=c_mask, other=0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-        if TAP_XZP:  # sum_t over the kernel points inside the image of z * w_sum[o, t]
-            zsum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for kp in tl.static_range(KH * KW):
-                hi = hi0 + (kp // KW) * dil_h
-                wi = wi0 + (kp % KW) * dil_w
-                inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                wt = tl.load(wsum_ptr + rn * (KH * KW) + kp)
-                zsum += tl.where(inside[:, None], wt[None, :], 0)
-            acc = acc - x_zp * zsum
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, PAD_Z, 0, False)  # fmt: skip
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,15 +657,6 @@ def weight_sums(w_q: Tensor) -> Tensor:
     """``w_sum[n] = sum_k w_q[n, k]`` (int32) of int8 weights ``[N, ...]``: what an input zero point
     costs the epilogue (``z * w_sum[n]``); computed once per layer at conversion."""
     return w_q.reshape(w_q.shape[0], -1).sum(1, dtype=torch.int32)
-
-
-def weight_tap_sums(w_q: Tensor) -> Tensor:
-    """``w_sum[o, t] = sum_c w_q[o, ky, kx, c]`` (int32 ``[O, KH*KW]``) of conv weights ``[O, KH, KW, C]``: the
-    per-kernel-point form a padded conv takes with an input zero point. The kernel then pads with code 0 (a
-    zero-filled async copy, as without zero points) and subtracts ``z * w_sum[o, t]`` for the kernel points
-    that land inside the image only; padding with the code ``z`` instead, a masked load with a non-zero
-    fill, measured 31-37% slower whole engines on the H100 (CenterNet, YOLOX-x, 2026-12-07)."""
-    return w_q.reshape(w_q.shape[0], w_q.shape[1] * w_q.shape[2], -1).sum(2, dtype=torch.int32)
 
 
 def _out_dtype(out_dtype: str, out_scale: float | None) -> torch.dtype:
@@ -838,14 +813,8 @@ def _int8_conv2d_triton(
     m = n * ho * wo
     y2 = y.permute(0, 2, 3, 1).reshape(m, o)  # views: NHWC memory is [M, O] row-major
     r2 = None if residual is None else residual.permute(0, 2, 3, 1).reshape(m, o)
-    if not x_zero_point:
-        w_sum = None
-    elif w_sum is None:
-        w_sum = weight_tap_sums(w_q)
     if conv_runs_gemm_kernel((kh, kw), stride, padding):
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
-        if w_sum is not None and w_sum.dim() == 2:  # 1x1: one tap
-            w_sum = w_sum.reshape(o)
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
         return y
@@ -855,6 +824,7 @@ def _int8_conv2d_triton(
     bm, bn, bk, group_m, warps, stages = (config or gemm_config(m, o, c, x_q.device))[:6]
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
+    w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)
     res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
                                                                         residual_zero_point, out_zero_point)
     _int8_conv2d_kernel[grid](
@@ -865,7 +835,7 @@ def _int8_conv2d_triton(
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
-        TAP_XZP=w_sum is not None and w_sum.dim() == 2, EVEN_C=c % bk == 0,
+        EVEN_C=c % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -985,8 +955,7 @@ def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, resid
       residual_zero_point=0, out_zero_point=0):
     shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
                         out_dtype, residual_scale, out_scale, config)
-    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point,
-                       taps=w_q.shape[1] * w_q.shape[2])
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
     return torch.empty(shape, dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
                        memory_format=torch.channels_last)
 
@@ -1142,10 +1111,8 @@ def int8_conv2d(
             (YOLOX's ``DarknetBottleneck``: the identity is added to the SiLU output).
         x_zero_point (int): zero point of ``x_q`` (``x ~= x_scale * (x_q - x_zero_point)``; 0: symmetric);
             the padding holds it (the code of 0).
-        w_sum (Tensor[O, kh*kw] int32, optional): :func:`weight_tap_sums` of ``w_q``, used with
-            ``x_zero_point`` (computed here when None; layers pass it precomputed so an engine holds it as a
-            constant). The total :func:`weight_sums` (Tensor[O]) is accepted too: the kernel then pads with the
-            code ``x_zero_point``, the slower form engines built before 2026-12-07 carry.
+        w_sum (Tensor[O] int32, optional): :func:`weight_sums` of ``w_q``, used with ``x_zero_point``
+            (computed here when None; layers pass it precomputed so an engine holds it as a constant).
         residual_zero_point (int): zero point of an int8 ``residual``.
         out_zero_point (int): zero point of the int8 output (with ``out_scale``): codes
             ``round_half_even(y / out_scale) + out_zero_point`` clamped to [-128, 127].
@@ -1157,10 +1124,9 @@ def int8_conv2d(
     stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
     _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
                 residual_scale, out_scale, config)
-    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point,
-                       taps=w_q.shape[1] * w_q.shape[2])
+    _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
     if x_zero_point and w_sum is None:
-        w_sum = weight_tap_sums(w_q)
+        w_sum = weight_sums(w_q)
     return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
                            activation, out_dtype, _opt_float(residual_scale), _opt_float(out_scale),
                            _opt_list(config), bool(residual_after_act), int(x_zero_point),

@@ -37,7 +37,6 @@ from bevdeploy.quant.int8_kernels import (
     quantize_per_tensor,
     reference_quantize_per_tensor,
     weight_sums,
-    weight_tap_sums,
 )
 
 __all__ = ["LayerReport", "QuantConv2d", "QuantDeformConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
@@ -134,7 +133,7 @@ class _QuantBase(ScaledInputLayer):
             self.set_input_zero_point(int(zp))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.input_zero_point and self._zero_point_weight_sums:  # the weight sums follow the loaded weights
-            self.w_sum = self._weight_sums()
+            self.w_sum = weight_sums(self.weight)
 
     #: Quantize the input with plain torch ops instead of the quantize kernel: under a compiler
     #: (the engine's Inductor) they fuse into the kernel that produces the input (its bias / residual
@@ -169,13 +168,9 @@ class _QuantBase(ScaledInputLayer):
         reloaded layer cannot silently lose it; symmetric layers keep their old keys)."""
         self.input_zero_point = _check_zero_point("input zero point", zero_point)
         sums = zero_point and self._zero_point_weight_sums
-        self.register_buffer("w_sum", self._weight_sums() if sums else None, persistent=False)
+        self.register_buffer("w_sum", weight_sums(self.weight) if sums else None, persistent=False)
         self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
                                                                      device=self.weight.device) if zero_point else None)
-
-    def _weight_sums(self) -> Tensor:
-        """What the kernel subtracts per unit of input zero point: the weight sum per output channel."""
-        return weight_sums(self.weight)
 
     def _zero_point_args(self) -> dict:
         return {"x_zero_point": self.input_zero_point, "w_sum": getattr(self, "w_sum", None),
@@ -303,11 +298,6 @@ class QuantConv2d(_QuantBase):
     """
 
     _nhwc_input = True
-
-    def _weight_sums(self) -> Tensor:
-        """Per kernel point (``weight_tap_sums``): the conv kernel pads with code 0 and subtracts the zero point's
-        share of the kernel points inside the image only (the faster form, see ``weight_tap_sums``)."""
-        return weight_tap_sums(self.weight)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, *, input_scale: float = 1.0, activation: str = "none",

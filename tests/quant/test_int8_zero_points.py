@@ -21,7 +21,6 @@ from bevdeploy.quant.int8_kernels import (
     quantize_per_tensor,
     reference_quantize_per_tensor,
     weight_sums,
-    weight_tap_sums,
 )
 from bevdeploy.quant.modules import QuantConv2d, quantize_modules
 from tests._utils import REL_TOL, assert_rel_close, poisoned, randomize_batchnorms
@@ -119,27 +118,25 @@ def test_conv_input_zero_point_matches_float64(device, case):
     _int8_conv2d_triton(x_q.to(device), w_q.to(device), 0.02, ws.to(device), b.to(device), [s, s], [p, p], [1, 1], 1,
                         None, "relu", "float32", out=out, x_zero_point=xz)
     assert_rel_close(out, _ref_conv64(x_q, 0.02, xz, w_q, ws, b, s, p, activation="relu"), REL_TOL["fp32"])
-    # the public op with a precomputed w_sum (what a layer passes) gives the same numbers, in both forms: per kernel
-    # point (pad with code 0, subtract per tap inside the image) and the total (pad with the zero point's code)
-    for w_sum in (weight_tap_sums(w_q), weight_sums(w_q)):
-        pub = int8_conv2d(x_q.to(device), w_q.to(device), 0.02, ws.to(device), b.to(device), s, p, activation="relu",
-                          out_dtype=torch.float32, x_zero_point=xz, w_sum=w_sum.to(device))
-        assert_rel_close(pub, _ref_conv64(x_q, 0.02, xz, w_q, ws, b, s, p, activation="relu"), REL_TOL["fp32"])
+    # the public op with a precomputed w_sum (what a layer passes) gives the same numbers
+    pub = int8_conv2d(x_q.to(device), w_q.to(device), 0.02, ws.to(device), b.to(device), s, p, activation="relu",
+                      out_dtype=torch.float32, x_zero_point=xz, w_sum=weight_sums(w_q).to(device))
+    assert_rel_close(pub, _ref_conv64(x_q, 0.02, xz, w_q, ws, b, s, p, activation="relu"), REL_TOL["fp32"])
 
 
 @pytest.mark.parametrize("dilation,padding", [(2, 2), (2, 1), (3, 3)])
-def test_conv_zero_point_per_tap_with_dilation_and_padding_wider_than_the_image(device, dilation, padding):
-    """Kernel points of a dilated conv fall outside a 4x5 image on every side, several at once."""
+def test_conv_zero_point_with_dilation_and_padding_wider_than_the_image(device, dilation, padding):
+    """Kernel points of a dilated conv fall outside a 4x5 image on every side, several at once: each holds the
+    zero point's code."""
     g = _gen(30 + dilation + padding)
     x_q = _codes(2, 5, 4, 5, g=g).contiguous(memory_format=torch.channels_last)
     w_q, ws = _codes(7, 3, 3, 5, g=g, lo=-127), torch.rand(7, generator=g) * 0.01 + 0.001
     x64 = (x_q.double() + 90) * 0.02
     want = F.conv2d(x64, (w_q.double() * ws.double()[:, None, None, None]).permute(0, 3, 1, 2), None, 1, padding,
                     dilation)
-    for w_sum in (weight_tap_sums(w_q), weight_sums(w_q)):
-        out = int8_conv2d(x_q.to(device), w_q.to(device), 0.02, ws.to(device), None, 1, padding, dilation,
-                          out_dtype=torch.float32, x_zero_point=-90, w_sum=w_sum.to(device))
-        assert_rel_close(out, want, REL_TOL["fp32"])
+    out = int8_conv2d(x_q.to(device), w_q.to(device), 0.02, ws.to(device), None, 1, padding, dilation,
+                      out_dtype=torch.float32, x_zero_point=-90, w_sum=weight_sums(w_q).to(device))
+    assert_rel_close(out, want, REL_TOL["fp32"])
 
 
 @pytest.mark.parametrize("rz,out_zp", [(0, -128), (-40, 23), (77, 0)])
@@ -184,8 +181,6 @@ def test_zero_point_arguments_are_checked():
         int8_conv2d(x_q, w_q, 0.1, ws, residual=torch.zeros(1, 2, 1, 1), residual_zero_point=3)
     with pytest.raises(ValueError, match="w_sum"):
         int8_conv2d(x_q, w_q, 0.1, ws, x_zero_point=3, w_sum=torch.zeros(3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="w_sum"):  # per-tap sums of another kernel size
-        int8_conv2d(x_q, w_q, 0.1, ws, x_zero_point=3, w_sum=torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="zero_point"):
         quantize_per_tensor(torch.zeros(3), 0.1, -129)
 
@@ -204,7 +199,7 @@ def test_quant_conv_with_zero_point_equals_the_float_conv_of_its_dequantized_inp
         q = QuantConv2d.from_float(conv, scale, out_dtype=torch.float32)
         if zp:
             q.set_input_zero_point(zp)
-            assert torch.equal(q.w_sum, weight_tap_sums(q.weight))  # per kernel point: the faster conv form
+            assert torch.equal(q.w_sum, weight_sums(q.weight))
         xd = (reference_quantize_per_tensor(x, scale, zp).double() - zp) * scale  # what the layer sees
         w = q.weight.double().permute(0, 3, 1, 2) * q.weight_scale.double()[:, None, None, None]
         want = F.conv2d(xd, w, q.bias.double(), padding=1)
