@@ -57,8 +57,10 @@ def _launch(args: argparse.Namespace, nproc: int, argv: list[str], log: Path) ->
            "-m", args.module, *argv]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    # the host's cores shared out the same way for 1 and N processes (torchrun would give each of N one thread)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
     if args.device == "cpu":
-        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), TRITON_INTERPRET="0")
+        env["TRITON_INTERPRET"] = "0"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -81,14 +83,17 @@ def run_stages(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dev = ["--device", args.device, "-q"]
-    workers = ["--workers", str(args.workers)]
+
+    def workers(k: int) -> list[str]:  # the loader processes shared out over the ranks
+        return ["--workers", str(max(1, args.workers // k))]
+
     counts = [1, args.nproc]
     rows: list[dict] = []
     nds: dict[int, float] = {}
     for k in counts:
         ck = work / f"train-x{k}.pth"
         wall = _launch(args, k, ["train", "--model", args.model, "--data", args.train_data, "--steps", str(args.steps),
-                                 "--batch", str(args.batch), "--seed", "0", *dev, *workers, "-o", str(ck)],
+                                 "--batch", str(args.batch), "--seed", "0", *dev, *workers(k), "-o", str(ck)],
                        work / f"train-x{k}.log")
         meta = torch.load(ck, map_location="cpu", weights_only=False)["meta"]
         rows.append(dict(stage="train", processes=k, frames_per_s=steady_throughput(meta),
@@ -109,7 +114,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     for k in counts:
         metrics, run_file = work / f"eval-x{k}.metrics.json", work / f"eval-x{k}.run.json"
         wall = _launch(args, k, ["eval", "--model", args.model, "--checkpoint", checkpoint, "--data", args.eval_data,
-                                 *dev, *workers, "--metrics", str(metrics), "--save-run", str(run_file)],
+                                 *dev, *workers(k), "--metrics", str(metrics), "--save-run", str(run_file)],
                        work / f"eval-x{k}.log")
         run = json.loads(run_file.read_text())
         frames = len(run["latencies_ms"])
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda (NCCL) or cpu (gloo); default cuda when available")
     p.add_argument("--module", default="bevdeploy.cli", help="what torchrun runs (tests: a reduced-model wrapper)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                   help="processes rendering the worlds and reading frames (train and eval)")
+                   help="processes rendering the worlds and reading frames (train and eval), in all: each of K "
+                        "ranks gets 1/K of them")
     p.add_argument("--work", default="/tmp/multi-gpu")
     p.add_argument("--out", default=None, help="also write the results here (the device call's $OUT)")
     p.add_argument("--results-dir", default=None, help="instead of bench/results/<gpu>/")
