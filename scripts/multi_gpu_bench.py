@@ -79,6 +79,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     import torch
 
     from bevdeploy.engine.engine_file import read_archive
+    from bevdeploy.eval.detection import DetectionRun
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -116,10 +117,9 @@ def run_stages(args: argparse.Namespace) -> dict:
         wall = _launch(args, k, ["eval", "--model", args.model, "--checkpoint", checkpoint, "--data", args.eval_data,
                                  *dev, *workers(k), "--metrics", str(metrics), "--save-run", str(run_file)],
                        work / f"eval-x{k}.log")
-        run = json.loads(run_file.read_text())
-        frames = len(run["latencies_ms"])
+        run = DetectionRun.load(run_file)
         nds[k] = json.loads(metrics.read_text())["NDS"]
-        rows.append(dict(stage="eval", processes=k, frames_per_s=frames / run["wall_s"], frames=frames,
+        rows.append(dict(stage="eval", processes=k, frames_per_s=run.throughput, frames=len(run.latencies_ms),
                          nds=round(nds[k], 4), wall_s=round(wall, 1)))
     base = {r["stage"]: r["frames_per_s"] for r in rows if r["processes"] == 1}
     for r in rows:
