@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from bevdeploy.ops._utils import check_dim, check_same_device, check_tensor, triton_available, use_triton
+from bevdeploy.quant.int8_kernels import _ACT_CODE, ACTIVATIONS  # one list: the epilogues share their codes
 
 __all__ = [
     "ACTIVATIONS",
@@ -69,8 +70,6 @@ __all__ = [
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite e4m3 value: scale = amax / FP8_MAX.
 FP8_MAX = 448.0
-ACTIVATIONS = ("none", "relu", "silu")
-_ACT_CODE = {"none": 0, "relu": 1, "silu": 2}
 OUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAME = {v: k for k, v in OUT_DTYPES.items()}
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from bevdeploy.ops._utils import use_triton
-from bevdeploy.quant import fp8_kernels, int8_kernels
+from bevdeploy.quant import fp8_kernels
 from bevdeploy.quant.fp8_kernels import (
-    ACTIVATIONS,
     FP8_DTYPE,
     FP8_MAX,
     fp8_conv2d,
@@ -51,7 +50,6 @@ from bevdeploy.quant.modules import (
 __all__ = ["FP8_MAX", "Fp8Conv2d", "Fp8Linear", "quantize_modules_fp8", "scaled_mm_layer"]
 
 _OUT_DTYPES = (torch.float16, torch.float32)
-assert ACTIVATIONS == int8_kernels.ACTIVATIONS  # the layers' shared base checks the int8 list
 
 
 class _Fp8Base(ScaledInputLayer):
