@@ -83,7 +83,7 @@ def run_stages(args: argparse.Namespace) -> dict:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    dev = ["--device", args.device, "-q"]
+    common = ["--device", args.device, "-q"]  # every command: where it runs, no progress bars
 
     def workers(k: int) -> list[str]:  # the loader processes shared out over the ranks
         return ["--workers", str(max(1, args.workers // k))]
@@ -94,7 +94,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     for k in counts:
         ck = work / f"train-x{k}.pth"
         wall = _launch(args, k, ["train", "--model", args.model, "--data", args.train_data, "--steps", str(args.steps),
-                                 "--batch", str(args.batch), "--seed", "0", *dev, *workers(k), "-o", str(ck)],
+                                 "--batch", str(args.batch), "--seed", "0", *common, *workers(k), "-o", str(ck)],
                        work / f"train-x{k}.log")
         meta = torch.load(ck, map_location="cpu", weights_only=False)["meta"]
         rows.append(dict(stage="train", processes=k, frames_per_s=steady_throughput(meta),
@@ -107,7 +107,7 @@ def run_stages(args: argparse.Namespace) -> dict:
             engine = work / f"qat-x{k}.engine"
             wall = _launch(args, k, ["build", "--model", args.model, "--checkpoint", checkpoint, "--precision", "int8",
                                      "--calib", args.calib, "--qat-steps", str(args.qat_steps), "--qat-batch",
-                                     str(args.qat_batch), *dev, "-o", str(engine)], work / f"qat-x{k}.log")
+                                     str(args.qat_batch), *common, "-o", str(engine)], work / f"qat-x{k}.log")
             qat = read_archive(engine).metadata["qat"]
             rows.append(dict(stage="qat", processes=k, frames_per_s=qat.get("frames_per_s"), steps=qat["steps"],
                              batch_per_process=qat["batch"], global_batch=qat["global_batch"],
@@ -115,7 +115,7 @@ def run_stages(args: argparse.Namespace) -> dict:
     for k in counts:
         metrics, run_file = work / f"eval-x{k}.metrics.json", work / f"eval-x{k}.run.json"
         wall = _launch(args, k, ["eval", "--model", args.model, "--checkpoint", checkpoint, "--data", args.eval_data,
-                                 *dev, *workers(k), "--metrics", str(metrics), "--save-run", str(run_file)],
+                                 *common, *workers(k), "--metrics", str(metrics), "--save-run", str(run_file)],
                        work / f"eval-x{k}.log")
         run = DetectionRun.load(run_file)
         nds[k] = json.loads(metrics.read_text())["NDS"]
