@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calib", default=None, help="int8 / fp8 calibration data: synthetic:N or nuscenes:PATH[...] "
                     "(default split: train; 2D models: synthetic2d:N or coco:PATH:train2017:500)")
     bd.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
-                    help="default: entropy for the BEV models' int8, minmax for the 2D detectors and for fp8")
+                    help="default: entropy for the BEV models' int8, percentile (99.99th) for YOLOX, minmax for CenterNet and for fp8")
     bd.add_argument("--calib-two-pass", action="store_true",
                     help="entropy / percentile: exact histograms from a first pass over the data (2x calibration "
                          "time; always on under torchrun, whose table equals this one)")

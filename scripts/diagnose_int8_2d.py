@@ -42,6 +42,7 @@ from bevdeploy.quant.chain import chain_int8
 from bevdeploy.quant.modules import quantize_modules
 from bevdeploy.quant.qat import (
     distillation_loss,
+    float_finetune,
     learned_scales,
     prepare_qat,
     qat_finetune,
@@ -273,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             variant(f"minmax{asym_txt} + QAT ({kind} loss) {steps} steps x {args.qat_batch} lr {args.qat_lr}, chained",
                     {**minmax_scoped, **learned}, True, set(), base=tuned, zero_points=start_zps)
         else:
-            losses = float_finetune(tuned, training, steps, args.qat_lr, args.qat_batch)
+            losses = float_finetune(tuned, training.loss, training.batches(args.qat_batch, 0), steps=steps,
+                                    lr=args.qat_lr, progress=False)
+            tuned.eval()
             score(f"float control: fine-tuned {steps} steps, no quantization", tuned, 0, set())
         print(f"[diag] {f'QAT ({kind})' if quantized else 'float'} {steps} steps: loss {losses[0]:.4f} -> "
               f"{losses[-1]:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
@@ -309,27 +312,6 @@ def markdown(report: dict) -> str:
             lines.append(f"| {s['layer']} | {s['sqnr_db']} | {s['worst_output']} | "
                          + " | ".join(str(rng.get(m)) for m in methods) + " |")
     return "\n".join(lines) + "\n"
-
-
-def float_finetune(model, training, steps: int, lr: float, batch: int) -> list[float]:
-    """The QAT recipe without fake quantization (same optimizer, schedule, clip and batches): the control."""
-    import math
-
-    model.train()
-    weights = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(weights, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
-    losses = []
-    for _, b in zip(range(steps), training.batches(batch, 0)):
-        loss = sum(training.loss(model, b).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(weights, 35.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
 
 
 def _forward_arg(model) -> list[str]:

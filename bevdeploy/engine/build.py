@@ -337,9 +337,10 @@ def build(
             ``train`` / ``mini_train`` when present.
         calib_method: ``entropy``, ``minmax`` or ``percentile``; default
             :func:`~bevdeploy.engine.model_io.default_calibration_method`: ``entropy`` for int8*, except
-            ``minmax`` for the 2D detectors (YOLOX's SiLU activations and CenterNet's heatmap lose to the KL
-            thresholds' clipping, measured) and for fp8* (e4m3's relative precision gains nothing from
-            clipping; see :mod:`bevdeploy.quant.fp8_modules`).
+            ``percentile`` for YOLOX and ``minmax`` for CenterNet (YOLOX's SiLU activations and CenterNet's
+            heatmap lose to the KL thresholds' clipping, YOLOX's PAN outliers to the max: measured) and
+            ``minmax`` for fp8* (e4m3's relative precision gains nothing from clipping; see
+            :mod:`bevdeploy.quant.fp8_modules`).
         calib_table: A saved calibration table to reuse instead of calibrating.
         keep_float: Layer names to keep float in the int8 / fp8 precisions.
         model_overrides: Config overrides (e.g. reduced sizes in tests); recorded in the metadata.

@@ -263,23 +263,26 @@ def default_calibration_method(family_name: str, *, fp8: bool = False) -> str:
     """The calibration method a build of family ``family_name`` uses unless told (``calib_method``).
 
     ``entropy`` (TensorRT's KL threshold) for the BEV networks (BEVFormer, BEVDet); ``minmax`` for fp8
-    (e4m3's relative precision gains nothing from clipping) and for the 2D detectors, measured on their
-    trained checkpoints:
+    (e4m3's relative precision gains nothing from clipping) and CenterNet; ``percentile`` (99.99th of
+    ``|x|``) for YOLOX. Measured on the 2D detectors' trained checkpoints:
 
     * YOLOX: every conv reads a SiLU output (or a sum, concatenation or pooling of them): half its values
       sit in SiLU's negative lobe ``[-0.28, 0)`` and fold onto the smallest bins of the ``|x|`` histogram,
       and the KL search, which weighs bins by their mass, then resolves that dense low region finely and
-      clips the rare large activations that carry the objects (a reduced YOLOX trained on the synthetic
-      world: thresholds at a quarter of the max in the first stages, 15 dB input SQNR instead of 33, head
-      outputs at 5.5 dB; minmax: 28.5 dB; an H100 YOLOX-x build with entropy gave 4.1 dB and lost 0.36 of
-      its 0.57 mAP).
+      clips the rare large activations that carry the objects (an H100 YOLOX-x build with entropy gave
+      4.1 dB and lost 0.36 of its 0.57 mAP). The max is no safer: on the 2026-12-07 checkpoint (mAP 0.503,
+      ``diagnose-int8-yolox-x.md``) a few outliers in the PAN's top-down blocks set those layers' scales
+      (4-6 dB alone in int8) and minmax lost 0.49 mAP, entropy 0.19, the 99.99th percentile 0.084 (its
+      engine: 0.079; QAT from it: +0.002).
     * CenterNet: on the trained 512x512 checkpoint (H100, ``diagnose-int8-centernet-r18-dcn.md``) entropy
       thresholds give the heatmap 9.8 dB SQNR against minmax's 24.0 dB (29.9 with zero points); its
       entropy engines had 8.6 dB and lost 0.022 mAP, the minmax engine of the same session's checkpoint
       +0.0002. (A reduced 128x160 model trained on the CPU showed no difference: 33 dB either way.)
     """
-    if fp8 or family_name in ("yolox", "centernet"):
+    if fp8 or family_name == "centernet":
         return "minmax"
+    if family_name == "yolox":
+        return "percentile"
     return "entropy"
 
 

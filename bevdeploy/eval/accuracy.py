@@ -339,12 +339,44 @@ def stage_eval_det2d(args) -> Path:
                      "(bevdeploy/quant/qat.py), then built from the learned scales. Its weights differ from the "
                      "checkpoint's, so its output_sqnr_db (against the checkpoint's float outputs) measures the "
                      "fine-tuning as well as the rounding; its dmap mixes the recovered rounding with the extra "
-                     "training (scripts/diagnose_int8_2d.py --qat-steps gives the float control of the same steps).")
+                     "training (the pytorch (float control) row separates them).")
+    controls = []
+    if args.qat_steps:
+        controls.append(("pytorch (float control)", lambda dev: _float_control(args, ckpt, overrides, train_set, dev)))
+        notes.append(f"The pytorch (float control) row: the checkpoint fine-tuned with the QAT rows' recipe ("
+                     f"{args.qat_steps} steps x batch {args.qat_batch}, lr {args.qat_lr}, the same batches, "
+                     "BatchNorm folded as for QAT) without fake quantization, scored in PyTorch FP32: what the extra "
+                     "training alone gives. A QAT row's dmap minus the control's is what int8 costs after QAT.")
     return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
                        batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
-                       out_dir=args.out, command=args.command, append=args.keep_rows, model_overrides=overrides,
-                       device=args.device, results_name=f"accuracy-{args.model}" + (f"-{args.results_tag}" if args.results_tag else ""), extra=extra,
-                       notes=notes, int8_options=int8_options, extra_jobs=extra_jobs)
+                       out_dir=args.out, command=args.command, model_overrides=overrides, device=args.device,
+                       append=bool(args.keep_rows and _same_weights_results(args, sha)),
+                       results_name=_results_name(args), extra=extra,
+                       notes=notes, int8_options=int8_options, extra_jobs=extra_jobs, float_controls=controls)
+
+
+def _float_control(args, ckpt: Path, overrides: dict | None, train_set, dev: torch.device):
+    """The QAT rows' control: the BN-folded checkpoint fine-tuned with ``build``'s QAT recipe and batches
+    (``qat_seed`` 0, :func:`bevdeploy.quant.qat.float_finetune`) but no fake quantization."""
+    from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.models import MODELS
+    from bevdeploy.models.checkpoint import load_checkpoint
+    from bevdeploy.quant.qat import float_finetune
+    from bevdeploy.train import make_training
+
+    torch.manual_seed(0)
+    model = MODELS[args.model](**(overrides or {}))
+    load_checkpoint(model, str(ckpt))
+    model = model.to(dev).eval()
+    fold_batchnorms(model)
+    training = make_training(args.model, model, train_set, dev)
+    t0 = time.perf_counter()
+    losses = float_finetune(model, training.loss, training.batches(args.qat_batch, 0), steps=args.qat_steps,
+                            lr=args.qat_lr, progress=False)
+    info = {"qat_steps": args.qat_steps, "qat_batch": args.qat_batch, "qat_lr": args.qat_lr,
+            "qat_loss_first": round(losses[0], 4), "qat_loss_last": round(losses[-1], 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return model.eval(), info
 
 
 def _jsonable(obj):
@@ -363,15 +395,28 @@ def _training_summary(meta: dict) -> dict:
     return training
 
 
+def _results_name(args) -> str:
+    tag = getattr(args, "results_tag", None)
+    return f"accuracy-{args.model}" + (f"-{tag}" if tag else "")
+
+
+def _same_weights_results(args, sha: str) -> dict | None:
+    """The results file this run writes, if an earlier run wrote it for the SAME checkpoint; None if it is
+    missing or holds another checkpoint's rows (those must not be mixed into this run's table)."""
+    path = _results_dir(args) / f"{_results_name(args)}.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("checkpoint_sha256") != sha:
+        print(f"[accuracy] --keep-rows: {path} holds another checkpoint's rows; it is rewritten", file=sys.stderr)
+        return None
+    return doc
+
+
 def _earlier_rows(args, sha: str, measured: set[str]) -> list[dict]:
     """Rows of an earlier eval of the SAME checkpoint for precisions this run does not measure
     (an eval split over several device calls); none if the file is from other weights."""
-    path = _results_dir(args) / f"accuracy-{args.model}.json"
-    if not path.is_file():
-        return []
-    doc = json.loads(path.read_text())
-    if doc.get("checkpoint_sha256") != sha:
-        return []
+    doc = _same_weights_results(args, sha) or {}
     return [r for r in doc.get("rows", []) if r["precision"] != "pytorch" and r["precision"] not in measured]
 
 
@@ -402,7 +447,7 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
     }
     folder = _results_dir(args)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"accuracy-{args.model}.json"
+    path = folder / f"{_results_name(args)}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     keys = ["precision", "nds", "map", "mATE", "mASE", "mAOE", "mAVE", "mAAE", "dnds", "dmap", "fidelity_nds",
             "output_sqnr_db", "int8_layers", "fps", "fps_ratio", "error"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,6 +77,7 @@ def bench_det2d(
     notes: list[str] | None = None,
     int8_options: dict | None = None,
     extra_jobs: list[tuple[str, str, dict]] | None = None,
+    float_controls: list[tuple[str, Callable]] | None = None,
 ) -> Path:
     """The table for one 2D model at ``batch``; returns the JSON path (``<out_dir>/<gpu>/<name>.json``).
 
@@ -103,6 +105,10 @@ def bench_det2d(
         extra_jobs: More rows after ``precisions``: ``(label, precision, build arguments)``, e.g.
             ``("int8-fp16 (QAT)", "int8-fp16", {"qat_steps": 300, "qat_data": train_set})``; the row is
             named ``label`` and records the scalar arguments (and the QAT losses of the engine).
+        float_controls: More float rows right after the PyTorch row, scored in PyTorch eager like it (no
+            timing): ``(label, make)`` with ``make(device) -> (model, info)``, e.g. the checkpoint fine-tuned
+            with a QAT row's recipe without fake quantization (the control that row is judged against);
+            ``info``'s entries go into the row.
     """
     from bevdeploy.data.det2d import PIPELINES, CocoSet, as_2d_spec, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
@@ -189,6 +195,28 @@ def bench_det2d(
     write()  # a run cut during the first engine's build keeps the PyTorch row (its mAP is the baseline)
     del model
     settle()
+    for label, make in float_controls or []:
+        try:
+            control, info = make(dev)
+            with torch.no_grad():
+                results, _ = run_det2d(control.eval(), source, name, config, batch=batch, device=dev)
+        except Exception as e:  # the control failing must not cost the engine rows
+            print(f"{name} {label}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"model": name, "precision": label, "batch": batch, "run": run_id,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            write()
+            continue
+        m = coco_map(coco_gt, results, image_ids) if scored else nan
+        r = dict.fromkeys(_ROW_KEYS)
+        r.update(model=name, precision=label, batch=batch, map=_r(m["mAP"]), map_50=_r(m["mAP_50"]),
+                 dmap=_r(m["mAP"] - metrics["mAP"]),
+                 fidelity_map=_r(fidelity_map(results, ref_results, image_ids, images, threshold) if scored else nan),
+                 run=run_id, **info)
+        rows.append(r)
+        print(f"{name} {label}: mAP {r['map']} (d {r['dmap']})", file=sys.stderr)
+        del control
+        settle()
+        write()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     jobs = [(p, p, {}) for p in precisions] + list(extra_jobs or [])

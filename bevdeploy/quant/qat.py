@@ -60,6 +60,7 @@ __all__ = [
     "QATPoint",
     "distillation_loss",
     "fake_quantize",
+    "float_finetune",
     "learned_scales",
     "learned_zero_points",
     "tie_shared_inputs",
@@ -526,18 +527,7 @@ def qat_finetune(
         ValueError: bad arguments, a model without fake-quant layers, or fewer batches than ``steps``.
         RuntimeError: a non-finite loss (the message names the step and the terms).
     """
-    from tqdm import tqdm
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and 0.0 <= float(value) < math.inf):
-            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
-    from bevdeploy.distributed import average_gradients, fail_together
-
-    distributed = dist is not None and dist.enabled
+    _check_finetune_args(steps, lr, scale_lr, weight_decay, max_grad_norm)
     fq = _fake_quant_modules(model)
     if not fq:
         raise ValueError("model has no fake-quant layer: call prepare_qat first")
@@ -546,31 +536,79 @@ def qat_finetune(
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in scale_ids]
     for p in scale_params:
         p.requires_grad_(True)
+    return _finetune(model, loss_fn, batches, steps, weights, scale_params, lr=lr, scale_lr=scale_lr,
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, progress=progress, dist=dist, desc="QAT")
+
+
+def float_finetune(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], dict[str, Tensor]],
+    batches: Iterable[Any],
+    *,
+    steps: int,
+    lr: float = 1e-5,
+    weight_decay: float = 1e-2,
+    max_grad_norm: float | None = 35.0,
+    progress: bool = True,
+) -> list[float]:
+    """:func:`qat_finetune`'s recipe (optimizer, schedule, clip, batches) on a float model without fake
+    quantization: the control of a QAT run. QAT changes the weights as well as adapting them to the
+    rounding, so a QAT engine's accuracy change against the checkpoint mixes the two; the same steps in
+    float tell what the extra training alone gives. Returns the loss of every step."""
+    _check_finetune_args(steps, lr, 0.0, weight_decay, max_grad_norm)
+    if _fake_quant_modules(model):
+        raise ValueError("float_finetune: the model has fake-quant layers (use qat_finetune, or strip_qat first)")
+    weights = [p for p in model.parameters() if p.requires_grad]
+    return _finetune(model, loss_fn, batches, steps, weights, [], lr=lr, scale_lr=0.0, weight_decay=weight_decay,
+                     max_grad_norm=max_grad_norm, progress=progress, dist=None, desc="float fine-tune")
+
+
+def _check_finetune_args(steps, lr, scale_lr, weight_decay, max_grad_norm) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and 0.0 <= float(value) < math.inf):
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+
+
+def _finetune(model, loss_fn, batches, steps: int, weights: list, scale_params: list, *, lr: float, scale_lr: float,
+              weight_decay: float, max_grad_norm: float | None, progress: bool, dist, desc: str) -> list[float]:
+    """The loop of :func:`qat_finetune` and :func:`float_finetune`: AdamW, the weights' cosine decay, clip."""
+    from tqdm import tqdm
+
+    from bevdeploy.distributed import average_gradients, fail_together
+
     if steps == 0:
         return []
-    opt = torch.optim.AdamW([{"params": weights, "lr": lr, "weight_decay": weight_decay},
-                             {"params": scale_params, "lr": scale_lr, "weight_decay": 0.0}])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)), lambda i: 1.0])
+    distributed = dist is not None and dist.enabled
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay}]
+    schedules = [lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps))]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": scale_lr, "weight_decay": 0.0})
+        schedules.append(lambda i: 1.0)
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
     was_training = model.training
     model.train()
     it = iter(batches)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="qat", disable=not progress, file=sys.stderr)
+    bar = tqdm(range(steps), desc=desc.lower(), disable=not progress, file=sys.stderr)
     try:
         for step in bar:
             with fail_together(dist):
                 try:
                     batch = next(it)
                 except StopIteration:
-                    raise ValueError(f"batches ran out after {step} of {steps} QAT steps") from None
+                    raise ValueError(f"batches ran out after {step} of {steps} {desc} steps") from None
                 terms = loss_fn(model, batch)
                 if not isinstance(terms, dict) or not terms:
                     raise ValueError(f"loss_fn must return a non-empty dict of loss terms, got {terms!r}")
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     shown = {k: float(v.detach()) for k, v in terms.items()}
-                    raise RuntimeError(f"QAT step {step}: non-finite loss {float(loss.detach())} (terms {shown})")
+                    raise RuntimeError(f"{desc} step {step}: non-finite loss {float(loss.detach())} (terms {shown})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             if distributed:

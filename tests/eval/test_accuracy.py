@@ -56,6 +56,24 @@ def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
     assert _earlier_rows(args, "other", {"int8"}) == []
 
 
+def test_keep_rows_reads_the_tagged_file_of_the_same_checkpoint(tmp_path, capsys):
+    """A 2D --keep-rows run appends to its own results file (the tag's) only if that file holds the same
+    checkpoint's rows: another checkpoint's rows mixed into the table would sit under this run's training notes."""
+    import argparse
+
+    from bevdeploy.eval.accuracy import _same_weights_results
+
+    args = argparse.Namespace(out=str(tmp_path), model="yolox-x", results_tag="percentile")
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    (folder / "accuracy-yolox-x.json").write_text(json.dumps({"checkpoint_sha256": "abc", "rows": []}))
+    assert _same_weights_results(args, "abc") is None  # the untagged file is another table
+    (folder / "accuracy-yolox-x-percentile.json").write_text(json.dumps({"checkpoint_sha256": "old", "rows": []}))
+    assert _same_weights_results(args, "abc") is None
+    assert "another checkpoint" in capsys.readouterr().err
+    assert _same_weights_results(args, "old")["checkpoint_sha256"] == "old"
+
+
 @pytest.mark.slow
 def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monkeypatch):
     """2D: train on synthetic2d:N@1, the 2D bench rows on the held-out synthetic2d:M@2 (CPU: fp32 engine only)."""
@@ -84,15 +102,15 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert "DEPARTURE" in md and md.count("| yolox-x | fp32 |") == 1
     # a variant run beside it: int8 rows built with SmoothQuant + measured keep-float, its own results file
     assert main(["--stage", "eval", "--precisions", "int8", "--calib-frames", "2", "--eval-batch", "2", "--iters", "1",
-                 "--smooth-alpha", "0.5", "--keep-float-below", "1000", "--calib-method", "percentile",
+                 "--smooth-alpha", "0.5", "--keep-float-below", "1000", "--calib-method", "entropy",
                  "--results-tag", "smooth", *common]) == 0
     variant = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.json").read_text())
     int8 = variant["rows"][1]
     assert int8["precision"] == "int8" and int8["smooth_alpha"] == 0.5 and int8["keep_float_below_db"] == 1000.0
     assert int8["int8_layers"] == 0  # every ranked layer is below 1000 dB: all kept float
-    assert int8["calib_method"] == "percentile"  # not YOLOX's default (minmax)
+    assert int8["calib_method"] == "entropy"  # not YOLOX's default (percentile)
     variant_md = (tmp_path / "results" / "cpu" / "accuracy-yolox-x-smooth.md").read_text()
-    assert "smooth_alpha=0.5" in variant_md and "int8 calibrated (percentile)" in variant_md
+    assert "smooth_alpha=0.5" in variant_md and "int8 calibrated (entropy)" in variant_md
     assert [r["precision"] for r in json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x.json")
                                                .read_text())["rows"]] == ["pytorch", "fp32"]  # untouched
     # the QAT row: the PTQ start fine-tuned on every training image, named and recorded beside the int8 row
@@ -100,18 +118,26 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
                  "--iters", "1", "--qat-steps", "2", "--qat-batch", "2", "--qat-lr", "1e-4", "--results-tag", "qat",
                  *common]) == 0
     qat_doc = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.json").read_text())
-    assert [r["precision"] for r in qat_doc["rows"]] == ["pytorch", "int8-fp16", "int8-fp16 (QAT)"]
-    qrow = qat_doc["rows"][2]
+    assert [r["precision"] for r in qat_doc["rows"]] == ["pytorch", "pytorch (float control)", "int8-fp16",
+                                                         "int8-fp16 (QAT)"]
+    control, qrow = qat_doc["rows"][1], qat_doc["rows"][3]
     assert qrow["qat_steps"] == 2 and qrow["qat_batch"] == 2 and qrow["qat_lr"] == 1e-4 and "error" not in qrow
     assert qrow["qat_loss_first"] > 0 and qrow["int8_layers"] > 0 and "qat_data" not in qrow
-    assert "6 training images" in (tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.md").read_text()
+    # the control: the same recipe in float, scored like the PyTorch row (fake quantization changes the first loss)
+    assert "error" not in control and (control["qat_steps"], control["qat_batch"], control["qat_lr"]) == (2, 2, 1e-4)
+    assert 0.0 <= control["map"] <= 1.0 and control["dmap"] is not None and control["fps"] is None
+    # its first step sees the QAT row's first batch: the same loss up to the rounding of the fake quantization
+    assert control["qat_loss_first"] > 0 and abs(control["qat_loss_first"] / qrow["qat_loss_first"] - 1) < 0.05
+    qat_md = (tmp_path / "results" / "cpu" / "accuracy-yolox-x-qat.md").read_text()
+    assert "6 training images" in qat_md and "pytorch (float control) row" in qat_md
     # --asymmetric: the zero-point row beside the symmetric one, and its QAT form instead of the symmetric QAT
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
                  "--iters", "1", "--qat-steps", "1", "--qat-batch", "2", "--asymmetric", "--results-tag", "asym",
                  "--int8-dcn", *common]) == 0
     rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-asym.json").read_text())["rows"]
-    assert [r["precision"] for r in rows] == ["pytorch", "int8-fp16", "int8-fp16 (asymmetric)",
-                                              "int8-fp16 (asymmetric QAT)", "int8-fp16 (int8 DCN)"]
-    assert all(r.get("asymmetric") is True and "error" not in r for r in rows[2:4]) and rows[3]["qat_steps"] == 1
+    assert [r["precision"] for r in rows] == ["pytorch", "pytorch (float control)", "int8-fp16",
+                                              "int8-fp16 (asymmetric)", "int8-fp16 (asymmetric QAT)",
+                                              "int8-fp16 (int8 DCN)"]
+    assert all(r.get("asymmetric") is True and "error" not in r for r in rows[3:5]) and rows[4]["qat_steps"] == 1
     # --int8-dcn: its own row (YOLOX has no DCN: the plumbing only; CenterNet's neck is the real case)
-    assert rows[4].get("int8_dcn") is True and not rows[4].get("asymmetric") and "error" not in rows[4]
+    assert rows[5].get("int8_dcn") is True and not rows[5].get("asymmetric") and "error" not in rows[5]

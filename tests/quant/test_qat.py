@@ -16,6 +16,7 @@ from torch import nn
 from bevdeploy.quant.calibrate import CalibrationPoint, asymmetric_qparams, calibrate
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear, quantize_modules
 from bevdeploy.quant.qat import (
+    float_finetune,
     QATConv2d,
     QATLinear,
     QATPoint,
@@ -202,6 +203,29 @@ def test_errors_name_the_problem():
         qat_finetune(model, lambda m, b: {"l": m(b).mean()}, iter([x]), steps=3, progress=False)
     with pytest.raises(RuntimeError, match="step 0: non-finite loss"):
         qat_finetune(model, lambda m, b: {"l": m(b).mean() * float("inf")}, iter([x]), steps=1, progress=False)
+
+
+def test_float_finetune_is_the_qat_recipe_without_fake_quantization():
+    """The control of a QAT row: the same loop on a float model. It trains (the loss of a repeated batch
+    falls), starts from the batch QAT starts from (same first loss up to int8 rounding), and refuses a
+    model that still has fake-quant layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batch = torch.randn(5, 8)
+    loss = lambda m, b: {"l": (m(b) - 1.0).pow(2).mean()}  # noqa: E731
+    control, quantized = copy.deepcopy(model), copy.deepcopy(model)
+    losses = float_finetune(control, loss, itertools.repeat(batch), steps=20, lr=1e-2, progress=False)
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0] and control.training  # mode restored
+    assert not torch.equal(control[0].weight, model[0].weight)
+    prepare_qat(quantized, {"0": batch.abs().max().item() / 127, "2": 0.05})
+    q_losses = qat_finetune(quantized, loss, itertools.repeat(batch), steps=2, lr=1e-2, progress=False)
+    assert q_losses[0] == pytest.approx(losses[0], rel=0.05) and q_losses[0] != losses[0]
+    with pytest.raises(ValueError, match="has fake-quant layers"):
+        float_finetune(quantized, loss, iter([batch]), steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        float_finetune(control, loss, iter([batch]), steps=-1)
+    with pytest.raises(ValueError, match="batches ran out after 1 of 2 float fine-tune steps"):
+        float_finetune(control, loss, iter([batch]), steps=2, progress=False)
 
 
 def _graph_int8_scales(ep) -> list[float]:
