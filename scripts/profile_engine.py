@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, installed or not
 
 #: (kind, pattern on the kernel name), first match wins
 KINDS = [

@@ -307,7 +307,11 @@ _CLASS_WEIGHTS = {
 
 
 def _scene_names() -> list[str]:
-    from nuscenes.utils.splits import create_splits_scenes
+    try:
+        from nuscenes.utils.splits import create_splits_scenes
+    except ImportError as e:
+        raise ImportError("the synthetic world names its scenes after nuScenes' val split: install "
+                          "nuscenes-devkit (a bevdeploy dependency: pip install nuscenes-devkit)") from e
 
     return list(create_splits_scenes()["val"])
 

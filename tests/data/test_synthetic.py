@@ -241,3 +241,15 @@ def test_world_is_nuscenes_like():
     assert names == set(CLASS_NAMES)
     speeds = {s.ego_speed for s in world.scenes}
     assert len(speeds) == 4 and max(speeds) > 2.0
+
+
+def test_missing_nuscenes_devkit_is_named(monkeypatch):
+    """The synthetic world takes its scene names from the devkit's splits; without the devkit (a bare GPU
+    machine) the error says what to install instead of a ModuleNotFoundError from inside."""
+    import sys
+
+    from bevdeploy.data.synthetic import _scene_names
+
+    monkeypatch.setitem(sys.modules, "nuscenes.utils.splits", None)  # makes the import fail
+    with pytest.raises(ImportError, match="install nuscenes-devkit"):
+        _scene_names()
