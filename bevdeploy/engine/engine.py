@@ -256,6 +256,24 @@ class Engine:
         # replays run in the graph's own pool, so give them back rather than keep them cached
         torch.cuda.empty_cache()
 
+    def release_stack(self) -> dict[str, int | None] | None:
+        """Give back the CUDA stack reservation the load grew (:mod:`bevdeploy.engine.cuda_stack`): the
+        compile's autotuning launches kernel variants that may spill, and the driver keeps the largest
+        per-thread stack any of them needed for the rest of the process. The limit goes back to the
+        driver's default, then one replay of the graph lets its own kernels grow it to what they need.
+        Returns the limit before and after in bytes (None off CUDA)."""
+        from bevdeploy.engine.cuda_stack import DEFAULT_STACK_BYTES, set_stack_limit_bytes, stack_limit_bytes
+
+        if self.device.type != "cuda":
+            return None
+        before = stack_limit_bytes()
+        set_stack_limit_bytes(DEFAULT_STACK_BYTES)
+        if self._graph is not None:
+            with torch.no_grad():
+                self._graph.replay()
+            torch.cuda.synchronize(self.device)
+        return {"before_bytes": before, "after_bytes": stack_limit_bytes()}
+
     @property
     def eager_weights_mb(self) -> float:
         """MB of weights the engine holds outside the compiled program: 0 once a frozen compile

@@ -422,7 +422,9 @@ def bench_model(
                     r["note"] = ((r.get("note") or "") + "; memory read in-process (the fresh process failed)").lstrip("; ")
                 else:
                     r.update(fresh_process_ms=fresh["ms"], memory_inprocess_mb=mem["memory_mb"],
-                             memory_loaded_mb=fresh["loaded_mb"], memory_context_mb=fresh["context_mb"])
+                             memory_loaded_mb=fresh["loaded_mb"], memory_context_mb=fresh["context_mb"],
+                             reserved_mb=fresh.get("reserved_mb"),
+                             **{k: fresh[k] for k in _STACK_RELEASE_KEYS if k in fresh})
                     _set_memory(r, dict(mem, memory_mb=fresh["memory_mb"], allocated_mb=fresh["allocated_mb"],
                                         peak_allocated_mb=fresh["peak_allocated_mb"]), base)
                 write_results(results_name, rows, out_dir, command, keep_rows)
@@ -461,11 +463,17 @@ def _set_memory(row: dict, mem: dict, base: dict) -> None:
                peak_ratio=round(mem["peak_allocated_mb"] / base["peak_allocated_mb"], 3))
 
 
+#: the fresh process's readings of the CUDA stack reservation and of Engine.release_stack (GPU only)
+_STACK_RELEASE_KEYS = ("stack_limit_kb", "stack_reserved_mb", "memory_after_stack_release_mb", "ms_after_release",
+                       "stack_limit_after_release_kb", "outputs_equal_after_release", "stack_release_error")
+
+
 def _fresh_process_memory(path: Path, inputs: dict[str, torch.Tensor], iters: int) -> dict:
-    """:func:`bevdeploy.eval.engine_memory.fresh_process_memory` of one engine row (the tests replace it)."""
+    """:func:`bevdeploy.eval.engine_memory.fresh_process_memory` of one engine row, with the stack-release
+    readings (the tests replace it)."""
     from bevdeploy.eval.engine_memory import fresh_process_memory
 
-    return fresh_process_memory(path, inputs, iters=iters)
+    return fresh_process_memory(path, inputs, iters=iters, stack_release=True)
 
 
 def _free() -> None:

@@ -37,7 +37,7 @@ def _device_used_mb() -> float:
 
 
 def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: int = 10, device: str = "cuda",
-                         timeout: float = 900.0) -> dict:
+                         timeout: float = 900.0, stack_release: bool = False) -> dict:
     """Load and run ``engine_path`` on ``inputs`` in a child process; return its readings.
 
     Keys: ``memory_mb`` (device memory the child added: total - free at the end of its timed calls, less
@@ -45,6 +45,12 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
     child's allocator), ``context_mb`` (after CUDA's initialisation, before the engine), ``loaded_mb``
     (after the engine's load, compile and graph capture), ``ms`` (the child's median latency, a check of
     the parent's). GPU readings are None with ``device="cpu"``.
+
+    ``stack_release`` (GPU): after those readings the child also measures :meth:`Engine.release_stack`:
+    ``stack_limit_kb`` / ``stack_reserved_mb`` (the CUDA stack limit the load left and the device memory it
+    reserves), ``memory_after_stack_release_mb`` (as ``memory_mb``, after the release and timed calls
+    again), ``ms_after_release``, ``stack_limit_after_release_kb`` and ``outputs_equal_after_release``. If
+    that step kills the child, the readings before it are returned with ``stack_release_error``.
 
     Raises:
         RuntimeError: the child failed or timed out (its output's tail is in the message).
@@ -54,17 +60,21 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
         inputs_path = os.path.join(tmp, "inputs.pt")
         torch.save({k: v.detach().cpu() for k, v in inputs.items()}, inputs_path)
         cmd = [sys.executable, "-m", "bevdeploy.eval.engine_memory", str(engine_path), inputs_path,
-               "--iters", str(iters), "--device", device]
+               "--iters", str(iters), "--device", device] + (["--stack-release"] if stack_release else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"fresh-process memory of {engine_path}: no result in {timeout:.0f} s") from e
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip()[-1500:]
+    readings = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    tail = (proc.stderr or proc.stdout).strip()[-1500:]
+    if not readings or (proc.returncode != 0 and not stack_release):
         raise RuntimeError(f"fresh-process memory of {engine_path} failed (exit {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1])
+    result = json.loads(readings[-1])
+    if proc.returncode != 0:  # the readings were printed; the stack-release step after them failed
+        result["stack_release_error"] = f"exit {proc.returncode}: {tail[-500:]}"
     if before is not None:
+        if "device_used_after_release_mb" in result:
+            result["memory_after_stack_release_mb"] = round(result.pop("device_used_after_release_mb") - before, 1)
         result["memory_mb"] = round(result.pop("device_used_mb") - before, 1)
         result["context_mb"] = round(result["context_mb"] - before, 1)
         result["loaded_mb"] = round(result["loaded_mb"] - before, 1)
@@ -80,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("inputs", help="a torch.save'd dict of the engine's inputs (host tensors)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--stack-release", action="store_true",
+                    help="after the timed calls: the CUDA stack reservation, then Engine.release_stack() and the "
+                         "memory, latency and outputs again")
     args = ap.parse_args(argv)
     from bevdeploy.engine import Engine
     from bevdeploy.eval.bench_models import measure
@@ -111,8 +124,29 @@ def main(argv: list[str] | None = None) -> int:
         result = dict(device_used_mb=None, allocated_mb=None, peak_allocated_mb=None, reserved_mb=None,
                       ms=round(ms, 3))
     result.update(context_mb=context, loaded_mb=loaded, outputs=sorted(engine.output_names))
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result), flush=True)  # the readings stand even if the experiment below fails
+    if on_gpu and args.stack_release:
+        result.update(_stack_release(engine, inputs, args.iters))
+        print(json.dumps(result), flush=True)
     return 0
+
+
+def _stack_release(engine, inputs: dict[str, torch.Tensor], iters: int) -> dict:
+    """What :meth:`Engine.release_stack` gives back in this process: the stack limit and its reservation
+    before, the device memory and latency after (timed again), and whether the outputs stayed bit-equal."""
+    from bevdeploy.engine.cuda_stack import reservation_mb
+    from bevdeploy.eval.bench_models import measure
+
+    ref = {k: v.clone() for k, v in engine(**inputs).items()}
+    limits = engine.release_stack()
+    m = measure(lambda: engine(**inputs), iters=iters)
+    out = engine(**inputs)
+    before, after = limits["before_bytes"], limits["after_bytes"]
+    return dict(stack_limit_kb=before / 1024, stack_reserved_mb=round(reservation_mb(before), 1),
+                stack_limit_after_release_kb=after / 1024, device_used_after_release_mb=m["memory_mb"],
+                ms_after_release=round(m["ms"], 3),
+                outputs_equal_after_release=all(torch.equal(ref[k], out[k]) for k in ref),
+                max_abs_diff_after_release=max(float((ref[k] - out[k]).abs().max()) for k in ref))
 
 
 if __name__ == "__main__":
