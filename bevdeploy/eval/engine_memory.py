@@ -43,8 +43,9 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
     Keys: ``memory_mb`` (device memory the child added: total - free at the end of its timed calls, less
     the used memory before it started), ``allocated_mb`` / ``peak_allocated_mb`` / ``reserved_mb`` (the
     child's allocator), ``context_mb`` (after CUDA's initialisation, before the engine), ``loaded_mb``
-    (after the engine's load, compile and graph capture), ``ms`` (the child's median latency, a check of
-    the parent's). GPU readings are None with ``device="cpu"``.
+    (after the engine's load, compile and graph capture), ``allocated_loaded_mb`` / ``reserved_loaded_mb``
+    (the allocator's share of that, GPU only), ``ms`` (the child's median latency, a check of the parent's).
+    GPU readings are None with ``device="cpu"``.
 
     ``stack_release`` (GPU): after those readings the child also measures :meth:`Engine.release_stack`:
     ``stack_limit_kb`` / ``stack_reserved_mb`` (the CUDA stack limit the load left and the device memory it
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     context = _device_used_mb() if on_gpu else None
     engine = Engine.load(args.engine, device=args.device)
     loaded = _device_used_mb() if on_gpu else None
+    # what of the loaded footprint the allocator holds (weights, the graph's pool, cached blocks); the rest is
+    # the context's: kernels' modules, library handles, the stack reservation
+    allocator_loaded = (dict(allocated_loaded_mb=round(torch.cuda.memory_allocated() / 2**20, 1),
+                             reserved_loaded_mb=round(torch.cuda.memory_reserved() / 2**20, 1)) if on_gpu else {})
     inputs = {k: v.to(args.device) for k, v in torch.load(args.inputs, weights_only=True).items()}
     if on_gpu:
         m = measure(lambda: engine(**inputs), iters=args.iters)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(times)
         result = dict(device_used_mb=None, allocated_mb=None, peak_allocated_mb=None, reserved_mb=None,
                       ms=round(ms, 3))
-    result.update(context_mb=context, loaded_mb=loaded, outputs=sorted(engine.output_names))
+    result.update(context_mb=context, loaded_mb=loaded, outputs=sorted(engine.output_names), **allocator_loaded)
     print(json.dumps(result), flush=True)  # the readings stand even if the experiment below fails
     if on_gpu and args.stack_release:
         result.update(_stack_release(engine, inputs, args.iters))
