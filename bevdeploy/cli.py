@@ -200,7 +200,7 @@ def _build(args: argparse.Namespace) -> int:
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
                  int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, asymmetric=args.asymmetric,
-                 int8_dcn=args.int8_dcn, dist=args.dist)
+                 int8_dcn=args.int8_dcn, fused_epilogues=args.fused_epilogues, dist=args.dist)
     if path is None:  # another torchrun process: rank 0 writes the engine and prints
         return 0
     print(f"engine written: {path} ({path.stat().st_size / 2**20:.1f} MB)")
@@ -414,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "calibrated range): ReLU / SiLU outputs are one-sided, so this halves their rounding step; "
                          "padded convs run slower (the padding holds the zero point's code: 1.3-2.3x a conv on the "
                          "H100, whole 2D engines 31-37%%)")
+    bd.add_argument("--fused-epilogues", action="store_true",
+                    help="the float ResNet blocks run each conv with its bias (+ residual) + ReLU in one cuDNN call "
+                         "instead of a conv and a separate pass (bevdeploy.engine.conv_epilogue); not yet timed "
+                         "on a GPU: scripts/conv_epilogue_timing.py and profile_engine.py --fused-epilogues")
     bd.add_argument("--int8-dcn", action="store_true",
                     help="int8: the DCNv2 convs run int8 too (int8 gathers, fp16 samples x int8 weights, chained; "
                          "BEVFormer-small/base, CenterNet); --qat-steps trains them in that form. Measured on an "

@@ -51,17 +51,18 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False) -> Path:
+def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False, fused_epilogues: bool = False) -> Path:
     from bevdeploy.engine import build
 
     model, _, precision = spec.partition(":")
     if not precision:
         raise ValueError(f"--build takes MODEL:PRECISION, got {spec!r}")
     dcn = int8_dcn and precision.startswith("int8")
-    path = work / f"{model}-{precision}{'-int8dcn' if dcn else ''}.engine"  # bench --int8-dcn's names
+    tags = ("-int8dcn" if dcn else "") + ("-fusedepi" if fused_epilogues else "")
+    path = work / f"{model}-{precision}{tags}.engine"  # bench --int8-dcn's names
     if not path.is_file():
         build(model, precision, out=path, calib=calib if precision.startswith("int8") else None, progress=False,
-              int8_dcn=dcn)
+              int8_dcn=dcn, fused_epilogues=fused_epilogues)
     return path
 
 
@@ -103,7 +104,8 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
         by_kind[kind_of(k)] += us
     # the int8 variants of one precision get files of their own (e.g. gpu_det2d.sh's asymmetric and QAT engines)
     precision = meta["precision"] + "".join(f"-{tag}" for tag, on in (
-        ("int8dcn", meta.get("int8_dcn")), ("asymmetric", meta.get("zero_points")), ("qat", meta.get("qat"))) if on)
+        ("int8dcn", meta.get("int8_dcn")), ("asymmetric", meta.get("zero_points")), ("qat", meta.get("qat")),
+        ("fusedepi", meta.get("fused_epilogues"))) if on)
     model = meta["model"]
     # a static-batch engine (2D detectors: 32 images a call) is timed per call; say so, and give the rate per image
     batch = int(meta.get("batch", 1) or 1)
@@ -150,6 +152,9 @@ def main() -> None:
     ap.add_argument("--calib", default="synthetic:4", help="calibration data for int8 builds")
     ap.add_argument("--int8-dcn", action="store_true",
                     help="int8 --build engines with their DCNv2 convs int8 (profile-<model>-<precision>-int8dcn.md)")
+    ap.add_argument("--fused-epilogues", action="store_true",
+                    help="--build engines with cuDNN's fused conv + bias (+ residual) + ReLU in the ResNet blocks "
+                         "(profile-<model>-<precision>-fusedepi.md)")
     ap.add_argument("--work", default="out/engines", help="where --build engines live")
     ap.add_argument("--out", default="bench/results", help="results folder")
     ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
@@ -160,7 +165,8 @@ def main() -> None:
         raise SystemExit("profile_engine.py needs a CUDA GPU")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib, args.int8_dcn) for s in args.build]
+    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib, args.int8_dcn, args.fused_epilogues)
+                                               for s in args.build]
     if not paths:
         raise SystemExit("give engine files or --build MODEL:PRECISION ...")
     for p in paths:

@@ -311,6 +311,7 @@ def build(
     int8_stem: bool = False,
     asymmetric: bool = False,
     int8_dcn: bool = False,
+    fused_epilogues: bool = False,
     autotune: bool = True,
     autotune_cache: str | os.PathLike | None = None,
     allow_partial_calib: bool = False,
@@ -381,6 +382,10 @@ def build(
             (:class:`bevdeploy.quant.modules.QuantDeformConv2d`), with ``asymmetric`` zero points too. QAT trains
             them in that form (``QATDeformConv2d``: input codes at the offset conv's learned scale).
             Recorded in the metadata (``int8_dcn``).
+        fused_epilogues: Run each float ResNet block's convs with their bias (+ residual) + ReLU fused into
+            one cuDNN call (:mod:`bevdeploy.engine.conv_epilogue`) instead of a conv and an Inductor pass;
+            blocks with int8 / fp8 convs keep their own epilogues. The fused blocks are listed in the
+            metadata (``fused_epilogues``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
@@ -570,7 +575,7 @@ def build(
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
                                keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
-                               zero_points=zero_points, int8_dcn=int8_dcn)
+                               zero_points=zero_points, int8_dcn=int8_dcn, fused_epilogues=fused_epilogues)
     return out if ctx.is_main else None
 
 
@@ -581,7 +586,7 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
                        keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
                        smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None,
-                       int8_dcn: bool = False) -> None:
+                       int8_dcn: bool = False, fused_epilogues: bool = False) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
@@ -591,6 +596,13 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain,
                              zero_points=zero_points, int8_dcn=int8_dcn)
     precisions = layer_precisions(model, report, precision)
+    fused = []
+    if fused_epilogues:
+        from bevdeploy.engine.conv_epilogue import fuse_conv_epilogues
+
+        fused = fuse_conv_epilogues(model)
+        if not fused:
+            logger.warning("fused_epilogues: %s has no float residual block; the engine is the plain one", model_name)
     model.eval()
 
     outputs = output_names(model)
@@ -639,6 +651,7 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         # asymmetric int8: the calibrated input zero points (the chain may have merged readers' ranges)
         "zero_points": dict(zero_points or {}),
         "int8_dcn": bool(int8_dcn),
+        "fused_epilogues": fused,
         "calibration": json.loads(table.to_json()) if table is not None else None,
         "calibration_table_file": table_path.name if table_path is not None else None,
         "qat": qat_meta,

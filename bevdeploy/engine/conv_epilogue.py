@@ -1,0 +1,173 @@
+"""Conv epilogues fused into the conv for the float engines: ``relu(conv(x) + b)`` and
+``relu(conv(x) + b + z)`` as one cuDNN call (its fused conv-bias-add-ReLU graph) instead of a conv and a
+separate pass.
+
+An fp16 engine compiled by Inductor runs each ResNet conv as a cuDNN conv (or, for a 1x1, a cuBLAS GEMM)
+and then one Triton pass that adds the bias and the residual and applies the ReLU: that pass reads and
+writes the whole activation again. On BEVFormer-tiny's fp16x2 engine those ``triton_poi_fused_add_
+convolution_relu`` kernels take about a quarter of the GPU time (``profile-bevformer-tiny-fp16x2.md``).
+``build(fused_epilogues=True)`` swaps every ResNet block whose convs are float for a form that calls the
+two ops below (:func:`fuse_conv_epilogues`); whether cuDNN's fused kernels beat conv + Triton pass is
+measured by ``scripts/conv_epilogue_timing.py`` and the engine profiles, so the build keeps the plain form
+unless asked.
+
+The ops are ``torch.library`` custom ops (one node each in the exported graph, an opaque call for
+Inductor): on CUDA with fp16 / fp32 tensors they call ``torch.cudnn_convolution_relu`` /
+``torch.cudnn_convolution_add_relu``; elsewhere (CPU, other dtypes) the plain composite. Either way the
+output is channels-last when the input is (what cuDNN returns for channels-last input), else contiguous,
+and the fake implementation promises exactly that layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "conv2d_add_relu", "conv2d_relu", "fuse_conv_epilogues"]
+
+_CUDNN_DTYPES = (torch.float16, torch.float32)
+
+
+def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> list[int]:
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, o, ho, wo]
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """Channels-last out for channels-last in (a 1x1-pixel or 1-channel tensor is both: contiguous wins)."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _use_cudnn(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype in _CUDNN_DTYPES and torch.backends.cudnn.is_available()
+
+
+@torch.library.custom_op("bevdeploy::conv2d_relu", mutates_args=())
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int) -> Tensor:
+    """``relu(conv2d(x, weight, bias))``: one cuDNN call on CUDA."""
+    if _use_cudnn(x):
+        y = torch.cudnn_convolution_relu(x, weight.contiguous(memory_format=_layout(x)), bias, list(stride),
+                                         list(padding), list(dilation), groups)
+    else:
+        y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+    return y.contiguous(memory_format=_layout(x))
+
+
+@conv2d_relu.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=_layout(x))
+
+
+@torch.library.custom_op("bevdeploy::conv2d_add_relu", mutates_args=())
+def conv2d_add_relu(x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """``relu(conv2d(x, weight, bias) + z)`` (a residual block's last conv): one cuDNN call on CUDA."""
+    if _use_cudnn(x) and z.dtype == x.dtype:
+        fmt = _layout(x)
+        y = torch.cudnn_convolution_add_relu(x, weight.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt),
+                                             1.0, bias, list(stride), list(padding), list(dilation), groups)
+    else:
+        y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + z)
+    return y.contiguous(memory_format=_layout(x))
+
+
+@conv2d_add_relu.register_fake
+def _(x, weight, z, bias, stride, padding, dilation, groups):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    if list(z.shape) != shape:
+        raise ValueError(f"conv2d_add_relu: the residual must have the conv's output shape {shape}, "
+                         f"got {list(z.shape)}")
+    return x.new_empty(shape).contiguous(memory_format=_layout(x))
+
+
+def _plain(conv: nn.Module) -> bool:
+    """A float ``nn.Conv2d`` with a bias (BatchNorm folded), zero padding: what the fused ops run."""
+    return type(conv) is nn.Conv2d and conv.bias is not None and conv.padding_mode == "zeros"
+
+
+def _args(conv: nn.Conv2d) -> tuple:
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
+    if _plain(conv):
+        return torch.ops.bevdeploy.conv2d_relu(x, conv.weight, conv.bias, *_args(conv))
+    return F.relu(conv(x))
+
+
+def _conv_add_relu(conv: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    if _plain(conv):
+        return torch.ops.bevdeploy.conv2d_add_relu(x, conv.weight, z, conv.bias, *_args(conv))
+    return F.relu(conv(x) + z)
+
+
+class FusedBottleneck(nn.Module):
+    """A BN-folded ``Bottleneck`` (same child names) whose float convs run with their epilogue fused; a
+    DCNv2 ``conv2`` stays as it is, followed by a ReLU."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
+        self.downsample = block.downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = _conv_relu(self.conv1, x)
+        out = _conv_relu(self.conv2, out)
+        return _conv_add_relu(self.conv3, out, identity)
+
+
+class FusedBasicBlock(nn.Module):
+    """A BN-folded ``BasicBlock`` (3x3 -> 3x3 + identity; same child names) with fused epilogues."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = block.conv1, block.conv2
+        self.downsample = block.downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return _conv_add_relu(self.conv2, _conv_relu(self.conv1, x), identity)
+
+
+def fuse_conv_epilogues(model: nn.Module) -> list[str]:
+    """Swap every residual block of ``model`` for its fused-epilogue form, in place; returns their names.
+
+    Needs BatchNorm folded first (:func:`bevdeploy.engine.deploy.fold_batchnorms`: each block's BNs are
+    ``nn.Identity`` and its convs carry the bias). Blocks with an int8 or fp8 conv are left alone (those
+    layers fuse their own epilogue).
+    """
+    from bevdeploy.models.bevdet import BasicBlock
+    from bevdeploy.models.centernet import BasicBlock as CenterNetBasicBlock
+    from bevdeploy.models.resnet import Bottleneck
+
+    swapped = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Bottleneck):
+            cls, convs, bns = FusedBottleneck, (m.conv1, m.conv2, m.conv3), (m.bn1, m.bn2, m.bn3)
+        elif isinstance(m, (BasicBlock, CenterNetBasicBlock)):
+            cls, convs, bns = FusedBasicBlock, (m.conv1, m.conv2), (m.bn1, m.bn2)
+        else:
+            continue
+        if not all(isinstance(bn, nn.Identity) for bn in bns):
+            raise ValueError(f"fuse_conv_epilogues: {name} still has BatchNorm; fold it first (fold_batchnorms)")
+        if not any(_plain(c) for c in convs) or any(type(c) is not nn.Conv2d and not _is_deform(c) for c in convs):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, cls(m))
+        swapped.append(name)
+    return swapped
+
+
+def _is_deform(conv: nn.Module) -> bool:
+    from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
+
+    return isinstance(conv, ModulatedDeformConv2dPack)
