@@ -13,9 +13,11 @@ unless asked.
 
 The ops are ``torch.library`` custom ops (one node each in the exported graph, an opaque call for
 Inductor): on CUDA with fp16 / fp32 tensors they call ``torch.cudnn_convolution_relu`` /
-``torch.cudnn_convolution_add_relu``; elsewhere (CPU, other dtypes) the plain composite. Either way the
-output is channels-last when the input is (what cuDNN returns for channels-last input), else contiguous,
-and the fake implementation promises exactly that layout.
+``torch.cudnn_convolution_add_relu``; elsewhere (CPU, other dtypes) the plain composite. Layouts: the
+output is always channels-last (cuDNN's fast NHWC kernels; the fake promises the same), inputs in another
+layout are made channels-last inside the op, and the ops carry ``flexible_layout`` so Inductor hands them
+its own (channels-last) buffers instead of copying them back to the traced NCHW strides. The block swap
+stores the swapped convs' weights channels-last, so no weight is copied per call.
 """
 
 from __future__ import annotations
@@ -39,44 +41,44 @@ def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> list[int
     return [n, o, ho, wo]
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    """Channels-last out for channels-last in (a 1x1-pixel or 1-channel tensor is both: contiguous wins)."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
+_CL = torch.channels_last
+#: Inductor may pass the inputs in the layout it chose (the kernels take any; cuDNN's are made NHWC here)
+_TAGS = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
 
 
 def _use_cudnn(x: Tensor) -> bool:
     return x.is_cuda and x.dtype in _CUDNN_DTYPES and torch.backends.cudnn.is_available()
 
 
-@torch.library.custom_op("bevdeploy::conv2d_relu", mutates_args=())
+@torch.library.custom_op("bevdeploy::conv2d_relu", mutates_args=(), tags=_TAGS)
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int) -> Tensor:
-    """``relu(conv2d(x, weight, bias))``: one cuDNN call on CUDA."""
+    """``relu(conv2d(x, weight, bias))``: one cuDNN call on CUDA; channels-last out."""
     if _use_cudnn(x):
-        y = torch.cudnn_convolution_relu(x, weight.contiguous(memory_format=_layout(x)), bias, list(stride),
-                                         list(padding), list(dilation), groups)
+        y = torch.cudnn_convolution_relu(x.contiguous(memory_format=_CL), weight.contiguous(memory_format=_CL), bias,
+                                         list(stride), list(padding), list(dilation), groups)
     else:
         y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
-    return y.contiguous(memory_format=_layout(x))
+    return y.contiguous(memory_format=_CL)
 
 
 @conv2d_relu.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):
-    return x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=_layout(x))
+    return x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=_CL)
 
 
-@torch.library.custom_op("bevdeploy::conv2d_add_relu", mutates_args=())
+@torch.library.custom_op("bevdeploy::conv2d_add_relu", mutates_args=(), tags=_TAGS)
 def conv2d_add_relu(x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: Sequence[int],
                     padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    """``relu(conv2d(x, weight, bias) + z)`` (a residual block's last conv): one cuDNN call on CUDA."""
+    """``relu(conv2d(x, weight, bias) + z)`` (a residual block's last conv): one cuDNN call on CUDA;
+    channels-last out."""
     if _use_cudnn(x) and z.dtype == x.dtype:
-        fmt = _layout(x)
-        y = torch.cudnn_convolution_add_relu(x, weight.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt),
-                                             1.0, bias, list(stride), list(padding), list(dilation), groups)
+        y = torch.cudnn_convolution_add_relu(x.contiguous(memory_format=_CL), weight.contiguous(memory_format=_CL),
+                                             z.contiguous(memory_format=_CL), 1.0, bias, list(stride), list(padding),
+                                             list(dilation), groups)
     else:
         y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + z)
-    return y.contiguous(memory_format=_layout(x))
+    return y.contiguous(memory_format=_CL)
 
 
 @conv2d_add_relu.register_fake
@@ -85,7 +87,7 @@ def _(x, weight, z, bias, stride, padding, dilation, groups):
     if list(z.shape) != shape:
         raise ValueError(f"conv2d_add_relu: the residual must have the conv's output shape {shape}, "
                          f"got {list(z.shape)}")
-    return x.new_empty(shape).contiguous(memory_format=_layout(x))
+    return x.new_empty(shape).contiguous(memory_format=_CL)
 
 
 def _plain(conv: nn.Module) -> bool:
@@ -143,7 +145,7 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
 
     Needs BatchNorm folded first (:func:`bevdeploy.engine.deploy.fold_batchnorms`: each block's BNs are
     ``nn.Identity`` and its convs carry the bias). Blocks with an int8 or fp8 conv are left alone (those
-    layers fuse their own epilogue).
+    layers fuse their own epilogue). The swapped convs' weights are stored channels-last.
     """
     from bevdeploy.models.bevdet import BasicBlock
     from bevdeploy.models.centernet import BasicBlock as CenterNetBasicBlock
@@ -161,6 +163,9 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
             raise ValueError(f"fuse_conv_epilogues: {name} still has BatchNorm; fold it first (fold_batchnorms)")
         if not any(_plain(c) for c in convs) or any(type(c) is not nn.Conv2d and not _is_deform(c) for c in convs):
             continue
+        for c in convs:  # what cuDNN's NHWC kernels read: no per-call weight copy
+            if _plain(c):
+                c.weight.data = c.weight.data.contiguous(memory_format=_CL)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, cls(m))
         swapped.append(name)

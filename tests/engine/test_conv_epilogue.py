@@ -38,11 +38,11 @@ def test_fused_ops_equal_conv_bias_add_relu(dtype, channels_last, k, stride):
     want = F.relu(F.conv2d(x.float(), w.float(), b.float(), stride, k // 2))
     y = torch.ops.bevdeploy.conv2d_relu(x, w, b, *args)
     assert y.dtype == dtype and y.shape == want.shape and _rel(y, want) < TOL[dtype]
-    assert y.is_contiguous(memory_format=fmt)  # the layout the fake promises
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the layout the fake promises, whatever came in
     z = torch.randn(want.shape, generator=g).to(DEV, dtype).contiguous(memory_format=fmt)
     want_z = F.relu(F.conv2d(x.float(), w.float(), b.float(), stride, k // 2) + z.float())
     yz = torch.ops.bevdeploy.conv2d_add_relu(x, w, z, b, *args)
-    assert _rel(yz, want_z) < TOL[dtype] and yz.is_contiguous(memory_format=fmt)
+    assert _rel(yz, want_z) < TOL[dtype] and yz.is_contiguous(memory_format=torch.channels_last)
     assert (yz >= 0).all() and (yz == 0).any()  # the ReLU ran (about half the outputs are clamped)
 
 
@@ -52,6 +52,7 @@ def test_fake_and_real_agree_and_a_wrong_residual_is_named():
     w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
     args = ([1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.bevdeploy.conv2d_relu.default, (x, w, b, *args))
+    torch.library.opcheck(torch.ops.bevdeploy.conv2d_relu.default, (x.contiguous(), w, b, [2, 2], [0, 0], [1, 1], 1))
     z = torch.randn(1, 6, 9, 7).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.bevdeploy.conv2d_add_relu.default, (x, w, z, b, *args))
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -87,6 +88,8 @@ def test_swapped_blocks_compute_the_folded_model():
     assert fuse_conv_epilogues(fused) == ["0", "1", "2"]
     assert isinstance(fused[0], FusedBottleneck) and isinstance(fused[2], FusedBasicBlock)
     assert _rel(fused(x), want) < 1e-5
+    w2 = fused[1].conv2.weight  # 3x3: channels-last is another layout than contiguous
+    assert w2.is_contiguous(memory_format=torch.channels_last) and not w2.is_contiguous()  # as cuDNN reads it
     ep = torch.export.export(fused, (x,), strict=False)
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.bevdeploy.conv2d_add_relu.default) == 3  # each block's last conv
