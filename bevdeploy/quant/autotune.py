@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.quant.int8_kernels import (
+    PACKED_K,
     Config,
     _p2,
     _pick_block_k,
@@ -60,15 +61,33 @@ def short_k_candidates(k: int) -> list[Config]:
     return [(64, 64, bk, 8, 4, 2), (64, 128, bk, 8, 4, 2), (128, 128, bk, 8, 8, 2, 1)]
 
 
+def packs_k(k: int, gemm: bool) -> bool:
+    """An implicit-GEMM conv (not the GEMM kernel) whose channel count ``k`` leaves K tiles of 128 partly
+    masked at every kernel point but runs of 16 intact: the packed-K kernel's case (YOLOX-x's 80 / 160 / 320
+    channels, 64-channel ResNet stages)."""
+    return not gemm and k % 16 == 0 and k % 128 != 0
+
+
+def packed_k_candidates() -> list[Config]:
+    """Launches of :func:`~bevdeploy.quant.int8_kernels._int8_conv2d_packed_kernel`, tried right after the
+    heuristic's pick: full-width K tiles across kernel points. Compiled offline for sm_90 (Triton 3.9, 3x3,
+    160 channels, bias + SiLU + int8 out): the same registers (164-169, no spills), wgmma count and 16-byte
+    cp.async loads as the per-kernel-point kernel's tiles."""
+    return [(128, 128, 128, 8, 8, 3, PACKED_K), (128, 64, 64, 8, 4, 4, PACKED_K)]
+
+
 def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = False) -> list[Config]:
     """The heuristic's pick plus the candidates that fit the problem (no tile far wider than N or the
     contiguous K run, which would only add masked work), smaller tiles for narrow layers. ``gemm``: the
     call runs the GEMM kernel (a linear, or a 1x1 / stride-1 / unpadded conv); with K <= ``SHORT_K``
-    :func:`short_k_candidates` come second."""
+    :func:`short_k_candidates` come second. An implicit-GEMM conv whose channels :func:`packs_k` tries
+    :func:`packed_k_candidates` second."""
     extra = [(128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
     out = [gemm_config(m, n, k, device)]
     if gemm and k <= SHORT_K:
         out += [c for c in short_k_candidates(k) if c not in out]
+    if packs_k(k, gemm):
+        out += packed_k_candidates()
     for c in candidate_configs() + extra:
         bm, bn, bk = c[:3]
         if bn > max(64, 2 * _p2(n)) or bk > max(32, _p2(k)) or bm > max(64, 2 * _p2(m)):
@@ -131,14 +150,14 @@ def _runs_gemm_kernel(layer: nn.Module) -> bool:
     return not isinstance(layer, QuantConv2d) or conv_runs_gemm_kernel(layer.kernel_size, layer.stride, layer.padding)
 
 
-def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False) -> str:
+def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False, packed_k: bool = False) -> str:
     """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes;
-    short-K GEMM calls are marked with their candidate list's version (choices cached before
-    :func:`short_k_candidates` are timed again, the rest stay cached)."""
+    short-K GEMM calls and packed-K convs are marked with their candidate list's version (choices cached
+    before :func:`short_k_candidates` / :func:`packed_k_candidates` are timed again, the rest stay cached)."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    mark = " | short-K candidates v2" if short_k_gemm else ""
+    mark = " | short-K candidates v2" if short_k_gemm else " | packed-K candidates v1" if packed_k else ""
     return f"{gpu} | triton {triton.__version__}{mark} | {key!r}"
 
 
@@ -219,7 +238,7 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
                layer.bias is not None, layer.out_dtype, layer.input_zero_point != 0)
         m, n, k = _gemm_dims(layer, x_q)
         gemm = _runs_gemm_kernel(layer)
-        ckey = _cache_key(x_q.device, key, gemm and k <= SHORT_K)
+        ckey = _cache_key(x_q.device, key, gemm and k <= SHORT_K, packs_k(k, gemm))
         if key not in by_key and cache is not None and (cached := cache.get(ckey)):
             by_key[key] = tuple(int(v) for v in cached)
             logger.info("autotune %s %s: %s (cached)", name, list(key[1]), list(cached))

@@ -75,10 +75,12 @@ _DTYPE_NAME = {v: k for k, v in OUT_DTYPES.items()}
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_I32 = 2**31 - 1
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, persistent]): ``persistent`` > 0 (GEMM
-#: kernel only: linears and 1x1 / stride-1 / unpadded convs) launches that many programs per SM of
-#: :func:`_int8_linear_persistent_kernel` instead of one program per tile (0 or absent).
+#: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, 7th]). GEMM kernel (linears and 1x1 /
+#: stride-1 / unpadded convs): a 7th > 0 launches that many programs per SM of
+#: :func:`_int8_linear_persistent_kernel` instead of one program per tile (0 or absent). Implicit-GEMM conv:
+#: a 7th of ``PACKED_K`` runs :func:`_int8_conv2d_packed_kernel` (K tiles across kernel points).
 Config = tuple[int, ...]
+PACKED_K = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,6 +613,69 @@ if triton_available():
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
 
 
+    @triton.jit
+    def _int8_conv2d_packed_kernel(
+        x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr,
+        M, O, C, H, W, Ho, Wo, x_scale, res_scale, inv_out_scale, x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_xb, stride_wo, stride_rm, stride_rn,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr, RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr,
+        EVEN_K: tl.constexpr,  # KH * KW * C % BLOCK_K == 0: no mask on the K tail
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_int8_conv2d_kernel` (same arguments, gather and epilogue) with the K loop over the flattened
+        (kernel point, channel) axis in BLOCK_K steps, as the weights lie ([O, KH*KW*C]): a K tile may span two
+        kernel points, so channel counts that do not fill BLOCK_K (YOLOX-x's 80 / 160 / 320, 3x3) waste no MMA
+        on masked channels and run full-width tiles. Needs C % 16 == 0: each run of 16 K positions stays in
+        one kernel point, a contiguous 16-byte NHWC load (the hint below)."""
+        pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rm = offs_m % M
+        rn = (offs_n % O).to(tl.int64)
+        wo = rm % Wo
+        t = rm // Wo
+        ho = t % Ho
+        b = t // Ho
+        hi0 = ho * stride_h - pad_h
+        wi0 = wo * stride_w - pad_w
+        img = b.to(tl.int64) * stride_xb
+        k_total = KH * KW * C
+        w_rows = w_ptr + rn[:, None] * stride_wo
+        pad_code = x_zp.to(tl.int8)  # the code of 0 (symmetric: 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + offs_k
+            kp = k // C
+            c = k - kp * C
+            ky = kp // KW
+            kx = kp - ky * KW
+            hi = hi0[:, None] + (ky * dil_h)[None, :]
+            wi = wi0[:, None] + (kx * dil_w)[None, :]
+            valid = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            off = img[:, None] + ((hi * W + wi) * C + c[None, :])
+            off = tl.max_contiguous(tl.multiple_of(off, [1, 16]), [1, 16])
+            if EVEN_K:
+                if HAS_XZP:
+                    a = tl.load(x_ptr + off, mask=valid, other=pad_code)
+                else:
+                    a = tl.load(x_ptr + off, mask=valid, other=0)
+                w = tl.load(w_rows + k[None, :])
+            else:
+                k_in = (k < k_total)[None, :]  # past the last kernel point: weight 0, any code
+                if HAS_XZP:
+                    a = tl.load(x_ptr + off, mask=valid & k_in, other=pad_code)
+                else:
+                    a = tl.load(x_ptr + off, mask=valid & k_in, other=0)
+                w = tl.load(w_rows + k[None, :], mask=k_in, other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
+                  stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers (callable on CPU tensors under the interpreter; ``out`` lets tests poison the output)
 
@@ -818,16 +883,22 @@ def _int8_conv2d_triton(
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
         return y
-    if config is not None and len(config) == 7 and config[6]:
+    packed = config is not None and len(config) == 7 and config[6] == PACKED_K
+    if config is not None and len(config) == 7 and config[6] not in (0, PACKED_K):
         raise ValueError(f"config {list(config)}: a persistent launch is for the GEMM kernel (linears and 1x1, "
-                         f"stride-1, unpadded convs), not a {kh}x{kw} stride {list(stride)} conv")
+                         f"stride-1, unpadded convs), not a {kh}x{kw} stride {list(stride)} conv (a conv's 7th "
+                         f"entry {PACKED_K} asks for the packed-K kernel)")
+    if packed and c % 16:
+        raise ValueError(f"config {list(config)}: the packed-K conv kernel needs channels % 16 == 0, got {c}")
     bm, bn, bk, group_m, warps, stages = (config or gemm_config(m, o, c, x_q.device))[:6]
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
     w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)
     res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
                                                                         residual_zero_point, out_zero_point)
-    _int8_conv2d_kernel[grid](
+    kernel, k_even = ((_int8_conv2d_packed_kernel, dict(EVEN_K=(kh * kw * c) % bk == 0)) if packed else
+                      (_int8_conv2d_kernel, dict(EVEN_C=c % bk == 0)))
+    kernel[grid](
         x_q, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
         m, o, c, h, w, ho, wo, float(x_scale), res_scale, inv_out,
         int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
@@ -835,7 +906,7 @@ def _int8_conv2d_triton(
         h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
-        EVEN_C=c % bk == 0,
+        **k_even,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -22,7 +22,8 @@ def test_candidates_start_with_the_heuristic_and_fit_the_shape():
     cands = layer_candidates(60000, 64, 64, cuda_like)
     assert cands[0] == gemm_config(60000, 64, 64, cuda_like)
     assert len(cands) == len(set(cands)) >= 3
-    assert all(c[1] <= 128 and c[2] <= 64 for c in cands[1:])  # no 256-wide tiles for 64 channels
+    tiled = [c for c in cands[1:] if len(c) == 6]  # the per-kernel-point kernel's: K tiles within 64 channels
+    assert tiled and all(c[1] <= 128 and c[2] <= 64 for c in tiled)  # no 256-wide tiles for 64 channels
 
 
 def test_short_k_gemms_try_high_occupancy_and_persistent_launches_first():
@@ -37,6 +38,21 @@ def test_short_k_gemms_try_high_occupancy_and_persistent_launches_first():
     assert short_k_candidates(64)[0][2] == 64  # a 64-channel K is one step
     for cands in (layer_candidates(34800, 1024, 256, dev), layer_candidates(34800, 1024, 2048, dev, gemm=True)):
         assert all(len(c) == 6 for c in cands)  # not for convs on the implicit-GEMM kernel, nor long K
+
+
+def test_convs_whose_channels_do_not_fill_k_tiles_try_the_packed_kernel_second():
+    from bevdeploy.quant.autotune import _cache_key, packed_k_candidates, packs_k
+    from bevdeploy.quant.int8_kernels import PACKED_K
+
+    dev = torch.device("cpu")
+    for c in (80, 160, 320, 64):  # YOLOX-x's 3x3 convs, a ResNet's first stage
+        cands = layer_candidates(819200, 160, c, dev)
+        assert cands[1:3] == packed_k_candidates() and all(x[6] == PACKED_K for x in cands[1:3])
+    for c in (256, 640, 24):  # K tiles of 128 full; runs of 16 broken
+        assert not packs_k(c, False) and all(len(x) == 6 for x in layer_candidates(9600, 64, c, dev))
+    assert not packs_k(160, True)  # the GEMM kernel (a 1x1 conv, a linear) has no kernel points to pack
+    key = ("QuantConv2d", (160, 3, 3, 160))
+    assert _cache_key(dev, key, packed_k=True) != _cache_key(dev, key)  # cached choices are timed again
 
 
 def test_tuning_cache_keys_mark_short_k_gemms_and_accept_persistent_choices(tmp_path):

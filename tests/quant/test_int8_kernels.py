@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bevdeploy.quant.int8_kernels import (
+    PACKED_K,
     _int8_conv2d_triton,
     _int8_linear_triton,
     _quantize_per_tensor_triton,
@@ -16,6 +17,7 @@ from bevdeploy.quant.int8_kernels import (
     quantize_per_tensor,
     reference_int8_conv2d,
     reference_int8_linear,
+    weight_sums,
 )
 from tests._utils import REL_TOL, assert_rel_close, poisoned
 
@@ -225,6 +227,46 @@ def test_int8_conv2d_many_tiles_and_nchw_inputs(device):
     out = int8_conv2d(x_q, w_q, 0.02, ws, b, padding=1, residual=r, activation="relu")
     assert out.dtype == torch.float16 and out.is_contiguous(memory_format=torch.channels_last)
     assert_rel_close(out, _ref_conv(x_q, w_q, 0.02, ws, b, (1, 1), (1, 1), (1, 1), r, "relu"), REL_TOL["fp16"])
+
+
+# (N, C, H, W, O, kernel, stride, padding, dilation, BLOCK_K): C % 16 == 0; K tiles cross kernel points
+PACKED_CONVS = [
+    (2, 32, 7, 9, 19, (3, 3), (1, 1), (1, 1), (1, 1), 64),  # 288 = 4.5 tiles: a masked K tail
+    (1, 48, 9, 8, 6, (3, 3), (2, 2), (2, 2), (2, 2), 32),  # stride 2, dilation 2, tiles of 32 over 48 channels
+    (1, 16, 6, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 16),  # EVEN_K: one kernel point a tile
+    (2, 32, 10, 4, 8, (3, 1), (1, 1), (1, 0), (1, 1), 64),  # non-square kernel: 96 = 1.5 tiles
+]
+
+
+@pytest.mark.parametrize("case", range(len(PACKED_CONVS)))
+@pytest.mark.parametrize("epi", [2, 3])
+def test_packed_k_conv_equals_the_per_kernel_point_conv(device, case, epi):
+    """The packed-K kernel sums the same int8 products in int32 (exact) and shares the epilogue: bit-equal to
+    the per-kernel-point kernel, both against float64; with a zero point too (padding holds its code)."""
+    n, c, h, w, o, k, s, p, d, bk = PACKED_CONVS[case]
+    bias, residual, activation, out_dtype = EPILOGUES[epi]
+    x_q = _codes(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    w_q, ws = _codes(o, *k, c, device=device), _scales(o, device)
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    b = torch.randn(o, device=device) if bias else None
+    r = torch.randn(n, o, ho, wo, device=device).contiguous(memory_format=torch.channels_last) if residual else None
+    cfg = (16, 16, bk, 2, 4, 1)
+    args = (x_q, w_q, 0.021, ws, b, list(s), list(p), list(d), 1, r, activation, out_dtype)
+    out = poisoned((n, o, ho, wo), _OUT[out_dtype], device).contiguous(memory_format=torch.channels_last)
+    _int8_conv2d_triton(*args, out=out, config=(*cfg, PACKED_K))
+    assert torch.equal(out, _int8_conv2d_triton(*args, config=cfg))
+    assert_rel_close(out, _ref_conv(x_q, w_q, 0.021, ws, b, s, p, d, r, activation),
+                     REL_TOL["fp16" if out_dtype == "float16" else "fp32"])
+    zp = dict(x_zero_point=-7, w_sum=weight_sums(w_q))
+    assert torch.equal(_int8_conv2d_triton(*args, config=(*cfg, PACKED_K), **zp),
+                       _int8_conv2d_triton(*args, config=cfg, **zp))
+
+
+def test_packed_k_config_needs_channels_in_sixteens(device):
+    x_q, w_q, ws = _codes(1, 24, 6, 6, device=device), _codes(4, 3, 3, 24, device=device), _scales(4, device)
+    with pytest.raises(ValueError, match="channels % 16 == 0, got 24"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, PACKED_K))
 
 
 # ---------------------------------------------------------------------------------------------- references / CPU path
