@@ -32,8 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bevdeploy.eval.timing import gpu_dirname, time_cuda_graph  # noqa: E402
 
-# (label, C_in, H, W, C_out, kernel, residual, calls per tiny frame): the non-first blocks of each stage
+# (label, C_in, H, W, C_out, kernel, residual, calls per tiny frame[, stride]): the stem and the non-first
+# blocks of each stage
 SHAPES = [
+    ("stem 7x7 3->64 stride 2", 3, 480, 800, 64, 7, False, 1, 2),
     ("stage1 conv1 1x1 256->64", 256, 120, 200, 64, 1, False, 2),
     ("stage1 conv2 3x3 64->64", 64, 120, 200, 64, 3, False, 3),
     ("stage1 conv3 1x1 64->256 +res", 64, 120, 200, 256, 1, True, 3),
@@ -50,15 +52,15 @@ SHAPES = [
 CAMERAS = 6
 
 
-def _eager(x, w, b, z, pad):
-    y = F.conv2d(x, w, b, padding=pad)
+def _eager(x, w, b, z, pad, stride=1):
+    y = F.conv2d(x, w, b, stride=stride, padding=pad)
     return torch.relu(y + z if z is not None else y)
 
 
-def _fused(x, w, b, z, pad):
+def _fused(x, w, b, z, pad, stride=1):
     if z is None:
-        return torch.cudnn_convolution_relu(x, w, b, [1, 1], [pad, pad], [1, 1], 1)
-    return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, [1, 1], [pad, pad], [1, 1], 1)
+        return torch.cudnn_convolution_relu(x, w, b, [stride, stride], [pad, pad], [1, 1], 1)
+    return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, [stride, stride], [pad, pad], [1, 1], 1)
 
 
 def main() -> int:
@@ -71,25 +73,26 @@ def main() -> int:
     cl = torch.channels_last
     rows = []
     t0 = time.perf_counter()
-    for label, c, h, w_, o, k, res, calls in SHAPES:
-        pad = k // 2
+    for label, c, h, w_, o, k, res, calls, *rest in SHAPES:
+        pad, st = k // 2, (rest[0] if rest else 1)
+        ho, wo = (h + 2 * pad - k) // st + 1, (w_ + 2 * pad - k) // st + 1
         x = torch.randn(CAMERAS, c, h, w_, generator=g, device="cuda").half().contiguous(memory_format=cl)
         w = (torch.randn(o, c, k, k, generator=g, device="cuda") / (c * k * k) ** 0.5).half().contiguous(memory_format=cl)
         b = torch.randn(o, generator=g, device="cuda").half()
-        z = torch.randn(CAMERAS, o, h, w_, generator=g, device="cuda").half().contiguous(memory_format=cl) if res else None
+        z = torch.randn(CAMERAS, o, ho, wo, generator=g, device="cuda").half().contiguous(memory_format=cl) if res else None
         with torch.no_grad():
-            ref = _eager(x, w, b, z, pad).float()
+            ref = _eager(x, w, b, z, pad, st).float()
             errs = {}
             for name, fn in (("inductor", compiled), ("cudnn fused", _fused)):
                 try:
-                    y = fn(x, w, b, z, pad).float()
+                    y = fn(x, w, b, z, pad, st).float()
                     errs[name] = float((y - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan")
                 except Exception as e:  # noqa: BLE001 (an unsupported fused form is a result too)
                     errs[name] = f"{type(e).__name__}: {str(e)[:120]}"
-            ms = {"eager": time_cuda_graph(lambda: _eager(x, w, b, z, pad)),
-                  "inductor": time_cuda_graph(lambda: compiled(x, w, b, z, pad)),
-                  "conv alone": time_cuda_graph(lambda: F.conv2d(x, w, padding=pad))}
-            ms["cudnn fused"] = (time_cuda_graph(lambda: _fused(x, w, b, z, pad))
+            ms = {"eager": time_cuda_graph(lambda: _eager(x, w, b, z, pad, st)),
+                  "inductor": time_cuda_graph(lambda: compiled(x, w, b, z, pad, st)),
+                  "conv alone": time_cuda_graph(lambda: F.conv2d(x, w, stride=st, padding=pad))}
+            ms["cudnn fused"] = (time_cuda_graph(lambda: _fused(x, w, b, z, pad, st))
                                  if isinstance(errs["cudnn fused"], float) else None)
         rows.append((label, calls, ms, errs))
         print(f"{label}: " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in ms.items() if v is not None)
@@ -110,7 +113,7 @@ def main() -> int:
         cells = [f"{ms[f] * 1e3:.1f}" if ms.get(f) is not None else "" for f in forms]
         err = [f"{e:.1e}" if isinstance(e, float) else e for e in (errs["inductor"], errs["cudnn fused"])]
         lines.append(f"| {label} | {calls} | " + " | ".join(cells) + f" | {ratio} | {err[0]} | {err[1]} |")
-    lines.append("| **per tiny frame (these 12 convs x calls)** | | "
+    lines.append(f"| **per tiny frame (these {len(rows)} convs x calls)** | | "
                  + " | ".join(f"**{t * 1e3:.0f}**" if t is not None else "" for t in totals.values()) + " | | | |")
     text = "\n".join(lines) + "\n"
     for d in [os.path.join("bench", "results", gpu_dirname())] + ([args.out] if args.out else []):

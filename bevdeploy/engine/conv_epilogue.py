@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "conv2d_add_relu", "conv2d_relu", "fuse_conv_epilogues"]
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConvReLU", "conv2d_add_relu", "conv2d_relu",
+           "fuse_conv_epilogues"]
 
 _CUDNN_DTYPES = (torch.float16, torch.float32)
 
@@ -111,6 +112,17 @@ def _conv_add_relu(conv: nn.Module, x: Tensor, z: Tensor) -> Tensor:
     return F.relu(conv(x) + z)
 
 
+class FusedConvReLU(nn.Module):
+    """``relu(conv(x))`` of a ResNet stem (BatchNorm folded) as one fused call; keeps the conv as ``conv``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _conv_relu(self.conv, x)
+
+
 class FusedBottleneck(nn.Module):
     """A BN-folded ``Bottleneck`` (same child names) whose float convs run with their epilogue fused; a
     DCNv2 ``conv2`` stays as it is, followed by a ReLU."""
@@ -141,7 +153,8 @@ class FusedBasicBlock(nn.Module):
 
 
 def fuse_conv_epilogues(model: nn.Module) -> list[str]:
-    """Swap every residual block of ``model`` for its fused-epilogue form, in place; returns their names.
+    """Swap every residual block of ``model`` for its fused-epilogue form, and each ResNet stem's conv + ReLU
+    for one fused call, in place; returns their names (a stem as ``<resnet>.conv1``).
 
     Needs BatchNorm folded first (:func:`bevdeploy.engine.deploy.fold_batchnorms`: each block's BNs are
     ``nn.Identity`` and its convs carry the bias). Blocks with an int8 or fp8 conv are left alone (those
@@ -149,10 +162,19 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
     """
     from bevdeploy.models.bevdet import BasicBlock
     from bevdeploy.models.centernet import BasicBlock as CenterNetBasicBlock
-    from bevdeploy.models.resnet import Bottleneck
+    from bevdeploy.models.centernet import ResNet18
+    from bevdeploy.models.resnet import Bottleneck, ResNet
 
     swapped = []
     for name, m in list(model.named_modules()):
+        if isinstance(m, (ResNet, ResNet18)) and _plain(m.conv1):  # the stem: maxpool(relu(bn1(conv1(x))))
+            if not isinstance(m.bn1, nn.Identity):
+                raise ValueError(f"fuse_conv_epilogues: {name or 'the model'} still has BatchNorm; fold it first "
+                                 "(fold_batchnorms)")
+            m.conv1.weight.data = m.conv1.weight.data.contiguous(memory_format=_CL)
+            m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()
+            swapped.append(f"{name}.conv1" if name else "conv1")
+            continue
         if isinstance(m, Bottleneck):
             cls, convs, bns = FusedBottleneck, (m.conv1, m.conv2, m.conv3), (m.bn1, m.bn2, m.bn3)
         elif isinstance(m, (BasicBlock, CenterNetBasicBlock)):

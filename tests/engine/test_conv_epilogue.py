@@ -113,3 +113,18 @@ def test_engine_with_fused_epilogues_equals_the_plain_engine(tmp_path, ops_on_re
     a, b = plain(**_inputs()), fused(**_inputs())
     for k in a:
         assert _rel(b[k], a[k]) < 1e-4, k
+
+
+def test_resnet_stem_and_blocks_fused_compute_the_folded_backbone():
+    """A whole (CenterNet) ResNet-18: the stem's conv + ReLU and every BasicBlock swapped, same output."""
+    from bevdeploy.engine.conv_epilogue import FusedConvReLU
+    from bevdeploy.models.centernet import ResNet18
+
+    torch.manual_seed(0)
+    net = _folded(ResNet18())
+    x = torch.randn(1, 3, 64, 96)
+    want = net(x)
+    names = fuse_conv_epilogues(net)
+    assert names[0] == "conv1" and isinstance(net.conv1, FusedConvReLU) and isinstance(net.relu, nn.Identity)
+    assert len(names) == 1 + 8  # the stem and 4 stages x 2 blocks
+    assert _rel(net(x), want) < 1e-5
