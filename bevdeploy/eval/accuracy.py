@@ -49,6 +49,7 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16")
 DET2D_PRECISIONS = ("fp16", "int8-fp16", "fp16x2", "int8")
 #: 2D training / held-out sets (images of the synthetic world's cameras, 360x640).
 DET2D_TRAIN_DATA, DET2D_EVAL_DATA = "synthetic2d:600@1", "synthetic2d:120@2"
+CONTROL_LABEL = "pytorch (float control)"
 QAT_PRECISION = "int8-fp16"
 _METRICS = ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
@@ -179,6 +180,24 @@ def stage_eval(args) -> Path:
     print(f"[accuracy] PyTorch FP32: NDS {pytorch['nds']}, mAP {pytorch['map']}", file=sys.stderr)
     del model
     gc.collect()
+    if args.qat_steps:  # the QAT row's control: the same fine-tuning in float, scored like the PyTorch row
+        t0 = time.perf_counter()
+        qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
+        try:
+            control, info = _float_control(args, ckpt, overrides, qat_data, dev)
+            control_run = run_model(control, infos, args.model, dev, progress=False)
+        except Exception as e:  # noqa: BLE001  (the control failing must not cost the engine rows)
+            print(f"[accuracy] {CONTROL_LABEL}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"precision": CONTROL_LABEL, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        else:
+            row = _row(CONTROL_LABEL, score(control_run), pytorch)
+            row.update(fidelity_nds=round(float(fidelity_metrics(results_records(control_run, infos), ref_records,
+                                                                 score_threshold=threshold)["NDS"]), 4),
+                       **dict(info, seconds=round(time.perf_counter() - t0, 1)))
+            rows.append(row)
+            print(f"[accuracy] {CONTROL_LABEL}: NDS {row['nds']} (d {row['dnds']:+.4f})", file=sys.stderr)
+            del control
+        gc.collect()
 
     calib = DataSource(train_src.dataroot, train_src.version, train_src.split, args.calib_frames)
     build_kw = dict(checkpoint=str(ckpt), model_overrides=overrides, device=dev.type, progress=False)
@@ -342,11 +361,8 @@ def stage_eval_det2d(args) -> Path:
                      "training (the pytorch (float control) row separates them).")
     controls = []
     if args.qat_steps:
-        controls.append(("pytorch (float control)", lambda dev: _float_control(args, ckpt, overrides, train_set, dev)))
-        notes.append(f"The pytorch (float control) row: the checkpoint fine-tuned with the QAT rows' recipe ("
-                     f"{args.qat_steps} steps x batch {args.qat_batch}, lr {args.qat_lr}, the same batches, "
-                     "BatchNorm folded as for QAT) without fake quantization, scored in PyTorch FP32: what the extra "
-                     "training alone gives. A QAT row's dmap minus the control's is what int8 costs after QAT.")
+        controls.append((CONTROL_LABEL, lambda dev: _float_control(args, ckpt, overrides, train_set, dev)))
+        notes.append(CONTROL_NOTE.format(steps=args.qat_steps, batch=args.qat_batch, lr=args.qat_lr))
     return bench_det2d(args.model, list(args.precisions), data=eval_set, calib=calib, checkpoint=str(ckpt),
                        batch=args.eval_batch, work_dir=Path(args.work_dir) / "engines", iters=args.iters,
                        out_dir=args.out, command=args.command, model_overrides=overrides, device=args.device,
@@ -355,21 +371,23 @@ def stage_eval_det2d(args) -> Path:
                        notes=notes, int8_options=int8_options, extra_jobs=extra_jobs, float_controls=controls)
 
 
-def _float_control(args, ckpt: Path, overrides: dict | None, train_set, dev: torch.device):
-    """The QAT rows' control: the BN-folded checkpoint fine-tuned with ``build``'s QAT recipe and batches
-    (``qat_seed`` 0, :func:`bevdeploy.quant.qat.float_finetune`) but no fake quantization."""
+def _float_control(args, ckpt: Path, overrides: dict | None, qat_data, dev: torch.device):
+    """The QAT rows' control: the BN-folded checkpoint fine-tuned with ``build``'s QAT recipe, data and batches
+    (``bevdeploy.engine.build._qat_training``, ``qat_seed`` 0, :func:`bevdeploy.quant.qat.float_finetune`)
+    but no fake quantization. Returns the model (eval mode) and the row's recipe entries."""
+    from bevdeploy.distributed import DistContext
+    from bevdeploy.engine.build import _qat_training
     from bevdeploy.engine.deploy import fold_batchnorms
     from bevdeploy.models import MODELS
     from bevdeploy.models.checkpoint import load_checkpoint
     from bevdeploy.quant.qat import float_finetune
-    from bevdeploy.train import make_training
 
     torch.manual_seed(0)
     model = MODELS[args.model](**(overrides or {}))
     load_checkpoint(model, str(ckpt))
     model = model.to(dev).eval()
     fold_batchnorms(model)
-    training = make_training(args.model, model, train_set, dev)
+    training, _ = _qat_training(args.model, model, qat_data, dev, False, DistContext())
     t0 = time.perf_counter()
     losses = float_finetune(model, training.loss, training.batches(args.qat_batch, 0), steps=args.qat_steps,
                             lr=args.qat_lr, progress=False)
@@ -377,6 +395,12 @@ def _float_control(args, ckpt: Path, overrides: dict | None, train_set, dev: tor
             "qat_loss_first": round(losses[0], 4), "qat_loss_last": round(losses[-1], 4),
             "seconds": round(time.perf_counter() - t0, 1)}
     return model.eval(), info
+
+
+CONTROL_NOTE = ("The pytorch (float control) row: the checkpoint fine-tuned with the QAT rows' recipe ({steps} steps x "
+                "batch {batch}, lr {lr}, the same data and batches, BatchNorm folded as for QAT) without fake "
+                "quantization, scored in PyTorch FP32: what the extra training alone gives. A QAT row's change minus "
+                "the control's is what int8 costs after QAT.")
 
 
 def _jsonable(obj):
@@ -469,6 +493,8 @@ def write_accuracy(args, rows: list[dict], meta: dict, threshold: float) -> Path
           "head output vs PyTorch on held-out frame 1. fps: the evaluation loop's median forward latency (CUDA "
           "events around each frame's forward, engines replaying their CUDA graph; batch 1), PyTorch FP32 eager "
           "in the same run as the ratio's base.", "",
+          *([CONTROL_NOTE.format(steps=args.qat_steps, batch=args.qat_batch, lr=args.qat_lr), ""]
+            if any(r.get("precision") == CONTROL_LABEL for r in rows) else []),
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -40,6 +40,16 @@ def test_accuracy_stages_on_a_reduced_model(tmp_path, ops_on_references, capsys)
     assert {"fp32", "int8-fp16", "int8-fp16 (asymmetric)"} <= set(by)
     assert by["int8-fp16 (asymmetric)"]["asymmetric"] is True and by["int8-fp16"]["asymmetric"] is False
     assert "error" not in by["int8-fp16 (asymmetric)"] and by["int8-fp16 (asymmetric)"]["int8_layers"] > 0
+    # --qat-steps: the QAT row and, right after the PyTorch row, its float control (the same fine-tuning, no
+    # fake quantization), scored like the PyTorch row
+    assert main(["--stage", "eval", "--precisions", "int8-fp16", "--qat-steps", "1", "--qat-batch", "1",
+                 "--qat-frames", "2", "--calib-frames", "2", *common]) == 0
+    rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["pytorch", "pytorch (float control)", "int8-fp16", "int8-fp16 (QAT)"]
+    control = rows[1]
+    assert "error" not in control and control["qat_steps"] == 1 and control["qat_loss_first"] > 0
+    assert control["dnds"] is not None and control.get("fps") is None and 0.0 <= control["fidelity_nds"] <= 1.0
+    assert "pytorch (float control) row" in (tmp_path / "results" / "cpu" / "accuracy-bevdet-r50-cbgs.md").read_text()
 
 
 def test_split_eval_keeps_rows_of_the_same_checkpoint_only(tmp_path):
