@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bevdeploy.eval.timing import gpu_dirname, time_cuda_graph  # noqa: E402
+from bevdeploy.eval.timing import time_cuda_graph, write_gpu_result  # noqa: E402
 
 # (label, C_in, H, W, C_out, kernel, residual, calls per tiny frame[, stride]): the stem and the non-first
 # blocks of each stage
@@ -116,10 +116,7 @@ def main() -> int:
     lines.append(f"| **per tiny frame (these {len(rows)} convs x calls)** | | "
                  + " | ".join(f"**{t * 1e3:.0f}**" if t is not None else "" for t in totals.values()) + " | | | |")
     text = "\n".join(lines) + "\n"
-    for d in [os.path.join("bench", "results", gpu_dirname())] + ([args.out] if args.out else []):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "conv-epilogue-timing.md"), "w") as f:
-            f.write(text)
+    write_gpu_result("conv-epilogue-timing.md", text, args.out)
     print(text)
     return 0
 

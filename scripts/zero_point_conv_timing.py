@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bevdeploy.eval.timing import gpu_dirname, time_cuda_graph  # noqa: E402
+from bevdeploy.eval.timing import time_cuda_graph, write_gpu_result  # noqa: E402
 from bevdeploy.quant.int8_kernels import int8_conv2d, weight_sums  # noqa: E402
 
 # (label, N, C, H, W, O, k, stride, padding)
@@ -59,10 +59,7 @@ def main() -> int:
     for label, sym, zp in rows:
         lines.append(f"| {label} | {sym * 1e3:.1f} | {zp * 1e3:.1f} | {zp / sym:.2f} |")
     text = "\n".join(lines) + "\n"
-    for d in [os.path.join("bench", "results", gpu_dirname())] + ([args.out] if args.out else []):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "zero-point-conv-timing.md"), "w") as f:
-            f.write(text)
+    write_gpu_result("zero-point-conv-timing.md", text, args.out)
     print(text)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,16 @@ def gpu_dirname(device: torch.device | int | None = None) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (the results folder name)."""
     name = torch.cuda.get_device_name(device)
     return "-".join(name.lower().replace("_", " ").split())
+
+
+def write_gpu_result(name: str, text: str, out: str | None = None) -> Path:
+    """Write a GPU script's result file ``name`` to ``bench/results/<gpu>/`` (to be committed) and to ``out``
+    too when given (the device call's ``$OUT``, which comes back); returns the first path."""
+    folders = [Path("bench") / "results" / gpu_dirname()] + ([Path(out)] if out else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folders[0] / name
 
 
 def time_cuda_graph(fn: Callable[[], object], *, calls_per_graph: int = 10, replays: int = 30, warmup: int = 3) -> float:

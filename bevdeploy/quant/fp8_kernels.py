@@ -283,6 +283,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from bevdeploy.quant.gemm_tiles import conv_tile_pixels as _conv_tile_pixels
     from bevdeploy.quant.gemm_tiles import gemm_tile as _gemm_tile
     from bevdeploy.quant.gemm_tiles import program_tile as _program_tile
 
@@ -418,19 +419,9 @@ if triton_available():
     ):
         """Implicit GEMM, one flat loop over (kernel point, channel block): a gathered [BM, BK] slab of
         NHWC rows (zero in the padding) dotted with the [BN, BK] weight slab, fp32 accumulator."""
-        pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, rn, hi0, wi0, img = _conv_tile_pixels(M, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                                              stride_xb, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        rm = offs_m % M
-        rn = (offs_n % O).to(tl.int64)
-        wo = rm % Wo
-        t = rm // Wo
-        ho = t % Ho
-        b = t // Ho
-        hi0 = ho * stride_h - pad_h
-        wi0 = wo * stride_w - pad_w
-        img = b.to(tl.int64) * stride_xb
         w_rows = w_ptr + rn[:, None] * stride_wo + offs_k[None, :]
         c_blocks = tl.cdiv(C, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

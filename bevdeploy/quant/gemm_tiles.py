@@ -32,6 +32,24 @@ if triton is not None:
         return tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     @triton.jit
+    def conv_tile_pixels(M, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w, stride_xb, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's implicit-GEMM conv tile: its rows (output pixels, NHWC order) and columns (output
+        channels), wrapped (``% M``, ``% O``) so loads need no M/N masks, and each row's input corner
+        (``hi0``, ``wi0``: top-left input position of the kernel window) and image offset (``img``, int64).
+        Returns offs_m, offs_n, rn (int64 wrapped columns), hi0, wi0, img."""
+        pid_m, pid_n = program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = offs_m % M
+        rn = (offs_n % O).to(tl.int64)
+        wo = rm % Wo
+        t = rm // Wo
+        ho = t % Ho
+        b = t // Ho
+        return offs_m, offs_n, rn, ho * stride_h - pad_h, wo * stride_w - pad_w, b.to(tl.int64) * stride_xb
+
+    @triton.jit
     def gemm_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, EVEN_K: tl.constexpr,
                   ACC_INT32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc[m, n] = sum_k x[m, k] * w[n, k] of one tile: tl.dot of [BM, BK] x trans([BN, BK]), int32 (int8

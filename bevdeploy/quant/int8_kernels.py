@@ -373,6 +373,7 @@ if triton_available():
 
     from bevdeploy.quant.int8_epilogue import int8_epilogue as _epilogue
     from bevdeploy.quant.int8_epilogue import load_residual_tile as _load_residual_tile
+    from bevdeploy.quant.gemm_tiles import conv_tile_pixels as _conv_tile_pixels
     from bevdeploy.quant.gemm_tiles import gemm_tile as _gemm_tile
     from bevdeploy.quant.gemm_tiles import program_tile as _program_tile
     from bevdeploy.quant.gemm_tiles import tile_coords as _tile_coords
@@ -565,19 +566,9 @@ if triton_available():
         """Implicit GEMM: one flat loop over (kernel point, channel block) so the software pipeliner
         prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (the code
         of 0 in the padding) dotted with the [BN, BK] weight slab, transposed (both K-major)."""
-        pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, rn, hi0, wi0, img = _conv_tile_pixels(M, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                                              stride_xb, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        rm = offs_m % M
-        rn = (offs_n % O).to(tl.int64)
-        wo = rm % Wo
-        t = rm // Wo
-        ho = t % Ho
-        b = t // Ho
-        hi0 = ho * stride_h - pad_h
-        wi0 = wo * stride_w - pad_w
-        img = b.to(tl.int64) * stride_xb
         w_rows = w_ptr + rn[:, None] * stride_wo + offs_k[None, :]
         c_blocks = tl.cdiv(C, BLOCK_K)
         pad_code = x_zp.to(tl.int8)  # the code of 0 (symmetric: 0)
@@ -628,19 +619,9 @@ if triton_available():
         kernel points, so channel counts that do not fill BLOCK_K (YOLOX-x's 80 / 160 / 320, 3x3) waste no MMA
         on masked channels and run full-width tiles. Needs C % 16 == 0: each run of 16 K positions stays in
         one kernel point, a contiguous 16-byte NHWC load (the hint below)."""
-        pid_m, pid_n = _program_tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, rn, hi0, wi0, img = _conv_tile_pixels(M, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                                                              stride_xb, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        rm = offs_m % M
-        rn = (offs_n % O).to(tl.int64)
-        wo = rm % Wo
-        t = rm // Wo
-        ho = t % Ho
-        b = t // Ho
-        hi0 = ho * stride_h - pad_h
-        wi0 = wo * stride_w - pad_w
-        img = b.to(tl.int64) * stride_xb
         k_total = KH * KW * C
         w_rows = w_ptr + rn[:, None] * stride_wo
         pad_code = x_zp.to(tl.int8)  # the code of 0 (symmetric: 0)

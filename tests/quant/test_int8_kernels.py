@@ -199,16 +199,22 @@ CONVS = [
 CONV_X_EPILOGUE = [(c, e) for c in range(len(CONVS)) for e in range(len(EPILOGUES)) if (c + e) % 2 == 0]
 
 
-@pytest.mark.parametrize("case,epi", CONV_X_EPILOGUE)
-def test_int8_conv2d_matches_float64(device, case, epi):
-    n, c, h, w, o, k, s, p, d = CONVS[case]
-    bias, residual, activation, out_dtype = EPILOGUES[epi]
+def _conv_case(n, c, h, w, o, k, s, p, d, bias, residual, device):
+    """Channels-last input codes, weight codes and scales, bias and residual of one conv case, and (Ho, Wo)."""
     x_q = _codes(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
     w_q, ws = _codes(o, *k, c, device=device), _scales(o, device)
     ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
     wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     b = torch.randn(o, device=device) if bias else None
     r = torch.randn(n, o, ho, wo, device=device).contiguous(memory_format=torch.channels_last) if residual else None
+    return x_q, w_q, ws, b, r, (ho, wo)
+
+
+@pytest.mark.parametrize("case,epi", CONV_X_EPILOGUE)
+def test_int8_conv2d_matches_float64(device, case, epi):
+    n, c, h, w, o, k, s, p, d = CONVS[case]
+    bias, residual, activation, out_dtype = EPILOGUES[epi]
+    x_q, w_q, ws, b, r, (ho, wo) = _conv_case(n, c, h, w, o, k, s, p, d, bias, residual, device)
     out = poisoned((n, o, ho, wo), _OUT[out_dtype], device).contiguous(memory_format=torch.channels_last)
     _int8_conv2d_triton(x_q, w_q, 0.021, ws, b, list(s), list(p), list(d), 1, r, activation, out_dtype, out=out)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -245,12 +251,7 @@ def test_packed_k_conv_equals_the_per_kernel_point_conv(device, case, epi):
     the per-kernel-point kernel, both against float64; with a zero point too (padding holds its code)."""
     n, c, h, w, o, k, s, p, d, bk = PACKED_CONVS[case]
     bias, residual, activation, out_dtype = EPILOGUES[epi]
-    x_q = _codes(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    w_q, ws = _codes(o, *k, c, device=device), _scales(o, device)
-    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    b = torch.randn(o, device=device) if bias else None
-    r = torch.randn(n, o, ho, wo, device=device).contiguous(memory_format=torch.channels_last) if residual else None
+    x_q, w_q, ws, b, r, (ho, wo) = _conv_case(n, c, h, w, o, k, s, p, d, bias, residual, device)
     cfg = (16, 16, bk, 2, 4, 1)
     args = (x_q, w_q, 0.021, ws, b, list(s), list(p), list(d), 1, r, activation, out_dtype)
     out = poisoned((n, o, ho, wo), _OUT[out_dtype], device).contiguous(memory_format=torch.channels_last)
