@@ -382,10 +382,10 @@ def build(
             (:class:`bevdeploy.quant.modules.QuantDeformConv2d`), with ``asymmetric`` zero points too. QAT trains
             them in that form (``QATDeformConv2d``: input codes at the offset conv's learned scale).
             Recorded in the metadata (``int8_dcn``).
-        fused_epilogues: Run each float ResNet block's convs with their bias (+ residual) + ReLU fused into
-            one cuDNN call (:mod:`bevdeploy.engine.conv_epilogue`) instead of a conv and an Inductor pass;
-            blocks with int8 / fp8 convs keep their own epilogues. The fused blocks are listed in the
-            metadata (``fused_epilogues``).
+        fused_epilogues: Run the convs of each float ResNet block and stem with their bias (+ residual) +
+            ReLU fused into one cuDNN call (:mod:`bevdeploy.engine.conv_epilogue`) instead of a conv and an
+            Inductor pass; blocks with int8 / fp8 convs keep their own epilogues. The fused blocks and stems
+            are listed in the metadata (``fused_epilogues``).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
@@ -602,7 +602,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
 
         fused = fuse_conv_epilogues(model)
         if not fused:
-            logger.warning("fused_epilogues: %s has no float residual block; the engine is the plain one", model_name)
+            logger.warning("fused_epilogues: %s has no float ResNet block or stem; the engine is the plain one",
+                           model_name)
     model.eval()
 
     outputs = output_names(model)
