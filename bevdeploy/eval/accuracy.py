@@ -49,7 +49,12 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "fp16x2", "int8", "int8-fp16")
 DET2D_PRECISIONS = ("fp16", "int8-fp16", "fp16x2", "int8")
 #: 2D training / held-out sets (images of the synthetic world's cameras, 360x640).
 DET2D_TRAIN_DATA, DET2D_EVAL_DATA = "synthetic2d:600@1", "synthetic2d:120@2"
+#: The row of a QAT table's float control (:func:`_float_control`) and the table's note on it.
 CONTROL_LABEL = "pytorch (float control)"
+CONTROL_NOTE = ("The pytorch (float control) row: the checkpoint fine-tuned with the QAT rows' recipe ({steps} steps x "
+                "batch {batch}, lr {lr}, the same data and batches, BatchNorm folded as for QAT) without fake "
+                "quantization, scored in PyTorch FP32: what the extra training alone gives. A QAT row's change minus "
+                "the control's is what int8 costs after QAT.")
 QAT_PRECISION = "int8-fp16"
 _METRICS = ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
@@ -180,9 +185,9 @@ def stage_eval(args) -> Path:
     print(f"[accuracy] PyTorch FP32: NDS {pytorch['nds']}, mAP {pytorch['map']}", file=sys.stderr)
     del model
     gc.collect()
+    qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
     if args.qat_steps:  # the QAT row's control: the same fine-tuning in float, scored like the PyTorch row
         t0 = time.perf_counter()
-        qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
         try:
             control, info = _float_control(args, ckpt, overrides, qat_data, dev)
             control_run = run_model(control, infos, args.model, dev, progress=False)
@@ -206,7 +211,6 @@ def stage_eval(args) -> Path:
     jobs = [(p, p, {}) for p in args.precisions]
     if args.qat_steps:
         if "qat_steps" in inspect.signature(build).parameters:
-            qat_data = DataSource(train_src.dataroot, train_src.version, train_src.split, args.qat_frames)
             qat_job = (f"{QAT_PRECISION} (QAT)", QAT_PRECISION,
                        {"qat_steps": args.qat_steps, "qat_data": qat_data, "qat_batch": args.qat_batch,
                         "qat_lr": args.qat_lr})
@@ -396,11 +400,6 @@ def _float_control(args, ckpt: Path, overrides: dict | None, qat_data, dev: torc
             "seconds": round(time.perf_counter() - t0, 1)}
     return model.eval(), info
 
-
-CONTROL_NOTE = ("The pytorch (float control) row: the checkpoint fine-tuned with the QAT rows' recipe ({steps} steps x "
-                "batch {batch}, lr {lr}, the same data and batches, BatchNorm folded as for QAT) without fake "
-                "quantization, scored in PyTorch FP32: what the extra training alone gives. A QAT row's change minus "
-                "the control's is what int8 costs after QAT.")
 
 
 def _jsonable(obj):
