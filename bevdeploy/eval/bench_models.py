@@ -423,7 +423,6 @@ def bench_model(
                 else:
                     r.update(fresh_process_ms=fresh["ms"], memory_inprocess_mb=mem["memory_mb"],
                              memory_loaded_mb=fresh["loaded_mb"], memory_context_mb=fresh["context_mb"],
-                             reserved_mb=fresh.get("reserved_mb"),
                              **{k: fresh[k] for k in _FRESH_PROCESS_KEYS if k in fresh})
                     _set_memory(r, dict(mem, memory_mb=fresh["memory_mb"], allocated_mb=fresh["allocated_mb"],
                                         peak_allocated_mb=fresh["peak_allocated_mb"]), base)
@@ -463,11 +462,12 @@ def _set_memory(row: dict, mem: dict, base: dict) -> None:
                peak_ratio=round(mem["peak_allocated_mb"] / base["peak_allocated_mb"], 3))
 
 
-#: the fresh process's allocator readings after the load, and of the CUDA stack reservation and
-#: Engine.release_stack (GPU only)
-_FRESH_PROCESS_KEYS = ("allocated_loaded_mb", "reserved_loaded_mb", "stack_limit_kb", "stack_reserved_mb",
-                       "memory_after_stack_release_mb", "ms_after_release",
-                       "stack_limit_after_release_kb", "outputs_equal_after_release", "stack_release_error")
+#: the fresh process's allocator readings (after its timed calls and after the load), and of the CUDA stack
+#: reservation and Engine.release_stack (GPU only)
+_FRESH_PROCESS_KEYS = ("reserved_mb", "allocated_loaded_mb", "reserved_loaded_mb", "stack_limit_kb",
+                       "stack_reserved_mb", "memory_after_stack_release_mb", "ms_after_release",
+                       "stack_limit_after_release_kb", "outputs_equal_after_release", "max_abs_diff_after_release",
+                       "stack_release_error")
 
 
 def _fresh_process_memory(path: Path, inputs: dict[str, torch.Tensor], iters: int) -> dict:

@@ -50,8 +50,9 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
     ``stack_release`` (GPU): after those readings the child also measures :meth:`Engine.release_stack`:
     ``stack_limit_kb`` / ``stack_reserved_mb`` (the CUDA stack limit the load left and the device memory it
     reserves), ``memory_after_stack_release_mb`` (as ``memory_mb``, after the release and timed calls
-    again), ``ms_after_release``, ``stack_limit_after_release_kb`` and ``outputs_equal_after_release``. If
-    that step kills the child, the readings before it are returned with ``stack_release_error``.
+    again), ``ms_after_release``, ``stack_limit_after_release_kb``, ``outputs_equal_after_release`` and
+    ``max_abs_diff_after_release``. If that step kills the child, the readings before it are returned with
+    ``stack_release_error``.
 
     Raises:
         RuntimeError: the child failed or timed out (its output's tail is in the message).
@@ -144,6 +145,8 @@ def _stack_release(engine, inputs: dict[str, torch.Tensor], iters: int) -> dict:
 
     ref = {k: v.clone() for k, v in engine(**inputs).items()}
     limits = engine.release_stack()
+    if limits is None or limits["before_bytes"] is None:
+        return dict(stack_release_error="no CUDA driver API (libcuda.so.1) in this process: nothing measured")
     m = measure(lambda: engine(**inputs), iters=iters)
     out = engine(**inputs)
     before, after = limits["before_bytes"], limits["after_bytes"]
