@@ -167,13 +167,12 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
 
     swapped = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, (ResNet, ResNet18)) and _plain(m.conv1):  # the stem: maxpool(relu(bn1(conv1(x))))
-            if not isinstance(m.bn1, nn.Identity):
-                raise ValueError(f"fuse_conv_epilogues: {name or 'the model'} still has BatchNorm; fold it first "
-                                 "(fold_batchnorms)")
-            m.conv1.weight.data = m.conv1.weight.data.contiguous(memory_format=_CL)
-            m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()
-            swapped.append(f"{name}.conv1" if name else "conv1")
+        if isinstance(m, (ResNet, ResNet18)) and type(m.conv1) is nn.Conv2d:  # stem: maxpool(relu(bn1(conv1(x))))
+            _check_folded(name or "the model", (m.bn1,))
+            if _plain(m.conv1):
+                m.conv1.weight.data = m.conv1.weight.data.contiguous(memory_format=_CL)
+                m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()
+                swapped.append(f"{name}.conv1" if name else "conv1")
             continue
         if isinstance(m, Bottleneck):
             cls, convs, bns = FusedBottleneck, (m.conv1, m.conv2, m.conv3), (m.bn1, m.bn2, m.bn3)
@@ -181,8 +180,7 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
             cls, convs, bns = FusedBasicBlock, (m.conv1, m.conv2), (m.bn1, m.bn2)
         else:
             continue
-        if not all(isinstance(bn, nn.Identity) for bn in bns):
-            raise ValueError(f"fuse_conv_epilogues: {name} still has BatchNorm; fold it first (fold_batchnorms)")
+        _check_folded(name, bns)
         if not any(_plain(c) for c in convs) or any(type(c) is not nn.Conv2d and not _is_deform(c) for c in convs):
             continue
         for c in convs:  # what cuDNN's NHWC kernels read: no per-call weight copy
@@ -192,6 +190,11 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, cls(m))
         swapped.append(name)
     return swapped
+
+
+def _check_folded(name: str, bns) -> None:
+    if not all(isinstance(bn, nn.Identity) for bn in bns):
+        raise ValueError(f"fuse_conv_epilogues: {name} still has BatchNorm; fold it first (fold_batchnorms)")
 
 
 def _is_deform(conv: nn.Module) -> bool:

@@ -97,6 +97,10 @@ def test_swapped_blocks_compute_the_folded_model():
     assert _rel(ep.module()(x), want) < 1e-5
     with pytest.raises(ValueError, match="still has BatchNorm"):
         fuse_conv_epilogues(nn.Sequential(Bottleneck(inplanes=16, planes=4)))
+    from bevdeploy.models.centernet import ResNet18
+
+    with pytest.raises(ValueError, match="the model still has BatchNorm"):  # the stem is checked first
+        fuse_conv_epilogues(ResNet18())
 
 
 @pytest.mark.slow
