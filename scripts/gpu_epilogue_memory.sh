@@ -6,7 +6,8 @@
 #   2. scripts/conv_epilogue_timing.py: conv + separate bias/residual/ReLU pass vs cuDNN's fused conv-add-ReLU
 #      at BEVFormer-tiny's ResNet-50 shapes                              -> bench/results/<gpu>/conv-epilogue-timing.md
 #   3. profiles of BEVFormer-tiny and BEVDet fp16x2, plain and --fused-epilogues, same machine and run
-#      (scripts/profile_engine.py; ms/frame of each)                    -> bench/results/<gpu>/profile-*.md
+#      (scripts/profile_engine.py; ms/frame of each; the engines' Inductor wrapper code, which shows each copy
+#      and the node it serves, in $OUT/code)                            -> bench/results/<gpu>/profile-*.md
 #   4. BEVFormer-base PyTorch + fp16x2 memory in a fresh serving process, now with the allocator's share after the
 #      load and the CUDA stack reservation before and after Engine.release_stack (gpu_batch.sh's base rows)
 #                                                                        -> bench/results/<gpu>/bevformer-base-memory.*
@@ -26,7 +27,8 @@ echo "epilogue timing rc=$? at ${SECONDS}s"; tail -18 "$OUT/conv_epilogue.txt"
 
 specs=""; for m in ${PROFILE_MODELS:-bevformer-tiny bevdet-r50-cbgs}; do specs="$specs $m:fp16x2"; done
 timeout "${PROFILE_TIMEOUT:-240}" bash -c "python3 scripts/profile_engine.py --build $specs --work /tmp/prof \
-  && python3 scripts/profile_engine.py --build $specs --work /tmp/prof --fused-epilogues" > "$OUT/profiles.txt" 2>&1
+  --save-code $OUT/code && python3 scripts/profile_engine.py --build $specs --work /tmp/prof --fused-epilogues \
+  --save-code $OUT/code" > "$OUT/profiles.txt" 2>&1
 echo "profiles rc=$? at ${SECONDS}s"; grep -E "ms/frame|^-> |Error" "$OUT/profiles.txt" | tail -12
 
 if [ -z "${SKIP_MEMORY:-}" ]; then

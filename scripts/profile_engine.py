@@ -66,7 +66,26 @@ def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False, fuse
     return path
 
 
-def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: bool, top: int) -> Path:
+def compiled_code_since(start: int) -> list[Path]:
+    """The Python files Inductor generated or loaded from its cache since ``start`` (a former
+    ``len(PyCodeCache.modules)``): an engine's wrapper code, whose ``call`` lists every kernel launch, extern
+    call and copy in order, with the graph nodes each came from."""
+    from torch._inductor.codecache import PyCodeCache
+
+    return [Path(m.__file__) for m in PyCodeCache.modules[start:] if getattr(m, "__file__", None)]
+
+
+def save_code(files: list[Path], dest: Path) -> list[Path]:
+    """Copy ``files`` into ``dest`` (made if missing); returns the copies."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(f, dest / f.name)) for f in files]
+
+
+def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: bool, top: int,
+                code_dir: Path | None = None) -> Path:
+    from torch._inductor.codecache import PyCodeCache
     from torch.profiler import ProfilerActivity, profile
 
     from bevdeploy.engine import Engine
@@ -74,8 +93,12 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
     t0 = time.time()
+    code_start = len(PyCodeCache.modules)
     engine = Engine.load(path, device="cuda", freeze=freeze)
     load_s = time.time() - t0
+    if code_dir is not None:
+        saved = save_code(compiled_code_since(code_start), code_dir / path.stem)
+        print(f"{len(saved)} compiled code files of {path.name} -> {code_dir / path.stem}")
     meta = engine.metadata
     inputs = engine._example()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -160,6 +183,9 @@ def main() -> None:
     ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
     ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--save-code", default=None, metavar="DIR",
+                    help="copy each engine's Inductor wrapper code into DIR/<engine>/ (every launch, extern call and "
+                         "copy of a frame, in order, with the graph nodes they come from)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_engine.py needs a CUDA GPU")
@@ -171,7 +197,7 @@ def main() -> None:
         raise SystemExit("give engine files or --build MODEL:PRECISION ...")
     for p in paths:
         profile_one(p, Path(args.out), freeze=not args.no_freezing, cudnn_benchmark=args.cudnn_benchmark,
-                    top=args.top)
+                    top=args.top, code_dir=Path(args.save_code) if args.save_code else None)
 
 
 if __name__ == "__main__":
