@@ -603,7 +603,6 @@ if triton_available():
                   x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
 
-
     @triton.jit
     def _int8_conv2d_packed_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr,
