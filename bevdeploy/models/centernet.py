@@ -176,7 +176,13 @@ class CenterNetHead(nn.Module):
             self.heatmap_head[-1].bias.fill_(-math.log((1 - 0.1) / 0.1))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {"heatmap": self.heatmap_head(x).sigmoid(), "wh": self.wh_head(x), "offset": self.offset_head(x)}
+        out = self.forward_logits(x)
+        return {"heatmap": out.pop("heatmap_logits").sigmoid(), **out}
+
+    def forward_logits(self, x: Tensor) -> dict[str, Tensor]:
+        """The branches before the heatmap's sigmoid: training takes that sigmoid in fp32 (a bf16 one
+        saturates at 1.0 with zero gradient, see :mod:`bevdeploy.train.centernet`)."""
+        return {"heatmap_logits": self.heatmap_head(x), "wh": self.wh_head(x), "offset": self.offset_head(x)}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from bevdeploy.data.nuscenes import CLASS_NAMES
 from bevdeploy.data.preprocess_bevdet import GEOMETRY_KEYS, BEVDetPreprocess, prepare_bevdet_inputs
 from bevdeploy.models.bevdet import HEAD_OUTPUTS, BEVDetConfig
+from bevdeploy.train.centernet import gaussian_focal_loss  # CenterNet's focal loss, on BEVDet's BEV heatmap
 
 __all__ = [
     "BEVDetBatch",
@@ -54,7 +55,6 @@ __all__ = [
     "centerpoint_targets",
     "depth_targets",
     "draw_heatmap_gaussian",
-    "gaussian_focal_loss",
     "gaussian_radius",
     "lidar_boxes_to_model_frame",
 ]
@@ -238,23 +238,6 @@ def depth_targets(info: dict, x: dict[str, Tensor], cfg: BEVDetConfig, preproces
         valid = np.isfinite(best) & (idx >= 0) & (idx < D)
         out[n][valid] = idx[valid].astype(np.int16)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-
-def gaussian_focal_loss(pred: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0, eps: float = 1e-12) -> Tensor:
-    """Sum over cells of CenterNet's focal loss on a gaussian heatmap (mmdet ``gaussian_focal_loss``).
-
-    ``pred`` and ``target`` in [0, 1]; cells with target 1 are positives.
-    """
-    pos_weights = target.eq(1).to(pred.dtype)
-    neg_weights = (1 - target).pow(gamma)
-    pos = -(pred + eps).log() * (1 - pred).pow(alpha) * pos_weights
-    neg = -(1 - pred + eps).log() * pred.pow(alpha) * neg_weights
-    return (pos + neg).sum()
 
 
 @dataclass

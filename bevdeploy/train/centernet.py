@@ -18,10 +18,12 @@ The ``wh`` / ``offset`` branches start from PyTorch's default init, not mmdet's 
 (named in :meth:`bevdeploy.models.centernet.CenterNetHead.init_weights`: it slows the size regression
 of a short from-scratch training).
 
-Loss precision: under CUDA bf16 autocast the head's sigmoid runs in bf16; the focal loss and the L1
-terms are computed in fp32 on its output (as mmdet's ``force_fp32`` loss). A reduced CenterNet
-overfitting 8 views on the CPU reached the same mAP under bf16 autocast (0.96) as in fp32 (1.0 / 0.92
-over two seeds), so the bf16 sigmoid is left as it is.
+Loss precision: the heatmap's sigmoid runs in fp32 on the bf16 logits, and the focal loss and the L1
+terms in fp32 (as mmdet's ``force_fp32`` loss). A bf16 sigmoid rounds every logit above ~6.5 to exactly
+1.0, where its gradient ``y * (1 - y)`` is exactly 0: a background cell that overshoots there keeps its
+loss (-log(1e-12) x its weight) and never moves again, and its duplicate peak costs precision. Seen on
+the H100 (session 14): the same seed and budget ended at loss 1.80 and mAP 0.030 in one run, 0.23-0.37
+in the two before (the trajectories parted near step 100); an fp32 sigmoid saturates only above ~17.
 """
 
 from __future__ import annotations
@@ -140,8 +142,9 @@ class CenterNetTraining:
 
     def loss(self, model: nn.Module, batch: Det2DBatch) -> dict[str, Tensor]:
         """``loss_center_heatmap``, ``loss_wh`` and ``loss_offset`` of ``model`` on ``batch``."""
-        out = model(batch.images)
-        heat = out["heatmap"].float()
+        # CenterNet.forward with the heatmap's sigmoid in fp32 (see the module docstring)
+        out = model.bbox_head.forward_logits(model.neck(model.backbone(batch.images)))
+        heat = out["heatmap_logits"].float().sigmoid()
         t = batch.targets
         if t is None:
             t = centernet_targets(batch.boxes, batch.labels, self.num_classes, tuple(heat.shape[-2:]), self.image_size)

@@ -19,10 +19,10 @@ from bevdeploy.train.bevdet import (
     centerpoint_targets,
     depth_targets,
     draw_heatmap_gaussian,
-    gaussian_focal_loss,
     gaussian_radius,
     lidar_boxes_to_model_frame,
 )
+from bevdeploy.train.centernet import gaussian_focal_loss
 
 #: A reduced BEVDet (ResNet-50 kept: its widths are fixed) on a 32x32 grid of 1.6 m cells.
 SMALL = dict(image_size=(32, 96), depth_bins=(1.0, 40.0, 1.0), grid_x=(-25.6, 25.6, 1.6), grid_y=(-25.6, 25.6, 1.6),

@@ -208,6 +208,23 @@ def test_simota_dynamic_k_per_gt_matches_a_loop():
     assert torch.equal(loop, vec)
 
 
+def test_centernet_loss_keeps_a_gradient_where_a_bf16_sigmoid_saturates(tiny_set, ops_on_references):
+    """Heatmap logits of 8: a bf16 sigmoid gives exactly 1.0 there and a zero gradient (the cell would stay
+    stuck); the training loss takes the sigmoid in fp32, so the heatmap's bias still gets pushed down."""
+    torch.manual_seed(0)
+    model = MODELS["centernet-r18-dcn"](image_size=(64, 96))
+    with torch.no_grad():
+        model.bbox_head.heatmap_head[-1].bias.fill_(8.0)
+    training = CenterNetTraining(model, tiny_set, "cpu")
+    batch = next(training.batches(2, seed=0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(batch.images)["heatmap"].eq(1).float().mean() > 0.9, "the bf16 forward saturates"
+        terms = training.loss(model, batch)
+    sum(terms.values()).backward()
+    grad = model.bbox_head.heatmap_head[-1].bias.grad
+    assert torch.isfinite(grad).all() and (grad > 0).all(), grad  # every class: lower the logits
+
+
 def test_centernet_prebuilt_targets_equal_the_per_batch_ones(tiny_set, ops_on_references):
     torch.manual_seed(0)
     training = CenterNetTraining(MODELS["centernet-r18-dcn"](image_size=(64, 96)), tiny_set, "cpu")
