@@ -246,7 +246,8 @@ def _bench(args: argparse.Namespace) -> int:
         from bevdeploy.eval.bench_convs import run as run_convs
         from bevdeploy.eval.bench_convs import to_markdown as convs_markdown
 
-        result = run_convs(args.backbones, args.out, command="bevdeploy " + " ".join(sys.argv[1:]))
+        result = run_convs(args.backbones, args.out, command="bevdeploy " + " ".join(sys.argv[1:]),
+                           name=args.results_name or "convs")
         print(convs_markdown(result))
         return 0
     raise ValueError("say what to benchmark: 'bevdeploy bench ops', 'bevdeploy bench convs' or "
@@ -458,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "FPS = frames/s on the GPU; default 1); 2D models: one static batch (default 32)")
     bench.add_argument("--results-name", default=None,
                        help="results file stem under --out/<gpu>/ (default: the model name; '<model>-batch' when "
-                            "--batch is not just 1)")
+                            "--batch is not just 1; 'convs' for bench convs)")
     bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bench.add_argument("--int8-dcn", action="store_true",
                        help="BEV models: after each int8 row, a '<precision> (int8 DCN)' row with the DCNv2 convs int8")
@@ -468,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "that only loads and runs the engine (the default, as a server would)")
     bench.add_argument("--ops", nargs="*", default=None, help="op names (default: all)")
     bench.add_argument("--backbones", nargs="*", default=None,
-                       help="bench convs: bevdet-r50 bevformer-small bevformer-base (default: all)")
+                       help="bench convs: bevdet-r50 bevformer-small bevformer-base yolox-x centernet-r18-dcn "
+                            "(default: all)")
     bench.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     bench.set_defaults(func=_bench)
 

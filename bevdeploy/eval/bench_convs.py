@@ -2,7 +2,8 @@
 
 Backbones: BEVDet-R50 (ResNet-50 + CustomFPN + depth net, 6 x 256 x 704), BEVFormer-small
 (ResNet-101-DCN + 1-level FPN, 6 x 736 x 1280) and BEVFormer-base (ResNet-101-DCN + 4-level FPN,
-6 x 928 x 1600). Each conv is taken as the int8 engine runs it: after ``quantize_modules`` and
+6 x 928 x 1600), and the 2D detectors whole (YOLOX-x at 32 x 640 x 640, CenterNet-R18-DCN at
+32 x 512 x 512). Each conv is taken as the int8 engine runs it: after ``quantize_modules`` and
 ``chain_int8`` (which convs read int8 / write int8, fuse ReLU and the residual, int8 or fp16
 residual), found by one forward on the meta device. For every distinct (shape, epilogue):
 
@@ -16,7 +17,8 @@ both timed in the same run inside CUDA graphs (median of replays). Rows: shape, 
 TOPS (2 * M * N * K / t), fp16 / int8 time ratio. Totals weight each row by its occurrences. Then
 the whole backbone + neck module end to end, int8 chain (eager ops captured in one CUDA graph) vs
 the BN-folded fp16 channels-last module (cuDNN, same capture); DCN layers run our fp16 DCN kernel
-in both (they are not int8 convs), and so does the stem (cuDNN fp16: the int8 engine keeps it float). Results in ``<out>/<gpu>/convs.{json,md}``.
+in both (they are not int8 convs), and so does the stem (cuDNN fp16: the int8 engine keeps it float). Results in
+``<out>/<gpu>/convs.{json,md}`` (``--results-name`` for another stem).
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from bevdeploy.eval.timing import gpu_dirname, time_cuda_graph
 
 __all__ = ["BACKBONES", "ConvCall", "backbone_module", "conv_calls", "run", "to_markdown"]
 
-#: name -> (model constructor key, image size as the engine takes it)
+#: name -> (model constructor key, image size and batch as the engine takes them: six cameras for the
+#: BEV models, the tables' batch of 32 for the 2D detectors, whose whole network is the int8 scope)
 BACKBONES = {
-    "bevdet-r50": ("bevdet-r50-cbgs", (256, 704)),
-    "bevformer-small": ("bevformer-small", (736, 1280)),
-    "bevformer-base": ("bevformer-base", (928, 1600)),
+    "bevdet-r50": ("bevdet-r50-cbgs", (256, 704), 6),
+    "bevformer-small": ("bevformer-small", (736, 1280), 6),
+    "bevformer-base": ("bevformer-base", (928, 1600), 6),
+    "yolox-x": ("yolox-x", (640, 640), 32),
+    "centernet-r18-dcn": ("centernet-r18-dcn", (512, 512), 32),
 }
-NUM_CAMS = 6
 
 
 class _BackboneNeck(nn.Module):
@@ -63,8 +67,10 @@ class _BackboneNeck(nn.Module):
 
 
 def backbone_module(name: str) -> nn.Module:
-    """The float backbone + neck (+ depth net) of ``name`` with random weights and BN folded."""
+    """The float backbone + neck (+ depth net) of ``name`` with random weights and BN folded; a 2D
+    detector whole (backbone, neck and head: the maps its engine returns)."""
     from bevdeploy.engine.deploy import fold_batchnorms
+    from bevdeploy.models import DET2D_MODELS, MODELS
     from bevdeploy.models.bevdet import BEVDET_CONFIGS, CustomFPN, LSSViewTransformer
     from bevdeploy.models.bevformer import BEVFORMER_CONFIGS
     from bevdeploy.models.fpn import FPN
@@ -74,7 +80,9 @@ def backbone_module(name: str) -> nn.Module:
         raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
     key = BACKBONES[name][0]
     torch.manual_seed(0)
-    if key.startswith("bevdet"):
+    if key in DET2D_MODELS:
+        module = MODELS[key]()
+    elif key.startswith("bevdet"):
         cfg = BEVDET_CONFIGS[key]
         backbone = ResNet(depth=cfg.depth, out_indices=cfg.out_indices, style=cfg.style)
         neck = CustomFPN(in_channels=cfg.fpn_in_channels, out_channels=cfg.fpn_out_channels, out_ids=(0,))
@@ -96,12 +104,15 @@ def backbone_module(name: str) -> nn.Module:
 def _int8_module(float_module: nn.Module, scale: float = 0.02) -> nn.Module:
     """Every plain conv int8 but the stem (one placeholder input scale: timing does not depend on the
     values), chained, as the int8 engine builds it (the stem stays float: ``image_input_convs``)."""
-    from bevdeploy.engine.model_io import reads_camera_image
+    from bevdeploy.engine.model_io import image_input_convs, reads_camera_image
+    from bevdeploy.models import YOLOX, CenterNet
     from bevdeploy.quant.chain import chain_int8
     from bevdeploy.quant.modules import quantize_modules
 
     m = copy.deepcopy(float_module).half()  # the float layers (DCN) in fp16, as an int8-fp16 engine
-    names = {n: scale for n, c in m.named_modules() if type(c) is nn.Conv2d and not reads_camera_image(c)}
+    stems = set(image_input_convs(m)) if isinstance(m, (YOLOX, CenterNet)) else set()
+    names = {n: scale for n, c in m.named_modules()
+             if type(c) is nn.Conv2d and not reads_camera_image(c) and n not in stems}
     quantize_modules(m, names, out_dtype=torch.float16)
     chain_int8(m)
     return m
@@ -132,7 +143,7 @@ class ConvCall:
                 f"({epi})")
 
 
-def conv_calls(int8_module: nn.Module, image_size: tuple[int, int]) -> dict[ConvCall, list[str]]:
+def conv_calls(int8_module: nn.Module, image_size: tuple[int, int], batch: int) -> dict[ConvCall, list[str]]:
     """Distinct int8 conv calls of one forward (on the meta device: shapes only) -> layer names."""
     from bevdeploy.quant.modules import QuantConv2d
 
@@ -153,7 +164,7 @@ def conv_calls(int8_module: nn.Module, image_size: tuple[int, int]) -> dict[Conv
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in meta.named_modules()
                if isinstance(m, QuantConv2d)]
     with torch.no_grad():
-        meta(torch.empty(NUM_CAMS, 3, *image_size, device="meta", dtype=torch.float16))
+        meta(torch.empty(batch, 3, *image_size, device="meta", dtype=torch.float16))
     for h in handles:
         h.remove()
     return found
@@ -219,12 +230,12 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
             "ratio": fp16_us / best_us, "gop": ops / 1e9}
 
 
-def _time_module(name: str, float_module: nn.Module, int8_module: nn.Module, image_size) -> dict:
+def _time_module(float_module: nn.Module, int8_module: nn.Module, image_size, batch: int) -> dict:
     from bevdeploy.quant.autotune import autotune_int8_layers
 
     dev = torch.device("cuda")
     cl = torch.channels_last
-    x = torch.randn(NUM_CAMS, 3, *image_size, device=dev, dtype=torch.float16).contiguous(memory_format=cl)
+    x = torch.randn(batch, 3, *image_size, device=dev, dtype=torch.float16).contiguous(memory_format=cl)
     f16 = copy.deepcopy(float_module).half().to(dev).to(memory_format=cl)
     q = int8_module.to(dev)
     with torch.no_grad():
@@ -235,8 +246,9 @@ def _time_module(name: str, float_module: nn.Module, int8_module: nn.Module, ima
 
 
 def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results", command: str = "",
-        max_candidates: int = 4, end_to_end: bool = True) -> dict:
-    """Benchmark the convs of ``backbones`` (default: all) on the current GPU; writes convs.{json,md}."""
+        max_candidates: int = 4, end_to_end: bool = True, name: str = "convs") -> dict:
+    """Benchmark the convs of ``backbones`` (default: all) on the current GPU; writes ``<name>.{json,md}``
+    (another name keeps a run of some backbones from replacing the committed table of the others)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bevdeploy bench convs needs a CUDA GPU (CUDA graphs and events)")
     import bevdeploy.ops  # noqa: F401
@@ -254,10 +266,10 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
     folder = Path(out_dir) / gpu_dirname()
     folder.mkdir(parents=True, exist_ok=True)
     for b in names:
-        image_size = BACKBONES[b][1]
+        _, image_size, batch = BACKBONES[b]
         float_module = backbone_module(b)
         int8_module = _int8_module(float_module)
-        calls = conv_calls(int8_module, image_size)
+        calls = conv_calls(int8_module, image_size, batch)
         print(f"{b}: {sum(len(v) for v in calls.values())} int8 convs, {len(calls)} distinct", file=sys.stderr)
         sum8 = sum16 = 0.0
         for call, layers in calls.items():
@@ -269,13 +281,13 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
             print(f"  {call.label()} x{count}: int8 {r['int8_us']:.1f} us, fp16 {r['fp16_us']:.1f} us", file=sys.stderr)
         total = {"backbone": b, "int8_sum_us": sum8, "fp16_sum_us": sum16, "ratio": sum16 / sum8}
         if end_to_end:
-            total.update({f"module_{k}": v for k, v in _time_module(b, float_module, int8_module, image_size).items()})
+            total.update({f"module_{k}": v for k, v in _time_module(float_module, int8_module, image_size, batch).items()})
         totals.append(total)
         del float_module, int8_module
         torch.cuda.empty_cache()
         # written after every backbone: a run cut by a time limit keeps what it measured
-        (folder / "convs.json").write_text(json.dumps(result, indent=1) + "\n")
-        (folder / "convs.md").write_text(to_markdown(result))
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (folder / f"{name}.md").write_text(to_markdown(result))
     return result
 
 
