@@ -134,6 +134,29 @@ class ConvCall:
     activation: str
     int8_out: bool
 
+    def out_hw(self) -> tuple[int, int]:
+        _, _, h, w = self.in_shape
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                     zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+
+    def ops(self) -> float:
+        """2 * M * N * K of the implicit GEMM."""
+        ho, wo = self.out_hw()
+        return 2.0 * self.in_shape[0] * ho * wo * self.o * self.c * self.kernel[0] * self.kernel[1]
+
+    def min_bytes(self) -> int:
+        """The least DRAM traffic of one call: the int8 input and weights read once, the output written
+        once (int8 codes or fp16), the residual read once (int8 or fp16)."""
+        n, c, h, w = self.in_shape
+        ho, wo = self.out_hw()
+        out = n * ho * wo * self.o
+        res = {None: 0, "int8": 1, "fp16": 2}[self.residual]
+        return n * c * h * w + self.o * c * self.kernel[0] * self.kernel[1] + out * (1 if self.int8_out else 2) + out * res
+
+    def floor_us(self, peak_tops: float, peak_gbs: float) -> float:
+        """Roofline time: the larger of the MMA time at ``peak_tops`` and the traffic time at ``peak_gbs``."""
+        return max(self.ops() / (peak_tops * 1e12), self.min_bytes() / (peak_gbs * 1e9)) * 1e6
+
     def label(self) -> str:
         n, c, h, w = self.in_shape
         epi = "+".join(x for x in ("bias" if self.bias else "", f"res {self.residual}" if self.residual else "",
@@ -168,6 +191,26 @@ def conv_calls(int8_module: nn.Module, image_size: tuple[int, int], batch: int) 
     for h in handles:
         h.remove()
     return found
+
+
+def measured_peaks() -> dict:
+    """This GPU's rates in this run, the roofline the rows are held against: our int8 GEMM at 8192^3 with
+    the configuration that measured 1164 TOPS on the H100 (``reference/h100-measured.md``), and the
+    device copy bandwidth (a 1 GiB copy: bytes read + written per second)."""
+    from bevdeploy.quant.int8_kernels import int8_linear
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    n = 8192
+    a = torch.randint(-127, 128, (n, n), generator=g, device=dev, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, n), generator=g, device=dev, dtype=torch.int8)
+    ws = torch.full((n,), 1e-4, device=dev)
+    gemm_ms = time_cuda_graph(lambda: int8_linear(a, w, 0.01, ws, config=(128, 256, 128, 8, 8, 4)),
+                              calls_per_graph=3, replays=10)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = time_cuda_graph(lambda: dst.copy_(src), calls_per_graph=3, replays=10)
+    return {"int8_tops": 2.0 * n**3 / (gemm_ms * 1e-3) / 1e12, "copy_gbs": 2.0 * src.numel() / (copy_ms * 1e-3) / 1e9}
 
 
 def _time_call(call: ConvCall, max_candidates: int) -> dict:
@@ -260,9 +303,11 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
         if b not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {b!r}")
     rows, totals = [], []
+    peaks = measured_peaks()
+    print(f"roofline: int8 GEMM {peaks['int8_tops']:.0f} TOPS, copy {peaks['copy_gbs']:.0f} GB/s", file=sys.stderr)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": command, "rows": rows, "totals": totals}
+              "command": command, "peaks": peaks, "rows": rows, "totals": totals}
     folder = Path(out_dir) / gpu_dirname()
     folder.mkdir(parents=True, exist_ok=True)
     for b in names:
@@ -271,15 +316,19 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
         int8_module = _int8_module(float_module)
         calls = conv_calls(int8_module, image_size, batch)
         print(f"{b}: {sum(len(v) for v in calls.values())} int8 convs, {len(calls)} distinct", file=sys.stderr)
-        sum8 = sum16 = 0.0
+        sum8 = sum16 = sum_floor = 0.0
         for call, layers in calls.items():
             r = _time_call(call, max_candidates)
+            floor = call.floor_us(peaks["int8_tops"], peaks["copy_gbs"])
             count = len(layers)
             sum8 += count * r["int8_us"]
             sum16 += count * r["fp16_us"]
-            rows.append({"backbone": b, "shape": call.label(), "count": count, "layers": layers[:3], **r})
+            sum_floor += count * floor
+            rows.append({"backbone": b, "shape": call.label(), "count": count, "layers": layers[:3], **r,
+                         "floor_us": floor, "roofline_fraction": floor / r["int8_us"]})
             print(f"  {call.label()} x{count}: int8 {r['int8_us']:.1f} us, fp16 {r['fp16_us']:.1f} us", file=sys.stderr)
-        total = {"backbone": b, "int8_sum_us": sum8, "fp16_sum_us": sum16, "ratio": sum16 / sum8}
+        total = {"backbone": b, "int8_sum_us": sum8, "fp16_sum_us": sum16, "ratio": sum16 / sum8,
+                 "floor_sum_us": sum_floor, "roofline_fraction": sum_floor / sum8}
         if end_to_end:
             total.update({f"module_{k}": v for k, v in _time_module(float_module, int8_module, image_size, batch).items()})
         totals.append(total)
@@ -296,16 +345,24 @@ def to_markdown(result: dict) -> str:
              "", f"`{result['command']}`", "",
              "ours: int8_conv2d, int8 in, fused epilogue, autotuned config (heuristic in brackets); "
              "fp16: eager F.conv2d (cuDNN, channels-last, benchmark mode) + add_ + relu_. "
-             "CUDA graphs, median of replays. ratio = fp16 time / int8 time.", "",
-             "| backbone | conv (epilogue) | count | int8 us [heur.] | int8 TOPS | fp16 us | fp16 TFLOP/s | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "CUDA graphs, median of replays. ratio = fp16 time / int8 time."]
+    peaks = result.get("peaks")
+    if peaks:  # runs before 2026-12-07 measured none
+        lines.append(f"floor: the roofline time of the call, max(2MNK / {peaks['int8_tops']:.0f} TOPS, least bytes / "
+                     f"{peaks['copy_gbs']:.0f} GB/s), both rates measured in this run (our int8 GEMM at 8192^3, a 1 GiB "
+                     "device copy); roof = floor / int8 time.")
+    lines += ["", "| backbone | conv (epilogue) | count | int8 us [heur.] | int8 TOPS | fp16 us | fp16 TFLOP/s | ratio "
+              "| floor us | roof |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    dash = lambda r, k, f: format(r[k], f) if k in r else "-"  # noqa: E731
     for r in result["rows"]:
         lines.append(f"| {r['backbone']} | {r['shape']} | {r['count']} | {r['int8_us']:.1f} [{r['int8_heuristic_us']:.1f}] "
-                     f"| {r['int8_tops']:.0f} | {r['fp16_us']:.1f} | {r['fp16_tflops']:.0f} | {r['ratio']:.2f} |")
-    lines += ["", "| backbone | sum int8 us | sum fp16 us | ratio | module int8 ms | module fp16 ms | module ratio |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+                     f"| {r['int8_tops']:.0f} | {r['fp16_us']:.1f} | {r['fp16_tflops']:.0f} | {r['ratio']:.2f} "
+                     f"| {dash(r, 'floor_us', '.1f')} | {dash(r, 'roofline_fraction', '.2f')} |")
+    lines += ["", "| backbone | sum int8 us | sum fp16 us | ratio | sum floor us | roof | module int8 ms | module fp16 ms "
+              "| module ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in result["totals"]:
         mod = (f"{t['module_int8_ms']:.3f} | {t['module_fp16_ms']:.3f} | {t['module_ratio']:.2f}"
                if "module_int8_ms" in t else "- | - | -")
-        lines.append(f"| {t['backbone']} | {t['int8_sum_us']:.0f} | {t['fp16_sum_us']:.0f} | {t['ratio']:.2f} | {mod} |")
+        lines.append(f"| {t['backbone']} | {t['int8_sum_us']:.0f} | {t['fp16_sum_us']:.0f} | {t['ratio']:.2f} "
+                     f"| {dash(t, 'floor_sum_us', '.0f')} | {dash(t, 'roofline_fraction', '.2f')} | {mod} |")
     return "\n".join(lines) + "\n"

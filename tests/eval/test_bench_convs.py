@@ -4,7 +4,7 @@ the meta device), and it refuses to run without a GPU."""
 import pytest
 import torch
 
-from bevdeploy.eval.bench_convs import _int8_module, backbone_module, conv_calls, run
+from bevdeploy.eval.bench_convs import ConvCall, _int8_module, backbone_module, conv_calls, run, to_markdown
 
 
 def test_bevdet_conv_calls_are_the_chained_engines():
@@ -45,3 +45,22 @@ def test_yolox_convs_are_its_whole_network_but_the_focus_stem():
 def test_refuses_without_gpu():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         run(["bevdet-r50"])
+
+
+def test_the_roofline_floor_by_hand():
+    # 3x3 s2 pad 1, 16 -> 24 channels, 2 x 10 x 9 input: 5 x 5 output
+    call = ConvCall(16, 24, (3, 3), (2, 2), (1, 1), (1, 1), (2, 16, 10, 9), True, "fp16", "relu", True)
+    assert call.out_hw() == (5, 5)
+    m, k = 2 * 5 * 5, 9 * 16
+    assert call.ops() == 2.0 * m * 24 * k
+    # int8 input + int8 weights + int8 output + fp16 residual
+    assert call.min_bytes() == 2 * 16 * 10 * 9 + 24 * k + m * 24 * 1 + m * 24 * 2
+    # at 10^6 op/s (1e-6 TOPS) each op costs a microsecond, at 10^6 B/s (1e-3 GB/s) each byte does
+    assert call.floor_us(1e-6, 1e9) == pytest.approx(call.ops())  # MMA-bound
+    assert call.floor_us(1e6, 1e-3) == pytest.approx(call.min_bytes())  # traffic-bound
+    row = {"backbone": "b", "shape": call.label(), "count": 1, "int8_us": 2.0, "int8_heuristic_us": 2.0,
+           "int8_tops": 1.0, "fp16_us": 3.0, "fp16_tflops": 1.0, "ratio": 1.5, "floor_us": 1.0, "roofline_fraction": 0.5}
+    old = {k: v for k, v in row.items() if k not in ("floor_us", "roofline_fraction")}
+    md = to_markdown({"gpu": "g", "torch": "t", "date": "d", "command": "c", "peaks": {"int8_tops": 1000, "copy_gbs": 3000},
+                      "rows": [row, old], "totals": []})
+    assert "| 1.0 | 0.50 |" in md and "| - | - |" in md and "1000 TOPS" in md  # a run before the roofline: dashes
