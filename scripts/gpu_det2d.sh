@@ -31,7 +31,8 @@
 #   e.g. "--methods minmax --no-sensitivity --qat-steps 300 --qat-lr 1e-4 --qat-loss task distill".
 #   STAGE=diag: the diagnosis alone on the checkpoint in $WORK (same warm machine).
 # PROFILE=1: after a model's rows, scripts/profile_engine.py on each engine the eval stage built (top kernels and
-#   their share; -> $OUT/<gpu>/profile-MODEL-PRECISION.md), as long as the budget allows.
+#   their share; -> $OUT/<gpu>/profile-MODEL-PRECISION.md; the Inductor wrapper code in $OUT/code), as long as the
+#   budget allows.
 # QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
@@ -105,7 +106,7 @@ for MODEL in $MODELS; do
       T=$(( $(left) - reserve - 5 ))
       if [ $T -lt 60 ]; then echo "$MODEL profile of $(basename "$engine") skipped: $T s left"; break; fi
       t0=$SECONDS
-      timeout "$T" python3 scripts/profile_engine.py "$engine" --out "$OUT" > "$OUT/det2d_profile_$(basename "$engine" .engine).txt" 2>&1
+      timeout "$T" python3 scripts/profile_engine.py "$engine" --out "$OUT" --save-code "$OUT/code" > "$OUT/det2d_profile_$(basename "$engine" .engine).txt" 2>&1
       echo "$MODEL profile $(basename "$engine") rc=$? in $((SECONDS - t0)) s"
       grep -E "ms/frame|^\| (int8|DCN|cuDNN|Inductor|other|quantize|cuBLAS|copies)" "$OUT/det2d_profile_$(basename "$engine" .engine).txt" | head -12
     done
