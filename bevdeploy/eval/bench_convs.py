@@ -135,9 +135,10 @@ class ConvCall:
     int8_out: bool
 
     def out_hw(self) -> tuple[int, int]:
-        _, _, h, w = self.in_shape
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                     zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+        from bevdeploy.quant.int8_kernels import _conv_out_size
+
+        return tuple(_conv_out_size(*args) for args in
+                     zip(self.in_shape[2:], self.kernel, self.stride, self.padding, self.dilation))
 
     def ops(self) -> float:
         """2 * M * N * K of the implicit GEMM."""
@@ -215,13 +216,12 @@ def measured_peaks() -> dict:
 
 def _time_call(call: ConvCall, max_candidates: int) -> dict:
     from bevdeploy.quant.autotune import layer_candidates
-    from bevdeploy.quant.int8_kernels import _conv_out_size, conv_runs_gemm_kernel, int8_conv2d
+    from bevdeploy.quant.int8_kernels import conv_runs_gemm_kernel, int8_conv2d
 
     dev = torch.device("cuda")
     n, c, h, w = call.in_shape
     kh, kw = call.kernel
-    ho = _conv_out_size(h, kh, call.stride[0], call.padding[0], call.dilation[0])
-    wo = _conv_out_size(w, kw, call.stride[1], call.padding[1], call.dilation[1])
+    ho, wo = call.out_hw()
     cl = torch.channels_last
     g = torch.Generator(device=dev).manual_seed(0)
     x_q = torch.randint(-127, 128, (n, c, h, w), generator=g, device=dev, dtype=torch.int8).contiguous(memory_format=cl)
@@ -243,7 +243,7 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
                                    residual=residual, residual_scale=rs, activation=call.activation,
                                    out_scale=out_scale, config=cfg)
 
-    m, k = n * ho * wo, kh * kw * c
+    m = n * ho * wo
     results = []
     gemm = conv_runs_gemm_kernel(call.kernel, call.stride, call.padding)
     for cfg in layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]:
@@ -267,7 +267,7 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
         return y
 
     fp16_us = time_cuda_graph(cudnn, replays=15) * 1000
-    ops = 2.0 * m * call.o * k
+    ops = call.ops()
     return {"int8_us": best_us, "int8_heuristic_us": heuristic_us, "config": list(best), "fp16_us": fp16_us,
             "int8_tops": ops / (best_us * 1e-6) / 1e12, "fp16_tflops": ops / (fp16_us * 1e-6) / 1e12,
             "ratio": fp16_us / best_us, "gop": ops / 1e9}
