@@ -51,18 +51,23 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False, fused_epilogues: bool = False) -> Path:
+def _engine_path(spec: str, work: Path, calib: str, int8_dcn: bool = False, fused_epilogues: bool = False,
+                 batch: int | None = None) -> Path:
     from bevdeploy.engine import build
+    from bevdeploy.models import DET2D_MODELS
 
     model, _, precision = spec.partition(":")
     if not precision:
         raise ValueError(f"--build takes MODEL:PRECISION, got {spec!r}")
+    if batch is None:  # the tables' batch: 32 images for the 2D detectors, one frame for the BEV models
+        batch = 32 if model in DET2D_MODELS else 1
     dcn = int8_dcn and precision.startswith("int8")
     tags = ("-int8dcn" if dcn else "") + ("-fusedepi" if fused_epilogues else "")
-    path = work / f"{model}-{precision}{tags}.engine"  # bench --int8-dcn's names
+    size = f"-b{batch}" if batch != 1 else ""
+    path = work / f"{model}{size}-{precision}{tags}.engine"  # bench --int8-dcn's names; the 2D tables' -b32
     if not path.is_file():
         build(model, precision, out=path, calib=calib if precision.startswith("int8") else None, progress=False,
-              int8_dcn=dcn, fused_epilogues=fused_epilogues)
+              int8_dcn=dcn, fused_epilogues=fused_epilogues, batch=batch)
     return path
 
 
@@ -178,6 +183,8 @@ def main() -> None:
     ap.add_argument("--fused-epilogues", action="store_true",
                     help="--build engines with cuDNN's fused conv + bias (+ residual) + ReLU in the ResNet blocks "
                          "(profile-<model>-<precision>-fusedepi.md)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="--build engines' static batch (default: the tables', 32 for YOLOX-x / CenterNet, 1 otherwise)")
     ap.add_argument("--work", default="out/engines", help="where --build engines live")
     ap.add_argument("--out", default="bench/results", help="results folder")
     ap.add_argument("--no-freezing", action="store_true", help="Engine.load(freeze=False)")
@@ -191,7 +198,8 @@ def main() -> None:
         raise SystemExit("profile_engine.py needs a CUDA GPU")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib, args.int8_dcn, args.fused_epilogues)
+    paths = [Path(p) for p in args.engines] + [_engine_path(s, work, args.calib, args.int8_dcn, args.fused_epilogues,
+                                                            args.batch)
                                                for s in args.build]
     if not paths:
         raise SystemExit("give engine files or --build MODEL:PRECISION ...")
