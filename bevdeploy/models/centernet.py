@@ -240,6 +240,11 @@ class CenterNet(nn.Module):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.bbox_head(self.neck(self.backbone(image)))
 
+    def forward_logits(self, image: Tensor) -> dict[str, Tensor]:
+        """:meth:`forward` with ``heatmap_logits`` before the sigmoid (training: see
+        :meth:`CenterNetHead.forward_logits`)."""
+        return self.bbox_head.forward_logits(self.neck(self.backbone(image)))
+
     def decode(self, outputs: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Boxes per image (xyxy in input pixels, score, label); see :class:`CenterNetDecoder`."""
         return CenterNetDecoder(self.config)(outputs)

@@ -146,8 +146,7 @@ class CenterNetTraining:
 
     def loss(self, model: nn.Module, batch: Det2DBatch) -> dict[str, Tensor]:
         """``loss_center_heatmap``, ``loss_wh`` and ``loss_offset`` of ``model`` on ``batch``."""
-        # CenterNet.forward with the heatmap's sigmoid in fp32 (see the module docstring)
-        out = model.bbox_head.forward_logits(model.neck(model.backbone(batch.images)))
+        out = model.forward_logits(batch.images)  # the heatmap's sigmoid in fp32 (see the module docstring)
         heat = out["heatmap_logits"].float().sigmoid()
         t = batch.targets
         if t is None:
