@@ -57,6 +57,12 @@ def _median_ms_without_tf32(fn, device: torch.device, iters: int) -> float:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+#: A checkpoint whose PyTorch FP32 mAP is below this gets a warning on top of its table: near-zero detections
+#: change little under any rounding, so the engines' dmap bounds almost nothing (a CenterNet at mAP 0.030 "met"
+#: the int8 target with d -0.0004 on 2026-12-07; its next, trained checkpoint at 0.109 gave d -0.0022).
+WEAK_MAP = 0.05
+
+
 def bench_det2d(
     name: str,
     precisions: list[str],
@@ -191,6 +197,12 @@ def bench_det2d(
                note="engine_mb = the .pth of the state dict; fps = images/s", run=run_id)
     rows = [row]
     print(f"{name} pytorch: {row['fps']} images/s, mAP {row['map']}", file=sys.stderr)
+    if checkpoint and row["map"] is not None and row["map"] < WEAK_MAP:
+        warning = (f"WEAK WEIGHTS: PyTorch FP32 scores mAP {row['map']} (below {WEAK_MAP}) on {data_label}; the "
+                   "engines' dmap on these weights says little about their accuracy on a trained model (train longer, "
+                   "or read the training log).")
+        notes = [warning, *(notes or [])]
+        print(f"{name}: {warning}", file=sys.stderr)
     write = lambda: write_results(results_name, rows, out_dir, command, keep_rows, extra=extra, notes=notes)  # noqa: E731
     write()  # a run cut during the first engine's build keeps the PyTorch row (its mAP is the baseline)
     del model

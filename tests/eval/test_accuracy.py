@@ -110,6 +110,7 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert doc["eval_data"] == "synthetic2d:4@2" and doc["calib_images"] == 2
     md = (tmp_path / "results" / "cpu" / "accuracy-yolox-x.md").read_text()
     assert "DEPARTURE" in md and md.count("| yolox-x | fp32 |") == 1
+    assert pytorch["map"] < 0.05 and "WEAK WEIGHTS" in md  # two training steps: the table says so on top
     # a variant run beside it: int8 rows built with SmoothQuant + measured keep-float, its own results file
     assert main(["--stage", "eval", "--precisions", "int8", "--calib-frames", "2", "--eval-batch", "2", "--iters", "1",
                  "--smooth-alpha", "0.5", "--keep-float-below", "1000", "--calib-method", "entropy",
