@@ -305,14 +305,17 @@ class Engine:
                 for buf, a in zip(self._static_in.values(), args):
                     buf.copy_(a)
                 self._graph.replay()
-                outs = tuple(o.clone() for o in self._static_out)
+                # the next replay overwrites the static outputs, so each result must be a new tensor: the float32
+                # cast of an fp16 output is one (cloning it first copied the outputs twice: CenterNet's batch-32
+                # heatmaps are 84 MB); a float32 output is cloned
+                outs = tuple(o.clone() if o.dtype == torch.float32 else o.float() for o in self._static_out)
             else:
-                outs = tuple(self._fn(*args))
+                outs = tuple(o.float() for o in self._fn(*args))
         if self.family == "bevdet":  # the pooling kernel's index guard, read outside the graph (one sync)
             from bevdeploy.ops.bev_pool_v2 import raise_if_bad_indices
 
             raise_if_bad_indices(self.device)
-        return {k: v.float() for k, v in zip(self.output_names, outs)}
+        return dict(zip(self.output_names, outs))
 
     forward = __call__
 

@@ -79,6 +79,25 @@ def test_fp32_engine_equals_eager(name, tmp_path, calib_spec, ops_on_references)
         assert max(abs(a["score"] - b["score"]) for a, b in zip(results, expected)) < 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_engine_results_outlive_the_next_call(precision, tmp_path):
+    """A CUDA-graph engine replays into static output buffers; each call's results must be its own float32
+    tensors (an fp16 output's cast is the copy, a float32 output is cloned), untouched by the next call."""
+    name = "centernet-r18-dcn"
+    path = build(name, precision, out=tmp_path / "g.engine", model_overrides=SMALL[name], batch=BATCH,
+                 progress=False)
+    engine = Engine.load(path, device="cuda")
+    first = engine(image=_images(0).cuda())
+    kept = {k: v.clone() for k, v in first.items()}
+    second = engine(image=_images(1).cuda())
+    for k in engine.output_names:
+        assert first[k].dtype == second[k].dtype == torch.float32, k
+        assert first[k].data_ptr() != second[k].data_ptr(), k
+        torch.testing.assert_close(first[k], kept[k], atol=0, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert not torch.equal(first["heatmap"], second["heatmap"])
+
+
 @pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
 def test_int8_engine_sqnr(name, tmp_path, calib_spec, ops_on_references):
     path = build(name, "int8", out=tmp_path / f"{name}-int8.engine", model_overrides=SMALL[name], batch=BATCH,
