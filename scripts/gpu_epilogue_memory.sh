@@ -2,8 +2,9 @@
 # Two GPU calls (~9-10 min each at most) for issue 12's epilogue and memory items and CenterNet's engine waste,
 # each step under its own timeout:
 #   1. the GPU tests of the new code: the fused conv-epilogue ops against the composite in fp16/fp32 (cuDNN's
-#      fused call), the fused-block engine, and the CUDA stack-limit reader (tests/engine/test_conv_epilogue.py,
-#      tests/eval/test_engine_memory.py)                                                      -> $OUT/tests.txt
+#      fused call), the fused-block engine, the CUDA stack-limit reader and a CUDA-graph engine's results after
+#      the next call (tests/engine/test_conv_epilogue.py, tests/eval/test_engine_memory.py, test_engine_det2d.py)
+#                                                                                               -> $OUT/tests.txt
 #   2. scripts/conv_epilogue_timing.py: conv + separate bias/residual/ReLU pass vs cuDNN's fused conv-add-ReLU
 #      at BEVFormer-tiny's ResNet-50 shapes                              -> bench/results/<gpu>/conv-epilogue-timing.md
 #   3. profiles of BEVFormer-tiny and BEVDet fp16x2, plain and --fused-epilogues, same machine and run
@@ -25,7 +26,7 @@ timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,
 
 if [ -z "${ONLY_MEMORY:-}" ]; then
   timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q tests/engine/test_conv_epilogue.py tests/eval/test_engine_memory.py \
-    > "$OUT/tests.txt" 2>&1
+    "tests/engine/test_engine_det2d.py::test_cuda_graph_engine_results_outlive_the_next_call" > "$OUT/tests.txt" 2>&1
   echo "tests rc=$? at ${SECONDS}s"; tail -3 "$OUT/tests.txt"
 
   timeout "${TIMING_TIMEOUT:-100}" python3 scripts/conv_epilogue_timing.py --out "$OUT" > "$OUT/conv_epilogue.txt" 2>&1
