@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 # Decorate every Triton kernel now, while the setting above holds: fixtures that later route ops to
 # the references (TRITON_INTERPRET=0 at call time) must not be the first to import a kernel module.
+import bevdeploy.engine.image_layout  # noqa: E402,F401
 import bevdeploy.ops  # noqa: E402,F401
 import bevdeploy.quant.int8_kernels  # noqa: E402,F401
 from bevdeploy.ops._utils import FAKE_LAYOUT_VERSION  # noqa: E402

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bevdeploy.engine.image_layout import pad_in_channels  # also registers bevdeploy::image_nhwc
+
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConvReLU", "conv2d_add_relu", "conv2d_relu",
            "fuse_conv_epilogues"]
 
@@ -113,13 +115,26 @@ def _conv_add_relu(conv: nn.Module, x: Tensor, z: Tensor) -> Tensor:
 
 
 class FusedConvReLU(nn.Module):
-    """``relu(conv(x))`` of a ResNet stem (BatchNorm folded) as one fused call; keeps the conv as ``conv``."""
+    """``relu(conv(x))`` of a ResNet stem (BatchNorm folded) as one fused call; keeps the conv as ``conv``.
+
+    A stem reading the 3-channel image reads it through :func:`~bevdeploy.engine.image_layout.image_nhwc` (one
+    pass to NHWC, padded to 4 channels: what cuDNN's first-layer kernel reads), with the weight's matching zero
+    input channel; the sums are the same.
+    """
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
+        self.image_channels = conv.in_channels if conv.in_channels == 3 and conv.groups == 1 else 0
+        if self.image_channels:
+            conv.weight.data = pad_in_channels(conv.weight.data, 4)
+            conv.in_channels = 4
         self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.image_channels:
+            if x.shape[1] != self.image_channels:
+                raise ValueError(f"the stem reads {self.image_channels}-channel images, got shape {list(x.shape)}")
+            x = torch.ops.bevdeploy.image_nhwc(x, 4)
         return _conv_relu(self.conv, x)
 
 
@@ -171,7 +186,7 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
             _check_folded(name or "the model", (m.bn1,))
             if _plain(m.conv1):
                 m.conv1.weight.data = m.conv1.weight.data.contiguous(memory_format=_CL)
-                m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()
+                m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()  # an image-reading stem: NHWC, 4 channels
                 swapped.append(f"{name}.conv1" if name else "conv1")
             continue
         if isinstance(m, Bottleneck):

@@ -89,6 +89,7 @@ def _check_integrity(path: Path, archive) -> None:
 
 def _deserialize(path: Path, archive) -> torch.export.ExportedProgram:
     import bevdeploy.engine.conv_epilogue  # noqa: F401  (the ops must be registered before the program deserializes)
+    import bevdeploy.engine.image_layout  # noqa: F401
     import bevdeploy.ops  # noqa: F401
     import bevdeploy.quant.fp8_kernels  # noqa: F401
     import bevdeploy.quant.int8_kernels  # noqa: F401

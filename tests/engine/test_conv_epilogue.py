@@ -131,4 +131,10 @@ def test_resnet_stem_and_blocks_fused_compute_the_folded_backbone():
     names = fuse_conv_epilogues(net)
     assert names[0] == "conv1" and isinstance(net.conv1, FusedConvReLU) and isinstance(net.relu, nn.Identity)
     assert len(names) == 1 + 8  # the stem and 4 stages x 2 blocks
+    assert net.conv1.conv.weight.shape[1] == 4  # the image-reading stem: NHWC, a zero 4th input channel
     assert _rel(net(x), want) < 1e-5
+    ep = torch.export.export(net, (x,), strict=False)
+    assert [n.target for n in ep.graph.nodes if n.op == "call_function"][0] == torch.ops.bevdeploy.image_nhwc.default
+    assert _rel(ep.module()(x), want) < 1e-5
+    with pytest.raises(ValueError, match="the stem reads 3-channel images"):
+        net(torch.randn(1, 4, 64, 96))
