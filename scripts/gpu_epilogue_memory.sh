@@ -25,7 +25,7 @@ NEEDS="nuscenes"; source scripts/device_prologue.sh
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [ -z "${ONLY_MEMORY:-}" ]; then
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q tests/engine/test_conv_epilogue.py tests/eval/test_engine_memory.py \
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q tests/engine/test_conv_epilogue.py tests/engine/test_image_layout.py tests/eval/test_engine_memory.py \
     "tests/engine/test_engine_det2d.py::test_cuda_graph_engine_results_outlive_the_next_call" > "$OUT/tests.txt" 2>&1
   echo "tests rc=$? at ${SECONDS}s"; tail -3 "$OUT/tests.txt"
 
