@@ -215,8 +215,8 @@ def measured_peaks() -> dict:
 
 
 def _time_call(call: ConvCall, max_candidates: int) -> dict:
-    from bevdeploy.quant.autotune import layer_candidates
-    from bevdeploy.quant.int8_kernels import conv_runs_gemm_kernel, int8_conv2d
+    from bevdeploy.quant.autotune import layer_candidates, outputs_differ, tma_candidates
+    from bevdeploy.quant.int8_kernels import TMA, conv_runs_gemm_kernel, int8_conv2d
 
     dev = torch.device("cuda")
     n, c, h, w = call.in_shape
@@ -244,15 +244,24 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
                                    out_scale=out_scale, config=cfg)
 
     m = n * ho * wo
-    results = []
+    results, first = [], None
     gemm = conv_runs_gemm_kernel(call.kernel, call.stride, call.padding)
-    for cfg in layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]:
+    listed = layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]
+    tma = [] if gemm else tma_candidates(call.in_shape, (ho, wo), call.o, call.stride, 0, dev)
+    for cfg in listed[:1] + tma + listed[1:]:
         try:
+            out = ours(cfg)()
+            first = out if first is None else first
+            if problem := outputs_differ(out, first):
+                print(f"  {call.label()}: config {cfg} left out: {problem}", file=sys.stderr)
+                continue
             results.append((time_cuda_graph(ours(cfg), replays=15) * 1000, cfg))
         except Exception as e:  # noqa: BLE001  (a config that does not fit this GPU's shared memory)
-            print(f"  {call.label()}: config {cfg} failed ({type(e).__name__})", file=sys.stderr)
+            print(f"  {call.label()}: config {cfg} failed ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     best_us, best = min(results)
     heuristic_us = results[0][0]
+    no_tma = [r for r in results if not (len(r[1]) == 7 and r[1][6] == TMA)]
+    tma_us = min((r for r in results if r not in no_tma), default=(None,))[0]
 
     x16 = torch.randn(n, c, h, w, generator=g, device=dev, dtype=torch.float16).contiguous(memory_format=cl)
     w16 = torch.randn(call.o, c, kh, kw, generator=g, device=dev, dtype=torch.float16).contiguous(memory_format=cl)
@@ -269,6 +278,7 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
     fp16_us = time_cuda_graph(cudnn, replays=15) * 1000
     ops = call.ops()
     return {"int8_us": best_us, "int8_heuristic_us": heuristic_us, "config": list(best), "fp16_us": fp16_us,
+            "int8_tma_us": tma_us, "int8_no_tma_us": min(no_tma)[0] if no_tma else None,
             "int8_tops": ops / (best_us * 1e-6) / 1e12, "fp16_tflops": ops / (fp16_us * 1e-6) / 1e12,
             "ratio": fp16_us / best_us, "gop": ops / 1e9}
 
@@ -316,18 +326,21 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
         int8_module = _int8_module(float_module)
         calls = conv_calls(int8_module, image_size, batch)
         print(f"{b}: {sum(len(v) for v in calls.values())} int8 convs, {len(calls)} distinct", file=sys.stderr)
-        sum8 = sum16 = sum_floor = 0.0
+        sum8 = sum16 = sum_floor = sum_no_tma = 0.0
         for call, layers in calls.items():
             r = _time_call(call, max_candidates)
             floor = call.floor_us(peaks["int8_tops"], peaks["copy_gbs"])
             count = len(layers)
             sum8 += count * r["int8_us"]
+            sum_no_tma += count * (r["int8_no_tma_us"] or r["int8_us"])
             sum16 += count * r["fp16_us"]
             sum_floor += count * floor
             rows.append({"backbone": b, "shape": call.label(), "count": count, "layers": layers[:3], **r,
                          "floor_us": floor, "roofline_fraction": floor / r["int8_us"]})
-            print(f"  {call.label()} x{count}: int8 {r['int8_us']:.1f} us, fp16 {r['fp16_us']:.1f} us", file=sys.stderr)
-        total = {"backbone": b, "int8_sum_us": sum8, "fp16_sum_us": sum16, "ratio": sum16 / sum8,
+            print(f"  {call.label()} x{count}: int8 {r['int8_us']:.1f} us (TMA {r['int8_tma_us']}, other "
+                  f"{r['int8_no_tma_us']}), fp16 {r['fp16_us']:.1f} us", file=sys.stderr)
+        total = {"backbone": b, "int8_sum_us": sum8, "int8_no_tma_sum_us": sum_no_tma, "fp16_sum_us": sum16,
+                 "ratio": sum16 / sum8,
                  "floor_sum_us": sum_floor, "roofline_fraction": sum_floor / sum8}
         if end_to_end:
             total.update({f"module_{k}": v for k, v in _time_module(float_module, int8_module, image_size, batch).items()})
@@ -345,24 +358,28 @@ def to_markdown(result: dict) -> str:
              "", f"`{result['command']}`", "",
              "ours: int8_conv2d, int8 in, fused epilogue, autotuned config (heuristic in brackets); "
              "fp16: eager F.conv2d (cuDNN, channels-last, benchmark mode) + add_ + relu_. "
-             "CUDA graphs, median of replays. ratio = fp16 time / int8 time."]
+             "CUDA graphs, median of replays. ratio = fp16 time / int8 time. TMA / other: the best time of the "
+             "TMA conv kernel's configs and of the others (- where none ran)."]
     peaks = result.get("peaks")
     if peaks:  # runs before 2026-12-07 measured none
         lines.append(f"floor: the roofline time of the call, max(2MNK / {peaks['int8_tops']:.0f} TOPS, least bytes / "
                      f"{peaks['copy_gbs']:.0f} GB/s), both rates measured in this run (our int8 GEMM at 8192^3, a 1 GiB "
                      "device copy); roof = floor / int8 time.")
-    lines += ["", "| backbone | conv (epilogue) | count | int8 us [heur.] | int8 TOPS | fp16 us | fp16 TFLOP/s | ratio "
-              "| floor us | roof |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    dash = lambda r, k, f: format(r[k], f) if k in r else "-"  # noqa: E731
+    lines += ["", "| backbone | conv (epilogue) | count | int8 us [heur.] | TMA us | other us | int8 TOPS | fp16 us "
+              "| fp16 TFLOP/s | ratio | floor us | roof |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    dash = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"  # noqa: E731
     for r in result["rows"]:
         lines.append(f"| {r['backbone']} | {r['shape']} | {r['count']} | {r['int8_us']:.1f} [{r['int8_heuristic_us']:.1f}] "
+                     f"| {dash(r, 'int8_tma_us', '.1f')} | {dash(r, 'int8_no_tma_us', '.1f')} "
                      f"| {r['int8_tops']:.0f} | {r['fp16_us']:.1f} | {r['fp16_tflops']:.0f} | {r['ratio']:.2f} "
                      f"| {dash(r, 'floor_us', '.1f')} | {dash(r, 'roofline_fraction', '.2f')} |")
-    lines += ["", "| backbone | sum int8 us | sum fp16 us | ratio | sum floor us | roof | module int8 ms | module fp16 ms "
-              "| module ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| backbone | sum int8 us | without TMA | sum fp16 us | ratio | sum floor us | roof | module int8 ms "
+              "| module fp16 ms | module ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in result["totals"]:
         mod = (f"{t['module_int8_ms']:.3f} | {t['module_fp16_ms']:.3f} | {t['module_ratio']:.2f}"
                if "module_int8_ms" in t else "- | - | -")
-        lines.append(f"| {t['backbone']} | {t['int8_sum_us']:.0f} | {t['fp16_sum_us']:.0f} | {t['ratio']:.2f} "
+        lines.append(f"| {t['backbone']} | {t['int8_sum_us']:.0f} | {dash(t, 'int8_no_tma_sum_us', '.0f')} "
+                     f"| {t['fp16_sum_us']:.0f} | {t['ratio']:.2f} "
                      f"| {dash(t, 'floor_sum_us', '.0f')} | {dash(t, 'roofline_fraction', '.2f')} | {mod} |")
     return "\n".join(lines) + "\n"

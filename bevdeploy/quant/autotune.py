@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from bevdeploy.quant.int8_kernels import (
     PACKED_K,
+    TMA,
     Config,
+    _conv_out_size,
     _p2,
     _pick_block_k,
     candidate_configs,
@@ -36,11 +38,13 @@ from bevdeploy.quant.int8_kernels import (
     gemm_config,
     int8_conv2d,
     int8_linear,
+    tma_conv_problem,
     valid_config,
 )
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
-__all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "save_tuning_cache", "time_in_graph"]
+__all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "outputs_differ", "save_tuning_cache",
+           "time_in_graph", "tma_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,29 @@ def packed_k_candidates() -> list[Config]:
     160 channels, bias + SiLU + int8 out): the same registers (164-169, no spills), wgmma count and 16-byte
     cp.async loads as the per-kernel-point kernel's tiles."""
     return [(128, 128, 128, 8, 8, 3, PACKED_K), (128, 64, 64, 8, 4, 4, PACKED_K)]
+
+
+def tma_candidates(x_shape: tuple[int, ...], out_hw: tuple[int, int], o: int, stride, x_zero_point: int,
+                   device: torch.device) -> list[Config]:
+    """Launches of :func:`~bevdeploy.quant.int8_kernels._int8_conv2d_tma_kernel` for an implicit-GEMM conv of
+    input ``x_shape`` (N, C, H, W) that it can run (Hopper or newer; see ``tma_conv_problem``), else []:
+    128-pixel tiles 16 or 8 pixels wide (8 x 16 or 16 x 8 output pixels: a narrow map wastes less of the
+    second), 128 output channels (64 for narrower layers), one 256-wide variant for wide layers."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return []
+    _, c, h, w = x_shape
+    bk = next((b for b in (128, 64, 32) if c % b == 0), 0)
+    if not bk:
+        return []
+    bn = 64 if o <= 64 else 128
+    stages = 4 if bk < 128 else 3
+    out = [(128, bn, bk, 16, 8, stages, TMA), (128, bn, bk, 8, 8, stages, TMA)]
+    if o >= 256:
+        out.append((128, 256, bk, 16, 8, 3, TMA))
+    wo = out_hw[1]
+    if wo <= 8:
+        out = [c_ for c_ in out if c_[3] == 8]
+    return [c_ for c_ in out if tma_conv_problem(c, h, w, stride, x_zero_point, c_) is None]
 
 
 def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = False) -> list[Config]:
@@ -135,14 +162,29 @@ def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero
     return int8_linear(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, **kw)
 
 
+def _out_hw(layer: nn.Module, x_q: Tensor) -> tuple[int, int]:
+    return tuple(_conv_out_size(*a) for a in zip(x_q.shape[2:], layer.kernel_size, layer.stride, layer.padding,
+                                                 layer.dilation))
+
+
 def _gemm_dims(layer: nn.Module, x_q: Tensor) -> tuple[int, int, int]:
     if isinstance(layer, QuantConv2d):
-        n, c, h, w = x_q.shape
-        kh, kw = layer.kernel_size
-        ho = (h + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
-        wo = (w + 2 * layer.padding[1] - layer.dilation[1] * (kw - 1) - 1) // layer.stride[1] + 1
-        return n * ho * wo, layer.out_channels, c
+        ho, wo = _out_hw(layer, x_q)
+        return x_q.shape[0] * ho * wo, layer.out_channels, x_q.shape[1]
     return x_q.numel() // x_q.shape[-1], layer.out_features, x_q.shape[-1]
+
+
+def outputs_differ(out: Tensor, ref: Tensor) -> str | None:
+    """Why two launch configurations' outputs of one call are not the same result (None: they are): int8
+    codes may differ by one step, floats by rounding; NaN never passes."""
+    if out.dtype == torch.int8:
+        d = int((out.int() - ref.int()).abs().max()) if out.numel() else 0
+        return None if d <= 1 else f"int8 codes differ by up to {d} from the heuristic's"
+    a, b = out.float(), ref.float()
+    if not torch.isfinite(a).all() and not torch.equal(a.isnan(), b.isnan()):
+        return "NaN where the heuristic's output has none"
+    err = float((a - b).nan_to_num().norm() / b.nan_to_num().norm().clamp_min(1e-12))
+    return None if err < 1e-3 else f"relative error {err:.2e} against the heuristic's output"
 
 
 def _runs_gemm_kernel(layer: nn.Module) -> bool:
@@ -150,14 +192,18 @@ def _runs_gemm_kernel(layer: nn.Module) -> bool:
     return not isinstance(layer, QuantConv2d) or conv_runs_gemm_kernel(layer.kernel_size, layer.stride, layer.padding)
 
 
-def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False, packed_k: bool = False) -> str:
+def _cache_key(device: torch.device, key: tuple, short_k_gemm: bool = False, packed_k: bool = False,
+               tma: bool = False) -> str:
     """The tuning cache's key of one distinct call: the GPU, the Triton version and the call's shapes;
-    short-K GEMM calls and packed-K convs are marked with their candidate list's version (choices cached
-    before :func:`short_k_candidates` / :func:`packed_k_candidates` are timed again, the rest stay cached)."""
+    short-K GEMM calls, packed-K convs and TMA-eligible convs are marked with their candidate list's version
+    (choices cached before :func:`short_k_candidates` / :func:`packed_k_candidates` / :func:`tma_candidates`
+    are timed again, the rest stay cached)."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     mark = " | short-K candidates v2" if short_k_gemm else " | packed-K candidates v1" if packed_k else ""
+    if tma:
+        mark += " | TMA candidates v1"
     return f"{gpu} | triton {triton.__version__}{mark} | {key!r}"
 
 
@@ -238,14 +284,23 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
                layer.bias is not None, layer.out_dtype, layer.input_zero_point != 0)
         m, n, k = _gemm_dims(layer, x_q)
         gemm = _runs_gemm_kernel(layer)
-        ckey = _cache_key(x_q.device, key, gemm and k <= SHORT_K, packs_k(k, gemm))
+        tma = [] if gemm else tma_candidates(tuple(x_q.shape), _out_hw(layer, x_q), n, layer.stride,
+                                             layer.input_zero_point, x_q.device)
+        ckey = _cache_key(x_q.device, key, gemm and k <= SHORT_K, packs_k(k, gemm), bool(tma))
         if key not in by_key and cache is not None and (cached := cache.get(ckey)):
             by_key[key] = tuple(int(v) for v in cached)
             logger.info("autotune %s %s: %s (cached)", name, list(key[1]), list(cached))
         if key not in by_key:
-            results = []
-            for cfg in candidates(m, n, k, x_q.device, gemm)[:max_candidates]:
+            results, first = [], None
+            listed = candidates(m, n, k, x_q.device, gemm)
+            for cfg in (listed[:1] + tma + listed[1:])[:max_candidates + len(tma)]:
                 try:
+                    out = _call(layer, x_q, residual, rs, rz, cfg)
+                    if first is None:
+                        first = out
+                    elif problem := outputs_differ(out, first):  # a kernel must compute what the heuristic's does
+                        logger.warning("autotune %s: config %s left out: %s", name, list(cfg), problem)
+                        continue
                     us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, rz, cfg))
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
                     logger.debug("%s: config %s failed: %s", name, cfg, e)

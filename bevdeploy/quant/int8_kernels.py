@@ -81,6 +81,9 @@ _MAX_I32 = 2**31 - 1
 #: a 7th of ``PACKED_K`` runs :func:`_int8_conv2d_packed_kernel` (K tiles across kernel points).
 Config = tuple[int, ...]
 PACKED_K = 1
+#: A conv config's 7th entry asking for :func:`_int8_conv2d_tma_kernel`; its 4th entry is then the tile's width in
+#: output pixels (BLOCK_W; the tile covers BLOCK_M // BLOCK_W output rows) instead of GROUP_M.
+TMA = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,6 +659,63 @@ if triton_available():
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False)  # fmt: skip
 
 
+    @triton.jit
+    def _int8_conv2d_tma_kernel(
+        x_desc,  # TMA descriptor of x_q (NHWC) viewed [N, H / sh, sh, W / sw, sw * C], box [1, BH, 1, BW, BK]
+        w_desc,  # TMA descriptor of w_q as [O, KH*KW*C], box [BN, BK]
+        ws_ptr, b_ptr, r_ptr, y_ptr,
+        M, O, C, Ho, Wo, x_scale, res_scale, inv_out_scale, res_zp, out_lo, out_hi, out_zp,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_rm, stride_rn,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The implicit GEMM with both operands brought by the tensor-memory accelerator (TMA): the tile is a
+        BLOCK_H x BLOCK_W block of output pixels of one image, and for each (kernel point, channel block) its
+        A slab is ONE box load of the input, the block of input pixels that kernel point reads. The padding
+        costs nothing: TMA fills coordinates outside the tensor (negative ones included) with 0, the code of
+        0 for symmetric activations. A stride s is a phase of the descriptor's view: input row h = s * q + p
+        is coordinate (q, p) of [H / s, s], so output row oh at kernel offset d = ky * dil - pad reads
+        (oh + floor(d / s), d mod s). Needs C % BLOCK_K == 0 (a box never straddles two phases' channels),
+        H and W divisible by the stride, and no input zero point (TMA pads with 0, not the zero point's code).
+        Pixels of the block past the output's edge are computed on whatever the box holds and not stored."""
+        BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+        pid = tl.program_id(0)
+        tiles_n = tl.cdiv(O, BLOCK_N)
+        tiles_w = tl.cdiv(Wo, BLOCK_W)
+        tiles_h = tl.cdiv(Ho, BLOCK_H)
+        pid_n = pid % tiles_n  # the output-channel tiles of one pixel block run side by side (A from L2)
+        t = pid // tiles_n
+        ow0 = (t % tiles_w) * BLOCK_W
+        t = t // tiles_w
+        oh0 = (t % tiles_h) * BLOCK_H
+        img = t // tiles_h
+        c_blocks = C // BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for it in range(0, KH * KW * c_blocks):
+            kp = it // c_blocks
+            c0 = (it - kp * c_blocks) * BLOCK_K
+            ky = kp // KW
+            kx = kp - ky * KW
+            dh = ky * dil_h - pad_h
+            dw = kx * dil_w - pad_w
+            qh = (dh + 64 * stride_h) // stride_h - 64  # floor division of a possibly negative offset
+            qw = (dw + 64 * stride_w) // stride_w - 64
+            a = x_desc.load([img, oh0 + qh, dh - qh * stride_h, ow0 + qw, (dw - qw * stride_w) * C + c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            w = w_desc.load([pid_n * BLOCK_N, kp * C + c0])
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        rows = tl.arange(0, BLOCK_M)
+        oh = oh0 + rows // BLOCK_W
+        ow = ow0 + rows % BLOCK_W
+        offs_m = tl.where((oh < Ho) & (ow < Wo), (img * Ho + oh) * Wo + ow, M)  # M: masked in the epilogue
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
+                  stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
+                  0, ws_ptr, res_zp, out_lo, out_hi, out_zp,
+                  HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, False, 0, False)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers (callable on CPU tensors under the interpreter; ``out`` lets tests poison the output)
 
@@ -863,11 +923,17 @@ def _int8_conv2d_triton(
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point)
         return y
-    packed = config is not None and len(config) == 7 and config[6] == PACKED_K
-    if config is not None and len(config) == 7 and config[6] not in (0, PACKED_K):
+    kind = config[6] if config is not None and len(config) == 7 else 0
+    if kind not in (0, PACKED_K, TMA):
         raise ValueError(f"config {list(config)}: a persistent launch is for the GEMM kernel (linears and 1x1, "
                          f"stride-1, unpadded convs), not a {kh}x{kw} stride {list(stride)} conv (a conv's 7th "
-                         f"entry {PACKED_K} asks for the packed-K kernel)")
+                         f"entry {PACKED_K} asks for the packed-K kernel, {TMA} for the TMA kernel)")
+    if kind == TMA:
+        _conv_tma_launch(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, r2, activation, y2, config,
+                         residual_scale, out_scale, residual_after_act, x_zero_point, residual_zero_point,
+                         out_zero_point, ho, wo)
+        return y
+    packed = kind == PACKED_K
     if packed and c % 16:
         raise ValueError(f"config {list(config)}: the packed-K conv kernel needs channels % 16 == 0, got {c}")
     bm, bn, bk, group_m, warps, stages = (config or gemm_config(m, o, c, x_q.device))[:6]
@@ -891,6 +957,53 @@ def _int8_conv2d_triton(
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
+
+
+def tma_conv_problem(c: int, h: int, w: int, stride, x_zero_point: int, config: Config) -> str | None:
+    """Why the TMA conv kernel cannot run this conv with ``config`` (None: it can); see its docstring."""
+    bm, _, bk, bw = config[:4]
+    if x_zero_point:
+        return "an input zero point (TMA pads with 0, not the zero point's code)"
+    if bk % 16 or c % bk:
+        return f"channels {c} not a multiple of BLOCK_K {bk} (a multiple of 16)"
+    if h % stride[0] or w % stride[1]:
+        return f"input {h}x{w} not divisible by the stride {list(stride)}"
+    if bm % bw:
+        return f"BLOCK_M {bm} not a multiple of the tile width {bw}"
+    return None
+
+
+def _conv_tma_launch(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, r2, activation, y2, config,
+                     residual_scale, out_scale, residual_after_act, x_zero_point, residual_zero_point,
+                     out_zero_point, ho, wo) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, c, h, w = x_q.shape
+    o, kh, kw, _ = w_q.shape
+    bm, bn, bk, bw, warps, stages = config[:6]
+    if problem := tma_conv_problem(c, h, w, stride, x_zero_point, config):
+        raise ValueError(f"config {list(config)}: the TMA conv kernel cannot run this conv: {problem}")
+    if x_q.is_cuda and torch.cuda.get_device_capability(x_q.device)[0] < 9:
+        raise ValueError(f"config {list(config)}: the TMA conv kernel needs a Hopper GPU or newer (TMA)")
+    sh, sw = stride
+    x_desc = TensorDescriptor(x_q.permute(0, 2, 3, 1), [n, h // sh, sh, w // sw, sw * c],
+                              [h * w * c, sh * w * c, w * c, sw * c, 1], [1, bm // bw, 1, bw, bk])
+    k = kh * kw * c
+    w_desc = TensorDescriptor(w_q.reshape(o, k), [o, k], [k, 1], [bn, bk])
+    res_scale, inv_out, res_zp, out_lo, out_hi, out_zp = _epilogue_args(residual_scale, out_scale,
+                                                                        residual_zero_point, out_zero_point)
+    m = n * ho * wo
+    grid = (n * triton.cdiv(ho, bm // bw) * triton.cdiv(wo, bw) * triton.cdiv(o, bn),)
+    dummy = w_scale
+    _int8_conv2d_tma_kernel[grid](
+        x_desc, w_desc, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
+        m, o, c, ho, wo, float(x_scale), res_scale, inv_out, res_zp, out_lo, out_hi, out_zp,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
+        OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act),
+        BLOCK_H=bm // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

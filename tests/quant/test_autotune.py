@@ -141,3 +141,31 @@ def test_tuning_cache_skips_the_timing_of_known_shapes(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a tuning cache"):
         load_tuning_cache(tmp_path / "bad.json")
+
+
+def test_a_config_whose_output_differs_is_named():
+    """Autotune and ``bench convs`` time only configs that compute what the heuristic's does."""
+    from bevdeploy.quant.autotune import outputs_differ
+
+    q = torch.randint(-127, 127, (64,), dtype=torch.int8)
+    assert outputs_differ(q, q) is None and outputs_differ(q + 1, q) is None  # one rounding step
+    assert "differ by up to 2" in outputs_differ(q + 2, q)
+    y = torch.randn(64)
+    assert outputs_differ(y * (1 + 1e-5), y) is None
+    assert "relative error" in outputs_differ(y + 1.0, y)
+    bad = y.clone()
+    bad[3] = float("nan")
+    assert "NaN" in outputs_differ(bad, y)
+
+
+def test_tma_candidates_only_where_the_kernel_can_run():
+    from bevdeploy.quant.autotune import tma_candidates
+
+    assert tma_candidates((2, 64, 16, 16), (16, 16), 64, (1, 1), 0, torch.device("cpu")) == []  # no TMA on a CPU
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        dev = torch.device("cuda")
+        cands = tma_candidates((2, 160, 40, 40), (40, 40), 320, (1, 1), 0, dev)
+        assert cands and all(c[6] == 2 and 160 % c[2] == 0 for c in cands)
+        assert tma_candidates((2, 160, 40, 40), (40, 40), 320, (1, 1), 5, dev) == []  # a zero point
+        assert tma_candidates((2, 80, 40, 40), (40, 40), 320, (1, 1), 0, dev) == []  # 80 channels: no BLOCK_K >= 32
+        assert tma_candidates((2, 64, 41, 40), (21, 20), 64, (2, 2), 0, dev) == []  # odd height at stride 2

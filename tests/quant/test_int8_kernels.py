@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from bevdeploy.quant.int8_kernels import (
     PACKED_K,
+    TMA,
     _int8_conv2d_triton,
     _int8_linear_triton,
     _quantize_per_tensor_triton,
@@ -268,6 +269,53 @@ def test_packed_k_config_needs_channels_in_sixteens(device):
     x_q, w_q, ws = _codes(1, 24, 6, 6, device=device), _codes(4, 3, 3, 24, device=device), _scales(4, device)
     with pytest.raises(ValueError, match="channels % 16 == 0, got 24"):
         int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, PACKED_K))
+
+
+# (N, C, H, W, O, kernel, stride, padding, dilation, (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_W)): H, W divisible by the
+# stride, C by BLOCK_K; output maps that the pixel blocks do not tile evenly (pixels past the edge not stored)
+TMA_CONVS = [
+    (2, 64, 9, 13, 40, (3, 3), (1, 1), (1, 1), (1, 1), (64, 32, 32, 8)),  # 2 channel blocks, an O tail
+    (2, 64, 10, 14, 24, (3, 3), (2, 2), (1, 1), (1, 1), (64, 32, 64, 16)),  # stride 2: phases of the view
+    (1, 32, 10, 14, 24, (1, 1), (2, 2), (0, 0), (1, 1), (64, 32, 32, 8)),  # a downsample projection
+    (2, 32, 12, 12, 16, (5, 5), (1, 1), (4, 4), (2, 2), (64, 16, 32, 16)),  # dilation 2 into wide padding
+    (1, 32, 8, 8, 16, (7, 7), (2, 2), (3, 3), (1, 1), (64, 16, 32, 8)),  # offsets -3..3 at stride 2
+    (2, 32, 10, 4, 8, (3, 1), (1, 1), (1, 0), (1, 1), (64, 16, 32, 8)),  # non-square kernel, map narrower than BW
+]
+
+
+@pytest.mark.parametrize("case", range(len(TMA_CONVS)))
+@pytest.mark.parametrize("epi", [1, 2, 3])
+def test_tma_conv_equals_the_per_kernel_point_conv(device, case, epi):
+    """The TMA kernel's box loads (zero fill for the padding, stride phases) sum the same int8 products in
+    int32 and share the epilogue: equal to the pointer-gather kernel, and to float64; int8 output too."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper GPU")
+    n, c, h, w, o, k, s, p, d, (bm, bn, bk, bw) = TMA_CONVS[case]
+    bias, residual, activation, out_dtype = EPILOGUES[epi]
+    x_q, w_q, ws, b, r, (ho, wo) = _conv_case(n, c, h, w, o, k, s, p, d, bias, residual, device)
+    args = (x_q, w_q, 0.021, ws, b, list(s), list(p), list(d), 1, r, activation, out_dtype)
+    out = poisoned((n, o, ho, wo), _OUT[out_dtype], device).contiguous(memory_format=torch.channels_last)
+    _int8_conv2d_triton(*args, out=out, config=(bm, bn, bk, bw, 4, 2, TMA))
+    assert torch.equal(out, _int8_conv2d_triton(*args, config=(16, 16, bk, 2, 4, 1)))
+    assert_rel_close(out, _ref_conv(x_q, w_q, 0.021, ws, b, s, p, d, r, activation),
+                     REL_TOL["fp16" if out_dtype == "float16" else "fp32"])
+    q = dict(out_scale=0.4)  # int8 codes out
+    assert torch.equal(_int8_conv2d_triton(*args, config=(bm, bn, bk, bw, 4, 2, TMA), **q),
+                       _int8_conv2d_triton(*args, config=(16, 16, bk, 2, 4, 1), **q))
+
+
+def test_tma_config_refuses_what_it_cannot_run(device):
+    x_q, w_q, ws = _codes(1, 48, 6, 6, device=device), _codes(4, 3, 3, 48, device=device), _scales(4, device)
+    with pytest.raises(ValueError, match="channels 48 not a multiple of BLOCK_K 32"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(64, 16, 32, 8, 4, 1, TMA))
+    x_q, w_q = _codes(1, 32, 7, 6, device=device), _codes(4, 3, 3, 32, device=device)
+    with pytest.raises(ValueError, match=r"input 7x6 not divisible by the stride \[2, 2\]"):
+        int8_conv2d(x_q, w_q, 0.01, ws, stride=2, padding=1, config=(64, 16, 32, 8, 4, 1, TMA))
+    with pytest.raises(ValueError, match="an input zero point"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(64, 16, 32, 8, 4, 1, TMA), x_zero_point=3,
+                    w_sum=weight_sums(w_q))
+    with pytest.raises(ValueError, match="BLOCK_M 64 not a multiple of the tile width 24"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(64, 16, 32, 24, 4, 1, TMA))
 
 
 # ---------------------------------------------------------------------------------------------- references / CPU path
