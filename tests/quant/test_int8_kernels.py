@@ -165,7 +165,7 @@ def test_residual_read_before_or_after_the_k_loop_gives_the_same_codes(device, r
 def test_persistent_config_is_for_the_gemm_kernel_only(device):
     x_q, w_q, ws = _codes(1, 8, 6, 6, device=device), _codes(4, 3, 3, 8, device=device), _scales(4, device)
     with pytest.raises(ValueError, match="persistent launch is for the GEMM kernel"):
-        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, 2))
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, 3))
     w1 = _codes(4, 1, 1, 8, device=device)  # a 1x1 conv is a GEMM: allowed
     y = int8_conv2d(x_q, w1, 0.01, ws, config=(16, 16, 32, 2, 4, 1, 2), out_dtype=torch.float32)
     assert_rel_close(y, _ref_conv(x_q, w1, 0.01, ws, None, 1, 0, 1, None, "none"), REL_TOL["fp32"])
