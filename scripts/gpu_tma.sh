@@ -8,13 +8,13 @@
 #   3. CenterNet int8-fp16 at batch 32, plain and --fused-epilogues (the stem's image_nhwc + cuDNN conv-bias-ReLU),
 #      both autotuned with the TMA candidates; Inductor code in $OUT/code  -> bench/results/<gpu>/profile-*.md
 # Usage (GPU machine, repo root; carry .whl): bash scripts/gpu_tma.sh
-# Env: TEST_TIMEOUT (150), CONVS_TIMEOUT (170), PROFILE_TIMEOUT (220), CONVS_BACKBONES ("centernet-r18-dcn"),
+# Env: TEST_TIMEOUT (120), CONVS_TIMEOUT (170), PROFILE_TIMEOUT (220), CONVS_BACKBONES ("centernet-r18-dcn"),
 #      PROFILE_SPECS ("centernet-r18-dcn:int8-fp16").
 set -uo pipefail
 NEEDS="nuscenes"; source scripts/device_prologue.sh
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -k "tma or packed or differs or image or fused or stem or cuda_graph" \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -k "tma or packed or differs or image or fused or stem or cuda_graph" \
   tests/quant/test_int8_kernels.py tests/quant/test_autotune.py tests/engine/test_image_layout.py \
   tests/engine/test_conv_epilogue.py tests/engine/test_engine_det2d.py > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at ${SECONDS}s"; tail -3 "$OUT/tests.txt"

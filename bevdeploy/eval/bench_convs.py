@@ -339,6 +339,7 @@ def run(backbones: list[str] | None = None, out_dir: str | Path = "bench/results
                          "floor_us": floor, "roofline_fraction": floor / r["int8_us"]})
             print(f"  {call.label()} x{count}: int8 {r['int8_us']:.1f} us (TMA {r['int8_tma_us']}, other "
                   f"{r['int8_no_tma_us']}), fp16 {r['fp16_us']:.1f} us", file=sys.stderr)
+            (folder / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")  # a cut run keeps its rows
         total = {"backbone": b, "int8_sum_us": sum8, "int8_no_tma_sum_us": sum_no_tma, "fp16_sum_us": sum16,
                  "ratio": sum16 / sum8,
                  "floor_sum_us": sum_floor, "roofline_fraction": sum_floor / sum8}
