@@ -679,7 +679,6 @@ if triton_available():
         (oh + floor(d / s), d mod s). Needs C % BLOCK_K == 0 (a box never straddles two phases' channels),
         H and W divisible by the stride, and no input zero point (TMA pads with 0, not the zero point's code).
         Pixels of the block past the output's edge are computed on whatever the box holds and not stored."""
-        BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
         pid = tl.program_id(0)
         tiles_n = tl.cdiv(O, BLOCK_N)
         tiles_w = tl.cdiv(Wo, BLOCK_W)
@@ -691,7 +690,7 @@ if triton_available():
         oh0 = (t % tiles_h) * BLOCK_H
         img = t // tiles_h
         c_blocks = C // BLOCK_K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_N), dtype=tl.int32)
         for it in range(0, KH * KW * c_blocks):
             kp = it // c_blocks
             c0 = (it - kp * c_blocks) * BLOCK_K
@@ -702,10 +701,10 @@ if triton_available():
             qh = (dh + 64 * stride_h) // stride_h - 64  # floor division of a possibly negative offset
             qw = (dw + 64 * stride_w) // stride_w - 64
             a = x_desc.load([img, oh0 + qh, dh - qh * stride_h, ow0 + qw, (dw - qw * stride_w) * C + c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            a = tl.reshape(a, (BLOCK_H * BLOCK_W, BLOCK_K))
             w = w_desc.load([pid_n * BLOCK_N, kp * C + c0])
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_H * BLOCK_W)
         oh = oh0 + rows // BLOCK_W
         ow = ow0 + rows % BLOCK_W
         offs_m = tl.where((oh < Ho) & (ow < Wo), (img * Ho + oh) * Wo + ow, M)  # M: masked in the epilogue
