@@ -44,6 +44,10 @@ Layouts. On the H100 an int8 ``tl.dot`` reaches ~1160 TOPS only when BOTH operan
   weight slab. No im2col buffer. Output [N, O, Ho, Wo] in channels-last memory, so the next int8
   conv reads it without a relayout. A 1x1, stride-1, unpadded conv is a plain GEMM on the NHWC view
   and runs through the linear kernel.
+* A conv config may instead name the packed-K kernel (K tiles across kernel points) or the TMA kernel
+  (``_int8_conv2d_tma_kernel``: the A slab of each step is one tensor-memory-accelerator box load of a
+  block of output pixels' input, the padding TMA's zero fill); the build's autotune times them beside the
+  gather kernel per layer shape and keeps a config only if its output matches the heuristic's.
 
 Origin: the tiling and grouped program order follow Triton's matrix-multiplication tutorial; the
 implicit-GEMM walk is the standard one of CUTLASS's "analytic" conv iterators. Inference only:
