@@ -354,6 +354,11 @@ def stage_eval_det2d(args) -> Path:
         extra_jobs.append((f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
         notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
                      "int8 corner gathers, fp16 samples x int8 weight codes); the other int8 rows run them in fp16.")
+    if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
+        extra_jobs += [(f"{p} (fused)", p, {"fused_epilogues": True}) for p in args.precisions]
+        notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
+                     "convs (the image-reading stem; all convs of a float engine) run bias + residual + ReLU in "
+                     "cuDNN's fused call, the stem reads the image through one NHWC 4-channel pass.")
     if args.qat_steps and not args.asymmetric:  # the QAT row: fine-tuned on every training image, own loss
         extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
@@ -547,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--asymmetric), beside the symmetric rows; 2D models with --qat-steps: the QAT row starts from it")
     p.add_argument("--int8-dcn", action="store_true",
                    help="one more row, the int8-fp16 engine with its DCNv2 convs int8 too (build --int8-dcn)")
+    p.add_argument("--fused-epilogues", action="store_true",
+                   help="2D models: one more row per precision, built with fused conv epilogues (build "
+                        "--fused-epilogues)")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
@@ -583,9 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
-        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag):
-            raise ValueError(f"--smooth-alpha, --keep-float-below and --results-tag apply to the 2D models' "
-                             f"rows; not to {args.model}")
+        if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
+                          or args.fused_epilogues):
+            raise ValueError(f"--smooth-alpha, --keep-float-below, --fused-epilogues and --results-tag apply to the "
+                             f"2D models' rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
         if args.stage in ("eval", "all"):
