@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 #: (kind, pattern on the kernel name), first match wins
 KINDS = [
-    ("int8 conv (ours)", r"_int8_conv2d_kernel"),
+    ("int8 conv (ours)", r"_int8_conv2d(_packed|_tma)?_kernel"),
     ("int8 GEMM (ours)", r"_int8_linear_kernel"),
     ("quantize (ours)", r"_quantize_per_tensor_kernel"),
     ("MSDA (ours)", r"msda"),
