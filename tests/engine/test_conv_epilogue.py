@@ -28,7 +28,10 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
-def test_fused_ops_equal_conv_bias_add_relu(dtype, channels_last, k, stride):
+def test_fused_ops_equal_conv_bias_add_relu(dtype, channels_last, k, stride, monkeypatch):
+    # float32 means float32 here: cuDNN may pick a TF32 algorithm for a float32 conv (torch's default allows it). One
+    # 1x1 float32 case failed on the H100 in session 16 (the cut log kept no traceback); TF32 is the likely cause
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     g = torch.Generator().manual_seed(k * 10 + stride)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 13, 11, 17, generator=g).to(DEV, dtype).contiguous(memory_format=fmt)  # odd sizes
