@@ -10,6 +10,14 @@
 #     /tmp/site once per machine, and stops at once, naming the module, when one in NEEDS does not import
 #     (session 10 lost a call minutes in: no synthetic world without the devkit).
 OUT=${OUT:-out}; mkdir -p "$OUT"
+# save_results: copy to $OUT/results only the bench/results files this call wrote (newer than this marker). Copying
+# the whole folder went over the number of files a call may return, and session 16 lost a call's tables that way.
+_RESULTS_MARK=$(mktemp); touch "$_RESULTS_MARK"
+save_results() {
+  find bench/results -type f -newer "$_RESULTS_MARK" 2>/dev/null | while read -r f; do
+    mkdir -p "$OUT/results/$(dirname "${f#bench/results/}")" && cp "$f" "$OUT/results/${f#bench/results/}"
+  done
+}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export BEVDEPLOY_CACHE=${BEVDEPLOY_CACHE:-/tmp/bevcache}
 export BEVDEPLOY_AUTOTUNE_CACHE=${BEVDEPLOY_AUTOTUNE_CACHE:-$PWD/bench/autotune-cache.json}

@@ -52,5 +52,5 @@ if [ -n "${ONLY_MEMORY:-}" ]; then
     --batch 1 --data synthetic:2 --results-name bevformer-base-memory > "$OUT/memory.txt" 2>&1
   echo "memory rc=$? at ${SECONDS}s"; grep -E "FPS|Error|error|Traceback" "$OUT/memory.txt" | tail -6
 fi
-cp -r "bench/results" "$OUT/results" 2>/dev/null
+save_results  # the files this call wrote, under $OUT/results/<gpu>/
 echo "total ${SECONDS}s"

@@ -28,5 +28,5 @@ timeout "${PROFILE_TIMEOUT:-220}" bash -c "python3 scripts/profile_engine.py --b
   --work /tmp/prof --save-code $OUT/code && python3 scripts/profile_engine.py --build $specs --calib synthetic2d:32 \
   --work /tmp/prof --fused-epilogues --save-code $OUT/code" > "$OUT/profiles.txt" 2>&1
 echo "profiles rc=$? at ${SECONDS}s"; grep -E "ms/(frame|call)|^-> |Error|autotune" "$OUT/profiles.txt" | tail -12
-cp -r "bench/results" "$OUT/results" 2>/dev/null
+save_results  # the files this call wrote, under $OUT/results/<gpu>/
 echo "total ${SECONDS}s"
