@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from bevdeploy.engine.image_layout import pad_in_channels  # also registers bevdeploy::image_nhwc
 
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConvReLU", "conv2d_add_relu", "conv2d_relu",
+__all__ = ["FocusNHWC", "FusedBasicBlock", "FusedBottleneck", "FusedConvReLU", "conv2d_add_relu", "conv2d_relu",
            "fuse_conv_epilogues"]
 
 _CUDNN_DTYPES = (torch.float16, torch.float32)
@@ -138,6 +138,25 @@ class FusedConvReLU(nn.Module):
         return _conv_relu(self.conv, x)
 
 
+class FocusNHWC(nn.Module):
+    """YOLOX's Focus stem (BatchNorm folded) reading the image's space-to-depth as NHWC rows of 16 channels (one
+    :func:`~bevdeploy.engine.image_layout.image_nhwc` pass instead of four strided slices concatenated in NCHW),
+    its conv's weight padded with zero input channels to match; keeps the ConvModule as ``conv``."""
+
+    def __init__(self, focus: nn.Module) -> None:
+        super().__init__()
+        conv = focus.conv.conv
+        self.image_channels = conv.in_channels // 4
+        conv.weight.data = pad_in_channels(conv.weight.data, 16)
+        conv.in_channels = 16
+        self.conv = focus.conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.image_channels:
+            raise ValueError(f"the Focus stem reads {self.image_channels}-channel images, got shape {list(x.shape)}")
+        return self.conv(torch.ops.bevdeploy.image_nhwc(x, 16, 2))
+
+
 class FusedBottleneck(nn.Module):
     """A BN-folded ``Bottleneck`` (same child names) whose float convs run with their epilogue fused; a
     DCNv2 ``conv2`` stays as it is, followed by a ReLU."""
@@ -168,8 +187,9 @@ class FusedBasicBlock(nn.Module):
 
 
 def fuse_conv_epilogues(model: nn.Module) -> list[str]:
-    """Swap every residual block of ``model`` for its fused-epilogue form, and each ResNet stem's conv + ReLU
-    for one fused call, in place; returns their names (a stem as ``<resnet>.conv1``).
+    """Swap every residual block of ``model`` for its fused-epilogue form, each ResNet stem's conv + ReLU
+    for one fused call and YOLOX's Focus stem for its NHWC form (:class:`FocusNHWC`), in place; returns their
+    names (a ResNet stem as ``<resnet>.conv1``).
 
     Needs BatchNorm folded first (:func:`bevdeploy.engine.deploy.fold_batchnorms`: each block's BNs are
     ``nn.Identity`` and its convs carry the bias). Blocks with an int8 or fp8 conv are left alone (those
@@ -179,9 +199,17 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
     from bevdeploy.models.centernet import BasicBlock as CenterNetBasicBlock
     from bevdeploy.models.centernet import ResNet18
     from bevdeploy.models.resnet import Bottleneck, ResNet
+    from bevdeploy.models.yolox import Focus
 
     swapped = []
     for name, m in list(model.named_modules()):
+        if isinstance(m, Focus) and _plain(m.conv.conv) and m.conv.conv.in_channels == 12 and m.conv.conv.groups == 1:
+            _check_folded(name, (m.conv.bn,))
+            m.conv.conv.weight.data = m.conv.conv.weight.data.contiguous(memory_format=_CL)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, FocusNHWC(m))
+            swapped.append(name)
+            continue
         if isinstance(m, (ResNet, ResNet18)) and type(m.conv1) is nn.Conv2d:  # stem: maxpool(relu(bn1(conv1(x))))
             _check_folded(name or "the model", (m.bn1,))
             if _plain(m.conv1):

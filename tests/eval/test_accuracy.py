@@ -152,7 +152,7 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert all(r.get("asymmetric") is True and "error" not in r for r in rows[3:5]) and rows[4]["qat_steps"] == 1
     # --int8-dcn: its own row (YOLOX has no DCN: the plumbing only; CenterNet's neck is the real case)
     assert rows[5].get("int8_dcn") is True and not rows[5].get("asymmetric") and "error" not in rows[5]
-    # --fused-epilogues: each precision again, built fused (YOLOX has no ResNet block: the plumbing only)
+    # --fused-epilogues: each precision again, built fused (YOLOX: its Focus stem reads the image as NHWC)
     assert main(["--stage", "eval", "--precisions", "fp32", "--fused-epilogues", "--eval-batch", "2", "--iters", "1",
                  "--results-tag", "fused", *common]) == 0
     rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-fused.json").read_text())["rows"]
