@@ -602,8 +602,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
 
         fused = fuse_conv_epilogues(model)
         if not fused:
-            logger.warning("fused_epilogues: %s has no float ResNet block, ResNet stem or Focus stem; the engine is the plain one",
-                           model_name)
+            logger.warning("fused_epilogues: %s has no float ResNet block, ResNet stem or Focus stem; the engine is "
+                           "the plain one", model_name)
     model.eval()
 
     outputs = output_names(model)
