@@ -34,6 +34,8 @@
 #   their share; -> $OUT/<gpu>/profile-MODEL-PRECISION.md; the Inductor wrapper code in $OUT/code), as long as the
 #   budget allows.
 # QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
+# Fused rows: EVAL_EXTRA="--fused-epilogues" adds "<precision> (fused)" for each precision (build --fused-epilogues:
+#   the image-reading stem in NHWC + cuDNN's fused conv epilogues; CenterNet int8-fp16 4.29x -> 5.25x, session 16).
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
 #   YOLOX_LR (5e-4) / CENTERNET_LR (1e-3), YOLOX_IMAGE_SIZE / CENTERNET_IMAGE_SIZE ("H W"; default the
