@@ -233,7 +233,8 @@ def _bench(args: argparse.Namespace) -> int:
             path = bench_model(name, engine_precisions, data=args.data, calib=args.calib, checkpoint=args.checkpoint,
                                out_dir=args.out, command=command, append=args.append, batch=args.batch,
                                int8_chain=_INT8_CHAIN[args.int8_chain], results_name=args.results_name,
-                               int8_dcn=args.int8_dcn, fresh_memory=not args.inprocess_memory)
+                               int8_dcn=args.int8_dcn, fresh_memory=not args.inprocess_memory,
+                               fused_epilogues=args.fused_epilogues)
             print(path.with_suffix(".md").read_text())
         return 0
     if args.what == "ops":
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--int8-chain", default="on", choices=list(_INT8_CHAIN), help=_INT8_CHAIN_HELP)
     bench.add_argument("--int8-dcn", action="store_true",
                        help="BEV models: after each int8 row, a '<precision> (int8 DCN)' row with the DCNv2 convs int8")
+    bench.add_argument("--fused-epilogues", action="store_true",
+                       help="after each engine row, a '<precision> (fused)' row built with --fused-epilogues (the "
+                            "image-reading stem in NHWC, float convs' bias + residual + ReLU in cuDNN's fused calls)")
     bench.add_argument("--inprocess-memory", action="store_true",
                        help="BEV models: read each engine row's GPU memory in the benchmark's own process (which "
                             "still holds the PyTorch row's and the build's leftovers) instead of a fresh process "

@@ -227,6 +227,21 @@ def fidelity_threshold(ref_records: dict) -> float:
     return min(0.3, 0.5 * best)
 
 
+def engine_runs(precisions: list[str], int8_dcn: bool = False,
+                fused_epilogues: bool = False) -> list[tuple[str, bool, bool, str]]:
+    """The engine rows of a BEV table in order: ``(precision, int8 DCN, fused epilogues, label)``; each int8
+    precision followed by its int8-DCN row (``int8_dcn``), each plain row by its fused row (``fused_epilogues``)."""
+    from bevdeploy.engine.deploy import precision_spec
+
+    runs = []
+    for p in precisions:
+        for dcn in (False, True) if int8_dcn and precision_spec(p).int8 else (False,):
+            runs.append((p, dcn, False, p + (" (int8 DCN)" if dcn else "")))
+            if fused_epilogues and not dcn:
+                runs.append((p, False, True, f"{p} (fused)"))
+    return runs
+
+
 def bench_model(
     name: str,
     precisions: list[str],
@@ -244,6 +259,7 @@ def bench_model(
     int8_chain: bool | str = True,
     results_name: str | None = None,
     int8_dcn: bool = False,
+    fused_epilogues: bool = False,
     fresh_memory: bool = True,
 ) -> Path:
     """The reference system's table for one model, measured in one run on this GPU.
@@ -281,6 +297,8 @@ def bench_model(
 
     ``int8_dcn``: after each int8* row, a ``"<precision> (int8 DCN)"`` row of the same precision with
     the DCNv2 convs int8 too (``build(int8_dcn=True)``; BEVFormer-small/base), calibrated once for both.
+    ``fused_epilogues``: after each row, a ``"<precision> (fused)"`` row built with ``build(fused_epilogues=True)``
+    (the image-reading stem in NHWC and the float convs' epilogues in cuDNN's fused calls), the same measurements.
     """
     import gc
 
@@ -304,8 +322,10 @@ def bench_model(
             if len(batch) != 1:
                 raise ValueError(f"{name}: the 2D table runs one static batch per run, got batch {list(batch)}")
             batch = batch[0]
+        fused_jobs = [(f"{p} (fused)", p, {"fused_epilogues": True}) for p in precisions] if fused_epilogues else None
         return bench_det2d(name, precisions, data=data, calib=calib, checkpoint=checkpoint, batch=batch or 32,
-                           work_dir=work_dir, iters=iters, out_dir=out_dir, command=command, append=append)
+                           work_dir=work_dir, iters=iters, out_dir=out_dir, command=command, append=append,
+                           extra_jobs=fused_jobs)
     batches = bench_batches(batch)
     if results_name is None:
         results_name = name if batches == [1] else f"{name}-batch"
@@ -319,10 +339,8 @@ def bench_model(
     source = resolve_data_spec(data, workers=workers)
     infos = source.infos(spec=data)
     dev = torch.device(_DEVICE)
-    runs = [(p, False) for p in precisions]
-    if int8_dcn:
-        runs = [v for p in precisions for v in ([(p, False), (p, True)] if precision_spec(p).int8 else [(p, False)])]
-    labels = [f"{p} (int8 DCN)" if dcn else p for p, dcn in runs]
+    runs = engine_runs(precisions, int8_dcn, fused_epilogues)
+    labels = [label for *_, label in runs]
     keep_rows = (earlier_rows(Path(out_dir) / gpu_dirname() / f"{results_name}.json", set(labels),
                               batches=set(batches)) if append else [])
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -374,14 +392,15 @@ def bench_model(
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tables: dict[str, str] = {}  # int8 / fp8: calibrate once per precision, reuse the table for the others
-    for (precision, dcn), label in zip(runs, labels):
+    for precision, dcn, fused, label in runs:
         for b in batches:
-            stem = f"{name}-{precision}" + ("-int8dcn" if dcn else "")
+            stem = f"{name}-{precision}" + ("-int8dcn" if dcn else "") + ("-fusedepi" if fused else "")
             path = work / (f"{stem}.engine" if b == 1 else f"{stem}-b{b}.engine")
             quantized = precision_spec(precision).quantized
             table = tables.get(precision)
             build(name, precision, out=path, checkpoint=checkpoint, batch=b, int8_chain=int8_chain,
-                  calib=(calib or data) if quantized and table is None else None, calib_table=table, int8_dcn=dcn)
+                  calib=(calib or data) if quantized and table is None else None, calib_table=table, int8_dcn=dcn,
+                  fused_epilogues=fused)
             if quantized and table is None:
                 tables[precision] = str(path) + ".calib.json"
             _free()

@@ -102,3 +102,13 @@ def test_2d_table_keeps_the_pytorch_row_when_cut_in_the_first_build(tmp_path, mo
                     model_overrides={"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": (64, 96)})
     rows = json.loads((tmp_path / "cpu" / "yolox-x.json").read_text())["rows"]
     assert [r["precision"] for r in rows] == ["pytorch"] and rows[0]["fps"] > 0 and rows[0]["batch"] == 2
+
+
+def test_engine_rows_with_int8_dcn_and_fused_variants():
+    from bevdeploy.eval.bench_models import engine_runs
+
+    assert engine_runs(["fp16x2", "int8-fp16"]) == [("fp16x2", False, False, "fp16x2"),
+                                                     ("int8-fp16", False, False, "int8-fp16")]
+    assert [r[3] for r in engine_runs(["fp16x2", "int8-fp16"], int8_dcn=True, fused_epilogues=True)] == [
+        "fp16x2", "fp16x2 (fused)", "int8-fp16", "int8-fp16 (fused)", "int8-fp16 (int8 DCN)"]
+    assert engine_runs(["int8"], fused_epilogues=True)[1] == ("int8", False, True, "int8 (fused)")
