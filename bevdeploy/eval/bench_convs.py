@@ -215,7 +215,7 @@ def measured_peaks() -> dict:
 
 
 def _time_call(call: ConvCall, max_candidates: int) -> dict:
-    from bevdeploy.quant.autotune import layer_candidates, outputs_differ, tma_candidates
+    from bevdeploy.quant.autotune import layer_candidates, outputs_differ, tma_candidates, with_tma_candidates
     from bevdeploy.quant.int8_kernels import TMA, conv_runs_gemm_kernel, int8_conv2d
 
     dev = torch.device("cuda")
@@ -246,9 +246,8 @@ def _time_call(call: ConvCall, max_candidates: int) -> dict:
     m = n * ho * wo
     results, first = [], None
     gemm = conv_runs_gemm_kernel(call.kernel, call.stride, call.padding)
-    listed = layer_candidates(m, call.o, c, dev, gemm)[:max_candidates]
     tma = [] if gemm else tma_candidates(call.in_shape, (ho, wo), call.o, call.stride, 0, dev)
-    for cfg in listed[:1] + tma + listed[1:]:
+    for cfg in with_tma_candidates(layer_candidates(m, call.o, c, dev, gemm), tma, max_candidates):
         try:
             out = ours(cfg)()
             first = out if first is None else first

@@ -44,7 +44,7 @@ from bevdeploy.quant.int8_kernels import (
 from bevdeploy.quant.modules import QuantConv2d, QuantLinear
 
 __all__ = ["autotune_int8_layers", "layer_candidates", "load_tuning_cache", "outputs_differ", "save_tuning_cache",
-           "time_in_graph", "tma_candidates"]
+           "time_in_graph", "tma_candidates", "with_tma_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,13 @@ def tma_candidates(x_shape: tuple[int, ...], out_hw: tuple[int, int], o: int, st
     if wo <= 8:
         out = [c_ for c_ in out if c_[3] == 8]
     return [c_ for c_ in out if tma_conv_problem(c, h, w, stride, x_zero_point, c_) is None]
+
+
+def with_tma_candidates(listed: list[Config], tma: list[Config], max_candidates: int) -> list[Config]:
+    """The configs timed for one call: the heuristic's pick (``listed[0]``), then every TMA candidate (a separate
+    kernel, not one of the listed tiles: always timed where it can run), then the rest of ``listed`` up to
+    ``max_candidates`` of them."""
+    return listed[:1] + tma + listed[1:max_candidates]
 
 
 def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = False) -> list[Config]:
@@ -292,8 +299,7 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             logger.info("autotune %s %s: %s (cached)", name, list(key[1]), list(cached))
         if key not in by_key:
             results, first = [], None
-            listed = candidates(m, n, k, x_q.device, gemm)
-            for cfg in (listed[:1] + tma + listed[1:])[:max_candidates + len(tma)]:
+            for cfg in with_tma_candidates(candidates(m, n, k, x_q.device, gemm), tma, max_candidates):
                 try:
                     out = _call(layer, x_q, residual, rs, rz, cfg)
                     if first is None:

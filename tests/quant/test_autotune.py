@@ -169,3 +169,11 @@ def test_tma_candidates_only_where_the_kernel_can_run():
         assert tma_candidates((2, 160, 40, 40), (40, 40), 320, (1, 1), 5, dev) == []  # a zero point
         assert tma_candidates((2, 80, 40, 40), (40, 40), 320, (1, 1), 0, dev) == []  # 80 channels: no BLOCK_K >= 32
         assert tma_candidates((2, 64, 41, 40), (21, 20), 64, (2, 2), 0, dev) == []  # odd height at stride 2
+
+
+def test_tma_candidates_come_second_and_do_not_count_against_the_limit():
+    from bevdeploy.quant.autotune import with_tma_candidates
+
+    listed, tma = [(1,), (2,), (3,), (4,)], [(9, 2), (8, 2)]
+    assert with_tma_candidates(listed, tma, 3) == [(1,), (9, 2), (8, 2), (2,), (3,)]
+    assert with_tma_candidates(listed, [], 2) == [(1,), (2,)]
