@@ -283,7 +283,7 @@ def stage_eval_det2d(args) -> Path:
     on the held-out set, int8 calibrated on training images; ``<out>/<gpu>/accuracy-<model>.{json,md}``."""
     from bevdeploy.data.det2d import CocoSet
     from bevdeploy.engine.model_io import default_calibration_method
-    from bevdeploy.eval.bench_det2d import bench_det2d
+    from bevdeploy.eval.bench_det2d import bench_det2d, fused_jobs
 
     ckpt = checkpoint_path(args)
     if not ckpt.is_file():
@@ -355,7 +355,7 @@ def stage_eval_det2d(args) -> Path:
         notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
                      "int8 corner gathers, fp16 samples x int8 weight codes); the other int8 rows run them in fp16.")
     if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
-        extra_jobs += [(f"{p} (fused)", p, {"fused_epilogues": True}) for p in args.precisions]
+        extra_jobs += fused_jobs(args.precisions)
         notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
                      "convs (the image-reading stem; all convs of a float engine) run bias + residual + ReLU in "
                      "cuDNN's fused call, the stem reads the image through one NHWC 4-channel pass.")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bench_det2d"]
+__all__ = ["bench_det2d", "fused_jobs"]
 
 
 def _r(v: float | None) -> float | None:
@@ -61,6 +61,12 @@ def _median_ms_without_tf32(fn, device: torch.device, iters: int) -> float:
 #: change little under any rounding, so the engines' dmap bounds almost nothing (a CenterNet at mAP 0.030 "met"
 #: the int8 target with d -0.0004 on 2026-12-07; its next, trained checkpoint at 0.109 gave d -0.0022).
 WEAK_MAP = 0.05
+
+
+def fused_jobs(precisions) -> list[tuple[str, str, dict]]:
+    """``extra_jobs`` of :func:`bench_det2d` for a "<precision> (fused)" row of each precision
+    (``build(fused_epilogues=True)``)."""
+    return [(f"{p} (fused)", p, {"fused_epilogues": True}) for p in precisions]
 
 
 def bench_det2d(

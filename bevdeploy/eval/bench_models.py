@@ -312,7 +312,7 @@ def bench_model(
     from bevdeploy.models import DET2D_MODELS
 
     if name in DET2D_MODELS:  # the 2D table: COCO mAP, images/s at a static batch
-        from bevdeploy.eval.bench_det2d import bench_det2d
+        from bevdeploy.eval.bench_det2d import bench_det2d, fused_jobs
 
         if int8_dcn:
             raise ValueError(f"{name}: int8 DCN rows are for the BEV tables; for a 2D engine use "
@@ -322,10 +322,9 @@ def bench_model(
             if len(batch) != 1:
                 raise ValueError(f"{name}: the 2D table runs one static batch per run, got batch {list(batch)}")
             batch = batch[0]
-        fused_jobs = [(f"{p} (fused)", p, {"fused_epilogues": True}) for p in precisions] if fused_epilogues else None
         return bench_det2d(name, precisions, data=data, calib=calib, checkpoint=checkpoint, batch=batch or 32,
                            work_dir=work_dir, iters=iters, out_dir=out_dir, command=command, append=append,
-                           extra_jobs=fused_jobs)
+                           extra_jobs=fused_jobs(precisions) if fused_epilogues else None)
     batches = bench_batches(batch)
     if results_name is None:
         results_name = name if batches == [1] else f"{name}-batch"
