@@ -122,12 +122,12 @@ def run_stages(args: argparse.Namespace) -> dict:
         rows.append(dict(stage="eval", processes=k, frames_per_s=run.throughput, frames=len(run.latencies_ms),
                          nds=round(nds[k], 4), wall_s=round(wall, 1)))
     base = {r["stage"]: r["frames_per_s"] for r in rows if r["processes"] == 1}
-    for r in rows:
-        one = base.get(r["stage"])
-        r["frames_per_s"] = None if r["frames_per_s"] is None else round(r["frames_per_s"], 2)
-        if r["processes"] > 1 and one and r["frames_per_s"]:
-            r["speedup"] = round(r["frames_per_s"] / one, 2)
-            r["efficiency"] = round(r["frames_per_s"] / (one * r["processes"]), 3)
+    for r in rows:  # ratios of the measured rates; the rates are stored rounded to 0.01 frames/s
+        one, rate = base.get(r["stage"]), r["frames_per_s"]
+        r["frames_per_s"] = None if rate is None else round(rate, 2)
+        if r["processes"] > 1 and one and rate:
+            r["speedup"] = round(rate / one, 2)
+            r["efficiency"] = round(rate / (one * r["processes"]), 3)
             target = TARGETS[r["stage"]]
             if target is not None:
                 r["target"] = f">= {target} x N"

@@ -39,8 +39,10 @@ def test_one_and_two_processes_give_the_table_and_the_same_nds(bench, tmp_path):
     for (stage, k), r in rows.items():
         assert r["frames_per_s"] > 0, (stage, k)
         if k == 2:
-            one = rows[stage, 1]["frames_per_s"]
-            assert r["efficiency"] == pytest.approx(r["frames_per_s"] / (2 * one), abs=2e-3)
+            one, two = rows[stage, 1]["frames_per_s"], r["frames_per_s"]
+            # from the stored rates, rounded to 0.01 frames/s: a slow CPU's 0.11 frames/s is 5% off (CI, session 16)
+            want = two / (2 * one)
+            assert abs(r["efficiency"] - want) <= want * (0.005 / two + 0.005 / one) + 1e-3, (stage, r, one)
     assert doc["same_nds"] and doc["nds"]["1"] == pytest.approx(doc["nds"]["2"], abs=5e-4)
     assert "| eval | 2 |" in (tmp_path / "res" / "multi-gpu.md").read_text()
     # what the user sees from `torchrun ... bevdeploy eval`: the pass's rate over the processes
