@@ -611,14 +611,12 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
     example = example_inputs(model, batch, spec.float_dtype, dev)
     tuned: dict[str, list[int]] = {}
     if spec.int8 and autotune and dev.type == "cuda":
-        from bevdeploy.quant.autotune import autotune_int8_layers, load_tuning_cache, save_tuning_cache
+        from bevdeploy.quant.autotune import autotune_int8_layers, load_tuning_cache
 
         try:
             cache = load_tuning_cache(autotune_cache) if autotune_cache else None
             with torch.no_grad():
-                tuned = autotune_int8_layers(model, tuple(example.values()), cache=cache)
-            if cache is not None:
-                save_tuning_cache(autotune_cache, cache)
+                tuned = autotune_int8_layers(model, tuple(example.values()), cache=cache, cache_path=autotune_cache)
         except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
             logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
     int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]

@@ -241,7 +241,8 @@ def save_tuning_cache(path: str | os.PathLike, cache: dict[str, list[int]]) -> N
 
 @torch.no_grad()
 def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=None,
-                         max_candidates: int = 5, cache: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+                         max_candidates: int = 5, cache: dict[str, list[int]] | None = None,
+                         cache_path: str | os.PathLike | None = None) -> dict[str, list[int]]:
     """Time launch configurations for every int8 layer of ``module`` and store the fastest.
 
     Args:
@@ -254,6 +255,9 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             costs a Triton compile, ~1 s, at build time).
         cache: a tuning cache (:func:`load_tuning_cache`): a call found there is not timed; new choices
             are added to it (save it with :func:`save_tuning_cache`).
+        cache_path: where each new choice of ``cache`` is also written the moment it is made (merged over the
+            file), so a build cut by a timeout keeps the layers it tuned (session 17 lost a BEVDet build's
+            32 tuned layers to a timeout: the cache was written only after the whole model).
 
     Returns:
         layer name -> chosen ``[BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages(, persistent)]`` (also set as the
@@ -320,6 +324,8 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             by_key[key] = best
             if cache is not None:
                 cache[ckey] = list(best)
+                if cache_path is not None:
+                    save_tuning_cache(cache_path, {ckey: list(best)})
         layer.launch_config = tuple(by_key[key])
         chosen[name] = list(by_key[key])
     return chosen

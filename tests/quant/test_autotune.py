@@ -143,6 +143,27 @@ def test_tuning_cache_skips_the_timing_of_known_shapes(tmp_path, monkeypatch):
         load_tuning_cache(tmp_path / "bad.json")
 
 
+def test_choices_reach_the_cache_file_as_they_are_made(tmp_path, monkeypatch):
+    """A build cut during tuning (a timeout) keeps on disk the layers it tuned before the cut."""
+    import bevdeploy.quant.autotune as autotune
+    from bevdeploy.quant.autotune import load_tuning_cache
+
+    path = tmp_path / "cache.json"
+    calls = []
+
+    def fake_time(fn):  # the second layer's first timing is "cut": the first layer's choice must be on disk
+        calls.append(1)
+        if len(load_tuning_cache(path)) == 1:
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(autotune, "time_in_graph", fake_time)
+    with pytest.raises(KeyboardInterrupt):
+        autotune_int8_layers(_model("cpu"), (torch.randn(2, 16, 20, 24),), cache={}, cache_path=path)
+    saved = load_tuning_cache(path)
+    assert len(saved) == 1 and "QuantConv2d" in next(iter(saved)) and calls
+
+
 def test_a_config_whose_output_differs_is_named():
     """Autotune and ``bench convs`` time only configs that compute what the heuristic's does."""
     from bevdeploy.quant.autotune import outputs_differ
