@@ -5,7 +5,8 @@ same Triton kernels the engine uses).
 For each variant (calibration method x chain on/off, then keep-float of the K most sensitive layers) the
 BN-folded model is quantized (``quantize_modules`` + optional ``chain_int8``, fp32 outside the int8 layers),
 and scored against the float model: SQNR of every head output on a timing batch and pycocotools mAP on the
-held-out set. Also written: the per-layer sensitivity (one layer int8 at a time, minmax scales) and each
+held-out set. Also written: the per-layer sensitivity (one layer int8 at a time, ``--ranking-method`` scales,
+minmax unless named: the build ranks with the model's own calibration) and each
 layer's input range by method (minmax / percentile / entropy amax: a large minmax-to-percentile ratio marks
 rare outliers that stretch the scale); then SmoothQuant variants (``--smooth-alphas``); then QAT variants
 (``--qat-steps``: the minmax start fine-tuned on every calibration-set image with the training loss,
@@ -86,10 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-images", type=int, default=8, help="images of the SQNR batch")
     p.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy"],
                    help="the first one is also run on the Triton kernels and with the chain")
+    p.add_argument("--ranking-method", default="minmax",
+                   help="the calibration (one of --methods) of the sensitivity ranking and of the keep-float and "
+                        "SmoothQuant variants; the engine build ranks and smooths with the model's own (YOLOX-x: "
+                        "percentile, bevdeploy.engine.model_io.default_calibration_method)")
     p.add_argument("--keep-worst", type=int, nargs="*", default=[5, 15])
     p.add_argument("--no-sensitivity", dest="sensitivity", action="store_false")
     p.add_argument("--smooth-alphas", type=float, nargs="*", default=[0.5],
-                   help="SmoothQuant variants (minmax after smoothing, unchained and chained)")
+                   help="SmoothQuant variants (--ranking-method after smoothing, unchained and chained)")
     p.add_argument("--asymmetric", action="store_true",
                    help="minmax variants with zero points on the int8 inputs (unchained and chained, as "
                         "build(asymmetric=True)); the QAT variants then start from them")
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=1e9, help="seconds: skip variants once spent")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.ranking_method not in args.methods:
+        p.error(f"--ranking-method {args.ranking_method} must be one of --methods {args.methods}")
     t_start = time.perf_counter()
     dev = torch.device(args.device)
     out_dir = Path(args.out)
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "float_map": ref_map, "float_heldout_loss": round(ref_loss, 4), "timing_images": args.timing_images,
                     "command": "python scripts/diagnose_int8_2d.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                    "methods": list(args.methods), "variants": [], "ranges": {}, "sensitivity": []}
+                    "methods": list(args.methods), "ranking_method": args.ranking_method, "variants": [], "ranges": {}, "sensitivity": []}
     print(f"[diag] float mAP {ref_map:.4f}, held-out loss {ref_loss:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     keep_stem = set(image_input_convs(model))
     scope = int8_scope_prefixes(model)
@@ -204,15 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda" and args.triton_variant:
         variant(f"{first}, unchained", scales_of[first], False, set(), triton=True)
     sens = []
-    if "minmax" in tables and args.sensitivity and time.perf_counter() - t_start < args.budget - 20:
-        scales = scales_of["minmax"]
+    rank = args.ranking_method
+    if args.sensitivity and time.perf_counter() - t_start < args.budget - 20:
+        scales = scales_of[rank]
         layers = [n for n in scales if n.startswith(scope) and n not in keep_stem and scales[n] > 0]
         with _int8_kernels(False):
             sens = sensitivity_report(model, scales, [{_forward_arg(model)[0]: x}], layers=layers)
         report["sensitivity"] = [{"layer": s.layer, "sqnr_db": round(s.sqnr_db, 2), "worst_output": s.worst_output}
                                  for s in sens]
         write()
-        print("[diag] worst layers alone in int8 (minmax): "
+        print(f"[diag] worst layers alone in int8 ({rank}): "
               + ", ".join(f"{s.layer} {s.sqnr_db:.1f}" for s in sens[:10]), file=sys.stderr)
     for method in args.methods[1:]:
         variant(f"{method}, unchained", scales_of[method], False, set())
@@ -231,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.asymmetric:  # the DCNs take their offset convs' zero points (build(int8_dcn=True, asymmetric=True))
                 variant("minmax asymmetric, chained, int8 DCN", asym_scales, True, set(), zero_points=asym_zps,
                         int8_dcn=True)
-        for k in args.keep_worst if sens else []:
-            variant(f"minmax, chained, keep float {k} worst", scales_of["minmax"], True, {s.layer for s in sens[:k]})
+    if rank != "minmax":
+        variant(f"{rank}, chained", scales_of[rank], True, set())
+    for k in args.keep_worst if sens else []:
+        variant(f"{rank}, chained, keep float {k} worst", scales_of[rank], True, {s.layer for s in sens[:k]})
     for alpha in args.smooth_alphas:  # SmoothQuant (bevdeploy.quant.smooth), as build(smooth_alpha=) does it
         if time.perf_counter() - t_start > args.budget:
             break
@@ -241,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                   if n.startswith(scope) and n not in keep_stem and smoothable(mod)]
         loop, _ = det2d_calibration_loop(calib, args.model, smoothed, dev, batch=8, progress=False)
         smooth_inputs(smoothed, input_channel_ranges(smoothed, loop, layers), alpha)
-        table = calibrate(smoothed, loop, "minmax", model_name=args.model, dataset=calib.spec)
+        table = calibrate(smoothed, loop, rank, model_name=args.model, dataset=calib.spec)
         scales = {n: table.scale(n) for n in table.amax}
         for chain in (False, True):
-            variant(f"minmax, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
+            variant(f"{rank}, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
                     base=smoothed)
     # per step count: the float control of a task-loss QAT first (what the extra training alone gives), then
     # the distilled QAT, then the task-loss QAT (a cut run keeps the control and the cheaper variants)
@@ -304,7 +314,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['variant']} | {r['map']} | {r['dmap']} | {r['heldout_loss']} | "
                      + " | ".join(str(r["sqnr_db"].get(k)) for k in outputs) + f" | {r['chain_int8_writers']} |")
     if report["sensitivity"]:
-        lines += ["", "Worst layers alone in int8 (minmax scales), with their input amax by method:", "",
+        lines += ["", f"Worst layers alone in int8 ({report.get('ranking_method', 'minmax')} scales), with their input "
+                  "amax by method:", "",
                   "| layer | SQNR dB | worst output | " + " | ".join(f"amax {m}" for m in methods) + " |",
                   "|---|---|---|" + "---|" * len(methods)]
         for s in report["sensitivity"][:20]:

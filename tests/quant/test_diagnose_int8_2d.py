@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bevdeploy.models import MODELS
@@ -15,7 +16,7 @@ from bevdeploy.train import save_checkpoint
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "diagnose_int8_2d.py"
 
 
-def _diagnose(tmp_path, monkeypatch, *flags: str) -> dict:
+def _diagnose(tmp_path, monkeypatch, *flags: str, sensitivity: bool = False) -> dict:
     """The script on a random reduced YOLOX-x (2 calibration, 2 held-out images), with ``flags`` added."""
     monkeypatch.setenv("BEVDEPLOY_CACHE", str(tmp_path / "cache"))
     overrides = {"deepen_factor": 0.33, "widen_factor": 0.125, "image_size": [64, 64]}
@@ -27,7 +28,7 @@ def _diagnose(tmp_path, monkeypatch, *flags: str) -> dict:
     spec.loader.exec_module(diag)
     rc = diag.main(["--model", "yolox-x", "--checkpoint", str(ckpt), "--calib", "synthetic2d:4@1", "--calib-images",
                     "2", "--eval", "synthetic2d:2@2", "--batch", "2", "--timing-images", "2", "--device", "cpu",
-                    "--methods", "minmax", "--no-sensitivity", "--keep-worst", "--smooth-alphas", *flags,
+                    "--methods", "minmax", *([] if sensitivity else ["--no-sensitivity"]), "--keep-worst", "--smooth-alphas", *flags,
                     "--out", str(tmp_path)])
     assert rc == 0
     return json.loads((tmp_path / "diagnose-int8-yolox-x.json").read_text())
@@ -58,3 +59,22 @@ def test_diagnosis_asymmetric_variants_and_qat_from_them(tmp_path, monkeypatch, 
     assert names[4:6] == ["minmax, chained, int8 DCN, reference int8 math",
                           "minmax asymmetric, chained, int8 DCN, reference int8 math"]
     assert names[-1].startswith("minmax asymmetric + QAT (distill loss) 1 steps")
+
+
+def test_ranking_method_sets_the_sensitivity_keep_float_and_smoothing_scales(tmp_path, monkeypatch, ops_on_references):
+    """--ranking-method percentile (YOLOX's build calibration): the ranking, keep-float and SmoothQuant variants
+    use it, so they are the variants a `build --keep-float-below` / `--smooth-alpha` engine would run."""
+    report = _diagnose(tmp_path, monkeypatch, "--methods", "minmax", "percentile", "--ranking-method", "percentile",
+                       "--keep-worst", "1", "--smooth-alphas", "0.5", sensitivity=True)
+    names = [v["variant"] for v in report["variants"]]
+    assert report["ranking_method"] == "percentile" and report["sensitivity"]
+    assert "percentile, chained, reference int8 math" in names
+    assert "percentile, chained, keep float 1 worst, reference int8 math" in names
+    assert names[-2:] == ["percentile, smoothed alpha 0.5, unchained, reference int8 math",
+                          "percentile, smoothed alpha 0.5, chained, reference int8 math"]
+    kept = next(v for v in names if "keep float 1" in v)
+    assert [v["kept_float"] for v in report["variants"] if v["variant"] == kept] == [[report["sensitivity"][0]["layer"]]]
+    md = (tmp_path / "diagnose-int8-yolox-x.md").read_text()
+    assert "Worst layers alone in int8 (percentile scales)" in md
+    with pytest.raises(SystemExit):
+        _diagnose(tmp_path, monkeypatch, "--ranking-method", "entropy")  # not among --methods
