@@ -385,7 +385,8 @@ def build(
         fused_epilogues: Run the convs of each float ResNet block and stem with their bias (+ residual) +
             ReLU fused into one cuDNN call (:mod:`bevdeploy.engine.conv_epilogue`) instead of a conv and an
             Inductor pass; blocks with int8 / fp8 convs keep their own epilogues. The fused blocks and stems
-            are listed in the metadata (``fused_epilogues``).
+            are listed in the metadata (``fused_epilogues``). CenterNet's three head branches then run as one
+            conv pair (:func:`bevdeploy.engine.deploy.fuse_centernet_head`).
         autotune: int8* on CUDA: time a few launch configurations per int8 layer shape and store the
             fastest in the layer (it lands in the engine; loading never re-tunes). CPU: the heuristic.
         autotune_cache: a JSON tuning cache (default: ``$BEVDEPLOY_AUTOTUNE_CACHE`` if set): layer shapes
@@ -593,6 +594,10 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
     if qat_meta is not None:
         with atomic_output(table_path, "QAT calibration table output") as tmp:
             table.save(tmp)
+    if fused_epilogues:  # CenterNet's head branches as one conv pair (scales renamed and equalised for it)
+        from bevdeploy.engine.deploy import fuse_centernet_head
+
+        scales = fuse_centernet_head(model, scales, keep_float, zero_points)
     report = apply_precision(model, precision, scales=scales, keep_float=keep_float, int8_chain=int8_chain,
                              zero_points=zero_points, int8_dcn=int8_dcn)
     precisions = layer_precisions(model, report, precision)

@@ -14,7 +14,10 @@ Steps, in this order (each is a plain in-place function so the engine builder an
    ``fuse_head_branches`` (every precision): each CenterPoint ``SeparateHead`` of BEVDet runs its
    branches as one conv stack (:class:`bevdeploy.models.bevdet.FusedSeparateHead`; same math). It runs
    after calibration and quantization, so the calibration table and the int8 scope see the
-   official layer names; the head is float in every precision.
+   official layer names; the head is float in every precision. With ``build --fused-epilogues``,
+   ``fuse_centernet_head`` runs before ``apply_precision``: CenterNet's three head branches become one
+   conv pair (:class:`bevdeploy.models.centernet.FusedCenterNetHead`), int8 included, its scales renamed and
+   the branches' hidden ranges equalised so each keeps its int8 resolution.
 
 Which layers become INT8 (:func:`int8_scope`) is the model family's scope
 (:mod:`bevdeploy.engine.model_io`): for BEVFormer the image backbone and neck convs and the BEV
@@ -43,6 +46,7 @@ __all__ = [
     "set_op_variant",
     "set_sca_gathered",
     "fuse_head_branches",
+    "fuse_centernet_head",
     "fused_heads",
     "int8_scope",
     "apply_precision",
@@ -247,11 +251,59 @@ def fuse_head_branches(model: nn.Module, *, pad_to: int = 8) -> list[str]:
     return fused
 
 
-def fused_heads(model: nn.Module) -> list[str]:
-    """Names of the heads of ``model`` that run fused (:func:`fuse_head_branches`), in module order."""
-    from bevdeploy.models.bevdet import FusedSeparateHead
+def fuse_centernet_head(model: nn.Module, scales: dict[str, float] | None = None, keep_float: Iterable[str] = (),
+                        zero_points: dict[str, int] | None = None) -> dict[str, float] | None:
+    """Run CenterNet's three head branches as one conv pair (:class:`bevdeploy.models.centernet.FusedCenterNetHead`),
+    in place, before ``apply_precision``; returns ``scales`` renamed for it (None stays None).
 
-    return [n for n, m in model.named_modules() if isinstance(m, FusedSeparateHead)]
+    With scales (int8 / fp8), the branches' hidden channels are scaled by ``gains = S / s_b`` (``s_b`` branch
+    b's 1x1 input scale, ``S`` the largest): the fused 1x1 reads them at ``S``, and each branch's codes are
+    the ones its own scale gave (same maps in float; in int8 the layer-0 weights quantize per output
+    channel, so their codes do not change either). The fused 3x3 takes the branches' common input scale.
+    A head whose layers are kept float, have zero points or lack a scale is left unfused (a warning):
+    mixing them would change what the engine computes.
+    """
+    from bevdeploy.models.centernet import CenterNetHead, FusedCenterNetHead
+
+    keep = set(keep_float)
+    for name, head in list(model.named_modules()):
+        if type(head) is not CenterNetHead:
+            continue
+        prefix = f"{name}." if name else ""
+        firsts = [f"{prefix}{b}_head.0" for b in FusedCenterNetHead.BRANCHES]
+        lasts = [f"{prefix}{b}_head.2" for b in FusedCenterNetHead.BRANCHES]
+        gains = None
+        if scales is not None:
+            layers = firsts + lasts
+            problem = None
+            if kept := sorted(keep.intersection(layers)):
+                problem = f"kept float: {kept}"
+            elif with_zp := sorted(set(zero_points or ()).intersection(layers)):
+                problem = f"zero points on {with_zp}"
+            elif unscaled := [n for n in layers if scales.get(n, 0) <= 0]:
+                problem = f"no scale for {unscaled}"
+            if problem:
+                logger.warning("head %s left unfused: %s", name, problem)
+                continue
+            top = max(scales[n] for n in lasts)
+            gains = [top / scales[n] for n in lasts]
+        fused = FusedCenterNetHead(head, gains=gains)
+        fused.train(head.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+        if scales is not None:
+            renamed = {f"{prefix}convs.0": max(scales[n] for n in firsts), f"{prefix}convs.2": top}
+            scales = {**{n: s for n, s in scales.items() if n not in layers}, **renamed}
+    return scales
+
+
+def fused_heads(model: nn.Module) -> list[str]:
+    """Names of the heads of ``model`` that run fused (:func:`fuse_head_branches`, :func:`fuse_centernet_head`), in
+    module order."""
+    from bevdeploy.models.bevdet import FusedSeparateHead
+    from bevdeploy.models.centernet import FusedCenterNetHead
+
+    return [n for n, m in model.named_modules() if isinstance(m, (FusedSeparateHead, FusedCenterNetHead))]
 
 
 def int8_scope(model: nn.Module, scope: Sequence[str] | None = None) -> list[str]:
@@ -388,14 +440,14 @@ def layer_precisions(model: nn.Module, report: list, precision: str) -> list[tup
     wrapped = {f"{n}.pack" for n, m in model.named_modules() if isinstance(m, _VariantDCN)}  # reported by the wrapper
     fused_names = {}
     for head in fused_heads(model):
-        for i, sources in enumerate(model.get_submodule(head).fused_from):
-            fused_names[f"{head}.convs.{i}"] = f"{head}.convs.{i} (fused {', '.join(sources)})"
+        for layer, sources in model.get_submodule(head).fused_layers.items():
+            fused_names[f"{head}.{layer}"] = f"{head}.{layer} (fused {', '.join(sources)})"
     rows: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
-            rows.append((name, "int8"))
+            rows.append((fused_names.get(name, name), "int8"))
         elif isinstance(module, (Fp8Conv2d, Fp8Linear)):
-            rows.append((name, "fp8"))
+            rows.append((fused_names.get(name, name), "fp8"))
         elif name in by_name:
             p = by_name[name]
             rows.append((name, p if p in ("int8", "fp8", "fused") else float_name))

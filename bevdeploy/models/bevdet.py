@@ -743,45 +743,16 @@ class FusedSeparateHead(nn.Module):
         if not (isinstance(pad_to, int) and pad_to >= 1):
             raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
         stacks = [_branch_convs(name, getattr(head, name)) for name in head.head_names]
-        depths = {len(s) for s in stacks}
-        if len(depths) != 1:
-            raise ValueError(f"branches of one depth fuse; got depths {[len(s) for s in stacks]}")
-        geometry = {(c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode, c.weight.dtype,
-                     c.weight.device) for s in stacks for c in s}
-        if len(geometry) != 1:
-            raise ValueError(f"branch convs of one geometry, dtype and device fuse; got {sorted(map(str, geometry))}")
-        ref = stacks[0][0]
-        convs, fused_from = [], []
-        in_offsets = None  # branch i reads channels [in_offsets[i], in_offsets[i + 1]) of the previous layer
-        in_total = ref.in_channels
-        for layer in range(len(stacks[0])):
-            group = [s[layer] for s in stacks]
-            if in_offsets is None and len({c.in_channels for c in group}) != 1:
-                raise ValueError("the first convs of all branches must read the same input channels")
-            out_offsets = [0]
-            for c in group:
-                out_offsets.append(out_offsets[-1] + c.out_channels)
-            out_total = -(-out_offsets[-1] // pad_to) * pad_to
-            conv = nn.Conv2d(in_total, out_total, ref.kernel_size, ref.stride, ref.padding, ref.dilation,
-                             bias=True, padding_mode=ref.padding_mode, device=ref.weight.device,
-                             dtype=ref.weight.dtype)
-            with torch.no_grad():
-                conv.weight.zero_()
-                conv.bias.zero_()
-                for i, c in enumerate(group):
-                    o0, o1 = out_offsets[i], out_offsets[i + 1]
-                    i0, i1 = (0, in_total) if in_offsets is None else (in_offsets[i], in_offsets[i + 1])
-                    if c.in_channels != i1 - i0:
-                        raise ValueError(f"branch {head.head_names[i]} layer {layer} reads {c.in_channels} channels, "
-                                         f"its previous layer writes {i1 - i0}")
-                    conv.weight[o0:o1, i0:i1] = c.weight
-                    if c.bias is not None:
-                        conv.bias[o0:o1] = c.bias
-            convs.append(conv)
-            fused_from.append([f"{name}.{_layer_name(getattr(head, name), layer)}" for name in head.head_names])
-            in_offsets, in_total = out_offsets, out_total
+        convs = stack_branch_convs(stacks, pad_to=pad_to, names=head.head_names)
+        fused_from = [[f"{name}.{_layer_name(getattr(head, name), layer)}" for name in head.head_names]
+                      for layer in range(len(convs))]
         channels = [s[-1].out_channels for s in stacks]
         return cls(head_names=head.head_names, channels=channels, convs=convs, fused_from=fused_from)
+
+    @property
+    def fused_layers(self) -> dict[str, tuple[str, ...]]:
+        """``convs.<l>`` -> the branch layers it replaces (relative to the head)."""
+        return {f"convs.{i}": tuple(f) for i, f in enumerate(self.fused_from)}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         for conv in self.convs[:-1]:
@@ -795,6 +766,70 @@ class FusedSeparateHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={dict(zip(self.head_names, self.channels))}"
+
+
+def stack_branch_convs(stacks: Sequence[Sequence[nn.Conv2d]], *, pad_to: int = 8, names: Sequence[str] = (),
+                       gains: Sequence[float] | None = None) -> list[nn.Conv2d]:
+    """Branches of equal depth that read one input (conv -> ReLU -> ... -> conv each) as one conv stack:
+    layer 0 concatenated, every later layer block-diagonal (branch ``i``'s filters read only branch ``i``'s
+    channels of the layer before, zeros elsewhere), output channels padded to a multiple of ``pad_to`` with
+    zero filters and bias. New convs in the branches' dtype and device; the branches are left unchanged.
+
+    ``gains`` (one positive float per branch, two-layer branches): branch ``i``'s hidden channels are
+    multiplied by ``gains[i]`` (its layer-0 filters and bias; ReLU commutes with a positive factor) and its
+    layer-1 filters divided by it: the same maps, with the hidden ranges of the branches made equal, so one
+    int8 scale on the concatenated hidden tensor resolves every branch as its own scale did
+    (:func:`bevdeploy.engine.deploy.fuse_centernet_head`).
+
+    Raises:
+        ValueError: branches of different depths or conv geometries, layer-0 convs reading different
+            channel counts, a layer reading more or fewer channels than its branch's previous one writes,
+            or gains that are not positive and finite / given for branches of other than two layers.
+    """
+    names = tuple(names) or tuple(str(i) for i in range(len(stacks)))
+    depths = {len(s) for s in stacks}
+    if len(depths) != 1:
+        raise ValueError(f"branches of one depth fuse; got depths {[len(s) for s in stacks]}")
+    if gains is not None and (len(gains) != len(stacks) or depths != {2}
+                              or not all(math.isfinite(g) and g > 0 for g in gains)):
+        raise ValueError(f"gains: one positive finite factor per two-layer branch, got {list(gains)} for "
+                         f"depths {sorted(depths)}")
+    convs = []
+    in_offsets = None  # branch i reads channels [in_offsets[i], in_offsets[i + 1]) of the previous layer
+    in_total = stacks[0][0].in_channels
+    for layer in range(len(stacks[0])):
+        group = [s[layer] for s in stacks]
+        ref = group[0]
+        geometry = {(c.kernel_size, c.stride, c.padding, c.dilation, c.padding_mode, c.weight.dtype, c.weight.device)
+                    for c in group}
+        if len(geometry) != 1:
+            raise ValueError(f"branch convs of one geometry, dtype and device fuse; layer {layer} has "
+                             f"{sorted(map(str, geometry))}")
+        if in_offsets is None and len({c.in_channels for c in group}) != 1:
+            raise ValueError("the first convs of all branches must read the same input channels")
+        out_offsets = [0]
+        for c in group:
+            out_offsets.append(out_offsets[-1] + c.out_channels)
+        out_total = -(-out_offsets[-1] // pad_to) * pad_to
+        conv = nn.Conv2d(in_total, out_total, ref.kernel_size, ref.stride, ref.padding, ref.dilation,
+                         bias=True, padding_mode=ref.padding_mode, device=ref.weight.device,
+                         dtype=ref.weight.dtype)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for i, c in enumerate(group):
+                o0, o1 = out_offsets[i], out_offsets[i + 1]
+                i0, i1 = (0, in_total) if in_offsets is None else (in_offsets[i], in_offsets[i + 1])
+                if c.in_channels != i1 - i0:
+                    raise ValueError(f"branch {names[i]} layer {layer} reads {c.in_channels} channels, "
+                                     f"its previous layer writes {i1 - i0}")
+                gain = 1.0 if gains is None else float(gains[i]) if layer == 0 else 1.0 / float(gains[i])
+                conv.weight[o0:o1, i0:i1] = c.weight * gain
+                if c.bias is not None:
+                    conv.bias[o0:o1] = c.bias * gain if layer == 0 else c.bias
+        convs.append(conv)
+        in_offsets, in_total = out_offsets, out_total
+    return convs
 
 
 def _branch_convs(name: str, branch: nn.Module) -> list[nn.Conv2d]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,49 @@ class CenterNetHead(nn.Module):
         """The branches before the heatmap's sigmoid: training takes that sigmoid in fp32 (a bf16 one
         saturates at 1.0 with zero gradient, see :mod:`bevdeploy.train.centernet`)."""
         return {"heatmap_logits": self.heatmap_head(x), "wh": self.wh_head(x), "offset": self.offset_head(x)}
+
+
+class FusedCenterNetHead(nn.Module):
+    """A :class:`CenterNetHead` whose three branches run as ONE conv pair (the engine's fused deploy form,
+    ``build --fused-epilogues``): ``convs = Sequential(conv 3x3 in -> 3 x feat, ReLU, conv 1x1 3 x feat ->
+    num_classes + 4 padded to 8, block-diagonal)``; the forward returns the three maps as channel views of
+    the one output, the heatmap through its sigmoid.
+
+    Why: the unfused head is three 3x3 convs with 64 output channels reading one 128x128 map each, and
+    three 1x1 convs of 80, 2 and 2 channels; at 64 output channels the int8 conv reaches 39% of its
+    roofline on an H100 and the 2-channel ones 52% at 5 TOPS (``convs-tma.md``). One 192-channel conv
+    reads the map once for all three. ``gains`` (see :func:`bevdeploy.models.bevdet.stack_branch_convs`)
+    equalise the branches' hidden ranges, so the int8 1x1 reads every branch at the resolution its own
+    scale had. Build with :func:`bevdeploy.engine.deploy.fuse_centernet_head`.
+    """
+
+    BRANCHES = ("heatmap", "wh", "offset")
+
+    def __init__(self, head: CenterNetHead, *, gains: Sequence[float] | None = None, pad_to: int = 8) -> None:
+        super().__init__()
+        from bevdeploy.models.bevdet import stack_branch_convs
+
+        branches = [head.heatmap_head, head.wh_head, head.offset_head]
+        for name, b in zip(self.BRANCHES, branches):
+            if not (isinstance(b, nn.Sequential) and len(b) == 3 and type(b[0]) is nn.Conv2d
+                    and isinstance(b[1], nn.ReLU) and type(b[2]) is nn.Conv2d):
+                raise ValueError(f"{name}_head must be Sequential(Conv2d, ReLU, Conv2d) of plain convs, got {b}")
+        first, last = stack_branch_convs([[b[0], b[2]] for b in branches], pad_to=pad_to, names=self.BRANCHES,
+                                         gains=gains)
+        self.convs = nn.Sequential(first, nn.ReLU(inplace=True), last)
+        self.channels = tuple(b[2].out_channels for b in branches)
+        #: the layers each fused conv replaces (relative to the head), for the engine's layer-precision report
+        self.fused_layers = {"convs.0": tuple(f"{n}_head.0" for n in self.BRANCHES),
+                             "convs.2": tuple(f"{n}_head.2" for n in self.BRANCHES)}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        y = self.convs(x)
+        c_hm, c_wh, c_off = self.channels
+        return {"heatmap": y[:, :c_hm].sigmoid(), "wh": y[:, c_hm:c_hm + c_wh],
+                "offset": y[:, c_hm + c_wh:c_hm + c_wh + c_off]}
+
+    def extra_repr(self) -> str:
+        return f"heads={dict(zip(self.BRANCHES, self.channels))}"
 
 
 @dataclass(frozen=True)
