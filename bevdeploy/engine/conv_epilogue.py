@@ -105,6 +105,8 @@ def _args(conv: nn.Conv2d) -> tuple:
 def _conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
     if _plain(conv):
         return torch.ops.bevdeploy.conv2d_relu(x, conv.weight, conv.bias, *_args(conv))
+    if _is_deform(conv) and _dcn_module(conv).activation == "relu":  # the op applies it
+        return conv(x)
     return F.relu(conv(x))
 
 
@@ -159,12 +161,14 @@ class FocusNHWC(nn.Module):
 
 class FusedBottleneck(nn.Module):
     """A BN-folded ``Bottleneck`` (same child names) whose float convs run with their epilogue fused; a
-    DCNv2 ``conv2`` stays as it is, followed by a ReLU."""
+    float DCNv2 ``conv2`` (BEVFormer's R101 stages 3-4) applies the ReLU in its own kernel's epilogue."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
         self.downsample = block.downsample
+        if _is_deform(self.conv2):
+            _dcn_module(self.conv2).activation = "relu"
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -243,6 +247,12 @@ def _check_folded(name: str, bns) -> None:
 
 
 def _is_deform(conv: nn.Module) -> bool:
+    """A float DCNv2 conv: the module, or the deploy form's op-variant wrapper of it (fp16 / fp16x2 engines)."""
+    from bevdeploy.engine.deploy import _VariantDCN
     from bevdeploy.ops.modulated_deform_conv2d import ModulatedDeformConv2dPack
 
-    return isinstance(conv, ModulatedDeformConv2dPack)
+    return isinstance(conv, (ModulatedDeformConv2dPack, _VariantDCN))
+
+
+def _dcn_module(conv: nn.Module) -> nn.Module:
+    return conv.pack if hasattr(conv, "pack") else conv

@@ -176,8 +176,8 @@ class _VariantDCN(nn.Module):
 
         p = self.pack
         offset, mask = split_offset_mask(p.conv_offset(x))  # offset: a view, read in place by the op
-        return modulated_deform_conv2d(x, offset, mask, p.weight, p.bias, p.stride,
-                                       p.padding, p.dilation, p.groups, p.deform_groups, variant=self.op_variant)
+        return modulated_deform_conv2d(x, offset, mask, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups,
+                                       p.deform_groups, variant=self.op_variant, activation=p.activation)
 
 
 def set_op_variant(model: nn.Module, variant: str | None) -> list[str]:

@@ -59,7 +59,9 @@ blended in paired fp16 (exact codes, fp16 weights); kernel 2 re-quantises the mo
 with ``input_scale`` -- round half to even, clamp to +-127 -- and feeds an int8 x int8 -> int32 dot, the
 implicit GEMM multiplies the fp16 samples (see 3.);
 dequantisation ``input_scale * weight_scale[o]`` and bias in the epilogue; fp16 output, or with groups 1
-the fused ReLU / int8 output of ``activation`` / ``out_scale``).
+the fused ReLU / int8 output of ``activation`` / ``out_scale``). Every variant takes ``activation="relu"``:
+the implicit GEMM applies it in its epilogue (a ResNet DCN block's ReLU then costs no extra pass over the
+output), the other paths after the conv.
 """
 
 from __future__ import annotations
@@ -170,14 +172,16 @@ def _check_inputs(
 
 def _check_int8_epilogue(variant: str, groups: int, activation: str, out_scale, out_zero_point: int,
                          input_zero_point: int = 0) -> None:
-    """The fused epilogue (activation, int8 output) and an input zero point exist in the int8
-    implicit-GEMM kernel only."""
+    """The int8 epilogue (int8 output) and an input zero point exist in the int8 implicit-GEMM kernel only;
+    ``activation`` in every variant."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    fused = activation != "none" or out_scale is not None or out_zero_point != 0 or input_zero_point != 0
+    fused = out_scale is not None or out_zero_point != 0 or input_zero_point != 0
     if fused and not (variant == "int8" and int(groups) == 1):
-        raise ValueError(f"activation / out_scale / out_zero_point / input_zero_point need variant 'int8' with "
+        raise ValueError(f"out_scale / out_zero_point / input_zero_point need variant 'int8' with "
                          f"groups == 1, got variant {variant!r}, groups {groups}")
+    if activation != "none" and variant == "int8" and int(groups) != 1:
+        raise ValueError(f"activation with variant 'int8' needs groups == 1, got groups {groups}")
     if not -128 <= int(input_zero_point) <= 127:
         raise ValueError(f"input_zero_point must be in [-128, 127], got {input_zero_point}")
     if out_scale is not None and not (math.isfinite(out_scale) and out_scale > 0):
@@ -285,7 +289,7 @@ def _cpu_impl(
     if variant != "int8":
         out = reference(input.float(), offset.float(), mask.float(), weight.float(),
                         None if bias is None else bias.float(), stride, padding, dilation, groups, deform_groups)
-        return out.to(out_dtype).contiguous()
+        return (torch.relu(out) if activation == "relu" else out).to(out_dtype).contiguous()
     # int8: blend the int8 codes, dequantise per output channel after an exact float64 GEMM. The plan
     # kernel (groups > 1) re-quantises each blended sample with input_scale (rounds the blended code) for an
     # int8 x int8 MMA; the implicit GEMM (groups == 1) multiplies the unrounded samples in fp16.
@@ -769,7 +773,7 @@ if triton_available():
         KW: tl.constexpr,
         VARIANT: tl.constexpr,  # 0 fp32, 1 fp16, 2 fp16x2, 3 int8
         HAS_BIAS: tl.constexpr,
-        ACTIVATION: tl.constexpr,  # int8 only: 0 none, 1 relu
+        ACTIVATION: tl.constexpr,  # 0 none, 1 relu (after the bias)
         OUT_INT8: tl.constexpr,  # int8 only: write int8 codes of 1 / inv_out_scale (+ out_zp)
         NCB: tl.constexpr,  # channel blocks per deform group
         CH_MASK: tl.constexpr,  # Cd % BLOCK_K != 0
@@ -921,12 +925,16 @@ if triton_available():
             res = acc
             if HAS_BIAS:
                 res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            if ACTIVATION == 1:
+                res = tl.maximum(res, 0.0)
             tl.store(y_ptr + (m64[None, :] * Cout + o[:, None]), res.to(y_ptr.dtype.element_ty),
                      mask=o_ok[:, None] & m_ok[None, :])
         else:
             res = acc
             if HAS_BIAS:
                 res = res + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            if ACTIVATION == 1:
+                res = tl.maximum(res, 0.0)
             tl.store(y_ptr + (m64[:, None] * Cout + o[None, :]), res.to(y_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & o_ok[None, :])
 
@@ -1288,8 +1296,9 @@ def _modulated_deform_conv2d_op(
                                                   weight_scale=weight_scale, activation=activation,
                                                   out_scale=out_scale, out_zero_point=out_zero_point,
                                                   input_zero_point=input_zero_point)
-        return _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
-                                               deform_groups, variant, input_scale, weight_scale)
+        out = _modulated_deform_conv2d_triton(input, offset, mask, weight, bias, stride, padding, dilation, groups,
+                                              deform_groups, variant, input_scale, weight_scale)
+        return out.relu_() if activation == "relu" else out
     out = _cpu_impl(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, variant,
                     input_scale, weight_scale, activation, out_scale, out_zero_point, input_zero_point)
     # the same strides as the GPU path (and the fake): channels-last where the implicit GEMM runs
@@ -1347,7 +1356,8 @@ def modulated_deform_conv2d(
         input_scale (float, optional): per-tensor scale of the int8 ``input`` (``int8`` only).
         weight_scale (Tensor[Cout], optional): float32 per-output-channel scale of the int8 ``weight``
             (``int8`` only); see :func:`quantize_weight_per_channel`.
-        activation (str): ``none`` or ``relu``, fused after the bias (``int8`` with groups == 1 only).
+        activation (str): ``none`` or ``relu``, after the bias (in the implicit GEMM's epilogue where it runs;
+            ``int8``: groups == 1 only).
         out_scale (float, optional): write the int8 codes ``clamp(round_half_even(y / out_scale) +
             out_zero_point)`` the next int8 layer reads instead of fp16 (``int8`` with groups == 1 only;
             the int8 layers' requantising epilogue, :mod:`bevdeploy.quant.int8_kernels`).
@@ -1404,7 +1414,8 @@ def split_offset_mask(out: Tensor) -> tuple[Tensor, Tensor]:
 
 class ModulatedDeformConv2d(nn.Module):
     """See :func:`modulated_deform_conv2d`. Parameters ``weight`` [Cout, Cin/g, kh, kw] and ``bias``
-    [Cout] as mmcv; ``weight`` is kept in channels-last memory, the kernel's K-contiguous layout."""
+    [Cout] as mmcv; ``weight`` is kept in channels-last memory, the kernel's K-contiguous layout.
+    ``activation`` (``"none"``; the deploy form's fused blocks set ``"relu"``) is applied in the op."""
 
     def __init__(
         self,
@@ -1437,6 +1448,7 @@ class ModulatedDeformConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter("bias", None)
+        self.activation = "none"
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -1450,7 +1462,7 @@ class ModulatedDeformConv2d(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+                                       self.dilation, self.groups, self.deform_groups, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -1489,4 +1501,4 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         offset, mask = split_offset_mask(self.conv_offset(x))
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+                                       self.dilation, self.groups, self.deform_groups, activation=self.activation)

@@ -122,6 +122,35 @@ def test_engine_with_fused_epilogues_equals_the_plain_engine(tmp_path, ops_on_re
         assert _rel(b[k], a[k]) < 1e-4, k
 
 
+@pytest.mark.parametrize("variant", ["fp32", "fp16x2"])
+def test_dcn_blocks_fuse_in_float_engines_with_the_relu_in_the_dcn(variant, ops_on_references):
+    """A DCNv2 Bottleneck (BEVFormer's R101 stages 3-4) is fused in the fp16x2 deploy form too (its DCN then
+    wrapped for the op variant; session 17 found those blocks skipped), and the DCN applies the ReLU itself."""
+    from bevdeploy.engine.deploy import set_op_variant
+    from bevdeploy.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    net = _folded(nn.Sequential(Bottleneck(inplanes=16, planes=4, dcn=True), Bottleneck(inplanes=16, planes=4)))
+    with torch.no_grad():  # offsets that move the samples: a zero-initialised offset conv would be a plain conv
+        net[0].conv2.conv_offset.weight.normal_(0, 0.1)
+    dtype = torch.float32 if variant == "fp32" else torch.float16
+    net = net.to(dtype)
+    set_op_variant(net, None if variant == "fp32" else variant)
+    x = torch.randn(2, 16, 9, 11, dtype=dtype)
+    with torch.no_grad():
+        want = net(x)
+        assert fuse_conv_epilogues(net) == ["0", "1"] and isinstance(net[0], FusedBottleneck)
+        got = net(x)
+    tol = 1e-5 if variant == "fp32" else 2e-3
+    assert _rel(got.float(), want.float()) < tol
+    ep = torch.export.export(net, (x,), strict=False)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    dcn = [n for n in nodes if n.target == torch.ops.bevdeploy.modulated_deform_conv2d.default]
+    assert len(dcn) == 1 and "relu" in dcn[0].args  # the op's activation argument
+    assert not any(str(n.target).startswith("aten.relu") for n in nodes)  # no ReLU pass of its own
+    assert [n.target for n in nodes].count(torch.ops.bevdeploy.conv2d_add_relu.default) == 2
+
+
 def test_resnet_stem_and_blocks_fused_compute_the_folded_backbone():
     """A whole (CenterNet) ResNet-18: the stem's conv + ReLU and every BasicBlock swapped, same output."""
     from bevdeploy.engine.conv_epilogue import FusedConvReLU

@@ -304,7 +304,31 @@ def test_int8_epilogue_arguments_checked(bad, match):
         modulated_deform_conv2d(xq, off, m, wq, b, variant="int8", input_scale=s_x, weight_scale=s_w, **kw, **bad)
     x, off, m, wt, b, kw = _make(CASES["odd"], "cpu", "fp16")
     with pytest.raises(ValueError, match=r"need variant 'int8'"):
-        modulated_deform_conv2d(x, off, m, wt, b, activation="relu", **kw)
+        modulated_deform_conv2d(x, off, m, wt, b, out_scale=0.1, **kw)
+    with pytest.raises(ValueError, match=r"activation with variant 'int8' needs groups == 1"):
+        modulated_deform_conv2d(xq, off, m, wq[:, :10].contiguous(), b, groups=2, variant="int8", input_scale=s_x,
+                                weight_scale=s_w, activation="relu", **kw)
+
+
+@pytest.mark.parametrize("variant", ["fp16", "fp16x2", "fp32"])
+def test_float_variants_apply_the_relu(device, variant):
+    """activation="relu" on a float DCN (the deploy form's fused ResNet blocks): in the implicit GEMM's epilogue
+    (small blocks: several tiles, both operand orders), through the op, and after the plan kernel (groups 2)."""
+    x, off, m, wt, b, kw = _make(CASES["odd"], device, variant, seed=31)
+    want = _ref64(x, off, m, wt, b, kw)
+    assert (want < 0).float().mean() > 0.3  # the ReLU has work to do
+    for config in (None, (16, 16, 16, 1, 1), (32, 16, 16, 1, 1, True, True)):
+        y = _call(x, off, m, wt, b, kw, variant, config=config, activation="relu")
+        assert_rel_close(y, torch.relu(want), REL_TOL[variant], name=f"{variant} {config}")
+        assert (y >= 0).all()
+    y = modulated_deform_conv2d(x, off, m, wt, b, **kw, variant=variant, activation="relu")
+    assert_rel_close(y, torch.relu(want), REL_TOL[variant])
+    wg = wt[:, :10].contiguous()
+    wantg = reference(x.double().cpu(), off.double().cpu(), m.double().cpu(), wg.double().cpu(),
+                      None if b is None else b.double().cpu(), kw["stride"], kw["padding"], kw["dilation"], 2,
+                      kw["deform_groups"])
+    yg = modulated_deform_conv2d(x, off, m, wg, b, groups=2, **kw, variant=variant, activation="relu")
+    assert_rel_close(yg, torch.relu(wantg), REL_TOL[variant])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
