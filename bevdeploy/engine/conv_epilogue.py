@@ -192,8 +192,9 @@ class FusedBasicBlock(nn.Module):
 
 def fuse_conv_epilogues(model: nn.Module) -> list[str]:
     """Swap every residual block of ``model`` for its fused-epilogue form, each ResNet stem's conv + ReLU
-    for one fused call and YOLOX's Focus stem for its NHWC form (:class:`FocusNHWC`), in place; returns their
-    names (a ResNet stem as ``<resnet>.conv1``).
+    for one fused call and YOLOX's Focus stem for its NHWC form (:class:`FocusNHWC`), in place; a float DCNv2
+    followed by a ReLU in an ``nn.Sequential`` (CenterNet's neck ConvModules) applies that ReLU itself. Returns
+    their names (a ResNet stem as ``<resnet>.conv1``, a DCN by its own name).
 
     Needs BatchNorm folded first (:func:`bevdeploy.engine.deploy.fold_batchnorms`: each block's BNs are
     ``nn.Identity`` and its convs carry the bias). Blocks with an int8 or fp8 conv are left alone (those
@@ -218,6 +219,14 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
                 m.conv1.weight.data = m.conv1.weight.data.contiguous(memory_format=_CL)
                 m.conv1, m.relu = FusedConvReLU(m.conv1), nn.Identity()  # an image-reading stem: NHWC, 4 channels
                 swapped.append(f"{name}.conv1" if name else "conv1")
+            continue
+        if type(m) is nn.Sequential:  # DCN (+ folded BN) + ReLU: the DCN's epilogue takes the ReLU
+            kids = [(n, c) for n, c in m.named_children() if not isinstance(c, nn.Identity)]
+            for (dcn_name, dcn), (relu_name, relu) in zip(kids, kids[1:]):
+                if _is_deform(dcn) and type(relu) is nn.ReLU and _dcn_module(dcn).activation == "none":
+                    _dcn_module(dcn).activation = "relu"
+                    setattr(m, relu_name, nn.Identity())
+                    swapped.append(f"{name}.{dcn_name}" if name else dcn_name)
             continue
         if isinstance(m, Bottleneck):
             cls, convs, bns = FusedBottleneck, (m.conv1, m.conv2, m.conv3), (m.bn1, m.bn2, m.bn3)

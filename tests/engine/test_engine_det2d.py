@@ -298,8 +298,9 @@ def test_int8_dcn_engine(tmp_path, calib_spec, ops_on_references):
 
 
 def test_centernet_fused_engine_runs_the_head_as_one_conv_pair(tmp_path, calib_spec, ops_on_references):
-    """``fused_epilogues`` on CenterNet int8-fp16: the stem reads NHWC, the head's six convs run as two int8
-    convs (named after the layers they replace), and the outputs are the plain int8 engine's (same table)."""
+    """``fused_epilogues`` on CenterNet int8-fp16: the stem reads NHWC, the neck DCNs take their ReLU, the head's
+    six convs run as two int8 convs (named after the layers they replace), and the outputs are the plain int8
+    engine's (same table)."""
     name = "centernet-r18-dcn"
     plain = build(name, "int8-fp16", out=tmp_path / "p.engine", model_overrides=SMALL[name], batch=BATCH,
                   calib=calib_spec, progress=False)
@@ -308,6 +309,9 @@ def test_centernet_fused_engine_runs_the_head_as_one_conv_pair(tmp_path, calib_s
     a, b = Engine.load(plain, device="cpu"), Engine.load(fused, device="cpu")
     rows = dict(b.layer_precisions)
     assert rows["bbox_head.convs.2 (fused heatmap_head.2, wh_head.2, offset_head.2)"] == "int8"
+    # the float neck DCNs apply their ConvModule's ReLU in their own epilogue
+    assert [n for n in b.metadata["fused_epilogues"] if n.startswith("neck.")] == [
+        f"neck.deconv_layers.{i}.conv" for i in (0, 2, 4)]
     assert not any(n.startswith("bbox_head.heatmap_head") for n in rows)
     assert sum(p == "int8" for p in rows.values()) == sum(p == "int8" for _, p in a.layer_precisions) - 4
     x = _images(1)
