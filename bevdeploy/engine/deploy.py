@@ -245,8 +245,7 @@ def fuse_head_branches(model: nn.Module, *, pad_to: int = 8) -> list[str]:
             logger.warning("head %s left unfused: %s", name, e)
             continue
         new.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
         fused.append(name)
     return fused
 
@@ -289,8 +288,7 @@ def fuse_centernet_head(model: nn.Module, scales: dict[str, float] | None = None
             gains = [top / scales[n] for n in lasts]
         fused = FusedCenterNetHead(head, gains=gains)
         fused.train(head.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+        model.set_submodule(name, fused)
         if scales is not None:
             renamed = {f"{prefix}convs.0": max(scales[n] for n in firsts), f"{prefix}convs.2": top}
             scales = {**{n: s for n, s in scales.items() if n not in layers}, **renamed}
