@@ -37,7 +37,7 @@ def _device_used_mb() -> float:
 
 
 def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: int = 10, device: str = "cuda",
-                         timeout: float = 900.0, stack_release: bool = False) -> dict:
+                         timeout: float = 900.0, stack_release: bool = False, env: dict[str, str] | None = None) -> dict:
     """Load and run ``engine_path`` on ``inputs`` in a child process; return its readings.
 
     Keys: ``memory_mb`` (device memory the child added: total - free at the end of its timed calls, less
@@ -54,6 +54,10 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
     ``max_abs_diff_after_release``. If that step kills the child, the readings before it are returned with
     ``stack_release_error``.
 
+    ``env``: variables set for the child only, on top of this process's (e.g. ``PYTORCH_CUDA_ALLOC_CONF``: the
+    allocator reads it once, at CUDA's initialisation, so a serving configuration is measured in a fresh process;
+    ``scripts/engine_memory_env.py`` compares several).
+
     Raises:
         RuntimeError: the child failed or timed out (its output's tail is in the message).
     """
@@ -64,7 +68,8 @@ def fresh_process_memory(engine_path, inputs: dict[str, torch.Tensor], iters: in
         cmd = [sys.executable, "-m", "bevdeploy.eval.engine_memory", str(engine_path), inputs_path,
                "--iters", str(iters), "--device", device] + (["--stack-release"] if stack_release else [])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=None if env is None else {**os.environ, **env})
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"fresh-process memory of {engine_path}: no result in {timeout:.0f} s") from e
     readings = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
