@@ -40,6 +40,8 @@
 #   YOLOX_TRAIN_SECONDS / CENTERNET_TRAIN_SECONDS, YOLOX_BATCH (16) / CENTERNET_BATCH (32),
 #   YOLOX_LR (5e-4) / CENTERNET_LR (1e-3), YOLOX_IMAGE_SIZE / CENTERNET_IMAGE_SIZE ("H W"; default the
 #   official canvas 640x640 / 512x512; another size is named in the table as a departure), EXTRA (more flags),
+#   YOLOX_STEPS / CENTERNET_STEPS (a fixed number of training steps instead of the time budget: the same
+#   checkpoint whatever the machine's speed; the *_TRAIN_SECONDS value then only sizes the timeout, + 90 s),
 #   YOLOX_PRECISIONS / CENTERNET_PRECISIONS (one model's rows instead of PRECISIONS; may be empty: only the
 #   PyTorch row and EVAL_EXTRA's extra rows, e.g. --asymmetric).
 # pycocotools must be importable: carry its wheel (cp312) in .whl with the others (installed to /tmp/site).
@@ -71,9 +73,9 @@ n_models=$(echo $MODELS | wc -w); i=0
 for MODEL in $MODELS; do
   i=$((i + 1))
   case $MODEL in
-    yolox-x) SECS=${YOLOX_TRAIN_SECONDS:-150}; BATCH=${YOLOX_BATCH:-16}; LR=${YOLOX_LR:-5e-4}; SIZE=${YOLOX_IMAGE_SIZE:-}
+    yolox-x) SECS=${YOLOX_TRAIN_SECONDS:-150}; FIXED=${YOLOX_STEPS:-}; BATCH=${YOLOX_BATCH:-16}; LR=${YOLOX_LR:-5e-4}; SIZE=${YOLOX_IMAGE_SIZE:-}
       PREC=${YOLOX_PRECISIONS-$PRECISIONS};;
-    centernet-r18-dcn) SECS=${CENTERNET_TRAIN_SECONDS:-90}; BATCH=${CENTERNET_BATCH:-32}; LR=${CENTERNET_LR:-1e-3}; SIZE=${CENTERNET_IMAGE_SIZE:-}
+    centernet-r18-dcn) SECS=${CENTERNET_TRAIN_SECONDS:-90}; FIXED=${CENTERNET_STEPS:-}; BATCH=${CENTERNET_BATCH:-32}; LR=${CENTERNET_LR:-1e-3}; SIZE=${CENTERNET_IMAGE_SIZE:-}
       PREC=${CENTERNET_PRECISIONS-$PRECISIONS};;
     *) echo "unknown 2D model $MODEL"; continue;;
   esac
@@ -83,8 +85,11 @@ for MODEL in $MODELS; do
   if [ "$STAGE" != eval ] && [ "$STAGE" != diag ]; then
     t0=$SECONDS
     T=$(( SECS + 90 )); [ $T -gt $(( $(left) - reserve - 60 )) ] && T=$(( $(left) - reserve - 60 ))
-    timeout "$T" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage train $COMMON --train-seconds "$SECS" \
-      --steps 20000 --warmup 50 --batch "$BATCH" --lr "$LR" $SIZE_FLAG ${EXTRA:-} > "$OUT/det2d_train_$MODEL.txt" 2>&1
+    # a fixed step count (YOLOX_STEPS / CENTERNET_STEPS) gives the same checkpoint on any machine's speed; the time
+    # budget gives as many steps as fit (session 17's H100 ran YOLOX-x at 62 frames/s, session 14's at 97)
+    STEP_FLAGS="--train-seconds $SECS --steps 20000"; [ -n "$FIXED" ] && STEP_FLAGS="--train-seconds 0 --steps $FIXED"
+    timeout "$T" python3 -m bevdeploy.eval.accuracy --model "$MODEL" --stage train $COMMON $STEP_FLAGS --warmup 50 \
+      --batch "$BATCH" --lr "$LR" $SIZE_FLAG ${EXTRA:-} > "$OUT/det2d_train_$MODEL.txt" 2>&1
     echo "$MODEL train rc=$? in $((SECONDS - t0)) s (timeout $T)"
     grep -E "^\[accuracy\]|^train:|trained|Error|error|Traceback" "$OUT/det2d_train_$MODEL.txt" | grep -v "it/s\]\|s/it\]" | tail -6
   fi
