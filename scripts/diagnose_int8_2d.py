@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "float_map": ref_map, "float_heldout_loss": round(ref_loss, 4), "timing_images": args.timing_images,
                     "command": "python scripts/diagnose_int8_2d.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                    "methods": list(args.methods), "ranking_method": args.ranking_method, "variants": [], "ranges": {}, "sensitivity": []}
+                    "methods": list(args.methods), "ranking_method": args.ranking_method, "variants": [], "ranges": {},
+                    "sensitivity": []}
     print(f"[diag] float mAP {ref_map:.4f}, held-out loss {ref_loss:.4f} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     keep_stem = set(image_input_convs(model))
     scope = int8_scope_prefixes(model)
