@@ -210,7 +210,7 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
     for name, m in list(model.named_modules()):
         if isinstance(m, Focus) and _plain(m.conv.conv) and m.conv.conv.in_channels == 12 and m.conv.conv.groups == 1:
             _check_folded(name, (m.conv.bn,))
-            _replace(model, name, FocusNHWC(m))  # its padded weight is channels-last already
+            model.set_submodule(name, FocusNHWC(m))  # its padded weight is channels-last already
             swapped.append(name)
             continue
         if isinstance(m, (ResNet, ResNet18)) and type(m.conv1) is nn.Conv2d:  # stem: maxpool(relu(bn1(conv1(x))))
@@ -240,14 +240,9 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
         for c in convs:  # what cuDNN's NHWC kernels read: no per-call weight copy
             if _plain(c):
                 c.weight.data = c.weight.data.contiguous(memory_format=_CL)
-        _replace(model, name, cls(m))
+        model.set_submodule(name, cls(m))
         swapped.append(name)
     return swapped
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _check_folded(name: str, bns) -> None:

@@ -194,9 +194,7 @@ def set_op_variant(model: nn.Module, variant: str | None) -> list[str]:
             module.op_variant = variant
             names.append(name)
         elif isinstance(module, ModulatedDeformConv2dPack) and variant is not None:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _VariantDCN(module, variant))
+            model.set_submodule(name, _VariantDCN(module, variant))
             names.append(name)
     return names
 

@@ -370,9 +370,7 @@ def _convert_blocks(model: nn.Module) -> None:
         cls = Int8Bottleneck if isinstance(m, Bottleneck) else Int8BasicBlock if isinstance(m, basic) else None
         if cls is None:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(m))
+        model.set_submodule(name, cls(m))
 
 
 def _link_sequentials(model: nn.Module) -> None:
@@ -654,9 +652,7 @@ def _convert_yolox(model: nn.Module) -> None:
                Int8YOLOXPAFPN if type(m) is YOLOXPAFPN else None)
         if cls is None:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(m))
+        model.set_submodule(name, cls(m))
 
 
 def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
@@ -695,15 +691,11 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
             m.link_internal()
     for name, m in list(model.named_modules()):
         if isinstance(m, ResNet):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int8ResNet(m))
+            model.set_submodule(name, Int8ResNet(m))
     for name, m in list(model.named_modules()):
         wrap = Int8CustomFPN if isinstance(m, CustomFPN) else Int8FPN if isinstance(m, FPN) else None
         if wrap is not None:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, wrap(m))
+            model.set_submodule(name, wrap(m))
 
     backbone, neck = getattr(model, "img_backbone", None), getattr(model, "img_neck", None)
     resnets = [m for m in model.modules() if isinstance(m, Int8ResNet)]

@@ -364,15 +364,13 @@ def prepare_qat(
         else:
             device = next(model.parameters(), torch.empty(0)).device
             qat = QATPoint(scales[name], device=device).train(mod.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, qat)
+        model.set_submodule(name, qat)
         swapped += 1
     if deform_convs:
         for name, mod in modules.items():
             if (name and type(mod) is ModulatedDeformConv2dPack and mod.groups == 1 and name not in keep
                     and isinstance(mod.conv_offset, QATConv2d)):
-                parent_name, _, child = name.rpartition(".")
-                setattr(modules[parent_name], child, QATDeformConv2d.from_pack(mod))
+                model.set_submodule(name, QATDeformConv2d.from_pack(mod))
     if swapped == 0:
         raise ValueError(f"no layer selected for QAT: the {len(scales)} scales name no plain Conv2d / Linear / "
                          f"CalibrationPoint under scope {prefixes} outside keep_float")
@@ -460,9 +458,7 @@ def strip_qat(model: nn.Module) -> nn.Module:
     Read :func:`learned_scales` (and :func:`learned_zero_points`) first: they go with the fake-quant layers.
     """
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QATDeformConv2d)]:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                _pack_sharing(ModulatedDeformConv2dPack, mod))
+        model.set_submodule(name, _pack_sharing(ModulatedDeformConv2dPack, mod))
     for name, mod in _fake_quant_modules(model):
         if isinstance(mod, QATConv2d):
             plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
@@ -476,8 +472,7 @@ def strip_qat(model: nn.Module) -> nn.Module:
         plain.train(mod.training)
         if name == "":
             raise ValueError("model is itself a fake-quant layer: nothing to swap it into")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+        model.set_submodule(name, plain)
     return model
 
 
