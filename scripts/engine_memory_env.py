@@ -45,17 +45,6 @@ COLUMNS = ("variant", "env", "memory_mb", "reserved_loaded_mb", "allocated_loade
            "peak_allocated_mb", "ms")
 
 
-def example_inputs(engine_path) -> dict[str, torch.Tensor]:
-    """Zeros of the engine's input spec (``lidar2img`` the identity), read from its metadata."""
-    from bevdeploy.engine.engine import _DTYPES, read_metadata
-
-    _, meta = read_metadata(engine_path)
-    ex = {k: torch.zeros(v["shape"], dtype=_DTYPES[v["dtype"]]) for k, v in meta["inputs"].items()}
-    if "lidar2img" in ex:
-        ex["lidar2img"].copy_(torch.eye(4).expand_as(ex["lidar2img"]))
-    return ex
-
-
 def markdown(doc: dict) -> str:
     lines = [f"# {doc['name']} on {doc['device']}", "", f"Engine `{doc['engine']}`; command: `{doc['command']}`",
              "", "Each row: the engine loaded and run in a fresh process with that environment (memory_mb: the "
@@ -76,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default=None, help="results stem (default: <engine stem>-memory-env)")
     args = ap.parse_args(argv)
+    from bevdeploy.engine.engine import example_inputs, input_spec, read_metadata
     from bevdeploy.eval.engine_memory import fresh_process_memory
     from bevdeploy.eval.timing import gpu_dirname
 
@@ -89,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"name": name, "device": gpu, "engine": engine.name, "torch": torch.__version__,
            "command": "python scripts/engine_memory_env.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
-    inputs = example_inputs(engine)
+    inputs = example_inputs(input_spec(read_metadata(engine)[1]))
     for variant in args.variants:
         env = VARIANTS[variant]
         t0 = time.perf_counter()

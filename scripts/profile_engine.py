@@ -94,6 +94,7 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
     from torch.profiler import ProfilerActivity, profile
 
     from bevdeploy.engine import Engine
+    from bevdeploy.engine.engine import example_inputs
     from bevdeploy.eval.timing import gpu_dirname, time_eager
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -105,7 +106,7 @@ def profile_one(path: Path, out_dir: Path, *, freeze: bool, cudnn_benchmark: boo
         saved = save_code(compiled_code_since(code_start), code_dir / path.stem)
         print(f"{len(saved)} compiled code files of {path.name} -> {code_dir / path.stem}")
     meta = engine.metadata
-    inputs = engine._example()
+    inputs = example_inputs(engine.input_spec, engine.device)
     g = torch.Generator(device="cuda").manual_seed(0)
     for k, v in inputs.items():
         if v.is_floating_point() and k not in ("lidar2img", "use_prev_bev", "can_bus"):

@@ -26,7 +26,7 @@ from torch import Tensor
 from bevdeploy.engine.build import resolve_device
 from bevdeploy.engine.engine_file import ENGINE_VERSION, read_archive, validate_metadata
 
-__all__ = ["Engine", "held_weight_bytes", "read_metadata"]
+__all__ = ["Engine", "example_inputs", "held_weight_bytes", "input_spec", "read_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,21 @@ def _check_runtime(path: Path, meta: dict, device: torch.device) -> None:
         pass
 
 
+def input_spec(metadata: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """An engine's inputs from its metadata: name -> (static shape, dtype), in the graph's order."""
+    return {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in metadata["inputs"].items()}
+
+
+def example_inputs(spec: dict[str, tuple[tuple[int, ...], torch.dtype]], device="cpu") -> dict[str, Tensor]:
+    """Valid inputs of an engine's static shapes (``spec`` as :func:`input_spec`): zeros, ``lidar2img`` the
+    identity (BEVDet: all-zero indices are a valid empty pooling); what the CUDA-graph capture and the memory
+    readings run, whose cost does not depend on the values."""
+    ex = {k: torch.zeros(shape, dtype=dtype, device=device) for k, (shape, dtype) in spec.items()}
+    if "lidar2img" in ex:
+        ex["lidar2img"].copy_(torch.eye(4, device=device).expand_as(ex["lidar2img"]))
+    return ex
+
+
 def held_weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers ``module`` still holds on a real device (0 after a frozen
     compile discarded them; shared tensors counted once)."""
@@ -154,7 +169,7 @@ class Engine:
         self.family = metadata.get("family", "bevformer")
         self.bev_shape = tuple(metadata["bev_shape"]) if metadata.get("bev_shape") else None
         self.preprocess_name = metadata.get("preprocess", metadata["model"])
-        self.input_spec = {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in metadata["inputs"].items()}
+        self.input_spec = input_spec(metadata)
         self.output_names = tuple(metadata["outputs"])
         self.batch = int(metadata.get("batch", 1))
         self._module = ep.module()
@@ -234,15 +249,9 @@ class Engine:
 
         self._fn = run
 
-    def _example(self) -> dict[str, Tensor]:
-        ex = {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self.input_spec.items()}
-        if "lidar2img" in ex:
-            ex["lidar2img"].copy_(torch.eye(4, device=self.device).expand_as(ex["lidar2img"]))
-        return ex  # BEVDet: all-zero indices are a valid empty pooling
-
     def _capture(self) -> None:
         """Warm up (compile, autotune) on a side stream, then capture one call in a CUDA graph."""
-        self._static_in = self._example()
+        self._static_in = example_inputs(self.input_spec, self.device)
         args = tuple(self._static_in[k] for k in self.input_spec)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
