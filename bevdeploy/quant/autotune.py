@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from bevdeploy.eval.timing import time_cuda_graph
 from bevdeploy.quant.int8_kernels import (
     PACKED_K,
     TMA,
@@ -132,30 +132,10 @@ def layer_candidates(m: int, n: int, k: int, device: torch.device, gemm: bool = 
 
 
 def time_in_graph(fn, calls: int = 10, replays: int = 7) -> float:
-    """Median microseconds per call of ``fn`` captured ``calls`` times in a CUDA graph (CUDA events)."""
-    fn()  # compile / warm up outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return statistics.median(times)
+    """Median microseconds per call of ``fn`` captured ``calls`` times in a CUDA graph (CUDA events): the
+    benchmarks' :func:`~bevdeploy.eval.timing.time_cuda_graph` with one warm-up (the compile) and few replays,
+    as every candidate of every layer is timed at build."""
+    return 1000.0 * time_cuda_graph(fn, calls_per_graph=calls, replays=replays, warmup=1)
 
 
 def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero_point, config) -> Tensor:
