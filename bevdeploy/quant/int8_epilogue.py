@@ -26,9 +26,10 @@ if triton is not None:
         acc, offs_m, offs_n, M, N, x_scale,
         ws_ptr, b_ptr, r_ptr, y_ptr,
         stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
+        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, res_tile, RES_PRELOADED: tl.constexpr,
+        HAS_OUT_MUL: tl.constexpr,
     ):  # fmt: skip
         """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
         act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
@@ -40,7 +41,9 @@ if triton is not None:
         (code range less out_zp) before rounding and get out_zp added after it. RES_PRELOADED: the residual
         is ``res_tile``, loaded by the caller before its K loop (:func:`load_residual_tile`), so its memory
         latency hides behind the MMAs instead of following them (short-K GEMMs wait on it); otherwise
-        ``res_tile`` is unused and the residual is read here."""
+        ``res_tile`` is unused and the residual is read here. HAS_OUT_MUL: y[m, n] is multiplied by
+        om[n] (fp32) last, before the store or requantization: a consumer's smoothing divisor
+        (:mod:`bevdeploy.quant.smooth`) applied by its producer, so the smoothed tensor stays int8."""
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_XZP:
@@ -64,6 +67,8 @@ if triton is not None:
             out = out * tl.sigmoid(out)
         if HAS_RESIDUAL and RES_AFTER_ACT:
             out = out + (r.to(tl.float32) - res_zp) * res_scale
+        if HAS_OUT_MUL:
+            out = out * tl.load(om_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         if OUT_INT8:
             v = out * inv_out_scale

@@ -308,6 +308,48 @@ def test_tma_conv_equals_the_per_kernel_point_conv(device, case, epi):
                        _int8_conv2d_triton(*args, config=(16, 16, bk, 2, 4, 1), **q))
 
 
+# (kind, config): every int8 kernel's launch of one epilogue
+OUT_MUL_LAUNCHES = [("linear", (32, 32, 32, 4, 4, 1)), ("linear", (32, 32, 32, 4, 4, 1, 2)),
+                    ("conv", (16, 16, 32, 2, 4, 1)), ("conv", (16, 16, 32, 2, 4, 1, PACKED_K)),
+                    ("conv", (64, 16, 32, 8, 4, 1, TMA)), ("conv1x1", (16, 16, 32, 2, 4, 1))]
+
+
+@pytest.mark.parametrize("kind,cfg", OUT_MUL_LAUNCHES)
+def test_out_mul_scales_each_output_channel_last(device, kind, cfg):
+    """``out_mul[n]`` multiplies output channel n after the SiLU and the residual added after it, before the
+    requantization (YOLOX's bottleneck epilogue, a smoothed consumer's divisor): int8 codes within one step of
+    the reference (fp32 sums), fp32 outputs at float64 accuracy, in every kernel; a bad vector is refused."""
+    if cfg[-1] == TMA and len(cfg) == 7 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper GPU")
+    o = 24
+    mul = (torch.rand(o, device=device) * 1.5 + 0.25).float()
+    if kind == "linear":
+        x_q, w_q, ws = _codes(37, 64, device=device), _codes(o, 64, device=device), _scales(o, device)
+        b, r = torch.randn(o, device=device), _codes(37, o, device=device)
+        run, ref = int8_linear, reference_int8_linear
+        geo, ref_geo = {}, ()
+    else:
+        k, pad = ((3, 3), 1) if kind == "conv" else ((1, 1), 0)
+        x_q, w_q, ws, b, _, (ho, wo) = _conv_case(2, 32, 8, 8, o, k, (1, 1), (pad, pad), (1, 1), True, False, device)
+        r = _codes(2, o, ho, wo, device=device).contiguous(memory_format=torch.channels_last)
+        run, ref = int8_conv2d, reference_int8_conv2d
+        geo, ref_geo = dict(padding=pad), ((1, 1), (pad, pad), (1, 1), 1)
+    kw = dict(residual=r, residual_scale=0.05, activation="silu", residual_after_act=True, config=cfg)
+    y8 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_scale=0.04, out_mul=mul)
+    r8 = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True, out_mul=mul)
+    assert (y8.int() - r8.int()).abs().max() <= 1
+    plain = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True)
+    assert not torch.equal(r8, plain)  # the multiplier changed the codes
+    y32 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_dtype=torch.float32, out_mul=mul)
+    y_ref = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float32", 0.05, None, True)
+    shape = (-1,) if kind == "linear" else (1, -1, 1, 1)
+    assert_rel_close(y32, y_ref.double() * mul.double().view(shape), REL_TOL["fp32"])
+    with pytest.raises(ValueError, match="out_mul must have shape"):
+        run(x_q, w_q, 0.013, ws, b, **geo, out_mul=mul[:-1])
+    with pytest.raises(ValueError, match="out_mul"):
+        run(x_q, w_q, 0.013, ws, b, **geo, out_mul=mul.half())
+
+
 def test_tma_config_refuses_what_it_cannot_run(device):
     x_q, w_q, ws = _codes(1, 48, 6, 6, device=device), _codes(4, 3, 3, 48, device=device), _scales(4, device)
     with pytest.raises(ValueError, match="channels 48 not a multiple of BLOCK_K 32"):
