@@ -142,7 +142,7 @@ def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero
     kw = dict(residual=residual, residual_scale=residual_scale, activation=layer.activation,
               out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config,
               residual_after_act=layer.residual_after_act, residual_zero_point=residual_zero_point,
-              **layer._zero_point_args())
+              **layer._kernel_args())
     if isinstance(layer, QuantConv2d):
         return int8_conv2d(x_q, layer.weight, layer.input_scale, layer.weight_scale, layer.bias, layer.stride,
                            layer.padding, layer.dilation, **kw)

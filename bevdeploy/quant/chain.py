@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from bevdeploy.models.yolox import YOLOXPAFPN
 from bevdeploy.quant.int8_kernels import code_range
 from bevdeploy.quant.modules import QuantConv2d, QuantDeformConv2d, QuantLinear
+from bevdeploy.quant.smooth import ChannelScale
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
            "Int8SPPBottleneck", "Int8YOLOXPAFPN", "chain_int8", "max_pool2d_int8"]
@@ -434,14 +435,32 @@ def _link_resnet(net: Int8ResNet, out_readers: dict[int, list]) -> None:
 # ---------------------------------------------------------------------------------------------- YOLOX
 
 
-def _cm_conv(m: nn.Module | None) -> nn.Module | None:
+def _is_smooth_wrapper(m: nn.Module | None) -> bool:
+    """``Sequential(ChannelScale, layer)`` of :func:`~bevdeploy.quant.smooth.smooth_inputs`, or its folded form
+    ``Sequential(Identity, layer)`` (the divisor moved into the producer's epilogue)."""
+    return type(m) is nn.Sequential and len(m) == 2 and isinstance(m[0], (ChannelScale, nn.Identity))
+
+
+def _unwrap(m: nn.Module | None, through_scale: bool = False) -> nn.Module | None:
+    """The layer of a folded smoothing wrapper (its input is the int8 tensor itself), or with ``through_scale``
+    of any smoothing wrapper (for what the layer writes: its output does not depend on how its input is
+    scaled); else ``m``."""
+    if _is_smooth_wrapper(m) and (through_scale or isinstance(m[0], nn.Identity)):
+        return m[1]
+    return m
+
+
+def _cm_conv(m: nn.Module | None, through_scale: bool = False) -> nn.Module | None:
     """The int8 conv of a deployed ``ConvModule`` (BN folded, SiLU fused: every other child is an
-    Identity) or a plain int8 conv; None for anything float (its output is float)."""
+    Identity) or a plain int8 conv, seen through a folded smoothing wrapper (any one with
+    ``through_scale``, see :func:`_unwrap`); None for anything float (its output is float)."""
     from bevdeploy.models.yolox import ConvModule
 
     if isinstance(m, ConvModule):
         rest = [c for k, c in m.named_children() if k != "conv"]
-        return m.conv if _is_q(m.conv) and all(type(c) is nn.Identity for c in rest) else None
+        conv = _unwrap(m.conv, through_scale)
+        return conv if _is_q(conv) and all(type(c) is nn.Identity for c in rest) else None
+    m = _unwrap(m, through_scale)
     return m if _is_int8(m) else None
 
 
@@ -462,8 +481,9 @@ class Int8DarknetBottleneck(nn.Module):
         self.in_scale: float | None = None
         self.in_zero_point = 0
         self.int8_identity = True
-        if self.add_identity and _cm_conv(self.conv2) is not None:
-            _cm_conv(self.conv2).residual_after_act = True
+        c2 = _cm_conv(self.conv2, through_scale=True)  # a smoothed conv2 may run its epilogue once folded
+        if self.add_identity and c2 is not None:
+            c2.residual_after_act = True
 
     def input_readers(self) -> list[tuple[nn.Module | None, str]]:
         readers = _cm_readers(self.conv1)
@@ -471,12 +491,6 @@ class Int8DarknetBottleneck(nn.Module):
             c2 = _cm_conv(self.conv2)
             readers.append((c2, "residual") if self.int8_identity and c2 is not None else (None, "float"))
         return readers
-
-    def last_conv(self) -> nn.Module | None:
-        return _cm_conv(self.conv2)
-
-    def link_internal(self) -> None:
-        _link(_cm_conv(self.conv1), _cm_readers(self.conv2))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(x)
@@ -499,9 +513,6 @@ class Int8SPPBottleneck(nn.Module):
     def __init__(self, spp: nn.Module) -> None:
         super().__init__()
         self.conv1, self.poolings, self.conv2 = spp.conv1, spp.poolings, spp.conv2
-
-    def link_internal(self) -> None:
-        _link(_cm_conv(self.conv1), _cm_readers(self.conv2))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
@@ -537,24 +548,76 @@ def _y_readers(m: nn.Module) -> list[tuple[nn.Module | None, str]]:
         return _cm_readers(m.conv1)
     if isinstance(m, CSPLayer):
         return _cm_readers(m.main_conv) + _cm_readers(m.short_conv)
-    if type(m) is nn.Sequential:
+    if type(m) is nn.Sequential and not _is_smooth_wrapper(m):
         return _y_readers(m[0])
     return _cm_readers(m)
 
 
 def _y_producer(m: nn.Module) -> nn.Module | None:
-    """The int8 conv writing YOLOX module ``m``'s output (None: float)."""
+    """The int8 conv writing YOLOX module ``m``'s output (None: float), whatever scales its input (a smoothed
+    layer still writes its output), but for a ``DarknetBottleneck`` with an identity: its conv2 adds the
+    identity in its epilogue only when it reads conv1's tensor itself (its forward's int8 path)."""
     from bevdeploy.models.yolox import CSPLayer
 
     if isinstance(m, Int8DarknetBottleneck):
-        return m.last_conv()
+        return _cm_conv(m.conv2, through_scale=not m.add_identity)
     if isinstance(m, Int8SPPBottleneck):
-        return _cm_conv(m.conv2)
+        return _cm_conv(m.conv2, through_scale=True)
     if isinstance(m, CSPLayer):
-        return _cm_conv(m.final_conv)
-    if type(m) is nn.Sequential:
+        return _cm_conv(m.final_conv, through_scale=True)
+    if type(m) is nn.Sequential and not _is_smooth_wrapper(m):
         return _y_producer(m[-1])
-    return _cm_conv(m)
+    return _cm_conv(m, through_scale=True)
+
+
+def _y_smoothed_entries(m: nn.Module) -> list[nn.Sequential] | None:
+    """The ``Sequential(ChannelScale, layer)`` wrappers through which YOLOX module ``m`` reads its input, or
+    None when it reads it otherwise too (a plain layer, a residual, a float op)."""
+    from bevdeploy.models.yolox import ConvModule, CSPLayer
+
+    if isinstance(m, Int8DarknetBottleneck):
+        return None if m.add_identity else _y_smoothed_entries(m.conv1)
+    if isinstance(m, Int8SPPBottleneck):
+        return _y_smoothed_entries(m.conv1)
+    if isinstance(m, CSPLayer):
+        main, short = _y_smoothed_entries(m.main_conv), _y_smoothed_entries(m.short_conv)
+        return None if main is None or short is None else main + short
+    if isinstance(m, ConvModule):
+        return _y_smoothed_entries(m.conv)
+    if _is_smooth_wrapper(m):
+        return [m] if isinstance(m[0], ChannelScale) else None
+    if type(m) is nn.Sequential and len(m):
+        return _y_smoothed_entries(m[0])
+    return None
+
+
+def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False) -> None:
+    """Move the smoothing divisor of ``readers`` into the epilogues of ``producers`` (module docstring of
+    :mod:`bevdeploy.quant.smooth`): when every reader reads the tensor only through a ``ChannelScale`` and
+    all of these are equal, and every producer is an int8 conv or linear (several: their outputs concatenated
+    in this order, ``concat``), each producer multiplies its output channels by its slice of the divisor
+    (``out_mul``) and the readers' ``ChannelScale`` become ``nn.Identity``. The same function either way;
+    the linking that follows then sees int8 readers."""
+    if extra or not readers or (len(producers) > 1 and not concat):
+        return
+    entries: list[nn.Sequential] = []
+    for r in readers:
+        found = _y_smoothed_entries(r)
+        if found is None:
+            return
+        entries += found
+    inv = entries[0][0].inv
+    convs = [_y_producer(p) for p in producers]
+    if not all(isinstance(c, (QuantConv2d, QuantLinear)) for c in convs):
+        return
+    sizes = [c.weight.shape[0] for c in convs]
+    if sum(sizes) != inv.numel() or not all(torch.equal(e[0].inv, inv) for e in entries):
+        return
+    for c, part in zip(convs, inv.split(sizes)):
+        old = getattr(c, "out_mul", None)
+        c.set_out_mul(part if old is None else old * part.to(old.device))
+    for e in entries:
+        e[0] = nn.Identity()
 
 
 def _y_set_in_qparams(readers: list[nn.Module], qparams: tuple[float, int] | None) -> None:
@@ -567,7 +630,8 @@ def _y_set_in_qparams(readers: list[nn.Module], qparams: tuple[float, int] | Non
             m.in_scale, m.in_zero_point = qparams or (None, 0)
 
 
-def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=()) -> tuple[float, int] | None:
+def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False
+            ) -> tuple[float, int] | None:
     """The outputs of YOLOX modules ``producers`` (one tensor, or tensors concatenated for the readers)
     go int8 at one (scale, zero point) when every producer's last conv is int8 and every reader is; else
     all float."""
@@ -585,23 +649,25 @@ def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=()) -> t
     return qparams
 
 
-def _link_csp(csp: nn.Module) -> None:
+def _link_csp(csp: nn.Module, link=_y_link) -> None:
     """main_conv -> blocks -> (last block, short_conv) concatenated -> final_conv (one scale: exact)."""
     seq = [csp.main_conv, *csp.blocks]
     for a, b in zip(seq, seq[1:]):
-        _y_link([a], [b])
-    _y_link([seq[-1], csp.short_conv], [csp.final_conv])
+        link([a], [b])
+    link([seq[-1], csp.short_conv], [csp.final_conv], concat=True)
 
 
-def _link_yolox(model: nn.Module) -> None:
-    """The data flow of :class:`bevdeploy.models.yolox.YOLOX` (``backbone``, ``neck``, ``bbox_head``)."""
+def _link_yolox(model: nn.Module, link=_y_link) -> None:
+    """The data flow of :class:`bevdeploy.models.yolox.YOLOX` (``backbone``, ``neck``, ``bbox_head``): each edge
+    handed to ``link`` (:func:`_y_link`, or :func:`_y_fold` in the pass before it)."""
     from bevdeploy.models.yolox import CSPDarknet, CSPLayer, YOLOXHead
 
-    for m in model.modules():
+    for m in model.modules():  # inside the blocks first: a CSP's concat link reads its last block's conv2
         if isinstance(m, (Int8DarknetBottleneck, Int8SPPBottleneck)):
-            m.link_internal()
-        elif isinstance(m, CSPLayer):
-            _link_csp(m)
+            link([m.conv1], [m.conv2])
+    for m in model.modules():
+        if isinstance(m, CSPLayer):
+            _link_csp(m, link)
     backbone, neck, head = (getattr(model, k, None) for k in ("backbone", "neck", "bbox_head"))
     whole = isinstance(backbone, CSPDarknet) and isinstance(neck, Int8YOLOXPAFPN) and isinstance(head, YOLOXHead)
     for net in [m for m in model.modules() if isinstance(m, CSPDarknet)]:
@@ -610,37 +676,37 @@ def _link_yolox(model: nn.Module) -> None:
         outs = {id(s[-1]) for s in stages[1:]}  # stages 2-4 are returned
         for a, b in zip(seq, seq[1:]):
             if id(a) not in outs:
-                _y_link([a], [b])
+                link([a], [b])
         if not (whole and net is backbone):  # returned to unknown readers: float
             for s in stages[1:]:
-                _y_link([s[-1]], [], [(None, "float")])
+                link([s[-1]], [], [(None, "float")])
     if not whole:
         return
     n = len(neck.in_channels)
     inputs = [backbone.stage2, backbone.stage3, backbone.stage4][-n:]
     nxt = {id(backbone.stage2): backbone.stage3[0], id(backbone.stage3): backbone.stage4[0]}
     td, bu, red, down = neck.top_down_blocks, neck.bottom_up_blocks, neck.reduce_layers, neck.downsamples
-    _y_link([inputs[n - 1][-1]], [red[0]])  # the top level: the first reduce conv
+    link([inputs[n - 1][-1]], [red[0]])  # the top level: the first reduce conv
     for j in range(n - 1):
         # high_j (reduce_layers[j]) is upsampled and concatenated with backbone level n-2-j for
         # top_down_blocks[j], and concatenated after downsamples[n-2-j] for bottom_up_blocks[n-2-j];
         # that level is also the next backbone stage's input: the three tensors share one scale
         level = inputs[n - 2 - j]
         readers = [td[j], bu[n - 2 - j]] + ([nxt[id(level)]] if id(level) in nxt else [])
-        _y_link([red[j], level[-1], down[n - 2 - j]], readers)
+        link([red[j], level[-1], down[n - 2 - j]], readers)
         if j < n - 2:
-            _y_link([td[j]], [red[j + 1]])
-    _y_link([td[n - 2]], [down[0], neck.out_convs[0]])  # outs[0]
+            link([td[j]], [red[j + 1]])
+    link([td[n - 2]], [down[0], neck.out_convs[0]])  # outs[0]
     for i in range(n - 1):  # outs[i + 1]
-        _y_link([bu[i]], [neck.out_convs[i + 1]] + ([down[i + 1]] if i + 1 < n - 1 else []))
+        link([bu[i]], [neck.out_convs[i + 1]] + ([down[i + 1]] if i + 1 < n - 1 else []))
     for i in range(n):
         cls, reg = head.multi_level_cls_convs[i], head.multi_level_reg_convs[i]
-        _y_link([neck.out_convs[i]], [cls, reg])
+        link([neck.out_convs[i]], [cls, reg])
         for tower in (cls, reg):
             for a, b in zip(tower, list(tower)[1:]):
-                _y_link([a], [b])
-        _y_link([cls], [head.multi_level_conv_cls[i]])
-        _y_link([reg], [head.multi_level_conv_reg[i], head.multi_level_conv_obj[i]])
+                link([a], [b])
+        link([cls], [head.multi_level_conv_cls[i]])
+        link([reg], [head.multi_level_conv_reg[i], head.multi_level_conv_obj[i]])
 
 
 def _convert_yolox(model: nn.Module) -> None:
@@ -738,5 +804,6 @@ def chain_int8(model: nn.Module, *, int8_identity: bool = True) -> list[str]:
     for m in model.modules():
         if isinstance(m, Int8DarknetBottleneck):
             m.int8_identity = int8_identity
+    _link_yolox(model, _y_fold)  # smoothing divisors into producers first, so every edge links int8 after
     _link_yolox(model)
     return [n for n, m in model.named_modules() if _is_int8(m) and m.out_scale is not None]

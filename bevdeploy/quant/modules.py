@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import quantize_weight_per_channel, use_triton
+from bevdeploy.quant.smooth import ChannelScale
 from bevdeploy.quant.int8_kernels import (
     ACTIVATIONS,
     _check_zero_point,
@@ -131,6 +132,9 @@ class _QuantBase(ScaledInputLayer):
         zp = state_dict.get(prefix + "input_zero_point_tensor")
         if zp is not None:  # an asymmetric layer's state: take its zero point (and buffers) before loading
             self.set_input_zero_point(int(zp))
+        mul = state_dict.get(prefix + "out_mul")
+        if mul is not None and getattr(self, "out_mul", None) is None:  # a folded smoothing divisor: its buffer
+            self.set_out_mul(torch.ones_like(mul, dtype=torch.float32, device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.input_zero_point and self._zero_point_weight_sums:  # the weight sums follow the loaded weights
             self.w_sum = weight_sums(self.weight)
@@ -172,9 +176,25 @@ class _QuantBase(ScaledInputLayer):
         self.register_buffer("input_zero_point_tensor", torch.tensor(zero_point, dtype=torch.int32,
                                                                      device=self.weight.device) if zero_point else None)
 
-    def _zero_point_args(self) -> dict:
+    def set_out_mul(self, mul: Tensor | None) -> None:
+        """Multiply output channel n by ``mul[n]`` in the epilogue, after the activation and the residual and
+        before the store or requantization (buffer ``out_mul``, fp32 [out channels]; None: no multiplier).
+        :func:`bevdeploy.quant.chain.chain_int8` sets it to a smoothed consumer's divisor (``ChannelScale``),
+        which the consumer then no longer applies, so the tensor between them can stay int8."""
+        if mul is not None:
+            n = self.weight.shape[0]
+            if mul.shape != (n,):
+                raise ValueError(f"out_mul must have shape [{n}] (one per output channel), got {list(mul.shape)}")
+            if not bool(torch.isfinite(mul).all()):
+                raise ValueError("out_mul must be finite")
+            mul = mul.detach().to(device=self.weight.device, dtype=torch.float32).clone()
+        self.register_buffer("out_mul", mul)
+
+    def _kernel_args(self) -> dict:
+        """The int8 op's keyword arguments this layer's state sets: zero points, weight sums, out_mul."""
         return {"x_zero_point": self.input_zero_point, "w_sum": getattr(self, "w_sum", None),
-                "out_zero_point": self.out_zero_point if self.out_scale is not None else 0}
+                "out_zero_point": self.out_zero_point if self.out_scale is not None else 0,
+                "out_mul": getattr(self, "out_mul", None)}
 
     def _quantize_input(self, x: Tensor) -> Tensor:
         if x.dtype == torch.int8:
@@ -199,6 +219,8 @@ class _QuantBase(ScaledInputLayer):
             after += f", input zero point {self.input_zero_point}"
         if self.out_scale is not None and self.out_zero_point:
             after += f", output zero point {self.out_zero_point}"
+        if getattr(self, "out_mul", None) is not None:
+            after += ", per-channel out multiplier (folded smoothing)"
         return f"precision=int8 (int8 x int8 -> int32, per-channel weights, {kernel}), out={out}{after}{tuned}"
 
 
@@ -253,7 +275,7 @@ class QuantLinear(_QuantBase):
                            residual=residual, residual_scale=residual_scale, activation=self.activation,
                            out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config,
                            residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
-                           **self._zero_point_args())
+                           **self._kernel_args())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -351,7 +373,7 @@ class QuantConv2d(_QuantBase):
                            residual_scale=residual_scale, activation=self.activation, out_dtype=self.out_dtype,
                            out_scale=self.out_scale, config=self.launch_config,
                            residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
-                           **self._zero_point_args())
+                           **self._kernel_args())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -597,10 +619,16 @@ def _swap_in(modules: dict[str, nn.Module], name: str, mod: nn.Module, make, *, 
     (activation, the fused activation module's name or None)."""
     parent_name, _, child = name.rpartition(".")
     parent = modules[parent_name]
+    # a smoothed layer (smooth_inputs' Sequential(ChannelScale, layer)): its activation follows the wrapper
+    outer_name, outer_child = parent_name, child
+    if (type(parent) is nn.Sequential and len(parent) == 2 and child == "1" and isinstance(parent[0], ChannelScale)
+            and parent_name):
+        outer_name, _, outer_child = parent_name.rpartition(".")
+    outer = modules[outer_name]
     activation, act_name = "none", None
-    if (found := fusable_activation(parent, child)) is not None and found[1] in fusable:
+    if (found := fusable_activation(outer, outer_child)) is not None and found[1] in fusable:
         act_child, activation = found
-        act_name = f"{parent_name}.{act_child}" if parent_name else act_child
+        act_name = f"{outer_name}.{act_child}" if outer_name else act_child
     qmod = make(activation)
     qmod.quantize_in_graph = quantize_in_graph
     if zero_point:
@@ -608,7 +636,7 @@ def _swap_in(modules: dict[str, nn.Module], name: str, mod: nn.Module, make, *, 
     qmod.train(mod.training)
     setattr(parent, child, qmod)
     if act_name is not None:
-        setattr(parent, act_name.rpartition(".")[2], nn.Identity())
+        setattr(outer, act_name.rpartition(".")[2], nn.Identity())
     return activation, act_name
 
 

@@ -10,10 +10,16 @@ into the weights, which are quantized per output channel and tolerate it better:
 
 :func:`smooth_inputs` rewrites each chosen layer as ``nn.Sequential(ChannelScale(1 / m), layer)``
 with the layer's weights multiplied by ``m``; the float model computes the same function (to
-rounding), and the int8 build then calibrates and quantizes the smoothed input. ``ChannelScale`` is
-a float multiply (a pointwise pass the engine's compiler can fuse with neighbouring pointwise work,
-not with our int8 ops); the int8 chain does not link through it (the layer reads a float tensor),
-so smoothing trades the chain's saved traffic for accuracy. Not yet measured on a GPU.
+rounding), and the int8 build then calibrates and quantizes the smoothed input. Layers that read one
+tensor (a CSP layer's main and short convs, a YOLOX head's two towers) get one joint ``m`` (their
+weights' ranges combined), so the tensor has one smoothed form.
+
+Where the producer of a smoothed tensor is an int8 conv and every reader is smoothed alike,
+:func:`bevdeploy.quant.chain.chain_int8` folds the divisor into the producer's epilogue (``out_mul``:
+after its activation and residual, before the requantization) and the readers' ``ChannelScale``
+becomes an ``nn.Identity``: the tensor stays int8 between them. Elsewhere (a float producer, a
+reader that also takes the tensor as a residual, readers smoothed differently) ``ChannelScale`` stays
+a float multiply and the chain does not link through it (the layer reads a float tensor).
 
 Measured (CPU, a YOLOX-x config at deepen 1.33 / widen 0.25 trained briefly; box-output SQNR vs
 float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
@@ -22,12 +28,13 @@ float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelScale", "input_channel_ranges", "smooth_inputs", "smoothable"]
+__all__ = ["ChannelRanges", "ChannelScale", "input_channel_ranges", "smooth_inputs", "smoothable"]
 
 
 class ChannelScale(nn.Module):
@@ -47,6 +54,15 @@ class ChannelScale(nn.Module):
         return f"channels={self.inv.numel()}, channel_dim={self.channel_dim}"
 
 
+class ChannelRanges(dict):
+    """Layer name -> ``max |x|`` per input channel, and ``shared``: the groups (lists of two or more names)
+    of layers that read one tensor, found while the ranges were measured."""
+
+    def __init__(self, ranges: dict[str, Tensor], shared: list[list[str]] | None = None) -> None:
+        super().__init__(ranges)
+        self.shared = shared or []
+
+
 def smoothable(module: nn.Module) -> bool:
     """A plain conv with one group or a plain linear: their input channels are the GEMM's K."""
     if type(module) is nn.Conv2d:
@@ -55,9 +71,13 @@ def smoothable(module: nn.Module) -> bool:
 
 
 def input_channel_ranges(model: nn.Module, forward_loop: Callable[[nn.Module], object],
-                         layers: Iterable[str]) -> dict[str, Tensor]:
-    """``max |x|`` per input channel of each named layer over ``forward_loop(model)`` (no grad)."""
+                         layers: Iterable[str]) -> ChannelRanges:
+    """``max |x|`` per input channel of each named layer over ``forward_loop(model)`` (no grad), and which
+    layers read the same tensor object (at each layer's first call; a weak reference, so a freed tensor
+    whose id is reused never matches)."""
     ranges: dict[str, Tensor] = {}
+    first_inputs: list[tuple[weakref.ref, str]] = []
+    group_of: dict[str, list[str]] = {}
     hooks = []
     for name in layers:
         module = model.get_submodule(name)
@@ -67,6 +87,11 @@ def input_channel_ranges(model: nn.Module, forward_loop: Callable[[nn.Module], o
         dims = (0, 2, 3) if isinstance(module, nn.Conv2d) else None
 
         def hook(mod, args, name=name, dims=dims):
+            if name not in group_of:
+                shared = next((group_of[other] for ref, other in first_inputs if ref() is args[0]), None)
+                group_of[name] = shared if shared is not None else []
+                group_of[name].append(name)
+                first_inputs.append((weakref.ref(args[0]), name))
             x = args[0].detach().float()
             amax = x.abs().amax(dims) if dims is not None else x.abs().reshape(-1, x.shape[-1]).amax(0)
             ranges[name] = amax if name not in ranges else torch.maximum(ranges[name], amax)
@@ -81,7 +106,13 @@ def input_channel_ranges(model: nn.Module, forward_loop: Callable[[nn.Module], o
     missing = [n for n in layers if n not in ranges]
     if missing:
         raise RuntimeError(f"the calibration loop never ran {len(missing)} layer(s), e.g. {missing[:3]}")
-    return ranges
+    groups = {id(g): g for g in group_of.values() if len(g) > 1}
+    return ChannelRanges(ranges, list(groups.values()))
+
+
+def _weight_input_ranges(layer: nn.Module) -> Tensor:
+    w = layer.weight.detach().float()
+    return (w.abs().amax((0, 2, 3)) if isinstance(layer, nn.Conv2d) else w.abs().amax(0)).clamp_min(1e-8)
 
 
 def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.5) -> list[str]:
@@ -89,17 +120,26 @@ def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.
 
     Returns the new names of the smoothed layers (``<name>.1``: the int8 candidates now). ``alpha``
     in [0, 1]: 0 leaves the activations as they are, 1 moves all of their spread into the weights.
-    Channels that never saw a non-zero value keep ``m`` at the floor (1e-5 of the largest).
+    Channels that never saw a non-zero value keep ``m`` at the floor (1e-5 of the largest). The layers of
+    one group of ``ranges.shared`` (a :class:`ChannelRanges`) read one tensor and get one ``m``, from the
+    tensor's range and the largest of their weights' ranges per input channel.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    groups = {n: g for g in getattr(ranges, "shared", []) if all(n_ in ranges for n_ in g) for n in g}
+    joint: dict[tuple[str, ...], Tensor] = {}
     new_names = []
     for name, amax_x in ranges.items():
         layer = model.get_submodule(name)
-        w = layer.weight.detach().float()
-        amax_w = (w.abs().amax((0, 2, 3)) if isinstance(layer, nn.Conv2d) else w.abs().amax(0)).clamp_min(1e-8)
-        m = amax_x.to(w.device).clamp_min(1e-8) ** alpha / amax_w ** (1.0 - alpha)
-        m = (m / m.max()).clamp_min(1e-5)
+        w = layer.weight
+        group = tuple(groups.get(name, [name]))
+        m = joint.get(group)
+        if m is None:
+            amax_w = torch.stack([_weight_input_ranges(model.get_submodule(n)) for n in group]).amax(0)
+            amax_in = torch.stack([ranges[n].to(w.device) for n in group]).amax(0)
+            m = amax_in.clamp_min(1e-8) ** alpha / amax_w ** (1.0 - alpha)
+            m = (m / m.max()).clamp_min(1e-5)
+            joint[group] = m
         with torch.no_grad():
             view = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
             layer.weight.mul_(m.view(view).to(layer.weight.dtype))

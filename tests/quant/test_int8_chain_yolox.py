@@ -161,3 +161,88 @@ def test_yolox_chain_on_the_kernels(device, monkeypatch):
         want = chained.cpu()(x)
     for k in want:
         assert sqnr_db(want[k], out[k].cpu()) > CHAIN_EXACT_SQNR_DB, k
+
+
+def _smoothed(size: int, batch: int):
+    """The reduced YOLOX with every int8 conv smoothed (alpha 0.5, as ``build(smooth_alpha=0.5)``), calibrated."""
+    from bevdeploy.engine.model_io import image_input_convs
+    from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs
+
+    model = _model(size)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    stem = set(image_input_convs(model))
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in stem]
+    ranges = input_channel_ranges(model, lambda m: m(x), layers)
+    smoothed = copy.deepcopy(model)
+    smooth_inputs(smoothed, ranges, alpha=0.5)
+    table = calibrate(smoothed, lambda m: m(x), "minmax")
+    return model, smoothed, ranges, x, {n: table.scale(n) for n in table.amax}
+
+
+#: smoothed readers whose divisor stays a float multiply: the float stem's reader, the 7 identity blocks' conv1
+#: (the identity reads the tensor too), the PAFPN concat groups' readers (one tensor, three producers, two
+#: orders) and the SPP's conv2 (it reads the pooled concatenation)
+UNFOLDED = {"backbone.stage1.0.conv", "backbone.stage4.0.conv", "backbone.stage3.0.conv", "backbone.stage4.1.conv2.conv",
+            *(f"backbone.stage{s}.1.blocks.{b}.conv1.conv" for s, bs in ((1, 1), (2, 3), (3, 3)) for b in range(bs)),
+            *(f"neck.{k}.{i}.{c}.conv" for k in ("top_down_blocks", "bottom_up_blocks") for i in range(2)
+              for c in ("main_conv", "short_conv"))}
+
+
+def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_references):
+    """Smoothing with the chain: readers of one tensor get one divisor (CSP main + short, the head's towers, reg +
+    obj), and where every reader of a tensor reads it through that divisor and its producers are int8 convs, the
+    producers multiply their output channels by it in the epilogue (``out_mul``, split over a CSP concat) and
+    the readers' ChannelScale becomes an Identity: the tensor stays int8. Same function as the unfolded,
+    unchained model up to rounding ties (the fold moves y * m / s into one fp32 epilogue; measured 54-61 dB)."""
+    from bevdeploy.quant.chain import _is_smooth_wrapper
+    from bevdeploy.quant.modules import QuantConv2d
+    from bevdeploy.quant.smooth import ChannelScale
+
+    model, smoothed, ranges, x, scales = _smoothed(64, 2)
+    assert ["backbone.stage2.1.main_conv.conv", "backbone.stage2.1.short_conv.conv"] in ranges.shared
+    assert ["bbox_head.multi_level_conv_reg.1", "bbox_head.multi_level_conv_obj.1"] in ranges.shared
+    assert ["bbox_head.multi_level_cls_convs.0.0.conv", "bbox_head.multi_level_reg_convs.0.0.conv"] in ranges.shared
+    g = smoothed.get_submodule
+    assert torch.equal(g("backbone.stage2.1.main_conv.conv")[0].inv, g("backbone.stage2.1.short_conv.conv")[0].inv)
+    with torch.no_grad():
+        ref, same = model(x), smoothed(x)
+    for k in ref:
+        assert sqnr_db(ref[k], same[k]) > 100, k  # smoothing alone keeps the float function
+    chained, writers = _int8(smoothed, scales, chain=False)
+    wrappers = {n.removesuffix(".0"): m for n, m in chained.named_modules() if _is_smooth_wrapper(m)}
+    assert len(wrappers) == 82
+    assert {n for n, m in wrappers.items() if isinstance(m[0], ChannelScale)} == UNFOLDED
+    c = chained.get_submodule
+    blk = "backbone.stage2.1.blocks.0."
+    assert torch.equal(c(blk + "conv1.conv.1").out_mul, g(blk + "conv2.conv")[0].inv)  # conv1 -> conv2
+    final = g("backbone.stage2.1.final_conv.conv")[0].inv  # the concat: the last block's channels, then short's
+    main_out = c("backbone.stage2.1.blocks.2.conv2.conv.1")
+    n_main = main_out.weight.shape[0]
+    assert torch.equal(main_out.out_mul, final[:n_main])
+    assert torch.equal(c("backbone.stage2.1.short_conv.conv.1").out_mul, final[n_main:])
+    assert c("bbox_head.multi_level_reg_convs.1.1.conv.1").out_mul is not None  # reg tower -> reg + obj
+    assert c("backbone.stage2.1.blocks.0.conv2.conv.1").out_scale is None  # read by the next identity block
+    assert c(blk + "conv1.conv.1").out_scale is not None and c("neck.out_convs.0.conv.1").out_scale is not None
+    assert len(writers) == 59  # of the 73 without smoothing: the unfolded readers above read floats
+    shared = {n: m.input_scale for n, m in chained.named_modules() if isinstance(m, QuantConv2d)}
+    plain, _ = _int8(smoothed, {**scales, **shared})
+    with torch.no_grad():
+        out_c, out_p = chained(x), plain(x)
+    for k in ref:
+        assert torch.isfinite(out_c[k]).all()
+        assert sqnr_db(out_p[k], out_c[k]) > 45.0, k
+        assert sqnr_db(ref[k], out_c[k]) > INT8_VS_FLOAT_SQNR_DB, k
+
+
+def test_smoothed_yolox_chain_on_the_kernels(device, monkeypatch):
+    """The folded divisors run in the kernels' epilogues (interpreter on CPU) as in the references."""
+    _, smoothed, _, x, scales = _smoothed(32, 1)
+    chained, _ = _int8(smoothed.to(device), scales, chain=True)
+    assert sum(getattr(m, "out_mul", None) is not None for m in chained.modules()) > 30
+    with torch.no_grad():
+        out = chained(x.to(device))
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the references
+        want = chained.cpu()(x)
+    for k in want:
+        assert sqnr_db(want[k], out[k].cpu()) > CHAIN_EXACT_SQNR_DB, k
