@@ -580,6 +580,19 @@ def build(
     return out if ctx.is_main else None
 
 
+def _folded_smoothing(model: nn.Module, smoothed_layers: Sequence[str]) -> list[str]:
+    """The smoothed layers whose ``ChannelScale`` the chain folded into their producers (now an Identity)."""
+    out = []
+    for name in smoothed_layers:
+        try:
+            wrapper = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(wrapper, nn.Sequential) and len(wrapper) == 2 and type(wrapper[0]) is nn.Identity:
+            out.append(name)
+    return out
+
+
 def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out: Path,
                        scales: dict[str, float] | None, keep_float: Sequence[str], int8_chain: bool | str, batch: int,
                        dev: torch.device, autotune: bool, table, table_path: Path | None, qat_meta: dict | None,
@@ -625,6 +638,10 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         except Exception as e:  # noqa: BLE001  (tuning is an optimisation: the heuristic still runs)
             logger.warning("int8 launch autotune failed, keeping the heuristic configs: %s: %s", type(e).__name__, e)
     int8_outputs = [n for n, m in model.named_modules() if getattr(m, "out_scale", None) is not None]
+    folded = _folded_smoothing(model, smoothed_layers)
+    if smoothed_layers:
+        logger.info("smoothing: %d of %d smoothed layers read int8 codes their producer divided (the divisor in its "
+                    "epilogue); the rest multiply a float input", len(folded), len(smoothed_layers))
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example.values()), strict=False)
 
@@ -652,6 +669,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "keep_float_measured": list(keep_float_measured),
         "smooth_alpha": smooth_alpha,
         "smoothed_layers": list(smoothed_layers),
+        # of those, the ones whose divisor runs in their producers' int8 epilogues (chain_int8's fold)
+        "smoothing_folded": folded,
         # asymmetric int8: the calibrated input zero points (the chain may have merged readers' ranges)
         "zero_points": dict(zero_points or {}),
         "int8_dcn": bool(int8_dcn),

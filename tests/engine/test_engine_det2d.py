@@ -205,7 +205,8 @@ def test_keep_float_below_keeps_exactly_the_layers_the_sensitivity_ranks_below_t
 
 def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec, ops_on_references):
     """``smooth_alpha``: every int8 candidate conv but the kept-float stem gets a ChannelScale before it,
-    the smoothed names are recorded, the chain still builds around them, the engine runs at the floor."""
+    the smoothed names are recorded, the chain folds most divisors into their producers (their layers read
+    int8 codes: ``smoothing_folded``, a subset), the engine runs at the floor."""
     name = "yolox-x"
     path = build(name, "int8-fp16", out=tmp_path / "s.engine", model_overrides=SMALL[name], batch=BATCH,
                  calib=calib_spec, progress=False, smooth_alpha=0.5)
@@ -215,6 +216,12 @@ def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec
     assert "backbone.stem.conv.conv" not in meta["smoothed_layers"]
     int8 = {n for n, p in meta["layer_precisions"] if p == "int8"}
     assert int8 and all(n.endswith(".1") for n in int8)  # the smoothed layers, under their new names
+    folded = set(meta["smoothing_folded"])
+    assert folded < set(meta["smoothed_layers"])
+    assert "backbone.stage1.0.conv" not in folded  # its producer, the stem, is float
+    # as in tests/quant/test_int8_chain_yolox.py (its UNFOLDED lists the 19 readers that multiply a float)
+    assert len(folded) == 63 and len(meta["smoothed_layers"]) == 82
+    assert len(meta["int8_outputs"]) == 59  # of 73 unsmoothed: the chain links through the folded divisors
     _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="smooth_alpha"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, smooth_alpha=0.5)
