@@ -918,9 +918,10 @@ if triton_available():
             if SWAP:
                 acc = tl.trans(acc)
             _int8_epilogue(acc, m, o, M, Cout, input_scale, ws_ptr, b_ptr, b_ptr, y_ptr, 0, 0, Cout, 1, 0.0,
-                           inv_out_scale, 0, ws_ptr, 0, out_lo, out_hi, out_zp, ws_ptr, HAS_BIAS=HAS_BIAS,
+                           inv_out_scale, 0, ws_ptr, 0, out_lo, out_hi, out_zp, ws_ptr, ws_ptr, HAS_BIAS=HAS_BIAS,
                            HAS_RESIDUAL=False, ACTIVATION=ACTIVATION, OUT_INT8=OUT_INT8, RES_AFTER_ACT=False,
-                           HAS_XZP=False, res_tile=0.0, RES_PRELOADED=False, HAS_OUT_MUL=False)
+                           HAS_XZP=False, res_tile=0.0, RES_PRELOADED=False, HAS_OUT_MUL=False,
+                           HAS_RES_MUL=False)
         elif SWAP:
             res = acc
             if HAS_BIAS:

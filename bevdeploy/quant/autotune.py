@@ -138,8 +138,9 @@ def time_in_graph(fn, calls: int = 10, replays: int = 7) -> float:
     return 1000.0 * time_cuda_graph(fn, calls_per_graph=calls, replays=replays, warmup=1)
 
 
-def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero_point, config) -> Tensor:
-    kw = dict(residual=residual, residual_scale=residual_scale, activation=layer.activation,
+def _call(layer: nn.Module, x_q: Tensor, residual, residual_scale, residual_zero_point, config,
+          residual_mul=None) -> Tensor:
+    kw = dict(residual=residual, residual_scale=residual_scale, residual_mul=residual_mul, activation=layer.activation,
               out_dtype=layer.out_dtype, out_scale=layer.out_scale, config=config,
               residual_after_act=layer.residual_after_act, residual_zero_point=residual_zero_point,
               **layer._kernel_args())
@@ -255,8 +256,9 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
             rs = kwargs.get("residual_scale", args[2] if len(args) > 2 else None)
             rz = kwargs.get("residual_zero_point", args[3] if len(args) > 3 else 0)
+            rm = kwargs.get("residual_mul", args[4] if len(args) > 4 else None)
             x_q = x if x.dtype == torch.int8 else mod._quantize_input(x)
-            calls[name] = (x_q.clone(), None if residual is None else residual.clone(), rs, rz)
+            calls[name] = (x_q.clone(), None if residual is None else residual.clone(), rs, rz, rm)
         return fn
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
@@ -267,7 +269,7 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             h.remove()
     chosen: dict[str, list[int]] = {}
     by_key: dict[tuple, Config] = {}
-    for name, (x_q, residual, rs, rz) in calls.items():
+    for name, (x_q, residual, rs, rz, rm) in calls.items():
         layer = layers[name]
         key = (type(layer).__name__, tuple(layer.weight.shape), getattr(layer, "stride", None),
                getattr(layer, "padding", None), getattr(layer, "dilation", None), tuple(x_q.shape),
@@ -285,13 +287,13 @@ def autotune_int8_layers(module: nn.Module, example_args: tuple, *, candidates=N
             results, first = [], None
             for cfg in with_tma_candidates(candidates(m, n, k, x_q.device, gemm), tma, max_candidates):
                 try:
-                    out = _call(layer, x_q, residual, rs, rz, cfg)
+                    out = _call(layer, x_q, residual, rs, rz, cfg, rm)
                     if first is None:
                         first = out
                     elif problem := outputs_differ(out, first):  # a kernel must compute what the heuristic's does
                         logger.warning("autotune %s: config %s left out: %s", name, list(cfg), problem)
                         continue
-                    us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, rz, cfg))
+                    us = time_in_graph(lambda cfg=cfg: _call(layer, x_q, residual, rs, rz, cfg, rm))
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers for this shape)
                     logger.debug("%s: config %s failed: %s", name, cfg, e)
                     continue

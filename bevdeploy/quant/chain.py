@@ -481,6 +481,9 @@ class Int8DarknetBottleneck(nn.Module):
         self.in_scale: float | None = None
         self.in_zero_point = 0
         self.int8_identity = True
+        # the block input's per-channel multiplier when its producer divided it for conv1's smoothing (_y_fold):
+        # conv2's epilogue multiplies the identity back
+        self.register_buffer("in_mul", None)
         c2 = _cm_conv(self.conv2, through_scale=True)  # a smoothed conv2 may run its epilogue once folded
         if self.add_identity and c2 is not None:
             c2.residual_after_act = True
@@ -499,9 +502,11 @@ class Int8DarknetBottleneck(nn.Module):
         c2 = _cm_conv(self.conv2)
         if c2 is not None:
             if x.dtype != torch.int8:
-                return c2(out, residual=x)
-            return c2(out, residual=x, residual_scale=self.in_scale, residual_zero_point=self.in_zero_point)
+                return c2(out, residual=x, residual_mul=self.in_mul)
+            return c2(out, residual=x, residual_scale=self.in_scale, residual_zero_point=self.in_zero_point,
+                      residual_mul=self.in_mul)
         assert x.dtype != torch.int8, "float conv2 with an int8 identity: chain_int8 must keep it float"
+        assert self.in_mul is None, "float conv2 with a divided identity: _y_fold must not fold into this block"
         return self.conv2(out) + x
 
 
@@ -570,13 +575,17 @@ def _y_producer(m: nn.Module) -> nn.Module | None:
     return _cm_conv(m, through_scale=True)
 
 
-def _y_smoothed_entries(m: nn.Module) -> list[nn.Sequential] | None:
-    """The ``Sequential(ChannelScale, layer)`` wrappers through which YOLOX module ``m`` reads its input, or
-    None when it reads it otherwise too (a plain layer, a residual, a float op)."""
+def _y_smoothed_entries(m: nn.Module) -> list[nn.Module] | None:
+    """The ``Sequential(ChannelScale, layer)`` wrappers through which YOLOX module ``m`` reads its input, and
+    the ``DarknetBottleneck`` that adds it as its identity (its int8 conv2 can multiply the divisor back);
+    None when it reads it otherwise too (a plain layer, a float op, a float conv2's identity)."""
     from bevdeploy.models.yolox import ConvModule, CSPLayer
 
     if isinstance(m, Int8DarknetBottleneck):
-        return None if m.add_identity else _y_smoothed_entries(m.conv1)
+        entries = _y_smoothed_entries(m.conv1)
+        if not m.add_identity or entries is None:
+            return entries
+        return entries + [m] if _cm_conv(m.conv2) is not None else None
     if isinstance(m, Int8SPPBottleneck):
         return _y_smoothed_entries(m.conv1)
     if isinstance(m, CSPLayer):
@@ -593,19 +602,24 @@ def _y_smoothed_entries(m: nn.Module) -> list[nn.Sequential] | None:
 
 def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False) -> None:
     """Move the smoothing divisor of ``readers`` into the epilogues of ``producers`` (module docstring of
-    :mod:`bevdeploy.quant.smooth`): when every reader reads the tensor only through a ``ChannelScale`` and
-    all of these are equal, and every producer is an int8 conv or linear (several: their outputs concatenated
-    in this order, ``concat``), each producer multiplies its output channels by its slice of the divisor
-    (``out_mul``) and the readers' ``ChannelScale`` become ``nn.Identity``. The same function either way;
-    the linking that follows then sees int8 readers."""
+    :mod:`bevdeploy.quant.smooth`): when every reader reads the tensor only through a ``ChannelScale`` (or
+    as a ``DarknetBottleneck``'s identity, added by its int8 conv2) and all of these are equal, and every
+    producer is an int8 conv or linear (several: their outputs concatenated in this order, ``concat``), each
+    producer multiplies its output channels by its slice of the divisor (``out_mul``), the readers'
+    ``ChannelScale`` become ``nn.Identity`` and the blocks multiply their identity back (``in_mul``). The same
+    function either way; the linking that follows then sees int8 readers."""
     if extra or not readers or (len(producers) > 1 and not concat):
         return
-    entries: list[nn.Sequential] = []
+    entries: list[nn.Module] = []
     for r in readers:
         found = _y_smoothed_entries(r)
         if found is None:
             return
         entries += found
+    blocks = [e for e in entries if isinstance(e, Int8DarknetBottleneck)]
+    entries = [e for e in entries if not isinstance(e, Int8DarknetBottleneck)]
+    if not entries:
+        return
     inv = entries[0][0].inv
     convs = [_y_producer(p) for p in producers]
     if not all(isinstance(c, (QuantConv2d, QuantLinear)) for c in convs):
@@ -618,6 +632,8 @@ def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), conc
         c.set_out_mul(part if old is None else old * part.to(old.device))
     for e in entries:
         e[0] = nn.Identity()
+    for b in blocks:
+        b.in_mul = (1.0 / inv).float()
 
 
 def _y_set_in_qparams(readers: list[nn.Module], qparams: tuple[float, int] | None) -> None:

@@ -26,10 +26,10 @@ if triton is not None:
         acc, offs_m, offs_n, M, N, x_scale,
         ws_ptr, b_ptr, r_ptr, y_ptr,
         stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+        x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, res_tile, RES_PRELOADED: tl.constexpr,
-        HAS_OUT_MUL: tl.constexpr,
+        HAS_OUT_MUL: tl.constexpr, HAS_RES_MUL: tl.constexpr,
     ):  # fmt: skip
         """y = act(acc * (x_scale * w_scale[n]) + bias[n] + res_scale * residual[m, n]) in fp32 (RES_AFTER_ACT:
         act(acc * (x_scale * w_scale[n]) + bias[n]) + res_scale * residual[m, n], YOLOX's bottleneck); stored
@@ -43,7 +43,9 @@ if triton is not None:
         latency hides behind the MMAs instead of following them (short-K GEMMs wait on it); otherwise
         ``res_tile`` is unused and the residual is read here. HAS_OUT_MUL: y[m, n] is multiplied by
         om[n] (fp32) last, before the store or requantization: a consumer's smoothing divisor
-        (:mod:`bevdeploy.quant.smooth`) applied by its producer, so the smoothed tensor stays int8."""
+        (:mod:`bevdeploy.quant.smooth`) applied by its producer, so the smoothed tensor stays int8.
+        HAS_RES_MUL: the residual is also multiplied by rm[n] (fp32): a smoothed tensor read back as an identity
+        (its producer divided it; this undoes that per channel)."""
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_XZP:
@@ -59,14 +61,17 @@ if triton is not None:
                 r = res_tile
             else:
                 r = load_residual_tile(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
+            r = (r.to(tl.float32) - res_zp) * res_scale
+            if HAS_RES_MUL:
+                r = r * tl.load(rm_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
         if HAS_RESIDUAL and not RES_AFTER_ACT:
-            out = out + (r.to(tl.float32) - res_zp) * res_scale
+            out = out + r
         if ACTIVATION == 1:
             out = tl.maximum(out, 0.0)
         elif ACTIVATION == 2:
             out = out * tl.sigmoid(out)
         if HAS_RESIDUAL and RES_AFTER_ACT:
-            out = out + (r.to(tl.float32) - res_zp) * res_scale
+            out = out + r
         if HAS_OUT_MUL:
             out = out * tl.load(om_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn

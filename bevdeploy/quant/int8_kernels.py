@@ -121,10 +121,15 @@ def _check_zero_points(n: int, x_zero_point=0, w_sum=None, residual=None, residu
         raise ValueError("out_zero_point applies to an int8 output (out_scale) only")
 
 
-def _check_out_mul(n: int, out_mul) -> None:
-    """The per-output-channel multiplier of the epilogue (a consumer's smoothing divisor): fp32 [N]."""
+def _check_channel_muls(n: int, out_mul, residual_mul, residual) -> None:
+    """The epilogue's per-channel multipliers of the output (a consumer's smoothing divisor) and of the residual
+    (undoing it on a smoothed identity): fp32 [N] each."""
     if out_mul is not None:
         check_tensor("out_mul", out_mul, shape=(n,), dtypes=(torch.float32,))
+    if residual_mul is not None:
+        check_tensor("residual_mul", residual_mul, shape=(n,), dtypes=(torch.float32,))
+        if residual is None:
+            raise ValueError("residual_mul multiplies a residual: pass residual too")
 
 
 def _check_epilogue(n: int, w_scale, bias, residual, res_shape, activation, out_dtype, residual_scale=None,
@@ -261,13 +266,16 @@ def _requantize(y: Tensor, out_scale: float, out_zero_point: int = 0) -> Tensor:
 
 
 def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, shape_bias,
-                  residual_after_act=False, residual_zero_point=0, out_zero_point=0, out_mul=None) -> Tensor:
+                  residual_after_act=False, residual_zero_point=0, out_zero_point=0, out_mul=None,
+                  residual_mul=None) -> Tensor:
     if bias is not None:
         y = y + bias.float().view(shape_bias)
     r = None
     if residual is not None:
         r = ((residual.float() - residual_zero_point) * residual_scale if residual.dtype == torch.int8
              else residual.float())
+        if residual_mul is not None:
+            r = r * residual_mul.float().view(shape_bias)
     if r is not None and not residual_after_act:
         y = y + r
     y = _act(y, activation)
@@ -281,20 +289,20 @@ def _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_
 def reference_int8_linear(x_q, w_q, x_scale, w_scale, bias=None, residual=None, activation="none",
                           out_dtype="float16", residual_scale=None, out_scale=None,
                           residual_after_act=False, x_zero_point=0, residual_zero_point=0,
-                          out_zero_point=0, out_mul=None) -> Tensor:
+                          out_zero_point=0, out_mul=None, residual_mul=None) -> Tensor:
     """The int8 codes (less their zero point) multiplied in fp32 (products exact; sums exact while
     |acc| < 2^24, else within 6e-8 relative), dequantized, epilogue in fp32 (int8 output with ``out_scale``;
-    ``out_mul[n]`` multiplies output channel n last)."""
+    ``out_mul[n]`` multiplies output channel n last, ``residual_mul[n]`` the residual's channel n)."""
     acc = (x_q.float() - x_zero_point) @ w_q.float().t()
     y = acc * (x_scale * w_scale)
     return _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (-1,),
-                         residual_after_act, residual_zero_point, out_zero_point, out_mul)
+                         residual_after_act, residual_zero_point, out_zero_point, out_mul, residual_mul)
 
 
 def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                           groups=1, residual=None, activation="none", out_dtype="float16", residual_scale=None,
                           out_scale=None, residual_after_act=False, x_zero_point=0, residual_zero_point=0,
-                          out_zero_point=0, out_mul=None) -> Tensor:
+                          out_zero_point=0, out_mul=None, residual_mul=None) -> Tensor:
     """F.conv2d on the int8 codes less their zero point in fp32, zero padding (= padding the codes
     with the zero point; same exactness as the linear), epilogue in fp32 (int8 output with
     ``out_scale``), channels-last output."""
@@ -302,7 +310,7 @@ def reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=(1, 1), 
                    list(dilation))
     y = acc * (x_scale * w_scale)[None, :, None, None]
     y = _epilogue_ref(y, bias, residual, residual_scale, activation, out_dtype, out_scale, (1, -1, 1, 1),
-                      residual_after_act, residual_zero_point, out_zero_point, out_mul)
+                      residual_after_act, residual_zero_point, out_zero_point, out_mul, residual_mul)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -458,6 +466,7 @@ if triton_available():
         out_hi,
         out_zp,  # int8 output's zero point (fp32)
         om_ptr,  # out multiplier [N] fp32 (used when HAS_OUT_MUL)
+        rm_ptr,  # residual multiplier [N] fp32 (used when HAS_RES_MUL)
         # strides (elements)
         stride_xm,
         stride_wn,
@@ -479,6 +488,7 @@ if triton_available():
         GROUP_M: tl.constexpr,
         PRELOAD_RES: tl.constexpr,  # read the residual tile before the K loop (see int8_epilogue)
         HAS_OUT_MUL: tl.constexpr,  # multiply the output by om[n] before it is stored / requantized
+        HAS_RES_MUL: tl.constexpr,  # multiply the residual by rm[n]
     ):
         """One tile per program: :func:`_tile_sums`, then the fused epilogue."""
         pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -488,20 +498,20 @@ if triton_available():
                                    stride_rn, EVEN_K, PRELOAD_RES, BLOCK_M, BLOCK_N, BLOCK_K)
         _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, res_tile,
-                  PRELOAD_RES, HAS_OUT_MUL)  # fmt: skip
+                  PRELOAD_RES, HAS_OUT_MUL, HAS_RES_MUL)  # fmt: skip
 
     @triton.jit
     def _int8_linear_persistent_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr,
-        M, N, K, x_scale, res_scale, inv_out_scale, x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+        M, N, K, x_scale, res_scale, inv_out_scale, x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
         stride_xm, stride_wn, stride_rm, stride_rn, stride_ym, stride_yn,
         NUM_PROGRAMS,  # the launch's program count (a few per SM)
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr,
         RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        PRELOAD_RES: tl.constexpr, HAS_OUT_MUL: tl.constexpr,
+        PRELOAD_RES: tl.constexpr, HAS_OUT_MUL: tl.constexpr, HAS_RES_MUL: tl.constexpr,
     ):  # fmt: skip
         """:func:`_int8_linear_kernel` (same arguments, sums and epilogue) as a persistent kernel: program
         ``p`` walks tiles ``p, p + NUM_PROGRAMS, ...``. In the short-K GEMMs of a ResNet's 1x1 convs and
@@ -525,9 +535,9 @@ if triton_available():
             offs_n = pid_nc * BLOCK_N + tl.arange(0, BLOCK_N)
             _epilogue(acc, offs_m, offs_n, M, N, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                       stride_rm, stride_rn, stride_ym, stride_yn, res_scale, inv_out_scale,
-                      x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+                      x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
                       HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, res_tile,
-                      PRELOAD_RES, HAS_OUT_MUL)  # fmt: skip
+                      PRELOAD_RES, HAS_OUT_MUL, HAS_RES_MUL)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_kernel(
@@ -556,6 +566,7 @@ if triton_available():
         out_hi,
         out_zp,
         om_ptr,  # out multiplier [O] fp32 (used when HAS_OUT_MUL)
+        rm_ptr,  # residual multiplier [O] fp32 (used when HAS_RES_MUL)
         stride_h,
         stride_w,
         pad_h,
@@ -582,6 +593,7 @@ if triton_available():
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         HAS_OUT_MUL: tl.constexpr,
+        HAS_RES_MUL: tl.constexpr,
     ):
         """Implicit GEMM: one flat loop over (kernel point, channel block) so the software pipeliner
         prefetches across kernel points; each step is a gathered [BM, BK] slab of NHWC rows (the code
@@ -620,21 +632,21 @@ if triton_available():
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
-                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False,
-                  HAS_OUT_MUL)  # fmt: skip
+                  HAS_OUT_MUL, HAS_RES_MUL)  # fmt: skip
 
     @triton.jit
     def _int8_conv2d_packed_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, y_ptr,
         M, O, C, H, W, Ho, Wo, x_scale, res_scale, inv_out_scale, x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp,
-        om_ptr,
+        om_ptr, rm_ptr,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_xb, stride_wo, stride_rm, stride_rn,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr, RES_AFTER_ACT: tl.constexpr, HAS_XZP: tl.constexpr,
         EVEN_K: tl.constexpr,  # KH * KW * C % BLOCK_K == 0: no mask on the K tail
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        HAS_OUT_MUL: tl.constexpr,
+        HAS_OUT_MUL: tl.constexpr, HAS_RES_MUL: tl.constexpr,
     ):  # fmt: skip
         """:func:`_int8_conv2d_kernel` (same arguments, gather and epilogue) with the K loop over the flattened
         (kernel point, channel) axis in BLOCK_K steps, as the weights lie ([O, KH*KW*C]): a K tile may span two
@@ -675,9 +687,9 @@ if triton_available():
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
-                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+                  x_zp, wsum_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, HAS_XZP, 0, False,
-                  HAS_OUT_MUL)  # fmt: skip
+                  HAS_OUT_MUL, HAS_RES_MUL)  # fmt: skip
 
 
     @triton.jit
@@ -685,12 +697,12 @@ if triton_available():
         x_desc,  # TMA descriptor of x_q (NHWC) viewed [N, H / sh, sh, W / sw, sw * C], box [1, BH, 1, BW, BK]
         w_desc,  # TMA descriptor of w_q as [O, KH*KW*C], box [BN, BK]
         ws_ptr, b_ptr, r_ptr, y_ptr,
-        M, O, C, Ho, Wo, x_scale, res_scale, inv_out_scale, res_zp, out_lo, out_hi, out_zp, om_ptr,
+        M, O, C, Ho, Wo, x_scale, res_scale, inv_out_scale, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, stride_rm, stride_rn,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         ACTIVATION: tl.constexpr, OUT_INT8: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_OUT_MUL: tl.constexpr,
+        HAS_OUT_MUL: tl.constexpr, HAS_RES_MUL: tl.constexpr,
     ):  # fmt: skip
         """The implicit GEMM with both operands brought by the tensor-memory accelerator (TMA): the tile is a
         BLOCK_H x BLOCK_W block of output pixels of one image, and for each (kernel point, channel block) its
@@ -733,9 +745,9 @@ if triton_available():
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _epilogue(acc, offs_m, offs_n, M, O, x_scale, ws_ptr, b_ptr, r_ptr, y_ptr,
                   stride_rm, stride_rn, O, 1, res_scale, inv_out_scale,
-                  0, ws_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr,
+                  0, ws_ptr, res_zp, out_lo, out_hi, out_zp, om_ptr, rm_ptr,
                   HAS_BIAS, HAS_RESIDUAL, ACTIVATION, OUT_INT8, RES_AFTER_ACT, False, 0, False,
-                  HAS_OUT_MUL)  # fmt: skip
+                  HAS_OUT_MUL, HAS_RES_MUL)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,7 +811,7 @@ def _w_sum_arg(x_zero_point: int, w_sum: Tensor | None, w_q: Tensor) -> Tensor |
 
 def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, residual_scale=None, out_scale=None,
                    residual_after_act=False, x_zero_point=0, w_sum=None, residual_zero_point=0, out_zero_point=0,
-                   out_mul=None):
+                   out_mul=None, residual_mul=None):
     m, k = x2.shape
     n = w_q.shape[0]
     config = tuple(config or gemm_config(m, n, k, x2.device))
@@ -813,7 +825,8 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
     args = (x2, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
             m, n, k, float(x_scale), res_scale, inv_out,
             int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
-            dummy if out_mul is None else out_mul, x2.stride(0), w_q.stride(0),
+            dummy if out_mul is None else out_mul, dummy if residual_mul is None else residual_mul,
+            x2.stride(0), w_q.stride(0),
             0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1), y2.stride(0), y2.stride(1))
     if per_sm:  # a few programs per SM walk the tiles (the interpreter: per_sm programs)
         sms = _num_sms(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) \
@@ -829,7 +842,7 @@ def _linear_launch(x2, w_q, x_scale, w_scale, bias, r2, activation, y2, config, 
         EVEN_K=k % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         PRELOAD_RES=r2 is not None and preloads_residual(bm, bn, warps, r2.element_size()),
-        HAS_OUT_MUL=out_mul is not None, num_warps=warps, num_stages=stages,
+        HAS_OUT_MUL=out_mul is not None, HAS_RES_MUL=residual_mul is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -871,6 +884,7 @@ def _int8_linear_triton(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     """x_q [..., K] -> [..., N]. Operands that are not K-contiguous are copied (the slow layout is
     never fed to the dot); ``config`` forces (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)."""
@@ -883,12 +897,13 @@ def _int8_linear_triton(
     zps = (x_zero_point, residual_zero_point, out_zero_point)
     if k == 0:  # empty sum: the epilogue alone
         return y.copy_(reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
-                                             residual_scale, out_scale, residual_after_act, *zps, out_mul))
+                                             residual_scale, out_scale, residual_after_act, *zps, out_mul,
+                                             residual_mul))
     x2 = _k_contiguous(x_q.reshape(-1, k))
     r2 = None if residual is None else residual.reshape(-1, n)
     _linear_launch(x2, _k_contiguous(w_q), x_scale, w_scale, bias, r2, activation, y.view(-1, n), config,
                    residual_scale, out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point,
-                   out_zero_point, out_mul)
+                   out_zero_point, out_mul, residual_mul)
     return y
 
 
@@ -916,6 +931,7 @@ def _int8_conv2d_triton(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     """NHWC implicit GEMM (1x1 / stride 1 / no padding: the linear kernel on the NHWC views).
     An input or residual not in channels-last memory is copied to it first (one int8 relayout)."""
@@ -932,7 +948,7 @@ def _int8_conv2d_triton(
         return y.copy_(reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups,
                                              residual, activation, out_dtype, residual_scale, out_scale,
                                              residual_after_act, x_zero_point, residual_zero_point, out_zero_point,
-                                             out_mul))
+                                             out_mul, residual_mul))
     if not x_q.is_contiguous(memory_format=torch.channels_last):
         x_q = x_q.contiguous(memory_format=torch.channels_last)
     if not w_q.is_contiguous():
@@ -948,7 +964,7 @@ def _int8_conv2d_triton(
         x2 = x_q.permute(0, 2, 3, 1).reshape(m, c)
         _linear_launch(x2, w_q.reshape(o, c), x_scale, w_scale, bias, r2, activation, y2, config, residual_scale,
                        out_scale, residual_after_act, x_zero_point, w_sum, residual_zero_point, out_zero_point,
-                       out_mul)
+                       out_mul, residual_mul)
         return y
     kind = config[6] if config is not None and len(config) == 7 else 0
     if kind not in (0, PACKED_K, TMA):
@@ -958,7 +974,7 @@ def _int8_conv2d_triton(
     if kind == TMA:
         _conv_tma_launch(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, r2, activation, y2, config,
                          residual_scale, out_scale, residual_after_act, x_zero_point, residual_zero_point,
-                         out_zero_point, ho, wo, out_mul)
+                         out_zero_point, ho, wo, out_mul, residual_mul)
         return y
     packed = kind == PACKED_K
     if packed and c % 16:
@@ -975,13 +991,13 @@ def _int8_conv2d_triton(
         x_q, w_q, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
         m, o, c, h, w, ho, wo, float(x_scale), res_scale, inv_out,
         int(x_zero_point), dummy if w_sum is None else w_sum, res_zp, out_lo, out_hi, out_zp,
-        dummy if out_mul is None else out_mul, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
+        dummy if out_mul is None else out_mul, dummy if residual_mul is None else residual_mul,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], h * w * c, kh * kw * c, 0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act), HAS_XZP=w_sum is not None,
         **k_even,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, HAS_OUT_MUL=out_mul is not None,
-        num_warps=warps, num_stages=stages,
+        HAS_RES_MUL=residual_mul is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -1002,7 +1018,7 @@ def tma_conv_problem(c: int, h: int, w: int, stride, x_zero_point: int, config: 
 
 def _conv_tma_launch(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, r2, activation, y2, config,
                      residual_scale, out_scale, residual_after_act, x_zero_point, residual_zero_point,
-                     out_zero_point, ho, wo, out_mul=None) -> None:
+                     out_zero_point, ho, wo, out_mul=None, residual_mul=None) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n, c, h, w = x_q.shape
@@ -1025,13 +1041,13 @@ def _conv_tma_launch(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation
     _int8_conv2d_tma_kernel[grid](
         x_desc, w_desc, w_scale, dummy if bias is None else bias, dummy if r2 is None else r2, y2,
         m, o, c, ho, wo, float(x_scale), res_scale, inv_out, res_zp, out_lo, out_hi, out_zp,
-        dummy if out_mul is None else out_mul,
+        dummy if out_mul is None else out_mul, dummy if residual_mul is None else residual_mul,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         0 if r2 is None else r2.stride(0), 0 if r2 is None else r2.stride(1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, ACTIVATION=_ACT_CODE[activation],
         OUT_INT8=out_scale is not None, RES_AFTER_ACT=bool(residual_after_act),
         BLOCK_H=bm // bw, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, HAS_OUT_MUL=out_mul is not None,
-        num_warps=warps, num_stages=stages,
+        HAS_RES_MUL=residual_mul is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -1089,26 +1105,27 @@ def _int8_linear_op(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_linear_triton(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype,
                                    config=_config(config), residual_scale=residual_scale, out_scale=out_scale,
                                    residual_after_act=residual_after_act, x_zero_point=x_zero_point, w_sum=w_sum,
                                    residual_zero_point=residual_zero_point, out_zero_point=out_zero_point,
-                                   out_mul=out_mul)
+                                   out_mul=out_mul, residual_mul=residual_mul)
     return reference_int8_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
                                  out_scale, residual_after_act, x_zero_point, residual_zero_point,
-                                 out_zero_point, out_mul).contiguous()
+                                 out_zero_point, out_mul, residual_mul).contiguous()
 
 
 @_int8_linear_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale=None, out_scale=None,
       config=None, residual_after_act=False, x_zero_point=0, w_sum=None, residual_zero_point=0, out_zero_point=0,
-      out_mul=None):
+      out_mul=None, residual_mul=None):
     shape = _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale,
                           out_scale, config)
     _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
-    _check_out_mul(w_q.shape[0], out_mul)
+    _check_channel_muls(w_q.shape[0], out_mul, residual_mul, residual)
     return x_q.new_empty(shape, dtype=_out_dtype(out_dtype, out_scale))
 
 
@@ -1135,26 +1152,27 @@ def _int8_conv2d_op(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     if use_triton(x_q):
         return _int8_conv2d_triton(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
                                    activation, out_dtype, config=_config(config), residual_scale=residual_scale,
                                    out_scale=out_scale, residual_after_act=residual_after_act,
                                    x_zero_point=x_zero_point, w_sum=w_sum, residual_zero_point=residual_zero_point,
-                                   out_zero_point=out_zero_point, out_mul=out_mul)
+                                   out_zero_point=out_zero_point, out_mul=out_mul, residual_mul=residual_mul)
     return reference_int8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual,
                                  activation, out_dtype, residual_scale, out_scale, residual_after_act, x_zero_point,
-                                 residual_zero_point, out_zero_point, out_mul)
+                                 residual_zero_point, out_zero_point, out_mul, residual_mul)
 
 
 @_int8_conv2d_op.register_fake
 def _(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
       residual_scale=None, out_scale=None, config=None, residual_after_act=False, x_zero_point=0, w_sum=None,
-      residual_zero_point=0, out_zero_point=0, out_mul=None):
+      residual_zero_point=0, out_zero_point=0, out_mul=None, residual_mul=None):
     shape = _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation,
                         out_dtype, residual_scale, out_scale, config)
     _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
-    _check_out_mul(w_q.shape[0], out_mul)
+    _check_channel_muls(w_q.shape[0], out_mul, residual_mul, residual)
     return torch.empty(shape, dtype=_out_dtype(out_dtype, out_scale), device=x_q.device,
                        memory_format=torch.channels_last)
 
@@ -1222,6 +1240,7 @@ def int8_linear(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     """``act(x_scale * w_scale[n] * (x_q @ w_q.T)[.., n] + bias[n] + residual)`` with int8 tensor-core math.
 
@@ -1252,6 +1271,9 @@ def int8_linear(
         out_mul (Tensor[N] float32, optional): output channel n is multiplied by ``out_mul[n]`` after the
             activation and residual, before the store or requantization (a smoothed consumer's divisor,
             :mod:`bevdeploy.quant.smooth`, applied here so the tensor between them stays int8).
+        residual_mul (Tensor[N] float32, optional): the residual's channel n is multiplied by ``residual_mul[n]``
+            after its dequantization (a smoothed tensor read back as an identity: undoes its producer's
+            ``out_mul``).
 
     Returns:
         Tensor[..., N]: contiguous, ``out_dtype`` (int8 with ``out_scale``).
@@ -1260,13 +1282,13 @@ def int8_linear(
     _check_linear(x_q, w_q, x_scale, w_scale, bias, residual, activation, out_dtype, residual_scale, out_scale,
                   config)
     _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
-    _check_out_mul(w_q.shape[0], out_mul)
+    _check_channel_muls(w_q.shape[0], out_mul, residual_mul, residual)
     if x_zero_point and w_sum is None:
         w_sum = weight_sums(w_q)
     return _int8_linear_op(x_q, w_q, float(x_scale), w_scale, bias, residual, activation, out_dtype,
                            _opt_float(residual_scale), _opt_float(out_scale), _opt_list(config),
                            bool(residual_after_act), int(x_zero_point), w_sum if x_zero_point else None,
-                           int(residual_zero_point), int(out_zero_point), out_mul)
+                           int(residual_zero_point), int(out_zero_point), out_mul, residual_mul)
 
 
 def int8_conv2d(
@@ -1292,6 +1314,7 @@ def int8_conv2d(
     residual_zero_point: int = 0,
     out_zero_point: int = 0,
     out_mul: Tensor | None = None,
+    residual_mul: Tensor | None = None,
 ) -> Tensor:
     """2-D convolution on int8 codes with int8 tensor-core math and a fused epilogue.
 
@@ -1324,6 +1347,9 @@ def int8_conv2d(
         out_mul (Tensor[N] float32, optional): output channel n is multiplied by ``out_mul[n]`` after the
             activation and residual, before the store or requantization (a smoothed consumer's divisor,
             :mod:`bevdeploy.quant.smooth`, applied here so the tensor between them stays int8).
+        residual_mul (Tensor[N] float32, optional): the residual's channel n is multiplied by ``residual_mul[n]``
+            after its dequantization (a smoothed tensor read back as an identity: undoes its producer's
+            ``out_mul``).
 
     Returns:
         Tensor[N, O, Ho, Wo]: ``out_dtype`` (int8 with ``out_scale``) in channels-last memory.
@@ -1333,10 +1359,11 @@ def int8_conv2d(
     _check_conv(x_q, w_q, x_scale, w_scale, bias, stride, padding, dilation, groups, residual, activation, out_dtype,
                 residual_scale, out_scale, config)
     _check_zero_points(w_q.shape[0], x_zero_point, w_sum, residual, residual_zero_point, out_scale, out_zero_point)
-    _check_out_mul(w_q.shape[0], out_mul)
+    _check_channel_muls(w_q.shape[0], out_mul, residual_mul, residual)
     if x_zero_point and w_sum is None:
         w_sum = weight_sums(w_q)
     return _int8_conv2d_op(x_q, w_q, float(x_scale), w_scale, bias, stride, padding, dilation, groups, residual,
                            activation, out_dtype, _opt_float(residual_scale), _opt_float(out_scale),
                            _opt_list(config), bool(residual_after_act), int(x_zero_point),
-                           w_sum if x_zero_point else None, int(residual_zero_point), int(out_zero_point), out_mul)
+                           w_sum if x_zero_point else None, int(residual_zero_point), int(out_zero_point), out_mul,
+                           residual_mul)

@@ -266,7 +266,7 @@ class QuantLinear(_QuantBase):
         return q
 
     def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None,
-                residual_zero_point: int = 0) -> Tensor:
+                residual_zero_point: int = 0, residual_mul: Tensor | None = None) -> Tensor:
         """x (Tensor[..., K]) float (quantized here with ``input_scale``) or int8 codes of ``input_scale``
         (and ``input_zero_point``) -> Tensor[..., N] (int8 codes of ``out_scale`` when set); an int8
         ``residual`` needs its scale and zero point (added before the activation, after it when
@@ -275,6 +275,7 @@ class QuantLinear(_QuantBase):
                            residual=residual, residual_scale=residual_scale, activation=self.activation,
                            out_dtype=self.out_dtype, out_scale=self.out_scale, config=self.launch_config,
                            residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
+                           residual_mul=residual_mul,
                            **self._kernel_args())
 
     def extra_repr(self) -> str:
@@ -363,7 +364,7 @@ class QuantConv2d(_QuantBase):
         return q
 
     def forward(self, x: Tensor, residual: Tensor | None = None, residual_scale: float | None = None,
-                residual_zero_point: int = 0) -> Tensor:
+                residual_zero_point: int = 0, residual_mul: Tensor | None = None) -> Tensor:
         """x (Tensor[N, C, H, W]) float or int8 codes of ``input_scale`` and ``input_zero_point``
         (channels-last memory avoids a relayout) -> Tensor[N, O, Ho, Wo] channels-last (int8 codes of
         ``out_scale`` when set); ``residual`` (same shape; float, or int8 with ``residual_scale`` and
@@ -373,6 +374,7 @@ class QuantConv2d(_QuantBase):
                            residual_scale=residual_scale, activation=self.activation, out_dtype=self.out_dtype,
                            out_scale=self.out_scale, config=self.launch_config,
                            residual_after_act=self.residual_after_act, residual_zero_point=residual_zero_point,
+                           residual_mul=residual_mul,
                            **self._kernel_args())
 
     def extra_repr(self) -> str:

@@ -180,21 +180,20 @@ def _smoothed(size: int, batch: int):
     return model, smoothed, ranges, x, {n: table.scale(n) for n in table.amax}
 
 
-#: smoothed readers whose divisor stays a float multiply: the float stem's reader, the 7 identity blocks' conv1
-#: (the identity reads the tensor too), the PAFPN concat groups' readers (one tensor, three producers, two
-#: orders) and the SPP's conv2 (it reads the pooled concatenation)
+#: smoothed readers whose divisor stays a float multiply: the float stem's reader, the PAFPN concat groups'
+#: readers (one tensor, three producers, two orders) and the SPP's conv2 (it reads the pooled concatenation)
 UNFOLDED = {"backbone.stage1.0.conv", "backbone.stage4.0.conv", "backbone.stage3.0.conv", "backbone.stage4.1.conv2.conv",
-            *(f"backbone.stage{s}.1.blocks.{b}.conv1.conv" for s, bs in ((1, 1), (2, 3), (3, 3)) for b in range(bs)),
             *(f"neck.{k}.{i}.{c}.conv" for k in ("top_down_blocks", "bottom_up_blocks") for i in range(2)
               for c in ("main_conv", "short_conv"))}
 
 
 def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_references):
     """Smoothing with the chain: readers of one tensor get one divisor (CSP main + short, the head's towers, reg +
-    obj), and where every reader of a tensor reads it through that divisor and its producers are int8 convs, the
-    producers multiply their output channels by it in the epilogue (``out_mul``, split over a CSP concat) and
-    the readers' ChannelScale becomes an Identity: the tensor stays int8. Same function as the unfolded,
-    unchained model up to rounding ties (the fold moves y * m / s into one fp32 epilogue; measured 54-61 dB)."""
+    obj), and where every reader of a tensor reads it through that divisor (or as a residual block's identity)
+    and its producers are int8 convs, the producers multiply their output channels by it in the epilogue
+    (``out_mul``, split over a CSP concat), the readers' ChannelScale becomes an Identity and the block's conv2
+    multiplies its identity back (``in_mul``): the tensor stays int8. Same function as the unfolded, unchained
+    model up to rounding ties (the fold moves y * m / s into one fp32 epilogue; measured 54-61 dB)."""
     from bevdeploy.quant.chain import _is_smooth_wrapper
     from bevdeploy.quant.modules import QuantConv2d
     from bevdeploy.quant.smooth import ChannelScale
@@ -216,15 +215,22 @@ def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_refer
     c = chained.get_submodule
     blk = "backbone.stage2.1.blocks.0."
     assert torch.equal(c(blk + "conv1.conv.1").out_mul, g(blk + "conv2.conv")[0].inv)  # conv1 -> conv2
+    divisor = g("backbone.stage2.1.blocks.1.conv1.conv")[0].inv  # block 0 -> block 1 (conv1 + identity)
+    assert torch.equal(c(blk + "conv2.conv.1").out_mul, divisor)
+    torch.testing.assert_close(c("backbone.stage2.1.blocks.1").in_mul * divisor, torch.ones_like(divisor))
     final = g("backbone.stage2.1.final_conv.conv")[0].inv  # the concat: the last block's channels, then short's
     main_out = c("backbone.stage2.1.blocks.2.conv2.conv.1")
     n_main = main_out.weight.shape[0]
     assert torch.equal(main_out.out_mul, final[:n_main])
     assert torch.equal(c("backbone.stage2.1.short_conv.conv.1").out_mul, final[n_main:])
     assert c("bbox_head.multi_level_reg_convs.1.1.conv.1").out_mul is not None  # reg tower -> reg + obj
-    assert c("backbone.stage2.1.blocks.0.conv2.conv.1").out_scale is None  # read by the next identity block
+    assert c("backbone.stage2.1.blocks.0.conv2.conv.1").out_scale is None  # int8_identity=False: a float input
     assert c(blk + "conv1.conv.1").out_scale is not None and c("neck.out_convs.0.conv.1").out_scale is not None
-    assert len(writers) == 59  # of the 73 without smoothing: the unfolded readers above read floats
+    # unsmoothed: 73 writers, 66 with float identities (the 7 identity blocks' inputs). Smoothed, the producers
+    # of the unfolded readers write floats too: the 6 PAFPN group producers and the SPP's conv1
+    assert len(writers) == 66 - 7
+    _, identity_writers = _int8(smoothed, scales, chain=True)
+    assert len(identity_writers) == 73 - 7
     shared = {n: m.input_scale for n, m in chained.named_modules() if isinstance(m, QuantConv2d)}
     plain, _ = _int8(smoothed, {**scales, **shared})
     with torch.no_grad():

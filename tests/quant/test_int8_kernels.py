@@ -315,14 +315,16 @@ OUT_MUL_LAUNCHES = [("linear", (32, 32, 32, 4, 4, 1)), ("linear", (32, 32, 32, 4
 
 
 @pytest.mark.parametrize("kind,cfg", OUT_MUL_LAUNCHES)
-def test_out_mul_scales_each_output_channel_last(device, kind, cfg):
+def test_channel_multipliers_of_the_output_and_the_residual(device, kind, cfg):
     """``out_mul[n]`` multiplies output channel n after the SiLU and the residual added after it, before the
-    requantization (YOLOX's bottleneck epilogue, a smoothed consumer's divisor): int8 codes within one step of
-    the reference (fp32 sums), fp32 outputs at float64 accuracy, in every kernel; a bad vector is refused."""
+    requantization (YOLOX's bottleneck epilogue, a smoothed consumer's divisor); ``residual_mul[n]`` multiplies
+    the dequantized residual's channel n (a smoothed identity): int8 codes within one step of the reference
+    (fp32 sums), fp32 outputs as the reference's, in every kernel; bad vectors are refused."""
     if cfg[-1] == TMA and len(cfg) == 7 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA needs a Hopper GPU")
     o = 24
     mul = (torch.rand(o, device=device) * 1.5 + 0.25).float()
+    rmul = (torch.rand(o, device=device) * 3.0 + 0.5).float()
     if kind == "linear":
         x_q, w_q, ws = _codes(37, 64, device=device), _codes(o, 64, device=device), _scales(o, device)
         b, r = torch.randn(o, device=device), _codes(37, o, device=device)
@@ -335,19 +337,24 @@ def test_out_mul_scales_each_output_channel_last(device, kind, cfg):
         run, ref = int8_conv2d, reference_int8_conv2d
         geo, ref_geo = dict(padding=pad), ((1, 1), (pad, pad), (1, 1), 1)
     kw = dict(residual=r, residual_scale=0.05, activation="silu", residual_after_act=True, config=cfg)
-    y8 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_scale=0.04, out_mul=mul)
-    r8 = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True, out_mul=mul)
+    muls = dict(out_mul=mul, residual_mul=rmul)
+    y8 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_scale=0.04, **muls)
+    r8 = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True, **muls)
     assert (y8.int() - r8.int()).abs().max() <= 1
-    plain = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True)
-    assert not torch.equal(r8, plain)  # the multiplier changed the codes
-    y32 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_dtype=torch.float32, out_mul=mul)
-    y_ref = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float32", 0.05, None, True)
+    for dropped in ("out_mul", "residual_mul"):  # each multiplier changes the codes
+        other = {k: v for k, v in muls.items() if k != dropped}
+        assert not torch.equal(r8, ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float16", 0.05, 0.04, True,
+                                       **other))
+    y32 = run(x_q, w_q, 0.013, ws, b, **geo, **kw, out_dtype=torch.float32, **muls)
+    y_ref = ref(x_q, w_q, 0.013, ws, b, *ref_geo, r, "silu", "float32", 0.05, None, True, residual_mul=rmul)
     shape = (-1,) if kind == "linear" else (1, -1, 1, 1)
     assert_rel_close(y32, y_ref.double() * mul.double().view(shape), REL_TOL["fp32"])
     with pytest.raises(ValueError, match="out_mul must have shape"):
         run(x_q, w_q, 0.013, ws, b, **geo, out_mul=mul[:-1])
     with pytest.raises(ValueError, match="out_mul"):
         run(x_q, w_q, 0.013, ws, b, **geo, out_mul=mul.half())
+    with pytest.raises(ValueError, match="pass residual too"):
+        run(x_q, w_q, 0.013, ws, b, **geo, residual_mul=rmul)
 
 
 def test_tma_config_refuses_what_it_cannot_run(device):
