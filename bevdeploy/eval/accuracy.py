@@ -354,6 +354,13 @@ def stage_eval_det2d(args) -> Path:
         extra_jobs.append((f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
         notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
                      "int8 corner gathers, fp16 samples x int8 weight codes); the other int8 rows run them in fp16.")
+    if args.smoothed_row is not None:  # beside the plain int8 row, the same build smoothed
+        extra_jobs.append((f"{QAT_PRECISION} (smoothed)", QAT_PRECISION,
+                           {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues)}))
+        notes.append(f"The {QAT_PRECISION} (smoothed) row: {QAT_PRECISION} with SmoothQuant alpha {args.smoothed_row} "
+                     "(`build(smooth_alpha=...)`; fused epilogues as the (fused) rows when they are measured); "
+                     "smoothing_folded: the smoothed convs whose divisor runs in their producer's int8 epilogue, "
+                     "int8_writers: the convs writing int8 codes for the next (the chain's reach).")
     if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
         extra_jobs += fused_jobs(args.precisions)
         notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
@@ -557,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--fused-epilogues)")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
+    p.add_argument("--smoothed-row", type=float, default=None, metavar="A",
+                   help="2D models: one more row, int8-fp16 built with SmoothQuant of alpha A beside the plain one")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
                    help="2D models: int8 rows keep float the layers below DB alone in int8 (build --keep-float-below)")
     p.add_argument("--results-tag", default="",
@@ -592,9 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
         if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
-                          or args.fused_epilogues):
-            raise ValueError(f"--smooth-alpha, --keep-float-below, --fused-epilogues and --results-tag apply to the "
-                             f"2D models' rows; not to {args.model}")
+                          or args.fused_epilogues or args.smoothed_row is not None):
+            raise ValueError(f"--smooth-alpha, --smoothed-row, --keep-float-below, --fused-epilogues and "
+                             f"--results-tag apply to the 2D models' rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
         if args.stage in ("eval", "all"):

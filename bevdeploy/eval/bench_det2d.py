@@ -240,11 +240,11 @@ def bench_det2d(
     jobs = [(p, p, {}) for p in precisions] + list(extra_jobs or [])
     for label, precision, job_args in jobs:
         path = work / f"{name}-b{batch}-{label.replace(' ', '').replace('(', '-').replace(')', '')}.engine"
+        int8 = precision.startswith("int8")
+        options = {**((int8_options or {}) if int8 else {}), **job_args}  # a row's own arguments win
         try:
-            int8 = precision.startswith("int8")
             build(name, precision, out=path, checkpoint=checkpoint, batch=batch, model_overrides=model_overrides,
-                  device=dev.type, progress=False, calib=as_2d_spec(calib or data) if int8 else None,
-                  **((int8_options or {}) if int8 else {}), **job_args)
+                  device=dev.type, progress=False, calib=as_2d_spec(calib or data) if int8 else None, **options)
             settle()
             engine = Engine.load(path, device=dev.type)
             ms = _median_ms(lambda: engine(image=x), dev, iters)
@@ -272,8 +272,11 @@ def bench_det2d(
                  fidelity_map=_r(fid), latency_ms=round(ms, 3), output_sqnr_db=min(sqnr.values()),
                  output_sqnr_db_each=sqnr,
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
-                 **({k: v for k, v in (int8_options or {}).items() if v is not None} if int8 else {}),
-                 **{k: v for k, v in job_args.items() if isinstance(v, (int, float, str))},
+                 # the int8 chain's reach: layers writing int8 for the next; smoothed layers reading int8 codes
+                 int8_writers=len(engine.metadata.get("int8_outputs") or []) if int8 else None,
+                 smoothing_folded=(len(engine.metadata["smoothing_folded"])
+                                   if engine.metadata.get("smoothed_layers") else None),
+                 **{k: v for k, v in options.items() if v is not None and isinstance(v, (int, float, str))},
                  **({"qat_loss_first": round(q["loss_first"], 4), "qat_loss_last": round(q["loss_last"], 4)}
                     if (q := engine.metadata.get("qat")) else {}),
                  run=run_id)
