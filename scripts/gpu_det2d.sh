@@ -34,6 +34,10 @@
 #   their share; -> $OUT/<gpu>/profile-MODEL-PRECISION.md; the Inductor wrapper code in $OUT/code), as long as the
 #   budget allows.
 # QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
+# Smoothed row: EVAL_EXTRA="--smoothed-row 0.5" adds "int8-fp16 (smoothed)" beside the plain int8-fp16 row (SmoothQuant;
+#   on YOLOX the chain folds most divisors into the producers' epilogues: int8_writers / smoothing_folded columns).
+#   Session-18 plan (~510 s): MODELS=yolox-x BUDGET=570 YOLOX_STEPS=390 YOLOX_TRAIN_SECONDS=110
+#   YOLOX_PRECISIONS="fp16 int8-fp16" EVAL_EXTRA="--smoothed-row 0.5"
 # Fused rows: EVAL_EXTRA="--fused-epilogues" adds "<precision> (fused)" for each precision (build --fused-epilogues:
 #   the image-reading stem in NHWC + cuDNN's fused conv epilogues; CenterNet int8-fp16 4.29x -> 5.25x, session 16).
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),
