@@ -149,12 +149,18 @@ def test_yolox_chain_float_identity_equals_unchained(ops_on_references):
         assert sqnr_db(out_p[k], out_c[k]) > CHAIN_EXACT_SQNR_DB, k
 
 
-def test_yolox_chain_on_the_kernels(device, monkeypatch):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_yolox_chain_on_the_kernels(device, monkeypatch, smoothed):
     """The chained model on the Triton kernels (interpreter on CPU) against the same model on the torch
-    references: the kernels' epilogues (SiLU, identity after it, requantization) agree with the
-    references up to rare tie flips (measured identical)."""
-    model, x, scales = _calibrated(32, 1)
+    references: the kernels' epilogues (SiLU, identity after it, requantization; smoothed: the folded
+    divisors and the identities multiplied back) agree with the references up to rare tie flips (measured
+    identical)."""
+    if smoothed:
+        _, model, _, x, scales = _smoothed(32, 1)
+    else:
+        model, x, scales = _calibrated(32, 1)
     chained, _ = _int8(model.to(device), scales, chain=True)
+    assert (sum(getattr(m, "out_mul", None) is not None for m in chained.modules()) > 30) == smoothed
     with torch.no_grad():
         out = chained(x.to(device))
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the references
@@ -239,16 +245,3 @@ def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_refer
         assert torch.isfinite(out_c[k]).all()
         assert sqnr_db(out_p[k], out_c[k]) > 45.0, k
         assert sqnr_db(ref[k], out_c[k]) > INT8_VS_FLOAT_SQNR_DB, k
-
-
-def test_smoothed_yolox_chain_on_the_kernels(device, monkeypatch):
-    """The folded divisors run in the kernels' epilogues (interpreter on CPU) as in the references."""
-    _, smoothed, _, x, scales = _smoothed(32, 1)
-    chained, _ = _int8(smoothed.to(device), scales, chain=True)
-    assert sum(getattr(m, "out_mul", None) is not None for m in chained.modules()) > 30
-    with torch.no_grad():
-        out = chained(x.to(device))
-        monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the references
-        want = chained.cpu()(x)
-    for k in want:
-        assert sqnr_db(want[k], out[k].cpu()) > CHAIN_EXACT_SQNR_DB, k
