@@ -274,7 +274,7 @@ def bench_det2d(
                  int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
                  # the int8 chain's reach: layers writing int8 for the next; smoothed layers reading int8 codes
                  int8_writers=len(engine.metadata.get("int8_outputs") or []) if int8 else None,
-                 smoothing_folded=(len(engine.metadata["smoothing_folded"])
+                 smoothing_folded=(len(engine.metadata.get("smoothing_folded") or [])
                                    if engine.metadata.get("smoothed_layers") else None),
                  **{k: v for k, v in options.items() if v is not None and isinstance(v, (int, float, str))},
                  **({"qat_loss_first": round(q["loss_first"], 4), "qat_loss_last": round(q["loss_last"], 4)}

@@ -627,9 +627,9 @@ def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), conc
     sizes = [c.weight.shape[0] for c in convs]
     if sum(sizes) != inv.numel() or not all(torch.equal(e[0].inv, inv) for e in entries):
         return
+    # once per producer: its readers' ChannelScale are Identities after this, so no later fold finds them
     for c, part in zip(convs, inv.split(sizes)):
-        old = getattr(c, "out_mul", None)
-        c.set_out_mul(part if old is None else old * part.to(old.device))
+        c.set_out_mul(part)
     for e in entries:
         e[0] = nn.Identity()
     for b in blocks:

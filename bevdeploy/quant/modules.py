@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from bevdeploy.ops._utils import quantize_weight_per_channel, use_triton
-from bevdeploy.quant.smooth import ChannelScale
 from bevdeploy.quant.int8_kernels import (
     ACTIVATIONS,
     _check_zero_point,
@@ -39,6 +38,7 @@ from bevdeploy.quant.int8_kernels import (
     reference_quantize_per_tensor,
     weight_sums,
 )
+from bevdeploy.quant.smooth import ChannelScale
 
 __all__ = ["LayerReport", "QuantConv2d", "QuantDeformConv2d", "QuantLinear", "fold_bn", "format_report", "quantize_modules",
            "quantize_weight_per_channel"]

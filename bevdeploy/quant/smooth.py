@@ -14,12 +14,13 @@ rounding), and the int8 build then calibrates and quantizes the smoothed input. 
 tensor (a CSP layer's main and short convs, a YOLOX head's two towers) get one joint ``m`` (their
 weights' ranges combined), so the tensor has one smoothed form.
 
-Where the producer of a smoothed tensor is an int8 conv and every reader is smoothed alike,
+Where the producer of a smoothed tensor is an int8 conv and every reader is smoothed alike (YOLOX),
 :func:`bevdeploy.quant.chain.chain_int8` folds the divisor into the producer's epilogue (``out_mul``:
-after its activation and residual, before the requantization) and the readers' ``ChannelScale``
-becomes an ``nn.Identity``: the tensor stays int8 between them. Elsewhere (a float producer, a
-reader that also takes the tensor as a residual, readers smoothed differently) ``ChannelScale`` stays
-a float multiply and the chain does not link through it (the layer reads a float tensor).
+after its activation and residual, before the requantization), the readers' ``ChannelScale`` becomes
+an ``nn.Identity`` and a residual block that adds the tensor as its identity multiplies it back in its
+conv's epilogue (``residual_mul``): the tensor stays int8 between them. Elsewhere (a float producer, a
+reader that takes the tensor otherwise too, concatenations read in different orders, the other model
+families) ``ChannelScale`` stays a float multiply and the chain does not link through it.
 
 Measured (CPU, a YOLOX-x config at deepen 1.33 / widen 0.25 trained briefly; box-output SQNR vs
 float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``

@@ -232,6 +232,11 @@ def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_refer
     assert c("bbox_head.multi_level_reg_convs.1.1.conv.1").out_mul is not None  # reg tower -> reg + obj
     assert c("backbone.stage2.1.blocks.0.conv2.conv.1").out_scale is None  # int8_identity=False: a float input
     assert c(blk + "conv1.conv.1").out_scale is not None and c("neck.out_convs.0.conv.1").out_scale is not None
+    unfolded, _ = _int8(smoothed, scales)  # the multiplier travels with the state dict, as a zero point does
+    layer = unfolded.get_submodule(blk + "conv1.conv.1")
+    assert getattr(layer, "out_mul", None) is None
+    layer.load_state_dict(c(blk + "conv1.conv.1").state_dict())
+    assert torch.equal(layer.out_mul, c(blk + "conv1.conv.1").out_mul)
     # unsmoothed: 73 writers, 66 with float identities (the 7 identity blocks' inputs). Smoothed, the producers
     # of the unfolded readers write floats too: the 6 PAFPN group producers and the SPP's conv1
     assert len(writers) == 66 - 7
