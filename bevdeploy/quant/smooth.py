@@ -144,9 +144,7 @@ def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.
         with torch.no_grad():
             view = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
             layer.weight.mul_(m.view(view).to(layer.weight.dtype))
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         channel_dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        setattr(parent, attr, nn.Sequential(ChannelScale(1.0 / m, channel_dim), layer))
+        model.set_submodule(name, nn.Sequential(ChannelScale(1.0 / m, channel_dim), layer))
         new_names.append(f"{name}.1")
     return new_names
