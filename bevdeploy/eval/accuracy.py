@@ -308,8 +308,9 @@ def stage_eval_det2d(args) -> Path:
     official = {"yolox-x": (640, 640), "centernet-r18-dcn": (512, 512)}.get(args.model)
     t = training
     notes = [
-        f"Trained weights: {t['steps']} steps (planned {t['steps_planned']}, fitted to a {meta.get('train_seconds')} s "
-        f"budget) x batch {t['batch']} ({t['frames_seen']} images seen) on {t['frames_in_world']} images of "
+        f"Trained weights: {t['steps']} steps (planned {t['steps_planned']}"
+        + (f", fitted to a {meta['train_seconds']} s budget" if meta.get("train_seconds") else ", a fixed number")
+        + f") x batch {t['batch']} ({t['frames_seen']} images seen) on {t['frames_in_world']} images of "
         f"`{t['data']}` (synthetic camera views rendered at {t['render_size']}), from scratch, AdamW lr {t['lr']} "
         f"with linear warm-up ({t['warmup']} steps) and cosine decay, bf16 autocast, seed {t['seed']}; "
         f"{t['minutes']} min (render + load + train); final loss {t['final_loss'] and round(t['final_loss'], 4)}; "

@@ -980,6 +980,8 @@ def _int8_conv2d_triton(
     if packed and c % 16:
         raise ValueError(f"config {list(config)}: the packed-K conv kernel needs channels % 16 == 0, got {c}")
     bm, bn, bk, group_m, warps, stages = (config or gemm_config(m, o, c, x_q.device))[:6]
+    if x_q.is_cuda and bk < 32:  # the interpreter multiplies any tile; the compiler rejects it deep inside
+        raise ValueError(f"config {list(config)}: int8 tensor-core dots need BLOCK_K >= 32 on the GPU, got {bk}")
     grid = (triton.cdiv(m, bm) * triton.cdiv(o, bn),)
     dummy = w_scale
     w_sum = _w_sum_arg(x_zero_point, w_sum, w_q)

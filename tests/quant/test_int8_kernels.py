@@ -240,7 +240,7 @@ def test_int8_conv2d_many_tiles_and_nchw_inputs(device):
 PACKED_CONVS = [
     (2, 32, 7, 9, 19, (3, 3), (1, 1), (1, 1), (1, 1), 64),  # 288 = 4.5 tiles: a masked K tail
     (1, 48, 9, 8, 6, (3, 3), (2, 2), (2, 2), (2, 2), 32),  # stride 2, dilation 2, tiles of 32 over 48 channels
-    (1, 16, 6, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 16),  # EVEN_K: one kernel point a tile
+    (1, 32, 6, 5, 21, (3, 3), (1, 1), (1, 1), (1, 1), 32),  # EVEN_K: one kernel point a tile (GPU dots: K >= 32)
     (2, 32, 10, 4, 8, (3, 1), (1, 1), (1, 0), (1, 1), 64),  # non-square kernel: 96 = 1.5 tiles
 ]
 
@@ -273,6 +273,13 @@ def test_packed_k_config_needs_channels_in_sixteens(device):
     x_q, w_q, ws = _codes(1, 24, 6, 6, device=device), _codes(4, 3, 3, 24, device=device), _scales(4, device)
     with pytest.raises(ValueError, match="channels % 16 == 0, got 24"):
         int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 32, 2, 4, 1, PACKED_K))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter multiplies tiles of any K")
+def test_a_gpu_conv_config_with_k_tiles_under_32_is_named():
+    x_q, w_q, ws = _codes(1, 32, 6, 6, device="cuda"), _codes(4, 3, 3, 32, device="cuda"), _scales(4, "cuda")
+    with pytest.raises(ValueError, match="BLOCK_K >= 32 on the GPU, got 16"):
+        int8_conv2d(x_q, w_q, 0.01, ws, padding=1, config=(16, 16, 16, 2, 4, 1))
 
 
 # (N, C, H, W, O, kernel, stride, padding, dilation, (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_W)): H, W divisible by the
