@@ -36,8 +36,13 @@
 # QAT rows: EVAL_EXTRA="--qat-steps 300 --qat-batch 8 --qat-lr 1e-4" adds "int8-fp16 (QAT)" after the others.
 # Smoothed row: EVAL_EXTRA="--smoothed-row 0.5" adds "int8-fp16 (smoothed)" beside the plain int8-fp16 row (SmoothQuant;
 #   on YOLOX the chain folds most divisors into the producers' epilogues: int8_writers / smoothing_folded columns).
-#   Session-18 plan (~510 s): MODELS=yolox-x BUDGET=570 YOLOX_STEPS=390 YOLOX_TRAIN_SECONDS=110
-#   YOLOX_PRECISIONS="fp16 int8-fp16" EVAL_EXTRA="--smoothed-row 0.5"
+#   Measured (H100, session 19, that command with BUDGET=555: 345 s in all): render 15 s, training 103 s, eval 220 s
+#   (PyTorch + fp16 + int8-fp16 + smoothed rows); smoothing alpha 0.5 took int8-fp16's dmAP from -0.0496 to -0.0107
+#   (alpha 0.4: -0.0144, 0.65: -0.0137; STAGE=eval reruns on the warm machine, ~75 s a row).
+#   With --qat-steps N too, the QAT row starts from the smoothed calibration: "int8-fp16 (smoothed QAT)" replaces
+#   "int8-fp16 (QAT)". Session-20 plan (~480 s): MODELS=yolox-x BUDGET=570 YOLOX_STEPS=390 YOLOX_TRAIN_SECONDS=110
+#   YOLOX_PRECISIONS="fp16 int8-fp16" EVAL_EXTRA="--smoothed-row 0.5 --fused-epilogues --qat-steps 300 --qat-batch 8
+#   --qat-lr 1e-4"  (--fused-epilogues adds an fp16 (fused) and an int8-fp16 (fused) row: drop it if short of time)
 # Fused rows: EVAL_EXTRA="--fused-epilogues" adds "<precision> (fused)" for each precision (build --fused-epilogues:
 #   the image-reading stem in NHWC + cuDNN's fused conv epilogues; CenterNet int8-fp16 4.29x -> 5.25x, session 16).
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),

@@ -362,12 +362,18 @@ def stage_eval_det2d(args) -> Path:
                      "(`build(smooth_alpha=...)`; fused epilogues as the (fused) rows when they are measured); "
                      "smoothing_folded: the smoothed convs whose divisor runs in their producer's int8 epilogue, "
                      "int8_writers: the convs writing int8 codes for the next (the chain's reach).")
+        if args.qat_steps and not args.asymmetric:  # its QAT row replaces the plain one
+            extra_jobs.append((f"{QAT_PRECISION} (smoothed QAT)", QAT_PRECISION,
+                               {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues),
+                                **qat}))
+            notes.append(f"The {QAT_PRECISION} (smoothed QAT) row starts QAT from the (smoothed) row's calibration "
+                         "(the smoothed weights fine-tuned, the divisors fixed).")
     if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
         extra_jobs += fused_jobs(args.precisions)
         notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
                      "convs (the image-reading stem; all convs of a float engine) run bias + residual + ReLU in "
                      "cuDNN's fused call, the stem reads the image through one NHWC 4-channel pass.")
-    if args.qat_steps and not args.asymmetric:  # the QAT row: fine-tuned on every training image, own loss
+    if args.qat_steps and not args.asymmetric and args.smoothed_row is None:  # the QAT row: every training image
         extra_jobs.append((f"{QAT_PRECISION} (QAT)", QAT_PRECISION, qat))
         notes.append(f"The {QAT_PRECISION} (QAT) row: the PTQ start fine-tuned {args.qat_steps} steps x batch "
                      f"{args.qat_batch} (AdamW, weights lr {args.qat_lr} with cosine decay, scales LSQ) on the "

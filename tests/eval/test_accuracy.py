@@ -124,14 +124,19 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert "smooth_alpha=0.5" in variant_md and "int8 calibrated (entropy)" in variant_md
     assert [r["precision"] for r in json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x.json")
                                                .read_text())["rows"]] == ["pytorch", "fp32"]  # untouched
-    # the (smoothed) row beside the plain int8-fp16 row of the same run: the chain reaches through the smoothing
+    # the (smoothed) row beside the plain int8-fp16 row of the same run: the chain reaches through the smoothing;
+    # with QAT its QAT row starts from the smoothed calibration (and replaces the plain QAT row)
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
-                 "--iters", "1", "--smoothed-row", "0.5", "--results-tag", "smoothrow", *common]) == 0
+                 "--iters", "1", "--smoothed-row", "0.5", "--qat-steps", "2", "--qat-batch", "2",
+                 "--results-tag", "smoothrow", *common]) == 0
     rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-smoothrow.json").read_text())["rows"]
-    assert [r["precision"] for r in rows] == ["pytorch", "int8-fp16", "int8-fp16 (smoothed)"]
-    plain_row, smooth_row = rows[1], rows[2]
+    assert [r["precision"] for r in rows] == ["pytorch", "pytorch (float control)", "int8-fp16", "int8-fp16 (smoothed)",
+                                              "int8-fp16 (smoothed QAT)"]
+    plain_row, smooth_row, smooth_qat = rows[2], rows[3], rows[4]
     assert plain_row["smoothing_folded"] is None and smooth_row["smooth_alpha"] == 0.5
     assert 0 < smooth_row["smoothing_folded"] and 0 < smooth_row["int8_writers"] <= plain_row["int8_writers"]
+    assert smooth_qat["smooth_alpha"] == 0.5 and smooth_qat["qat_steps"] == 2
+    assert smooth_qat["smoothing_folded"] == smooth_row["smoothing_folded"]
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
                  "--iters", "1", "--qat-steps", "2", "--qat-batch", "2", "--qat-lr", "1e-4", "--results-tag", "qat",
                  *common]) == 0
