@@ -125,7 +125,8 @@ def bench_det2d(
     from bevdeploy.data.det2d import PIPELINES, CocoSet, as_2d_spec, load_batch, resolve_det2d_spec
     from bevdeploy.engine import Engine, build
     from bevdeploy.engine.deploy import precision_spec
-    from bevdeploy.eval.bench_models import _ROW_KEYS, _device_memory_mb, earlier_rows, pth_size_mb, write_results
+    from bevdeploy.eval.bench_models import (_ROW_KEYS, _device_memory_mb, earlier_rows, nonfinite_note, pth_size_mb,
+                                              write_results)
     from bevdeploy.eval.coco import coco_map, fidelity_map, run_det2d
     from bevdeploy.eval.timing import gpu_dirname
     from bevdeploy.models import MODELS
@@ -279,7 +280,7 @@ def bench_det2d(
                  **{k: v for k, v in options.items() if v is not None and isinstance(v, (int, float, str))},
                  **({"qat_loss_first": round(q["loss_first"], 4), "qat_loss_last": round(q["loss_last"], 4)}
                     if (q := engine.metadata.get("qat")) else {}),
-                 run=run_id)
+                 run=run_id, note=nonfinite_note(name, label, out))
         rows.append(r)
         print(f"{name} {label}: {r['fps']} images/s ({r['fps_ratio']}x), {r['engine_mb']} MB, mem {r['memory_mb']} MB, "
               f"mAP {r['map']} (d {r['dmap']}), fidelity mAP {r['fidelity_map']}, SQNR {r['output_sqnr_db']} dB",

@@ -417,14 +417,14 @@ def bench_model(
                      output_sqnr_db=min(sqnr.values()), output_sqnr_db_each=sqnr,
                      int8_layers=sum(1 for _, p in engine.layer_precisions if p == "int8") if precision.startswith("int8") else None,
                      fp8_layers=sum(1 for _, p in engine.layer_precisions if p == "fp8") if precision.startswith("fp8") else None,
-                     run=run_id)
+                     run=run_id, note=nonfinite_note(name, label, out))
             if b == 1:
                 run = run_model(engine, infos, name, dev)
                 m = score_run(run, infos, source.dataroot, source.version, source.split)
                 fid = fidelity_metrics(results_records(run, infos), ref_records, score_threshold=threshold)
                 r.update(nds=round(m["NDS"], 4), map=round(m["mAP"], 4), fidelity_nds=round(fid["NDS"], 4))
             else:
-                r["note"] = "accuracy is measured at batch 1"
+                r["note"] = "; ".join(filter(None, [r["note"], "accuracy is measured at batch 1"]))
             del engine, out, inputs
             _free()
             _set_memory(r, mem, base)
@@ -449,6 +449,17 @@ def bench_model(
                   f"mem {r['memory_mb']} MB ({r['memory_ratio']}x), peak {r['peak_allocated_mb']} MB, "
                   f"NDS {r['nds']}, fidelity NDS {r['fidelity_nds']}, SQNR {r['output_sqnr_db']} dB", file=sys.stderr)
     return write_results(results_name, rows, out_dir, command, keep_rows)
+
+
+def nonfinite_note(name: str, label: str, outputs: dict[str, torch.Tensor]) -> str | None:
+    """A row's note when the engine wrote NaN / inf on the timing batch (its SQNR reads -inf), warned on stderr: a
+    broken engine must not pass for a slow or inaccurate one."""
+    bad = [k for k, v in outputs.items() if not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    print(f"WARNING: {name} {label}: the engine wrote non-finite values (NaN / inf) in {bad}: its outputs are wrong, "
+          "whatever its speed", file=sys.stderr)
+    return f"NON-FINITE outputs {bad}"
 
 
 def bench_batches(batch: int | Sequence[int] | None) -> list[int]:

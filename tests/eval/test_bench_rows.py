@@ -1,10 +1,13 @@
-"""Results-file bookkeeping of the bench tables (which rows an ``--append`` run keeps; the strict-FP32 timing flags); no GPU."""
+"""Results-file bookkeeping of the bench tables (which rows an ``--append`` run keeps; the strict-FP32 timing flags;
+the note of an engine writing NaN); no GPU."""
 
 import json
 
 import pytest
 
-from bevdeploy.eval.bench_models import earlier_rows
+import torch
+
+from bevdeploy.eval.bench_models import earlier_rows, nonfinite_note
 
 
 def _row(precision, run, fps):
@@ -112,3 +115,11 @@ def test_engine_rows_with_int8_dcn_and_fused_variants():
     assert [r[3] for r in engine_runs(["fp16x2", "int8-fp16"], int8_dcn=True, fused_epilogues=True)] == [
         "fp16x2", "fp16x2 (fused)", "int8-fp16", "int8-fp16 (fused)", "int8-fp16 (int8 DCN)"]
     assert engine_runs(["int8"], fused_epilogues=True)[1] == ("int8", False, True, "int8 (fused)")
+
+
+def test_an_engine_writing_nan_or_inf_is_named_in_its_row_and_warned(capsys):
+    good = {"boxes": torch.ones(2, 3), "scores": torch.zeros(4)}
+    assert nonfinite_note("m", "fp16", good) is None and capsys.readouterr().err == ""
+    bad = dict(good, scores=torch.tensor([0.0, float("nan")]), depth=torch.tensor([float("-inf")]))
+    assert nonfinite_note("m", "fp16 (fused)", bad) == "NON-FINITE outputs ['scores', 'depth']"
+    assert "WARNING: m fp16 (fused): the engine wrote non-finite values" in capsys.readouterr().err
