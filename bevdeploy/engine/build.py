@@ -257,10 +257,11 @@ def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev:
             mine = shard_by_scene(infos, ctx.rank, ctx.world_size) if ctx.enabled else infos
             loop = calibration_forward_loop(mine, model_name, model, dev, progress)
     if smooth is not None:  # SmoothQuant first (one more pass over the data), then calibrate the smoothed model
+        from bevdeploy.quant.chain import smoothing_ties
         from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs
 
         alpha, layers = smooth
-        smooth_inputs(model, input_channel_ranges(model, loop, layers), alpha)
+        smooth_inputs(model, input_channel_ranges(model, loop, layers), alpha, ties=smoothing_ties(model))
     recorded: list[dict] = []  # the first frames' inputs, for the sensitivity report
     names = input_names(model)  # the loop's positional order
     hook = model.register_forward_pre_hook(

@@ -66,7 +66,7 @@ from bevdeploy.quant.modules import QuantConv2d, QuantDeformConv2d, QuantLinear
 from bevdeploy.quant.smooth import ChannelScale
 
 __all__ = ["Int8Bottleneck", "Int8BasicBlock", "Int8ResNet", "Int8CustomFPN", "Int8FPN", "Int8DarknetBottleneck",
-           "Int8SPPBottleneck", "Int8YOLOXPAFPN", "chain_int8", "max_pool2d_int8"]
+           "Int8SPPBottleneck", "Int8YOLOXPAFPN", "chain_int8", "max_pool2d_int8", "smoothing_ties"]
 
 
 def max_pool2d_int8(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
@@ -600,39 +600,53 @@ def _y_smoothed_entries(m: nn.Module) -> list[nn.Module] | None:
     return None
 
 
-def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False) -> None:
+def _y_fold(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False,
+            reads: list[list[nn.Module]] | None = None) -> None:
     """Move the smoothing divisor of ``readers`` into the epilogues of ``producers`` (module docstring of
-    :mod:`bevdeploy.quant.smooth`): when every reader reads the tensor only through a ``ChannelScale`` (or
-    as a ``DarknetBottleneck``'s identity, added by its int8 conv2) and all of these are equal, and every
-    producer is an int8 conv or linear (several: their outputs concatenated in this order, ``concat``), each
-    producer multiplies its output channels by its slice of the divisor (``out_mul``), the readers'
-    ``ChannelScale`` become ``nn.Identity`` and the blocks multiply their identity back (``in_mul``). The same
-    function either way; the linking that follows then sees int8 readers."""
-    if extra or not readers or (len(producers) > 1 and not concat):
+    :mod:`bevdeploy.quant.smooth`): when every reader reads its input only through a ``ChannelScale`` (or as a
+    ``DarknetBottleneck``'s identity, added by its int8 conv2), every producer is an int8 conv or linear, and
+    each producer's channels get the same divisor from every reader, each producer multiplies its output
+    channels by it (``out_mul``), the readers' ``ChannelScale`` become ``nn.Identity`` and the blocks multiply
+    their identity back (``in_mul``). What each reader reads: ``reads`` (per reader, the producers whose outputs
+    it concatenates, in order; a producer twice for a tensor and its max-pooled copy), else the one producer, or
+    all of them concatenated in this order (``concat``). The same function either way; the linking that follows
+    then sees int8 readers."""
+    if extra or not readers:
         return
+    if reads is None:
+        if len(producers) > 1 and not concat:
+            return
+        reads = [producers] * len(readers)
+    convs = {id(p): _y_producer(p) for p in producers}
+    if not all(isinstance(c, (QuantConv2d, QuantLinear)) for c in convs.values()):
+        return
+    divisors: dict[int, Tensor] = {}  # producer -> the divisor of its channels
     entries: list[nn.Module] = []
-    for r in readers:
-        found = _y_smoothed_entries(r)
+    blocks: list[tuple[nn.Module, Tensor]] = []
+    for reader, parts in zip(readers, reads, strict=True):
+        found = _y_smoothed_entries(reader)
         if found is None:
             return
-        entries += found
-    blocks = [e for e in entries if isinstance(e, Int8DarknetBottleneck)]
-    entries = [e for e in entries if not isinstance(e, Int8DarknetBottleneck)]
-    if not entries:
-        return
-    inv = entries[0][0].inv
-    convs = [_y_producer(p) for p in producers]
-    if not all(isinstance(c, (QuantConv2d, QuantLinear)) for c in convs):
-        return
-    sizes = [c.weight.shape[0] for c in convs]
-    if sum(sizes) != inv.numel() or not all(torch.equal(e[0].inv, inv) for e in entries):
+        scales = [e for e in found if not isinstance(e, Int8DarknetBottleneck)]
+        if not scales:
+            return
+        inv = scales[0][0].inv
+        sizes = [convs[id(p)].weight.shape[0] for p in parts]
+        if sum(sizes) != inv.numel() or not all(torch.equal(e[0].inv, inv) for e in scales):
+            return
+        for p, part in zip(parts, inv.split(sizes)):
+            if not torch.equal(divisors.setdefault(id(p), part), part):
+                return
+        entries += scales
+        blocks += [(e, inv) for e in found if isinstance(e, Int8DarknetBottleneck)]
+    if len(divisors) != len(convs):
         return
     # once per producer: its readers' ChannelScale are Identities after this, so no later fold finds them
-    for c, part in zip(convs, inv.split(sizes)):
-        c.set_out_mul(part)
+    for key, c in convs.items():
+        c.set_out_mul(divisors[key])
     for e in entries:
         e[0] = nn.Identity()
-    for b in blocks:
+    for b, inv in blocks:
         b.in_mul = (1.0 / inv).float()
 
 
@@ -646,11 +660,11 @@ def _y_set_in_qparams(readers: list[nn.Module], qparams: tuple[float, int] | Non
             m.in_scale, m.in_zero_point = qparams or (None, 0)
 
 
-def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False
-            ) -> tuple[float, int] | None:
-    """The outputs of YOLOX modules ``producers`` (one tensor, or tensors concatenated for the readers)
-    go int8 at one (scale, zero point) when every producer's last conv is int8 and every reader is; else
-    all float."""
+def _y_link(producers: list[nn.Module], readers: list[nn.Module], extra=(), concat: bool = False,
+            reads=None) -> tuple[float, int] | None:
+    """The outputs of YOLOX modules ``producers`` (one tensor, or tensors concatenated for the readers: how,
+    ``concat`` / ``reads``, matters to :func:`_y_fold` only) go int8 at one (scale, zero point) when every
+    producer's last conv is int8 and every reader is; else all float."""
     convs = [_y_producer(p) for p in producers]
     rs = [r for m in readers for r in _y_readers(m)] + list(extra)
     qparams = None
@@ -679,8 +693,10 @@ def _link_yolox(model: nn.Module, link=_y_link) -> None:
     from bevdeploy.models.yolox import CSPDarknet, CSPLayer, YOLOXHead
 
     for m in model.modules():  # inside the blocks first: a CSP's concat link reads its last block's conv2
-        if isinstance(m, (Int8DarknetBottleneck, Int8SPPBottleneck)):
+        if isinstance(m, Int8DarknetBottleneck):
             link([m.conv1], [m.conv2])
+        elif isinstance(m, Int8SPPBottleneck):  # conv2 reads conv1's output and its max-pooled copies
+            link([m.conv1], [m.conv2], reads=[[m.conv1] * (1 + len(m.poolings))])
     for m in model.modules():
         if isinstance(m, CSPLayer):
             _link_csp(m, link)
@@ -709,7 +725,8 @@ def _link_yolox(model: nn.Module, link=_y_link) -> None:
         # that level is also the next backbone stage's input: the three tensors share one scale
         level = inputs[n - 2 - j]
         readers = [td[j], bu[n - 2 - j]] + ([nxt[id(level)]] if id(level) in nxt else [])
-        link([red[j], level[-1], down[n - 2 - j]], readers)
+        reads = [[red[j], level[-1]], [down[n - 2 - j], red[j]]] + ([[level[-1]]] if id(level) in nxt else [])
+        link([red[j], level[-1], down[n - 2 - j]], readers, reads=reads)
         if j < n - 2:
             link([td[j]], [red[j + 1]])
     link([td[n - 2]], [down[0], neck.out_convs[0]])  # outs[0]
@@ -723,6 +740,43 @@ def _link_yolox(model: nn.Module, link=_y_link) -> None:
                 link([a], [b])
         link([cls], [head.multi_level_conv_cls[i]])
         link([reg], [head.multi_level_conv_reg[i], head.multi_level_conv_obj[i]])
+
+
+def smoothing_ties(model: nn.Module) -> list[list[tuple[str, int, int]]]:
+    """The input-channel slices of YOLOX convs that hold one producer's output read in several ways, as
+    :func:`bevdeploy.quant.smooth.smooth_inputs` takes them (``ties``): the PAFPN's reduce conv output (upsampled
+    first in a top-down concat, second in a bottom-up one), the backbone level beside it (second in the top-down
+    concat, and the next stage's input), and an SPP's conv1 output with its max-pooled copies. Tied, they get one
+    divisor, which :func:`_y_fold` moves into the producer. Names of the float model (before smoothing); ``[]``
+    for other models."""
+    from bevdeploy.models.yolox import CSPDarknet, SPPBottleneck, YOLOXPAFPN
+
+    names = {id(m): n for n, m in model.named_modules()}
+    ties = []
+    for m in model.modules():
+        if isinstance(m, SPPBottleneck):
+            c, conv2 = m.conv1.conv.out_channels, names[id(m.conv2.conv)]
+            ties.append([(conv2, i * c, (i + 1) * c) for i in range(1 + len(m.poolings))])
+    backbone, neck = getattr(model, "backbone", None), getattr(model, "neck", None)
+    if not (isinstance(backbone, CSPDarknet) and isinstance(neck, YOLOXPAFPN)):
+        return ties
+    n = len(neck.in_channels)
+    inputs = [backbone.stage2, backbone.stage3, backbone.stage4][-n:]
+    nxt = {id(backbone.stage2): backbone.stage3[0], id(backbone.stage3): backbone.stage4[0]}
+
+    def csp_inputs(csp: nn.Module, lo: int, hi: int) -> list[tuple[str, int, int]]:
+        return [(names[id(csp.main_conv.conv)], lo, hi), (names[id(csp.short_conv.conv)], lo, hi)]
+
+    for j in range(n - 1):
+        level = inputs[n - 2 - j]
+        td, bu = neck.top_down_blocks[j], neck.bottom_up_blocks[n - 2 - j]
+        c_red = neck.reduce_layers[j].conv.out_channels
+        c_level = level[-1].final_conv.conv.out_channels
+        c_down = neck.downsamples[n - 2 - j].conv.out_channels
+        ties.append(csp_inputs(td, 0, c_red) + csp_inputs(bu, c_down, c_down + c_red))
+        ties.append(csp_inputs(td, c_red, c_red + c_level)
+                    + ([(names[id(nxt[id(level)].conv)], 0, c_level)] if id(level) in nxt else []))
+    return ties
 
 
 def _convert_yolox(model: nn.Module) -> None:

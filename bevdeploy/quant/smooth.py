@@ -12,15 +12,17 @@ into the weights, which are quantized per output channel and tolerate it better:
 with the layer's weights multiplied by ``m``; the float model computes the same function (to
 rounding), and the int8 build then calibrates and quantizes the smoothed input. Layers that read one
 tensor (a CSP layer's main and short convs, a YOLOX head's two towers) get one joint ``m`` (their
-weights' ranges combined), so the tensor has one smoothed form.
+weights' ranges combined), so the tensor has one smoothed form; so do the channel slices named as one
+tensor's (``ties``: YOLOX's PAFPN concatenations read in two orders, an SPP's pooled copies).
 
 Where the producer of a smoothed tensor is an int8 conv and every reader is smoothed alike (YOLOX),
 :func:`bevdeploy.quant.chain.chain_int8` folds the divisor into the producer's epilogue (``out_mul``:
 after its activation and residual, before the requantization), the readers' ``ChannelScale`` becomes
 an ``nn.Identity`` and a residual block that adds the tensor as its identity multiplies it back in its
-conv's epilogue (``residual_mul``): the tensor stays int8 between them. Elsewhere (a float producer, a
-reader that takes the tensor otherwise too, concatenations read in different orders, the other model
-families) ``ChannelScale`` stays a float multiply and the chain does not link through it.
+conv's epilogue (``residual_mul``): the tensor stays int8 between them (on the reduced YOLOX-x of the
+tests: 81 of 82 divisors, all but the float stem's reader). Elsewhere (a float producer, a reader that
+takes the tensor otherwise too, the other model families) ``ChannelScale`` stays a float multiply and
+the chain does not link through it.
 
 Measured (CPU, a YOLOX-x config at deepen 1.33 / widen 0.25 trained briefly; box-output SQNR vs
 float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
@@ -30,7 +32,7 @@ float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -116,31 +118,84 @@ def _weight_input_ranges(layer: nn.Module) -> Tensor:
     return (w.abs().amax((0, 2, 3)) if isinstance(layer, nn.Conv2d) else w.abs().amax(0)).clamp_min(1e-8)
 
 
-def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.5) -> list[str]:
+class _Sets:
+    """Union-find over ``range(n)``."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _tied_divisors(model: nn.Module, ranges: dict[str, Tensor], alpha: float, groups: list[list[str]],
+                   ties: Iterable[Sequence[tuple[str, int, int]]]) -> dict[str, Tensor]:
+    """``m`` of every layer of ``ranges`` per input channel, where channels that hold one value share one ``m``
+    (from the largest activation and weight ranges among them): the layers of a ``groups`` entry read one
+    tensor; a ``ties`` entry lists channel slices that hold the same channels. Layers linked this way are
+    normalised together (largest ``m`` 1), so equal channels keep equal divisors."""
+    names = list(ranges)
+    sizes = [ranges[n].numel() for n in names]
+    offset = dict(zip(names, [sum(sizes[:i]) for i in range(len(names))]))
+    channels = _Sets(sum(sizes))
+    for g in groups:
+        for other in g[1:]:
+            for c in range(ranges[g[0]].numel()):
+                channels.union(offset[g[0]] + c, offset[other] + c)
+    for tie in ties:
+        tie = [(n, lo, hi) for n, lo, hi in tie if n in ranges]
+        for n, lo, hi in tie:
+            if not 0 <= lo < hi <= ranges[n].numel() or hi - lo != tie[0][2] - tie[0][1]:
+                raise ValueError(f"tie {tie}: {n}[{lo}:{hi}] is not a slice of its {ranges[n].numel()} input "
+                                 "channels as long as the others")
+        first, lo0, hi0 = tie[0] if tie else ("", 0, 0)
+        for n, lo, _ in tie[1:]:
+            for c in range(hi0 - lo0):
+                channels.union(offset[first] + lo0 + c, offset[n] + lo + c)
+    root = torch.tensor([channels.find(i) for i in range(len(channels.parent))])
+    layer_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
+    layers = _Sets(len(names))
+    for i, r in enumerate(root.tolist()):
+        layers.union(int(layer_of[i]), int(layer_of[r]))
+    amax_x = torch.cat([ranges[n].detach().float().cpu() for n in names]).clamp_min(1e-8)
+    amax_w = torch.cat([_weight_input_ranges(model.get_submodule(n)).cpu() for n in names])
+    x_root = torch.zeros(len(root)).scatter_reduce(0, root, amax_x, "amax")
+    w_root = torch.zeros(len(root)).scatter_reduce(0, root, amax_w, "amax")
+    m = x_root[root] ** alpha / w_root[root] ** (1.0 - alpha)
+    linked = torch.tensor([layers.find(i) for i in range(len(names))])[layer_of]
+    m = (m / torch.zeros(len(names)).scatter_reduce(0, linked, m, "amax")[linked]).clamp_min(1e-5)
+    return {n: m[offset[n]:offset[n] + size] for n, size in zip(names, sizes)}
+
+
+def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.5,
+                  ties: Iterable[Sequence[tuple[str, int, int]]] = ()) -> list[str]:
     """Rewrite every layer of ``ranges`` as ``Sequential(ChannelScale(1 / m), layer with W * m)``, in place.
 
     Returns the new names of the smoothed layers (``<name>.1``: the int8 candidates now). ``alpha``
     in [0, 1]: 0 leaves the activations as they are, 1 moves all of their spread into the weights.
     Channels that never saw a non-zero value keep ``m`` at the floor (1e-5 of the largest). The layers of
     one group of ``ranges.shared`` (a :class:`ChannelRanges`) read one tensor and get one ``m``, from the
-    tensor's range and the largest of their weights' ranges per input channel.
+    tensor's range and the largest of their weights' ranges per input channel. ``ties``: lists of
+    ``(layer, start, stop)`` input-channel slices that hold the same tensor (one producer's output inside
+    concatenations read in different orders, a tensor and its max-pooled copies): their channels get one ``m``
+    too, so the producer can apply it once (:func:`bevdeploy.quant.chain.smoothing_ties` lists YOLOX's).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    groups = {n: g for g in getattr(ranges, "shared", []) if all(n_ in ranges for n_ in g) for n in g}
-    joint: dict[tuple[str, ...], Tensor] = {}
+    groups = [g for g in getattr(ranges, "shared", []) if all(n in ranges for n in g)]
+    divisors = _tied_divisors(model, ranges, alpha, groups, ties)
     new_names = []
-    for name, amax_x in ranges.items():
+    for name in ranges:
         layer = model.get_submodule(name)
-        w = layer.weight
-        group = tuple(groups.get(name, [name]))
-        m = joint.get(group)
-        if m is None:
-            amax_w = torch.stack([_weight_input_ranges(model.get_submodule(n)) for n in group]).amax(0)
-            amax_in = torch.stack([ranges[n].to(w.device) for n in group]).amax(0)
-            m = amax_in.clamp_min(1e-8) ** alpha / amax_w ** (1.0 - alpha)
-            m = (m / m.max()).clamp_min(1e-5)
-            joint[group] = m
+        m = divisors[name].to(layer.weight.device)
         with torch.no_grad():
             view = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
             layer.weight.mul_(m.view(view).to(layer.weight.dtype))

@@ -219,9 +219,9 @@ def test_smoothed_int8_yolox_engine_builds_records_and_runs(tmp_path, calib_spec
     folded = set(meta["smoothing_folded"])
     assert folded < set(meta["smoothed_layers"])
     assert "backbone.stage1.0.conv" not in folded  # its producer, the stem, is float
-    # as in tests/quant/test_int8_chain_yolox.py (its UNFOLDED lists the 12 readers that multiply a float)
-    assert len(folded) == 70 and len(meta["smoothed_layers"]) == 82
-    assert len(meta["int8_outputs"]) == 66  # of 73 unsmoothed: the chain links through the folded divisors
+    # as in tests/quant/test_int8_chain_yolox.py (its UNFOLDED: the stem's reader multiplies a float)
+    assert len(folded) == 81 and len(meta["smoothed_layers"]) == 82
+    assert len(meta["int8_outputs"]) == 73  # as unsmoothed: the chain links through the folded divisors
     _assert_int8_floor(engine, name)
     with pytest.raises(ValueError, match="smooth_alpha"):
         build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], batch=BATCH, smooth_alpha=0.5)

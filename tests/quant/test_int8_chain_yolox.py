@@ -173,6 +173,7 @@ def _smoothed(size: int, batch: int):
     """The reduced YOLOX with every int8 conv smoothed (alpha 0.5, as ``build(smooth_alpha=0.5)``), calibrated."""
     from bevdeploy.engine.model_io import image_input_convs
     from bevdeploy.quant.calibrate import calibrate
+    from bevdeploy.quant.chain import smoothing_ties
     from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs
 
     model = _model(size)
@@ -181,16 +182,14 @@ def _smoothed(size: int, batch: int):
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in stem]
     ranges = input_channel_ranges(model, lambda m: m(x), layers)
     smoothed = copy.deepcopy(model)
-    smooth_inputs(smoothed, ranges, alpha=0.5)
+    smooth_inputs(smoothed, ranges, alpha=0.5, ties=smoothing_ties(model))
     table = calibrate(smoothed, lambda m: m(x), "minmax")
     return model, smoothed, ranges, x, {n: table.scale(n) for n in table.amax}
 
 
-#: smoothed readers whose divisor stays a float multiply: the float stem's reader, the PAFPN concat groups'
-#: readers (one tensor, three producers, two orders) and the SPP's conv2 (it reads the pooled concatenation)
-UNFOLDED = {"backbone.stage1.0.conv", "backbone.stage4.0.conv", "backbone.stage3.0.conv", "backbone.stage4.1.conv2.conv",
-            *(f"neck.{k}.{i}.{c}.conv" for k in ("top_down_blocks", "bottom_up_blocks") for i in range(2)
-              for c in ("main_conv", "short_conv"))}
+#: the smoothed reader whose divisor stays a float multiply: the float stem's (every other producer is an int8 conv;
+#: the PAFPN's concatenations and the SPP's pooled copies are tied by smoothing_ties)
+UNFOLDED = {"backbone.stage1.0.conv"}
 
 
 def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_references):
@@ -237,11 +236,21 @@ def test_smoothed_yolox_chain_folds_the_divisors_into_the_producers(ops_on_refer
     assert getattr(layer, "out_mul", None) is None
     layer.load_state_dict(c(blk + "conv1.conv.1").state_dict())
     assert torch.equal(layer.out_mul, c(blk + "conv1.conv.1").out_mul)
-    # unsmoothed: 73 writers, 66 with float identities (the 7 identity blocks' inputs). Smoothed, the producers
-    # of the unfolded readers write floats too: the 6 PAFPN group producers and the SPP's conv1
-    assert len(writers) == 66 - 7
+    # the ties: the PAFPN's reduce conv divides its channels once for both concatenations that read them, the
+    # backbone level once for the top-down concat and the next stage, the SPP's conv1 once for its pooled copies
+    td, bu = "neck.top_down_blocks.0.main_conv.conv", "neck.bottom_up_blocks.1.short_conv.conv"
+    red = c("neck.reduce_layers.0.conv.1").out_mul
+    n_down = c("neck.downsamples.1.conv.1").weight.shape[0]
+    assert torch.equal(g(td)[0].inv[:red.numel()], red) and torch.equal(g(bu)[0].inv[n_down:], red)
+    level = c("backbone.stage3.1.final_conv.conv.1").out_mul
+    assert torch.equal(g(td)[0].inv[red.numel():], level)
+    assert torch.equal(g("backbone.stage4.0.conv")[0].inv, level)
+    spp = c("backbone.stage4.1.conv1.conv.1").out_mul
+    assert torch.equal(g("backbone.stage4.1.conv2.conv")[0].inv, spp.repeat(4))
+    # as many writers as unsmoothed: 73, 66 with float identities (the 7 identity blocks' inputs)
+    assert len(writers) == 66
     _, identity_writers = _int8(smoothed, scales, chain=True)
-    assert len(identity_writers) == 73 - 7
+    assert len(identity_writers) == 73
     shared = {n: m.input_scale for n, m in chained.named_modules() if isinstance(m, QuantConv2d)}
     plain, _ = _int8(smoothed, {**scales, **shared})
     with torch.no_grad():

@@ -78,3 +78,32 @@ def test_smoothing_refuses_what_it_cannot_smooth():
         smooth_inputs(net, {"conv": torch.ones(7)}, alpha=1.5)
     with pytest.raises(RuntimeError, match="never ran"):
         input_channel_ranges(net, lambda m: None, ["conv"])
+
+
+def test_tied_slices_get_one_divisor_and_the_function_stays():
+    """``ties``: one tensor read at different channel offsets (a concat read in two orders) and a layer reading a
+    tensor twice (a copy beside it) get equal divisors on the tied channels, from their combined ranges."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 20.0, 0.1]).view(1, 3, 1, 1)
+    b = torch.randn(4, 2, 6, 6)
+    net = nn.ModuleDict({"ab": nn.Conv2d(5, 4, 1), "ba": nn.Conv2d(5, 4, 1), "aa": nn.Conv2d(6, 4, 1)})
+
+    def run(m):
+        return m["ab"](torch.cat([a, b], 1)), m["ba"](torch.cat([b, a], 1)), m["aa"](torch.cat([a, a], 1))
+
+    ranges = input_channel_ranges(net, run, ["ab", "ba", "aa"])
+    with torch.no_grad():
+        want = run(net)
+    ties = [[("ab", 0, 3), ("ba", 2, 5), ("aa", 0, 3), ("aa", 3, 6)], [("ab", 3, 5), ("ba", 0, 2)]]
+    smooth_inputs(net, ranges, alpha=0.5, ties=ties)
+    inv = {k: net[k][0].inv for k in ("ab", "ba", "aa")}
+    assert torch.equal(inv["ab"][:3], inv["ba"][2:]) and torch.equal(inv["ab"][:3], inv["aa"][:3])
+    assert torch.equal(inv["aa"][:3], inv["aa"][3:]) and torch.equal(inv["ab"][3:], inv["ba"][:2])
+    assert inv["ab"][1] < inv["ab"][0] < inv["ab"][2]  # the wide channel divided most
+    assert max(float((1 / v).max()) for v in inv.values()) == 1.0  # linked layers normalised together
+    with torch.no_grad():
+        for got, ref in zip(run(net), want):
+            assert sqnr_db(ref, got) > 100
+    fresh = nn.ModuleDict({"ab": nn.Conv2d(5, 4, 1), "ba": nn.Conv2d(5, 4, 1), "aa": nn.Conv2d(6, 4, 1)})
+    with pytest.raises(ValueError, match=r"ba\[1:5\] is not a slice of its 5 input channels as long as the others"):
+        smooth_inputs(fresh, input_channel_ranges(fresh, run, ["ab", "ba", "aa"]), ties=[[("ab", 0, 3), ("ba", 1, 5)]])
