@@ -5,13 +5,14 @@ while the plain fp16x2 engine scored 49 dB. This runs the deploy form's ``img_ba
 build's seed) plain and fused, eager then compiled by Inductor, reports each output's relative error, and in
 eager names the first swapped module whose output is non-finite or departs.
 
-    python scripts/debug_fused_backbone.py --model bevformer-base --precision fp16x2 [--size 480 800]
+    python scripts/debug_fused_backbone.py --model bevformer-base --precision fp16x2 [--size 928 1600] [--overrides JSON]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import torch
 import torch._inductor.config as inductor_config
@@ -33,8 +34,9 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=[480, 800])
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--overrides", type=json.loads, default=None, help='config overrides, e.g. \'{"depth": 50}\'')
     a = p.parse_args()
-    _, model = _load_float_model(a.model, None, False, None, verbose=False)
+    _, model = _load_float_model(a.model, None, False, a.overrides, verbose=False)
     fold_batchnorms(model)
     apply_precision(model, a.precision)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
