@@ -39,8 +39,30 @@ def test_eval_of_a_2d_engine_equals_its_model(engine_path, cache, tmp_path, caps
     assert f"centernet-r18-dcn engine {engine_path} on {DATA}: 3 images, 300 detections" in printed
     assert f"COCO mAP {model['mAP']:.4f}" in printed and str(out) in printed
     got, want = json.loads(out.read_text()), json.loads((tmp_path / "model.json").read_text())
-    assert [(d["image_id"], d["category_id"]) for d in got] == [(d["image_id"], d["category_id"]) for d in want]
+    assert [d["image_id"] for d in got] == [d["image_id"] for d in want]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want)) < 1e-4
+    _same_detections_up_to_ties(got, want)
+
+
+def _same_detections_up_to_ties(got: list[dict], want: list[dict], tol: float = 1e-4) -> None:
+    """Every engine detection is a model detection of its image (same class, box within 0.05 px, score within
+    ``tol``), in any order among equal scores (random weights give many: a last-bit difference swaps them). One
+    left unmatched on either side must score at its image's lowest kept score (a tie across the top-k cut)."""
+    pool = list(want)
+    unmatched = []
+    for a in got:
+        j = next((k for k, b in enumerate(pool) if b["image_id"] == a["image_id"]
+                  and b["category_id"] == a["category_id"] and abs(b["score"] - a["score"]) < tol
+                  and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05), None)
+        if j is None:
+            unmatched.append(a)
+        else:
+            pool.pop(j)
+    lowest = {}
+    for d in want:
+        lowest[d["image_id"]] = min(lowest.get(d["image_id"], 1.0), d["score"])
+    for d in unmatched + pool:
+        assert abs(d["score"] - lowest[d["image_id"]]) < tol, f"a detection of one side only: {d}"
 
 
 def test_eval_of_a_2d_engine_refuses_what_it_cannot_do(engine_path, cache, capsys):
