@@ -61,6 +61,9 @@ def main() -> None:
     for i, (w, g) in enumerate(zip(w_out, g_out)):
         print(f"eager out {i}: {list(g.shape)} finite {bool(torch.isfinite(g).all())} rel {_rel(g, w):.3e} "
               f"strides {g.stride()}")
+    # fp16 holds up to 65504: a plain path near it would overflow in a kernel that accumulates or adds in fp16
+    peak = max((float(v.float().abs().max()), k) for k, v in want.items() if v.is_floating_point())
+    print(f"largest plain activation: {peak[0]:.4g} at {peak[1]!r}")
     reported = 0
     for name in names + [n for n in got if n not in names]:
         if name not in want or name not in got or want[name].shape != got[name].shape:
@@ -69,7 +72,8 @@ def main() -> None:
         rel = _rel(got[name], want[name])
         if bad or rel > 1e-2:
             print(f"  first departures: {name} ({type(fused.get_submodule(name)).__name__}) finite {not bad} "
-                  f"rel {rel:.3e} strides {got[name].stride()} want finite {bool(torch.isfinite(want[name]).all())}")
+                  f"rel {rel:.3e} strides {got[name].stride()} want finite {bool(torch.isfinite(want[name]).all())} "
+                  f"max|want| {float(want[name].float().abs().max()):.4g}")
             reported += 1
             if reported > 12:
                 break
