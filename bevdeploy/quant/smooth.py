@@ -31,6 +31,7 @@ float, minmax scales, unchained): 12.1 dB plain, 20.8 dB with ``alpha=0.5``
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
@@ -136,31 +137,25 @@ class _Sets:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _tied_divisors(model: nn.Module, ranges: dict[str, Tensor], alpha: float, groups: list[list[str]],
+def _tied_divisors(model: nn.Module, ranges: dict[str, Tensor], alpha: float,
                    ties: Iterable[Sequence[tuple[str, int, int]]]) -> dict[str, Tensor]:
-    """``m`` of every layer of ``ranges`` per input channel, where channels that hold one value share one ``m``
-    (from the largest activation and weight ranges among them): the layers of a ``groups`` entry read one
-    tensor; a ``ties`` entry lists channel slices that hold the same channels. Layers linked this way are
-    normalised together (largest ``m`` 1), so equal channels keep equal divisors."""
+    """``m`` of every layer of ``ranges`` per input channel, where the channel slices of a ``ties`` entry hold the
+    same channels and so share one ``m`` (from the largest activation and weight ranges among them). Layers
+    linked this way are normalised together (largest ``m`` 1), so equal channels keep equal divisors."""
     names = list(ranges)
     sizes = [ranges[n].numel() for n in names]
-    offset = dict(zip(names, [sum(sizes[:i]) for i in range(len(names))]))
+    offset = dict(zip(names, itertools.accumulate([0] + sizes[:-1])))
     channels = _Sets(sum(sizes))
-    for g in groups:
-        for other in g[1:]:
-            for c in range(ranges[g[0]].numel()):
-                channels.union(offset[g[0]] + c, offset[other] + c)
     for tie in ties:
         tie = [(n, lo, hi) for n, lo, hi in tie if n in ranges]
         for n, lo, hi in tie:
             if not 0 <= lo < hi <= ranges[n].numel() or hi - lo != tie[0][2] - tie[0][1]:
                 raise ValueError(f"tie {tie}: {n}[{lo}:{hi}] is not a slice of its {ranges[n].numel()} input "
                                  "channels as long as the others")
-        first, lo0, hi0 = tie[0] if tie else ("", 0, 0)
-        for n, lo, _ in tie[1:]:
+        for (n0, lo0, hi0), (n, lo, _) in itertools.product(tie[:1], tie[1:]):
             for c in range(hi0 - lo0):
-                channels.union(offset[first] + lo0 + c, offset[n] + lo + c)
-    root = torch.tensor([channels.find(i) for i in range(len(channels.parent))])
+                channels.union(offset[n0] + lo0 + c, offset[n] + lo + c)
+    root = torch.tensor([channels.find(i) for i in range(sum(sizes))])
     layer_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
     layers = _Sets(len(names))
     for i, r in enumerate(root.tolist()):
@@ -190,8 +185,9 @@ def smooth_inputs(model: nn.Module, ranges: dict[str, Tensor], alpha: float = 0.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    groups = [g for g in getattr(ranges, "shared", []) if all(n in ranges for n in g)]
-    divisors = _tied_divisors(model, ranges, alpha, groups, ties)
+    # layers reading one tensor: all of their channels tied
+    shared = [[(n, 0, ranges[n].numel()) for n in g if n in ranges] for g in getattr(ranges, "shared", [])]
+    divisors = _tied_divisors(model, ranges, alpha, shared + list(ties))
     new_names = []
     for name in ranges:
         layer = model.get_submodule(name)
