@@ -21,7 +21,14 @@ save_results() {
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export BEVDEPLOY_CACHE=${BEVDEPLOY_CACHE:-/tmp/bevcache}
 export BEVDEPLOY_AUTOTUNE_CACHE=${BEVDEPLOY_AUTOTUNE_CACHE:-$PWD/bench/autotune-cache.json}
-trap 'cp -f "$BEVDEPLOY_AUTOTUNE_CACHE" "$OUT/" 2>/dev/null' EXIT
+# pack_out: $OUT comes back as at most 8 files (device README), so at exit everything loose under it goes into one
+# tarball (pack-<time>.tgz; a later script of the same call adds its own). Session 20 lost a call's tables to the
+# count. Unpack here with `for f in FILES_AT/*.tgz; do tar xzf "$f"; done`.
+pack_out() {
+  (cd "$OUT" && files=$(find . -type f ! -name 'pack-*.tgz') && [ -n "$files" ] \
+    && tar czf "pack-$(date +%s%N).tgz" $files && rm -f $files && find . -mindepth 1 -type d -empty -delete)
+}
+trap 'cp -f "$BEVDEPLOY_AUTOTUNE_CACHE" "$OUT/" 2>/dev/null; save_results; pack_out' EXIT
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.bevdeploy-wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.bevdeploy-wheels

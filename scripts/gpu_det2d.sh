@@ -9,7 +9,8 @@
 #      int8 calibrated on 64 training images, every row scored on the held-out set (pycocotools mAP,
 #      dmap vs PyTorch FP32, fidelity mAP, output SQNR, images/s)
 #      -> bench/results/<gpu>/accuracy-MODEL.{json,md} (rewritten after every row: a cut run keeps its rows)
-# Logs and the results files are copied to $OUT. Every step runs under `timeout`, sized from the time left.
+# Logs and the results files this call wrote come back in $OUT, packed into one tarball at exit
+# (device_prologue.sh). Every step runs under `timeout`, sized from the time left.
 #
 # Expected stage times on one H100 (estimates, not measured yet; the logs print the real ones):
 #   render 600 + 128 views (16 processes) ~15 s; per model: start-up + preprocess ~20 s;
@@ -113,7 +114,6 @@ for MODEL in $MODELS; do
     echo "$MODEL eval rc=$? in $((SECONDS - t0)) s (timeout $T)"
     grep -E "images/s|FAILED|Error|error|Traceback" "$OUT/det2d_eval_$MODEL.txt" | tail -10
   fi
-  cp bench/results/*/accuracy-"$MODEL"*.json bench/results/*/accuracy-"$MODEL"*.md "$OUT/" 2>/dev/null  # tagged variants too
   if [ -n "${PROFILE:-}" ]; then
     # the kernels that take the engines' time (scripts/profile_engine.py on the engines just built: ~60-90 s each
     # for a cold compile); -> $OUT/<gpu>/profile-MODEL-PRECISION.md

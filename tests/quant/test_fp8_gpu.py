@@ -25,9 +25,11 @@ pytestmark = pytest.mark.skipif(
     reason="fp8 kernels need a CUDA GPU of compute capability >= 8.9",
 )
 
-#: Relative L2 error vs the reference on the same codes (fp32 sums of exact products, in another order;
-#: fp16 outputs add their rounding).
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3}
+#: Relative L2 error vs the reference on the same codes (fp16 outputs add their rounding). fp32 output gets 5e-4,
+#: not 1e-5: Hopper's FP8 tensor-core MMAs keep partial sums with fewer bits than IEEE fp32 (session 20:
+#: torch._scaled_mm with fp32 output, K 256, was 1.28e-4 off). Quantization error is out of these tests: both sides
+#: take the same codes.
+TOL = {torch.float32: 5e-4, torch.float16: 1e-3}
 
 
 def _codes(shape, scale, memory_format=torch.contiguous_format):
