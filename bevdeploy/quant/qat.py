@@ -617,6 +617,9 @@ def _finetune(model, loss_fn, batches, steps: int, weights: list, scale_params: 
     finally:
         model.train(was_training)
         bar.close()
+        # no gradients left behind: they hold memory, and a later change of a weight's shape (the NHWC stem's
+        # zero input channels, conv_epilogue.py) conflicts with them at export (session 20's smoothed QAT row)
+        opt.zero_grad(set_to_none=True)
     return losses
 
 

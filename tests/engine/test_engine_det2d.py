@@ -250,6 +250,17 @@ def test_int8_engine_with_qat_fine_tunes_on_the_2d_set(name, tmp_path, calib_spe
               calib=calib_spec, progress=False, qat_steps=1, qat_data=123)
 
 
+def test_qat_engine_with_fused_epilogues_pads_the_fine_tuned_stem(tmp_path, calib_spec, ops_on_references):
+    """QAT, then the fused Focus stem: its trained weight is padded to the NHWC rows' 16 input channels after the
+    fine-tuning, which left no gradients to conflict with the new shape (session 20's GPU call failed at export:
+    'a gradient of size [80, 12, 3, 3] to a tensor of size [80, 16, 3, 3]')."""
+    path = build("yolox-x", "int8-fp16", out=tmp_path / "qf.engine", model_overrides=SMALL["yolox-x"], batch=BATCH,
+                 calib=calib_spec, progress=False, qat_steps=1, qat_batch=2, smooth_alpha=0.5, fused_epilogues=True)
+    engine = Engine.load(path, device="cpu")
+    assert engine.metadata["qat"]["steps"] == 1 and "backbone.stem" in engine.metadata["fused_epilogues"]
+    _assert_int8_floor(engine, "yolox-x")
+
+
 @pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
 def test_asymmetric_int8_engine_records_zero_points_and_runs(name, tmp_path, calib_spec, ops_on_references):
     """``asymmetric``: the int8 convs' inputs get the zero points of their calibrated signed ranges
