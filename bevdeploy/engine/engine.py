@@ -329,6 +329,25 @@ class Engine:
 
     forward = __call__
 
+    def bindings(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The CUDA graph's own input and output tensors, for a serving loop without the copies of a call
+        (TensorRT's bindings): write each input in place (``inputs["image"].copy_(frame)`` or decode into
+        it), :meth:`replay`, read the outputs before the next replay overwrites them. The outputs are in the
+        engine's dtype and layout (an fp16 engine's maps are fp16, possibly channel slices of one buffer),
+        where a call returns float32 copies. Needs the CUDA graph (``Engine.load(..., cuda_graphs=True)``,
+        the default on CUDA). No BEVDet index guard runs here: a call checks it."""
+        if self._graph is None:
+            raise ValueError(f"{self.path.name}: bindings are the CUDA graph's buffers and this engine runs without "
+                             "one (a CPU engine, or loaded with cuda_graphs=False): call it instead")
+        return dict(self._static_in), dict(zip(self.output_names, self._static_out))
+
+    def replay(self) -> None:
+        """Run the CUDA graph once on what :meth:`bindings`' inputs hold (asynchronous, on the current stream)."""
+        if self._graph is None:
+            raise ValueError(f"{self.path.name}: no CUDA graph to replay (a CPU engine, or loaded with "
+                             "cuda_graphs=False): call the engine instead")
+        self._graph.replay()
+
     def reset(self, stream: int | None = None) -> None:
         """Forget the previous BEV of ``stream`` (all streams when None)."""
         if stream is None:

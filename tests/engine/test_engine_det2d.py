@@ -98,6 +98,44 @@ def test_cuda_graph_engine_results_outlive_the_next_call(precision, tmp_path):
     assert not torch.equal(first["heatmap"], second["heatmap"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_bindings_replay_gives_the_calls_outputs_in_the_engines_own_buffers(tmp_path):
+    """``bindings()`` + ``replay()``: the input written in place, the graph replayed, the outputs read from the
+    graph's own buffers (fp16 for an fp16 engine) equal the call's float32 results on the same batch; the next
+    replay on another batch overwrites them."""
+    name = "centernet-r18-dcn"
+    path = build(name, "fp16", out=tmp_path / "b.engine", model_overrides=SMALL[name], batch=BATCH, progress=False)
+    engine = Engine.load(path, device="cuda")
+    called = engine(image=_images(0).cuda())
+    inputs, outputs = engine.bindings()
+    assert list(inputs) == ["image"] and list(outputs) == list(engine.output_names)
+    inputs["image"].copy_(_images(1).cuda())
+    engine.replay()
+    inputs["image"].copy_(_images(0).cuda())
+    engine.replay()
+    torch.cuda.synchronize()
+    for k in engine.output_names:
+        assert outputs[k].dtype == torch.float16, k
+        # the same graph on the same batch (a kernel summing with atomics may round differently: not bit-exact)
+        torch.testing.assert_close(outputs[k].float(), called[k], atol=1e-3, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+    held = outputs["heatmap"].clone()
+    inputs["image"].copy_(_images(1).cuda())
+    engine.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(outputs["heatmap"], held)
+
+
+def test_bindings_need_the_cuda_graph(tmp_path, ops_on_references):
+    """A CPU engine (no CUDA graph) has no bindings to hand out nor a graph to replay: a clear error each."""
+    name = "centernet-r18-dcn"
+    engine = Engine.load(build(name, "fp32", out=tmp_path / "c.engine", model_overrides=SMALL[name], batch=BATCH,
+                               progress=False), device="cpu")
+    with pytest.raises(ValueError, match="without one.*call it instead"):
+        engine.bindings()
+    with pytest.raises(ValueError, match="no CUDA graph to replay"):
+        engine.replay()
+
+
 @pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
 def test_int8_engine_sqnr(name, tmp_path, calib_spec, ops_on_references):
     path = build(name, "int8", out=tmp_path / f"{name}-int8.engine", model_overrides=SMALL[name], batch=BATCH,
