@@ -98,7 +98,9 @@ def main() -> None:
         infos = resolve_data_spec("synthetic:1").infos(spec="synthetic:1")
     inputs = timing_inputs(model, infos, device=a.device)
     del model
-    modes = [MODES[i] for i in a.modes] if a.modes is not None else MODES
+    # default order: eager (cheap, the reference), the bench's full mode (does the fault reproduce?), then the
+    # stages between them (each load compiles anew: ~1-2 min for base)
+    modes = [MODES[i] for i in (a.modes if a.modes is not None else (0, 3, 2, 1))]
     if a.device != "cuda":
         modes = [m for m in modes if not m[1]["compile"]]
     ref = None
@@ -113,7 +115,7 @@ def main() -> None:
             finite = bool(torch.isfinite(v).all())
             report.append(f"{k} finite {finite}" + (f" SQNR {sqnr_db(v, ref[k]):.1f} dB" if finite else
                                                    f" ({int((~torch.isfinite(v)).sum())} of {v.numel()} non-finite)"))
-        print(f"{label} ({time.perf_counter() - t0:.0f} s): " + "; ".join(report))
+        print(f"{label} ({time.perf_counter() - t0:.0f} s): " + "; ".join(report), flush=True)
         if not kw["compile"] and not all(bool(torch.isfinite(v).all()) for v in outs.values()):
             args = tuple(inputs[k] for k in engine.input_spec)
             print(f"  first node making non-finite values: {first_nonfinite_node(engine._module, args) or 'none (inputs)'}")
