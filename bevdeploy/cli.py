@@ -183,6 +183,7 @@ def _build(args: argparse.Namespace) -> int:
                                          ("--keep-float", args.keep_float), ("--sensitivity", args.sensitivity),
                                          ("--keep-float-below", args.keep_float_below is not None),
                                          ("--smooth-alpha", args.smooth_alpha is not None),
+                                         ("--bias-correction", args.bias_correction),
                                          ("--asymmetric", args.asymmetric),
                                          ("--int8-dcn", args.int8_dcn),
                                          ("--qat-steps", args.qat_steps)) if on]
@@ -196,7 +197,7 @@ def _build(args: argparse.Namespace) -> int:
                  calib=args.calib, calib_method=args.calib_method, calib_table=args.calib_table,
                  keep_float=tuple(args.keep_float), device=args.device, sensitivity=args.sensitivity,
                  keep_float_below_db=args.keep_float_below, smooth_alpha=args.smooth_alpha,
-                 qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
+                 bias_correction=args.bias_correction, qat_steps=args.qat_steps, qat_data=args.qat_data, qat_lr=args.qat_lr, qat_batch=args.qat_batch,
                  batch=batch, progress=not args.quiet, allow_partial_calib=args.allow_partial_calib,
                  allow_nonfinite=args.allow_nonfinite, calib_two_pass=args.calib_two_pass,
                  int8_chain=_INT8_CHAIN[args.int8_chain], int8_stem=args.int8_stem, asymmetric=args.asymmetric,
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                     help="int8: per-input-channel smoothing (SmoothQuant) of the int8 layers with alpha A in [0, 1] "
                          "(0.5 is the usual choice): for networks whose layer inputs mix small and large channels")
+    bd.add_argument("--bias-correction", action="store_true",
+                    help="int8: shift each int8 layer's bias by the mean error its rounding makes on the calibration "
+                         "data (one more pass over it; no run-time cost); the shifts are recorded in the engine")
     bd.add_argument("--asymmetric", action="store_true",
                     help="int8: zero points on the int8 layers' inputs (asymmetric codes over each input's signed "
                          "calibrated range): ReLU / SiLU outputs are one-sided, so this halves their rounding step; "

@@ -38,6 +38,7 @@ from bevdeploy.engine.model_io import det2d_calibration_loop, image_input_convs,
 from bevdeploy.eval.coco import coco_map, run_det2d
 from bevdeploy.models import MODELS
 from bevdeploy.models.checkpoint import load_checkpoint
+from bevdeploy.quant.bias_correction import correct_biases
 from bevdeploy.quant.calibrate import calibrate
 from bevdeploy.quant.chain import chain_int8
 from bevdeploy.quant.modules import quantize_modules
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="variants with the DCNv2 convs int8 too (build --int8-dcn; CenterNet's neck)")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="each chained variant also with its int8 layers' biases corrected (build --bias-correction)")
     p.add_argument("--qat-steps", type=int, nargs="*", default=[],
                    help="QAT variants (minmax start, chained) of these step counts, each with its float control")
     p.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate of the weights")
@@ -172,12 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
                 base: torch.nn.Module | None = None, zero_points: dict[str, int] | None = None,
                 int8_dcn: bool = False) -> None:
+        """One row; with --bias-correction a chained variant gets a second row, its biases corrected first."""
+        for corrected in (False, True) if args.bias_correction and chain else (False,):
+            one_variant(label + (", bias-corrected" if corrected else ""), scales, chain, keep, triton, base,
+                        zero_points, int8_dcn, corrected)
+
+    def one_variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool,
+                    base: torch.nn.Module | None, zero_points: dict[str, int] | None, int8_dcn: bool,
+                    corrected: bool) -> None:
         label += ", Triton kernels" if triton else ", reference int8 math"
         if time.perf_counter() - t_start > args.budget:
             print(f"[diag] {label}: skipped (budget)", file=sys.stderr)
             return
         q = copy.deepcopy(model if base is None else base)
         scoped = {n: s for n, s in scales.items() if n.startswith(scope)}
+        if corrected:  # as build(bias_correction=True): on the calibration images, before the conversion
+            loop, _ = det2d_calibration_loop(calib, args.model, q, dev, batch=8, progress=False)
+            correct_biases(q, loop, scoped, zero_points=zero_points, keep_float=keep_stem | keep, scope=scope)
         quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32, zero_points=zero_points,
                          deform_convs=int8_dcn)
         writers = chain_int8(q) if chain else []

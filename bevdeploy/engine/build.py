@@ -234,6 +234,20 @@ def _qat(model: nn.Module, model_name: str, scales: dict[str, float], keep_float
     return learned, meta
 
 
+def _calibration_loop(model: nn.Module, model_name: str, calib, dev: torch.device, ctx: DistContext, *,
+                      progress: bool):
+    """(a function running this rank's share of the calibration data through ``model``, the data's name)."""
+    if family(model) in DET2D_FAMILIES:
+        shard = (ctx.rank, ctx.world_size) if ctx.enabled else None
+        return rank0_first(
+            lambda: det2d_calibration_loop(calib, model_name, model, dev, progress=progress, shard=shard), ctx)
+    infos, dataset = rank0_first(lambda: _calibration_infos(calib, model_name, progress), ctx)
+    with fail_together(ctx):
+        mine = shard_by_scene(infos, ctx.rank, ctx.world_size) if ctx.enabled else infos
+        loop = calibration_forward_loop(mine, model_name, model, dev, progress)
+    return loop, dataset
+
+
 def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev: torch.device, ctx: DistContext,
                      *, two_pass: bool, progress: bool, smooth: tuple[float, list[str]] | None = None):
     """Calibrate ``model`` on ``calib``: (table, the inputs of this rank's first two frames).
@@ -247,15 +261,7 @@ def _calibration_run(model: nn.Module, model_name: str, calib, method: str, dev:
     """
     from bevdeploy.quant.calibrate import calibrate
 
-    if family(model) in DET2D_FAMILIES:
-        shard = (ctx.rank, ctx.world_size) if ctx.enabled else None
-        loop, dataset = rank0_first(
-            lambda: det2d_calibration_loop(calib, model_name, model, dev, progress=progress, shard=shard), ctx)
-    else:
-        infos, dataset = rank0_first(lambda: _calibration_infos(calib, model_name, progress), ctx)
-        with fail_together(ctx):
-            mine = shard_by_scene(infos, ctx.rank, ctx.world_size) if ctx.enabled else infos
-            loop = calibration_forward_loop(mine, model_name, model, dev, progress)
+    loop, dataset = _calibration_loop(model, model_name, calib, dev, ctx, progress=progress)
     if smooth is not None:  # SmoothQuant first (one more pass over the data), then calibrate the smoothed model
         from bevdeploy.quant.chain import smoothing_ties
         from bevdeploy.quant.smooth import input_channel_ranges, smooth_inputs
@@ -302,6 +308,7 @@ def build(
     sensitivity: bool = False,
     keep_float_below_db: float | None = None,
     smooth_alpha: float | None = None,
+    bias_correction: bool = False,
     qat_steps: int = 0,
     qat_data=None,
     qat_lr: float = 1e-5,
@@ -361,6 +368,9 @@ def build(
             every int8 candidate conv / linear not kept float, with this alpha, measured on the
             calibration data before calibrating; the smoothed layers are recorded
             (``smoothed_layers``). One process only.
+        bias_correction: int8*: shift each int8 layer's bias by the mean error of its own rounding on the
+            calibration data (:mod:`bevdeploy.quant.bias_correction`; one more pass over it, after the
+            calibration and before QAT); the shifts are recorded (``bias_correction``). One process only.
         qat_steps: int8*: quantization-aware fine-tuning steps before conversion (0: plain PTQ).
         qat_data: QAT training data (default: ``calib``); the loss is the family's training loss
             (``bevdeploy.train.make_training``). BEV models: a data spec or DataSource, its first N
@@ -456,6 +466,14 @@ def build(
                                  "not a saved calib_table (whose layer names predate the smoothing)")
             if ctx.enabled:
                 raise ValueError("smooth_alpha runs in one process (its channel ranges are not merged across ranks)")
+        if bias_correction:
+            if not spec.int8:
+                raise ValueError(f"bias_correction corrects int8 rounding; precision {precision!r} is not int8")
+            if calib is None:
+                raise ValueError("bias_correction measures each layer's rounding error on the calibration data; it "
+                                 "needs calib (a saved calib_table has the scales but not the data)")
+            if ctx.enabled:
+                raise ValueError("bias_correction runs in one process (its error means are not merged across ranks)")
         if not spec.quantized and (calib is not None or calib_table is not None or sensitivity or keep_float):
             raise ValueError(f"calib, calib_table, keep_float and sensitivity apply to the int8 / fp8 precisions only, "
                              f"not {precision!r}")
@@ -556,6 +574,13 @@ def build(
                     scales[n], zp = table.qparams(n, asymmetric=True)
                     if zp:
                         zero_points[n] = zp
+    corrected = None
+    if bias_correction:  # after the final scales (and zero points), before QAT starts from them
+        from bevdeploy.quant.bias_correction import correct_biases
+
+        loop, _ = _calibration_loop(model, model_name, calib, dev, ctx, progress=show)
+        corrected = correct_biases(model, loop, scales, zero_points=zero_points, keep_float=keep_float,
+                                   scope=int8_scope_prefixes(model))
     qat_meta = None
     if qat_steps:
         learned, qat_meta = _qat(model, model_name, scales, keep_float, qat_data if qat_data is not None else calib,
@@ -577,7 +602,8 @@ def build(
                                table_path=table_path, qat_meta=qat_meta, model_overrides=model_overrides,
                                checkpoint=checkpoint, keep_float_below_db=keep_float_below_db,
                                keep_float_measured=measured, smooth_alpha=smooth_alpha, smoothed_layers=smoothed,
-                               zero_points=zero_points, int8_dcn=int8_dcn, fused_epilogues=fused_epilogues)
+                               zero_points=zero_points, int8_dcn=int8_dcn, fused_epilogues=fused_epilogues,
+                               bias_corrected=corrected)
     return out if ctx.is_main else None
 
 
@@ -601,7 +627,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
                        model_overrides: dict | None, checkpoint: str | None, keep_float_below_db: float | None = None,
                        keep_float_measured: Sequence[str] = (), smooth_alpha: float | None = None,
                        smoothed_layers: Sequence[str] = (), zero_points: dict[str, int] | None = None,
-                       int8_dcn: bool = False, fused_epilogues: bool = False) -> None:
+                       int8_dcn: bool = False, fused_epilogues: bool = False,
+                       bias_corrected: dict[str, float] | None = None) -> None:
     """The deploy form of the folded (fine-tuned) float ``model`` at ``precision``, exported and written to
     ``out`` with its metadata (and the QAT table, when ``qat_meta``)."""
     spec = precision_spec(precision)
@@ -672,6 +699,8 @@ def _convert_and_write(model: nn.Module, model_name: str, precision: str, *, out
         "smoothed_layers": list(smoothed_layers),
         # of those, the ones whose divisor runs in their producers' int8 epilogues (chain_int8's fold)
         "smoothing_folded": folded,
+        # bias_correction: layer -> its largest bias shift over its channels, relative to its output RMS
+        "bias_correction": {n: round(v, 6) for n, v in bias_corrected.items()} if bias_corrected is not None else None,
         # asymmetric int8: the calibrated input zero points (the chain may have merged readers' ranges)
         "zero_points": dict(zero_points or {}),
         "int8_dcn": bool(int8_dcn),

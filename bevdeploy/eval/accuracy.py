@@ -368,6 +368,15 @@ def stage_eval_det2d(args) -> Path:
                                 **qat}))
             notes.append(f"The {QAT_PRECISION} (smoothed QAT) row starts QAT from the (smoothed) row's calibration "
                          "(the smoothed weights fine-tuned, the divisors fixed).")
+    if args.bias_corrected_row:  # beside the plain (and smoothed) int8 rows, the same builds bias-corrected
+        extra_jobs.append((f"{QAT_PRECISION} (bias-corrected)", QAT_PRECISION, {"bias_correction": True}))
+        if args.smoothed_row is not None:
+            extra_jobs.append((f"{QAT_PRECISION} (smoothed, bias-corrected)", QAT_PRECISION,
+                               {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues),
+                                "bias_correction": True}))
+        notes.append(f"The (bias-corrected) rows: the {QAT_PRECISION} build with `build(bias_correction=True)`: each "
+                     "int8 layer's bias shifted by the mean error of its own rounding on the calibration images "
+                     "(bevdeploy/quant/bias_correction.py); bias_correction_layers: how many.")
     if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
         extra_jobs += fused_jobs(args.precisions)
         notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
@@ -573,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2D models: int8 rows built with SmoothQuant of this alpha (build --smooth-alpha)")
     p.add_argument("--smoothed-row", type=float, default=None, metavar="A",
                    help="2D models: one more row, int8-fp16 built with SmoothQuant of alpha A beside the plain one")
+    p.add_argument("--bias-corrected-row", action="store_true",
+                   help="2D models: one more row, int8-fp16 with its int8 layers' biases corrected (build "
+                        "--bias-correction); with --smoothed-row, the smoothed build corrected too")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
                    help="2D models: int8 rows keep float the layers below DB alone in int8 (build --keep-float-below)")
     p.add_argument("--results-tag", default="",
@@ -608,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
         if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
-                          or args.fused_epilogues or args.smoothed_row is not None):
-            raise ValueError(f"--smooth-alpha, --smoothed-row, --keep-float-below, --fused-epilogues and "
+                          or args.fused_epilogues or args.smoothed_row is not None or args.bias_corrected_row):
+            raise ValueError(f"--smooth-alpha, --smoothed-row, --bias-corrected-row, --keep-float-below, "
+                             f"--fused-epilogues and "
                              f"--results-tag apply to the 2D models' rows; not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)

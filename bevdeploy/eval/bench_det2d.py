@@ -285,6 +285,8 @@ def bench_det2d(
                  int8_writers=len(engine.metadata.get("int8_outputs") or []) if int8 else None,
                  smoothing_folded=(len(engine.metadata.get("smoothing_folded") or [])
                                    if engine.metadata.get("smoothed_layers") else None),
+                 bias_correction_layers=(len(engine.metadata["bias_correction"])
+                                         if engine.metadata.get("bias_correction") is not None else None),
                  **{k: v for k, v in options.items() if v is not None and isinstance(v, (int, float, str))},
                  **({"qat_loss_first": round(q["loss_first"], 4), "qat_loss_last": round(q["loss_last"], 4)}
                     if (q := engine.metadata.get("qat")) else {}),

@@ -299,6 +299,27 @@ def test_qat_engine_with_fused_epilogues_pads_the_fine_tuned_stem(tmp_path, cali
     _assert_int8_floor(engine, "yolox-x")
 
 
+def test_bias_corrected_int8_engine_records_its_layers_and_runs(tmp_path, calib_spec, ops_on_references):
+    """``bias_correction``: every int8 layer's bias shifted on the calibration images (recorded per layer: its largest
+    shift relative to its output RMS), the engine at the int8 floor; the option's misuses are clear errors."""
+    name = "centernet-r18-dcn"
+    plain = Engine.load(build(name, "int8-fp16", out=tmp_path / "p.engine", model_overrides=SMALL[name], batch=BATCH,
+                              calib=calib_spec, progress=False), device="cpu")
+    path = build(name, "int8-fp16", out=tmp_path / "bc.engine", model_overrides=SMALL[name], batch=BATCH,
+                 calib=calib_spec, progress=False, bias_correction=True)
+    engine = Engine.load(path, device="cpu")
+    shifts = engine.metadata["bias_correction"]
+    int8 = {n for n, p in engine.layer_precisions if p == "int8"}
+    assert plain.metadata["bias_correction"] is None and set(shifts) <= int8 and len(shifts) >= len(int8) - 3
+    assert all(v >= 0 for v in shifts.values()) and max(shifts.values()) > 0
+    _assert_int8_floor(engine, name)
+    with pytest.raises(ValueError, match="bias_correction corrects int8 rounding"):
+        build(name, "fp16", out=tmp_path / "f.engine", model_overrides=SMALL[name], progress=False, bias_correction=True)
+    with pytest.raises(ValueError, match="needs calib"):
+        build(name, "int8-fp16", out=tmp_path / "t.engine", model_overrides=SMALL[name], batch=BATCH,
+              calib_table=f"{tmp_path / 'p.engine'}.calib.json", progress=False, bias_correction=True)
+
+
 @pytest.mark.parametrize("name", ["yolox-x", "centernet-r18-dcn"])
 def test_asymmetric_int8_engine_records_zero_points_and_runs(name, tmp_path, calib_spec, ops_on_references):
     """``asymmetric``: the int8 convs' inputs get the zero points of their calibrated signed ranges
