@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="variants with the DCNv2 convs int8 too (build --int8-dcn; CenterNet's neck)")
     p.add_argument("--no-triton-variant", dest="triton_variant", action="store_false",
                    help="skip the first method's variant on the Triton kernels (GPU only; compiles them)")
+    p.add_argument("--float-identity", action="store_true",
+                   help="the chained variants of the ranking method also with float residual identities "
+                        "(build --int8-chain float-identity)")
     p.add_argument("--bias-correction", action="store_true",
                    help="each chained variant also with its int8 layers' biases corrected (build --bias-correction)")
     p.add_argument("--qat-steps", type=int, nargs="*", default=[],
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"diagnose-int8-{args.model}.json").write_text(json.dumps(report, indent=1))
         (out_dir / f"diagnose-int8-{args.model}.md").write_text(markdown(report))
 
-    def variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool = False,
+    def variant(label: str, scales: dict[str, float], chain: bool | str, keep: set[str], triton: bool = False,
                 base: torch.nn.Module | None = None, zero_points: dict[str, int] | None = None,
                 int8_dcn: bool = False) -> None:
         """One row; with --bias-correction a chained variant gets a second row, its biases corrected first."""
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             one_variant(label + (", bias-corrected" if corrected else ""), scales, chain, keep, triton, base,
                         zero_points, int8_dcn, corrected)
 
-    def one_variant(label: str, scales: dict[str, float], chain: bool, keep: set[str], triton: bool,
+    def one_variant(label: str, scales: dict[str, float], chain: bool | str, keep: set[str], triton: bool,
                     base: torch.nn.Module | None, zero_points: dict[str, int] | None, int8_dcn: bool,
                     corrected: bool) -> None:
         label += ", Triton kernels" if triton else ", reference int8 math"
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             correct_biases(q, loop, scoped, zero_points=zero_points, keep_float=keep_stem | keep, scope=scope)
         quantize_modules(q, scoped, keep_float=keep_stem | keep, out_dtype=torch.float32, zero_points=zero_points,
                          deform_convs=int8_dcn)
-        writers = chain_int8(q) if chain else []
+        # chain "float-identity": build(int8_chain="float-identity"), residual identities read as floats
+        writers = chain_int8(q, int8_identity=chain != "float-identity") if chain else []
         with _int8_kernels(triton):
             score(label, q, len(writers), keep)
         del q
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         int8_dcn=True)
     if rank != "minmax":
         variant(f"{rank}, chained", scales_of[rank], True, set())
+    if args.float_identity:
+        variant(f"{rank}, chained, float identities", scales_of[rank], "float-identity", set())
     for k in args.keep_worst if sens else []:
         variant(f"{rank}, chained, keep float {k} worst", scales_of[rank], True, {s.layer for s in sens[:k]})
     for alpha in args.smooth_alphas:  # SmoothQuant (bevdeploy.quant.smooth), as build(smooth_alpha=) does it
@@ -268,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         smooth_inputs(smoothed, input_channel_ranges(smoothed, loop, layers), alpha)
         table = calibrate(smoothed, loop, rank, model_name=args.model, dataset=calib.spec)
         scales = {n: table.scale(n) for n in table.amax}
-        for chain in (False, True):
-            variant(f"{rank}, smoothed alpha {alpha}, {'chained' if chain else 'unchained'}", scales, chain, set(),
-                    base=smoothed)
+        for chain in (False, True, *(["float-identity"] if args.float_identity else [])):
+            how = {False: "unchained", True: "chained", "float-identity": "chained, float identities"}[chain]
+            variant(f"{rank}, smoothed alpha {alpha}, {how}", scales, chain, set(), base=smoothed)
     # per step count: the float control of a task-loss QAT first (what the extra training alone gives), then
     # the distilled QAT, then the task-loss QAT (a cut run keeps the control and the cheaper variants)
     qat_runs = [run for steps in args.qat_steps for run in
