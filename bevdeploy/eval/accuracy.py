@@ -377,6 +377,15 @@ def stage_eval_det2d(args) -> Path:
         notes.append(f"The (bias-corrected) rows: the {QAT_PRECISION} build with `build(bias_correction=True)`: each "
                      "int8 layer's bias shifted by the mean error of its own rounding on the calibration images "
                      "(bevdeploy/quant/bias_correction.py); bias_correction_layers: how many.")
+    if args.float_identity_row:  # the (smoothed) build again, its residual identities read as floats
+        smoothed = {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues)} \
+            if args.smoothed_row is not None else {}
+        extra_jobs.append((f"{QAT_PRECISION} ({'smoothed, ' if smoothed else ''}float identities)", QAT_PRECISION,
+                           {**smoothed, "int8_chain": "float-identity"}))
+        notes.append(f"The (float identities) row: the {QAT_PRECISION} build (smoothed when a smoothed row is measured) "
+                     "with `build(int8_chain='float-identity')`: the residual blocks' identities are added as floats "
+                     "instead of int8 codes (on a CPU-trained reduced YOLOX-x the int8 identity cost 0.003 mAP, "
+                     "bench/results/cpu/diagnose-int8-yolox-float-identity.md).")
     if args.fused_epilogues:  # after the plain rows: each precision again, its float convs' epilogues fused
         extra_jobs += fused_jobs(args.precisions)
         notes.append("The (fused) rows: the same precision built with `build(fused_epilogues=True)`: the float "
@@ -585,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-corrected-row", action="store_true",
                    help="2D models: one more row, int8-fp16 with its int8 layers' biases corrected (build "
                         "--bias-correction); with --smoothed-row, the smoothed build corrected too")
+    p.add_argument("--float-identity-row", action="store_true",
+                   help="2D models: one more row, int8-fp16 (smoothed, with --smoothed-row) with float residual "
+                        "identities (build --int8-chain float-identity)")
     p.add_argument("--keep-float-below", type=float, default=None, metavar="DB",
                    help="2D models: int8 rows keep float the layers below DB alone in int8 (build --keep-float-below)")
     p.add_argument("--results-tag", default="",
@@ -620,8 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size is not None and not det2d:
             raise ValueError(f"--image-size sets a 2D model's canvas; {args.model} has its official input size")
         if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
-                          or args.fused_epilogues or args.smoothed_row is not None or args.bias_corrected_row):
-            raise ValueError(f"--smooth-alpha, --smoothed-row, --bias-corrected-row, --keep-float-below, "
+                          or args.fused_epilogues or args.smoothed_row is not None or args.bias_corrected_row
+                          or args.float_identity_row):
+            raise ValueError(f"--smooth-alpha, --smoothed-row, --bias-corrected-row, --float-identity-row, "
+                             f"--keep-float-below, "
                              f"--fused-epilogues and "
                              f"--results-tag apply to the 2D models' rows; not to {args.model}")
         if args.stage in ("train", "all"):

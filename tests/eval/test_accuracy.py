@@ -137,15 +137,21 @@ def test_accuracy_stages_of_a_2d_model(tmp_path, ops_on_references, capsys, monk
     assert 0 < smooth_row["smoothing_folded"] and 0 < smooth_row["int8_writers"] <= plain_row["int8_writers"]
     assert smooth_qat["smooth_alpha"] == 0.5 and smooth_qat["qat_steps"] == 2
     assert smooth_qat["smoothing_folded"] == smooth_row["smoothing_folded"]
-    # --bias-corrected-row: the plain and the smoothed builds again, their int8 biases corrected
+    # --bias-corrected-row: the plain and the smoothed builds again, their int8 biases corrected;
+    # --float-identity-row: the smoothed build again, its residual identities added as floats
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
-                 "--iters", "1", "--smoothed-row", "0.5", "--bias-corrected-row", "--results-tag", "bc", *common]) == 0
+                 "--iters", "1", "--smoothed-row", "0.5", "--bias-corrected-row", "--float-identity-row",
+                 "--results-tag", "bc", *common]) == 0
     rows = json.loads((tmp_path / "results" / "cpu" / "accuracy-yolox-x-bc.json").read_text())["rows"]
     assert [r["precision"] for r in rows] == ["pytorch", "int8-fp16", "int8-fp16 (smoothed)",
-                                              "int8-fp16 (bias-corrected)", "int8-fp16 (smoothed, bias-corrected)"]
+                                              "int8-fp16 (bias-corrected)", "int8-fp16 (smoothed, bias-corrected)",
+                                              "int8-fp16 (smoothed, float identities)"]
     assert rows[1]["bias_correction_layers"] is None and all("error" not in r for r in rows)
     assert rows[3]["bias_correction_layers"] > 10 and rows[3].get("smooth_alpha") is None
     assert rows[4]["bias_correction_layers"] > 10 and rows[4]["smooth_alpha"] == 0.5
+    identity = rows[5]
+    assert identity["int8_chain"] == "float-identity" and identity["smooth_alpha"] == 0.5
+    assert identity["bias_correction_layers"] is None and 0 < identity["int8_writers"] <= rows[2]["int8_writers"]
     assert main(["--stage", "eval", "--precisions", "int8-fp16", "--calib-frames", "2", "--eval-batch", "2",
                  "--iters", "1", "--qat-steps", "2", "--qat-batch", "2", "--qat-lr", "1e-4", "--results-tag", "qat",
                  *common]) == 0
