@@ -355,33 +355,30 @@ def stage_eval_det2d(args) -> Path:
         extra_jobs.append((f"{QAT_PRECISION} (int8 DCN)", QAT_PRECISION, {"int8_dcn": True}))
         notes.append(f"The (int8 DCN) row: {QAT_PRECISION} with the DCNv2 convs int8 too (`build(int8_dcn=True)`: "
                      "int8 corner gathers, fp16 samples x int8 weight codes); the other int8 rows run them in fp16.")
-    if args.smoothed_row is not None:  # beside the plain int8 row, the same build smoothed
-        extra_jobs.append((f"{QAT_PRECISION} (smoothed)", QAT_PRECISION,
-                           {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues)}))
+    # the smoothed build's arguments, shared by every (smoothed ...) row
+    smoothed = ({"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues)}
+                if args.smoothed_row is not None else None)
+    if smoothed:  # beside the plain int8 row, the same build smoothed
+        extra_jobs.append((f"{QAT_PRECISION} (smoothed)", QAT_PRECISION, smoothed))
         notes.append(f"The {QAT_PRECISION} (smoothed) row: {QAT_PRECISION} with SmoothQuant alpha {args.smoothed_row} "
                      "(`build(smooth_alpha=...)`; fused epilogues as the (fused) rows when they are measured); "
                      "smoothing_folded: the smoothed convs whose divisor runs in their producer's int8 epilogue, "
                      "int8_writers: the convs writing int8 codes for the next (the chain's reach).")
         if args.qat_steps and not args.asymmetric:  # its QAT row replaces the plain one
-            extra_jobs.append((f"{QAT_PRECISION} (smoothed QAT)", QAT_PRECISION,
-                               {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues),
-                                **qat}))
+            extra_jobs.append((f"{QAT_PRECISION} (smoothed QAT)", QAT_PRECISION, {**smoothed, **qat}))
             notes.append(f"The {QAT_PRECISION} (smoothed QAT) row starts QAT from the (smoothed) row's calibration "
                          "(the smoothed weights fine-tuned, the divisors fixed).")
     if args.bias_corrected_row:  # beside the plain (and smoothed) int8 rows, the same builds bias-corrected
         extra_jobs.append((f"{QAT_PRECISION} (bias-corrected)", QAT_PRECISION, {"bias_correction": True}))
-        if args.smoothed_row is not None:
+        if smoothed:
             extra_jobs.append((f"{QAT_PRECISION} (smoothed, bias-corrected)", QAT_PRECISION,
-                               {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues),
-                                "bias_correction": True}))
+                               {**smoothed, "bias_correction": True}))
         notes.append(f"The (bias-corrected) rows: the {QAT_PRECISION} build with `build(bias_correction=True)`: each "
                      "int8 layer's bias shifted by the mean error of its own rounding on the calibration images "
                      "(bevdeploy/quant/bias_correction.py); bias_correction_layers: how many.")
     if args.float_identity_row:  # the (smoothed) build again, its residual identities read as floats
-        smoothed = {"smooth_alpha": args.smoothed_row, "fused_epilogues": bool(args.fused_epilogues)} \
-            if args.smoothed_row is not None else {}
         extra_jobs.append((f"{QAT_PRECISION} ({'smoothed, ' if smoothed else ''}float identities)", QAT_PRECISION,
-                           {**smoothed, "int8_chain": "float-identity"}))
+                           {**(smoothed or {}), "int8_chain": "float-identity"}))
         notes.append(f"The (float identities) row: the {QAT_PRECISION} build (smoothed when a smoothed row is measured) "
                      "with `build(int8_chain='float-identity')`: the residual blocks' identities are added as floats "
                      "instead of int8 codes (on a CPU-trained reduced YOLOX-x the int8 identity cost 0.003 mAP, "
