@@ -41,9 +41,11 @@
 #   (PyTorch + fp16 + int8-fp16 + smoothed rows); smoothing alpha 0.5 took int8-fp16's dmAP from -0.0496 to -0.0107
 #   (alpha 0.4: -0.0144, 0.65: -0.0137; STAGE=eval reruns on the warm machine, ~75 s a row).
 #   With --qat-steps N too, the QAT row starts from the smoothed calibration: "int8-fp16 (smoothed QAT)" replaces
-#   "int8-fp16 (QAT)". Session-20 plan (~480 s): MODELS=yolox-x BUDGET=570 YOLOX_STEPS=390 YOLOX_TRAIN_SECONDS=110
-#   YOLOX_PRECISIONS="fp16 int8-fp16" EVAL_EXTRA="--smoothed-row 0.5 --fused-epilogues --qat-steps 300 --qat-batch 8
-#   --qat-lr 1e-4"  (--fused-epilogues adds an fp16 (fused) and an int8-fp16 (fused) row: drop it if short of time)
+#   "int8-fp16 (QAT)". Session 20 ran that with --fused-epilogues and fp16 too: the eval hit its 437 s timeout
+#   before the int8 fused row (one call holds about five engine rows). --bias-corrected-row and --float-identity-row
+#   add the bias-corrected and float-identity builds (accuracy --help). Plan (~430 s): MODELS=yolox-x BUDGET=570
+#   YOLOX_STEPS=390 YOLOX_TRAIN_SECONDS=110 YOLOX_PRECISIONS="int8-fp16" EVAL_EXTRA="--smoothed-row 0.5
+#   --float-identity-row", then STAGE=eval YOLOX_PRECISIONS="" on the warm machine for the bias-corrected and QAT rows.
 # Fused rows: EVAL_EXTRA="--fused-epilogues" adds "<precision> (fused)" for each precision (build --fused-epilogues:
 #   the image-reading stem in NHWC + cuDNN's fused conv epilogues; CenterNet int8-fp16 4.29x -> 5.25x, session 16).
 # Env knobs: STAGE (all | train | eval | diag), BUDGET, WORK (/tmp/det2d), TRAIN_DATA, EVAL_DATA, CALIB (64),

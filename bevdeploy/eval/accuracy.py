@@ -631,10 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         if not det2d and (args.smooth_alpha is not None or args.keep_float_below is not None or args.results_tag
                           or args.fused_epilogues or args.smoothed_row is not None or args.bias_corrected_row
                           or args.float_identity_row):
-            raise ValueError(f"--smooth-alpha, --smoothed-row, --bias-corrected-row, --float-identity-row, "
-                             f"--keep-float-below, "
-                             f"--fused-epilogues and "
-                             f"--results-tag apply to the 2D models' rows; not to {args.model}")
+            raise ValueError("--smooth-alpha, --smoothed-row, --bias-corrected-row, --float-identity-row, "
+                             "--keep-float-below, --fused-epilogues and --results-tag apply to the 2D models' rows; "
+                             f"not to {args.model}")
         if args.stage in ("train", "all"):
             print(f"[accuracy] checkpoint: {stage_train(args)}", file=sys.stderr)
         if args.stage in ("eval", "all"):
